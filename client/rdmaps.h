@@ -1,0 +1,219 @@
+/*
+ * rdmaps.h -- the one public header of librdmaps, an RDMA parameter server
+ * client.
+ *
+ * Model: a server holds named float32 tensors in memory registered for remote
+ * READ only. A worker pulls a tensor with one-sided RDMA READs (no server CPU)
+ * and pushes gradients with RDMA WRITE-with-immediate into a staging ring that
+ * only its own connection may write; server threads fold staged gradients into
+ * the model through the tensor's optimizer.
+ *
+ * Conventions (the same everywhere):
+ *  - Every function that can fail returns 0 or a negative `enum rdmaps_err`;
+ *    rdmaps_strerror() names it. errno is never the error channel.
+ *  - Handles are opaque. Each constructor has exactly one destructor that
+ *    accepts NULL.
+ *  - Thread-safety: an rdmaps_client and everything obtained from it (tensors,
+ *    registrations, ops) is used by one thread at a time; use one client per
+ *    thread for parallelism. Different clients are fully independent.
+ *  - Ownership is stated on each function.
+ *
+ * SPDX-License-Identifier: BSD-2-Clause
+ */
+#ifndef RDMAPS_H
+#define RDMAPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define RDMAPS_VERSION_MAJOR 0
+#define RDMAPS_VERSION_MINOR 1
+#define RDMAPS_VERSION_PATCH 0
+
+/*
+ * One list makes both the enum and rdmaps_strerror(), so they cannot drift.
+ * Values are stable: they travel on the wire in error replies.
+ */
+#define RDMAPS_ERR_MAP(X)                                                      \
+	X(INVAL, 1, "invalid argument")                                        \
+	X(NOMEM, 2, "out of memory")                                           \
+	X(NODEV, 3, "no RDMA device for this address")                        \
+	X(MEMLOCK, 4, "memory registration failed: RLIMIT_MEMLOCK too low")   \
+	X(CONNECT, 5, "cannot connect to server")                              \
+	X(REJECTED, 6, "connection rejected by server")                        \
+	X(AUTH, 7, "authentication failed (wrong or missing token)")          \
+	X(PROTO, 8, "protocol error (malformed or unexpected message)")        \
+	X(VERSION, 9, "unsupported protocol version")                          \
+	X(NOENT, 10, "no such tensor")                                         \
+	X(EXIST, 11, "tensor exists with a conflicting declaration")           \
+	X(RANGE, 12, "size or offset out of range")                            \
+	X(TIMEDOUT, 13, "operation timed out")                                 \
+	X(AGAIN, 14, "operation still in progress")                            \
+	X(TORN, 15, "tensor kept changing during the read (retries exhausted)") \
+	X(DISCONNECTED, 16, "connection to server lost")                       \
+	X(VERBS, 17, "RDMA verbs call failed")                                 \
+	X(BUSY, 18, "too many operations in flight")                           \
+	X(LIMIT, 19, "server limit reached")                                   \
+	X(NOTREG, 20, "buffer not registered")                                 \
+	X(REMOTE, 21, "server reported an error for a staged push")            \
+	X(SYS, 22, "system call failed")                                       \
+	X(NOTSUP, 23, "not supported")
+
+enum rdmaps_err {
+	RDMAPS_OK = 0,
+#define RDMAPS__ERR_ENUM(name, val, msg) RDMAPS_E##name = -(val),
+	RDMAPS_ERR_MAP(RDMAPS__ERR_ENUM)
+#undef RDMAPS__ERR_ENUM
+};
+
+/* Static string for any value (unknown values get a generic text). Thread-safe. */
+const char *rdmaps_strerror(int err);
+/* Symbolic name, e.g. "RDMAPS_ENOENT". Thread-safe. */
+const char *rdmaps_err_name(int err);
+
+typedef struct rdmaps_client rdmaps_client;
+typedef struct rdmaps_tensor rdmaps_tensor;
+typedef struct rdmaps_mr rdmaps_mr;
+typedef struct rdmaps_op rdmaps_op;
+
+/* ---- connection ------------------------------------------------------- */
+
+struct rdmaps_connect_opts {
+	const char *host;      /* server address or name (required) */
+	const char *port;      /* service/port; NULL -> "7471" */
+	const char *src_addr;  /* local address to bind (selects the device); may be NULL */
+	const char *token;     /* shared secret, at most 32 bytes; NULL -> none */
+	int timeout_ms;        /* connect and control-RPC timeout; 0 -> 5000 */
+};
+
+/*
+ * Connect to one server. On success *out owns the connection; free it with
+ * rdmaps_close(). Blocks up to opts->timeout_ms.
+ */
+int rdmaps_connect(const struct rdmaps_connect_opts *opts, rdmaps_client **out);
+
+/*
+ * Close the connection and free every tensor handle, registration and op
+ * obtained from it. Outstanding ops are abandoned (their buffers may still be
+ * written until this returns, never after). NULL is a no-op.
+ */
+void rdmaps_close(rdmaps_client *c);
+
+/* ---- tensors ---------------------------------------------------------- */
+
+enum rdmaps_optimizer {
+	RDMAPS_OPT_SGD = 0, /* param -= lr * grad */
+};
+
+#define RDMAPS_NAME_MAX 63
+
+struct rdmaps_tensor_desc {
+	const char *name;           /* 1..RDMAPS_NAME_MAX bytes, unique per server */
+	uint64_t length;            /* number of float32 elements (> 0) */
+	const float *init;          /* initial values (length elements) or NULL */
+	float init_value;           /* used when init is NULL */
+	enum rdmaps_optimizer optimizer;
+	float lr;                   /* learning rate */
+};
+
+/*
+ * Declare a tensor, or attach to it if it exists with the same length and
+ * optimizer settings (idempotent: every worker may declare the same tensor).
+ * Initial values of the first declaration win. A conflicting declaration
+ * returns RDMAPS_EEXIST. *out is owned by the client (freed by rdmaps_close).
+ */
+int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *desc,
+		   rdmaps_tensor **out);
+
+/* Attach to an existing tensor by name; RDMAPS_ENOENT if unknown. */
+int rdmaps_lookup(rdmaps_client *c, const char *name, rdmaps_tensor **out);
+
+/* Number of float32 elements of a tensor. */
+uint64_t rdmaps_tensor_length(const rdmaps_tensor *t);
+
+/* ---- zero-copy registration ------------------------------------------ */
+
+/*
+ * Register [buf, buf+len) once with the NIC so pulls land in it and pushes
+ * send from it without copies. Unregistered buffers still work through an
+ * internal bounce buffer (one extra copy). The buffer must outlive the
+ * registration; free the registration (rdmaps_deregister) before the memory.
+ */
+int rdmaps_register(rdmaps_client *c, void *buf, size_t len, rdmaps_mr **out);
+/* NULL is a no-op. Must not be called while an op uses the buffer. */
+void rdmaps_deregister(rdmaps_mr *mr);
+
+/* ---- pull and push ---------------------------------------------------- */
+
+enum rdmaps_flags {
+	/* pull: skip the torn-read check (Hogwild-style training). */
+	RDMAPS_PULL_RELAXED = 1u << 0,
+	/* push: complete only once the server has folded the gradient. */
+	RDMAPS_PUSH_FOLDED = 1u << 1,
+};
+
+/*
+ * Pull the whole tensor into dst (length floats). Blocking. Never returns a
+ * torn tensor: every chunk is checked (version + checksum) and re-read while
+ * it races a fold, up to a retry budget (RDMAPS_ETORN past it).
+ */
+int rdmaps_pull(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags);
+
+/*
+ * Push a gradient (length floats) for the tensor. Blocking. Returns once the
+ * gradient is staged in server memory (the RDMA WRITE is acknowledged), or,
+ * with RDMAPS_PUSH_FOLDED, once the server has folded it into the model.
+ * The gradient buffer may be reused as soon as this returns.
+ */
+int rdmaps_push(rdmaps_client *c, rdmaps_tensor *t, const float *grad, unsigned flags);
+
+/*
+ * Asynchronous forms: post, then rdmaps_test()/rdmaps_wait(). The buffer
+ * must stay untouched until the op completes. *op is owned by the client and
+ * released by the rdmaps_test()/rdmaps_wait() call that reports completion.
+ */
+int rdmaps_pull_async(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags,
+		      rdmaps_op **op);
+int rdmaps_push_async(rdmaps_client *c, rdmaps_tensor *t, const float *grad,
+		      unsigned flags, rdmaps_op **op);
+
+/* Progress without blocking: RDMAPS_EAGAIN while pending, else the result. */
+int rdmaps_test(rdmaps_op *op);
+/* Block until done or timeout_ms (<0: forever). RDMAPS_ETIMEDOUT keeps the op. */
+int rdmaps_wait(rdmaps_op *op, int timeout_ms);
+
+/*
+ * Wait until every push posted so far on this client has been folded by the
+ * server. RDMAPS_EREMOTE if the server dropped any of them (see stats).
+ */
+int rdmaps_flush(rdmaps_client *c, int timeout_ms);
+
+/* ---- statistics ------------------------------------------------------- */
+
+struct rdmaps_client_stats {
+	uint64_t pulls, pushes, pull_retries, bounce_copies;
+};
+
+struct rdmaps_server_stats {
+	uint64_t connections;    /* currently connected workers */
+	uint64_t tensors;
+	uint64_t folds;          /* staged slots folded */
+	uint64_t dropped;        /* staged slots refused (bad header, replay) */
+	uint64_t bad_messages;   /* control messages refused */
+	uint64_t auth_failures;
+	uint64_t disconnects;
+};
+
+/* Local counters; never fails. */
+void rdmaps_client_stats(const rdmaps_client *c, struct rdmaps_client_stats *out);
+/* Ask the server over the control channel. */
+int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* RDMAPS_H */

@@ -1,0 +1,188 @@
+/*
+ * protocol.h -- the rdmaps wire protocol, version 1. Every structure that
+ * crosses the network is here, little-endian, fixed size, naturally aligned.
+ * docs/protocol.md describes the same thing in prose; keep them together.
+ *
+ * Three channels share one RC queue pair per worker:
+ *  1. connect private data (hello / welcome / reject) through rdma_cm;
+ *  2. control messages: SEND/RECV, one request outstanding per worker,
+ *     at most RDMAPS_MSG_MAX bytes each way;
+ *  3. data: RDMA READ of model chunks (chunk.h), RDMA WRITE-with-immediate
+ *     of gradients into the worker's staging slots, and the server's RDMA
+ *     WRITE of the credit word back into the worker.
+ */
+#ifndef RDMAPS_COMMON_PROTOCOL_H
+#define RDMAPS_COMMON_PROTOCOL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rdmaps.h"
+
+#define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
+#define RDMAPS_PROTO_VERSION 1u
+#define RDMAPS_DEFAULT_PORT "7471"
+#define RDMAPS_TOKEN_MAX 32u
+#define RDMAPS_MSG_MAX 4096u
+#define RDMAPS_SLOT_HDR 64u
+
+/* ---- connect private data --------------------------------------------- */
+
+/* Client -> server in the connect request: 56 bytes, the IB CM maximum. */
+struct rdmaps_wire_hello {
+	uint32_t magic;
+	uint16_t version;
+	uint16_t token_len;
+	uint64_t credit_addr; /* worker's credit word (struct rdmaps_wire_credit) */
+	uint32_t credit_rkey;
+	uint32_t reserved;
+	uint8_t token[RDMAPS_TOKEN_MAX];
+};
+_Static_assert(sizeof(struct rdmaps_wire_hello) == 56, "hello must fit IB CM private data");
+
+/* Server -> client in the accept. */
+struct rdmaps_wire_welcome {
+	uint32_t magic;
+	uint16_t version;
+	uint16_t reserved;
+	uint64_t staging_addr; /* this worker's ring; its rkey works on this QP only */
+	uint32_t staging_rkey;
+	uint32_t slot_count;
+	uint32_t slot_size;    /* RDMAPS_SLOT_HDR + chunk_elems * 4 */
+	uint32_t chunk_elems;
+	uint32_t recv_depth;   /* receives the server keeps posted */
+	uint32_t server_id;
+};
+_Static_assert(sizeof(struct rdmaps_wire_welcome) == 40, "welcome size");
+
+/* Server -> client in a reject. */
+struct rdmaps_wire_reject {
+	uint32_t magic;
+	int32_t err; /* negative rdmaps_err */
+};
+
+/* Written by the server into the worker's credit word after folding. */
+struct rdmaps_wire_credit {
+	uint32_t dropped;   /* staged slots the server refused so far */
+	int32_t last_err;   /* why the last one was refused */
+	uint64_t folded_seq; /* every seq below this is consumed (folded or dropped) */
+};
+_Static_assert(sizeof(struct rdmaps_wire_credit) == 16, "credit size");
+
+/* ---- staging slots ----------------------------------------------------- */
+
+#define RDMAPS_SLOT_MAGIC 0x544f4c53u /* "SLOT" */
+
+enum rdmaps_slot_flags {
+	RDMAPS_SLOT_ASSIGN = 1u << 0, /* initial values from the tensor's creator */
+};
+#define RDMAPS_SLOT_FLAGS_KNOWN (RDMAPS_SLOT_ASSIGN)
+
+/* Header at the start of each staging slot; payload (count floats) follows. */
+struct rdmaps_slot_hdr {
+	uint32_t magic;
+	uint32_t tensor_id;
+	uint64_t seq;   /* per-connection, starts at 1, +1 per slot: exactly-once */
+	uint32_t chunk;
+	uint32_t count;
+	uint32_t flags;
+	uint32_t clock;
+	uint8_t pad[32];
+};
+_Static_assert(sizeof(struct rdmaps_slot_hdr) == RDMAPS_SLOT_HDR, "slot header size");
+
+/* Immediate data: slot index in the low 16 bits, low 16 bits of seq above. */
+static inline uint32_t rdmaps__imm_make(uint32_t slot, uint64_t seq)
+{
+	return (slot & 0xffffu) | ((uint32_t)(seq & 0xffffu) << 16);
+}
+
+/* ---- control messages -------------------------------------------------- */
+
+enum rdmaps_msg_type {
+	RDMAPS_MSG_DECLARE = 1,
+	RDMAPS_MSG_LOOKUP = 2,
+	RDMAPS_MSG_STATS = 3,
+	RDMAPS_MSG_SEAL = 4, /* creator: initial values are staged, open the tensor */
+	RDMAPS_MSG_TENSOR_REPLY = 0x81,
+	RDMAPS_MSG_STATS_REPLY = 0x83,
+	RDMAPS_MSG_STATUS_REPLY = 0x84,
+};
+
+struct rdmaps_msg_hdr {
+	uint32_t magic;
+	uint16_t version;
+	uint16_t type;
+	uint32_t length; /* whole message, header included */
+	uint32_t req_id; /* echoed in the reply */
+};
+
+#define RDMAPS_OPT_NAME_MAX 16
+
+struct rdmaps_wire_hyper {
+	float lr, momentum, beta1, beta2, eps, weight_decay;
+};
+
+struct rdmaps_msg_declare {
+	struct rdmaps_msg_hdr hdr;
+	uint64_t length;
+	float init_value;
+	uint32_t flags;  /* RDMAPS_DECLARE_INIT_DATA: creator will stage values */
+	struct rdmaps_wire_hyper hyper;
+	char optimizer[RDMAPS_OPT_NAME_MAX]; /* NUL-padded */
+	char name[RDMAPS_NAME_MAX + 1];      /* NUL-padded */
+};
+#define RDMAPS_DECLARE_INIT_DATA 1u
+
+struct rdmaps_msg_lookup {
+	struct rdmaps_msg_hdr hdr;
+	char name[RDMAPS_NAME_MAX + 1];
+};
+
+struct rdmaps_msg_seal {
+	struct rdmaps_msg_hdr hdr;
+	uint32_t tensor_id;
+	uint32_t reserved;
+	uint64_t last_seq; /* the creator's last initial-value slot */
+};
+
+struct rdmaps_msg_tensor_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t tensor_id;
+	uint64_t length;
+	uint64_t remote_addr; /* chunk 0 header */
+	uint32_t rkey;        /* READ only, valid on this QP's protection domain */
+	uint32_t chunk_elems;
+	uint32_t nchunks;
+	uint32_t created; /* 1: this worker created it and must seal it */
+	uint32_t ready;   /* 0: creator still initialising; retry later */
+	uint32_t reserved;
+};
+
+struct rdmaps_msg_stats_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t reserved;
+	struct rdmaps_server_stats stats;
+};
+
+struct rdmaps_msg_status_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t reserved;
+};
+
+/*
+ * Validation, done where a message is received. Each returns 0 or a negative
+ * rdmaps_err and never reads past len. Pure; thread-safe.
+ */
+int rdmaps__hello_check(const void *buf, size_t len);
+int rdmaps__msg_check(const void *buf, size_t len, uint16_t *type_out);
+/* Name fields: NUL-terminated within the field, non-empty, printable. */
+int rdmaps__name_check(const char *name, size_t field);
+void rdmaps__msg_init(struct rdmaps_msg_hdr *h, uint16_t type, uint32_t length, uint32_t req_id);
+/* Constant-time token comparison (length included). */
+int rdmaps__token_equal(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen);
+
+#endif

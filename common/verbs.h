@@ -1,0 +1,53 @@
+/*
+ * verbs.h -- libibverbs / librdmacm helpers both sides share, and the one
+ * place their errno-style failures become rdmaps_err values.
+ */
+#ifndef RDMAPS_COMMON_VERBS_H
+#define RDMAPS_COMMON_VERBS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <time.h>
+
+#include <infiniband/verbs.h>
+#include <rdma/rdma_cma.h>
+
+static inline uint64_t rdmaps__now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * Register memory; on failure log why and, when the cause is the locked
+ * memory limit, say exactly what to raise. Returns 0 or a negative rdmaps_err.
+ */
+int rdmaps__reg_mr(struct ibv_pd *pd, void *addr, size_t len, int access, struct ibv_mr **out);
+
+/*
+ * Check RLIMIT_MEMLOCK against `need` bytes. Returns 0 when enough (or
+ * unlimited, or CAP_IPC_LOCK makes it moot), else RDMAPS_EMEMLOCK after
+ * logging the current limit and how to raise it.
+ */
+int rdmaps__memlock_check(size_t need, const char *who);
+
+/* Describe the current RLIMIT_MEMLOCK in buf ("unlimited" or "64 KiB"). */
+void rdmaps__memlock_describe(char *buf, size_t len);
+
+/*
+ * Wait up to timeout_ms for the next event on ch. If it is not `want`,
+ * ack it and return an error (RDMAPS_EREJECTED for a reject, with the reject
+ * private data's error in *reject_err if non-NULL). On success the caller
+ * owns *ev and must rdma_ack_cm_event() it.
+ */
+int rdmaps__cm_wait(struct rdma_event_channel *ch, enum rdma_cm_event_type want, int timeout_ms,
+		    struct rdma_cm_event **ev, int *reject_err);
+
+/* "RDMA_CM_EVENT_x" text for logs. */
+const char *rdmaps__cm_event_str(enum rdma_cm_event_type t);
+
+/* Convert a failed work completion into an rdmaps_err. */
+int rdmaps__wc_err(const struct ibv_wc *wc);
+
+#endif

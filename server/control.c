@@ -1,0 +1,184 @@
+/*
+ * control.c -- the control plane: declare, lookup, seal, stats. Runs on the
+ * connection's fold thread when a SEND arrives. Every field is checked here,
+ * where it is received; a bad message gets an error reply and is counted,
+ * and nothing else changes.
+ */
+#include <string.h>
+
+#include "log.h"
+#include "server.h"
+
+static void reply_send(struct srv_conn *c, const void *msg, uint32_t len)
+{
+	uint8_t *buf = srv_conn_reply_buf(c);
+
+	/* replies are small and go inline; the copy covers a NIC without inline */
+	memcpy(buf, msg, len);
+	if (srv_conn_post_send(c, buf, len, true, IBV_WR_SEND, 0, 0))
+		log_warn("worker %p: reply dropped (send queue full or broken)", (void *)c);
+}
+
+static void reply_status(struct srv_conn *c, uint32_t req_id, int status)
+{
+	struct rdmaps_msg_status_reply r = { .status = status };
+
+	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_STATUS_REPLY, sizeof(r), req_id);
+	reply_send(c, &r, sizeof(r));
+}
+
+static void bad_message(struct srv_conn *c, uint32_t req_id, int err, const char *why)
+{
+	atomic_fetch_add_explicit(&c->bad_msgs, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&c->srv->bad_messages, 1, memory_order_relaxed);
+	log_warn("worker %p: control message refused: %s (%s)", (void *)c, why, rdmaps_strerror(err));
+	reply_status(c, req_id, err);
+}
+
+/* Make t readable by this worker: one READ-only registration in its PD. */
+static int conn_expose(struct srv_conn *c, struct srv_tensor *t)
+{
+	if (c->tensor_mr[t->id])
+		return 0;
+	return rdmaps__reg_mr(c->pd, t->mem, t->mem_len, IBV_ACCESS_REMOTE_READ, &c->tensor_mr[t->id]);
+}
+
+static void reply_tensor(struct srv_conn *c, uint32_t req_id, struct srv_tensor *t, bool created)
+{
+	struct rdmaps_msg_tensor_reply r = { 0 };
+	int rc = conn_expose(c, t);
+
+	if (rc) {
+		reply_status(c, req_id, rc);
+		return;
+	}
+	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_TENSOR_REPLY, sizeof(r), req_id);
+	r.status = 0;
+	r.tensor_id = t->id;
+	r.length = t->length;
+	r.remote_addr = (uintptr_t)t->mem;
+	r.rkey = c->tensor_mr[t->id]->rkey;
+	r.chunk_elems = t->chunk_elems;
+	r.nchunks = t->nchunks;
+	r.created = created;
+	r.ready = atomic_load(&t->state_flag) == TENSOR_READY;
+	reply_send(c, &r, sizeof(r));
+}
+
+static void on_declare(struct srv_conn *c, const struct rdmaps_msg_declare *m)
+{
+	struct srv_tensor *t;
+	bool created = false;
+	int rc = srv_store_declare(&c->srv->store, m, c, &t, &created);
+
+	if (rc) {
+		if (rc == RDMAPS_EINVAL || rc == RDMAPS_ERANGE)
+			bad_message(c, m->hdr.req_id, rc, "bad declaration");
+		else
+			reply_status(c, m->hdr.req_id, rc);
+		return;
+	}
+	reply_tensor(c, m->hdr.req_id, t, created);
+}
+
+static void on_lookup(struct srv_conn *c, const struct rdmaps_msg_lookup *m)
+{
+	struct srv_tensor *t;
+	int rc;
+
+	if (rdmaps__name_check(m->name, sizeof(m->name))) {
+		bad_message(c, m->hdr.req_id, RDMAPS_EINVAL, "bad tensor name");
+		return;
+	}
+	rc = srv_store_lookup(&c->srv->store, m->name, &t);
+	if (rc)
+		reply_status(c, m->hdr.req_id, rc);
+	else
+		reply_tensor(c, m->hdr.req_id, t, false);
+}
+
+static void on_seal(struct srv_conn *c, const struct rdmaps_msg_seal *m)
+{
+	struct srv_tensor *t = srv_store_get(&c->srv->store, m->tensor_id);
+
+	if (!t || !c->tensor_mr[m->tensor_id]) {
+		bad_message(c, m->hdr.req_id, RDMAPS_ENOENT, "seal of an unknown tensor");
+		return;
+	}
+	if (t->creator != c || atomic_load(&t->state_flag) != TENSOR_INIT ||
+	    m->last_seq + 1 != c->next_seq) {
+		bad_message(c, m->hdr.req_id, RDMAPS_EPROTO, "seal out of place");
+		return;
+	}
+	/* initial chunks are odd ("being written"); make each one stable */
+	for (uint32_t i = 0; i < t->nchunks; i++) {
+		uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, i);
+		struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
+		struct rdmaps_chunk_trl *tr =
+			(struct rdmaps_chunk_trl *)((uint8_t *)(h + 1) + rdmaps__chunk_data_span(count));
+		uint64_t v = (h->version | 1u) + 1;
+		__atomic_store_n(&h->version, v, __ATOMIC_RELEASE);
+		__atomic_store_n(&tr->version, v, __ATOMIC_RELEASE);
+	}
+	atomic_store(&t->state_flag, TENSOR_READY);
+	t->creator = NULL;
+	reply_status(c, m->hdr.req_id, 0);
+}
+
+void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
+{
+	memset(out, 0, sizeof(*out));
+	out->connections = atomic_load(&s->connections) - atomic_load(&s->disconnects);
+	out->tensors = atomic_load(&s->store.count);
+	out->bad_messages = atomic_load(&s->bad_messages);
+	out->auth_failures = atomic_load(&s->auth_failures);
+	out->disconnects = atomic_load(&s->disconnects);
+	for (unsigned i = 0; s->ft && i < s->cfg.fold_threads; i++) {
+		out->folds += atomic_load(&s->ft[i].folds);
+		out->dropped += atomic_load(&s->ft[i].dropped);
+	}
+}
+
+void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len)
+{
+	struct rdmaps_msg_hdr h = { 0 };
+	uint16_t type = 0;
+	int rc = rdmaps__msg_check(msg, len, &type);
+
+	if (len >= sizeof(h))
+		memcpy(&h, msg, sizeof(h));
+	if (rc) {
+		bad_message(c, h.req_id, rc, "malformed message");
+		return;
+	}
+	switch (type) {
+	case RDMAPS_MSG_DECLARE: {
+		struct rdmaps_msg_declare m;
+		memcpy(&m, msg, sizeof(m));
+		on_declare(c, &m);
+		break;
+	}
+	case RDMAPS_MSG_LOOKUP: {
+		struct rdmaps_msg_lookup m;
+		memcpy(&m, msg, sizeof(m));
+		on_lookup(c, &m);
+		break;
+	}
+	case RDMAPS_MSG_SEAL: {
+		struct rdmaps_msg_seal m;
+		memcpy(&m, msg, sizeof(m));
+		on_seal(c, &m);
+		break;
+	}
+	case RDMAPS_MSG_STATS: {
+		struct rdmaps_msg_stats_reply r = { 0 };
+		rdmaps__msg_init(&r.hdr, RDMAPS_MSG_STATS_REPLY, sizeof(r), h.req_id);
+		srv_stats_collect(c->srv, &r.stats);
+		reply_send(c, &r, sizeof(r));
+		break;
+	}
+	default:
+		/* a reply type sent to the server: well-formed, but not a request */
+		bad_message(c, h.req_id, RDMAPS_EPROTO, "not a request");
+	}
+}

@@ -1,0 +1,405 @@
+/*
+ * fold.c -- fold threads: poll the completion queues of the connections they
+ * own, fold staged gradients into the model, answer control messages, write
+ * credits back. Busy-poll while there is work (and spin_us after it), then
+ * sleep on the completion channel so an idle server burns no CPU.
+ *
+ * Hot path (poll -> validate slot -> optimizer -> credit): no allocation, no
+ * lock, and no syscall beyond what the provider's post_send/post_recv do.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+
+#include "error.h"
+#include "log.h"
+#include "server.h"
+
+#define FOLD_BATCH 32
+#define WR_SEND_TAG (1ull << 63)
+
+int srv_conn_post_recv(struct srv_conn *c, uint32_t i)
+{
+	struct ibv_sge sge = {
+		.addr = (uintptr_t)(c->bufs + (size_t)i * RDMAPS_MSG_MAX),
+		.length = RDMAPS_MSG_MAX,
+		.lkey = c->bufs_mr->lkey,
+	};
+	struct ibv_recv_wr wr = { .wr_id = i, .sg_list = &sge, .num_sge = 1 }, *bad;
+	int rc = ibv_post_recv(c->qp, &wr, &bad);
+
+	return rc ? rdmaps__from_errno(rc) : 0;
+}
+
+int srv_conn_post_send(struct srv_conn *c, const void *buf, uint32_t len, bool inline_ok,
+		       enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey)
+{
+	struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = len, .lkey = c->bufs_mr->lkey };
+	struct ibv_send_wr wr = {
+		.wr_id = WR_SEND_TAG,
+		.sg_list = &sge,
+		.num_sge = 1,
+		.opcode = op,
+		/* every send signaled: sq_outstanding stays exact, and sends are
+		 * rare next to the folds that trigger them */
+		.send_flags = IBV_SEND_SIGNALED,
+	};
+	struct ibv_send_wr *bad;
+	int rc;
+
+	if (c->broken)
+		return RDMAPS_EDISCONNECTED;
+	if (c->sq_outstanding >= c->sq_depth)
+		return RDMAPS_EBUSY;
+	if (inline_ok && len <= c->max_inline)
+		wr.send_flags |= IBV_SEND_INLINE;
+	if (op == IBV_WR_RDMA_WRITE) {
+		wr.wr.rdma.remote_addr = raddr;
+		wr.wr.rdma.rkey = rkey;
+	}
+	rc = ibv_post_send(c->qp, &wr, &bad);
+	if (rc)
+		return rdmaps__from_errno(rc);
+	c->sq_outstanding++;
+	return 0;
+}
+
+static void conn_fail(struct srv_conn *c, const char *why, int status)
+{
+	if (c->broken)
+		return;
+	c->broken = true;
+	log_warn("worker %p: %s (%s); dropping the connection", (void *)c, why,
+		 ibv_wc_status_str((enum ibv_wc_status)status));
+	/* the listener sees DISCONNECTED and frees everything */
+	rdma_disconnect(c->id);
+}
+
+static void slot_drop(struct srv_conn *c, int err, const char *why, uint64_t seq)
+{
+	c->credit.dropped++;
+	c->credit.last_err = err;
+	c->credit_dirty = true;
+	atomic_fetch_add_explicit(&c->dropped, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&c->ft->dropped, 1, memory_order_relaxed);
+	log_warn("worker %p: staged slot seq %llu dropped: %s", (void *)c, (unsigned long long)seq,
+		 why);
+}
+
+/* Validate and fold one staged slot announced by a WRITE-with-immediate. */
+static void slot_handle(struct srv_conn *c, uint32_t imm)
+{
+	uint32_t slot = imm & 0xffffu;
+	struct rdmaps_slot_hdr h;
+	struct srv_tensor *t;
+	const uint8_t *p;
+
+	if (slot >= c->slots) {
+		slot_drop(c, RDMAPS_EPROTO, "immediate names no slot", 0);
+		return;
+	}
+	p = c->staging + (size_t)slot * c->slot_size;
+	/* copy first: the worker owns this memory and may scribble on it */
+	memcpy(&h, p, sizeof(h));
+	if (h.magic != RDMAPS_SLOT_MAGIC) {
+		slot_drop(c, RDMAPS_EPROTO, "bad slot magic", h.seq);
+		return;
+	}
+	if (h.seq != c->next_seq || (imm >> 16) != (uint32_t)(h.seq & 0xffffu) ||
+	    slot != (uint32_t)((h.seq - 1) % c->slots)) {
+		/* a replay or duplicate: never folded twice, and seq does not move */
+		slot_drop(c, RDMAPS_EPROTO, h.seq < c->next_seq ? "replayed seq" : "seq out of order",
+			  h.seq);
+		return;
+	}
+	c->next_seq++;
+	c->credit.folded_seq = c->next_seq;
+	c->credit_dirty = true;
+
+	t = srv_store_get(&c->srv->store, h.tensor_id);
+	if (!t || !c->tensor_mr[h.tensor_id]) {
+		slot_drop(c, RDMAPS_ENOENT, "unknown tensor", h.seq);
+		return;
+	}
+	if (h.chunk >= t->nchunks || h.count != rdmaps__chunk_count(t->length, t->chunk_elems, h.chunk) ||
+	    (size_t)h.count * sizeof(float) > c->slot_size - RDMAPS_SLOT_HDR) {
+		slot_drop(c, RDMAPS_ERANGE, "chunk or count out of range", h.seq);
+		return;
+	}
+	if (h.flags & ~RDMAPS_SLOT_FLAGS_KNOWN) {
+		slot_drop(c, RDMAPS_EPROTO, "unknown flags", h.seq);
+		return;
+	}
+	if ((h.flags & RDMAPS_SLOT_ASSIGN) &&
+	    (atomic_load(&t->state_flag) != TENSOR_INIT || t->creator != c)) {
+		slot_drop(c, RDMAPS_EPROTO, "initial values from a worker that did not create the tensor",
+			  h.seq);
+		return;
+	}
+	if (!(h.flags & RDMAPS_SLOT_ASSIGN) && atomic_load(&t->state_flag) != TENSOR_READY) {
+		slot_drop(c, RDMAPS_EAGAIN, "push to a tensor still being initialised", h.seq);
+		return;
+	}
+	srv_chunk_apply(t, h.chunk, (const float *)(p + RDMAPS_SLOT_HDR), h.count,
+			h.flags & RDMAPS_SLOT_ASSIGN, h.clock);
+	atomic_fetch_add_explicit(&c->folds, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&c->ft->folds, 1, memory_order_relaxed);
+}
+
+static void credit_flush(struct srv_conn *c)
+{
+	if (!c->credit_dirty || c->broken)
+		return;
+	/* inline: the NIC copies the 16 bytes at post time, so later updates
+	 * of c->credit cannot race the DMA. If the send queue is full the
+	 * credit stays dirty and goes out with the next batch. */
+	if (srv_conn_post_send(c, &c->credit, sizeof(c->credit), true, IBV_WR_RDMA_WRITE,
+			       c->credit_addr, c->credit_rkey) == 0)
+		c->credit_dirty = false;
+}
+
+/* Returns the number of completions handled. */
+static int conn_poll(struct srv_conn *c)
+{
+	struct ibv_wc wc[FOLD_BATCH];
+	int n;
+
+	if (c->broken)
+		return 0;
+	n = ibv_poll_cq(c->cq, FOLD_BATCH, wc);
+	if (n <= 0)
+		return 0;
+	for (int i = 0; i < n; i++) {
+		if (wc[i].status != IBV_WC_SUCCESS) {
+			if (wc[i].wr_id & WR_SEND_TAG)
+				c->sq_outstanding--;
+			conn_fail(c, "work completion error", wc[i].status);
+			continue;
+		}
+		if (wc[i].wr_id & WR_SEND_TAG) {
+			c->sq_outstanding--;
+			continue;
+		}
+		if (wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM)
+			slot_handle(c, ntohl(wc[i].imm_data));
+		else if (wc[i].opcode == IBV_WC_RECV)
+			srv_control_handle(c, c->bufs + wc[i].wr_id * RDMAPS_MSG_MAX, wc[i].byte_len);
+		/* every receive is given back at once: WRITE-with-immediate
+		 * consumes one too, and rxe NAK-storms when they run out */
+		if (!c->broken && srv_conn_post_recv(c, (uint32_t)wc[i].wr_id))
+			conn_fail(c, "cannot repost a receive", IBV_WC_GENERAL_ERR);
+	}
+	credit_flush(c);
+	return n;
+}
+
+static void mail_handle(struct srv_fold_thread *ft)
+{
+	pthread_mutex_lock(&ft->mail_lock);
+	if (ft->mail_add) {
+		struct srv_conn *c = ft->mail_add;
+		if (ft->nconns == ft->cap) {
+			uint32_t cap = ft->cap ? ft->cap * 2 : 16;
+			struct srv_conn **n = realloc(ft->conns, cap * sizeof(*n));
+			if (n) {
+				ft->conns = n;
+				ft->cap = cap;
+			}
+		}
+		if (ft->nconns < ft->cap) {
+			c->index = ft->nconns;
+			ft->conns[ft->nconns++] = c;
+		} else {
+			conn_fail(c, "out of memory attaching", IBV_WC_GENERAL_ERR);
+		}
+		ft->mail_add = NULL;
+	}
+	if (ft->mail_del) {
+		struct srv_conn *c = ft->mail_del;
+		if (c->index < ft->nconns && ft->conns[c->index] == c) {
+			ft->conns[c->index] = ft->conns[--ft->nconns];
+			ft->conns[c->index]->index = c->index;
+		}
+		ft->mail_del = NULL;
+	}
+	ft->mail_done = true;
+	atomic_store_explicit(&ft->mail_pending, false, memory_order_release);
+	pthread_cond_broadcast(&ft->mail_cond);
+	pthread_mutex_unlock(&ft->mail_lock);
+}
+
+static void mail_post(struct srv_fold_thread *ft, struct srv_conn *add, struct srv_conn *del)
+{
+	uint64_t one = 1;
+
+	pthread_mutex_lock(&ft->mail_lock);
+	ft->mail_add = add;
+	ft->mail_del = del;
+	ft->mail_done = false;
+	atomic_store_explicit(&ft->mail_pending, true, memory_order_release);
+	if (write(ft->wake_fd, &one, sizeof(one)) < 0)
+		log_warn("fold thread %u: wake-up write failed", ft->idx);
+	while (!ft->mail_done)
+		pthread_cond_wait(&ft->mail_cond, &ft->mail_lock);
+	pthread_mutex_unlock(&ft->mail_lock);
+}
+
+void srv_fold_attach(struct srv_fold_thread *ft, struct srv_conn *c)
+{
+	mail_post(ft, c, NULL);
+}
+
+void srv_fold_detach(struct srv_fold_thread *ft, struct srv_conn *c)
+{
+	mail_post(ft, NULL, c);
+}
+
+/* Arm every CQ, check once more (a completion may have slipped in), sleep. */
+static void fold_sleep(struct srv_fold_thread *ft)
+{
+	struct srv *s = ft->srv;
+	struct pollfd pfd[1 + 16];
+	int n = 0;
+	struct ibv_cq *cq;
+	void *ctx;
+	uint64_t v;
+
+	for (uint32_t i = 0; i < ft->nconns; i++)
+		if (!ft->conns[i]->broken)
+			ibv_req_notify_cq(ft->conns[i]->cq, 0);
+	for (uint32_t i = 0; i < ft->nconns; i++)
+		if (conn_poll(ft->conns[i]))
+			return;
+	if (atomic_load(&ft->mail_pending) || atomic_load(&s->stop))
+		return;
+	atomic_fetch_add_explicit(&ft->sleeps, 1, memory_order_relaxed);
+	pfd[n++] = (struct pollfd){ .fd = ft->wake_fd, .events = POLLIN };
+	for (int d = 0; d < s->ndev && n < 17; d++)
+		pfd[n++] = (struct pollfd){ .fd = ft->channels[d]->fd, .events = POLLIN };
+	poll(pfd, (nfds_t)n, 1000);
+	for (int d = 0; d < s->ndev; d++)
+		while (ibv_get_cq_event(ft->channels[d], &cq, &ctx) == 0)
+			ibv_ack_cq_events(cq, 1);
+	if (pfd[0].revents & POLLIN) {
+		ssize_t r = read(ft->wake_fd, &v, sizeof(v));
+		(void)r;
+	}
+}
+
+struct ibv_comp_channel *srv_fold_channel(struct srv *s, struct srv_fold_thread *ft,
+					  struct ibv_context *ctx)
+{
+	for (int d = 0; d < s->ndev; d++)
+		if (s->devs[d] == ctx)
+			return ft->channels[d];
+	return NULL;
+}
+
+static void *fold_main(void *arg)
+{
+	struct srv_fold_thread *ft = arg;
+	const uint64_t spin_ns = (uint64_t)ft->srv->cfg.spin_us * 1000u;
+	uint64_t idle_since = 0;
+
+	if (ft->srv->cfg.pin) {
+		cpu_set_t set;
+		long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+		CPU_ZERO(&set);
+		CPU_SET((int)(ft->idx % (unsigned)(ncpu > 0 ? ncpu : 1)), &set);
+		if (pthread_setaffinity_np(pthread_self(), sizeof(set), &set))
+			log_warn("fold thread %u: cannot pin", ft->idx);
+	}
+	while (!atomic_load_explicit(&ft->srv->stop, memory_order_relaxed)) {
+		int work = 0;
+
+		if (atomic_load_explicit(&ft->mail_pending, memory_order_acquire))
+			mail_handle(ft);
+		for (uint32_t i = 0; i < ft->nconns; i++)
+			work += conn_poll(ft->conns[i]);
+		if (work) {
+			idle_since = 0;
+			continue;
+		}
+		uint64_t now = rdmaps__now_ns();
+		if (!idle_since)
+			idle_since = now;
+		if (now - idle_since < spin_ns) {
+			rdmaps__cpu_relax();
+			continue;
+		}
+		fold_sleep(ft);
+		idle_since = 0;
+	}
+	/* answer a hand-over that raced shutdown so the listener never hangs */
+	if (atomic_load(&ft->mail_pending))
+		mail_handle(ft);
+	return NULL;
+}
+
+int srv_fold_start(struct srv *s)
+{
+	s->ft = calloc(s->cfg.fold_threads, sizeof(*s->ft));
+	if (!s->ft)
+		return RDMAPS_ENOMEM;
+	for (unsigned i = 0; i < s->cfg.fold_threads; i++) {
+		struct srv_fold_thread *ft = &s->ft[i];
+		ft->srv = s;
+		ft->idx = i;
+		pthread_mutex_init(&ft->mail_lock, NULL);
+		pthread_cond_init(&ft->mail_cond, NULL);
+		ft->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+		ft->channels = calloc((size_t)s->ndev, sizeof(*ft->channels));
+		if (ft->wake_fd < 0 || !ft->channels)
+			return RDMAPS_ENOMEM;
+		for (int d = 0; d < s->ndev; d++) {
+			ft->channels[d] = ibv_create_comp_channel(s->devs[d]);
+			if (!ft->channels[d]) {
+				log_error("fold thread %u: cannot create a completion channel", i);
+				return RDMAPS_EVERBS;
+			}
+			/* drained in a loop after poll(): must not block */
+			fcntl(ft->channels[d]->fd, F_SETFL,
+			      fcntl(ft->channels[d]->fd, F_GETFL) | O_NONBLOCK);
+		}
+		if (pthread_create(&ft->thread, NULL, fold_main, ft))
+			return RDMAPS_ESYS;
+	}
+	return 0;
+}
+
+void srv_fold_stop(struct srv *s)
+{
+	uint64_t one = 1;
+
+	if (!s->ft)
+		return;
+	atomic_store(&s->stop, true);
+	for (unsigned i = 0; i < s->cfg.fold_threads; i++) {
+		struct srv_fold_thread *ft = &s->ft[i];
+		if (!ft->thread)
+			continue;
+		if (write(ft->wake_fd, &one, sizeof(one)) < 0)
+			log_warn("fold thread %u: wake-up write failed", i);
+		pthread_join(ft->thread, NULL);
+	}
+	for (unsigned i = 0; i < s->cfg.fold_threads; i++) {
+		struct srv_fold_thread *ft = &s->ft[i];
+		for (int d = 0; ft->channels && d < s->ndev; d++)
+			if (ft->channels[d])
+				ibv_destroy_comp_channel(ft->channels[d]);
+		free(ft->channels);
+		if (ft->wake_fd > 0)
+			close(ft->wake_fd);
+		free(ft->conns);
+		pthread_mutex_destroy(&ft->mail_lock);
+		pthread_cond_destroy(&ft->mail_cond);
+	}
+	free(s->ft);
+	s->ft = NULL;
+}

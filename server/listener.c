@@ -1,0 +1,374 @@
+/*
+ * listener.c -- rdma_cm listener and connection life cycle: check the hello
+ * (version, token, limits), build the worker's private resources (PD, CQ,
+ * QP, staging ring), accept, hand it to a fold thread, and free it all when
+ * the worker goes away, whatever state it was in.
+ */
+#include <errno.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+
+#include "error.h"
+#include "log.h"
+#include "server.h"
+
+#define SQ_DEPTH 64u
+#define CTRL_RECVS 8u /* control requests a worker may have in flight (it uses 1) */
+
+uint8_t *srv_conn_reply_buf(struct srv_conn *c)
+{
+	return c->bufs + (size_t)c->recv_depth * RDMAPS_MSG_MAX;
+}
+
+static void conn_free(struct srv_conn *c)
+{
+	struct srv *s;
+
+	if (!c)
+		return;
+	s = c->srv;
+	if (c->qp)
+		rdma_destroy_qp(c->id);
+	if (c->cq)
+		ibv_destroy_cq(c->cq);
+	for (uint32_t i = 0; c->tensor_mr && i < s->store.max; i++)
+		if (c->tensor_mr[i])
+			ibv_dereg_mr(c->tensor_mr[i]);
+	free(c->tensor_mr);
+	if (c->staging_mr)
+		ibv_dereg_mr(c->staging_mr);
+	if (c->bufs_mr)
+		ibv_dereg_mr(c->bufs_mr);
+	free(c->staging);
+	free(c->bufs);
+	if (c->pd)
+		ibv_dealloc_pd(c->pd);
+	free(c);
+}
+
+static void reject(struct srv *s, struct rdma_cm_id *id, int err, const char *why)
+{
+	struct rdmaps_wire_reject rj = { .magic = RDMAPS_PROTO_MAGIC, .err = err };
+	char addr[INET6_ADDRSTRLEN] = "?";
+	struct sockaddr *sa = rdma_get_peer_addr(id);
+
+	if (sa && sa->sa_family == AF_INET)
+		inet_ntop(AF_INET, &((struct sockaddr_in *)sa)->sin_addr, addr, sizeof(addr));
+	log_warn("rejected worker %s: %s", addr, why);
+	atomic_fetch_add(&s->rejected, 1);
+	rdma_reject(id, &rj, sizeof(rj));
+}
+
+static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_wire_hello *hello,
+		      struct srv_conn **out)
+{
+	struct srv_fold_thread *ft = &s->ft[s->next_ft++ % s->cfg.fold_threads];
+	struct ibv_qp_init_attr qa = { 0 };
+	struct srv_conn *c = calloc(1, sizeof(*c));
+	size_t bufs_len;
+	int rc = RDMAPS_ENOMEM;
+
+	if (!c)
+		return RDMAPS_ENOMEM;
+	c->srv = s;
+	c->id = id;
+	c->ft = ft;
+	c->slots = s->cfg.slots;
+	c->slot_size = RDMAPS_SLOT_HDR + s->cfg.chunk_elems * (uint32_t)sizeof(float);
+	c->recv_depth = c->slots + CTRL_RECVS;
+	c->sq_depth = SQ_DEPTH;
+	c->next_seq = 1;
+	c->credit.folded_seq = 1;
+	c->credit_addr = hello->credit_addr;
+	c->credit_rkey = hello->credit_rkey;
+	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
+	c->staging = aligned_alloc(4096, rdmaps__round_up((size_t)c->slots * c->slot_size, 4096));
+	bufs_len = (size_t)(c->recv_depth + 1) * RDMAPS_MSG_MAX;
+	c->bufs = aligned_alloc(4096, bufs_len);
+	if (!c->tensor_mr || !c->staging || !c->bufs)
+		goto fail;
+	memset(c->staging, 0, (size_t)c->slots * c->slot_size);
+
+	/* a PD of its own: rkeys it learns or forges for other workers' rings
+	 * are meaningless on its QP, and the model is only READ-registered */
+	c->pd = ibv_alloc_pd(id->verbs);
+	if (!c->pd) {
+		rc = RDMAPS_EVERBS;
+		goto fail;
+	}
+	rc = rdmaps__reg_mr(c->pd, c->staging, (size_t)c->slots * c->slot_size,
+			    IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE, &c->staging_mr);
+	if (rc)
+		goto fail;
+	rc = rdmaps__reg_mr(c->pd, c->bufs, bufs_len, IBV_ACCESS_LOCAL_WRITE, &c->bufs_mr);
+	if (rc)
+		goto fail;
+	rc = RDMAPS_EVERBS;
+	c->cq = ibv_create_cq(id->verbs, (int)(c->recv_depth + c->sq_depth), c,
+			      srv_fold_channel(s, ft, id->verbs), 0);
+	if (!c->cq)
+		goto fail;
+	qa.send_cq = qa.recv_cq = c->cq;
+	qa.qp_type = IBV_QPT_RC;
+	qa.cap.max_send_wr = c->sq_depth;
+	qa.cap.max_recv_wr = c->recv_depth;
+	qa.cap.max_send_sge = 1;
+	qa.cap.max_recv_sge = 1;
+	qa.cap.max_inline_data = 128;
+	if (rdma_create_qp(id, c->pd, &qa)) {
+		qa.cap.max_inline_data = 0; /* some providers have no inline sends */
+		if (rdma_create_qp(id, c->pd, &qa)) {
+			log_error("rdma_create_qp: %s", strerror(errno));
+			goto fail;
+		}
+	}
+	c->qp = id->qp;
+	c->max_inline = qa.cap.max_inline_data;
+	for (uint32_t i = 0; i < c->recv_depth; i++)
+		if ((rc = srv_conn_post_recv(c, i)))
+			goto fail;
+	*out = c;
+	return 0;
+fail:
+	conn_free(c);
+	return rc;
+}
+
+static void on_connect_request(struct srv *s, struct rdma_cm_event *ev)
+{
+	struct rdma_cm_id *id = ev->id;
+	struct rdmaps_wire_hello hello;
+	struct rdmaps_wire_welcome w = { 0 };
+	struct rdma_conn_param p = { 0 };
+	struct ibv_device_attr da;
+	struct srv_conn *c;
+	int rc = rdmaps__hello_check(ev->param.conn.private_data, ev->param.conn.private_data_len);
+
+	if (rc) {
+		atomic_fetch_add(&s->bad_messages, 1);
+		reject(s, id, rc, rc == RDMAPS_EVERSION ? "protocol version mismatch" : "malformed hello");
+		goto destroy;
+	}
+	memcpy(&hello, ev->param.conn.private_data, sizeof(hello));
+	if (!rdmaps__token_equal(hello.token, hello.token_len, s->cfg.token, s->cfg.token_len)) {
+		atomic_fetch_add(&s->auth_failures, 1);
+		reject(s, id, RDMAPS_EAUTH, "wrong or missing token");
+		goto destroy;
+	}
+	if (s->nconns >= s->cfg.max_workers) {
+		reject(s, id, RDMAPS_ELIMIT, "max-workers reached");
+		goto destroy;
+	}
+	rc = conn_build(s, id, &hello, &c);
+	if (rc) {
+		reject(s, id, rc, rdmaps_strerror(rc));
+		goto destroy;
+	}
+	w.magic = RDMAPS_PROTO_MAGIC;
+	w.version = RDMAPS_PROTO_VERSION;
+	w.staging_addr = (uintptr_t)c->staging;
+	w.staging_rkey = c->staging_mr->rkey;
+	w.slot_count = c->slots;
+	w.slot_size = c->slot_size;
+	w.chunk_elems = s->cfg.chunk_elems;
+	w.recv_depth = c->recv_depth;
+	w.server_id = s->cfg.server_id;
+	p.private_data = &w;
+	p.private_data_len = sizeof(w);
+	/* workers pull with many READs in flight; grant what the device allows */
+	p.responder_resources = 16;
+	if (!ibv_query_device(id->verbs, &da) && da.max_qp_rd_atom < 16)
+		p.responder_resources = (uint8_t)da.max_qp_rd_atom;
+	p.initiator_depth = 0;
+	p.rnr_retry_count = 7;
+	id->context = c;
+	if (rdma_accept(id, &p)) {
+		log_error("rdma_accept: %s", strerror(errno));
+		id->context = NULL;
+		conn_free(c);
+		goto destroy;
+	}
+	c->next = s->conns;
+	if (s->conns)
+		s->conns->prev = c;
+	s->conns = c;
+	s->nconns++;
+	return;
+destroy:
+	/* the event must be acked before its id can be destroyed */
+	rdma_ack_cm_event(ev);
+	rdma_destroy_id(id);
+	ev->id = NULL;
+}
+
+static void conn_teardown(struct srv *s, struct srv_conn *c)
+{
+	struct rdma_cm_id *id = c->id;
+
+	if (c->attached)
+		srv_fold_detach(c->ft, c);
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		s->conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	s->nconns--;
+	conn_free(c);
+	rdma_destroy_id(id);
+}
+
+static void on_event(struct srv *s, struct rdma_cm_event *ev)
+{
+	struct srv_conn *c = ev->id ? ev->id->context : NULL;
+	enum rdma_cm_event_type type = ev->event;
+
+	switch (type) {
+	case RDMA_CM_EVENT_CONNECT_REQUEST:
+		on_connect_request(s, ev);
+		if (!ev->id)
+			return; /* already acked and destroyed */
+		break;
+	case RDMA_CM_EVENT_ESTABLISHED:
+		if (c && !c->attached) {
+			c->attached = true;
+			atomic_fetch_add(&s->connections, 1);
+			srv_fold_attach(c->ft, c);
+			log_info("worker %p connected (%u live)", (void *)c, s->nconns);
+		}
+		break;
+	case RDMA_CM_EVENT_DISCONNECTED:
+	case RDMA_CM_EVENT_CONNECT_ERROR:
+	case RDMA_CM_EVENT_UNREACHABLE:
+	case RDMA_CM_EVENT_REJECTED:
+		if (c) {
+			if (c->attached)
+				atomic_fetch_add(&s->disconnects, 1);
+			log_info("worker %p gone (%s); freeing its resources", (void *)c,
+				 rdma_event_str(type));
+			rdma_ack_cm_event(ev);
+			conn_teardown(s, c);
+			return;
+		}
+		break;
+	case RDMA_CM_EVENT_DEVICE_REMOVAL:
+		log_error("RDMA device removed; stopping");
+		atomic_store(&s->stop, true);
+		break;
+	default:
+		log_debug("rdma_cm event %s ignored", rdma_event_str(type));
+	}
+	rdma_ack_cm_event(ev);
+}
+
+static int bind_any(struct srv *s)
+{
+	struct rdma_addrinfo hints = { .ai_flags = RAI_PASSIVE, .ai_port_space = RDMA_PS_TCP };
+	struct rdma_addrinfo *res;
+	const char *node = s->cfg.listen_addr && *s->cfg.listen_addr ? s->cfg.listen_addr : NULL;
+	int rc;
+
+	if (!node)
+		node = "0.0.0.0";
+	if (rdma_getaddrinfo(node, s->cfg.port, &hints, &res)) {
+		log_error("cannot resolve listen address %s:%s", node, s->cfg.port);
+		return RDMAPS_ENODEV;
+	}
+	rc = rdma_bind_addr(s->listen_id, res->ai_src_addr);
+	rdma_freeaddrinfo(res);
+	if (rc) {
+		log_error("cannot bind %s:%s: %s (is there an RDMA device with that address? "
+			  "see `ibv_devices` and tools/rxe-setup)",
+			  node, s->cfg.port, strerror(errno));
+		return rdmaps__from_errno(errno);
+	}
+	return 0;
+}
+
+static void announce(struct srv *s)
+{
+	const char *node = s->cfg.listen_addr ? s->cfg.listen_addr : "0.0.0.0";
+
+	if (s->listen_id->verbs) {
+		printf("rdmaps-server: serving on %s port %s via device %s\n", node, s->cfg.port,
+		       ibv_get_device_name(s->listen_id->verbs->device));
+	} else {
+		printf("rdmaps-server: serving on %s port %s via devices:", node, s->cfg.port);
+		for (int d = 0; d < s->ndev; d++)
+			printf(" %s", ibv_get_device_name(s->devs[d]->device));
+		printf("\n");
+	}
+	fflush(stdout);
+}
+
+int srv_listen(struct srv *s)
+{
+	int rc;
+
+	s->devs = rdma_get_devices(&s->ndev);
+	if (!s->devs || s->ndev <= 0) {
+		log_error("no RDMA device found: load a driver or create a soft-RoCE device "
+			  "(tools/rxe-setup add), and check `ibv_devices`");
+		return RDMAPS_ENODEV;
+	}
+	s->cm_channel = rdma_create_event_channel();
+	if (!s->cm_channel || rdma_create_id(s->cm_channel, &s->listen_id, s, RDMA_PS_TCP))
+		return RDMAPS_EVERBS;
+	if ((rc = bind_any(s)))
+		return rc;
+	if (rdma_listen(s->listen_id, 64)) {
+		log_error("rdma_listen: %s", strerror(errno));
+		return rdmaps__from_errno(errno);
+	}
+	if ((rc = srv_fold_start(s)))
+		return rc;
+	announce(s);
+	return 0;
+}
+
+int srv_run(struct srv *s)
+{
+	struct pollfd pfd[2] = {
+		{ .fd = s->cm_channel->fd, .events = POLLIN },
+		{ .fd = s->stop_fd, .events = POLLIN },
+	};
+
+	while (!atomic_load(&s->stop)) {
+		struct rdma_cm_event *ev;
+
+		if (poll(pfd, 2, 1000) < 0 && errno != EINTR)
+			return rdmaps__from_errno(errno);
+		if (pfd[1].revents & POLLIN)
+			break;
+		if (!(pfd[0].revents & POLLIN))
+			continue;
+		if (rdma_get_cm_event(s->cm_channel, &ev))
+			continue;
+		on_event(s, ev);
+	}
+	return 0;
+}
+
+void srv_close(struct srv *s)
+{
+	/* threads first: once joined, nobody polls a connection we free */
+	srv_fold_stop(s);
+	while (s->conns) {
+		struct srv_conn *c = s->conns;
+		c->attached = false;
+		rdma_disconnect(c->id);
+		conn_teardown(s, c);
+	}
+	if (s->listen_id)
+		rdma_destroy_id(s->listen_id);
+	if (s->cm_channel)
+		rdma_destroy_event_channel(s->cm_channel);
+	if (s->devs)
+		rdma_free_devices(s->devs);
+	srv_store_fini(&s->store);
+}

@@ -1,0 +1,194 @@
+/*
+ * main.c -- rdmaps-server: options, limits, signals; the work is in
+ * listener.c (connections), fold.c (data path) and store.c (tensors).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "server.h"
+
+static int stop_fd = -1;
+
+static void on_signal(int sig)
+{
+	uint64_t one = 1;
+	(void)sig;
+	if (write(stop_fd, &one, sizeof(one)) < 0) {
+		/* nothing useful to do in a signal handler */
+	}
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: rdmaps-server [options]\n"
+		"  -a, --addr ADDR          address to listen on (default: all RDMA devices)\n"
+		"  -p, --port PORT          port (default " RDMAPS_DEFAULT_PORT ")\n"
+		"  -t, --token-file FILE    shared secret for workers (or RDMAPS_TOKEN env)\n"
+		"  -f, --fold-threads N     fold threads (default 1)\n"
+		"      --pin                pin fold thread i to CPU i\n"
+		"      --chunk-elems N      floats per chunk (default 16384 = 64 KiB)\n"
+		"      --slots N            staging slots per worker (default 16)\n"
+		"      --max-workers N      (default 256)\n"
+		"      --max-tensors N      (default 1024)\n"
+		"      --max-tensor-mb N    largest tensor incl. optimizer state (default 4096)\n"
+		"      --max-total-mb N     all tensors together (default 16384)\n"
+		"      --spin-us N          busy-poll this long before sleeping (default 200)\n"
+		"  -v, --verbose            log connections and declarations\n"
+		"  -h, --help\n");
+}
+
+static int parse_u(const char *s, unsigned long long lo, unsigned long long hi,
+		   unsigned long long *out)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || *end || end == s || v < lo || v > hi)
+		return -1;
+	*out = v;
+	return 0;
+}
+
+static int load_token(struct srv_config *cfg, const char *file)
+{
+	const char *env = getenv("RDMAPS_TOKEN");
+	char buf[RDMAPS_TOKEN_MAX + 2];
+	size_t n = 0;
+
+	if (file) {
+		FILE *f = fopen(file, "r");
+		if (!f) {
+			fprintf(stderr, "rdmaps-server: cannot read token file %s: %s\n", file,
+				strerror(errno));
+			return -1;
+		}
+		n = fread(buf, 1, sizeof(buf), f);
+		fclose(f);
+		while (n && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
+			n--;
+	} else if (env) {
+		n = strlen(env);
+		if (n <= RDMAPS_TOKEN_MAX)
+			memcpy(buf, env, n);
+	}
+	if (n > RDMAPS_TOKEN_MAX) {
+		fprintf(stderr, "rdmaps-server: token longer than %u bytes\n", RDMAPS_TOKEN_MAX);
+		return -1;
+	}
+	memcpy(cfg->token, buf, n);
+	cfg->token_len = (uint16_t)n;
+	if (!n)
+		log_warn("no token set (--token-file or RDMAPS_TOKEN): any worker that can reach "
+			 "this port may connect");
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "addr", required_argument, NULL, 'a' },
+		{ "port", required_argument, NULL, 'p' },
+		{ "token-file", required_argument, NULL, 't' },
+		{ "fold-threads", required_argument, NULL, 'f' },
+		{ "pin", no_argument, NULL, 'P' },
+		{ "chunk-elems", required_argument, NULL, 'c' },
+		{ "slots", required_argument, NULL, 's' },
+		{ "max-workers", required_argument, NULL, 'W' },
+		{ "max-tensors", required_argument, NULL, 'T' },
+		{ "max-tensor-mb", required_argument, NULL, 'M' },
+		{ "max-total-mb", required_argument, NULL, 'G' },
+		{ "spin-us", required_argument, NULL, 'S' },
+		{ "verbose", no_argument, NULL, 'v' },
+		{ "help", no_argument, NULL, 'h' },
+		{ 0 },
+	};
+	static struct srv s;
+	struct srv_config *cfg = &s.cfg;
+	const char *token_file = NULL;
+	unsigned long long v;
+	int opt, rc, verbose = 0;
+
+	*cfg = (struct srv_config){
+		.port = RDMAPS_DEFAULT_PORT,
+		.fold_threads = 1,
+		.chunk_elems = 16384,
+		.slots = 16,
+		.max_workers = 256,
+		.max_tensors = 1024,
+		.max_tensor_bytes = 4096ull << 20,
+		.max_total_bytes = 16384ull << 20,
+		.spin_us = 200,
+	};
+	while ((opt = getopt_long(argc, argv, "a:p:t:f:vh", opts, NULL)) != -1) {
+		int bad = 0;
+		switch (opt) {
+		case 'a': cfg->listen_addr = optarg; break;
+		case 'p': cfg->port = optarg; break;
+		case 't': token_file = optarg; break;
+		case 'P': cfg->pin = true; break;
+		case 'v': verbose = 1; break;
+		case 'f': bad = parse_u(optarg, 1, 64, &v); cfg->fold_threads = (unsigned)v; break;
+		case 'c': bad = parse_u(optarg, 16, 1u << 20, &v); cfg->chunk_elems = (uint32_t)v; break;
+		case 's': bad = parse_u(optarg, 1, 4096, &v); cfg->slots = (uint32_t)v; break;
+		case 'W': bad = parse_u(optarg, 1, 65536, &v); cfg->max_workers = (uint32_t)v; break;
+		case 'T': bad = parse_u(optarg, 1, 1u << 20, &v); cfg->max_tensors = (uint32_t)v; break;
+		case 'M': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_tensor_bytes = v << 20; break;
+		case 'G': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_total_bytes = v << 20; break;
+		case 'S': bad = parse_u(optarg, 0, 1000000, &v); cfg->spin_us = (unsigned)v; break;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+		if (bad) {
+			fprintf(stderr, "rdmaps-server: bad value '%s' for an option\n", optarg);
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "rdmaps-server: unexpected argument '%s'\n", argv[optind]);
+		return 2;
+	}
+	if (cfg->chunk_elems % 16) {
+		fprintf(stderr, "rdmaps-server: --chunk-elems must be a multiple of 16\n");
+		return 2;
+	}
+	rdmaps__log_init(verbose ? RDMAPS_LOG_INFO : RDMAPS_LOG_WARN);
+	if (load_token(cfg, token_file))
+		return 2;
+	/* per worker: its staging ring, plus each tensor it reads (registered
+	 * in its own PD); fail now, with advice, rather than at the first worker */
+	if (rdmaps__memlock_check((size_t)cfg->slots * (cfg->chunk_elems * 4 + 64) + (1u << 20),
+				  "rdmaps-server"))
+		return 1;
+	else {
+		char cur[64];
+		rdmaps__memlock_describe(cur, sizeof(cur));
+		log_info("RLIMIT_MEMLOCK: %s", cur);
+	}
+
+	stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	s.stop_fd = stop_fd;
+	signal(SIGINT, on_signal);
+	signal(SIGTERM, on_signal);
+	signal(SIGPIPE, SIG_IGN);
+
+	rc = srv_store_init(&s.store, cfg);
+	if (!rc)
+		rc = srv_listen(&s);
+	if (!rc)
+		rc = srv_run(&s);
+	srv_close(&s);
+	if (rc) {
+		fprintf(stderr, "rdmaps-server: %s\n", rdmaps_strerror(rc));
+		return 1;
+	}
+	return 0;
+}

@@ -1,0 +1,187 @@
+/*
+ * server.h -- rdmaps-server internals shared by its files. Not installed.
+ *
+ * Threads: one listener (rdma_cm events: accept, disconnect) and K fold
+ * threads. Each connection belongs to exactly one fold thread, which polls
+ * its completion queue, folds its staged gradients and answers its control
+ * messages. Chunks are guarded by their seqlock version (CAS even->odd), so
+ * two fold threads folding the same chunk serialise on that word alone.
+ */
+#ifndef RDMAPS_SERVER_H
+#define RDMAPS_SERVER_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "chunk.h"
+#include "protocol.h"
+#include "verbs.h"
+
+struct srv_optimizer;
+
+struct srv_config {
+	const char *listen_addr; /* NULL/"0.0.0.0": every RDMA device */
+	const char *port;
+	uint8_t token[RDMAPS_TOKEN_MAX];
+	uint16_t token_len;
+	unsigned fold_threads;
+	bool pin;               /* pin fold thread i to CPU i % ncpu */
+	uint32_t chunk_elems;
+	uint32_t slots;         /* staging slots per worker */
+	uint32_t max_workers;
+	uint32_t max_tensors;
+	uint64_t max_tensor_bytes;
+	uint64_t max_total_bytes;
+	unsigned spin_us;       /* busy-poll this long before sleeping */
+	unsigned server_id;
+};
+
+enum tensor_state { TENSOR_INIT = 0, TENSOR_READY = 1 };
+
+struct srv_tensor {
+	uint32_t id;
+	char name[RDMAPS_NAME_MAX + 1];
+	uint64_t length;
+	uint32_t nchunks;
+	uint32_t chunk_elems;
+	size_t stride;   /* bytes between chunk headers */
+	uint8_t *mem;    /* chunk 0 header; registered READ-only per connection */
+	size_t mem_len;
+	float *state;    /* optimizer state, never registered */
+	const struct srv_optimizer *opt;
+	struct rdmaps_wire_hyper hyper;
+	_Atomic int state_flag;       /* enum tensor_state */
+	const void *creator;          /* connection allowed to assign initial values */
+	uint64_t *steps;              /* folds applied per chunk, under the chunk's seqlock */
+};
+
+struct srv_store {
+	pthread_mutex_t lock; /* declare/lookup only; folds never take it */
+	struct srv_tensor **tensors; /* fixed array of max_tensors, published with release */
+	_Atomic uint32_t count;
+	uint32_t max;
+	uint64_t total_bytes;
+	uint64_t max_tensor_bytes, max_total_bytes;
+	uint32_t chunk_elems;
+};
+
+struct srv_fold_thread;
+struct srv;
+
+/* One worker connection. Owned by the listener; polled by one fold thread. */
+struct srv_conn {
+	struct srv *srv;
+	struct rdma_cm_id *id;
+	struct ibv_pd *pd;     /* per connection: rkeys of other workers mean nothing here */
+	struct ibv_cq *cq;     /* send and receive completions */
+	struct ibv_qp *qp;
+	struct srv_fold_thread *ft;
+	uint32_t index;        /* position in the fold thread's array */
+	struct srv_conn *prev, *next; /* listener's list of live connections */
+	bool attached;         /* handed to its fold thread (listener-owned flag) */
+	uint32_t sq_depth, sq_outstanding;
+	uint32_t max_inline;
+
+	uint8_t *staging;      /* slots * slot_size, REMOTE_WRITE for this PD only */
+	struct ibv_mr *staging_mr;
+	uint32_t slots, slot_size;
+
+	uint8_t *bufs;         /* recv buffers, then one reply buffer, then credit */
+	struct ibv_mr *bufs_mr;
+	uint32_t recv_depth;
+
+	struct ibv_mr **tensor_mr; /* per tensor id, registered on first use */
+
+	uint64_t credit_addr;
+	uint32_t credit_rkey;
+	uint64_t next_seq;     /* next slot seq we accept */
+	struct rdmaps_wire_credit credit;
+	bool credit_dirty;
+	bool broken;           /* QP failed: waiting for the listener to tear down */
+	_Atomic bool established;
+
+	/* per-connection counters, read by stats */
+	_Atomic uint64_t folds, dropped, bad_msgs;
+};
+
+struct srv_fold_thread {
+	struct srv *srv;
+	unsigned idx;
+	pthread_t thread;
+	struct ibv_comp_channel **channels; /* one per device: a CQ needs its own device's */
+	int wake_fd;             /* eventfd: mailbox or shutdown */
+
+	pthread_mutex_t mail_lock;
+	pthread_cond_t mail_cond;
+	_Atomic bool mail_pending;
+	struct srv_conn *mail_add;   /* hand-over from the listener */
+	struct srv_conn *mail_del;
+	bool mail_done;
+
+	struct srv_conn **conns;     /* owned by this thread alone */
+	uint32_t nconns, cap;
+
+	_Atomic uint64_t folds, dropped, sleeps;
+};
+
+struct srv {
+	struct srv_config cfg;
+	struct srv_store store;
+	struct rdma_event_channel *cm_channel;
+	struct rdma_cm_id *listen_id;
+	struct srv_fold_thread *ft;
+	struct ibv_context **devs;   /* rdma_cm's device contexts (rdma_get_devices) */
+	int ndev;
+	_Atomic bool stop;
+	int stop_fd;                 /* eventfd that wakes the listener */
+	uint32_t nconns;             /* listener-owned */
+	struct srv_conn *conns;      /* listener-owned list */
+	uint32_t next_ft;
+	_Atomic uint64_t connections, disconnects, auth_failures, bad_messages, rejected;
+};
+
+/* ---- store.c ---- */
+int srv_store_init(struct srv_store *s, const struct srv_config *cfg);
+void srv_store_fini(struct srv_store *s);
+/* Declare or attach; fills *out and *created. Takes the store lock. */
+int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, const void *conn,
+		      struct srv_tensor **out, bool *created);
+int srv_store_lookup(struct srv_store *s, const char *name, struct srv_tensor **out);
+/* Lock-free: the tensor with this id, or NULL. */
+struct srv_tensor *srv_store_get(struct srv_store *s, uint32_t id);
+static inline uint8_t *srv_chunk(const struct srv_tensor *t, uint32_t i)
+{
+	return t->mem + (size_t)i * t->stride;
+}
+/* Apply a staged slot's payload to chunk `chunk` of t (fold or assign). */
+void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
+		     bool assign, uint32_t clock);
+
+/* ---- fold.c ---- */
+int srv_fold_start(struct srv *s);
+void srv_fold_stop(struct srv *s);
+/* Listener -> fold thread hand-over; blocks until the thread took it. */
+void srv_fold_attach(struct srv_fold_thread *ft, struct srv_conn *c);
+void srv_fold_detach(struct srv_fold_thread *ft, struct srv_conn *c);
+
+/* The completion channel of fold thread ft for device context ctx. */
+struct ibv_comp_channel *srv_fold_channel(struct srv *s, struct srv_fold_thread *ft,
+					  struct ibv_context *ctx);
+
+/* ---- control.c ---- */
+/* Handle one received control message; replies on the connection. */
+void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len);
+int srv_conn_post_send(struct srv_conn *c, const void *buf, uint32_t len, bool inline_ok,
+		       enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey);
+void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out);
+
+/* ---- listener.c ---- */
+int srv_listen(struct srv *s);
+int srv_run(struct srv *s);
+void srv_close(struct srv *s);
+uint8_t *srv_conn_reply_buf(struct srv_conn *c);
+int srv_conn_post_recv(struct srv_conn *c, uint32_t i);
+
+#endif
