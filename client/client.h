@@ -64,6 +64,7 @@ struct rdmaps_op {
 	uint32_t done_chunks;
 	uint32_t inflight;
 	uint64_t last_seq;    /* push: seq of its last slot */
+	uint64_t ticket;      /* push: order among pushes (groups must not interleave) */
 };
 
 struct read_slot {
@@ -97,6 +98,7 @@ struct rdmaps_client {
 
 	uint32_t sq_outstanding;
 	uint64_t next_seq;      /* seq of the next staged slot */
+	uint64_t push_tickets, push_serving; /* only the oldest push posts slots */
 	uint32_t dropped_seen;
 	uint32_t req_id;
 	bool reply_ready;

@@ -114,7 +114,9 @@ static int post_push(rdmaps_client *c, rdmaps_op *op, uint32_t chunk)
 		.seq = seq,
 		.chunk = chunk,
 		.count = count,
-		.flags = op->assign ? RDMAPS_SLOT_ASSIGN : 0,
+		.flags = (op->assign ? RDMAPS_SLOT_ASSIGN : 0u) |
+			 /* a group ends at the push's end or when it fills the ring */
+			 (chunk + 1 == t->nchunks || (chunk + 1) % c->slots == 0 ? RDMAPS_SLOT_LAST : 0u),
 	};
 	rc = ibv_post_send(c->qp, &wr, &bad);
 	if (rc)
@@ -146,8 +148,10 @@ static void op_post(rdmaps_client *c, rdmaps_op *op)
 				break;
 			}
 		} else {
-			/* a slot is free once the server consumed its previous seq */
-			if (c->next_seq >= cl_folded_seq(c) + c->slots)
+			/* one push at a time, so groups never interleave; a slot is
+			 * free once the server consumed its previous seq */
+			if (op->ticket != c->push_serving ||
+			    c->next_seq >= cl_folded_seq(c) + c->slots)
 				return;
 			rc = post_push(c, op, op->next_chunk);
 			if (rc)
@@ -155,6 +159,8 @@ static void op_post(rdmaps_client *c, rdmaps_op *op)
 		}
 		op->next_chunk++;
 		op->inflight++;
+		if (op->kind == OP_PUSH && op->next_chunk == t->nchunks)
+			c->push_serving++;
 	}
 	if (rc) {
 		cl_fail(c, rc, "ibv_post_send failed");
@@ -295,10 +301,12 @@ int cl_op_start(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *bu
 			.buf = buf,
 			.mr = find_mr(c, buf, bytes),
 		};
-		if (kind == OP_PULL)
+		if (kind == OP_PULL) {
 			c->stats.pulls++;
-		else
+		} else {
 			c->stats.pushes++;
+			op->ticket = c->push_tickets++;
+		}
 		op_post(c, op);
 		*out = op;
 		return 0;

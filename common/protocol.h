@@ -75,8 +75,15 @@ _Static_assert(sizeof(struct rdmaps_wire_credit) == 16, "credit size");
 
 enum rdmaps_slot_flags {
 	RDMAPS_SLOT_ASSIGN = 1u << 0, /* initial values from the tensor's creator */
+	/*
+	 * Last slot of a push group. The server folds a group only when its
+	 * last slot has arrived, so a worker that dies mid-push leaves nothing
+	 * half-folded. A group holds at most slot_count slots (whole pushes up
+	 * to the ring's size are atomic; larger ones are atomic per group).
+	 */
+	RDMAPS_SLOT_LAST = 1u << 1,
 };
-#define RDMAPS_SLOT_FLAGS_KNOWN (RDMAPS_SLOT_ASSIGN)
+#define RDMAPS_SLOT_FLAGS_KNOWN (RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST)
 
 /* Header at the start of each staging slot; payload (count floats) follows. */
 struct rdmaps_slot_hdr {

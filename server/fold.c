@@ -92,21 +92,82 @@ static void slot_drop(struct srv_conn *c, int err, const char *why, uint64_t seq
 		 why);
 }
 
-/* Validate and fold one staged slot announced by a WRITE-with-immediate. */
+/* Checks of a slot whose seq is right: 0, or why it must not be folded. */
+static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const char **why)
+{
+	struct srv_tensor *t = srv_store_get(&c->srv->store, h->tensor_id);
+
+	if (!t || !c->tensor_mr[h->tensor_id]) {
+		*why = "unknown tensor";
+		return RDMAPS_ENOENT;
+	}
+	if (h->chunk >= t->nchunks ||
+	    h->count != rdmaps__chunk_count(t->length, t->chunk_elems, h->chunk) ||
+	    (size_t)h->count * sizeof(float) > c->slot_size - RDMAPS_SLOT_HDR) {
+		*why = "chunk or count out of range";
+		return RDMAPS_ERANGE;
+	}
+	if (h->flags & ~RDMAPS_SLOT_FLAGS_KNOWN) {
+		*why = "unknown flags";
+		return RDMAPS_EPROTO;
+	}
+	if ((h->flags & RDMAPS_SLOT_ASSIGN) &&
+	    (atomic_load(&t->state_flag) != TENSOR_INIT || t->creator != c)) {
+		*why = "initial values from a worker that did not create the tensor";
+		return RDMAPS_EPROTO;
+	}
+	if (!(h->flags & RDMAPS_SLOT_ASSIGN) && atomic_load(&t->state_flag) != TENSOR_READY) {
+		*why = "push to a tensor still being initialised";
+		return RDMAPS_EAGAIN;
+	}
+	return 0;
+}
+
+/* Fold every slot of the group that ends at next_seq - 1, or none of them. */
+static void group_fold(struct srv_conn *c)
+{
+	uint64_t seq;
+	bool refused = false;
+
+	for (seq = c->group_seq; seq < c->next_seq; seq++)
+		if (c->group_hdr[(seq - 1) % c->slots].magic != RDMAPS_SLOT_MAGIC)
+			refused = true;
+	for (seq = c->group_seq; seq < c->next_seq; seq++) {
+		uint32_t slot = (uint32_t)((seq - 1) % c->slots);
+		const struct rdmaps_slot_hdr *h = &c->group_hdr[slot];
+		if (refused) {
+			if (h->magic == RDMAPS_SLOT_MAGIC)
+				slot_drop(c, RDMAPS_EREMOTE, "another slot of its push was refused", seq);
+			continue;
+		}
+		srv_chunk_apply(srv_store_get(&c->srv->store, h->tensor_id), h->chunk,
+				(const float *)(c->staging + (size_t)slot * c->slot_size + RDMAPS_SLOT_HDR),
+				h->count, h->flags & RDMAPS_SLOT_ASSIGN, h->clock);
+		atomic_fetch_add_explicit(&c->folds, 1, memory_order_relaxed);
+		atomic_fetch_add_explicit(&c->ft->folds, 1, memory_order_relaxed);
+	}
+	c->group_seq = c->next_seq;
+	c->credit.folded_seq = c->next_seq;
+	c->credit_dirty = true;
+}
+
+/*
+ * One staged slot announced by a WRITE-with-immediate. Its header is checked
+ * now, and copied, since the worker owns that memory and may scribble on it;
+ * it is folded with the rest of its group once the group's last slot is in.
+ */
 static void slot_handle(struct srv_conn *c, uint32_t imm)
 {
 	uint32_t slot = imm & 0xffffu;
 	struct rdmaps_slot_hdr h;
-	struct srv_tensor *t;
-	const uint8_t *p;
+	const char *why = NULL;
+	int rc;
 
 	if (slot >= c->slots) {
 		slot_drop(c, RDMAPS_EPROTO, "immediate names no slot", 0);
 		return;
 	}
-	p = c->staging + (size_t)slot * c->slot_size;
-	/* copy first: the worker owns this memory and may scribble on it */
-	memcpy(&h, p, sizeof(h));
+	memcpy(&h, c->staging + (size_t)slot * c->slot_size, sizeof(h));
 	if (h.magic != RDMAPS_SLOT_MAGIC) {
 		slot_drop(c, RDMAPS_EPROTO, "bad slot magic", h.seq);
 		return;
@@ -119,37 +180,20 @@ static void slot_handle(struct srv_conn *c, uint32_t imm)
 		return;
 	}
 	c->next_seq++;
-	c->credit.folded_seq = c->next_seq;
-	c->credit_dirty = true;
-
-	t = srv_store_get(&c->srv->store, h.tensor_id);
-	if (!t || !c->tensor_mr[h.tensor_id]) {
-		slot_drop(c, RDMAPS_ENOENT, "unknown tensor", h.seq);
-		return;
+	rc = slot_validate(c, &h, &why);
+	if (rc) {
+		slot_drop(c, rc, why, h.seq);
+		h.magic = 0; /* refused: the whole group will be */
 	}
-	if (h.chunk >= t->nchunks || h.count != rdmaps__chunk_count(t->length, t->chunk_elems, h.chunk) ||
-	    (size_t)h.count * sizeof(float) > c->slot_size - RDMAPS_SLOT_HDR) {
-		slot_drop(c, RDMAPS_ERANGE, "chunk or count out of range", h.seq);
-		return;
+	c->group_hdr[slot] = h;
+	if (h.flags & RDMAPS_SLOT_LAST) {
+		group_fold(c);
+	} else if (c->next_seq - c->group_seq >= c->slots) {
+		/* a group longer than the ring would overwrite itself: refuse it */
+		slot_drop(c, RDMAPS_EPROTO, "push group longer than the staging ring", h.seq);
+		c->group_hdr[slot].magic = 0;
+		group_fold(c);
 	}
-	if (h.flags & ~RDMAPS_SLOT_FLAGS_KNOWN) {
-		slot_drop(c, RDMAPS_EPROTO, "unknown flags", h.seq);
-		return;
-	}
-	if ((h.flags & RDMAPS_SLOT_ASSIGN) &&
-	    (atomic_load(&t->state_flag) != TENSOR_INIT || t->creator != c)) {
-		slot_drop(c, RDMAPS_EPROTO, "initial values from a worker that did not create the tensor",
-			  h.seq);
-		return;
-	}
-	if (!(h.flags & RDMAPS_SLOT_ASSIGN) && atomic_load(&t->state_flag) != TENSOR_READY) {
-		slot_drop(c, RDMAPS_EAGAIN, "push to a tensor still being initialised", h.seq);
-		return;
-	}
-	srv_chunk_apply(t, h.chunk, (const float *)(p + RDMAPS_SLOT_HDR), h.count,
-			h.flags & RDMAPS_SLOT_ASSIGN, h.clock);
-	atomic_fetch_add_explicit(&c->folds, 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(&c->ft->folds, 1, memory_order_relaxed);
 }
 
 static void credit_flush(struct srv_conn *c)

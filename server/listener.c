@@ -40,6 +40,7 @@ static void conn_free(struct srv_conn *c)
 		if (c->tensor_mr[i])
 			ibv_dereg_mr(c->tensor_mr[i]);
 	free(c->tensor_mr);
+	free(c->group_hdr);
 	if (c->staging_mr)
 		ibv_dereg_mr(c->staging_mr);
 	if (c->bufs_mr)
@@ -83,14 +84,16 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->recv_depth = c->slots + CTRL_RECVS;
 	c->sq_depth = SQ_DEPTH;
 	c->next_seq = 1;
+	c->group_seq = 1;
 	c->credit.folded_seq = 1;
+	c->group_hdr = calloc(c->slots, sizeof(*c->group_hdr));
 	c->credit_addr = hello->credit_addr;
 	c->credit_rkey = hello->credit_rkey;
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
 	c->staging = aligned_alloc(4096, rdmaps__round_up((size_t)c->slots * c->slot_size, 4096));
 	bufs_len = (size_t)(c->recv_depth + 1) * RDMAPS_MSG_MAX;
 	c->bufs = aligned_alloc(4096, bufs_len);
-	if (!c->tensor_mr || !c->staging || !c->bufs)
+	if (!c->tensor_mr || !c->staging || !c->bufs || !c->group_hdr)
 		goto fail;
 	memset(c->staging, 0, (size_t)c->slots * c->slot_size);
 

@@ -97,6 +97,8 @@ struct srv_conn {
 	uint64_t credit_addr;
 	uint32_t credit_rkey;
 	uint64_t next_seq;     /* next slot seq we accept */
+	uint64_t group_seq;    /* first seq of the push group being staged */
+	struct rdmaps_slot_hdr *group_hdr; /* validated headers of that group, per slot */
 	struct rdmaps_wire_credit credit;
 	bool credit_dirty;
 	bool broken;           /* QP failed: waiting for the listener to tear down */

@@ -1,0 +1,136 @@
+#include "harness.h"
+
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+const char *th_addr(void)
+{
+	const char *a = getenv("RDMAPS_TEST_ADDR");
+
+	if (!a || !*a)
+		a = getenv("RDMAPS_RXE_ADDR");
+	if (!a || !*a)
+		cr_assert_fail("no RDMA address: set RDMAPS_TEST_ADDR to the IP of an RDMA device, "
+			       "or run the suite with tools/test-all (which uses tools/rxe-vm)");
+	return a;
+}
+
+void th_server_start(struct th_server *s, ...)
+{
+	static unsigned seq;
+	const char *argv[32];
+	int argc = 0, pfd[2];
+	va_list ap;
+	char line[512] = "";
+	size_t have = 0;
+
+	s->addr = th_addr();
+	/* a port per test process and per server in it */
+	snprintf(s->port, sizeof(s->port), "%u", 20000u + ((unsigned)getpid() * 7u + seq++) % 30000u);
+	argv[argc++] = RDMAPS_SERVER_BIN;
+	argv[argc++] = "--addr";
+	argv[argc++] = s->addr;
+	argv[argc++] = "--port";
+	argv[argc++] = s->port;
+	argv[argc++] = "--spin-us";
+	argv[argc++] = "50"; /* two vCPUs in the VM: give them back quickly */
+	va_start(ap, s);
+	for (const char *a; (a = va_arg(ap, const char *)) && argc < 30;)
+		argv[argc++] = a;
+	va_end(ap);
+	argv[argc] = NULL;
+
+	cr_assert_eq(pipe(pfd), 0);
+	s->pid = fork();
+	cr_assert_geq(s->pid, 0);
+	if (s->pid == 0) {
+		dup2(pfd[1], STDOUT_FILENO);
+		close(pfd[0]);
+		close(pfd[1]);
+		setenv("RDMAPS_TOKEN", TH_TOKEN, 1);
+		execv(argv[0], (char *const *)argv);
+		perror("exec rdmaps-server");
+		_exit(127);
+	}
+	close(pfd[1]);
+	/* ready once it prints where it serves */
+	for (;;) {
+		struct pollfd p = { .fd = pfd[0], .events = POLLIN };
+		int rc = poll(&p, 1, 30000);
+		cr_assert_gt(rc, 0, "rdmaps-server did not start within 30 s");
+		ssize_t n = read(pfd[0], line + have, sizeof(line) - 1 - have);
+		cr_assert_gt(n, 0, "rdmaps-server exited before serving: %s", line);
+		have += (size_t)n;
+		line[have] = '\0';
+		if (strstr(line, "serving on"))
+			break;
+	}
+	close(pfd[0]);
+}
+
+int th_server_alive(const struct th_server *s)
+{
+	return s->pid > 0 && waitpid(s->pid, NULL, WNOHANG) == 0;
+}
+
+void th_server_stop(struct th_server *s)
+{
+	int status = 0;
+
+	if (s->pid <= 0)
+		return;
+	cr_assert(th_server_alive(s), "rdmaps-server died during the test");
+	kill(s->pid, SIGTERM);
+	for (int i = 0; i < 200; i++) {
+		struct timespec ts = { 0, 50000000 };
+		if (waitpid(s->pid, &status, WNOHANG) == s->pid) {
+			s->pid = 0;
+			cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+				  "rdmaps-server exit status %d", status);
+			return;
+		}
+		nanosleep(&ts, NULL);
+	}
+	kill(s->pid, SIGKILL);
+	waitpid(s->pid, NULL, 0);
+	s->pid = 0;
+	cr_assert_fail("rdmaps-server ignored SIGTERM for 10 s");
+}
+
+int th_connect_token(const struct th_server *s, const char *token, rdmaps_client **out)
+{
+	struct rdmaps_connect_opts o = {
+		.host = s->addr, .port = s->port, .src_addr = s->addr, .token = token,
+		.timeout_ms = 20000,
+	};
+	return rdmaps_connect(&o, out);
+}
+
+rdmaps_client *th_connect(const struct th_server *s)
+{
+	rdmaps_client *c = NULL;
+	int rc = th_connect_token(s, TH_TOKEN, &c);
+
+	cr_assert_eq(rc, 0, "connect: %s", rdmaps_strerror(rc));
+	return c;
+}
+
+rdmaps_tensor *th_declare(rdmaps_client *c, const char *name, uint64_t len, float value, float lr)
+{
+	struct rdmaps_tensor_desc d = { .name = name, .length = len, .init_value = value,
+					.optimizer = RDMAPS_OPT_SGD, .lr = lr };
+	rdmaps_tensor *t = NULL;
+	int rc = rdmaps_declare(c, &d, &t);
+
+	cr_assert_eq(rc, 0, "declare %s: %s", name, rdmaps_strerror(rc));
+	return t;
+}

@@ -1,0 +1,34 @@
+/*
+ * harness.h -- RDMA test fixtures: a real rdmaps-server child per test, on
+ * the address of the RDMA device the suite was given (RDMAPS_TEST_ADDR, or
+ * RDMAPS_RXE_ADDR inside tools/rxe-vm). No address is a failure, not a skip.
+ */
+#ifndef RDMAPS_TEST_HARNESS_H
+#define RDMAPS_TEST_HARNESS_H
+
+#include <sys/types.h>
+
+#include "rdmaps.h"
+
+#define TH_TOKEN "test-token-0123456789"
+
+struct th_server {
+	pid_t pid;
+	char port[16];
+	const char *addr;
+};
+
+/* The device address to use; fails the test when none is configured. */
+const char *th_addr(void);
+/* Start rdmaps-server with extra NULL-terminated args; waits until it serves. */
+void th_server_start(struct th_server *s, ...);
+/* SIGTERM, wait; asserts the server was still alive and exits cleanly. */
+void th_server_stop(struct th_server *s);
+int th_server_alive(const struct th_server *s);
+/* Connect a librdmaps client with the test token (asserts success). */
+rdmaps_client *th_connect(const struct th_server *s);
+int th_connect_token(const struct th_server *s, const char *token, rdmaps_client **out);
+/* Declare a float tensor initialised to value (asserts success). */
+rdmaps_tensor *th_declare(rdmaps_client *c, const char *name, uint64_t len, float value, float lr);
+
+#endif

@@ -1,0 +1,42 @@
+/*
+ * pusher.c -- a worker process for fault tests: connects, prints "ready",
+ * then pushes a gradient of -1 to the named tensor until it is killed.
+ * A process of its own (not a fork of the test) so it starts with a clean
+ * verbs state, as a real worker would.
+ * usage: rdmaps-test-pusher ADDR PORT TOKEN TENSOR
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "rdmaps.h"
+
+int main(int argc, char **argv)
+{
+	struct rdmaps_connect_opts o = { 0 };
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+	float *g;
+	int rc;
+
+	if (argc != 5) {
+		fprintf(stderr, "usage: %s ADDR PORT TOKEN TENSOR\n", argv[0]);
+		return 2;
+	}
+	o.host = o.src_addr = argv[1];
+	o.port = argv[2];
+	o.token = argv[3];
+	o.timeout_ms = 20000;
+	if ((rc = rdmaps_connect(&o, &c)) || (rc = rdmaps_lookup(c, argv[4], &t))) {
+		fprintf(stderr, "pusher: %s\n", rdmaps_strerror(rc));
+		return 1;
+	}
+	g = malloc(rdmaps_tensor_length(t) * sizeof(float));
+	for (uint64_t i = 0; i < rdmaps_tensor_length(t); i++)
+		g[i] = -1.0f;
+	printf("ready\n");
+	fflush(stdout);
+	while (!(rc = rdmaps_push(c, t, g, 0)))
+		;
+	fprintf(stderr, "pusher: %s\n", rdmaps_strerror(rc));
+	return 1;
+}

@@ -1,0 +1,290 @@
+/*
+ * The data path end to end against a real rdmaps-server: exact folds from
+ * several workers, no torn pull under concurrent folds, all-or-nothing pushes
+ * when a worker is killed mid-push, idempotent declarations.
+ */
+#include <criterion/criterion.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+static struct th_server srv;
+
+static void stop_server(void)
+{
+	th_server_stop(&srv);
+}
+
+/* ---- exactness -------------------------------------------------------- */
+
+#define W 3
+#define ROUNDS 20
+#define BIG (3 * 1024 + 100) /* three full chunks and a partial one */
+#define SMALL 16
+
+struct worker_arg {
+	int w, rc;
+	char where[96];
+};
+
+static float grad_of(int w, uint64_t i)
+{
+	return -(float)(w + 1) * (float)(1 + i % 4);
+}
+
+static void *exact_worker(void *p)
+{
+	struct worker_arg *a = p;
+	rdmaps_client *c = NULL;
+	rdmaps_tensor *big, *small;
+	rdmaps_mr *mr = NULL;
+	struct rdmaps_tensor_desc db = { .name = "big", .length = BIG, .init_value = 100.0f, .lr = 0.5f };
+	struct rdmaps_tensor_desc ds = { .name = "small", .length = SMALL, .init_value = -1.0f, .lr = 0.5f };
+	float *g = malloc(BIG * sizeof(float)), gs[SMALL];
+	int rc;
+
+#define TRY(x)                                                                       \
+	do {                                                                         \
+		if ((rc = (x))) {                                                    \
+			snprintf(a->where, sizeof(a->where), "%s", #x);              \
+			goto out;                                                    \
+		}                                                                    \
+	} while (0)
+	TRY(th_connect_token(&srv, TH_TOKEN, &c));
+	TRY(rdmaps_declare(c, &db, &big));
+	TRY(rdmaps_declare(c, &ds, &small));
+	for (uint64_t i = 0; i < BIG; i++)
+		g[i] = grad_of(a->w, i);
+	for (int i = 0; i < SMALL; i++)
+		gs[i] = grad_of(a->w, (uint64_t)i);
+	if (a->w == 0) /* worker 0 zero-copy, the others through the bounce buffer */
+		TRY(rdmaps_register(c, g, BIG * sizeof(float), &mr));
+	for (int r = 0; r < ROUNDS; r++) {
+		if (a->w == 2) { /* worker 2 uses the asynchronous form */
+			rdmaps_op *op1, *op2;
+			TRY(rdmaps_push_async(c, big, g, 0, &op1));
+			TRY(rdmaps_push_async(c, small, gs, 0, &op2));
+			TRY(rdmaps_wait(op1, 30000));
+			TRY(rdmaps_wait(op2, 30000));
+		} else {
+			TRY(rdmaps_push(c, big, g, 0));
+			TRY(rdmaps_push(c, small, gs, r == ROUNDS - 1 ? RDMAPS_PUSH_FOLDED : 0));
+		}
+	}
+	TRY(rdmaps_flush(c, 30000));
+out:
+	a->rc = rc;
+	rdmaps_deregister(mr);
+	rdmaps_close(c);
+	free(g);
+	return NULL;
+#undef TRY
+}
+
+Test(datapath, exact_folds_from_several_workers, .fini = stop_server, .timeout = 300)
+{
+	pthread_t t[W];
+	struct worker_arg a[W];
+	rdmaps_client *c;
+	rdmaps_tensor *big, *small;
+	float *v = malloc(BIG * sizeof(float)), vs[SMALL];
+	struct rdmaps_server_stats st;
+
+	th_server_start(&srv, "--chunk-elems", "1024", "--fold-threads", "2", NULL);
+	for (int w = 0; w < W; w++) {
+		a[w] = (struct worker_arg){ .w = w };
+		pthread_create(&t[w], NULL, exact_worker, &a[w]);
+	}
+	for (int w = 0; w < W; w++) {
+		pthread_join(t[w], NULL);
+		cr_assert_eq(a[w].rc, 0, "worker %d: %s: %s", w, a[w].where, rdmaps_strerror(a[w].rc));
+	}
+	c = th_connect(&srv);
+	cr_assert_eq(rdmaps_lookup(c, "big", &big), 0);
+	cr_assert_eq(rdmaps_lookup(c, "small", &small), 0);
+	cr_assert_eq(rdmaps_tensor_length(big), BIG);
+	cr_assert_eq(rdmaps_pull(c, big, v, 0), 0);
+	cr_assert_eq(rdmaps_pull(c, small, vs, 0), 0);
+	/* sum over workers of (w+1) is 6; lr 0.5: exact in float32 */
+	for (uint64_t i = 0; i < BIG; i++) {
+		float want = 100.0f + 0.5f * ROUNDS * 6.0f * (float)(1 + i % 4);
+		cr_assert_eq(v[i], want, "big[%lu] = %f, want %f", i, v[i], want);
+	}
+	for (int i = 0; i < SMALL; i++) {
+		float want = -1.0f + 0.5f * ROUNDS * 6.0f * (float)(1 + i % 4);
+		cr_assert_eq(vs[i], want, "small[%d] = %f, want %f", i, vs[i], want);
+	}
+	cr_assert_eq(rdmaps_server_stats(c, &st), 0);
+	cr_assert_eq(st.dropped, 0);
+	cr_assert_eq(st.folds, (uint64_t)W * ROUNDS * (4 + 1), "one fold per chunk slot");
+	rdmaps_close(c);
+	free(v);
+}
+
+/* ---- torn reads ------------------------------------------------------- */
+
+#define TORN_CHUNK 1024
+#define TORN_CHUNKS 16
+#define TORN_LEN (TORN_CHUNK * TORN_CHUNKS)
+#define PULLS 4000
+
+static volatile int torn_stop;
+static long pushes_done;
+
+static void *torn_pusher(void *p)
+{
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+	static float g[TORN_LEN];
+	int *rc = p;
+
+	for (int i = 0; i < TORN_LEN; i++)
+		g[i] = -1.0f; /* lr 1: every fold adds exactly 1 to a whole chunk */
+	if ((*rc = th_connect_token(&srv, TH_TOKEN, &c)))
+		return NULL;
+	if (!(*rc = rdmaps_lookup(c, "torn", &t)))
+		while (!torn_stop && !(*rc = rdmaps_push(c, t, g, 0)))
+			pushes_done++;
+	if (!*rc)
+		*rc = rdmaps_flush(c, 30000);
+	rdmaps_close(c);
+	return NULL;
+}
+
+Test(datapath, pulls_never_see_a_torn_chunk, .fini = stop_server, .timeout = 600)
+{
+	static float v[TORN_LEN], prev[TORN_CHUNKS];
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+	pthread_t pusher;
+	int prc = 0;
+	struct rdmaps_client_stats cs;
+
+	th_server_start(&srv, "--chunk-elems", "1024", "--fold-threads", "2", NULL);
+	c = th_connect(&srv);
+	t = th_declare(c, "torn", TORN_LEN, 0.0f, 1.0f);
+	torn_stop = 0;
+	pushes_done = 0;
+	pthread_create(&pusher, NULL, torn_pusher, &prc);
+	for (int n = 0; n < PULLS; n++) {
+		cr_assert_eq(rdmaps_pull(c, t, v, 0), 0, "pull %d", n);
+		for (int k = 0; k < TORN_CHUNKS; k++) {
+			const float *ch = v + k * TORN_CHUNK;
+			for (int i = 1; i < TORN_CHUNK; i++)
+				cr_assert_eq(ch[i], ch[0], "pull %d chunk %d torn: [0]=%f [%d]=%f", n, k,
+					     ch[0], i, ch[i]);
+			cr_assert_geq(ch[0], prev[k], "pull %d chunk %d went back in time", n, k);
+			prev[k] = ch[0];
+		}
+	}
+	torn_stop = 1;
+	pthread_join(pusher, NULL);
+	cr_assert_eq(prc, 0, "pusher: %s", rdmaps_strerror(prc));
+	rdmaps_client_stats(c, &cs);
+	printf("torn: %d pulls raced %ld pushes; %lu chunk re-reads (%.3f%% of chunk reads)\n", PULLS,
+	       pushes_done, (unsigned long)cs.pull_retries,
+	       100.0 * (double)cs.pull_retries / (PULLS * TORN_CHUNKS));
+	cr_assert_gt(pushes_done, 0, "the folds must actually race the pulls");
+	/* and after the dust settles, the model is exactly the number of pushes */
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	for (int i = 0; i < TORN_LEN; i++)
+		cr_assert_eq(v[i], (float)pushes_done, "final [%d] = %f, pushes %ld", i, v[i], pushes_done);
+	rdmaps_close(c);
+}
+
+/* ---- a worker killed mid-push ---------------------------------------- */
+
+#define KILL_LEN (4 * 1024) /* four chunks: one push group */
+
+Test(datapath, killed_worker_folds_no_partial_push, .fini = stop_server, .timeout = 300)
+{
+	static float v[KILL_LEN];
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+	struct rdmaps_server_stats st;
+
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	c = th_connect(&srv);
+	t = th_declare(c, "victim", KILL_LEN, 0.0f, 1.0f);
+	for (int round = 0; round < 3; round++) {
+		int p[2], status;
+		char b;
+		struct timespec ts = { 0, (100 + 70 * round) * 1000000L };
+		cr_assert_eq(pipe(p), 0);
+		pid_t pid = fork();
+		if (pid == 0) {
+			dup2(p[1], STDOUT_FILENO);
+			close(p[0]);
+			close(p[1]);
+			execl(RDMAPS_PUSHER_BIN, RDMAPS_PUSHER_BIN, srv.addr, srv.port, TH_TOKEN, "victim",
+			      (char *)NULL);
+			_exit(127);
+		}
+		close(p[1]);
+		cr_assert_eq(read(p[0], &b, 1), 1, "pusher could not connect");
+		close(p[0]);
+		nanosleep(&ts, NULL);
+		kill(pid, SIGKILL);
+		waitpid(pid, &status, 0);
+		cr_assert(WIFSIGNALED(status), "child exited by itself: %d", status);
+
+		/* every element must hold the same whole number of pushes */
+		cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+		for (int i = 0; i < KILL_LEN; i++)
+			cr_assert_eq(v[i], v[0], "round %d: partial push folded: [0]=%f [%d]=%f", round,
+				     v[0], i, v[i]);
+		printf("killed worker round %d: %.0f whole pushes folded\n", round, v[0]);
+	}
+	/* the server goes on serving */
+	static float g[KILL_LEN];
+	float before = v[0];
+	for (int i = 0; i < KILL_LEN; i++)
+		g[i] = -1.0f;
+	cr_assert_eq(rdmaps_push(c, t, g, RDMAPS_PUSH_FOLDED), 0);
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	cr_assert_eq(v[KILL_LEN - 1], before + 1.0f);
+	cr_assert_eq(rdmaps_server_stats(c, &st), 0);
+	cr_assert_geq(st.disconnects, 3, "each dead worker noticed and freed");
+	cr_assert_eq(st.connections, 1, "only the live worker left");
+	rdmaps_close(c);
+}
+
+/* ---- declarations ----------------------------------------------------- */
+
+Test(datapath, declare_is_idempotent_and_conflicts_are_refused, .fini = stop_server, .timeout = 120)
+{
+	float init[100], got[100];
+	rdmaps_client *a, *b;
+	rdmaps_tensor *ta, *tb, *tx;
+	struct rdmaps_tensor_desc d = { .name = "emb", .length = 100, .init = init, .lr = 0.1f };
+
+	th_server_start(&srv, NULL);
+	for (int i = 0; i < 100; i++)
+		init[i] = (float)i * 0.25f;
+	a = th_connect(&srv);
+	b = th_connect(&srv);
+	cr_assert_eq(rdmaps_declare(a, &d, &ta), 0);
+	d.init = NULL; /* second declarer: attaches, the first values win */
+	d.init_value = 9.0f;
+	cr_assert_eq(rdmaps_declare(b, &d, &tb), 0);
+	cr_assert_eq(rdmaps_pull(b, tb, got, 0), 0);
+	for (int i = 0; i < 100; i++)
+		cr_assert_eq(got[i], init[i], "[%d] %f", i, got[i]);
+	d.length = 101;
+	cr_assert_eq(rdmaps_declare(b, &d, &tx), RDMAPS_EEXIST, "other length");
+	d.length = 100;
+	d.lr = 0.2f;
+	cr_assert_eq(rdmaps_declare(b, &d, &tx), RDMAPS_EEXIST, "other learning rate");
+	cr_assert_eq(rdmaps_lookup(b, "nope", &tx), RDMAPS_ENOENT);
+	cr_assert_eq(rdmaps_pull(a, ta, got, RDMAPS_PULL_RELAXED), 0, "relaxed pull works too");
+	cr_assert_eq(got[99], init[99]);
+	rdmaps_close(a);
+	rdmaps_close(b);
+}

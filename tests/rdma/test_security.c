@@ -1,0 +1,255 @@
+/*
+ * Least privilege and bad input, driven by a raw verbs client that speaks
+ * the wire protocol by hand: it cannot write the model or another worker's
+ * ring with real or forged rkeys; malformed control messages and staged
+ * slots are refused and counted; a wrong token or version is rejected; and
+ * through all of it the server keeps serving a well-behaved worker.
+ */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "harness.h"
+#include "rawclient.h"
+
+static struct th_server srv;
+
+static void stop_server(void)
+{
+	th_server_stop(&srv);
+}
+
+static void assert_model(rdmaps_client *c, rdmaps_tensor *t, uint64_t len, float want)
+{
+	static float v[4096];
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	for (uint64_t i = 0; i < len; i++)
+		cr_assert_eq(v[i], want, "model[%lu] = %f, want %f", i, v[i], want);
+}
+
+static void raw_open(struct raw *r)
+{
+	struct rdmaps_wire_hello h = raw_hello(TH_TOKEN);
+	int rc = raw_connect(r, srv.addr, srv.port, &h, sizeof(h));
+	cr_assert_eq(rc, 0, "raw connect: %s", rdmaps_strerror(rc));
+}
+
+/* A write that must be refused by the remote NIC, on a fresh connection. */
+static void assert_write_refused(uint64_t addr, uint32_t rkey, const char *what)
+{
+	struct raw r;
+	raw_open(&r);
+	memset(r.buf + RAW_DATA_OFF, 0x7f, 64);
+	int st = raw_rdma(&r, IBV_WR_RDMA_WRITE, addr, rkey, 64, 0);
+	cr_assert_neq(st, IBV_WC_SUCCESS, "%s: RDMA WRITE was allowed", what);
+	printf("isolation: %s -> %s\n", what, ibv_wc_status_str((enum ibv_wc_status)st));
+	raw_close(&r);
+}
+
+Test(security, model_and_other_rings_are_not_writable, .fini = stop_server, .timeout = 300)
+{
+	struct rdmaps_msg_tensor_reply rep;
+	struct raw a, b;
+	rdmaps_client *good;
+	rdmaps_tensor *t;
+
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	good = th_connect(&srv);
+	t = th_declare(good, "model", 2048, 5.0f, 1.0f);
+
+	raw_open(&a);
+	cr_assert_eq(raw_declare(&a, "model", 2048, &rep), 0);
+	/* positive control: the raw client can READ the model and WRITE its own ring */
+	cr_assert_eq(raw_rdma(&a, IBV_WR_RDMA_READ, rep.remote_addr, rep.rkey, 256, 0), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_rdma(&a, IBV_WR_RDMA_WRITE, a.w.staging_addr, a.w.staging_rkey, 64, 0),
+		     IBV_WC_SUCCESS, "own staging ring must be writable");
+	raw_open(&b);
+
+	assert_write_refused(rep.remote_addr, rep.rkey, "write model with its read rkey");
+	assert_write_refused(rep.remote_addr + 64, rep.rkey, "write model data with its read rkey");
+	assert_write_refused(b.w.staging_addr, b.w.staging_rkey, "write another worker's ring");
+	assert_write_refused(rep.remote_addr, a.w.staging_rkey, "write model with own ring's rkey");
+	const uint32_t forged[] = { rep.rkey + 1, rep.rkey - 1, rep.rkey ^ 0x100, b.w.staging_rkey + 1,
+				    b.w.staging_rkey ^ 0xff, 0 };
+	for (unsigned i = 0; i < sizeof(forged) / sizeof(forged[0]); i++) {
+		char what[64];
+		snprintf(what, sizeof(what), "forged rkey %#x on the model", forged[i]);
+		assert_write_refused(rep.remote_addr, forged[i], what);
+		snprintf(what, sizeof(what), "forged rkey %#x on another ring", forged[i]);
+		assert_write_refused(b.w.staging_addr, forged[i], what);
+	}
+	raw_close(&a);
+	raw_close(&b);
+
+	/* model untouched; the well-behaved worker carries on */
+	assert_model(good, t, 2048, 5.0f);
+	static float g[2048];
+	for (int i = 0; i < 2048; i++)
+		g[i] = 1.0f;
+	cr_assert_eq(rdmaps_push(good, t, g, RDMAPS_PUSH_FOLDED), 0);
+	assert_model(good, t, 2048, 4.0f);
+	rdmaps_close(good);
+}
+
+static int expect_status(struct raw *r, const void *msg, size_t len)
+{
+	uint8_t in[RDMAPS_MSG_MAX];
+	struct rdmaps_msg_status_reply s;
+
+	cr_assert_eq(raw_send(r, msg, len), IBV_WC_SUCCESS);
+	int n = raw_recv(r, in, sizeof(in), 20000);
+	cr_assert_eq(n, (int)sizeof(s), "expected a status reply, got %d bytes", n);
+	memcpy(&s, in, sizeof(s));
+	cr_assert_eq(s.hdr.type, RDMAPS_MSG_STATUS_REPLY);
+	return s.status;
+}
+
+Test(security, malformed_control_messages_get_errors, .fini = stop_server, .timeout = 300)
+{
+	struct rdmaps_server_stats before, after;
+	struct rdmaps_msg_declare d = { 0 };
+	struct rdmaps_msg_lookup l = { 0 };
+	struct rdmaps_msg_seal s = { 0 };
+	struct rdmaps_msg_tensor_reply rep;
+	uint8_t junk[2 * RDMAPS_MSG_MAX];
+	rdmaps_client *good;
+	rdmaps_tensor *t;
+	struct raw r;
+
+	th_server_start(&srv, NULL);
+	good = th_connect(&srv);
+	t = th_declare(good, "w", 512, 2.0f, 1.0f);
+	cr_assert_eq(rdmaps_server_stats(good, &before), 0);
+	raw_open(&r);
+
+	memset(junk, 0xab, sizeof(junk));
+	cr_assert_eq(expect_status(&r, junk, 8), RDMAPS_EPROTO, "short message");
+	cr_assert_eq(expect_status(&r, junk, 200), RDMAPS_EPROTO, "garbage");
+	rdmaps__msg_init(&d.hdr, RDMAPS_MSG_DECLARE, sizeof(d), 1);
+	d.hdr.version = 7;
+	cr_assert_eq(expect_status(&r, &d, sizeof(d)), RDMAPS_EVERSION, "wrong protocol version");
+	rdmaps__msg_init(&d.hdr, 0x42, sizeof(d), 1);
+	cr_assert_eq(expect_status(&r, &d, sizeof(d)), RDMAPS_EPROTO, "unknown type");
+	rdmaps__msg_init(&d.hdr, RDMAPS_MSG_TENSOR_REPLY, sizeof(rep), 1);
+	cr_assert_eq(expect_status(&r, &d, sizeof(rep)), RDMAPS_EPROTO, "a reply sent as a request");
+	rdmaps__msg_init(&d.hdr, RDMAPS_MSG_DECLARE, sizeof(d), 1);
+	snprintf(d.optimizer, sizeof(d.optimizer), "sgd");
+	snprintf(d.name, sizeof(d.name), "huge");
+	d.length = 1ull << 62;
+	cr_assert_eq(expect_status(&r, &d, sizeof(d)), RDMAPS_ERANGE, "absurd length");
+	d.length = 0;
+	cr_assert_eq(expect_status(&r, &d, sizeof(d)), RDMAPS_ERANGE, "zero length");
+	d.length = 10;
+	snprintf(d.optimizer, sizeof(d.optimizer), "rmsprop9");
+	cr_assert_eq(expect_status(&r, &d, sizeof(d)), RDMAPS_EINVAL, "unknown optimizer");
+	snprintf(d.optimizer, sizeof(d.optimizer), "sgd");
+	memset(d.name, 'x', sizeof(d.name)); /* unterminated */
+	cr_assert_eq(expect_status(&r, &d, sizeof(d)), RDMAPS_EINVAL, "unterminated name");
+	snprintf(d.name, sizeof(d.name), "w");
+	d.length = 513;
+	cr_assert_eq(expect_status(&r, &d, sizeof(d)), RDMAPS_EEXIST, "conflicting declaration");
+	rdmaps__msg_init(&l.hdr, RDMAPS_MSG_LOOKUP, sizeof(l), 2);
+	snprintf(l.name, sizeof(l.name), "missing");
+	cr_assert_eq(expect_status(&r, &l, sizeof(l)), RDMAPS_ENOENT, "unknown tensor");
+	rdmaps__msg_init(&s.hdr, RDMAPS_MSG_SEAL, sizeof(s), 3);
+	s.tensor_id = 12345;
+	cr_assert_eq(expect_status(&r, &s, sizeof(s)), RDMAPS_ENOENT, "seal of an unknown tensor id");
+	cr_assert_eq(raw_declare(&r, "w", 512, &rep), 0);
+	s.tensor_id = rep.tensor_id;
+	cr_assert_eq(expect_status(&r, &s, sizeof(s)), RDMAPS_EPROTO, "seal of another's tensor");
+
+	/* an oversized message kills only that connection */
+	raw_send(&r, junk, RDMAPS_MSG_MAX + 512);
+	raw_close(&r);
+
+	assert_model(good, t, 512, 2.0f);
+	cr_assert_eq(rdmaps_server_stats(good, &after), 0);
+	cr_assert_geq(after.bad_messages - before.bad_messages, 11, "bad messages counted: %lu",
+		      (unsigned long)(after.bad_messages - before.bad_messages));
+	rdmaps_close(good);
+}
+
+/* Write one slot by hand: header + count floats of value, with LAST. */
+static int raw_slot(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t chunk, uint32_t count,
+		    float value, uint32_t magic)
+{
+	struct rdmaps_slot_hdr h = { .magic = magic, .tensor_id = tensor, .seq = seq, .chunk = chunk,
+				     .count = count, .flags = RDMAPS_SLOT_LAST };
+	uint32_t slot = (uint32_t)((seq - 1) % r->w.slot_count);
+	float *p = (float *)(r->buf + RAW_DATA_OFF + RDMAPS_SLOT_HDR);
+
+	memcpy(r->buf + RAW_DATA_OFF, &h, sizeof(h));
+	for (uint32_t i = 0; i < count; i++)
+		p[i] = value;
+	return raw_rdma(r, IBV_WR_RDMA_WRITE_WITH_IMM, r->w.staging_addr + (uint64_t)slot * r->w.slot_size,
+			r->w.staging_rkey, RDMAPS_SLOT_HDR + count * 4, rdmaps__imm_make(slot, seq));
+}
+
+Test(security, bad_and_replayed_slots_are_never_folded, .fini = stop_server, .timeout = 300)
+{
+	struct rdmaps_msg_tensor_reply rep;
+	struct rdmaps_server_stats before, after;
+	rdmaps_client *good;
+	rdmaps_tensor *t;
+	struct raw r;
+
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	good = th_connect(&srv);
+	t = th_declare(good, "m", 1024, 10.0f, 1.0f);
+	cr_assert_eq(rdmaps_server_stats(good, &before), 0);
+	raw_open(&r);
+	cr_assert_eq(raw_declare(&r, "m", 1024, &rep), 0);
+
+	/* seq 1, valid: folded (10 - 1 = 9) */
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 1, 0, 1024, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
+	/* replay of seq 1, a bad magic, a wrong count, an unknown tensor, a gap */
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 1, 0, 1024, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 2, 0, 1024, 1.0f, 0xdeadbeef), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 2, 0, 1000, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_slot(&r, 999, 3, 0, 1024, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 9, 0, 1024, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
+	/* the next in-order slot is still accepted: 9 - 2 = 7 */
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 4, 0, 1024, 2.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
+	for (int i = 0; i < 200 && __atomic_load_n(&r.credit[1], __ATOMIC_ACQUIRE) < 5; i++)
+		usleep(10000);
+	cr_assert_eq(r.credit[1], 5, "credit: folded up to seq 4 (got %lu)", (unsigned long)r.credit[1]);
+	raw_close(&r);
+
+	assert_model(good, t, 1024, 7.0f);
+	cr_assert_eq(rdmaps_server_stats(good, &after), 0);
+	cr_assert_eq(after.folds - before.folds, 2);
+	cr_assert_eq(after.dropped - before.dropped, 5);
+	rdmaps_close(good);
+}
+
+Test(security, wrong_token_or_version_is_rejected, .fini = stop_server, .timeout = 120)
+{
+	rdmaps_client *c = NULL;
+	struct rdmaps_server_stats st;
+	struct raw r;
+
+	th_server_start(&srv, NULL);
+	cr_assert_eq(th_connect_token(&srv, "wrong", &c), RDMAPS_EAUTH);
+	cr_assert_null(c);
+	cr_assert_eq(th_connect_token(&srv, NULL, &c), RDMAPS_EAUTH, "missing token");
+	cr_assert_eq(th_connect_token(&srv, TH_TOKEN "x", &c), RDMAPS_EAUTH, "longer token");
+	struct rdmaps_wire_hello h = raw_hello(TH_TOKEN);
+	h.version = 2;
+	cr_assert_eq(raw_connect(&r, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_EVERSION);
+	raw_close(&r);
+	h = raw_hello(TH_TOKEN);
+	/* the CM pads private data to its fixed size: a short hello arrives
+	 * with its token zeroed, so it is refused as unauthenticated */
+	cr_assert_eq(raw_connect(&r, srv.addr, srv.port, &h, 8), RDMAPS_EAUTH, "short hello");
+	raw_close(&r);
+	h.magic = 0;
+	cr_assert_eq(raw_connect(&r, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_EPROTO, "bad magic");
+	raw_close(&r);
+
+	c = th_connect(&srv);
+	cr_assert_eq(rdmaps_server_stats(c, &st), 0);
+	cr_assert_eq(st.auth_failures, 4);
+	cr_assert_eq(st.connections, 1);
+	rdmaps_close(c);
+}

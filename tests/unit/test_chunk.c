@@ -1,0 +1,154 @@
+/*
+ * The seqlock + checksum protocol of common/chunk.h, exercised natively with
+ * the server's own writer (srv_chunk_apply) and a reader that copies memory
+ * in ascending order the way a NIC serves an RDMA READ.
+ */
+#include <criterion/criterion.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "optimizer.h"
+#include "server.h"
+
+static struct srv_store store;
+static struct srv_tensor *tensor;
+
+static void make_tensor(uint64_t length, uint32_t chunk_elems, float init)
+{
+	struct srv_config cfg = { .max_tensors = 4, .chunk_elems = chunk_elems,
+				  .max_tensor_bytes = 1ull << 30, .max_total_bytes = 1ull << 30 };
+	struct rdmaps_msg_declare m = { 0 };
+	bool created;
+
+	cr_assert_eq(srv_store_init(&store, &cfg), 0);
+	m.length = length;
+	m.init_value = init;
+	m.hyper.lr = 1.0f;
+	strcpy(m.optimizer, "sgd");
+	strcpy(m.name, "t");
+	cr_assert_eq(srv_store_declare(&store, &m, NULL, &tensor, &created), 0);
+	cr_assert(created);
+}
+
+static void drop_tensor(void)
+{
+	srv_store_fini(&store);
+}
+
+/* What a reader gets from one READ of chunk i: header, data, trailer. */
+static int read_chunk(uint32_t i, float *out)
+{
+	uint32_t count = rdmaps__chunk_count(tensor->length, tensor->chunk_elems, i);
+	const uint8_t *p = srv_chunk(tensor, i);
+	struct rdmaps_chunk_hdr h;
+	struct rdmaps_chunk_trl t;
+
+	memcpy(&h, p, sizeof(h));
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	memcpy(out, p + RDMAPS_CHUNK_HDR, count * sizeof(float));
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	memcpy(&t, p + RDMAPS_CHUNK_HDR + rdmaps__chunk_data_span(count), sizeof(t));
+	return rdmaps__chunk_consistent(&h, &t, out, count);
+}
+
+Test(chunk, layout_and_detection, .fini = drop_tensor)
+{
+	float buf[1000];
+	make_tensor(2500, 1024, 3.0f);
+
+	cr_assert_eq(tensor->nchunks, 3);
+	cr_assert_eq(rdmaps__chunk_count(2500, 1024, 2), 452);
+	for (uint32_t i = 0; i < 3; i++) {
+		float tmp[1024];
+		cr_assert(read_chunk(i, tmp), "fresh chunk %u consistent", i);
+		cr_assert_eq(tmp[0], 3.0f);
+	}
+	/* a flipped data bit, an odd version, a trailer mismatch: all refused */
+	uint8_t *p = srv_chunk(tensor, 2);
+	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)p;
+	float *d = (float *)(p + RDMAPS_CHUNK_HDR);
+	struct rdmaps_chunk_trl *t = (struct rdmaps_chunk_trl *)(p + RDMAPS_CHUNK_HDR +
+								rdmaps__chunk_data_span(452));
+	d[17] = 4.0f;
+	cr_assert_not(read_chunk(2, buf), "checksum must catch a changed float");
+	d[17] = 3.0f;
+	cr_assert(read_chunk(2, buf));
+	h->version++;
+	t->version++;
+	cr_assert_not(read_chunk(2, buf), "odd version means a fold is writing");
+	h->version++;
+	cr_assert_not(read_chunk(2, buf), "header and trailer versions differ");
+	t->version++;
+	cr_assert(read_chunk(2, buf));
+}
+
+Test(chunk, sgd_fold_exact, .fini = drop_tensor)
+{
+	float g[1000], out[1000];
+	make_tensor(1000, 1024, 10.0f);
+	for (int i = 0; i < 1000; i++)
+		g[i] = (float)(i % 7) - 3.0f;
+	srv_chunk_apply(tensor, 0, g, 1000, false, 0);
+	srv_chunk_apply(tensor, 0, g, 1000, false, 0);
+	cr_assert(read_chunk(0, out));
+	for (int i = 0; i < 1000; i++)
+		cr_assert_eq(out[i], 10.0f - 2.0f * g[i], "element %d: %f", i, out[i]);
+	cr_assert_eq(tensor->steps[0], 2);
+}
+
+static _Atomic int stop_writer;
+
+static void *writer(void *arg)
+{
+	static float g[4096];
+	(void)arg;
+	for (int i = 0; i < 4096; i++)
+		g[i] = -1.0f; /* lr 1: every fold adds exactly 1 to every element */
+	while (!atomic_load(&stop_writer))
+		for (uint32_t c = 0; c < tensor->nchunks; c++)
+			srv_chunk_apply(tensor, c, g,
+					rdmaps__chunk_count(tensor->length, tensor->chunk_elems, c),
+					false, 0);
+	return NULL;
+}
+
+Test(chunk, concurrent_reader_never_accepts_torn_chunk, .fini = drop_tensor, .timeout = 120)
+{
+	static float buf[4096];
+	pthread_t w;
+	long accepted = 0, refused = 0, torn_seen = 0;
+
+	make_tensor(4 * 4096, 4096, 0.0f);
+	atomic_store(&stop_writer, 0);
+	pthread_create(&w, NULL, writer, NULL);
+	for (int iter = 0; iter < 20000; iter++) {
+		uint32_t c = (uint32_t)iter % tensor->nchunks;
+		int ok = read_chunk(c, buf);
+		int uniform = 1;
+		for (int k = 1; k < 4096; k++)
+			if (buf[k] != buf[0])
+				uniform = 0;
+		if (!uniform)
+			torn_seen++;
+		if (ok) {
+			accepted++;
+			cr_assert(uniform, "accepted a torn chunk at iteration %d", iter);
+		} else {
+			refused++;
+		}
+	}
+	atomic_store(&stop_writer, 1);
+	pthread_join(w, NULL);
+	printf("chunk race: %ld accepted, %ld refused, %ld torn copies seen\n", accepted, refused,
+	       torn_seen);
+	cr_assert_gt(accepted, 0);
+	cr_assert_eq(torn_seen > 0, refused > 0 || torn_seen == 0);
+}
+
+Test(chunk, optimizer_registry)
+{
+	cr_assert_not_null(srv_optimizer_find("sgd"));
+	cr_assert_null(srv_optimizer_find("nope"));
+}
