@@ -150,14 +150,23 @@ int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_
 		return RDMAPS_EINVAL;
 	if (strlen(d->name) > RDMAPS_NAME_MAX || rdmaps__name_check(d->name, RDMAPS_NAME_MAX + 1))
 		return RDMAPS_EINVAL;
-	if (d->optimizer != RDMAPS_OPT_SGD)
+	static const char *const opt_names[] = { "sgd", "momentum", "nesterov", "adagrad", "adam",
+						 "adamw" };
+	if ((unsigned)d->optimizer >= sizeof(opt_names) / sizeof(opt_names[0]))
 		return RDMAPS_EINVAL;
 	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_DECLARE, sizeof(m), 0);
 	m.length = d->length;
 	m.init_value = d->init_value;
 	m.flags = d->init ? RDMAPS_DECLARE_INIT_DATA : 0;
-	m.hyper.lr = d->lr;
-	snprintf(m.optimizer, sizeof(m.optimizer), "%s", "sgd");
+	m.hyper = (struct rdmaps_wire_hyper){
+		.lr = d->lr,
+		.momentum = d->momentum,
+		.beta1 = d->beta1,
+		.beta2 = d->beta2,
+		.eps = d->eps,
+		.weight_decay = d->weight_decay,
+	};
+	snprintf(m.optimizer, sizeof(m.optimizer), "%s", opt_names[d->optimizer]);
 	snprintf(m.name, sizeof(m.name), "%s", d->name);
 	if ((rc = cl_rpc(c, &m, sizeof(m), RDMAPS_MSG_TENSOR_REPLY, &r, sizeof(r))))
 		return rc;

@@ -105,8 +105,17 @@ void rdmaps_close(rdmaps_client *c);
 
 /* ---- tensors ---------------------------------------------------------- */
 
+/*
+ * Server-side optimizers; their state (momentum, moments) lives on the server
+ * beside the parameters. Hyper-parameters left at 0 take the default noted.
+ */
 enum rdmaps_optimizer {
-	RDMAPS_OPT_SGD = 0, /* param -= lr * grad */
+	RDMAPS_OPT_SGD = 0,      /* p -= lr * (g + wd * p) */
+	RDMAPS_OPT_MOMENTUM = 1, /* v = m * v + g + wd * p; p -= lr * v   (m default 0.9) */
+	RDMAPS_OPT_NESTEROV = 2, /* as momentum, p -= lr * (g + m * v) */
+	RDMAPS_OPT_ADAGRAD = 3,  /* s += g^2; p -= lr * g / (sqrt(s) + eps)   (eps 1e-10) */
+	RDMAPS_OPT_ADAM = 4,     /* bias-corrected moments (b1 0.9, b2 0.999, eps 1e-8); wd as L2 */
+	RDMAPS_OPT_ADAMW = 5,    /* Adam with decoupled weight decay: p -= lr * wd * p */
 };
 
 #define RDMAPS_NAME_MAX 63
@@ -118,6 +127,9 @@ struct rdmaps_tensor_desc {
 	float init_value;           /* used when init is NULL */
 	enum rdmaps_optimizer optimizer;
 	float lr;                   /* learning rate */
+	float momentum;             /* MOMENTUM, NESTEROV */
+	float beta1, beta2, eps;    /* ADAM, ADAMW (eps also ADAGRAD) */
+	float weight_decay;         /* all optimizers; 0 = none */
 };
 
 /*

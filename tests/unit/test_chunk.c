@@ -144,7 +144,8 @@ Test(chunk, concurrent_reader_never_accepts_torn_chunk, .fini = drop_tensor, .ti
 	printf("chunk race: %ld accepted, %ld refused, %ld torn copies seen\n", accepted, refused,
 	       torn_seen);
 	cr_assert_gt(accepted, 0);
-	cr_assert_eq(torn_seen > 0, refused > 0 || torn_seen == 0);
+	/* every torn copy the reader saw was one it refused */
+	cr_assert(torn_seen == 0 || refused >= torn_seen, "torn %ld, refused %ld", torn_seen, refused);
 }
 
 Test(chunk, optimizer_registry)
