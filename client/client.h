@@ -1,9 +1,12 @@
 /*
  * client.h -- librdmaps internals. Not installed.
  *
- * One client = one RC QP to one server. Everything it sends is signaled so
- * the send-queue budget is exact; every buffer the NIC touches is carved out
- * of regions registered at connect, so pull and push allocate nothing.
+ * A client is connected to S servers (S = 1 for rdmaps_connect), one RC QP
+ * each (struct cl_conn). A tensor is cut into parts by common/placement.h;
+ * each part lives on one server as a tensor of its own. Everything a QP
+ * sends is signaled so its send-queue budget is exact; every buffer the NIC
+ * touches is carved out of regions registered at connect, so pull and push
+ * allocate nothing.
  */
 #ifndef RDMAPS_CLIENT_H
 #define RDMAPS_CLIENT_H
@@ -12,41 +15,53 @@
 #include <stdint.h>
 
 #include "chunk.h"
+#include "config.h"
 #include "protocol.h"
 #include "rdmaps.h"
 #include "verbs.h"
 
 #define CL_MAX_OPS 64u
-#define CL_READ_SLOTS 32u   /* READs in flight per client */
+#define CL_READ_SLOTS 32u   /* READs in flight per server */
 #define CL_RECVS 4u         /* control replies (one request at a time) */
 #define CL_SQ_DEPTH 128u
 #define CL_SCRATCH 192u     /* chunk header + padding + trailer of one READ */
 #define CL_MAX_TRIES 100000u /* re-reads of one chunk before RDMAPS_ETORN */
+#define CL_MAX_SLOTS 256u
 
-/* wr_id layout: kind in the top byte, index below */
+/* wr_id: kind (8 bits) | server (16 bits) | index (32 bits) */
 enum { WR_READ = 1, WR_PUSH = 2, WR_CTRL_SEND = 3, WR_RECV = 4 };
-#define WR_ID(kind, idx) (((uint64_t)(kind) << 56) | (uint64_t)(idx))
+#define WR_ID(kind, conn, idx) \
+	(((uint64_t)(kind) << 56) | ((uint64_t)(conn) << 32) | (uint64_t)(uint32_t)(idx))
 #define WR_KIND(id) ((unsigned)((id) >> 56))
+#define WR_CONN(id) ((uint32_t)(((id) >> 32) & 0xffffu))
 #define WR_IDX(id) ((uint32_t)(id))
 
 struct rdmaps_mr {
 	rdmaps_client *c;
-	struct ibv_mr *mr;
+	struct ibv_mr *mr[RDMAPS_MAX_SERVERS]; /* one per distinct PD (device) */
 	uint8_t *addr;
 	size_t len;
 	rdmaps_mr *prev, *next;
 };
 
-struct rdmaps_tensor {
-	rdmaps_client *c;
-	uint32_t id;
-	uint64_t length;
+/* The run of chunks of a tensor that one server holds. */
+struct cl_part {
+	uint32_t conn;      /* server index */
+	uint32_t tensor_id; /* the part's id on that server */
+	uint32_t first, nchunks;
 	uint64_t raddr;
 	uint32_t rkey;
+};
+
+struct rdmaps_tensor {
+	rdmaps_client *c;
+	uint64_t length;
 	uint32_t chunk_elems, nchunks;
 	size_t stride;
 	char name[RDMAPS_NAME_MAX + 1];
 	rdmaps_tensor *next;
+	uint32_t nparts;
+	struct cl_part part[]; /* non-empty parts, in chunk order */
 };
 
 enum op_kind { OP_FREE = 0, OP_PULL, OP_PUSH };
@@ -59,27 +74,33 @@ struct rdmaps_op {
 	int status;           /* RDMAPS_EAGAIN while pending */
 	rdmaps_tensor *t;
 	float *buf;           /* pull destination or push source */
-	struct ibv_mr *mr;    /* caller's registration covering buf, or NULL: bounce */
-	uint32_t next_chunk;  /* next chunk to post */
+	rdmaps_mr *mr;        /* caller's registration covering buf, or NULL: bounce */
+	uint32_t part_lo, part_hi; /* the parts it covers: [lo, hi) */
+	uint32_t total_chunks;
 	uint32_t done_chunks;
 	uint32_t inflight;
-	uint64_t last_seq;    /* push: seq of its last slot */
-	uint64_t ticket;      /* push: order among pushes (groups must not interleave) */
+	uint32_t unposted;    /* chunks not yet posted, all its parts */
+	uint32_t next[RDMAPS_MAX_SERVERS];     /* per part: next local chunk to post */
+	uint64_t last_seq[RDMAPS_MAX_SERVERS]; /* push, per server: seq of its last slot */
 };
 
 struct read_slot {
-	uint32_t op, chunk, tries;
+	uint32_t op, part, local, tries;
 	uint8_t *scratch;     /* CL_SCRATCH bytes in the control region */
 	float *bounce;        /* chunk_elems floats in the data region */
 };
 
-struct rdmaps_client {
+/* One server connection. */
+struct cl_conn {
+	rdmaps_client *c;
+	uint32_t idx;
+	char name[RDMAPS_ADDR_MAX + 20]; /* host:port, for messages */
 	struct rdma_event_channel *ch;
 	struct rdma_cm_id *id;
-	struct ibv_pd *pd;
+	struct ibv_pd *pd;    /* shared by connections on the same device */
+	uint32_t pd_idx;
 	struct ibv_cq *cq;
 	struct ibv_qp *qp;
-	int timeout_ms;
 
 	/* from the server's welcome */
 	uint64_t staging_addr;
@@ -88,7 +109,6 @@ struct rdmaps_client {
 	/* credit word: the only memory the server may write (its own page) */
 	struct rdmaps_wire_credit *credit;
 	struct ibv_mr *credit_mr;
-
 	/* control region: send buffer | recv buffers | slot headers | read scratch */
 	uint8_t *ctl;
 	struct ibv_mr *ctl_mr;
@@ -98,42 +118,55 @@ struct rdmaps_client {
 
 	uint32_t sq_outstanding;
 	uint64_t next_seq;      /* seq of the next staged slot */
-	uint64_t push_tickets, push_serving; /* only the oldest push posts slots */
+	uint32_t push_owner;    /* op index + 1 posting a push group here, or 0 */
 	uint32_t dropped_seen;
 	uint32_t req_id;
 	bool reply_ready;
 	uint8_t reply[RDMAPS_MSG_MAX];
 	uint32_t reply_len;
 	int broken;             /* 0 or why the connection is unusable */
+	uint64_t last_cm_check;
 
 	struct read_slot rs[CL_READ_SLOTS];
 	uint32_t rs_free[CL_READ_SLOTS];
 	uint32_t nrs_free;
+};
+
+struct rdmaps_client {
+	struct cl_conn *conn;
+	uint32_t nconn;
+	struct ibv_pd *pds[RDMAPS_MAX_SERVERS];
+	uint32_t npd;
+	int timeout_ms;
+	int broken; /* first connection failure, sticky */
 
 	struct rdmaps_op ops[CL_MAX_OPS];
 	rdmaps_mr *mrs;
 	rdmaps_tensor *tensors;
 	struct rdmaps_client_stats stats;
-	uint64_t last_cm_check;
 };
 
 /* ops.c */
 void cl_progress(rdmaps_client *c);
 int cl_op_start(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
 		unsigned flags, bool assign, rdmaps_op **out);
+/* The same, for the parts [lo, hi) of t only (initial values of one part). */
+int cl_op_start_parts(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
+		      unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out);
 int cl_op_wait(rdmaps_op *op, int timeout_ms);
-uint64_t cl_folded_seq(const rdmaps_client *c);
+uint64_t cl_folded_seq(const struct cl_conn *k);
 
 /* control.c */
-int cl_rpc(rdmaps_client *c, void *msg, uint32_t len, uint16_t want_type, void *reply,
+int cl_rpc(struct cl_conn *k, void *msg, uint32_t len, uint16_t want_type, void *reply,
 	   uint32_t reply_len);
 
 /* connect.c */
-uint8_t *cl_send_buf(rdmaps_client *c);
-uint8_t *cl_recv_buf(rdmaps_client *c, uint32_t i);
-int cl_post_recv(rdmaps_client *c, uint32_t i);
-void cl_fail(rdmaps_client *c, int err, const char *why);
+uint8_t *cl_send_buf(struct cl_conn *k);
+uint8_t *cl_recv_buf(struct cl_conn *k, uint32_t i);
+uint8_t *cl_slot_hdr(struct cl_conn *k, uint32_t slot);
+int cl_post_recv(struct cl_conn *k, uint32_t i);
+void cl_fail(struct cl_conn *k, int err, const char *why);
 /* Look for an rdma_cm disconnect without blocking (rate-limited). */
-void cl_check_cm(rdmaps_client *c);
+void cl_check_cm(struct cl_conn *k);
 
 #endif

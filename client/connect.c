@@ -1,12 +1,15 @@
 /*
- * connect.c -- rdmaps_connect / rdmaps_close and the registered regions a
- * client carves its buffers from. Shaped like rdma-core's rdma_client.c:
- * resolve, build, connect, and one goto ladder that unwinds in reverse.
+ * connect.c -- connecting to one server or a cluster, closing, and the
+ * registered regions a connection carves its buffers from. Shaped like
+ * rdma-core's rdma_client.c: resolve, build, connect, and one goto ladder
+ * that unwinds in reverse.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "client.h"
 #include "error.h"
@@ -14,138 +17,164 @@
 
 #define CTL_SEND_OFF 0u
 #define CTL_RECV_OFF RDMAPS_MSG_MAX
+#define CTL_HDR_OFF ((size_t)CTL_RECV_OFF + (size_t)CL_RECVS * RDMAPS_MSG_MAX)
+#define CTL_SCRATCH_OFF (CTL_HDR_OFF + (size_t)CL_MAX_SLOTS * RDMAPS_SLOT_HDR)
+#define CTL_LEN (CTL_SCRATCH_OFF + (size_t)CL_READ_SLOTS * CL_SCRATCH)
 
-static size_t ctl_hdr_off(void)
+uint8_t *cl_send_buf(struct cl_conn *k)
 {
-	return (size_t)CTL_RECV_OFF + (size_t)CL_RECVS * RDMAPS_MSG_MAX;
+	return k->ctl + CTL_SEND_OFF;
 }
 
-uint8_t *cl_send_buf(rdmaps_client *c)
+uint8_t *cl_recv_buf(struct cl_conn *k, uint32_t i)
 {
-	return c->ctl + CTL_SEND_OFF;
+	return k->ctl + CTL_RECV_OFF + (size_t)i * RDMAPS_MSG_MAX;
 }
 
-uint8_t *cl_recv_buf(rdmaps_client *c, uint32_t i)
+uint8_t *cl_slot_hdr(struct cl_conn *k, uint32_t slot)
 {
-	return c->ctl + CTL_RECV_OFF + (size_t)i * RDMAPS_MSG_MAX;
+	return k->ctl + CTL_HDR_OFF + (size_t)slot * RDMAPS_SLOT_HDR;
 }
 
-int cl_post_recv(rdmaps_client *c, uint32_t i)
+int cl_post_recv(struct cl_conn *k, uint32_t i)
 {
-	struct ibv_sge sge = { .addr = (uintptr_t)cl_recv_buf(c, i), .length = RDMAPS_MSG_MAX,
-			       .lkey = c->ctl_mr->lkey };
-	struct ibv_recv_wr wr = { .wr_id = WR_ID(WR_RECV, i), .sg_list = &sge, .num_sge = 1 }, *bad;
-	int rc = ibv_post_recv(c->qp, &wr, &bad);
+	struct ibv_sge sge = { .addr = (uintptr_t)cl_recv_buf(k, i), .length = RDMAPS_MSG_MAX,
+			       .lkey = k->ctl_mr->lkey };
+	struct ibv_recv_wr wr = { .wr_id = WR_ID(WR_RECV, k->idx, i), .sg_list = &sge, .num_sge = 1 };
+	struct ibv_recv_wr *bad;
+	int rc = ibv_post_recv(k->qp, &wr, &bad);
 
 	return rc ? rdmaps__from_errno(rc) : 0;
 }
 
-void cl_fail(rdmaps_client *c, int err, const char *why)
+void cl_fail(struct cl_conn *k, int err, const char *why)
 {
-	if (c->broken)
+	if (k->broken)
 		return;
-	c->broken = err;
-	log_warn("connection to server lost: %s", why);
+	k->broken = err;
+	if (!k->c->broken)
+		k->c->broken = err;
+	log_warn("connection to server %s lost: %s", k->name, why);
 	/* error state flushes every outstanding request, so waits end */
-	if (c->qp) {
+	if (k->qp) {
 		struct ibv_qp_attr a = { .qp_state = IBV_QPS_ERR };
-		ibv_modify_qp(c->qp, &a, IBV_QP_STATE);
+		ibv_modify_qp(k->qp, &a, IBV_QP_STATE);
 	}
 }
 
-void cl_check_cm(rdmaps_client *c)
+void cl_check_cm(struct cl_conn *k)
 {
 	struct rdma_cm_event *ev;
 	uint64_t now = rdmaps__now_ns();
 
 	/* a syscall, so at most every millisecond, and only while waiting */
-	if (now - c->last_cm_check < 1000000u)
+	if (now - k->last_cm_check < 1000000u)
 		return;
-	c->last_cm_check = now;
-	if (rdma_get_cm_event(c->ch, &ev))
+	k->last_cm_check = now;
+	if (rdma_get_cm_event(k->ch, &ev))
 		return; /* EAGAIN: nothing happened */
 	if (ev->event == RDMA_CM_EVENT_DISCONNECTED || ev->event == RDMA_CM_EVENT_DEVICE_REMOVAL)
-		cl_fail(c, RDMAPS_EDISCONNECTED, rdma_event_str(ev->event));
+		cl_fail(k, RDMAPS_EDISCONNECTED, rdma_event_str(ev->event));
 	rdma_ack_cm_event(ev);
 }
 
-static int resolve(rdmaps_client *c, const struct rdmaps_connect_opts *o, int timeout)
+static int resolve(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
+		   int timeout)
 {
-	struct rdma_addrinfo hints = { .ai_port_space = RDMA_PS_TCP }, *dst = NULL, *src = NULL;
+	struct rdma_addrinfo hints = { .ai_port_space = RDMA_PS_TCP }, *dst = NULL, *sres = NULL;
 	struct rdma_cm_event *ev;
 	int rc;
 
-	if (rdma_getaddrinfo(o->host, o->port ? o->port : RDMAPS_DEFAULT_PORT, &hints, &dst)) {
-		log_error("cannot resolve server %s", o->host);
+	if (rdma_getaddrinfo(sa->host, sa->port, &hints, &dst)) {
+		log_error("cannot resolve server %s", k->name);
 		return RDMAPS_ECONNECT;
 	}
-	if (o->src_addr) {
+	if (src && *src) {
 		struct rdma_addrinfo sh = { .ai_flags = RAI_PASSIVE, .ai_port_space = RDMA_PS_TCP };
-		if (rdma_getaddrinfo(o->src_addr, NULL, &sh, &src)) {
-			log_error("cannot resolve local address %s", o->src_addr);
+		if (rdma_getaddrinfo(src, NULL, &sh, &sres)) {
+			log_error("cannot resolve local address %s", src);
 			rdma_freeaddrinfo(dst);
 			return RDMAPS_ENODEV;
 		}
 	}
-	rc = rdma_resolve_addr(c->id, src ? src->ai_src_addr : NULL, dst->ai_dst_addr, timeout);
+	/* binding the source picks the device, and on rxe it is what makes the
+	 * traffic leave through that device instead of a local shortcut */
+	rc = rdma_resolve_addr(k->id, sres ? sres->ai_src_addr : NULL, dst->ai_dst_addr, timeout);
 	rdma_freeaddrinfo(dst);
-	if (src)
-		rdma_freeaddrinfo(src);
+	if (sres)
+		rdma_freeaddrinfo(sres);
 	if (rc)
 		return rdmaps__from_errno(errno);
-	if ((rc = rdmaps__cm_wait(c->ch, RDMA_CM_EVENT_ADDR_RESOLVED, timeout, &ev, NULL)))
-		return rc == RDMAPS_ECONNECT ? RDMAPS_ENODEV : rc;
+	if ((rc = rdmaps__cm_wait(k->ch, RDMA_CM_EVENT_ADDR_RESOLVED, timeout, &ev, NULL)))
+		return rc;
 	rdma_ack_cm_event(ev);
-	if (rdma_resolve_route(c->id, timeout))
+	if (rdma_resolve_route(k->id, timeout))
 		return rdmaps__from_errno(errno);
-	if ((rc = rdmaps__cm_wait(c->ch, RDMA_CM_EVENT_ROUTE_RESOLVED, timeout, &ev, NULL)))
+	if ((rc = rdmaps__cm_wait(k->ch, RDMA_CM_EVENT_ROUTE_RESOLVED, timeout, &ev, NULL)))
 		return rc;
 	rdma_ack_cm_event(ev);
 	return 0;
 }
 
-static int build(rdmaps_client *c)
+/* One protection domain per device: user buffers are registered once per PD. */
+static int pd_for(rdmaps_client *c, struct cl_conn *k)
+{
+	for (uint32_t i = 0; i < c->npd; i++)
+		if (c->pds[i]->context == k->id->verbs) {
+			k->pd = c->pds[i];
+			k->pd_idx = i;
+			return 0;
+		}
+	if (c->mrs) /* registrations exist for the old PDs only */
+		return RDMAPS_EINVAL;
+	k->pd = ibv_alloc_pd(k->id->verbs);
+	if (!k->pd)
+		return RDMAPS_EVERBS;
+	k->pd_idx = c->npd;
+	c->pds[c->npd++] = k->pd;
+	return 0;
+}
+
+static int build(struct cl_conn *k)
 {
 	struct ibv_qp_init_attr qa = { 0 };
-	size_t ctl_len = ctl_hdr_off() + (size_t)256 * RDMAPS_SLOT_HDR + CL_READ_SLOTS * CL_SCRATCH;
 	int rc;
 
-	c->pd = ibv_alloc_pd(c->id->verbs);
-	if (!c->pd)
-		return RDMAPS_EVERBS;
-	c->credit = aligned_alloc(4096, 4096);
-	c->ctl = aligned_alloc(4096, rdmaps__round_up(ctl_len, 4096));
-	if (!c->credit || !c->ctl)
+	if ((rc = pd_for(k->c, k)))
+		return rc;
+	k->credit = aligned_alloc(4096, 4096);
+	k->ctl = aligned_alloc(4096, rdmaps__round_up(CTL_LEN, 4096));
+	if (!k->credit || !k->ctl)
 		return RDMAPS_ENOMEM;
-	memset(c->credit, 0, 4096);
-	memset(c->ctl, 0, ctl_len);
-	/* the credit page is the only remotely writable memory of a worker */
-	if ((rc = rdmaps__reg_mr(c->pd, c->credit, sizeof(*c->credit),
-				 IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE, &c->credit_mr)))
+	memset(k->credit, 0, 4096);
+	memset(k->ctl, 0, CTL_LEN);
+	/* the credit word is the only remotely writable memory of a worker */
+	if ((rc = rdmaps__reg_mr(k->pd, k->credit, sizeof(*k->credit),
+				 IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE, &k->credit_mr)))
 		return rc;
-	if ((rc = rdmaps__reg_mr(c->pd, c->ctl, ctl_len, IBV_ACCESS_LOCAL_WRITE, &c->ctl_mr)))
+	if ((rc = rdmaps__reg_mr(k->pd, k->ctl, CTL_LEN, IBV_ACCESS_LOCAL_WRITE, &k->ctl_mr)))
 		return rc;
-	c->cq = ibv_create_cq(c->id->verbs, (int)(CL_SQ_DEPTH + CL_RECVS), c, NULL, 0);
-	if (!c->cq)
+	k->cq = ibv_create_cq(k->id->verbs, (int)(CL_SQ_DEPTH + CL_RECVS), k, NULL, 0);
+	if (!k->cq)
 		return RDMAPS_EVERBS;
-	qa.send_cq = qa.recv_cq = c->cq;
+	qa.send_cq = qa.recv_cq = k->cq;
 	qa.qp_type = IBV_QPT_RC;
 	qa.cap.max_send_wr = CL_SQ_DEPTH;
 	qa.cap.max_recv_wr = CL_RECVS;
 	qa.cap.max_send_sge = 3; /* chunk header | data | trailer */
 	qa.cap.max_recv_sge = 1;
-	if (rdma_create_qp(c->id, c->pd, &qa)) {
+	if (rdma_create_qp(k->id, k->pd, &qa)) {
 		log_error("rdma_create_qp: %s", strerror(errno));
 		return rdmaps__from_errno(errno);
 	}
-	c->qp = c->id->qp;
+	k->qp = k->id->qp;
 	for (uint32_t i = 0; i < CL_RECVS; i++)
-		if ((rc = cl_post_recv(c, i)))
+		if ((rc = cl_post_recv(k, i)))
 			return rc;
 	return 0;
 }
 
-static int establish(rdmaps_client *c, const struct rdmaps_connect_opts *o, int timeout)
+static int establish(struct cl_conn *k, const char *token, int timeout)
 {
 	struct rdmaps_wire_hello h = { 0 };
 	struct rdmaps_wire_welcome w;
@@ -153,27 +182,27 @@ static int establish(rdmaps_client *c, const struct rdmaps_connect_opts *o, int 
 	struct ibv_device_attr da;
 	struct rdma_cm_event *ev;
 	int rc, reject_err = 0;
-	size_t tlen = o->token ? strlen(o->token) : 0;
+	size_t tlen = token ? strlen(token) : 0;
 
 	if (tlen > RDMAPS_TOKEN_MAX)
 		return RDMAPS_EINVAL;
 	h.magic = RDMAPS_PROTO_MAGIC;
 	h.version = RDMAPS_PROTO_VERSION;
 	h.token_len = (uint16_t)tlen;
-	memcpy(h.token, o->token ? o->token : "", tlen);
-	h.credit_addr = (uintptr_t)c->credit;
-	h.credit_rkey = c->credit_mr->rkey;
+	memcpy(h.token, token ? token : "", tlen);
+	h.credit_addr = (uintptr_t)k->credit;
+	h.credit_rkey = k->credit_mr->rkey;
 	p.private_data = &h;
 	p.private_data_len = sizeof(h);
 	p.initiator_depth = 16;
-	if (!ibv_query_device(c->id->verbs, &da) && da.max_qp_init_rd_atom < 16)
+	if (!ibv_query_device(k->id->verbs, &da) && da.max_qp_init_rd_atom < 16)
 		p.initiator_depth = (uint8_t)da.max_qp_init_rd_atom;
 	p.responder_resources = 0; /* nobody READs from a worker */
 	p.retry_count = 7;
 	p.rnr_retry_count = 7;
-	if (rdma_connect(c->id, &p))
+	if (rdma_connect(k->id, &p))
 		return rdmaps__from_errno(errno);
-	rc = rdmaps__cm_wait(c->ch, RDMA_CM_EVENT_ESTABLISHED, timeout, &ev, &reject_err);
+	rc = rdmaps__cm_wait(k->ch, RDMA_CM_EVENT_ESTABLISHED, timeout, &ev, &reject_err);
 	if (rc == RDMAPS_EREJECTED && reject_err)
 		return reject_err; /* the server said why: auth, limit, version */
 	if (rc)
@@ -188,84 +217,223 @@ static int establish(rdmaps_client *c, const struct rdmaps_connect_opts *o, int 
 		return RDMAPS_EPROTO;
 	if (w.version != RDMAPS_PROTO_VERSION)
 		return RDMAPS_EVERSION;
-	if (!w.slot_count || w.slot_count > 256 || !w.chunk_elems ||
+	if (!w.slot_count || w.slot_count > CL_MAX_SLOTS || !w.chunk_elems ||
 	    w.slot_size != RDMAPS_SLOT_HDR + w.chunk_elems * sizeof(float))
 		return RDMAPS_EPROTO;
-	c->staging_addr = w.staging_addr;
-	c->staging_rkey = w.staging_rkey;
-	c->slots = w.slot_count;
-	c->slot_size = w.slot_size;
-	c->chunk_elems = w.chunk_elems;
+	k->staging_addr = w.staging_addr;
+	k->staging_rkey = w.staging_rkey;
+	k->slots = w.slot_count;
+	k->slot_size = w.slot_size;
+	k->chunk_elems = w.chunk_elems;
 	return 0;
 }
 
-static int carve(rdmaps_client *c)
+static int carve(struct cl_conn *k)
 {
-	size_t chunk = (size_t)c->chunk_elems * sizeof(float);
-	size_t len = (c->slots + CL_READ_SLOTS) * chunk;
-	uint8_t *scratch = c->ctl + ctl_hdr_off() + (size_t)256 * RDMAPS_SLOT_HDR;
+	size_t chunk = (size_t)k->chunk_elems * sizeof(float);
+	size_t len = (k->slots + CL_READ_SLOTS) * chunk;
 	int rc;
 
-	c->data = aligned_alloc(4096, rdmaps__round_up(len, 4096));
-	if (!c->data)
+	k->data = aligned_alloc(4096, rdmaps__round_up(len, 4096));
+	if (!k->data)
 		return RDMAPS_ENOMEM;
-	if ((rc = rdmaps__reg_mr(c->pd, c->data, len, IBV_ACCESS_LOCAL_WRITE, &c->data_mr)))
+	if ((rc = rdmaps__reg_mr(k->pd, k->data, len, IBV_ACCESS_LOCAL_WRITE, &k->data_mr)))
 		return rc;
 	for (uint32_t i = 0; i < CL_READ_SLOTS; i++) {
-		c->rs[i].scratch = scratch + (size_t)i * CL_SCRATCH;
-		c->rs[i].bounce = (float *)(c->data + (c->slots + i) * chunk);
-		c->rs_free[i] = CL_READ_SLOTS - 1 - i;
+		k->rs[i].scratch = k->ctl + CTL_SCRATCH_OFF + (size_t)i * CL_SCRATCH;
+		k->rs[i].bounce = (float *)(k->data + (k->slots + i) * chunk);
+		k->rs_free[i] = CL_READ_SLOTS - 1 - i;
 	}
-	c->nrs_free = CL_READ_SLOTS;
+	k->nrs_free = CL_READ_SLOTS;
+	k->next_seq = 1;
+	k->credit->folded_seq = 1;
+	return 0;
+}
+
+/* Free what one attempt built; the PD stays with the client. */
+static void conn_release(struct cl_conn *k)
+{
+	if (k->qp && !k->broken)
+		rdma_disconnect(k->id);
+	if (k->qp)
+		rdma_destroy_qp(k->id);
+	if (k->cq)
+		ibv_destroy_cq(k->cq);
+	if (k->data_mr)
+		ibv_dereg_mr(k->data_mr);
+	if (k->ctl_mr)
+		ibv_dereg_mr(k->ctl_mr);
+	if (k->credit_mr)
+		ibv_dereg_mr(k->credit_mr);
+	if (k->id)
+		rdma_destroy_id(k->id);
+	if (k->ch)
+		rdma_destroy_event_channel(k->ch);
+	free(k->data);
+	free(k->ctl);
+	free(k->credit);
+	k->qp = NULL;
+	k->cq = NULL;
+	k->data_mr = k->ctl_mr = k->credit_mr = NULL;
+	k->id = NULL;
+	k->ch = NULL;
+	k->data = k->ctl = NULL;
+	k->credit = NULL;
+}
+
+static int conn_try(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
+		    const char *token, int timeout)
+{
+	int rc = RDMAPS_EVERBS;
+
+	k->ch = rdma_create_event_channel();
+	if (!k->ch)
+		return rc;
+	/* events are waited for with poll(); reads must never block */
+	fcntl(k->ch->fd, F_SETFL, fcntl(k->ch->fd, F_GETFL) | O_NONBLOCK);
+	if (rdma_create_id(k->ch, &k->id, k, RDMA_PS_TCP))
+		return rc;
+	if ((rc = resolve(k, sa, src, timeout)) || (rc = build(k)) ||
+	    (rc = establish(k, token, timeout)) || (rc = carve(k)))
+		return rc;
+	return 0;
+}
+
+/* Errors that mean "not up yet" and are worth another try. */
+static bool retryable(int rc)
+{
+	return rc == RDMAPS_ECONNECT || rc == RDMAPS_EREJECTED || rc == RDMAPS_ETIMEDOUT ||
+	       rc == RDMAPS_ENODEV;
+}
+
+static int conn_open(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
+		     const char *token, int timeout_ms)
+{
+	uint64_t deadline = rdmaps__now_ns() + (uint64_t)timeout_ms * 1000000u;
+	long backoff_ms = 10;
+	int rc;
+
+	for (int attempt = 1;; attempt++) {
+		uint64_t now = rdmaps__now_ns();
+		int left = now < deadline ? (int)((deadline - now) / 1000000u) : 0;
+
+		rc = conn_try(k, sa, src, token, left > 0 ? left : 1);
+		if (!rc)
+			return 0;
+		conn_release(k);
+		now = rdmaps__now_ns();
+		if (!retryable(rc) || now + (uint64_t)backoff_ms * 1000000u >= deadline) {
+			if (retryable(rc))
+				log_error("server %s not reachable after %d ms (%d attempts): %s", k->name,
+					  timeout_ms, attempt, rdmaps_strerror(rc));
+			else
+				log_error("server %s: %s", k->name, rdmaps_strerror(rc));
+			return rc == RDMAPS_EREJECTED || rc == RDMAPS_ETIMEDOUT ? RDMAPS_ECONNECT : rc;
+		}
+		log_debug("server %s: %s; retrying in %ld ms", k->name, rdmaps_strerror(rc), backoff_ms);
+		struct timespec ts = { backoff_ms / 1000, (backoff_ms % 1000) * 1000000L };
+		nanosleep(&ts, NULL);
+		backoff_ms = backoff_ms * 2 > 1000 ? 1000 : backoff_ms * 2;
+	}
+}
+
+static int connect_cfg(const struct rdmaps__config *cfg, const char *src, const char *token,
+		       rdmaps_client **out)
+{
+	rdmaps_client *c;
+	int rc = 0;
+
+	if (!cfg->nservers) {
+		log_error("no servers: set RDMAPS_SERVERS, `servers =` in the config file, or "
+			  "rdmaps_cluster_opts.servers");
+		return RDMAPS_EINVAL;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c || !(c->conn = calloc(cfg->nservers, sizeof(*c->conn)))) {
+		free(c);
+		return RDMAPS_ENOMEM;
+	}
+	c->timeout_ms = cfg->timeout_ms;
 	for (uint32_t i = 0; i < CL_MAX_OPS; i++)
 		c->ops[i].c = c;
-	c->next_seq = 1;
-	c->credit->folded_seq = 1;
+	for (uint32_t i = 0; i < cfg->nservers; i++) {
+		struct rdmaps__server_addr sa = cfg->servers[i];
+		struct cl_conn *k = &c->conn[i];
+		if (!sa.port[0])
+			snprintf(sa.port, sizeof(sa.port), "%s", cfg->port);
+		k->c = c;
+		k->idx = i;
+		snprintf(k->name, sizeof(k->name), "%s:%s", sa.host, sa.port);
+		c->nconn = i + 1;
+		if ((rc = conn_open(k, &sa, src, token, cfg->timeout_ms)))
+			break;
+		/* placement counts chunks: every server must cut them alike */
+		if (k->chunk_elems != c->conn[0].chunk_elems) {
+			log_error("server %s uses %u floats per chunk, server %s %u: start every "
+				  "server with the same --chunk-elems",
+				  k->name, k->chunk_elems, c->conn[0].name, c->conn[0].chunk_elems);
+			rc = RDMAPS_EPROTO;
+			break;
+		}
+	}
+	if (rc) {
+		rdmaps_close(c);
+		return rc;
+	}
+	*out = c;
 	return 0;
+}
+
+int rdmaps_connect_cluster(const struct rdmaps_cluster_opts *o, rdmaps_client **out)
+{
+	struct rdmaps__config cfg;
+	char err[256], src[RDMAPS_ADDR_MAX];
+	int rc;
+
+	if (!out)
+		return RDMAPS_EINVAL;
+	*out = NULL;
+	if ((rc = rdmaps__config_load(&cfg, o ? o->config : NULL, err, sizeof(err)))) {
+		log_error("cluster description: %s", err);
+		return rc;
+	}
+	if (o && o->servers && (rc = rdmaps__config_set_servers(&cfg, o->servers, err, sizeof(err)))) {
+		log_error("servers: %s", err);
+		return rc;
+	}
+	if (o && o->src_addr)
+		snprintf(cfg.src, sizeof(cfg.src), "%s", o->src_addr);
+	if (o && o->token)
+		snprintf(cfg.token, sizeof(cfg.token), "%s", o->token);
+	if (o && o->timeout_ms > 0)
+		cfg.timeout_ms = o->timeout_ms;
+	if ((rc = rdmaps__config_local_addr(&cfg, src, sizeof(src), err, sizeof(err)))) {
+		log_error("local address: %s", err);
+		return rc;
+	}
+	return connect_cfg(&cfg, src, cfg.token, out);
 }
 
 int rdmaps_connect(const struct rdmaps_connect_opts *o, rdmaps_client **out)
 {
-	rdmaps_client *c;
-	int timeout, rc;
+	struct rdmaps__config cfg = { .nservers = 1, .gid_index = -1 };
 
 	if (!o || !o->host || !out)
 		return RDMAPS_EINVAL;
-	timeout = o->timeout_ms > 0 ? o->timeout_ms : 5000;
-	c = calloc(1, sizeof(*c));
-	if (!c)
-		return RDMAPS_ENOMEM;
-	c->timeout_ms = timeout;
-	rc = RDMAPS_EVERBS;
-	c->ch = rdma_create_event_channel();
-	if (!c->ch)
-		goto fail;
-	/* events are waited for with poll(); reads must never block */
-	fcntl(c->ch->fd, F_SETFL, fcntl(c->ch->fd, F_GETFL) | O_NONBLOCK);
-	if (rdma_create_id(c->ch, &c->id, c, RDMA_PS_TCP))
-		goto fail;
-	if ((rc = resolve(c, o, timeout)))
-		goto fail;
-	if ((rc = build(c)))
-		goto fail;
-	if ((rc = establish(c, o, timeout)))
-		goto fail;
-	if ((rc = carve(c)))
-		goto fail;
-	*out = c;
-	return 0;
-fail:
-	log_debug("connect to %s failed: %s", o->host, rdmaps_strerror(rc));
-	rdmaps_close(c);
-	return rc;
+	*out = NULL;
+	if (strlen(o->host) >= sizeof(cfg.servers[0].host) ||
+	    (o->token && strlen(o->token) > RDMAPS_TOKEN_MAX))
+		return RDMAPS_EINVAL;
+	snprintf(cfg.servers[0].host, sizeof(cfg.servers[0].host), "%s", o->host);
+	snprintf(cfg.port, sizeof(cfg.port), "%s", o->port ? o->port : RDMAPS_DEFAULT_PORT);
+	cfg.timeout_ms = o->timeout_ms > 0 ? o->timeout_ms : 5000;
+	return connect_cfg(&cfg, o->src_addr, o->token, out);
 }
 
 void rdmaps_close(rdmaps_client *c)
 {
 	if (!c)
 		return;
-	if (c->qp && !c->broken)
-		rdma_disconnect(c->id);
 	while (c->mrs)
 		rdmaps_deregister(c->mrs);
 	while (c->tensors) {
@@ -273,45 +441,36 @@ void rdmaps_close(rdmaps_client *c)
 		c->tensors = t->next;
 		free(t);
 	}
-	if (c->qp)
-		rdma_destroy_qp(c->id);
-	if (c->cq)
-		ibv_destroy_cq(c->cq);
-	if (c->data_mr)
-		ibv_dereg_mr(c->data_mr);
-	if (c->ctl_mr)
-		ibv_dereg_mr(c->ctl_mr);
-	if (c->credit_mr)
-		ibv_dereg_mr(c->credit_mr);
-	if (c->pd)
-		ibv_dealloc_pd(c->pd);
-	if (c->id)
-		rdma_destroy_id(c->id);
-	if (c->ch)
-		rdma_destroy_event_channel(c->ch);
-	free(c->data);
-	free(c->ctl);
-	free(c->credit);
+	for (uint32_t i = 0; i < c->nconn; i++)
+		conn_release(&c->conn[i]);
+	for (uint32_t i = 0; i < c->npd; i++)
+		ibv_dealloc_pd(c->pds[i]);
+	free(c->conn);
 	free(c);
 }
 
 int rdmaps_register(rdmaps_client *c, void *buf, size_t len, rdmaps_mr **out)
 {
 	rdmaps_mr *m;
-	int rc;
+	int rc = 0;
 
 	if (!c || !buf || !len || !out)
 		return RDMAPS_EINVAL;
 	m = calloc(1, sizeof(*m));
 	if (!m)
 		return RDMAPS_ENOMEM;
-	if ((rc = rdmaps__reg_mr(c->pd, buf, len, IBV_ACCESS_LOCAL_WRITE, &m->mr))) {
-		free(m);
-		return rc;
-	}
 	m->c = c;
 	m->addr = buf;
 	m->len = len;
+	for (uint32_t i = 0; i < c->npd && !rc; i++)
+		rc = rdmaps__reg_mr(c->pds[i], buf, len, IBV_ACCESS_LOCAL_WRITE, &m->mr[i]);
+	if (rc) {
+		for (uint32_t i = 0; i < c->npd; i++)
+			if (m->mr[i])
+				ibv_dereg_mr(m->mr[i]);
+		free(m);
+		return rc;
+	}
 	m->next = c->mrs;
 	if (c->mrs)
 		c->mrs->prev = m;
@@ -330,7 +489,9 @@ void rdmaps_deregister(rdmaps_mr *m)
 		m->c->mrs = m->next;
 	if (m->next)
 		m->next->prev = m->prev;
-	ibv_dereg_mr(m->mr);
+	for (uint32_t i = 0; i < RDMAPS_MAX_SERVERS; i++)
+		if (m->mr[i])
+			ibv_dereg_mr(m->mr[i]);
 	free(m);
 }
 
@@ -339,7 +500,42 @@ void rdmaps_client_stats(const rdmaps_client *c, struct rdmaps_client_stats *out
 	*out = c->stats;
 }
 
+uint32_t rdmaps_num_servers(const rdmaps_client *c)
+{
+	return c ? c->nconn : 0;
+}
+
+int rdmaps_launch_info(int *rank, int *size)
+{
+	struct rdmaps__config cfg;
+	char err[256];
+	/* launcher and RDMAPS_* variables only: an unset config file is fine */
+	int rc = rdmaps__config_load(&cfg, "", err, sizeof(err));
+
+	if (rc)
+		log_error("%s", err);
+	if (rank)
+		*rank = cfg.rank;
+	if (size)
+		*size = cfg.size;
+	return rc;
+}
+
 uint64_t rdmaps_tensor_length(const rdmaps_tensor *t)
 {
 	return t ? t->length : 0;
+}
+
+uint64_t rdmaps_tensor_server_elems(const rdmaps_tensor *t, uint32_t server)
+{
+	uint64_t n = 0;
+
+	for (uint32_t p = 0; t && p < t->nparts; p++) {
+		const struct cl_part *pt = &t->part[p];
+		if (pt->conn != server)
+			continue;
+		for (uint32_t i = 0; i < pt->nchunks; i++)
+			n += rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + i);
+	}
+	return n;
 }

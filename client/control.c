@@ -1,6 +1,9 @@
 /*
  * control.c -- the worker's side of the control plane: one request at a
- * time over SEND/RECV, replies matched by req_id and checked before use.
+ * time per server over SEND/RECV, replies matched by req_id and checked
+ * before use. A tensor's catalog entry (which server holds which chunks, at
+ * what address, with what rkey) is built here from the placement and each
+ * server's reply, at declaration or lookup.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,111 +13,127 @@
 #include "client.h"
 #include "error.h"
 #include "log.h"
+#include "placement.h"
 
-int cl_rpc(rdmaps_client *c, void *msg, uint32_t len, uint16_t want_type, void *reply,
+int cl_rpc(struct cl_conn *k, void *msg, uint32_t len, uint16_t want_type, void *reply,
 	   uint32_t reply_len)
 {
+	rdmaps_client *c = k->c;
 	struct rdmaps_msg_hdr *h = msg;
 	struct rdmaps_msg_hdr rh;
 	uint64_t deadline = rdmaps__now_ns() + (uint64_t)c->timeout_ms * 1000000u;
 	uint16_t type;
 	int rc;
 
-	if (c->broken)
-		return c->broken;
-	h->req_id = ++c->req_id;
-	memcpy(cl_send_buf(c), msg, len);
+	if (k->broken)
+		return k->broken;
+	h->req_id = ++k->req_id;
+	memcpy(cl_send_buf(k), msg, len);
 	{
-		struct ibv_sge sge = { .addr = (uintptr_t)cl_send_buf(c), .length = len,
-				       .lkey = c->ctl_mr->lkey };
-		struct ibv_send_wr wr = { .wr_id = WR_ID(WR_CTRL_SEND, 0), .sg_list = &sge,
+		struct ibv_sge sge = { .addr = (uintptr_t)cl_send_buf(k), .length = len,
+				       .lkey = k->ctl_mr->lkey };
+		struct ibv_send_wr wr = { .wr_id = WR_ID(WR_CTRL_SEND, k->idx, 0), .sg_list = &sge,
 					  .num_sge = 1, .opcode = IBV_WR_SEND,
 					  .send_flags = IBV_SEND_SIGNALED }, *bad;
-		while (c->sq_outstanding >= CL_SQ_DEPTH && !c->broken)
+		while (k->sq_outstanding >= CL_SQ_DEPTH && !k->broken)
 			cl_progress(c);
-		if ((rc = ibv_post_send(c->qp, &wr, &bad)))
+		if ((rc = ibv_post_send(k->qp, &wr, &bad)))
 			return rdmaps__from_errno(rc);
-		c->sq_outstanding++;
+		k->sq_outstanding++;
 	}
-	c->reply_ready = false;
+	k->reply_ready = false;
 	for (;;) {
 		cl_progress(c);
-		if (c->broken)
-			return c->broken;
-		if (c->reply_ready) {
-			c->reply_ready = false;
-			if ((rc = rdmaps__msg_check(c->reply, c->reply_len, &type)))
+		if (k->broken)
+			return k->broken;
+		if (k->reply_ready) {
+			k->reply_ready = false;
+			if ((rc = rdmaps__msg_check(k->reply, k->reply_len, &type)))
 				return rc;
-			memcpy(&rh, c->reply, sizeof(rh));
-			if (rh.req_id != c->req_id)
+			memcpy(&rh, k->reply, sizeof(rh));
+			if (rh.req_id != k->req_id)
 				continue; /* a stale reply to an abandoned request */
 			break;
 		}
-		cl_check_cm(c);
+		cl_check_cm(k);
 		if (rdmaps__now_ns() > deadline)
 			return RDMAPS_ETIMEDOUT;
 	}
 	if (type == RDMAPS_MSG_STATUS_REPLY) {
 		struct rdmaps_msg_status_reply sr;
-		memcpy(&sr, c->reply, sizeof(sr));
+		memcpy(&sr, k->reply, sizeof(sr));
 		if (sr.status > 0 || sr.status < -1000)
 			return RDMAPS_EPROTO;
 		if (sr.status || want_type != RDMAPS_MSG_STATUS_REPLY)
 			return sr.status ? sr.status : RDMAPS_EPROTO;
 		return 0;
 	}
-	if (type != want_type || c->reply_len != reply_len)
+	if (type != want_type || k->reply_len != reply_len)
 		return RDMAPS_EPROTO;
-	memcpy(reply, c->reply, reply_len);
+	memcpy(reply, k->reply, reply_len);
 	return 0;
 }
 
-static int tensor_from_reply(rdmaps_client *c, const struct rdmaps_msg_tensor_reply *r,
-			     const char *name, rdmaps_tensor **out)
+/* Floats in the run of chunks [first, first+count) of a tensor. */
+static uint64_t run_elems(uint64_t length, uint32_t ce, uint32_t first, uint32_t count)
 {
+	uint64_t end = (uint64_t)(first + count) * ce;
+	return (end < length ? end : length) - (uint64_t)first * ce;
+}
+
+static rdmaps_tensor *tensor_alloc(rdmaps_client *c, const char *name, uint64_t length,
+				   const struct rdmaps__range *r, uint32_t nr)
+{
+	uint32_t nparts = 0;
 	rdmaps_tensor *t;
 
+	for (uint32_t k = 0; k < nr; k++)
+		nparts += r[k].count > 0;
+	t = calloc(1, sizeof(*t) + nparts * sizeof(t->part[0]));
+	if (!t)
+		return NULL;
+	t->c = c;
+	t->length = length;
+	t->chunk_elems = c->conn[0].chunk_elems;
+	t->nchunks = rdmaps__chunk_total(length, t->chunk_elems);
+	t->stride = rdmaps__chunk_stride(t->chunk_elems);
+	snprintf(t->name, sizeof(t->name), "%s", name);
+	for (uint32_t k = 0; k < nr; k++)
+		if (r[k].count)
+			t->part[t->nparts++] = (struct cl_part){
+				.conn = r[k].server, .first = r[k].first, .nchunks = r[k].count };
+	return t;
+}
+
+/* Take the server's word for one part, after checking it is the part we mean. */
+static int part_from_reply(struct cl_part *p, const struct rdmaps_msg_tensor_reply *r,
+			   uint64_t want_len, uint32_t ce)
+{
 	if (r->status)
 		return r->status < 0 ? r->status : RDMAPS_EPROTO;
-	if (!r->length || r->chunk_elems != c->chunk_elems ||
-	    r->nchunks != rdmaps__chunk_total(r->length, r->chunk_elems))
+	if (r->length != want_len)
+		return RDMAPS_EEXIST; /* same name, another shape */
+	if (r->chunk_elems != ce || r->nchunks != p->nchunks)
 		return RDMAPS_EPROTO;
-	for (t = c->tensors; t; t = t->next)
-		if (t->id == r->tensor_id) {
-			*out = t;
-			return 0;
-		}
-	t = calloc(1, sizeof(*t));
-	if (!t)
-		return RDMAPS_ENOMEM;
-	t->c = c;
-	t->id = r->tensor_id;
-	t->length = r->length;
-	t->raddr = r->remote_addr;
-	t->rkey = r->rkey;
-	t->chunk_elems = r->chunk_elems;
-	t->nchunks = r->nchunks;
-	t->stride = rdmaps__chunk_stride(r->chunk_elems);
-	snprintf(t->name, sizeof(t->name), "%s", name);
-	t->next = c->tensors;
-	c->tensors = t;
-	*out = t;
+	p->tensor_id = r->tensor_id;
+	p->raddr = r->remote_addr;
+	p->rkey = r->rkey;
 	return 0;
 }
 
-static int lookup_once(rdmaps_client *c, const char *name, struct rdmaps_msg_tensor_reply *r)
+static int lookup_once(struct cl_conn *k, const char *name, struct rdmaps_msg_tensor_reply *r)
 {
 	struct rdmaps_msg_lookup m = { 0 };
 
 	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_LOOKUP, sizeof(m), 0);
 	snprintf(m.name, sizeof(m.name), "%s", name);
-	return cl_rpc(c, &m, sizeof(m), RDMAPS_MSG_TENSOR_REPLY, r, sizeof(*r));
+	return cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_TENSOR_REPLY, r, sizeof(*r));
 }
 
-/* A tensor whose creator is still staging its initial values: wait. */
-static int wait_ready(rdmaps_client *c, const char *name, struct rdmaps_msg_tensor_reply *r)
+/* A part whose creator is still staging its initial values: wait for it. */
+static int wait_ready(struct cl_conn *k, const char *name, struct rdmaps_msg_tensor_reply *r)
 {
-	uint64_t deadline = rdmaps__now_ns() + (uint64_t)c->timeout_ms * 1000000u;
+	uint64_t deadline = rdmaps__now_ns() + (uint64_t)k->c->timeout_ms * 1000000u;
 	int rc = 0;
 
 	while (!r->ready) {
@@ -122,40 +141,80 @@ static int wait_ready(rdmaps_client *c, const char *name, struct rdmaps_msg_tens
 		if (rdmaps__now_ns() > deadline)
 			return RDMAPS_ETIMEDOUT;
 		nanosleep(&ts, NULL);
-		if ((rc = lookup_once(c, name, r)))
+		if ((rc = lookup_once(k, name, r)))
 			return rc;
 	}
 	return 0;
 }
 
-static int seal(rdmaps_client *c, rdmaps_tensor *t)
+static int seal(struct cl_conn *k, uint32_t tensor_id)
 {
 	struct rdmaps_msg_seal m = { 0 };
 	struct rdmaps_msg_status_reply r;
 
 	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_SEAL, sizeof(m), 0);
-	m.tensor_id = t->id;
-	m.last_seq = c->next_seq - 1;
-	return cl_rpc(c, &m, sizeof(m), RDMAPS_MSG_STATUS_REPLY, &r, sizeof(r));
+	m.tensor_id = tensor_id;
+	m.last_seq = k->next_seq - 1;
+	return cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_STATUS_REPLY, &r, sizeof(r));
+}
+
+static void tensor_keep(rdmaps_client *c, rdmaps_tensor *t)
+{
+	t->next = c->tensors;
+	c->tensors = t;
+}
+
+/* Declare part p on its server; stage initial values if we created it. */
+static int declare_part(rdmaps_tensor *t, uint32_t p, struct rdmaps_msg_declare *m,
+			const float *init)
+{
+	rdmaps_client *c = t->c;
+	struct cl_part *pt = &t->part[p];
+	struct cl_conn *k = &c->conn[pt->conn];
+	uint64_t len = run_elems(t->length, t->chunk_elems, pt->first, pt->nchunks);
+	struct rdmaps_msg_tensor_reply r;
+	int rc;
+
+	m->length = len;
+	if ((rc = cl_rpc(k, m, sizeof(*m), RDMAPS_MSG_TENSOR_REPLY, &r, sizeof(r))))
+		return rc;
+	if ((rc = part_from_reply(pt, &r, len, t->chunk_elems)))
+		return rc;
+	if (r.created && init) {
+		rdmaps_op *op;
+		if ((rc = cl_op_start_parts(c, OP_PUSH, t, (float *)(uintptr_t)init,
+					    RDMAPS_PUSH_FOLDED, true, p, p + 1, &op)))
+			return rc;
+		if ((rc = cl_op_wait(op, c->timeout_ms)))
+			return rc;
+		return seal(k, pt->tensor_id);
+	}
+	if (!r.ready) {
+		if ((rc = wait_ready(k, t->name, &r)))
+			return rc;
+		return part_from_reply(pt, &r, len, t->chunk_elems);
+	}
+	return 0;
 }
 
 int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_tensor **out)
 {
+	static const char *const opt_names[] = { "sgd", "momentum", "nesterov", "adagrad", "adam",
+						 "adamw" };
+	struct rdmaps__range r[RDMAPS_MAX_SERVERS];
 	struct rdmaps_msg_declare m = { 0 };
-	struct rdmaps_msg_tensor_reply r;
 	rdmaps_tensor *t;
-	int rc;
+	int rc = 0;
 
 	if (!c || !d || !out || !d->name || !d->length)
 		return RDMAPS_EINVAL;
 	if (strlen(d->name) > RDMAPS_NAME_MAX || rdmaps__name_check(d->name, RDMAPS_NAME_MAX + 1))
 		return RDMAPS_EINVAL;
-	static const char *const opt_names[] = { "sgd", "momentum", "nesterov", "adagrad", "adam",
-						 "adamw" };
 	if ((unsigned)d->optimizer >= sizeof(opt_names) / sizeof(opt_names[0]))
 		return RDMAPS_EINVAL;
+	if (d->length / c->conn[0].chunk_elems >= UINT32_MAX)
+		return RDMAPS_ERANGE;
 	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_DECLARE, sizeof(m), 0);
-	m.length = d->length;
 	m.init_value = d->init_value;
 	m.flags = d->init ? RDMAPS_DECLARE_INIT_DATA : 0;
 	m.hyper = (struct rdmaps_wire_hyper){
@@ -168,42 +227,65 @@ int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_
 	};
 	snprintf(m.optimizer, sizeof(m.optimizer), "%s", opt_names[d->optimizer]);
 	snprintf(m.name, sizeof(m.name), "%s", d->name);
-	if ((rc = cl_rpc(c, &m, sizeof(m), RDMAPS_MSG_TENSOR_REPLY, &r, sizeof(r))))
-		return rc;
-	if ((rc = tensor_from_reply(c, &r, d->name, &t)))
-		return rc;
-	if (r.created && d->init) {
-		/* we created it: stage the initial values, then open it */
-		rdmaps_op *op;
-		if ((rc = cl_op_start(c, OP_PUSH, t, (float *)(uintptr_t)d->init, RDMAPS_PUSH_FOLDED,
-				      true, &op)))
-			return rc;
-		if ((rc = cl_op_wait(op, c->timeout_ms)))
-			return rc;
-		if ((rc = seal(c, t)))
-			return rc;
-	} else if (!r.ready && (rc = wait_ready(c, d->name, &r))) {
+
+	rdmaps__place(d->name, rdmaps__chunk_total(d->length, c->conn[0].chunk_elems), c->nconn, r);
+	t = tensor_alloc(c, d->name, d->length, r, c->nconn);
+	if (!t)
+		return RDMAPS_ENOMEM;
+	for (uint32_t p = 0; p < t->nparts && !rc; p++)
+		rc = declare_part(t, p, &m, d->init);
+	if (rc) {
+		free(t);
 		return rc;
 	}
+	tensor_keep(c, t);
 	*out = t;
 	return 0;
 }
 
 int rdmaps_lookup(rdmaps_client *c, const char *name, rdmaps_tensor **out)
 {
-	struct rdmaps_msg_tensor_reply r;
+	struct rdmaps_msg_tensor_reply rep[RDMAPS_MAX_SERVERS];
+	struct rdmaps__range r[RDMAPS_MAX_SERVERS];
+	bool found[RDMAPS_MAX_SERVERS] = { false };
+	uint64_t length = 0;
 	rdmaps_tensor *t;
 	int rc;
 
 	if (!c || !name || !out || strlen(name) > RDMAPS_NAME_MAX ||
 	    rdmaps__name_check(name, RDMAPS_NAME_MAX + 1))
 		return RDMAPS_EINVAL;
-	if ((rc = lookup_once(c, name, &r)))
-		return rc;
-	if ((rc = wait_ready(c, name, &r)))
-		return rc;
-	if ((rc = tensor_from_reply(c, &r, name, &t)))
-		return rc;
+	/* the parts' lengths add up to the tensor's; servers without one say ENOENT */
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		rc = lookup_once(&c->conn[i], name, &rep[i]);
+		if (rc == RDMAPS_ENOENT)
+			continue;
+		if (rc || (rc = wait_ready(&c->conn[i], name, &rep[i])))
+			return rc;
+		found[i] = true;
+		length += rep[i].length;
+	}
+	if (!length)
+		return RDMAPS_ENOENT;
+	rdmaps__place(name, rdmaps__chunk_total(length, c->conn[0].chunk_elems), c->nconn, r);
+	t = tensor_alloc(c, name, length, r, c->nconn);
+	if (!t)
+		return RDMAPS_ENOMEM;
+	for (uint32_t p = 0; p < t->nparts; p++) {
+		struct cl_part *pt = &t->part[p];
+		uint64_t want = run_elems(length, t->chunk_elems, pt->first, pt->nchunks);
+		/* a part missing or of the wrong size: declared with another
+		 * server count, or only partly declared */
+		rc = found[pt->conn] ? part_from_reply(pt, &rep[pt->conn], want, t->chunk_elems)
+				     : RDMAPS_ENOENT;
+		if (rc) {
+			log_warn("tensor %s: part on server %s does not match the placement for %u "
+				 "servers", name, c->conn[pt->conn].name, c->nconn);
+			free(t);
+			return rc == RDMAPS_EEXIST ? RDMAPS_EPROTO : rc;
+		}
+	}
+	tensor_keep(c, t);
 	*out = t;
 	return 0;
 }
@@ -216,9 +298,19 @@ int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
 
 	if (!c || !out)
 		return RDMAPS_EINVAL;
-	rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
-	if ((rc = cl_rpc(c, &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &r, sizeof(r))))
-		return rc;
-	*out = r.stats;
+	memset(out, 0, sizeof(*out));
+	/* a cluster answers with the sums over its servers */
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
+		if ((rc = cl_rpc(&c->conn[i], &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &r, sizeof(r))))
+			return rc;
+		out->connections += r.stats.connections;
+		out->tensors += r.stats.tensors;
+		out->folds += r.stats.folds;
+		out->dropped += r.stats.dropped;
+		out->bad_messages += r.stats.bad_messages;
+		out->auth_failures += r.stats.auth_failures;
+		out->disconnects += r.stats.disconnects;
+	}
 	return 0;
 }

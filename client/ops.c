@@ -1,10 +1,13 @@
 /*
- * ops.c -- pull and push. A pull posts one RDMA READ per chunk that scatters
- * header and trailer into scratch and the floats straight into the caller's
- * buffer, then checks each chunk and re-reads the torn ones. A push writes
- * one staging slot per chunk with WRITE-with-immediate: header and payload
- * gathered from two SGEs, never copied when the caller registered the
- * gradient. Work requests live on the stack; nothing here allocates.
+ * ops.c -- pull and push over every server holding a part of the tensor.
+ *
+ * A pull posts one RDMA READ per chunk, scattering header and trailer into
+ * scratch and the floats straight into the caller's buffer, then checks each
+ * chunk and re-reads the torn ones. A push writes one staging slot per chunk
+ * with WRITE-with-immediate, header and payload gathered from two SGEs,
+ * never copied when the caller registered the gradient. Posting walks all
+ * parts before anything is waited on, so the servers work in parallel. Work
+ * requests live on the stack; nothing here allocates.
  */
 #include <string.h>
 #include <arpa/inet.h>
@@ -13,26 +16,20 @@
 #include "error.h"
 #include "log.h"
 
-static uint8_t *slot_hdr_buf(rdmaps_client *c, uint32_t slot)
-{
-	return c->ctl + RDMAPS_MSG_MAX + (size_t)CL_RECVS * RDMAPS_MSG_MAX +
-	       (size_t)slot * RDMAPS_SLOT_HDR;
-}
-
-uint64_t cl_folded_seq(const rdmaps_client *c)
+uint64_t cl_folded_seq(const struct cl_conn *k)
 {
 	/* written by the server's NIC: read it fresh, with acquire */
-	return __atomic_load_n(&c->credit->folded_seq, __ATOMIC_ACQUIRE);
+	return __atomic_load_n(&k->credit->folded_seq, __ATOMIC_ACQUIRE);
 }
 
 /* The caller's registration covering [p, p+len), if any. */
-static struct ibv_mr *find_mr(rdmaps_client *c, const void *p, size_t len)
+static rdmaps_mr *find_mr(rdmaps_client *c, const void *p, size_t len)
 {
 	const uint8_t *b = p;
 
 	for (rdmaps_mr *m = c->mrs; m; m = m->next)
 		if (b >= m->addr && b + len <= m->addr + m->len)
-			return m->mr;
+			return m;
 	return NULL;
 }
 
@@ -42,139 +39,166 @@ static void op_finish(rdmaps_op *op, int status)
 		op->status = status;
 }
 
-static int post_read(rdmaps_client *c, rdmaps_op *op, uint32_t slot_idx)
+static uint32_t op_index(const rdmaps_op *op)
 {
-	struct read_slot *rs = &c->rs[slot_idx];
+	return (uint32_t)(op - op->c->ops);
+}
+
+static int post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
+{
+	struct read_slot *rs = &k->rs[s];
 	rdmaps_tensor *t = op->t;
-	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, rs->chunk);
+	const struct cl_part *pt = &t->part[rs->part];
+	uint32_t chunk = pt->first + rs->local;
+	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
 	uint32_t bytes = count * (uint32_t)sizeof(float);
 	uint32_t span = (uint32_t)rdmaps__chunk_data_span(count);
-	float *dst = op->buf + (size_t)rs->chunk * t->chunk_elems;
+	float *dst = op->buf + (size_t)chunk * t->chunk_elems;
 	struct ibv_sge sge[3] = {
-		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR, .lkey = c->ctl_mr->lkey },
+		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR, .lkey = k->ctl_mr->lkey },
 		{ .addr = op->mr ? (uintptr_t)dst : (uintptr_t)rs->bounce,
 		  .length = bytes,
-		  .lkey = op->mr ? op->mr->lkey : c->data_mr->lkey },
+		  .lkey = op->mr ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey },
 		{ .addr = (uintptr_t)(rs->scratch + RDMAPS_CHUNK_HDR),
 		  .length = span - bytes + RDMAPS_CHUNK_TRL,
-		  .lkey = c->ctl_mr->lkey },
+		  .lkey = k->ctl_mr->lkey },
 	};
 	struct ibv_send_wr wr = {
-		.wr_id = WR_ID(WR_READ, slot_idx),
+		.wr_id = WR_ID(WR_READ, k->idx, s),
 		.sg_list = sge,
 		.num_sge = 3,
 		.opcode = IBV_WR_RDMA_READ,
 		.send_flags = IBV_SEND_SIGNALED,
-		.wr.rdma = { .remote_addr = t->raddr + (uint64_t)rs->chunk * t->stride, .rkey = t->rkey },
+		.wr.rdma = { .remote_addr = pt->raddr + (uint64_t)rs->local * t->stride,
+			     .rkey = pt->rkey },
 	}, *bad;
-	int rc = ibv_post_send(c->qp, &wr, &bad);
+	int rc = ibv_post_send(k->qp, &wr, &bad);
 
 	if (rc)
 		return rdmaps__from_errno(rc);
-	c->sq_outstanding++;
+	k->sq_outstanding++;
 	return 0;
 }
 
-static int post_push(rdmaps_client *c, rdmaps_op *op, uint32_t chunk)
+static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t local)
 {
 	rdmaps_tensor *t = op->t;
-	uint64_t seq = c->next_seq;
-	uint32_t slot = (uint32_t)((seq - 1) % c->slots);
+	const struct cl_part *pt = &t->part[p];
+	uint64_t seq = k->next_seq;
+	uint32_t slot = (uint32_t)((seq - 1) % k->slots);
+	uint32_t chunk = pt->first + local;
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
 	const float *src = op->buf + (size_t)chunk * t->chunk_elems;
-	struct rdmaps_slot_hdr *h = (struct rdmaps_slot_hdr *)slot_hdr_buf(c, slot);
+	struct rdmaps_slot_hdr *h = (struct rdmaps_slot_hdr *)cl_slot_hdr(k, slot);
 	struct ibv_sge sge[2] = {
-		{ .addr = (uintptr_t)h, .length = RDMAPS_SLOT_HDR, .lkey = c->ctl_mr->lkey },
+		{ .addr = (uintptr_t)h, .length = RDMAPS_SLOT_HDR, .lkey = k->ctl_mr->lkey },
 		{ .addr = (uintptr_t)src, .length = count * (uint32_t)sizeof(float),
-		  .lkey = op->mr ? op->mr->lkey : c->data_mr->lkey },
+		  .lkey = op->mr ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey },
 	};
 	struct ibv_send_wr wr = {
-		.wr_id = WR_ID(WR_PUSH, (uint32_t)(op - c->ops)),
+		.wr_id = WR_ID(WR_PUSH, k->idx, op_index(op)),
 		.sg_list = sge,
 		.num_sge = 2,
 		.opcode = IBV_WR_RDMA_WRITE_WITH_IMM,
 		.send_flags = IBV_SEND_SIGNALED,
 		.imm_data = htonl(rdmaps__imm_make(slot, seq)),
-		.wr.rdma = { .remote_addr = c->staging_addr + (uint64_t)slot * c->slot_size,
-			     .rkey = c->staging_rkey },
+		.wr.rdma = { .remote_addr = k->staging_addr + (uint64_t)slot * k->slot_size,
+			     .rkey = k->staging_rkey },
 	}, *bad;
 	int rc;
 
 	if (!op->mr) {
 		/* unregistered gradient: stage through this slot's bounce chunk,
 		 * free because the server consumed the slot's previous use */
-		float *b = (float *)(c->data + (size_t)slot * c->chunk_elems * sizeof(float));
+		float *b = (float *)(k->data + (size_t)slot * k->chunk_elems * sizeof(float));
 		memcpy(b, src, (size_t)count * sizeof(float));
 		sge[1].addr = (uintptr_t)b;
-		c->stats.bounce_copies++;
+		op->c->stats.bounce_copies++;
 	}
 	*h = (struct rdmaps_slot_hdr){
 		.magic = RDMAPS_SLOT_MAGIC,
-		.tensor_id = t->id,
+		.tensor_id = pt->tensor_id,
 		.seq = seq,
-		.chunk = chunk,
+		.chunk = local,
 		.count = count,
 		.flags = (op->assign ? RDMAPS_SLOT_ASSIGN : 0u) |
-			 /* a group ends at the push's end or when it fills the ring */
-			 (chunk + 1 == t->nchunks || (chunk + 1) % c->slots == 0 ? RDMAPS_SLOT_LAST : 0u),
+			 /* a group ends with the part or when it fills the ring */
+			 (local + 1 == pt->nchunks || (local + 1) % k->slots == 0 ? RDMAPS_SLOT_LAST
+										   : 0u),
 	};
-	rc = ibv_post_send(c->qp, &wr, &bad);
+	rc = ibv_post_send(k->qp, &wr, &bad);
 	if (rc)
 		return rdmaps__from_errno(rc);
-	c->sq_outstanding++;
-	c->next_seq++;
-	op->last_seq = seq;
+	k->sq_outstanding++;
+	k->next_seq++;
+	op->last_seq[k->idx] = seq;
 	return 0;
 }
 
-/* Post as much of op as the send queue, read slots and credits allow. */
-static void op_post(rdmaps_client *c, rdmaps_op *op)
+/* Post what part p of op may post now on its server; < 0 on failure. */
+static int op_post_part(rdmaps_op *op, uint32_t p)
 {
-	rdmaps_tensor *t = op->t;
+	const struct cl_part *pt = &op->t->part[p];
+	struct cl_conn *k = &op->c->conn[pt->conn];
+	uint32_t me = op_index(op) + 1;
 	int rc = 0;
 
-	while (op->next_chunk < t->nchunks && c->sq_outstanding < CL_SQ_DEPTH) {
+	if (op->kind == OP_PUSH) {
+		/* one push group at a time per server, so groups never interleave */
+		if (k->push_owner && k->push_owner != me)
+			return 0;
+		k->push_owner = me;
+	}
+	while (op->next[p] < pt->nchunks && k->sq_outstanding < CL_SQ_DEPTH) {
 		if (op->kind == OP_PULL) {
-			if (!c->nrs_free)
-				return;
-			uint32_t s = c->rs_free[--c->nrs_free];
-			c->rs[s] = (struct read_slot){ .op = (uint32_t)(op - c->ops),
-						       .chunk = op->next_chunk,
-						       .scratch = c->rs[s].scratch,
-						       .bounce = c->rs[s].bounce };
-			rc = post_read(c, op, s);
-			if (rc) {
-				c->rs_free[c->nrs_free++] = s;
+			if (!k->nrs_free)
+				break;
+			uint32_t s = k->rs_free[--k->nrs_free];
+			k->rs[s].op = op_index(op);
+			k->rs[s].part = p;
+			k->rs[s].local = op->next[p];
+			k->rs[s].tries = 0;
+			if ((rc = post_read(k, op, s))) {
+				k->rs_free[k->nrs_free++] = s;
 				break;
 			}
 		} else {
-			/* one push at a time, so groups never interleave; a slot is
-			 * free once the server consumed its previous seq */
-			if (op->ticket != c->push_serving ||
-			    c->next_seq >= cl_folded_seq(c) + c->slots)
-				return;
-			rc = post_push(c, op, op->next_chunk);
-			if (rc)
+			/* a slot is free once the server consumed its previous seq */
+			if (k->next_seq >= cl_folded_seq(k) + k->slots)
+				break;
+			if ((rc = post_push(k, op, p, op->next[p])))
 				break;
 		}
-		op->next_chunk++;
+		op->next[p]++;
+		op->unposted--;
 		op->inflight++;
-		if (op->kind == OP_PUSH && op->next_chunk == t->nchunks)
-			c->push_serving++;
 	}
-	if (rc) {
-		cl_fail(c, rc, "ibv_post_send failed");
-		op_finish(op, rc);
+	if (op->kind == OP_PUSH && op->next[p] == pt->nchunks)
+		k->push_owner = 0;
+	if (rc)
+		cl_fail(k, rc, "ibv_post_send failed");
+	return rc;
+}
+
+static void op_post(rdmaps_op *op)
+{
+	for (uint32_t p = op->part_lo; p < op->part_hi && op->unposted; p++) {
+		int rc = op_post_part(op, p);
+		if (rc) {
+			op_finish(op, rc);
+			return;
+		}
 	}
 }
 
-static void read_done(rdmaps_client *c, uint32_t s)
+static void read_done(struct cl_conn *k, uint32_t s)
 {
-	struct read_slot *rs = &c->rs[s];
-	rdmaps_op *op = &c->ops[rs->op];
+	struct read_slot *rs = &k->rs[s];
+	rdmaps_op *op = &k->c->ops[rs->op];
 	rdmaps_tensor *t = op->t;
-	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, rs->chunk);
-	float *dst = op->buf + (size_t)rs->chunk * t->chunk_elems;
+	uint32_t chunk = t->part[rs->part].first + rs->local;
+	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
+	float *dst = op->buf + (size_t)chunk * t->chunk_elems;
 	const float *got = op->mr ? dst : rs->bounce;
 	const struct rdmaps_chunk_hdr *h = (const void *)rs->scratch;
 	const struct rdmaps_chunk_trl *tr =
@@ -183,12 +207,12 @@ static void read_done(rdmaps_client *c, uint32_t s)
 
 	if (!(op->flags & RDMAPS_PULL_RELAXED) && !rdmaps__chunk_consistent(h, tr, got, count)) {
 		/* raced a fold: read this chunk again with the same slot */
-		c->stats.pull_retries++;
+		k->c->stats.pull_retries++;
 		if (++rs->tries < CL_MAX_TRIES && op->status == RDMAPS_EAGAIN) {
-			int rc = post_read(c, op, s);
+			int rc = post_read(k, op, s);
 			if (!rc)
 				return;
-			cl_fail(c, rc, "ibv_post_send failed");
+			cl_fail(k, rc, "ibv_post_send failed");
 			op_finish(op, rc);
 		} else {
 			op_finish(op, RDMAPS_ETORN);
@@ -199,62 +223,79 @@ static void read_done(rdmaps_client *c, uint32_t s)
 		op->done_chunks++;
 	}
 	op->inflight--;
-	c->rs_free[c->nrs_free++] = s;
+	k->rs_free[k->nrs_free++] = s;
 }
 
-void cl_progress(rdmaps_client *c)
+static void conn_poll(struct cl_conn *k)
 {
 	struct ibv_wc wc[16];
 	/* polled even when broken: flushed requests still return their slots */
-	int n = ibv_poll_cq(c->cq, 16, wc);
+	int n = ibv_poll_cq(k->cq, 16, wc);
 
 	for (int i = 0; i < n; i++) {
 		unsigned kind = WR_KIND(wc[i].wr_id);
 		uint32_t idx = WR_IDX(wc[i].wr_id);
 
 		if (kind != WR_RECV)
-			c->sq_outstanding--;
+			k->sq_outstanding--;
 		if (wc[i].status != IBV_WC_SUCCESS) {
 			int err = rdmaps__wc_err(&wc[i]);
 			if (wc[i].status != IBV_WC_WR_FLUSH_ERR)
-				log_warn("work request failed: %s",
+				log_warn("server %s: work request failed: %s", k->name,
 					 ibv_wc_status_str(wc[i].status));
-			/* RC: one failure puts the QP in error; all else flushes */
-			cl_fail(c, wc[i].status == IBV_WC_REM_ACCESS_ERR ? RDMAPS_EPROTO
+			/* RC: one failure puts the QP in error; the rest flushes */
+			cl_fail(k, wc[i].status == IBV_WC_REM_ACCESS_ERR ? RDMAPS_EPROTO
 									 : RDMAPS_EDISCONNECTED,
 				ibv_wc_status_str(wc[i].status));
 			if (kind == WR_READ) {
-				rdmaps_op *op = &c->ops[c->rs[idx].op];
+				rdmaps_op *op = &k->c->ops[k->rs[idx].op];
 				op->inflight--;
 				op_finish(op, err);
-				c->rs_free[c->nrs_free++] = idx;
+				k->rs_free[k->nrs_free++] = idx;
 			} else if (kind == WR_PUSH) {
-				c->ops[idx].inflight--;
-				op_finish(&c->ops[idx], err);
+				k->c->ops[idx].inflight--;
+				op_finish(&k->c->ops[idx], err);
 			}
 			continue;
 		}
 		switch (kind) {
 		case WR_READ:
-			read_done(c, idx);
+			read_done(k, idx);
 			break;
 		case WR_PUSH:
-			c->ops[idx].inflight--;
-			c->ops[idx].done_chunks++;
+			k->c->ops[idx].inflight--;
+			k->c->ops[idx].done_chunks++;
 			break;
 		case WR_RECV:
-			if (wc[i].byte_len <= sizeof(c->reply)) {
-				memcpy(c->reply, cl_recv_buf(c, idx), wc[i].byte_len);
-				c->reply_len = wc[i].byte_len;
-				c->reply_ready = true;
+			if (wc[i].byte_len <= sizeof(k->reply)) {
+				memcpy(k->reply, cl_recv_buf(k, idx), wc[i].byte_len);
+				k->reply_len = wc[i].byte_len;
+				k->reply_ready = true;
 			}
-			if (cl_post_recv(c, idx))
-				cl_fail(c, RDMAPS_EVERBS, "cannot repost a receive");
+			if (cl_post_recv(k, idx))
+				cl_fail(k, RDMAPS_EVERBS, "cannot repost a receive");
 			break;
 		default:
 			break;
 		}
 	}
+}
+
+/* A push with RDMAPS_PUSH_FOLDED is done when every server folded its part. */
+static bool push_folded(const rdmaps_op *op)
+{
+	for (uint32_t p = op->part_lo; p < op->part_hi; p++) {
+		const struct cl_conn *k = &op->c->conn[op->t->part[p].conn];
+		if (cl_folded_seq(k) <= op->last_seq[k->idx])
+			return false;
+	}
+	return true;
+}
+
+void cl_progress(rdmaps_client *c)
+{
+	for (uint32_t i = 0; i < c->nconn; i++)
+		conn_poll(&c->conn[i]);
 	/* post more work and settle finished ops */
 	for (uint32_t i = 0; i < CL_MAX_OPS; i++) {
 		rdmaps_op *op = &c->ops[i];
@@ -265,11 +306,11 @@ void cl_progress(rdmaps_client *c)
 				op_finish(op, c->broken);
 			continue;
 		}
-		op_post(c, op);
-		if (op->done_chunks < op->t->nchunks)
+		if (op->unposted)
+			op_post(op);
+		if (op->done_chunks < op->total_chunks)
 			continue;
-		if (op->kind == OP_PUSH && (op->flags & RDMAPS_PUSH_FOLDED) &&
-		    cl_folded_seq(c) <= op->last_seq)
+		if (op->kind == OP_PUSH && (op->flags & RDMAPS_PUSH_FOLDED) && !push_folded(op))
 			continue;
 		op_finish(op, 0);
 	}
@@ -278,9 +319,17 @@ void cl_progress(rdmaps_client *c)
 int cl_op_start(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
 		unsigned flags, bool assign, rdmaps_op **out)
 {
+	if (!t)
+		return RDMAPS_EINVAL;
+	return cl_op_start_parts(c, kind, t, buf, flags, assign, 0, t->nparts, out);
+}
+
+int cl_op_start_parts(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
+		      unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out)
+{
 	size_t bytes;
 
-	if (!c || !t || !buf || !out || t->c != c)
+	if (!c || !t || !buf || !out || t->c != c || lo >= hi || hi > t->nparts)
 		return RDMAPS_EINVAL;
 	if (c->broken)
 		return c->broken;
@@ -291,23 +340,26 @@ int cl_op_start(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *bu
 		rdmaps_op *op = &c->ops[i];
 		if (op->kind != OP_FREE)
 			continue;
-		*op = (struct rdmaps_op){
-			.c = c,
-			.kind = kind,
-			.flags = flags,
-			.assign = assign,
-			.status = RDMAPS_EAGAIN,
-			.t = t,
-			.buf = buf,
-			.mr = find_mr(c, buf, bytes),
-		};
-		if (kind == OP_PULL) {
+		op->kind = kind;
+		op->flags = flags;
+		op->assign = assign;
+		op->status = RDMAPS_EAGAIN;
+		op->t = t;
+		op->buf = buf;
+		op->mr = find_mr(c, buf, bytes);
+		op->part_lo = lo;
+		op->part_hi = hi;
+		op->total_chunks = 0;
+		for (uint32_t p = lo; p < hi; p++)
+			op->total_chunks += t->part[p].nchunks;
+		op->done_chunks = op->inflight = 0;
+		op->unposted = op->total_chunks;
+		memset(op->next, 0, sizeof(op->next[0]) * t->nparts);
+		if (kind == OP_PULL)
 			c->stats.pulls++;
-		} else {
+		else
 			c->stats.pushes++;
-			op->ticket = c->push_tickets++;
-		}
-		op_post(c, op);
+		op_post(op);
 		*out = op;
 		return 0;
 	}
@@ -320,6 +372,12 @@ static int op_release(rdmaps_op *op)
 
 	op->kind = OP_FREE;
 	return st;
+}
+
+static void check_cms(rdmaps_client *c)
+{
+	for (uint32_t i = 0; i < c->nconn; i++)
+		cl_check_cm(&c->conn[i]);
 }
 
 int rdmaps_test(rdmaps_op *op)
@@ -349,7 +407,7 @@ int cl_op_wait(rdmaps_op *op, int timeout_ms)
 		if (op->status != RDMAPS_EAGAIN && !op->inflight)
 			return op_release(op);
 		if ((++spins & 1023u) == 0) {
-			cl_check_cm(c);
+			check_cms(c);
 			if (rdmaps__now_ns() > deadline)
 				return RDMAPS_ETIMEDOUT;
 		}
@@ -398,6 +456,7 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms)
 {
 	uint64_t deadline;
 	unsigned spins = 0;
+	int rc = 0;
 
 	if (!c)
 		return RDMAPS_EINVAL;
@@ -405,24 +464,30 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms)
 	for (;;) {
 		bool pending = false;
 		cl_progress(c);
-		for (uint32_t i = 0; i < CL_MAX_OPS; i++)
-			if (c->ops[i].kind == OP_PUSH && c->ops[i].next_chunk < c->ops[i].t->nchunks &&
-			    c->ops[i].status == RDMAPS_EAGAIN)
-				pending = true;
 		if (c->broken)
 			return c->broken;
-		if (!pending && cl_folded_seq(c) >= c->next_seq)
+		for (uint32_t i = 0; i < CL_MAX_OPS; i++)
+			if (c->ops[i].kind == OP_PUSH && c->ops[i].unposted &&
+			    c->ops[i].status == RDMAPS_EAGAIN)
+				pending = true;
+		for (uint32_t i = 0; i < c->nconn && !pending; i++)
+			if (cl_folded_seq(&c->conn[i]) < c->conn[i].next_seq)
+				pending = true;
+		if (!pending)
 			break;
 		if ((++spins & 1023u) == 0) {
-			cl_check_cm(c);
+			check_cms(c);
 			if (rdmaps__now_ns() > deadline)
 				return RDMAPS_ETIMEDOUT;
 		}
 	}
-	uint32_t dropped = __atomic_load_n(&c->credit->dropped, __ATOMIC_ACQUIRE);
-	if (dropped != c->dropped_seen) {
-		c->dropped_seen = dropped;
-		return RDMAPS_EREMOTE;
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		struct cl_conn *k = &c->conn[i];
+		uint32_t dropped = __atomic_load_n(&k->credit->dropped, __ATOMIC_ACQUIRE);
+		if (dropped != k->dropped_seen) {
+			k->dropped_seen = dropped;
+			rc = RDMAPS_EREMOTE;
+		}
 	}
-	return 0;
+	return rc;
 }

@@ -97,6 +97,34 @@ struct rdmaps_connect_opts {
 int rdmaps_connect(const struct rdmaps_connect_opts *opts, rdmaps_client **out);
 
 /*
+ * Connect to every server of a cluster (docs/cluster.md). Servers, token,
+ * local address and timeout come from opts where set, else from RDMAPS_*
+ * variables, else from the INI file (opts->config, else $RDMAPS_CONFIG).
+ * A server that is not up yet is retried with back-off until timeout_ms; then
+ * the call fails naming it (logged) with RDMAPS_ECONNECT. Tensors are split
+ * over the servers by a deterministic placement; pulls and pushes fan out to
+ * all of them at once. On success *out owns every connection.
+ */
+struct rdmaps_cluster_opts {
+	const char *config;   /* INI file; NULL: $RDMAPS_CONFIG if set */
+	const char *servers;  /* "host[:port],host[:port]..."; NULL: config/env */
+	const char *src_addr; /* local address; NULL: config/env (src, device, gid_index) */
+	const char *token;    /* NULL: config/env */
+	int timeout_ms;       /* per server, retries included; 0: config/env, else 10000 */
+};
+int rdmaps_connect_cluster(const struct rdmaps_cluster_opts *opts, rdmaps_client **out);
+
+/* Number of servers the client is connected to. */
+uint32_t rdmaps_num_servers(const rdmaps_client *c);
+
+/*
+ * Rank and size of this process as its launcher set them (Slurm, Open MPI,
+ * PMI, torchrun, ps-lite's DMLC_*, or RDMAPS_RANK/RDMAPS_SIZE); -1 when
+ * unknown. Returns 0, or RDMAPS_EINVAL for a malformed RDMAPS_* variable.
+ */
+int rdmaps_launch_info(int *rank, int *size);
+
+/*
  * Close the connection and free every tensor handle, registration and op
  * obtained from it. Outstanding ops are abandoned (their buffers may still be
  * written until this returns, never after). NULL is a no-op.
@@ -146,6 +174,8 @@ int rdmaps_lookup(rdmaps_client *c, const char *name, rdmaps_tensor **out);
 
 /* Number of float32 elements of a tensor. */
 uint64_t rdmaps_tensor_length(const rdmaps_tensor *t);
+/* Elements of t held by server index `server` (placement; 0 if none). */
+uint64_t rdmaps_tensor_server_elems(const rdmaps_tensor *t, uint32_t server);
 
 /* ---- zero-copy registration ------------------------------------------ */
 

@@ -11,6 +11,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "config.h"
 #include "log.h"
 #include "server.h"
 
@@ -32,6 +33,9 @@ static void usage(FILE *f)
 		"  -a, --addr ADDR          address to listen on (default: all RDMA devices)\n"
 		"  -p, --port PORT          port (default " RDMAPS_DEFAULT_PORT ")\n"
 		"  -t, --token-file FILE    shared secret for workers (or RDMAPS_TOKEN env)\n"
+		"  -C, --config FILE        cluster description (docs/cluster.md): listen on the\n"
+		"                           address of server number --rank in its server list\n"
+		"  -r, --rank N             this server's index (default: from the launcher)\n"
 		"  -f, --fold-threads N     fold threads (default 1)\n"
 		"      --pin                pin fold thread i to CPU i\n"
 		"      --chunk-elems N      floats per chunk (default 16384 = 64 KiB)\n"
@@ -97,6 +101,8 @@ int main(int argc, char **argv)
 		{ "addr", required_argument, NULL, 'a' },
 		{ "port", required_argument, NULL, 'p' },
 		{ "token-file", required_argument, NULL, 't' },
+		{ "config", required_argument, NULL, 'C' },
+		{ "rank", required_argument, NULL, 'r' },
 		{ "fold-threads", required_argument, NULL, 'f' },
 		{ "pin", no_argument, NULL, 'P' },
 		{ "chunk-elems", required_argument, NULL, 'c' },
@@ -112,7 +118,9 @@ int main(int argc, char **argv)
 	};
 	static struct srv s;
 	struct srv_config *cfg = &s.cfg;
-	const char *token_file = NULL;
+	const char *token_file = NULL, *config = NULL;
+	int rank = -1;
+	static struct rdmaps__config cc;
 	unsigned long long v;
 	int opt, rc, verbose = 0;
 
@@ -127,12 +135,14 @@ int main(int argc, char **argv)
 		.max_total_bytes = 16384ull << 20,
 		.spin_us = 200,
 	};
-	while ((opt = getopt_long(argc, argv, "a:p:t:f:vh", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "a:p:t:C:r:f:vh", opts, NULL)) != -1) {
 		int bad = 0;
 		switch (opt) {
 		case 'a': cfg->listen_addr = optarg; break;
 		case 'p': cfg->port = optarg; break;
 		case 't': token_file = optarg; break;
+		case 'C': config = optarg; break;
+		case 'r': bad = parse_u(optarg, 0, RDMAPS_MAX_SERVERS - 1, &v); rank = (int)v; break;
 		case 'P': cfg->pin = true; break;
 		case 'v': verbose = 1; break;
 		case 'f': bad = parse_u(optarg, 1, 64, &v); cfg->fold_threads = (unsigned)v; break;
@@ -161,6 +171,26 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	rdmaps__log_init(verbose ? RDMAPS_LOG_INFO : RDMAPS_LOG_WARN);
+	if (config || rank >= 0 || getenv("RDMAPS_CONFIG")) {
+		/* one description for the whole cluster: find our own entry */
+		char err[256];
+		if (rdmaps__config_load(&cc, config, err, sizeof(err))) {
+			fprintf(stderr, "rdmaps-server: %s\n", err);
+			return 2;
+		}
+		if (rank < 0)
+			rank = cc.rank;
+		if (rank < 0 || (uint32_t)rank >= cc.nservers) {
+			fprintf(stderr, "rdmaps-server: rank %d is not in the server list (%u servers); "
+				"pass --rank or launch with a rank variable\n", rank, cc.nservers);
+			return 2;
+		}
+		cfg->listen_addr = cc.servers[rank].host;
+		cfg->port = cc.servers[rank].port[0] ? cc.servers[rank].port : cc.port;
+		cfg->server_id = (unsigned)rank;
+		if (!token_file && cc.token[0])
+			setenv("RDMAPS_TOKEN", cc.token, 0);
+	}
 	if (load_token(cfg, token_file))
 		return 2;
 	/* per worker: its staging ring, plus each tensor it reads (registered

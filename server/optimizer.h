@@ -3,6 +3,25 @@
  * one-file change: write opt_<name>.c ending in SRV_OPTIMIZER(...) and list
  * it in server/meson.build; the linker section below collects it, so no
  * table elsewhere needs editing.
+ *
+ * Semantics and defaults are those of enum rdmaps_optimizer (client/rdmaps.h)
+ * and follow PyTorch's torch.optim definitions; each opt_*.c cites its own.
+ *
+ * State layout contract (between store.c and every apply()):
+ *  - The store keeps state_per_param floats per parameter, zero-filled when
+ *    the tensor is declared, on the server only (never registered, never
+ *    readable by workers). Each chunk owns a private region of it.
+ *  - apply() gets `state` pointing at this chunk's region and `n` the chunk's
+ *    element count, which is the same on every call for a given chunk (only
+ *    a tensor's last chunk may be shorter than the others).
+ *  - An optimizer with state_per_param = k uses k arrays of n floats back to
+ *    back: array j of element i is state[j * n + i], 0 <= j < k. With k = 0,
+ *    state may be NULL and must not be touched.
+ *  - Zero-filled state must mean "no history yet" (a zero momentum buffer or
+ *    moment is what PyTorch's first step produces anyway).
+ *  - `step` is the number of folds applied to this chunk before this one: 0
+ *    on the first fold. Optimizers that count steps (Adam's bias correction)
+ *    use step + 1, PyTorch's `state['step']` after its increment.
  */
 #ifndef RDMAPS_SERVER_OPTIMIZER_H
 #define RDMAPS_SERVER_OPTIMIZER_H
@@ -16,12 +35,19 @@ struct srv_optimizer {
 	const char *name;
 	/* floats of state kept per parameter, beside the chunk, never registered */
 	unsigned state_per_param;
-	/* 0 or RDMAPS_EINVAL for hyper-parameters this optimizer cannot use */
+	/*
+	 * 0 or RDMAPS_EINVAL for hyper-parameters this optimizer cannot use:
+	 * non-finite or negative lr, eps, weight_decay; momentum or betas
+	 * outside [0, 1). A field left at 0 takes the documented default in
+	 * apply(). Fields the optimizer does not read are ignored. Called once
+	 * per declaration, before the tensor exists.
+	 */
 	int (*check)(const struct rdmaps_wire_hyper *h);
 	/*
 	 * Fold n gradient values into the parameters. step counts the folds of
 	 * this chunk before this one. Called with the chunk held exclusively; it
-	 * must not allocate, lock or block: it is the fold hot path.
+	 * must not allocate, lock or block: it is the fold hot path. state is
+	 * laid out as described at the top of this file.
 	 */
 	void (*apply)(float *restrict param, float *restrict state, const float *restrict grad,
 		      size_t n, const struct rdmaps_wire_hyper *h, uint64_t step);

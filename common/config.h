@@ -1,0 +1,56 @@
+/*
+ * config.h -- one cluster description for every role (servers, workers,
+ * tools), from an INI file and the environment, with rank and size taken
+ * from the launcher that started the process. Precedence: explicit values
+ * (command line, API options) > RDMAPS_* environment > INI file > launcher
+ * variables > defaults. docs/cluster.md documents every key.
+ */
+#ifndef RDMAPS_COMMON_CONFIG_H
+#define RDMAPS_COMMON_CONFIG_H
+
+#include <stdint.h>
+
+#include "protocol.h"
+
+#define RDMAPS_MAX_SERVERS 64
+#define RDMAPS_ADDR_MAX 64
+
+struct rdmaps__server_addr {
+	char host[RDMAPS_ADDR_MAX];
+	char port[16];
+};
+
+struct rdmaps__config {
+	struct rdmaps__server_addr servers[RDMAPS_MAX_SERVERS];
+	uint32_t nservers;
+	char port[16];               /* default port */
+	char token[RDMAPS_TOKEN_MAX + 1];
+	char src[RDMAPS_ADDR_MAX];   /* this process's local address, if chosen */
+	char device[64];             /* or: device name (+ ":port") to take it from */
+	int gid_index;               /* or: GID index on that device (-1: none) */
+	int timeout_ms;              /* connect, with retries, per server */
+	int rank, size;              /* from the launcher; -1 when unknown */
+	char role[16];               /* "server", "worker" or "" */
+	char launcher[16];           /* which variables gave rank/size */
+};
+
+/*
+ * Load: defaults, then launcher variables, then the INI file at path (NULL:
+ * $RDMAPS_CONFIG if set; a missing explicit file is an error), then RDMAPS_*
+ * variables. On error *err_msg says what (static or in cfg-owned storage).
+ */
+int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err, size_t errlen);
+
+/* Parse "h1[:p1],h2[:p2] ..." (commas or spaces) into cfg->servers. */
+int rdmaps__config_set_servers(struct rdmaps__config *cfg, const char *list, char *err,
+			       size_t errlen);
+
+/*
+ * Pick the local address: cfg->src if set, else the IPv4 address of the
+ * device's netdev (by GID index when given: a RoCE GID holds the address,
+ * as perftest's -x selects it), else empty (the route decides). Reads sysfs.
+ */
+int rdmaps__config_local_addr(const struct rdmaps__config *cfg, char *out, size_t outlen,
+			      char *err, size_t errlen);
+
+#endif
