@@ -47,7 +47,7 @@ momentum_loop(float *restrict p, float *restrict v, const float *restrict g, siz
 		const float b = mu * v[i] + d;
 
 		v[i] = b;
-		p[i] -= lr * (nesterov ? b : b);
+		p[i] -= lr * (nesterov ? d + mu * b : b);
 	}
 }
 

@@ -232,7 +232,8 @@ void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, ui
 							    t->opt->state_per_param
 				       : NULL,
 			      grad, count, &t->hyper, t->steps[chunk]);
-	t->steps[chunk]++;
+	if (!assign) /* initial values are not a step: Adam's bias correction counts folds */
+		t->steps[chunk]++;
 	h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
 	h->clock = clock;
 	if (assign && atomic_load(&t->state_flag) != TENSOR_READY)
