@@ -3,7 +3,8 @@
  *
  * Ranges, not consistent hashing: a tensor of n chunks is cut into S runs
  * of consecutive chunks whose sizes differ by at most one (n/S or n/S + 1),
- * so every tensor spreads its bytes over all servers within one chunk, and a
+ * so every tensor spreads its bytes over all servers within one chunk
+ * (the bound tests/rdma/test_cluster.c checks), and a
  * pull or push touches each server with one contiguous run (one registration,
  * sequential reads). The run of part k goes to server (h + k) mod S, with h a
  * hash of the name: tensors smaller than S chunks land on different servers
@@ -45,7 +46,10 @@ static inline void rdmaps__place(const char *name, uint32_t nchunks, uint32_t ns
 	for (uint32_t k = 0; k < nservers; k++) {
 		out[k].server = (h + k) % nservers;
 		out[k].first = first;
-		out[k].count = base + (k < extra);
+		/* the extra chunks go to the last parts: the part that ends in
+		 * the short final chunk is then a long one, so shares in floats
+		 * (not just in chunks) differ by at most one chunk */
+		out[k].count = base + (k >= nservers - extra);
 		first += out[k].count;
 	}
 }

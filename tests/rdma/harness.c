@@ -24,16 +24,15 @@ const char *th_addr(void)
 	return a;
 }
 
-void th_server_start(struct th_server *s, ...)
+static void server_startv(struct th_server *s, const char *addr, va_list ap)
 {
 	static unsigned seq;
 	const char *argv[32];
 	int argc = 0, pfd[2];
-	va_list ap;
 	char line[512] = "";
 	size_t have = 0;
 
-	s->addr = th_addr();
+	s->addr = addr;
 	/* a port per test process and per server in it */
 	snprintf(s->port, sizeof(s->port), "%u", 20000u + ((unsigned)getpid() * 7u + seq++) % 30000u);
 	argv[argc++] = RDMAPS_SERVER_BIN;
@@ -43,10 +42,8 @@ void th_server_start(struct th_server *s, ...)
 	argv[argc++] = s->port;
 	argv[argc++] = "--spin-us";
 	argv[argc++] = "50"; /* two vCPUs in the VM: give them back quickly */
-	va_start(ap, s);
 	for (const char *a; (a = va_arg(ap, const char *)) && argc < 30;)
 		argv[argc++] = a;
-	va_end(ap);
 	argv[argc] = NULL;
 
 	cr_assert_eq(pipe(pfd), 0);
@@ -75,6 +72,45 @@ void th_server_start(struct th_server *s, ...)
 			break;
 	}
 	close(pfd[0]);
+}
+
+void th_server_start(struct th_server *s, ...)
+{
+	va_list ap;
+	va_start(ap, s);
+	server_startv(s, th_addr(), ap);
+	va_end(ap);
+}
+
+void th_server_start_at(struct th_server *s, const char *addr, ...)
+{
+	va_list ap;
+	va_start(ap, addr);
+	server_startv(s, addr, ap);
+	va_end(ap);
+}
+
+unsigned th_hosts(const char **out, unsigned n)
+{
+	static char buf[1024];
+	const char *env = getenv("RDMAPS_HOSTS");
+	unsigned have = 0;
+	char *save = NULL;
+
+	if (env && *env) {
+		snprintf(buf, sizeof(buf), "%s", env);
+		for (char *t = strtok_r(buf, " ", &save); t && have < n; t = strtok_r(NULL, " ", &save))
+			out[have++] = t;
+	}
+	if (have < n) {
+		if (have)
+			cr_assert_fail("RDMAPS_HOSTS has %u hosts, the test needs %u", have, n);
+		printf("note: RDMAPS_HOSTS unset: all %u hosts share %s (servers differ by port)\n", n,
+		       th_addr());
+		for (; have < n; have++)
+			out[have] = th_addr();
+	}
+	return have;
 }
 
 int th_server_alive(const struct th_server *s)

@@ -22,6 +22,14 @@ struct th_server {
 const char *th_addr(void);
 /* Start rdmaps-server with extra NULL-terminated args; waits until it serves. */
 void th_server_start(struct th_server *s, ...);
+/* The same on a given address (cluster tests: one server per host). */
+void th_server_start_at(struct th_server *s, const char *addr, ...);
+/*
+ * Addresses of the test "hosts": RDMAPS_HOSTS (tools/rxe-vm --hosts N gives
+ * each its own rxe device), else the single test address n times (servers
+ * then differ by port only). Returns how many were filled (n).
+ */
+unsigned th_hosts(const char **out, unsigned n);
 /* SIGTERM, wait; asserts the server was still alive and exits cleanly. */
 void th_server_stop(struct th_server *s);
 int th_server_alive(const struct th_server *s);
