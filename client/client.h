@@ -60,6 +60,8 @@ struct rdmaps_tensor {
 	size_t stride;
 	char name[RDMAPS_NAME_MAX + 1];
 	rdmaps_tensor *next;
+	struct rdmaps_wire_consistency cons;
+	uint64_t clock;       /* this worker's pushes so far (BSP/SSP) */
 	uint32_t nparts;
 	struct cl_part part[]; /* non-empty parts, in chunk order */
 };
@@ -76,6 +78,10 @@ struct rdmaps_op {
 	float *buf;           /* pull destination or push source */
 	rdmaps_mr *mr;        /* caller's registration covering buf, or NULL: bounce */
 	uint32_t part_lo, part_hi; /* the parts it covers: [lo, hi) */
+	uint32_t clock;       /* push: the worker's clock it carries */
+	float scale;          /* push: clip factor for the whole push */
+	uint64_t min_clock;   /* pull: chunk clock it must see (BSP/SSP) */
+	uint64_t deadline;    /* pull: give up waiting for min_clock */
 	uint32_t total_chunks;
 	uint32_t done_chunks;
 	uint32_t inflight;

@@ -113,7 +113,7 @@ static int part_from_reply(struct cl_part *p, const struct rdmaps_msg_tensor_rep
 		return r->status < 0 ? r->status : RDMAPS_EPROTO;
 	if (r->length != want_len)
 		return RDMAPS_EEXIST; /* same name, another shape */
-	if (r->chunk_elems != ce || r->nchunks != p->nchunks)
+	if (r->chunk_elems != ce || r->nchunks != p->nchunks || r->cons.mode > RDMAPS_SSP)
 		return RDMAPS_EPROTO;
 	p->tensor_id = r->tensor_id;
 	p->raddr = r->remote_addr;
@@ -180,6 +180,8 @@ static int declare_part(rdmaps_tensor *t, uint32_t p, struct rdmaps_msg_declare 
 		return rc;
 	if ((rc = part_from_reply(pt, &r, len, t->chunk_elems)))
 		return rc;
+	t->cons = r.cons;
+	t->clock = r.clock;
 	if (r.created && init) {
 		rdmaps_op *op;
 		if ((rc = cl_op_start_parts(c, OP_PUSH, t, (float *)(uintptr_t)init,
@@ -192,9 +194,10 @@ static int declare_part(rdmaps_tensor *t, uint32_t p, struct rdmaps_msg_declare 
 	if (!r.ready) {
 		if ((rc = wait_ready(k, t->name, &r)))
 			return rc;
-		return part_from_reply(pt, &r, len, t->chunk_elems);
+		rc = part_from_reply(pt, &r, len, t->chunk_elems);
+		t->clock = r.clock;
 	}
-	return 0;
+	return rc;
 }
 
 int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_tensor **out)
@@ -227,6 +230,15 @@ int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_
 	};
 	snprintf(m.optimizer, sizeof(m.optimizer), "%s", opt_names[d->optimizer]);
 	snprintf(m.name, sizeof(m.name), "%s", d->name);
+	if ((unsigned)d->consistency > RDMAPS_SSP || d->aggregate_mean < 0 || d->aggregate_mean > 1)
+		return RDMAPS_EINVAL;
+	m.cons = (struct rdmaps_wire_consistency){
+		.mode = (uint32_t)d->consistency,
+		.staleness = d->staleness,
+		.workers = d->workers,
+		.mean = (uint32_t)d->aggregate_mean,
+		.clip_norm = d->clip_norm,
+	};
 
 	rdmaps__place(d->name, rdmaps__chunk_total(d->length, c->conn[0].chunk_elems), c->nconn, r);
 	t = tensor_alloc(c, d->name, d->length, r, c->nconn);
@@ -285,9 +297,16 @@ int rdmaps_lookup(rdmaps_client *c, const char *name, rdmaps_tensor **out)
 			return rc == RDMAPS_EEXIST ? RDMAPS_EPROTO : rc;
 		}
 	}
+	t->cons = rep[t->part[0].conn].cons;
+	t->clock = rep[t->part[0].conn].clock;
 	tensor_keep(c, t);
 	*out = t;
 	return 0;
+}
+
+uint64_t rdmaps_tensor_clock(const rdmaps_tensor *t)
+{
+	return t ? t->clock : 0;
 }
 
 int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
@@ -311,6 +330,9 @@ int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
 		out->bad_messages += r.stats.bad_messages;
 		out->auth_failures += r.stats.auth_failures;
 		out->disconnects += r.stats.disconnects;
+		out->nonfinite += r.stats.nonfinite;
+		out->clipped += r.stats.clipped;
+		out->evictions += r.stats.evictions;
 	}
 	return 0;
 }

@@ -124,7 +124,10 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 		.flags = (op->assign ? RDMAPS_SLOT_ASSIGN : 0u) |
 			 /* a group ends with the part or when it fills the ring */
 			 (local + 1 == pt->nchunks || (local + 1) % k->slots == 0 ? RDMAPS_SLOT_LAST
-										   : 0u),
+										   : 0u) |
+			 (local + 1 == pt->nchunks ? RDMAPS_SLOT_END : 0u),
+		.clock = op->clock,
+		.scale = op->scale,
 	};
 	rc = ibv_post_send(k->qp, &wr, &bad);
 	if (rc)
@@ -205,6 +208,23 @@ static void read_done(struct cl_conn *k, uint32_t s)
 		(const void *)(rs->scratch + RDMAPS_CHUNK_HDR +
 			       (rdmaps__chunk_data_span(count) - count * sizeof(float)));
 
+	if (!(op->flags & RDMAPS_PULL_RELAXED) && rdmaps__chunk_consistent(h, tr, got, count) &&
+	    h->clock < op->min_clock) {
+		/* whole, but older than this worker's clock allows: read again */
+		k->c->stats.stale_retries++;
+		if (rdmaps__now_ns() < op->deadline && op->status == RDMAPS_EAGAIN) {
+			int rc = post_read(k, op, s);
+			if (!rc)
+				return;
+			cl_fail(k, rc, "ibv_post_send failed");
+			op_finish(op, rc);
+		} else {
+			op_finish(op, RDMAPS_ETIMEDOUT);
+		}
+		op->inflight--;
+		k->rs_free[k->nrs_free++] = s;
+		return;
+	}
 	if (!(op->flags & RDMAPS_PULL_RELAXED) && !rdmaps__chunk_consistent(h, tr, got, count)) {
 		/* raced a fold: read this chunk again with the same slot */
 		k->c->stats.pull_retries++;
@@ -316,6 +336,19 @@ void cl_progress(rdmaps_client *c)
 	}
 }
 
+/* Per-tensor clipping: one scale for the whole push, so every server's part
+ * shrinks alike and the direction of the gradient is kept. */
+static float clip_scale(const float *g, uint64_t n, float clip)
+{
+	double s = 0.0;
+
+	for (uint64_t i = 0; i < n; i++)
+		s += (double)g[i] * (double)g[i];
+	if (!__builtin_isfinite(s) || s <= (double)clip * clip)
+		return 1.0f; /* non-finite: the server refuses it and says so */
+	return (float)((double)clip / __builtin_sqrt(s));
+}
+
 int cl_op_start(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
 		unsigned flags, bool assign, rdmaps_op **out)
 {
@@ -349,6 +382,21 @@ int cl_op_start_parts(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, flo
 		op->mr = find_mr(c, buf, bytes);
 		op->part_lo = lo;
 		op->part_hi = hi;
+		op->clock = 0;
+		op->scale = 1.0f;
+		op->min_clock = 0;
+		if (kind == OP_PUSH && !assign) {
+			if (t->cons.mode != RDMAPS_ASP)
+				op->clock = (uint32_t)t->clock++;
+			if (t->cons.clip_norm > 0.0f)
+				op->scale = clip_scale(buf, t->length, t->cons.clip_norm);
+		} else if (kind == OP_PULL && !(flags & RDMAPS_PULL_RELAXED)) {
+			if (t->cons.mode == RDMAPS_BSP)
+				op->min_clock = t->clock;
+			else if (t->cons.mode == RDMAPS_SSP && t->clock > t->cons.staleness)
+				op->min_clock = t->clock - t->cons.staleness;
+			op->deadline = rdmaps__now_ns() + (uint64_t)c->timeout_ms * 1000000u;
+		}
 		op->total_chunks = 0;
 		for (uint32_t p = lo; p < hi; p++)
 			op->total_chunks += t->part[p].nchunks;

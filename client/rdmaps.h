@@ -158,6 +158,25 @@ struct rdmaps_tensor_desc {
 	float momentum;             /* MOMENTUM, NESTEROV */
 	float beta1, beta2, eps;    /* ADAM, ADAMW (eps also ADAGRAD) */
 	float weight_decay;         /* all optimizers; 0 = none */
+
+	/*
+	 * Consistency (docs/consistency.md). Every push of a BSP/SSP tensor is
+	 * one clock of this worker for it; the handle counts them
+	 * (rdmaps_tensor_clock). ASP (the default): pulls see whatever is
+	 * folded. BSP: a pull at clock c sees exactly every member's pushes of
+	 * clocks < c, aggregated once per clock (sum, or mean with
+	 * aggregate_mean). SSP: a pull at clock c sees at least every push of
+	 * clocks < c - staleness; pushes fold as they come.
+	 */
+	enum rdmaps_consistency {
+		RDMAPS_ASP = 0,
+		RDMAPS_BSP = 1,
+		RDMAPS_SSP = 2,
+	} consistency;
+	uint32_t staleness;         /* SSP bound s */
+	uint32_t workers;           /* BSP/SSP: members to wait for before clock 0 ends */
+	int aggregate_mean;         /* BSP: apply the mean instead of the sum */
+	float clip_norm;            /* > 0: scale each push so its L2 norm is at most this */
 };
 
 /*
@@ -174,6 +193,8 @@ int rdmaps_lookup(rdmaps_client *c, const char *name, rdmaps_tensor **out);
 
 /* Number of float32 elements of a tensor. */
 uint64_t rdmaps_tensor_length(const rdmaps_tensor *t);
+/* This worker's clock for t: its completed pushes (BSP/SSP), else 0. */
+uint64_t rdmaps_tensor_clock(const rdmaps_tensor *t);
 /* Elements of t held by server index `server` (placement; 0 if none). */
 uint64_t rdmaps_tensor_server_elems(const rdmaps_tensor *t, uint32_t server);
 
@@ -238,6 +259,7 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms);
 
 struct rdmaps_client_stats {
 	uint64_t pulls, pushes, pull_retries, bounce_copies;
+	uint64_t stale_retries; /* chunk re-reads waiting for a BSP/SSP clock */
 };
 
 struct rdmaps_server_stats {
@@ -248,6 +270,9 @@ struct rdmaps_server_stats {
 	uint64_t bad_messages;   /* control messages refused */
 	uint64_t auth_failures;
 	uint64_t disconnects;
+	uint64_t nonfinite;      /* pushes refused for NaN or infinity */
+	uint64_t clipped;        /* pushes scaled down to their tensor's clip norm */
+	uint64_t evictions;      /* members evicted from a BSP/SSP clock for stalling */
 };
 
 /* Local counters; never fails. */

@@ -82,8 +82,11 @@ enum rdmaps_slot_flags {
 	 * to the ring's size are atomic; larger ones are atomic per group).
 	 */
 	RDMAPS_SLOT_LAST = 1u << 1,
+	/* last slot of one push of the tensor's part on this server: the
+	 * worker's clock for the tensor ends there (BSP/SSP) */
+	RDMAPS_SLOT_END = 1u << 2,
 };
-#define RDMAPS_SLOT_FLAGS_KNOWN (RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST)
+#define RDMAPS_SLOT_FLAGS_KNOWN (RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST | RDMAPS_SLOT_END)
 
 /* Header at the start of each staging slot; payload (count floats) follows. */
 struct rdmaps_slot_hdr {
@@ -93,8 +96,9 @@ struct rdmaps_slot_hdr {
 	uint32_t chunk;
 	uint32_t count;
 	uint32_t flags;
-	uint32_t clock;
-	uint8_t pad[32];
+	uint32_t clock; /* the worker's clock for the tensor (BSP/SSP) */
+	float scale;    /* multiply the payload by this (clipping); 1 otherwise */
+	uint8_t pad[28];
 };
 _Static_assert(sizeof(struct rdmaps_slot_hdr) == RDMAPS_SLOT_HDR, "slot header size");
 
@@ -130,12 +134,23 @@ struct rdmaps_wire_hyper {
 	float lr, momentum, beta1, beta2, eps, weight_decay;
 };
 
+/* How a tensor's clocks work; part of its declaration. */
+struct rdmaps_wire_consistency {
+	uint32_t mode;      /* enum rdmaps_consistency */
+	uint32_t staleness;
+	uint32_t workers;
+	uint32_t mean;
+	float clip_norm;
+	uint32_t reserved;
+};
+
 struct rdmaps_msg_declare {
 	struct rdmaps_msg_hdr hdr;
 	uint64_t length;
 	float init_value;
 	uint32_t flags;  /* RDMAPS_DECLARE_INIT_DATA: creator will stage values */
 	struct rdmaps_wire_hyper hyper;
+	struct rdmaps_wire_consistency cons;
 	char optimizer[RDMAPS_OPT_NAME_MAX]; /* NUL-padded */
 	char name[RDMAPS_NAME_MAX + 1];      /* NUL-padded */
 };
@@ -163,8 +178,10 @@ struct rdmaps_msg_tensor_reply {
 	uint32_t chunk_elems;
 	uint32_t nchunks;
 	uint32_t created; /* 1: this worker created it and must seal it */
-	uint32_t ready;   /* 0: creator still initialising; retry later */
+	uint32_t ready;   /* 0: creator still initialising, or a clock in progress; retry */
 	uint32_t reserved;
+	struct rdmaps_wire_consistency cons;
+	uint64_t clock;   /* the joining worker's first clock */
 };
 
 struct rdmaps_msg_stats_reply {

@@ -46,8 +46,13 @@ static int conn_expose(struct srv_conn *c, struct srv_tensor *t)
 static void reply_tensor(struct srv_conn *c, uint32_t req_id, struct srv_tensor *t, bool created)
 {
 	struct rdmaps_msg_tensor_reply r = { 0 };
+	uint64_t clock = 0;
+	bool ready = true;
 	int rc = conn_expose(c, t);
 
+	/* a worker that can read a BSP/SSP tensor takes part in its clocks */
+	if (!rc && atomic_load(&t->state_flag) == TENSOR_READY)
+		rc = srv_clock_join(t, c, &clock, &ready);
 	if (rc) {
 		reply_status(c, req_id, rc);
 		return;
@@ -61,7 +66,9 @@ static void reply_tensor(struct srv_conn *c, uint32_t req_id, struct srv_tensor 
 	r.chunk_elems = t->chunk_elems;
 	r.nchunks = t->nchunks;
 	r.created = created;
-	r.ready = atomic_load(&t->state_flag) == TENSOR_READY;
+	r.ready = atomic_load(&t->state_flag) == TENSOR_READY && ready;
+	r.cons = t->cons;
+	r.clock = clock;
 	reply_send(c, &r, sizeof(r));
 }
 
@@ -133,9 +140,12 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 	out->bad_messages = atomic_load(&s->bad_messages);
 	out->auth_failures = atomic_load(&s->auth_failures);
 	out->disconnects = atomic_load(&s->disconnects);
+	out->evictions = atomic_load(&s->evictions);
 	for (unsigned i = 0; s->ft && i < s->cfg.fold_threads; i++) {
 		out->folds += atomic_load(&s->ft[i].folds);
 		out->dropped += atomic_load(&s->ft[i].dropped);
+		out->nonfinite += atomic_load(&s->ft[i].nonfinite);
+		out->clipped += atomic_load(&s->ft[i].clipped);
 	}
 }
 

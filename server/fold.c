@@ -123,26 +123,97 @@ static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, co
 	return 0;
 }
 
+static float *slot_payload(struct srv_conn *c, uint64_t seq)
+{
+	return (float *)(c->staging + (size_t)((seq - 1) % c->slots) * c->slot_size + RDMAPS_SLOT_HDR);
+}
+
+/* Sum of squares in double: a non-finite value, or an overflow, shows as inf/NaN. */
+static double sum_squares(const float *g, uint32_t n)
+{
+	double s = 0.0;
+	for (uint32_t i = 0; i < n; i++)
+		s += (double)g[i] * (double)g[i];
+	return s;
+}
+
+/*
+ * Check the whole group that ends at next_seq - 1 before folding any of it:
+ * headers, finite values, clock sequencing, then the clip norm. Returns 0
+ * with *scale set, or why the group is refused.
+ */
+static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, const char **why)
+{
+	unsigned midx = t->cons.mode != RDMAPS_ASP ? c->member_of[t->id] : 0;
+	uint32_t next_chunk = midx ? t->member[midx - 1].next_chunk : 0;
+	double sumsq = 0.0;
+
+	*scale = 1.0f;
+	for (uint64_t seq = c->group_seq; seq < c->next_seq; seq++) {
+		const struct rdmaps_slot_hdr *h = &c->group_hdr[(seq - 1) % c->slots];
+		double ss;
+		int rc;
+
+		if (h->magic != RDMAPS_SLOT_MAGIC || h->tensor_id != t->id) {
+			*why = "another slot of its push was refused";
+			return RDMAPS_EREMOTE;
+		}
+		if (!(h->scale > 0.0f && h->scale <= 1.0f) || h->scale != c->group_hdr[(c->group_seq - 1) %
+											c->slots].scale) {
+			*why = "bad gradient scale";
+			return RDMAPS_EPROTO;
+		}
+		ss = sum_squares(slot_payload(c, seq), h->count);
+		if (!__builtin_isfinite(ss)) {
+			*why = "non-finite gradient";
+			atomic_fetch_add_explicit(&c->ft->nonfinite, 1, memory_order_relaxed);
+			return RDMAPS_EINVAL;
+		}
+		sumsq += ss * (double)h->scale * (double)h->scale;
+		if (midx && !(h->flags & RDMAPS_SLOT_ASSIGN) &&
+		    (rc = srv_clock_check(t, c, h, &next_chunk))) {
+			*why = rc == RDMAPS_ELIMIT ? "worker evicted from this tensor's clocks"
+						   : "push out of clock order";
+			return rc;
+		}
+	}
+	*scale = c->group_hdr[(c->group_seq - 1) % c->slots].scale;
+	/* the worker scales by the whole push's norm; each server still holds
+	 * its share to the bound, whatever a worker sends */
+	if (t->cons.clip_norm > 0.0f && sumsq > (double)t->cons.clip_norm * t->cons.clip_norm * 1.0002) {
+		*scale *= (float)((double)t->cons.clip_norm / __builtin_sqrt(sumsq));
+		atomic_fetch_add_explicit(&c->ft->clipped, 1, memory_order_relaxed);
+	}
+	return 0;
+}
+
 /* Fold every slot of the group that ends at next_seq - 1, or none of them. */
 static void group_fold(struct srv_conn *c)
 {
-	uint64_t seq;
-	bool refused = false;
+	const struct rdmaps_slot_hdr *first = &c->group_hdr[(c->group_seq - 1) % c->slots];
+	struct srv_tensor *t = first->magic == RDMAPS_SLOT_MAGIC
+				       ? srv_store_get(&c->srv->store, first->tensor_id)
+				       : NULL;
+	const char *why = "another slot of its push was refused";
+	float scale = 1.0f;
+	int rc = t ? group_check(c, t, &scale, &why) : RDMAPS_EREMOTE;
 
-	for (seq = c->group_seq; seq < c->next_seq; seq++)
-		if (c->group_hdr[(seq - 1) % c->slots].magic != RDMAPS_SLOT_MAGIC)
-			refused = true;
-	for (seq = c->group_seq; seq < c->next_seq; seq++) {
-		uint32_t slot = (uint32_t)((seq - 1) % c->slots);
-		const struct rdmaps_slot_hdr *h = &c->group_hdr[slot];
-		if (refused) {
+	for (uint64_t seq = c->group_seq; seq < c->next_seq; seq++) {
+		const struct rdmaps_slot_hdr *h = &c->group_hdr[(seq - 1) % c->slots];
+		float *g = slot_payload(c, seq);
+
+		if (rc) {
 			if (h->magic == RDMAPS_SLOT_MAGIC)
-				slot_drop(c, RDMAPS_EREMOTE, "another slot of its push was refused", seq);
+				slot_drop(c, rc, why, seq);
 			continue;
 		}
-		srv_chunk_apply(srv_store_get(&c->srv->store, h->tensor_id), h->chunk,
-				(const float *)(c->staging + (size_t)slot * c->slot_size + RDMAPS_SLOT_HDR),
-				h->count, h->flags & RDMAPS_SLOT_ASSIGN, h->clock);
+		if (scale != 1.0f) /* our own copy of the staged bytes: scale in place */
+			for (uint32_t i = 0; i < h->count; i++)
+				g[i] *= scale;
+		if (t->cons.mode == RDMAPS_ASP || (h->flags & RDMAPS_SLOT_ASSIGN))
+			srv_chunk_apply(t, h->chunk, g, h->count, h->flags & RDMAPS_SLOT_ASSIGN);
+		else
+			srv_clock_fold(t, c, h, g);
 		atomic_fetch_add_explicit(&c->folds, 1, memory_order_relaxed);
 		atomic_fetch_add_explicit(&c->ft->folds, 1, memory_order_relaxed);
 	}

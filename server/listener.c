@@ -40,6 +40,7 @@ static void conn_free(struct srv_conn *c)
 		if (c->tensor_mr[i])
 			ibv_dereg_mr(c->tensor_mr[i]);
 	free(c->tensor_mr);
+	free(c->member_of);
 	free(c->group_hdr);
 	if (c->staging_mr)
 		ibv_dereg_mr(c->staging_mr);
@@ -90,10 +91,11 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->credit_addr = hello->credit_addr;
 	c->credit_rkey = hello->credit_rkey;
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
+	c->member_of = calloc(s->store.max, sizeof(*c->member_of));
 	c->staging = aligned_alloc(4096, rdmaps__round_up((size_t)c->slots * c->slot_size, 4096));
 	bufs_len = (size_t)(c->recv_depth + 1) * RDMAPS_MSG_MAX;
 	c->bufs = aligned_alloc(4096, bufs_len);
-	if (!c->tensor_mr || !c->staging || !c->bufs || !c->group_hdr)
+	if (!c->tensor_mr || !c->member_of || !c->staging || !c->bufs || !c->group_hdr)
 		goto fail;
 	memset(c->staging, 0, (size_t)c->slots * c->slot_size);
 
@@ -215,6 +217,8 @@ static void conn_teardown(struct srv *s, struct srv_conn *c)
 
 	if (c->attached)
 		srv_fold_detach(c->ft, c);
+	/* after detach nobody folds for it: its clocks can stop waiting */
+	srv_clock_leave(s, c);
 	if (c->prev)
 		c->prev->next = c->next;
 	else
@@ -344,8 +348,9 @@ int srv_run(struct srv *s)
 	while (!atomic_load(&s->stop)) {
 		struct rdma_cm_event *ev;
 
-		if (poll(pfd, 2, 1000) < 0 && errno != EINTR)
+		if (poll(pfd, 2, 100) < 0 && errno != EINTR)
 			return rdmaps__from_errno(errno);
+		srv_clock_tick(s);
 		if (pfd[1].revents & POLLIN)
 			break;
 		if (!(pfd[0].revents & POLLIN))

@@ -45,6 +45,8 @@ static void usage(FILE *f)
 		"      --max-tensor-mb N    largest tensor incl. optimizer state (default 4096)\n"
 		"      --max-total-mb N     all tensors together (default 16384)\n"
 		"      --spin-us N          busy-poll this long before sleeping (default 200)\n"
+		"      --evict-ms N         BSP/SSP: evict a worker stalling a clock this long\n"
+		"                           while others wait (default 10000)\n"
 		"  -v, --verbose            log connections and declarations\n"
 		"  -h, --help\n");
 }
@@ -112,6 +114,7 @@ int main(int argc, char **argv)
 		{ "max-tensor-mb", required_argument, NULL, 'M' },
 		{ "max-total-mb", required_argument, NULL, 'G' },
 		{ "spin-us", required_argument, NULL, 'S' },
+		{ "evict-ms", required_argument, NULL, 'E' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
@@ -134,6 +137,7 @@ int main(int argc, char **argv)
 		.max_tensor_bytes = 4096ull << 20,
 		.max_total_bytes = 16384ull << 20,
 		.spin_us = 200,
+		.evict_ms = 10000,
 	};
 	while ((opt = getopt_long(argc, argv, "a:p:t:C:r:f:vh", opts, NULL)) != -1) {
 		int bad = 0;
@@ -153,6 +157,7 @@ int main(int argc, char **argv)
 		case 'M': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_tensor_bytes = v << 20; break;
 		case 'G': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_total_bytes = v << 20; break;
 		case 'S': bad = parse_u(optarg, 0, 1000000, &v); cfg->spin_us = (unsigned)v; break;
+		case 'E': bad = parse_u(optarg, 10, 86400000, &v); cfg->evict_ms = (unsigned)v; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}

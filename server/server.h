@@ -36,9 +36,21 @@ struct srv_config {
 	uint64_t max_total_bytes;
 	unsigned spin_us;       /* busy-poll this long before sleeping */
 	unsigned server_id;
+	unsigned evict_ms;      /* BSP/SSP: evict a member that stalls a clock this long */
 };
 
 enum tensor_state { TENSOR_INIT = 0, TENSOR_READY = 1 };
+
+#define SRV_MAX_MEMBERS 64 /* workers per BSP/SSP tensor: a bit each in a mask */
+
+/* A worker taking part in a BSP/SSP tensor's clocks (clock.c). */
+struct srv_member {
+	const void *conn;
+	uint64_t clock;       /* pushes completed (its next push is this clock) */
+	uint32_t next_chunk;  /* within the push in progress */
+	uint64_t last_ns;     /* last completed push, for eviction */
+	bool active;
+};
 
 struct srv_tensor {
 	uint32_t id;
@@ -55,6 +67,17 @@ struct srv_tensor {
 	_Atomic int state_flag;       /* enum tensor_state */
 	const void *creator;          /* connection allowed to assign initial values */
 	uint64_t *steps;              /* folds applied per chunk, under the chunk's seqlock */
+
+	/* consistency (clock.c); clock_lock is taken once per push end, never per chunk */
+	struct rdmaps_wire_consistency cons;
+	pthread_mutex_t clock_lock;
+	struct srv_member member[SRV_MAX_MEMBERS];
+	_Atomic uint64_t active_mask; /* members whose pushes a clock waits for */
+	uint32_t joined;              /* members that ever joined (BSP/SSP start gate) */
+	uint64_t clock;               /* SSP: min member clock; BSP: clocks aggregated */
+	float *agg;                   /* BSP: gradients of the pending clock, per chunk */
+	uint64_t *contrib;            /* BSP: per chunk, members that contributed */
+	uint64_t *chunk_clock_done;   /* BSP: per chunk, clocks aggregated */
 };
 
 struct srv_store {
@@ -93,6 +116,7 @@ struct srv_conn {
 	uint32_t recv_depth;
 
 	struct ibv_mr **tensor_mr; /* per tensor id, registered on first use */
+	uint8_t *member_of;        /* per tensor id: member index + 1, or 0 */
 
 	uint64_t credit_addr;
 	uint32_t credit_rkey;
@@ -125,7 +149,7 @@ struct srv_fold_thread {
 	struct srv_conn **conns;     /* owned by this thread alone */
 	uint32_t nconns, cap;
 
-	_Atomic uint64_t folds, dropped, sleeps;
+	_Atomic uint64_t folds, dropped, sleeps, nonfinite, clipped;
 };
 
 struct srv {
@@ -141,7 +165,7 @@ struct srv {
 	uint32_t nconns;             /* listener-owned */
 	struct srv_conn *conns;      /* listener-owned list */
 	uint32_t next_ft;
-	_Atomic uint64_t connections, disconnects, auth_failures, bad_messages, rejected;
+	_Atomic uint64_t connections, disconnects, auth_failures, bad_messages, rejected, evictions;
 };
 
 /* ---- store.c ---- */
@@ -157,9 +181,28 @@ static inline uint8_t *srv_chunk(const struct srv_tensor *t, uint32_t i)
 {
 	return t->mem + (size_t)i * t->stride;
 }
-/* Apply a staged slot's payload to chunk `chunk` of t (fold or assign). */
+/* Apply a staged slot's payload to chunk `chunk` of t (fold or assign); the
+ * chunk's clock field is left alone (clock.c owns it). */
 void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
-		     bool assign, uint32_t clock);
+		     bool assign);
+/* Take / release a chunk's seqlock: version even -> odd; release publishes
+ * (new checksum, version + 2) when changed, else restores the old version. */
+uint64_t srv_chunk_lock(struct srv_tensor *t, uint32_t chunk);
+void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool changed);
+
+/* ---- clock.c: BSP/SSP ---- */
+/* Make conn a member of t (declare/lookup). *ready = 0 when it must retry later. */
+int srv_clock_join(struct srv_tensor *t, struct srv_conn *c, uint64_t *clock, bool *ready);
+/* Checks of one slot against the member's progress (fold time, before folding). */
+int srv_clock_check(struct srv_tensor *t, struct srv_conn *c, const struct rdmaps_slot_hdr *h,
+		    uint32_t *next_chunk);
+/* Fold one slot of a BSP/SSP tensor, advancing the member; payload already scaled. */
+void srv_clock_fold(struct srv_tensor *t, struct srv_conn *c, const struct rdmaps_slot_hdr *h,
+		    const float *grad);
+/* The connection is gone: its clocks stop waiting for it. */
+void srv_clock_leave(struct srv *s, struct srv_conn *c);
+/* Evict members that stall a clock longer than evict_ms (listener, periodic). */
+void srv_clock_tick(struct srv *s);
 
 /* ---- fold.c ---- */
 int srv_fold_start(struct srv *s);

@@ -32,6 +32,10 @@ static void tensor_free(struct srv_tensor *t)
 	free(t->mem);
 	free(t->state);
 	free(t->steps);
+	free(t->agg);
+	free(t->contrib);
+	free(t->chunk_clock_done);
+	pthread_mutex_destroy(&t->clock_lock);
 	free(t);
 }
 
@@ -96,6 +100,8 @@ static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
 								 t->nchunks - 1));
 	t->opt = opt;
 	t->hyper = m->hyper;
+	t->cons = m->cons;
+	pthread_mutex_init(&t->clock_lock, NULL);
 	if (m->flags & RDMAPS_DECLARE_INIT_DATA) {
 		atomic_store(&t->state_flag, TENSOR_INIT);
 		t->creator = conn;
@@ -107,7 +113,14 @@ static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
 	t->steps = calloc(t->nchunks, sizeof(*t->steps));
 	if (opt->state_per_param)
 		t->state = calloc(t->length * opt->state_per_param, sizeof(float));
-	if (!t->mem || !t->steps || (opt->state_per_param && !t->state)) {
+	if (t->cons.mode == RDMAPS_BSP) {
+		/* BSP sums one clock's pushes per chunk before folding them */
+		t->agg = calloc((size_t)t->nchunks * t->chunk_elems, sizeof(float));
+		t->contrib = calloc(t->nchunks, sizeof(*t->contrib));
+		t->chunk_clock_done = calloc(t->nchunks, sizeof(*t->chunk_clock_done));
+	}
+	if (!t->mem || !t->steps || (opt->state_per_param && !t->state) ||
+	    (t->cons.mode == RDMAPS_BSP && (!t->agg || !t->contrib || !t->chunk_clock_done))) {
 		tensor_free(t);
 		return RDMAPS_ENOMEM;
 	}
@@ -122,7 +135,8 @@ static bool same_declaration(const struct srv_tensor *t, const struct rdmaps_msg
 			     const struct srv_optimizer *opt)
 {
 	return t->length == m->length && t->opt == opt &&
-	       !memcmp(&t->hyper, &m->hyper, sizeof(t->hyper));
+	       !memcmp(&t->hyper, &m->hyper, sizeof(t->hyper)) &&
+	       !memcmp(&t->cons, &m->cons, sizeof(t->cons));
 }
 
 int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, const void *conn,
@@ -145,6 +159,15 @@ int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, c
 		return RDMAPS_ERANGE;
 	if (m->flags & ~RDMAPS_DECLARE_INIT_DATA)
 		return RDMAPS_EINVAL;
+	if (m->cons.mode > RDMAPS_SSP || m->cons.staleness > 1000000 ||
+	    m->cons.workers > SRV_MAX_MEMBERS || m->cons.mean > 1 || m->cons.reserved ||
+	    !(m->cons.clip_norm >= 0.0f && m->cons.clip_norm < __builtin_inff()) ||
+	    (m->cons.mode != RDMAPS_SSP && m->cons.staleness) ||
+	    (m->cons.mode != RDMAPS_BSP && m->cons.mean))
+		return RDMAPS_EINVAL;
+	/* BSP sums a clock in float before the optimizer sees it: bound it */
+	if (m->cons.mode == RDMAPS_BSP)
+		bytes += m->length * sizeof(float);
 	bytes = m->length * sizeof(float) * (1 + opt->state_per_param);
 	if (bytes > s->max_tensor_bytes || m->length / s->chunk_elems >= UINT32_MAX)
 		return RDMAPS_ERANGE;
@@ -194,51 +217,68 @@ int srv_store_lookup(struct srv_store *s, const char *name, struct srv_tensor **
 	return 0;
 }
 
-void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
-		     bool assign, uint32_t clock)
+static struct rdmaps_chunk_trl *chunk_trl(struct srv_tensor *t, uint32_t chunk, uint32_t count)
+{
+	return (struct rdmaps_chunk_trl *)(srv_chunk(t, chunk) + RDMAPS_CHUNK_HDR +
+					   rdmaps__chunk_data_span(count));
+}
+
+uint64_t srv_chunk_lock(struct srv_tensor *t, uint32_t chunk)
 {
 	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, chunk);
-	float *data = (float *)(h + 1);
-	struct rdmaps_chunk_trl *tr =
-		(struct rdmaps_chunk_trl *)((uint8_t *)data + rdmaps__chunk_data_span(count));
 	uint64_t v = __atomic_load_n(&h->version, __ATOMIC_RELAXED);
 
 	/*
-	 * Take the chunk: even -> odd. Contended only when two fold threads
-	 * fold the same chunk at once; the holder finishes in microseconds.
-	 * An initialising tensor's chunks start odd and are owned by the
-	 * creator's single fold thread, so assign just keeps them odd.
+	 * even -> odd. Contended only when two fold threads fold the same
+	 * chunk at once; the holder finishes in microseconds.
 	 */
-	if (!assign || (v & 1u) == 0) {
-		for (;;) {
-			if (!(v & 1u) && __atomic_compare_exchange_n(&h->version, &v, v + 1, true,
-								     __ATOMIC_ACQUIRE,
-								     __ATOMIC_RELAXED))
-				break;
-			rdmaps__cpu_relax();
-			v = __atomic_load_n(&h->version, __ATOMIC_RELAXED);
-		}
-		v++;
+	for (;;) {
+		if (!(v & 1u) && __atomic_compare_exchange_n(&h->version, &v, v + 1, true,
+							     __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+			return v;
+		rdmaps__cpu_relax();
+		v = __atomic_load_n(&h->version, __ATOMIC_RELAXED);
 	}
-	/* odd trailer first: a reader that sees the new body sees it odd */
-	__atomic_store_n(&tr->version, v, __ATOMIC_RELAXED);
-	__atomic_thread_fence(__ATOMIC_RELEASE);
+}
 
-	if (assign)
-		memcpy(data, grad, (size_t)count * sizeof(float));
-	else
-		t->opt->apply(data,
-			      t->state ? t->state + (size_t)chunk * t->chunk_elems *
-							    t->opt->state_per_param
-				       : NULL,
-			      grad, count, &t->hyper, t->steps[chunk]);
-	if (!assign) /* initial values are not a step: Adam's bias correction counts folds */
-		t->steps[chunk]++;
-	h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
-	h->clock = clock;
-	if (assign && atomic_load(&t->state_flag) != TENSOR_READY)
-		return; /* stays odd until the creator seals the tensor */
+void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool changed)
+{
+	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, chunk);
+
+	if (!changed) {
+		/* nothing a reader could see changed: the old version stays valid */
+		__atomic_store_n(&h->version, v, __ATOMIC_RELEASE);
+		return;
+	}
+	h->checksum = rdmaps__checksum(h + 1, (size_t)h->count * sizeof(float));
 	/* header even before trailer: equal even versions mean a whole body */
-	__atomic_store_n(&h->version, v + 1, __ATOMIC_RELEASE);
-	__atomic_store_n(&tr->version, v + 1, __ATOMIC_RELEASE);
+	__atomic_store_n(&h->version, v + 2, __ATOMIC_RELEASE);
+	__atomic_store_n(&chunk_trl(t, chunk, h->count)->version, v + 2, __ATOMIC_RELEASE);
+}
+
+void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
+		     bool assign)
+{
+	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, chunk);
+	float *data = (float *)(h + 1);
+	struct rdmaps_chunk_trl *tr = chunk_trl(t, chunk, count);
+	uint64_t v;
+
+	if (assign) {
+		/* an initialising tensor's chunks stay odd ("being written")
+		 * until the creator seals it; only its fold thread writes them */
+		memcpy(data, grad, (size_t)count * sizeof(float));
+		h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
+		return;
+	}
+	v = srv_chunk_lock(t, chunk);
+	/* odd trailer first: a reader that sees the new body sees it odd */
+	__atomic_store_n(&tr->version, v + 1, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_RELEASE);
+	t->opt->apply(data,
+		      t->state ? t->state + (size_t)chunk * t->chunk_elems * t->opt->state_per_param
+			       : NULL,
+		      grad, count, &t->hyper, t->steps[chunk]);
+	t->steps[chunk]++;
+	srv_chunk_unlock(t, chunk, v, true);
 }

@@ -175,7 +175,8 @@ static int raw_slot(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t chunk
 		    float value, uint32_t magic)
 {
 	struct rdmaps_slot_hdr h = { .magic = magic, .tensor_id = tensor, .seq = seq, .chunk = chunk,
-				     .count = count, .flags = RDMAPS_SLOT_LAST };
+				     .count = count, .flags = RDMAPS_SLOT_LAST | RDMAPS_SLOT_END,
+				     .scale = 1.0f };
 	uint32_t slot = (uint32_t)((seq - 1) % r->w.slot_count);
 	float *p = (float *)(r->buf + RAW_DATA_OFF + RDMAPS_SLOT_HDR);
 

@@ -90,8 +90,8 @@ Test(chunk, sgd_fold_exact, .fini = drop_tensor)
 	make_tensor(1000, 1024, 10.0f);
 	for (int i = 0; i < 1000; i++)
 		g[i] = (float)(i % 7) - 3.0f;
-	srv_chunk_apply(tensor, 0, g, 1000, false, 0);
-	srv_chunk_apply(tensor, 0, g, 1000, false, 0);
+	srv_chunk_apply(tensor, 0, g, 1000, false);
+	srv_chunk_apply(tensor, 0, g, 1000, false);
 	cr_assert(read_chunk(0, out));
 	for (int i = 0; i < 1000; i++)
 		cr_assert_eq(out[i], 10.0f - 2.0f * g[i], "element %d: %f", i, out[i]);
@@ -110,7 +110,7 @@ static void *writer(void *arg)
 		for (uint32_t c = 0; c < tensor->nchunks; c++)
 			srv_chunk_apply(tensor, c, g,
 					rdmaps__chunk_count(tensor->length, tensor->chunk_elems, c),
-					false, 0);
+					false);
 	return NULL;
 }
 

@@ -576,7 +576,7 @@ Test(optimizers, chunks_keep_their_own_state_and_steps, .fini = store_fini)
 				if (done[c] == folds[c])
 					continue;
 				make_grad(g, scale, n);
-				srv_chunk_apply(t, c, g, n, false, 0);
+				srv_chunk_apply(t, c, g, n, false);
 				ref_step(&r[c], g);
 				done[c]++;
 				more = true;
