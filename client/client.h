@@ -66,7 +66,7 @@ struct rdmaps_tensor {
 	struct cl_part part[]; /* non-empty parts, in chunk order */
 };
 
-enum op_kind { OP_FREE = 0, OP_PULL, OP_PUSH };
+enum op_kind { OP_FREE = 0, OP_PULL, OP_PUSH, OP_PULL_ROWS, OP_PUSH_ROWS };
 
 struct rdmaps_op {
 	rdmaps_client *c;
@@ -86,12 +86,18 @@ struct rdmaps_op {
 	uint32_t done_chunks;
 	uint32_t inflight;
 	uint32_t unposted;    /* chunks not yet posted, all its parts */
-	uint32_t next[RDMAPS_MAX_SERVERS];     /* per part: next local chunk to post */
+	uint32_t next[RDMAPS_MAX_SERVERS];     /* per part: next local chunk (rows: row index) */
 	uint64_t last_seq[RDMAPS_MAX_SERVERS]; /* push, per server: seq of its last slot */
+	/* sparse rows */
+	const uint64_t *rows;
+	size_t nrows, row_next;                 /* pull: next row to post */
+	uint32_t rows_left[RDMAPS_MAX_SERVERS]; /* push: rows of part p not yet staged */
+	uint32_t pslots[RDMAPS_MAX_SERVERS];    /* push: slots staged for part p */
 };
 
 struct read_slot {
 	uint32_t op, part, local, tries;
+	uint64_t dst_off;     /* float offset in the op's buffer */
 	uint8_t *scratch;     /* CL_SCRATCH bytes in the control region */
 	float *bounce;        /* chunk_elems floats in the data region */
 };

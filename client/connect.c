@@ -293,7 +293,13 @@ static int conn_try(struct cl_conn *k, const struct rdmaps__server_addr *sa, con
 	fcntl(k->ch->fd, F_SETFL, fcntl(k->ch->fd, F_GETFL) | O_NONBLOCK);
 	if (rdma_create_id(k->ch, &k->id, k, RDMA_PS_TCP))
 		return rc;
-	if ((rc = resolve(k, sa, src, timeout)) || (rc = build(k)) ||
+	/*
+	 * Resolution is capped per attempt: a healthy fabric answers in well
+	 * under a second, and a request the kernel lost (seen with rxe when an
+	 * ARP reply races the request) is better retried from scratch than
+	 * waited for until the whole timeout is gone.
+	 */
+	if ((rc = resolve(k, sa, src, timeout < 1000 ? timeout : 1000)) || (rc = build(k)) ||
 	    (rc = establish(k, token, timeout)) || (rc = carve(k)))
 		return rc;
 	return 0;

@@ -82,7 +82,7 @@ static uint64_t run_elems(uint64_t length, uint32_t ce, uint32_t first, uint32_t
 }
 
 static rdmaps_tensor *tensor_alloc(rdmaps_client *c, const char *name, uint64_t length,
-				   const struct rdmaps__range *r, uint32_t nr)
+				   uint32_t ce, const struct rdmaps__range *r, uint32_t nr)
 {
 	uint32_t nparts = 0;
 	rdmaps_tensor *t;
@@ -94,7 +94,7 @@ static rdmaps_tensor *tensor_alloc(rdmaps_client *c, const char *name, uint64_t 
 		return NULL;
 	t->c = c;
 	t->length = length;
-	t->chunk_elems = c->conn[0].chunk_elems;
+	t->chunk_elems = ce; /* the server's chunk size, or a sparse table's row */
 	t->nchunks = rdmaps__chunk_total(length, t->chunk_elems);
 	t->stride = rdmaps__chunk_stride(t->chunk_elems);
 	snprintf(t->name, sizeof(t->name), "%s", name);
@@ -207,6 +207,7 @@ int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_
 	struct rdmaps__range r[RDMAPS_MAX_SERVERS];
 	struct rdmaps_msg_declare m = { 0 };
 	rdmaps_tensor *t;
+	uint32_t ce;
 	int rc = 0;
 
 	if (!c || !d || !out || !d->name || !d->length)
@@ -240,8 +241,12 @@ int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_
 		.clip_norm = d->clip_norm,
 	};
 
-	rdmaps__place(d->name, rdmaps__chunk_total(d->length, c->conn[0].chunk_elems), c->nconn, r);
-	t = tensor_alloc(c, d->name, d->length, r, c->nconn);
+	if (d->row_dim && (d->length % d->row_dim || d->row_dim >= c->conn[0].chunk_elems))
+		return RDMAPS_EINVAL;
+	m.cons.row_dim = d->row_dim;
+	ce = d->row_dim ? d->row_dim : c->conn[0].chunk_elems;
+	rdmaps__place(d->name, rdmaps__chunk_total(d->length, ce), c->nconn, r);
+	t = tensor_alloc(c, d->name, d->length, ce, r, c->nconn);
 	if (!t)
 		return RDMAPS_ENOMEM;
 	for (uint32_t p = 0; p < t->nparts && !rc; p++)
@@ -261,6 +266,7 @@ int rdmaps_lookup(rdmaps_client *c, const char *name, rdmaps_tensor **out)
 	struct rdmaps__range r[RDMAPS_MAX_SERVERS];
 	bool found[RDMAPS_MAX_SERVERS] = { false };
 	uint64_t length = 0;
+	uint32_t ce = c ? c->conn[0].chunk_elems : 0;
 	rdmaps_tensor *t;
 	int rc;
 
@@ -276,11 +282,13 @@ int rdmaps_lookup(rdmaps_client *c, const char *name, rdmaps_tensor **out)
 			return rc;
 		found[i] = true;
 		length += rep[i].length;
+		if (rep[i].cons.row_dim)
+			ce = rep[i].cons.row_dim;
 	}
 	if (!length)
 		return RDMAPS_ENOENT;
-	rdmaps__place(name, rdmaps__chunk_total(length, c->conn[0].chunk_elems), c->nconn, r);
-	t = tensor_alloc(c, name, length, r, c->nconn);
+	rdmaps__place(name, rdmaps__chunk_total(length, ce), c->nconn, r);
+	t = tensor_alloc(c, name, length, ce, r, c->nconn);
 	if (!t)
 		return RDMAPS_ENOMEM;
 	for (uint32_t p = 0; p < t->nparts; p++) {

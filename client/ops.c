@@ -53,7 +53,7 @@ static int post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
 	uint32_t bytes = count * (uint32_t)sizeof(float);
 	uint32_t span = (uint32_t)rdmaps__chunk_data_span(count);
-	float *dst = op->buf + (size_t)chunk * t->chunk_elems;
+	float *dst = op->buf + rs->dst_off;
 	struct ibv_sge sge[3] = {
 		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR, .lkey = k->ctl_mr->lkey },
 		{ .addr = op->mr ? (uintptr_t)dst : (uintptr_t)rs->bounce,
@@ -160,6 +160,7 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 			k->rs[s].op = op_index(op);
 			k->rs[s].part = p;
 			k->rs[s].local = op->next[p];
+			k->rs[s].dst_off = (uint64_t)(pt->first + op->next[p]) * op->t->chunk_elems;
 			k->rs[s].tries = 0;
 			if ((rc = post_read(k, op, s))) {
 				k->rs_free[k->nrs_free++] = s;
@@ -183,8 +184,143 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 	return rc;
 }
 
+/* The part holding chunk (row) r: parts are consecutive runs in order. */
+static uint32_t part_of(const rdmaps_tensor *t, uint64_t r)
+{
+	uint32_t lo = 0, hi = t->nparts;
+
+	while (hi - lo > 1) {
+		uint32_t mid = (lo + hi) / 2;
+		if (t->part[mid].first <= r)
+			lo = mid;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+/* Sparse pull: one READ per named row, straight into its place in dst. */
+static int rows_post_pull(rdmaps_op *op)
+{
+	rdmaps_tensor *t = op->t;
+
+	while (op->row_next < op->nrows) {
+		uint64_t r = op->rows[op->row_next];
+		uint32_t p = part_of(t, r);
+		struct cl_conn *k = &op->c->conn[t->part[p].conn];
+		int rc;
+
+		if (!k->nrs_free || k->sq_outstanding >= CL_SQ_DEPTH)
+			return 0; /* that server is busy: go on when slots return */
+		uint32_t s = k->rs_free[--k->nrs_free];
+		k->rs[s].op = op_index(op);
+		k->rs[s].part = p;
+		k->rs[s].local = (uint32_t)(r - t->part[p].first);
+		k->rs[s].dst_off = (uint64_t)op->row_next * t->chunk_elems;
+		k->rs[s].tries = 0;
+		if ((rc = post_read(k, op, s))) {
+			k->rs_free[k->nrs_free++] = s;
+			cl_fail(k, rc, "ibv_post_send failed");
+			return rc;
+		}
+		op->row_next++;
+		op->unposted--;
+		op->inflight++;
+	}
+	return 0;
+}
+
+/* Sparse push to part p: pack ids and values of its rows into slots. */
+static int rows_post_push(rdmaps_op *op, uint32_t p)
+{
+	rdmaps_tensor *t = op->t;
+	const struct cl_part *pt = &t->part[p];
+	struct cl_conn *k = &op->c->conn[pt->conn];
+	uint32_t dim = t->chunk_elems, me = op_index(op) + 1;
+	uint32_t per_slot = (k->slot_size - RDMAPS_SLOT_HDR) / (uint32_t)(sizeof(uint64_t) + dim * sizeof(float));
+
+	if (k->push_owner && k->push_owner != me)
+		return 0;
+	k->push_owner = me;
+	while (op->rows_left[p] && k->sq_outstanding < CL_SQ_DEPTH &&
+	       k->next_seq < cl_folded_seq(k) + k->slots) {
+		uint64_t seq = k->next_seq;
+		uint32_t slot = (uint32_t)((seq - 1) % k->slots), n = 0;
+		uint8_t *b = k->data + (size_t)slot * k->chunk_elems * sizeof(float);
+		uint32_t cap = op->rows_left[p] < per_slot ? op->rows_left[p] : per_slot;
+		float *vals = (float *)(b + (size_t)cap * sizeof(uint64_t));
+		struct rdmaps_slot_hdr *h = (struct rdmaps_slot_hdr *)cl_slot_hdr(k, slot);
+		struct ibv_sge sge[2] = {
+			{ .addr = (uintptr_t)h, .length = RDMAPS_SLOT_HDR, .lkey = k->ctl_mr->lkey },
+			{ .addr = (uintptr_t)b, .lkey = k->data_mr->lkey },
+		};
+		struct ibv_send_wr wr = {
+			.wr_id = WR_ID(WR_PUSH, k->idx, op_index(op)),
+			.sg_list = sge, .num_sge = 2,
+			.opcode = IBV_WR_RDMA_WRITE_WITH_IMM, .send_flags = IBV_SEND_SIGNALED,
+			.imm_data = htonl(rdmaps__imm_make(slot, seq)),
+			.wr.rdma = { .remote_addr = k->staging_addr + (uint64_t)slot * k->slot_size,
+				     .rkey = k->staging_rkey },
+		}, *bad;
+		int rc;
+
+		/* gather this part's rows from the caller's order (one copy: the
+		 * rows are scattered in both the table and the gradient) */
+		for (size_t j = op->next[p]; j < op->nrows && n < cap; j++) {
+			if (part_of(t, op->rows[j]) != p)
+				continue;
+			((uint64_t *)b)[n] = op->rows[j] - pt->first;
+			memcpy(vals + (size_t)n * dim, op->buf + j * dim, dim * sizeof(float));
+			op->next[p] = (uint32_t)j + 1;
+			n++;
+		}
+		op->rows_left[p] -= n;
+		op->pslots[p]++;
+		sge[1].length = n * (uint32_t)(sizeof(uint64_t) + dim * sizeof(float));
+		*h = (struct rdmaps_slot_hdr){
+			.magic = RDMAPS_SLOT_MAGIC,
+			.tensor_id = pt->tensor_id,
+			.seq = seq,
+			.count = n,
+			.flags = RDMAPS_SLOT_ROWS |
+				 (!op->rows_left[p] || op->pslots[p] % k->slots == 0 ? RDMAPS_SLOT_LAST : 0u) |
+				 (!op->rows_left[p] ? RDMAPS_SLOT_END : 0u),
+			.scale = op->scale,
+		};
+		if ((rc = ibv_post_send(k->qp, &wr, &bad))) {
+			cl_fail(k, rdmaps__from_errno(rc), "ibv_post_send failed");
+			return rdmaps__from_errno(rc);
+		}
+		op->c->stats.bounce_copies++;
+		k->sq_outstanding++;
+		k->next_seq++;
+		op->last_seq[k->idx] = seq;
+		op->unposted--;
+		op->inflight++;
+	}
+	if (!op->rows_left[p])
+		k->push_owner = 0;
+	return 0;
+}
+
 static void op_post(rdmaps_op *op)
 {
+	if (op->kind == OP_PULL_ROWS) {
+		int rc = rows_post_pull(op);
+		if (rc)
+			op_finish(op, rc);
+		return;
+	}
+	if (op->kind == OP_PUSH_ROWS) {
+		for (uint32_t p = op->part_lo; p < op->part_hi && op->unposted; p++) {
+			int rc = rows_post_push(op, p);
+			if (rc) {
+				op_finish(op, rc);
+				return;
+			}
+		}
+		return;
+	}
 	for (uint32_t p = op->part_lo; p < op->part_hi && op->unposted; p++) {
 		int rc = op_post_part(op, p);
 		if (rc) {
@@ -201,7 +337,7 @@ static void read_done(struct cl_conn *k, uint32_t s)
 	rdmaps_tensor *t = op->t;
 	uint32_t chunk = t->part[rs->part].first + rs->local;
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
-	float *dst = op->buf + (size_t)chunk * t->chunk_elems;
+	float *dst = op->buf + rs->dst_off;
 	const float *got = op->mr ? dst : rs->bounce;
 	const struct rdmaps_chunk_hdr *h = (const void *)rs->scratch;
 	const struct rdmaps_chunk_trl *tr =
@@ -282,7 +418,7 @@ static void conn_poll(struct cl_conn *k)
 		case WR_READ:
 			read_done(k, idx);
 			break;
-		case WR_PUSH:
+		case WR_PUSH: /* one slot: a chunk, or a batch of rows */
 			k->c->ops[idx].inflight--;
 			k->c->ops[idx].done_chunks++;
 			break;
@@ -330,7 +466,8 @@ void cl_progress(rdmaps_client *c)
 			op_post(op);
 		if (op->done_chunks < op->total_chunks)
 			continue;
-		if (op->kind == OP_PUSH && (op->flags & RDMAPS_PUSH_FOLDED) && !push_folded(op))
+		if ((op->kind == OP_PUSH || op->kind == OP_PUSH_ROWS) &&
+		    (op->flags & RDMAPS_PUSH_FOLDED) && !push_folded(op))
 			continue;
 		op_finish(op, 0);
 	}
@@ -357,8 +494,9 @@ int cl_op_start(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *bu
 	return cl_op_start_parts(c, kind, t, buf, flags, assign, 0, t->nparts, out);
 }
 
-int cl_op_start_parts(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
-		      unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out)
+/* Take a free op and set it up; nothing is posted yet. */
+static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
+		    unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out)
 {
 	size_t bytes;
 
@@ -402,16 +540,28 @@ int cl_op_start_parts(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, flo
 			op->total_chunks += t->part[p].nchunks;
 		op->done_chunks = op->inflight = 0;
 		op->unposted = op->total_chunks;
+		op->rows = NULL;
+		op->nrows = op->row_next = 0;
 		memset(op->next, 0, sizeof(op->next[0]) * t->nparts);
-		if (kind == OP_PULL)
+		memset(op->last_seq, 0, sizeof(op->last_seq[0]) * c->nconn);
+		if (kind == OP_PULL || kind == OP_PULL_ROWS)
 			c->stats.pulls++;
 		else
 			c->stats.pushes++;
-		op_post(op);
 		*out = op;
 		return 0;
 	}
 	return RDMAPS_EBUSY;
+}
+
+int cl_op_start_parts(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
+		      unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out)
+{
+	int rc = op_alloc(c, kind, t, buf, flags, assign, lo, hi, out);
+
+	if (!rc)
+		op_post(*out);
+	return rc;
 }
 
 static int op_release(rdmaps_op *op)
@@ -500,6 +650,80 @@ int rdmaps_push(rdmaps_client *c, rdmaps_tensor *t, const float *grad, unsigned 
 	return rc ? rc : cl_op_wait(op, -1);
 }
 
+static int rows_start(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, const uint64_t *rows,
+		      size_t n, float *buf, unsigned flags, rdmaps_op **out)
+{
+	rdmaps_op *op;
+	int rc;
+
+	if (!c || !t || !rows || !n || !buf || t->c != c || !t->cons.row_dim || n > UINT32_MAX)
+		return RDMAPS_EINVAL;
+	for (size_t j = 0; j < n; j++)
+		if (rows[j] >= t->nchunks)
+			return RDMAPS_ERANGE;
+	/* start as an empty op of the right kind, then size it for the rows */
+	if ((rc = op_alloc(c, kind, t, buf, flags, false, 0, t->nparts, &op)))
+		return rc;
+	if (kind == OP_PUSH_ROWS)
+		op->scale = t->cons.clip_norm > 0.0f
+				    ? clip_scale(buf, (uint64_t)n * t->chunk_elems, t->cons.clip_norm)
+				    : 1.0f;
+	op->rows = rows;
+	op->nrows = n;
+	/* pushed rows are gathered through the bounce buffers; pulled rows go
+	 * straight into dst when the caller registered it */
+	op->mr = kind == OP_PULL_ROWS ? find_mr(c, buf, n * t->chunk_elems * sizeof(float)) : NULL;
+	memset(op->rows_left, 0, sizeof(op->rows_left[0]) * t->nparts);
+	memset(op->pslots, 0, sizeof(op->pslots[0]) * t->nparts);
+	if (kind == OP_PULL_ROWS) {
+		op->total_chunks = (uint32_t)n;
+	} else {
+		struct cl_conn *k0 = &c->conn[0];
+		uint32_t per = (k0->slot_size - RDMAPS_SLOT_HDR) /
+			       (uint32_t)(sizeof(uint64_t) + t->chunk_elems * sizeof(float));
+		op->total_chunks = 0;
+		for (size_t j = 0; j < n; j++)
+			op->rows_left[part_of(t, rows[j])]++;
+		for (uint32_t p = 0; p < t->nparts; p++)
+			op->total_chunks += (op->rows_left[p] + per - 1) / per;
+	}
+	op->unposted = op->total_chunks;
+	op_post(op);
+	*out = op;
+	return 0;
+}
+
+int rdmaps_pull_rows(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
+		     float *dst, unsigned flags)
+{
+	rdmaps_op *op;
+	int rc;
+
+	if (flags & RDMAPS_PUSH_FOLDED)
+		return RDMAPS_EINVAL;
+	if ((rc = rows_start(c, OP_PULL_ROWS, t, rows, n, dst, flags, &op)))
+		return rc;
+	return cl_op_wait(op, -1);
+}
+
+int rdmaps_push_rows(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
+		     const float *grad, unsigned flags)
+{
+	rdmaps_op *op;
+	int rc;
+
+	if (flags & RDMAPS_PULL_RELAXED)
+		return RDMAPS_EINVAL;
+	if ((rc = rows_start(c, OP_PUSH_ROWS, t, rows, n, (float *)(uintptr_t)grad, flags, &op)))
+		return rc;
+	return cl_op_wait(op, -1);
+}
+
+uint32_t rdmaps_tensor_row_dim(const rdmaps_tensor *t)
+{
+	return t ? t->cons.row_dim : 0;
+}
+
 int rdmaps_flush(rdmaps_client *c, int timeout_ms)
 {
 	uint64_t deadline;
@@ -515,7 +739,7 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms)
 		if (c->broken)
 			return c->broken;
 		for (uint32_t i = 0; i < CL_MAX_OPS; i++)
-			if (c->ops[i].kind == OP_PUSH && c->ops[i].unposted &&
+			if ((c->ops[i].kind == OP_PUSH || c->ops[i].kind == OP_PUSH_ROWS) && c->ops[i].unposted &&
 			    c->ops[i].status == RDMAPS_EAGAIN)
 				pending = true;
 		for (uint32_t i = 0; i < c->nconn && !pending; i++)

@@ -177,6 +177,14 @@ struct rdmaps_tensor_desc {
 	uint32_t workers;           /* BSP/SSP: members to wait for before clock 0 ends */
 	int aggregate_mean;         /* BSP: apply the mean instead of the sum */
 	float clip_norm;            /* > 0: scale each push so its L2 norm is at most this */
+
+	/*
+	 * > 0: a sparse table of length / row_dim rows (an embedding). Rows are
+	 * pulled and pushed by id (rdmaps_pull_rows / rdmaps_push_rows), each
+	 * row guarded on its own against torn reads. row_dim must divide
+	 * length and fit the server's chunk size. Row pushes need ASP.
+	 */
+	uint32_t row_dim;
 };
 
 /*
@@ -248,6 +256,21 @@ int rdmaps_push_async(rdmaps_client *c, rdmaps_tensor *t, const float *grad,
 int rdmaps_test(rdmaps_op *op);
 /* Block until done or timeout_ms (<0: forever). RDMAPS_ETIMEDOUT keeps the op. */
 int rdmaps_wait(rdmaps_op *op, int timeout_ms);
+
+/*
+ * Sparse tables: pull or push only the rows named. rows[i] < rows of t;
+ * dst / grad hold n * row_dim floats, row i at i * row_dim. A pull posts
+ * one READ per row, all before waiting (they pipeline: many rows cost about
+ * one round trip plus their bytes); a push packs ids and values into
+ * staging slots and the server folds only those rows. A row named twice in
+ * one push is folded twice. Blocking; flags as for rdmaps_pull/push.
+ */
+int rdmaps_pull_rows(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
+		     float *dst, unsigned flags);
+int rdmaps_push_rows(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
+		     const float *grad, unsigned flags);
+/* Row length of a sparse table, 0 for a dense tensor. */
+uint32_t rdmaps_tensor_row_dim(const rdmaps_tensor *t);
 
 /*
  * Wait until every push posted so far on this client has been folded by the

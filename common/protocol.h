@@ -85,8 +85,12 @@ enum rdmaps_slot_flags {
 	/* last slot of one push of the tensor's part on this server: the
 	 * worker's clock for the tensor ends there (BSP/SSP) */
 	RDMAPS_SLOT_END = 1u << 2,
+	/* sparse rows: count rows, payload = count u64 row ids (of the part),
+	 * then count * row_dim floats */
+	RDMAPS_SLOT_ROWS = 1u << 3,
 };
-#define RDMAPS_SLOT_FLAGS_KNOWN (RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST | RDMAPS_SLOT_END)
+#define RDMAPS_SLOT_FLAGS_KNOWN \
+	(RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | RDMAPS_SLOT_ROWS)
 
 /* Header at the start of each staging slot; payload (count floats) follows. */
 struct rdmaps_slot_hdr {
@@ -141,7 +145,7 @@ struct rdmaps_wire_consistency {
 	uint32_t workers;
 	uint32_t mean;
 	float clip_norm;
-	uint32_t reserved;
+	uint32_t row_dim; /* > 0: a sparse table of rows; its chunks are rows */
 };
 
 struct rdmaps_msg_declare {

@@ -82,8 +82,10 @@ int rdmaps__cm_wait(struct rdma_event_channel *ch, enum rdma_cm_event_type want,
 
 	/* the channel fd is non-blocking for callers that use this helper */
 	rc = poll(&pfd, 1, timeout_ms < 0 ? -1 : timeout_ms);
-	if (rc == 0)
+	if (rc == 0) {
+		log_debug("rdma_cm: no %s within %d ms", rdma_event_str(want), timeout_ms);
 		return RDMAPS_ETIMEDOUT;
+	}
 	if (rc < 0)
 		return rdmaps__from_errno(errno);
 	if (rdma_get_cm_event(ch, &e))

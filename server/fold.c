@@ -101,9 +101,17 @@ static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, co
 		*why = "unknown tensor";
 		return RDMAPS_ENOENT;
 	}
-	if (h->chunk >= t->nchunks ||
-	    h->count != rdmaps__chunk_count(t->length, t->chunk_elems, h->chunk) ||
-	    (size_t)h->count * sizeof(float) > c->slot_size - RDMAPS_SLOT_HDR) {
+	if (h->flags & RDMAPS_SLOT_ROWS) {
+		/* sparse rows: ids then values; ids are checked when folded */
+		if (!t->cons.row_dim || (h->flags & RDMAPS_SLOT_ASSIGN) || !h->count ||
+		    (size_t)h->count * (sizeof(uint64_t) + t->cons.row_dim * sizeof(float)) >
+			    c->slot_size - RDMAPS_SLOT_HDR) {
+			*why = "row count out of range";
+			return RDMAPS_ERANGE;
+		}
+	} else if (h->chunk >= t->nchunks ||
+		   h->count != rdmaps__chunk_count(t->length, t->chunk_elems, h->chunk) ||
+		   (size_t)h->count * sizeof(float) > c->slot_size - RDMAPS_SLOT_HDR) {
 		*why = "chunk or count out of range";
 		return RDMAPS_ERANGE;
 	}
@@ -126,6 +134,33 @@ static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, co
 static float *slot_payload(struct srv_conn *c, uint64_t seq)
 {
 	return (float *)(c->staging + (size_t)((seq - 1) % c->slots) * c->slot_size + RDMAPS_SLOT_HDR);
+}
+
+/* The gradient values of a slot: after the row ids for a sparse slot. */
+static float *slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, float *p,
+			  uint32_t *n)
+{
+	if (h->flags & RDMAPS_SLOT_ROWS) {
+		*n = h->count * t->cons.row_dim;
+		return p + 2 * (size_t)h->count; /* count u64 ids */
+	}
+	*n = h->count;
+	return p;
+}
+
+/* Fold the rows of a sparse slot; an id out of range refuses that row only
+ * (they were all checked before: only a worker rewriting its slot gets here). */
+static void rows_fold(struct srv_tensor *t, const struct rdmaps_slot_hdr *h, float *p)
+{
+	const uint64_t *ids = (const uint64_t *)p;
+	uint32_t n, dim = t->cons.row_dim;
+	float *v = slot_values(t, h, p, &n);
+
+	for (uint32_t k = 0; k < h->count; k++) {
+		uint64_t id = ids[k];
+		if (id < t->nchunks)
+			srv_chunk_apply(t, (uint32_t)id, v + (size_t)k * dim, dim, false);
+	}
 }
 
 /* Sum of squares in double: a non-finite value, or an overflow, shows as inf/NaN. */
@@ -163,7 +198,17 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 			*why = "bad gradient scale";
 			return RDMAPS_EPROTO;
 		}
-		ss = sum_squares(slot_payload(c, seq), h->count);
+		uint32_t nv;
+		float *vals = slot_values(t, h, slot_payload(c, seq), &nv);
+		if (h->flags & RDMAPS_SLOT_ROWS) {
+			const uint64_t *ids = (const uint64_t *)slot_payload(c, seq);
+			for (uint32_t k = 0; k < h->count; k++)
+				if (ids[k] >= t->nchunks) {
+					*why = "row id out of range";
+					return RDMAPS_ERANGE;
+				}
+		}
+		ss = sum_squares(vals, nv);
 		if (!__builtin_isfinite(ss)) {
 			*why = "non-finite gradient";
 			atomic_fetch_add_explicit(&c->ft->nonfinite, 1, memory_order_relaxed);
@@ -207,10 +252,15 @@ static void group_fold(struct srv_conn *c)
 				slot_drop(c, rc, why, seq);
 			continue;
 		}
-		if (scale != 1.0f) /* our own copy of the staged bytes: scale in place */
-			for (uint32_t i = 0; i < h->count; i++)
-				g[i] *= scale;
-		if (t->cons.mode == RDMAPS_ASP || (h->flags & RDMAPS_SLOT_ASSIGN))
+		if (scale != 1.0f) { /* our own copy of the staged bytes: scale in place */
+			uint32_t nv;
+			float *vals = slot_values(t, h, g, &nv);
+			for (uint32_t i = 0; i < nv; i++)
+				vals[i] *= scale;
+		}
+		if (h->flags & RDMAPS_SLOT_ROWS)
+			rows_fold(t, h, g);
+		else if (t->cons.mode == RDMAPS_ASP || (h->flags & RDMAPS_SLOT_ASSIGN))
 			srv_chunk_apply(t, h->chunk, g, h->count, h->flags & RDMAPS_SLOT_ASSIGN);
 		else
 			srv_clock_fold(t, c, h, g);

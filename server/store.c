@@ -92,7 +92,7 @@ static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
 		return RDMAPS_ENOMEM;
 	memcpy(t->name, m->name, sizeof(t->name));
 	t->length = m->length;
-	t->chunk_elems = s->chunk_elems;
+	t->chunk_elems = m->cons.row_dim ? m->cons.row_dim : s->chunk_elems;
 	t->nchunks = rdmaps__chunk_total(t->length, t->chunk_elems);
 	t->stride = rdmaps__chunk_stride(t->chunk_elems);
 	t->mem_len = (size_t)(t->nchunks - 1) * t->stride +
@@ -160,16 +160,23 @@ int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, c
 	if (m->flags & ~RDMAPS_DECLARE_INIT_DATA)
 		return RDMAPS_EINVAL;
 	if (m->cons.mode > RDMAPS_SSP || m->cons.staleness > 1000000 ||
-	    m->cons.workers > SRV_MAX_MEMBERS || m->cons.mean > 1 || m->cons.reserved ||
+	    m->cons.workers > SRV_MAX_MEMBERS || m->cons.mean > 1 ||
 	    !(m->cons.clip_norm >= 0.0f && m->cons.clip_norm < __builtin_inff()) ||
 	    (m->cons.mode != RDMAPS_SSP && m->cons.staleness) ||
 	    (m->cons.mode != RDMAPS_BSP && m->cons.mean))
 		return RDMAPS_EINVAL;
-	/* BSP sums a clock in float before the optimizer sees it: bound it */
+	/* a sparse table's chunks are its rows: one must fit a staging slot
+	 * with its id; row pushes fold as they come (ASP) */
+	if (m->cons.row_dim &&
+	    (m->cons.row_dim > s->chunk_elems - 2 || m->length % m->cons.row_dim ||
+	     m->cons.mode != RDMAPS_ASP))
+		return RDMAPS_EINVAL;
+	bytes = m->length * sizeof(float) * (1 + opt->state_per_param);
+	/* BSP sums a clock in float before the optimizer sees it: count it */
 	if (m->cons.mode == RDMAPS_BSP)
 		bytes += m->length * sizeof(float);
-	bytes = m->length * sizeof(float) * (1 + opt->state_per_param);
-	if (bytes > s->max_tensor_bytes || m->length / s->chunk_elems >= UINT32_MAX)
+	if (bytes > s->max_tensor_bytes ||
+	    m->length / (m->cons.row_dim ? m->cons.row_dim : s->chunk_elems) >= UINT32_MAX)
 		return RDMAPS_ERANGE;
 
 	pthread_mutex_lock(&s->lock);

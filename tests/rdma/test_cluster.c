@@ -232,7 +232,7 @@ Test(cluster, missing_server_is_named, .init = start_cluster, .fini = stop_all, 
 	int pfd[2], saved;
 	rdmaps_client *c = NULL;
 	struct rdmaps_cluster_opts o = { .servers = list, .src_addr = host[3], .token = TH_TOKEN,
-					 .timeout_ms = 1500 };
+					 .timeout_ms = 3000 };
 	uint64_t t0;
 
 	/* a fourth server on a port where nobody listens */
