@@ -296,6 +296,9 @@ struct rdmaps_server_stats {
 	uint64_t nonfinite;      /* pushes refused for NaN or infinity */
 	uint64_t clipped;        /* pushes scaled down to their tensor's clip norm */
 	uint64_t evictions;      /* members evicted from a BSP/SSP clock for stalling */
+	uint64_t checkpoints;    /* checkpoints written since start */
+	uint64_t checkpoint_failures;
+	uint64_t restored_seq;   /* checkpoint restored at start (0: none) */
 };
 
 /* Local counters; never fails. */

@@ -34,6 +34,18 @@ static size_t msg_size(uint16_t type)
 		return sizeof(struct rdmaps_msg_hdr);
 	case RDMAPS_MSG_SEAL:
 		return sizeof(struct rdmaps_msg_seal);
+	case RDMAPS_MSG_CHECKPOINT:
+		return sizeof(struct rdmaps_msg_hdr);
+	case RDMAPS_MSG_CATALOG:
+	case RDMAPS_MSG_CHUNKS:
+	case RDMAPS_MSG_WORKERS:
+		return sizeof(struct rdmaps_msg_page);
+	case RDMAPS_MSG_CATALOG_REPLY:
+		return sizeof(struct rdmaps_msg_catalog_reply);
+	case RDMAPS_MSG_CHUNKS_REPLY:
+		return sizeof(struct rdmaps_msg_chunks_reply);
+	case RDMAPS_MSG_WORKERS_REPLY:
+		return sizeof(struct rdmaps_msg_workers_reply);
 	case RDMAPS_MSG_TENSOR_REPLY:
 		return sizeof(struct rdmaps_msg_tensor_reply);
 	case RDMAPS_MSG_STATS_REPLY:

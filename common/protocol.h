@@ -119,9 +119,16 @@ enum rdmaps_msg_type {
 	RDMAPS_MSG_LOOKUP = 2,
 	RDMAPS_MSG_STATS = 3,
 	RDMAPS_MSG_SEAL = 4, /* creator: initial values are staged, open the tensor */
+	RDMAPS_MSG_CHECKPOINT = 5, /* write a checkpoint now (status: accepted) */
+	RDMAPS_MSG_CATALOG = 6,    /* list tensors, a page at a time */
+	RDMAPS_MSG_CHUNKS = 7,     /* versions of one tensor's chunks */
+	RDMAPS_MSG_WORKERS = 8,    /* connected workers and their counters */
 	RDMAPS_MSG_TENSOR_REPLY = 0x81,
 	RDMAPS_MSG_STATS_REPLY = 0x83,
 	RDMAPS_MSG_STATUS_REPLY = 0x84,
+	RDMAPS_MSG_CATALOG_REPLY = 0x86,
+	RDMAPS_MSG_CHUNKS_REPLY = 0x87,
+	RDMAPS_MSG_WORKERS_REPLY = 0x88,
 };
 
 struct rdmaps_msg_hdr {
@@ -200,6 +207,53 @@ struct rdmaps_msg_status_reply {
 	int32_t status;
 	uint32_t reserved;
 };
+
+/* Paged listings for rdmaps-ctl: the request names where to start. */
+struct rdmaps_msg_page {
+	struct rdmaps_msg_hdr hdr;
+	uint32_t id;    /* CHUNKS: the tensor; otherwise 0 */
+	uint32_t start; /* first entry wanted */
+};
+
+#define RDMAPS_CATALOG_PAGE 32
+struct rdmaps_wire_tensor_info {
+	uint32_t id, nchunks;
+	uint64_t length;
+	uint64_t clock;
+	uint64_t folds;    /* sum of per-chunk fold counts */
+	uint32_t mode, row_dim;
+	char optimizer[RDMAPS_OPT_NAME_MAX];
+	char name[RDMAPS_NAME_MAX + 1];
+};
+struct rdmaps_msg_catalog_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t total, count, reserved;
+	struct rdmaps_wire_tensor_info t[RDMAPS_CATALOG_PAGE];
+};
+
+#define RDMAPS_CHUNKS_PAGE 400
+struct rdmaps_msg_chunks_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t total, count, reserved;
+	uint64_t version[RDMAPS_CHUNKS_PAGE];
+};
+
+#define RDMAPS_WORKERS_PAGE 40
+struct rdmaps_wire_worker_info {
+	char addr[48];
+	uint64_t folds, dropped, bad_messages, next_seq;
+};
+struct rdmaps_msg_workers_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t total, count, reserved;
+	struct rdmaps_wire_worker_info w[RDMAPS_WORKERS_PAGE];
+};
+_Static_assert(sizeof(struct rdmaps_msg_catalog_reply) <= RDMAPS_MSG_MAX, "catalog page fits");
+_Static_assert(sizeof(struct rdmaps_msg_chunks_reply) <= RDMAPS_MSG_MAX, "chunks page fits");
+_Static_assert(sizeof(struct rdmaps_msg_workers_reply) <= RDMAPS_MSG_MAX, "workers page fits");
 
 /*
  * Validation, done where a message is received. Each returns 0 or a negative

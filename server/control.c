@@ -4,9 +4,11 @@
  * where it is received; a bad message gets an error reply and is counted,
  * and nothing else changes.
  */
+#include <stdio.h>
 #include <string.h>
 
 #include "log.h"
+#include "optimizer.h"
 #include "server.h"
 
 static void reply_send(struct srv_conn *c, const void *msg, uint32_t len)
@@ -141,12 +143,85 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 	out->auth_failures = atomic_load(&s->auth_failures);
 	out->disconnects = atomic_load(&s->disconnects);
 	out->evictions = atomic_load(&s->evictions);
+	out->checkpoints = atomic_load(&s->checkpoints);
+	out->checkpoint_failures = atomic_load(&s->checkpoint_failures);
+	out->restored_seq = atomic_load(&s->restored_seq);
 	for (unsigned i = 0; s->ft && i < s->cfg.fold_threads; i++) {
 		out->folds += atomic_load(&s->ft[i].folds);
 		out->dropped += atomic_load(&s->ft[i].dropped);
 		out->nonfinite += atomic_load(&s->ft[i].nonfinite);
 		out->clipped += atomic_load(&s->ft[i].clipped);
 	}
+}
+
+static void on_catalog(struct srv_conn *c, const struct rdmaps_msg_page *m)
+{
+	static _Thread_local struct rdmaps_msg_catalog_reply r;
+	struct srv_store *st = &c->srv->store;
+	uint32_t n = atomic_load(&st->count);
+
+	memset(&r, 0, sizeof(r));
+	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_CATALOG_REPLY, sizeof(r), m->hdr.req_id);
+	r.total = n;
+	for (uint32_t i = m->start; i < n && r.count < RDMAPS_CATALOG_PAGE; i++) {
+		struct srv_tensor *t = srv_store_get(st, i);
+		struct rdmaps_wire_tensor_info *e = &r.t[r.count++];
+		e->id = t->id;
+		e->nchunks = t->nchunks;
+		e->length = t->length;
+		e->clock = t->cons.mode == RDMAPS_BSP ? t->chunk_clock_done[0] : t->clock;
+		for (uint32_t k = 0; k < t->nchunks; k++)
+			e->folds += __atomic_load_n(&t->steps[k], __ATOMIC_RELAXED);
+		e->mode = t->cons.mode;
+		e->row_dim = t->cons.row_dim;
+		snprintf(e->optimizer, sizeof(e->optimizer), "%s", t->opt->name);
+		memcpy(e->name, t->name, sizeof(e->name));
+	}
+	reply_send(c, &r, sizeof(r));
+}
+
+static void on_chunks(struct srv_conn *c, const struct rdmaps_msg_page *m)
+{
+	static _Thread_local struct rdmaps_msg_chunks_reply r;
+	struct srv_tensor *t = srv_store_get(&c->srv->store, m->id);
+
+	if (!t) {
+		bad_message(c, m->hdr.req_id, RDMAPS_ENOENT, "chunks of an unknown tensor");
+		return;
+	}
+	memset(&r, 0, sizeof(r));
+	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_CHUNKS_REPLY, sizeof(r), m->hdr.req_id);
+	r.total = t->nchunks;
+	for (uint32_t i = m->start; i < t->nchunks && r.count < RDMAPS_CHUNKS_PAGE; i++) {
+		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, i);
+		r.version[r.count++] = __atomic_load_n(&h->version, __ATOMIC_ACQUIRE);
+	}
+	reply_send(c, &r, sizeof(r));
+}
+
+static void on_workers(struct srv_conn *c, const struct rdmaps_msg_page *m)
+{
+	static _Thread_local struct rdmaps_msg_workers_reply r;
+	struct srv *s = c->srv;
+	uint32_t i = 0;
+
+	memset(&r, 0, sizeof(r));
+	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_WORKERS_REPLY, sizeof(r), m->hdr.req_id);
+	pthread_mutex_lock(&s->conns_lock);
+	for (struct srv_conn *w = s->conns; w; w = w->next, i++) {
+		struct rdmaps_wire_worker_info *e;
+		r.total++;
+		if (i < m->start || r.count == RDMAPS_WORKERS_PAGE)
+			continue;
+		e = &r.w[r.count++];
+		snprintf(e->addr, sizeof(e->addr), "%s", w->peer);
+		e->folds = atomic_load(&w->folds);
+		e->dropped = atomic_load(&w->dropped);
+		e->bad_messages = atomic_load(&w->bad_msgs);
+		e->next_seq = __atomic_load_n(&w->next_seq, __ATOMIC_RELAXED);
+	}
+	pthread_mutex_unlock(&s->conns_lock);
+	reply_send(c, &r, sizeof(r));
 }
 
 void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len)
@@ -185,6 +260,29 @@ void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len)
 		rdmaps__msg_init(&r.hdr, RDMAPS_MSG_STATS_REPLY, sizeof(r), h.req_id);
 		srv_stats_collect(c->srv, &r.stats);
 		reply_send(c, &r, sizeof(r));
+		break;
+	}
+	case RDMAPS_MSG_CHECKPOINT:
+		if (!c->srv->cfg.ckpt_dir) {
+			reply_status(c, h.req_id, RDMAPS_ENOTSUP);
+			break;
+		}
+		/* the listener writes it (fold threads, this one too, are parked);
+		 * rdmaps-ctl watches the checkpoint counter for the outcome */
+		atomic_store(&c->srv->ckpt_req, true);
+		reply_status(c, h.req_id, 0);
+		break;
+	case RDMAPS_MSG_CATALOG:
+	case RDMAPS_MSG_CHUNKS:
+	case RDMAPS_MSG_WORKERS: {
+		struct rdmaps_msg_page m;
+		memcpy(&m, msg, sizeof(m));
+		if (type == RDMAPS_MSG_CATALOG)
+			on_catalog(c, &m);
+		else if (type == RDMAPS_MSG_CHUNKS)
+			on_chunks(c, &m);
+		else
+			on_workers(c, &m);
 		break;
 	}
 	default:

@@ -441,7 +441,7 @@ static void fold_sleep(struct srv_fold_thread *ft)
 	for (uint32_t i = 0; i < ft->nconns; i++)
 		if (conn_poll(ft->conns[i]))
 			return;
-	if (atomic_load(&ft->mail_pending) || atomic_load(&s->stop))
+	if (atomic_load(&ft->mail_pending) || atomic_load(&s->stop) || atomic_load(&s->pause_req))
 		return;
 	atomic_fetch_add_explicit(&ft->sleeps, 1, memory_order_relaxed);
 	pfd[n++] = (struct pollfd){ .fd = ft->wake_fd, .events = POLLIN };
@@ -466,6 +466,42 @@ struct ibv_comp_channel *srv_fold_channel(struct srv *s, struct srv_fold_thread 
 	return NULL;
 }
 
+/* Parked for a checkpoint: nothing folds until the listener lets go. */
+static void fold_park(struct srv_fold_thread *ft)
+{
+	struct srv *s = ft->srv;
+
+	pthread_mutex_lock(&s->pause_lock);
+	s->paused++;
+	pthread_cond_broadcast(&s->pause_cond);
+	while (atomic_load(&s->pause_req))
+		pthread_cond_wait(&s->pause_cond, &s->pause_lock);
+	s->paused--;
+	pthread_mutex_unlock(&s->pause_lock);
+}
+
+void srv_fold_pause(struct srv *s)
+{
+	uint64_t one = 1;
+
+	pthread_mutex_lock(&s->pause_lock);
+	atomic_store(&s->pause_req, true);
+	for (unsigned i = 0; i < s->cfg.fold_threads; i++)
+		if (write(s->ft[i].wake_fd, &one, sizeof(one)) < 0)
+			log_warn("fold thread %u: wake-up write failed", i);
+	while (s->paused < s->cfg.fold_threads)
+		pthread_cond_wait(&s->pause_cond, &s->pause_lock);
+	pthread_mutex_unlock(&s->pause_lock);
+}
+
+void srv_fold_resume(struct srv *s)
+{
+	pthread_mutex_lock(&s->pause_lock);
+	atomic_store(&s->pause_req, false);
+	pthread_cond_broadcast(&s->pause_cond);
+	pthread_mutex_unlock(&s->pause_lock);
+}
+
 static void *fold_main(void *arg)
 {
 	struct srv_fold_thread *ft = arg;
@@ -485,6 +521,8 @@ static void *fold_main(void *arg)
 
 		if (atomic_load_explicit(&ft->mail_pending, memory_order_acquire))
 			mail_handle(ft);
+		if (atomic_load_explicit(&ft->srv->pause_req, memory_order_relaxed))
+			fold_park(ft);
 		for (uint32_t i = 0; i < ft->nconns; i++)
 			work += conn_poll(ft->conns[i]);
 		if (work) {

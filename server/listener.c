@@ -198,11 +198,18 @@ static void on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 		conn_free(c);
 		goto destroy;
 	}
+	{
+		struct sockaddr *sa = rdma_get_peer_addr(id);
+		if (sa && sa->sa_family == AF_INET)
+			inet_ntop(AF_INET, &((struct sockaddr_in *)sa)->sin_addr, c->peer, sizeof(c->peer));
+	}
+	pthread_mutex_lock(&s->conns_lock);
 	c->next = s->conns;
 	if (s->conns)
 		s->conns->prev = c;
 	s->conns = c;
 	s->nconns++;
+	pthread_mutex_unlock(&s->conns_lock);
 	return;
 destroy:
 	/* the event must be acked before its id can be destroyed */
@@ -219,6 +226,7 @@ static void conn_teardown(struct srv *s, struct srv_conn *c)
 		srv_fold_detach(c->ft, c);
 	/* after detach nobody folds for it: its clocks can stop waiting */
 	srv_clock_leave(s, c);
+	pthread_mutex_lock(&s->conns_lock);
 	if (c->prev)
 		c->prev->next = c->next;
 	else
@@ -226,6 +234,7 @@ static void conn_teardown(struct srv *s, struct srv_conn *c)
 	if (c->next)
 		c->next->prev = c->prev;
 	s->nconns--;
+	pthread_mutex_unlock(&s->conns_lock);
 	conn_free(c);
 	rdma_destroy_id(id);
 }
@@ -315,7 +324,21 @@ static void announce(struct srv *s)
 
 int srv_listen(struct srv *s)
 {
+	uint64_t seq = 0;
 	int rc;
+
+	pthread_mutex_init(&s->pause_lock, NULL);
+	pthread_cond_init(&s->pause_cond, NULL);
+	pthread_mutex_init(&s->conns_lock, NULL);
+	if (s->cfg.ckpt_dir) {
+		srv_checkpoint_restore(&s->store, s->cfg.ckpt_dir, s->cfg.server_id, &seq);
+		s->ckpt_seq = seq;
+		atomic_store(&s->restored_seq, seq);
+		s->last_ckpt_ns = rdmaps__now_ns();
+		if (seq)
+			printf("rdmaps-server: restored checkpoint %llu (%u tensors)\n",
+			       (unsigned long long)seq, atomic_load(&s->store.count));
+	}
 
 	s->devs = rdma_get_devices(&s->ndev);
 	if (!s->devs || s->ndev <= 0) {
@@ -351,6 +374,11 @@ int srv_run(struct srv *s)
 		if (poll(pfd, 2, 100) < 0 && errno != EINTR)
 			return rdmaps__from_errno(errno);
 		srv_clock_tick(s);
+		if (atomic_exchange(&s->ckpt_req, false))
+			srv_checkpoint_now(s, "requested");
+		else if (s->cfg.ckpt_every_s &&
+			 rdmaps__now_ns() - s->last_ckpt_ns > (uint64_t)s->cfg.ckpt_every_s * 1000000000u)
+			srv_checkpoint_now(s, "periodic");
 		if (pfd[1].revents & POLLIN)
 			break;
 		if (!(pfd[0].revents & POLLIN))
@@ -364,6 +392,9 @@ int srv_run(struct srv *s)
 
 void srv_close(struct srv *s)
 {
+	/* a clean stop leaves a checkpoint of the last state behind */
+	if (s->ft && s->cfg.ckpt_dir)
+		srv_checkpoint_now(s, "shutdown");
 	/* threads first: once joined, nobody polls a connection we free */
 	srv_fold_stop(s);
 	while (s->conns) {

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "config.h"
@@ -45,6 +46,9 @@ static void usage(FILE *f)
 		"      --max-tensor-mb N    largest tensor incl. optimizer state (default 4096)\n"
 		"      --max-total-mb N     all tensors together (default 16384)\n"
 		"      --spin-us N          busy-poll this long before sleeping (default 200)\n"
+		"      --checkpoint-dir DIR write checkpoints there; restore the newest good one\n"
+		"                           at start (docs/durability.md)\n"
+		"      --checkpoint-every S also write one every S seconds\n"
 		"      --evict-ms N         BSP/SSP: evict a worker stalling a clock this long\n"
 		"                           while others wait (default 10000)\n"
 		"  -v, --verbose            log connections and declarations\n"
@@ -115,6 +119,8 @@ int main(int argc, char **argv)
 		{ "max-total-mb", required_argument, NULL, 'G' },
 		{ "spin-us", required_argument, NULL, 'S' },
 		{ "evict-ms", required_argument, NULL, 'E' },
+		{ "checkpoint-dir", required_argument, NULL, 'D' },
+		{ "checkpoint-every", required_argument, NULL, 'K' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
@@ -158,6 +164,8 @@ int main(int argc, char **argv)
 		case 'G': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_total_bytes = v << 20; break;
 		case 'S': bad = parse_u(optarg, 0, 1000000, &v); cfg->spin_us = (unsigned)v; break;
 		case 'E': bad = parse_u(optarg, 10, 86400000, &v); cfg->evict_ms = (unsigned)v; break;
+		case 'D': cfg->ckpt_dir = optarg; break;
+		case 'K': bad = parse_u(optarg, 1, 86400 * 365, &v); cfg->ckpt_every_s = (unsigned)v; break;
 		case 'h': usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -215,6 +223,14 @@ int main(int argc, char **argv)
 	signal(SIGTERM, on_signal);
 	signal(SIGPIPE, SIG_IGN);
 
+	if (cfg->ckpt_dir) {
+		struct stat sb;
+		if (stat(cfg->ckpt_dir, &sb) || !S_ISDIR(sb.st_mode) || access(cfg->ckpt_dir, W_OK)) {
+			fprintf(stderr, "rdmaps-server: --checkpoint-dir %s is not a writable directory\n",
+				cfg->ckpt_dir);
+			return 2;
+		}
+	}
 	rc = srv_store_init(&s.store, cfg);
 	if (!rc)
 		rc = srv_listen(&s);

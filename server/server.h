@@ -37,6 +37,8 @@ struct srv_config {
 	unsigned spin_us;       /* busy-poll this long before sleeping */
 	unsigned server_id;
 	unsigned evict_ms;      /* BSP/SSP: evict a member that stalls a clock this long */
+	const char *ckpt_dir;   /* checkpoints: written here, restored from here at start */
+	unsigned ckpt_every_s;  /* periodic checkpoint (0: only on request and at exit) */
 };
 
 enum tensor_state { TENSOR_INIT = 0, TENSOR_READY = 1 };
@@ -103,6 +105,7 @@ struct srv_conn {
 	struct srv_fold_thread *ft;
 	uint32_t index;        /* position in the fold thread's array */
 	struct srv_conn *prev, *next; /* listener's list of live connections */
+	char peer[48];         /* the worker's address, for logs and rdmaps-ctl */
 	bool attached;         /* handed to its fold thread (listener-owned flag) */
 	uint32_t sq_depth, sq_outstanding;
 	uint32_t max_inline;
@@ -166,11 +169,23 @@ struct srv {
 	struct srv_conn *conns;      /* listener-owned list */
 	uint32_t next_ft;
 	_Atomic uint64_t connections, disconnects, auth_failures, bad_messages, rejected, evictions;
+
+	/* checkpoints: the listener writes them with the fold threads parked */
+	pthread_mutex_t pause_lock;
+	pthread_cond_t pause_cond;
+	_Atomic bool pause_req;
+	unsigned paused;
+	_Atomic bool ckpt_req;
+	uint64_t ckpt_seq, last_ckpt_ns;
+	_Atomic uint64_t checkpoints, checkpoint_failures, restored_seq;
+	pthread_mutex_t conns_lock;  /* the conns list, for rdmaps-ctl's listing */
 };
 
 /* ---- store.c ---- */
 int srv_store_init(struct srv_store *s, const struct srv_config *cfg);
 void srv_store_fini(struct srv_store *s);
+/* Drop every tensor (a failed restore starts over). Not while serving. */
+void srv_store_reset(struct srv_store *s);
 /* Declare or attach; fills *out and *created. Takes the store lock. */
 int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, const void *conn,
 		      struct srv_tensor **out, bool *created);
@@ -204,7 +219,20 @@ void srv_clock_leave(struct srv *s, struct srv_conn *c);
 /* Evict members that stall a clock longer than evict_ms (listener, periodic). */
 void srv_clock_tick(struct srv *s);
 
+/* ---- checkpoint.c ---- */
+/* Snapshot every tensor into dir as checkpoint seq; folds must be paused. */
+int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_id, uint64_t seq,
+			 char *err, size_t errlen);
+/* Restore the newest good checkpoint of dir into an empty store (*seq 0: none). */
+int srv_checkpoint_restore(struct srv_store *st, const char *dir, unsigned server_id,
+			   uint64_t *seq);
+/* Listener: write one now (fold threads parked meanwhile). */
+void srv_checkpoint_now(struct srv *s, const char *why);
+
 /* ---- fold.c ---- */
+/* Park every fold thread / let them go: nothing folds in between. */
+void srv_fold_pause(struct srv *s);
+void srv_fold_resume(struct srv *s);
 int srv_fold_start(struct srv *s);
 void srv_fold_stop(struct srv *s);
 /* Listener -> fold thread hand-over; blocks until the thread took it. */

@@ -50,6 +50,18 @@ void srv_store_fini(struct srv_store *s)
 	pthread_mutex_destroy(&s->lock);
 }
 
+void srv_store_reset(struct srv_store *s)
+{
+	uint32_t n = atomic_load(&s->count);
+
+	for (uint32_t i = 0; i < n; i++) {
+		tensor_free(s->tensors[i]);
+		s->tensors[i] = NULL;
+	}
+	atomic_store(&s->count, 0);
+	s->total_bytes = 0;
+}
+
 struct srv_tensor *srv_store_get(struct srv_store *s, uint32_t id)
 {
 	/* acquire pairs with the release in publish(): the tensor is complete */

@@ -1,0 +1,394 @@
+/*
+ * checkpoint.c -- durable snapshots of a server's tensors, optimizer state
+ * and clocks, and restore at start.
+ *
+ * File: DIR/ckpt-<seq 16 hex>.rdmaps, written as .tmp, fsync'd, renamed,
+ * and the directory fsync'd, so a crash leaves the old file or the new one,
+ * never half of one. Layout (little-endian):
+ *   header (struct ckpt_hdr), then per tensor: struct ckpt_tensor, per-chunk
+ *   fold counts (u64), per-chunk clocks (u64), the floats chunk by chunk,
+ *   the optimizer state; last, XXH3-64 of every byte before it.
+ * Restore walks the files newest first and takes the first whose length,
+ * version and checksum are right, saying why it skipped the others.
+ * The caller pauses the fold threads, so the snapshot is one instant: every
+ * push acknowledged as folded before it is in it.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "optimizer.h"
+#include "server.h"
+
+#define CKPT_MAGIC "RDPSCKPT"
+#define CKPT_VERSION 1u
+#define CKPT_KEEP 3 /* newest files kept: a corrupt newest still has a fallback */
+
+struct ckpt_hdr {
+	char magic[8];
+	uint32_t version;
+	uint32_t server_id;
+	uint64_t seq;
+	uint64_t time;
+	uint32_t ntensors;
+	uint32_t chunk_elems;
+};
+
+struct ckpt_tensor {
+	char name[RDMAPS_NAME_MAX + 1];
+	char optimizer[RDMAPS_OPT_NAME_MAX];
+	uint64_t length;
+	uint32_t chunk_elems, nchunks;
+	struct rdmaps_wire_hyper hyper;
+	struct rdmaps_wire_consistency cons;
+	uint64_t clock;
+	uint32_t state_per_param, reserved;
+};
+
+struct writer {
+	FILE *f;
+	XXH3_state_t *h;
+	int err;
+};
+
+static void put(struct writer *w, const void *p, size_t n)
+{
+	if (w->err || !n)
+		return;
+	if (fwrite(p, 1, n, w->f) != n)
+		w->err = errno ? errno : EIO;
+	XXH3_64bits_update(w->h, p, n);
+}
+
+static void put_tensor(struct writer *w, struct srv_tensor *t)
+{
+	struct ckpt_tensor ct = { 0 };
+	uint32_t spp = t->opt->state_per_param;
+
+	memcpy(ct.name, t->name, sizeof(ct.name));
+	snprintf(ct.optimizer, sizeof(ct.optimizer), "%s", t->opt->name);
+	ct.length = t->length;
+	ct.chunk_elems = t->chunk_elems;
+	ct.nchunks = t->nchunks;
+	ct.hyper = t->hyper;
+	ct.cons = t->cons;
+	ct.clock = t->clock;
+	ct.state_per_param = spp;
+	put(w, &ct, sizeof(ct));
+	put(w, t->steps, t->nchunks * sizeof(uint64_t));
+	for (uint32_t i = 0; i < t->nchunks; i++) {
+		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, i);
+		put(w, &h->clock, sizeof(h->clock));
+	}
+	for (uint32_t i = 0; i < t->nchunks; i++) {
+		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, i);
+		put(w, h + 1, (size_t)h->count * sizeof(float));
+	}
+	if (spp)
+		put(w, t->state, (size_t)t->length * spp * sizeof(float));
+}
+
+static int fsync_dir(const char *dir)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY);
+	int rc = fd < 0 ? -1 : fsync(fd);
+
+	if (fd >= 0)
+		close(fd);
+	return rc;
+}
+
+/* Newest first: seqs of ckpt-*.rdmaps files in dir (at most max). */
+static int list_ckpts(const char *dir, uint64_t *seqs, int max)
+{
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	int n = 0;
+
+	if (!d)
+		return 0;
+	while ((e = readdir(d))) {
+		unsigned long long s;
+		char tail[16];
+		if (sscanf(e->d_name, "ckpt-%16llx.%15s", &s, tail) == 2 && !strcmp(tail, "rdmaps") &&
+		    n < max)
+			seqs[n++] = s;
+	}
+	closedir(d);
+	for (int i = 1; i < n; i++) /* a few files: insertion sort, descending */
+		for (int j = i; j > 0 && seqs[j] > seqs[j - 1]; j--) {
+			uint64_t x = seqs[j];
+			seqs[j] = seqs[j - 1];
+			seqs[j - 1] = x;
+		}
+	return n;
+}
+
+static void ckpt_path(char *out, size_t len, const char *dir, uint64_t seq, const char *ext)
+{
+	snprintf(out, len, "%s/ckpt-%016llx.%s", dir, (unsigned long long)seq, ext);
+}
+
+int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_id, uint64_t seq,
+			 char *err, size_t errlen)
+{
+	char tmp[4096], fin[4096];
+	struct writer w = { 0 };
+	struct ckpt_hdr h = { .version = CKPT_VERSION, .server_id = server_id, .seq = seq,
+			      .time = (uint64_t)time(NULL), .chunk_elems = st->chunk_elems };
+	uint32_t n = atomic_load(&st->count);
+	uint64_t sum, old[64];
+	int nold;
+
+	memcpy(h.magic, CKPT_MAGIC, 8);
+	h.ntensors = n;
+	ckpt_path(tmp, sizeof(tmp), dir, seq, "tmp");
+	ckpt_path(fin, sizeof(fin), dir, seq, "rdmaps");
+	w.f = fopen(tmp, "wb");
+	w.h = XXH3_createState();
+	if (!w.f || !w.h || XXH3_64bits_reset(w.h) != XXH_OK) {
+		snprintf(err, errlen, "cannot create %s: %s", tmp, strerror(errno));
+		if (w.f)
+			fclose(w.f);
+		XXH3_freeState(w.h);
+		return RDMAPS_ESYS;
+	}
+	put(&w, &h, sizeof(h));
+	for (uint32_t i = 0; i < n; i++)
+		put_tensor(&w, srv_store_get(st, i));
+	sum = XXH3_64bits_digest(w.h);
+	if (!w.err && fwrite(&sum, 1, sizeof(sum), w.f) != sizeof(sum))
+		w.err = errno ? errno : EIO;
+	if (!w.err && (fflush(w.f) || fsync(fileno(w.f))))
+		w.err = errno;
+	if (fclose(w.f) && !w.err)
+		w.err = errno;
+	XXH3_freeState(w.h);
+	if (!w.err && rename(tmp, fin))
+		w.err = errno;
+	if (!w.err && fsync_dir(dir))
+		w.err = errno;
+	if (w.err) {
+		snprintf(err, errlen, "writing %s: %s", tmp, strerror(w.err));
+		unlink(tmp);
+		return RDMAPS_ESYS;
+	}
+	/* keep a few: if the newest is ever damaged, an older one still restores */
+	nold = list_ckpts(dir, old, 64);
+	for (int i = CKPT_KEEP; i < nold; i++) {
+		ckpt_path(tmp, sizeof(tmp), dir, old[i], "rdmaps");
+		unlink(tmp);
+	}
+	return 0;
+}
+
+/* ---- restore ---------------------------------------------------------- */
+
+struct reader {
+	const uint8_t *p, *end;
+};
+
+static const void *take(struct reader *r, size_t n)
+{
+	const uint8_t *q = r->p;
+
+	if ((size_t)(r->end - r->p) < n)
+		return NULL;
+	r->p += n;
+	return q;
+}
+
+static int load_file(const char *path, uint8_t **buf, size_t *len, char *why, size_t wlen)
+{
+	FILE *f = fopen(path, "rb");
+	long n;
+
+	if (!f || fseek(f, 0, SEEK_END) || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET)) {
+		snprintf(why, wlen, "cannot read: %s", strerror(errno));
+		if (f)
+			fclose(f);
+		return -1;
+	}
+	*buf = malloc((size_t)n + 1);
+	if (!*buf || fread(*buf, 1, (size_t)n, f) != (size_t)n) {
+		snprintf(why, wlen, "cannot read %ld bytes", n);
+		fclose(f);
+		free(*buf);
+		return -1;
+	}
+	fclose(f);
+	*len = (size_t)n;
+	return 0;
+}
+
+/* Recreate one tensor from the file, into the (empty) store. */
+static int restore_tensor(struct srv_store *st, struct reader *r, char *why, size_t wlen)
+{
+	const struct ckpt_tensor *ct = take(r, sizeof(*ct));
+	struct rdmaps_msg_declare m = { 0 };
+	struct srv_tensor *t;
+	bool created;
+	int rc;
+
+	if (!ct) {
+		snprintf(why, wlen, "truncated tensor record");
+		return -1;
+	}
+	memcpy(m.name, ct->name, sizeof(m.name));
+	m.name[sizeof(m.name) - 1] = '\0';
+	memcpy(m.optimizer, ct->optimizer, sizeof(m.optimizer));
+	m.length = ct->length;
+	m.hyper = ct->hyper;
+	m.cons = ct->cons;
+	if ((rc = srv_store_declare(st, &m, NULL, &t, &created)) || !created ||
+	    t->nchunks != ct->nchunks || t->chunk_elems != ct->chunk_elems ||
+	    t->opt->state_per_param != ct->state_per_param) {
+		snprintf(why, wlen, "tensor '%s' does not fit this server (%s)", m.name,
+			 rc ? rdmaps_strerror(rc) : "other chunk size or optimizer");
+		return -1;
+	}
+	const uint64_t *steps = take(r, t->nchunks * sizeof(uint64_t));
+	const uint64_t *clocks = take(r, t->nchunks * sizeof(uint64_t));
+	if (!steps || !clocks) {
+		snprintf(why, wlen, "truncated tensor '%s'", m.name);
+		return -1;
+	}
+	memcpy(t->steps, steps, t->nchunks * sizeof(uint64_t));
+	t->clock = ct->clock;
+	for (uint32_t i = 0; i < t->nchunks; i++) {
+		struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
+		const float *d = take(r, (size_t)h->count * sizeof(float));
+		if (!d) {
+			snprintf(why, wlen, "truncated data of '%s'", m.name);
+			return -1;
+		}
+		memcpy(h + 1, d, (size_t)h->count * sizeof(float));
+		h->clock = clocks[i];
+		h->checksum = rdmaps__checksum(h + 1, (size_t)h->count * sizeof(float));
+		if (t->chunk_clock_done)
+			t->chunk_clock_done[i] = clocks[i];
+	}
+	if (ct->state_per_param) {
+		size_t n = (size_t)t->length * ct->state_per_param * sizeof(float);
+		const void *s = take(r, n);
+		if (!s) {
+			snprintf(why, wlen, "truncated optimizer state of '%s'", m.name);
+			return -1;
+		}
+		memcpy(t->state, s, n);
+	}
+	return 0;
+}
+
+/* Check one file whole before touching the store. */
+static int verify(const uint8_t *buf, size_t len, unsigned server_id, uint32_t chunk_elems, char *why,
+		  size_t wlen)
+{
+	struct ckpt_hdr h;
+	uint64_t sum;
+
+	if (len < sizeof(h) + sizeof(sum)) {
+		snprintf(why, wlen, "truncated (%zu bytes)", len);
+		return -1;
+	}
+	memcpy(&h, buf, sizeof(h));
+	memcpy(&sum, buf + len - sizeof(sum), sizeof(sum));
+	if (memcmp(h.magic, CKPT_MAGIC, 8)) {
+		snprintf(why, wlen, "not an rdmaps checkpoint");
+		return -1;
+	}
+	if (h.version != CKPT_VERSION) {
+		snprintf(why, wlen, "format version %u, this server reads %u", h.version, CKPT_VERSION);
+		return -1;
+	}
+	if (XXH3_64bits(buf, len - sizeof(sum)) != sum) {
+		snprintf(why, wlen, "checksum mismatch (corrupt or truncated)");
+		return -1;
+	}
+	if (h.server_id != server_id)
+		log_warn("checkpoint was written by server %u, restoring into server %u", h.server_id,
+			 server_id);
+	if (h.chunk_elems != chunk_elems) {
+		snprintf(why, wlen, "written with --chunk-elems %u, this server uses %u", h.chunk_elems,
+			 chunk_elems);
+		return -1;
+	}
+	return 0;
+}
+
+int srv_checkpoint_restore(struct srv_store *st, const char *dir, unsigned server_id,
+			   uint64_t *seq_out)
+{
+	uint64_t seqs[64];
+	int n = list_ckpts(dir, seqs, 64);
+
+	*seq_out = 0;
+	for (int i = 0; i < n; i++) {
+		char path[4096], why[256] = "";
+		uint8_t *buf = NULL;
+		size_t len = 0;
+		struct reader r;
+		struct ckpt_hdr h;
+		int bad = 0;
+
+		ckpt_path(path, sizeof(path), dir, seqs[i], "rdmaps");
+		if (load_file(path, &buf, &len, why, sizeof(why)) ||
+		    verify(buf, len, server_id, st->chunk_elems, why, sizeof(why))) {
+			log_error("checkpoint %s refused: %s; trying an older one", path, why);
+			free(buf);
+			continue;
+		}
+		r.p = buf;
+		r.end = buf + len - sizeof(uint64_t);
+		memcpy(&h, take(&r, sizeof(h)), sizeof(h));
+		for (uint32_t k = 0; k < h.ntensors && !bad; k++)
+			bad = restore_tensor(st, &r, why, sizeof(why));
+		if (!bad && r.p != r.end) {
+			snprintf(why, sizeof(why), "%zu unexpected bytes at the end", (size_t)(r.end - r.p));
+			bad = 1;
+		}
+		free(buf);
+		if (bad) {
+			/* half restored: start over empty, then try the older file */
+			log_error("checkpoint %s refused: %s; trying an older one", path, why);
+			srv_store_reset(st);
+			continue;
+		}
+		log_info("restored %u tensors from %s", h.ntensors, path);
+		*seq_out = seqs[i];
+		return 0;
+	}
+	if (n)
+		log_error("no usable checkpoint in %s: starting empty", dir);
+	return 0;
+}
+
+void srv_checkpoint_now(struct srv *s, const char *why)
+{
+	char err[512];
+	uint64_t t0 = rdmaps__now_ns();
+	int rc;
+
+	if (!s->cfg.ckpt_dir)
+		return;
+	srv_fold_pause(s);
+	rc = srv_checkpoint_write(&s->store, s->cfg.ckpt_dir, s->cfg.server_id, s->ckpt_seq + 1, err,
+				  sizeof(err));
+	srv_fold_resume(s);
+	s->last_ckpt_ns = rdmaps__now_ns();
+	if (rc) {
+		atomic_fetch_add(&s->checkpoint_failures, 1);
+		log_error("checkpoint (%s) failed: %s", why, err);
+		return;
+	}
+	s->ckpt_seq++;
+	atomic_fetch_add(&s->checkpoints, 1);
+	log_info("checkpoint %llu (%s) written in %.1f ms", (unsigned long long)s->ckpt_seq, why,
+		 (double)(s->last_ckpt_ns - t0) / 1e6);
+}
