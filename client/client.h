@@ -138,6 +138,10 @@ struct cl_conn {
 	uint32_t reply_len;
 	int broken;             /* 0 or why the connection is unusable */
 	uint64_t last_cm_check;
+	/* how to connect again after a failure (cl_reconnect) */
+	struct rdmaps__server_addr sa;
+	char src[RDMAPS_ADDR_MAX];
+	char token[RDMAPS_TOKEN_MAX + 1];
 
 	struct read_slot rs[CL_READ_SLOTS];
 	uint32_t rs_free[CL_READ_SLOTS];
@@ -150,7 +154,8 @@ struct rdmaps_client {
 	struct ibv_pd *pds[RDMAPS_MAX_SERVERS];
 	uint32_t npd;
 	int timeout_ms;
-	int broken; /* first connection failure, sticky */
+	int broken; /* first connection failure, until cl_reconnect mends it */
+	bool lost;  /* a connection broke with pushes not known to be folded */
 
 	struct rdmaps_op ops[CL_MAX_OPS];
 	rdmaps_mr *mrs;
@@ -172,7 +177,12 @@ uint64_t cl_folded_seq(const struct cl_conn *k);
 int cl_rpc(struct cl_conn *k, void *msg, uint32_t len, uint16_t want_type, void *reply,
 	   uint32_t reply_len);
 
+/* control.c: re-fetch the parts of t held by server k (new address, rkey). */
+int cl_refresh_parts(rdmaps_client *c, struct cl_conn *k);
+
 /* connect.c */
+/* Connect again every broken connection and refresh the catalog; 0 if none broken. */
+int cl_reconnect(rdmaps_client *c);
 uint8_t *cl_send_buf(struct cl_conn *k);
 uint8_t *cl_recv_buf(struct cl_conn *k, uint32_t i);
 uint8_t *cl_slot_hdr(struct cl_conn *k, uint32_t slot);

@@ -55,6 +55,11 @@ void cl_fail(struct cl_conn *k, int err, const char *why)
 	if (!k->c->broken)
 		k->c->broken = err;
 	log_warn("connection to server %s lost: %s", k->name, why);
+	/* staged slots the server never confirmed: the caller must hear of them */
+	if (k->credit && k->next_seq > cl_folded_seq(k)) {
+		k->c->stats.lost_pushes += k->next_seq - cl_folded_seq(k);
+		k->c->lost = true;
+	}
 	/* error state flushes every outstanding request, so waits end */
 	if (k->qp) {
 		struct ibv_qp_attr a = { .qp_state = IBV_QPS_ERR };
@@ -369,6 +374,9 @@ static int connect_cfg(const struct rdmaps__config *cfg, const char *src, const 
 			snprintf(sa.port, sizeof(sa.port), "%s", cfg->port);
 		k->c = c;
 		k->idx = i;
+		k->sa = sa;
+		snprintf(k->src, sizeof(k->src), "%s", src ? src : "");
+		snprintf(k->token, sizeof(k->token), "%s", token ? token : "");
 		snprintf(k->name, sizeof(k->name), "%s:%s", sa.host, sa.port);
 		c->nconn = i + 1;
 		if ((rc = conn_open(k, &sa, src, token, cfg->timeout_ms)))
@@ -388,6 +396,41 @@ static int connect_cfg(const struct rdmaps__config *cfg, const char *src, const 
 	}
 	*out = c;
 	return 0;
+}
+
+int cl_reconnect(rdmaps_client *c)
+{
+	int rc = 0;
+
+	if (!c->broken)
+		return 0;
+	for (uint32_t i = 0; i < c->nconn && !rc; i++) {
+		struct cl_conn *k = &c->conn[i];
+		if (!k->broken)
+			continue;
+		/* every op using this connection has ended (its requests flushed) */
+		for (uint32_t j = 0; j < CL_MAX_OPS; j++)
+			if (c->ops[j].kind != OP_FREE && c->ops[j].inflight)
+				return RDMAPS_EBUSY;
+		conn_release(k);
+		k->broken = 0;
+		k->push_owner = 0;
+		k->reply_ready = false;
+		k->sq_outstanding = 0;
+		if ((rc = conn_open(k, &k->sa, k->src, k->token, c->timeout_ms))) {
+			k->broken = rc;
+			break;
+		}
+		if ((rc = cl_refresh_parts(c, k))) {
+			cl_fail(k, rc, "cannot find its tensors again");
+			break;
+		}
+		c->stats.reconnects++;
+		log_info("reconnected to server %s", k->name);
+	}
+	if (!rc)
+		c->broken = 0;
+	return rc;
 }
 
 int rdmaps_connect_cluster(const struct rdmaps_cluster_opts *o, rdmaps_client **out)

@@ -21,12 +21,15 @@ int cl_rpc(struct cl_conn *k, void *msg, uint32_t len, uint16_t want_type, void 
 	rdmaps_client *c = k->c;
 	struct rdmaps_msg_hdr *h = msg;
 	struct rdmaps_msg_hdr rh;
-	uint64_t deadline = rdmaps__now_ns() + (uint64_t)c->timeout_ms * 1000000u;
+	uint64_t deadline;
 	uint16_t type;
 	int rc;
 
-	if (k->broken)
+	if (k->broken && !k->sa.host[0])
 		return k->broken;
+	if (k->broken && (rc = cl_reconnect(c)))
+		return rc;
+	deadline = rdmaps__now_ns() + (uint64_t)c->timeout_ms * 1000000u;
 	h->req_id = ++k->req_id;
 	memcpy(cl_send_buf(k), msg, len);
 	{
@@ -312,6 +315,29 @@ int rdmaps_lookup(rdmaps_client *c, const char *name, rdmaps_tensor **out)
 	return 0;
 }
 
+int cl_refresh_parts(rdmaps_client *c, struct cl_conn *k)
+{
+	for (rdmaps_tensor *t = c->tensors; t; t = t->next)
+		for (uint32_t p = 0; p < t->nparts; p++) {
+			struct cl_part *pt = &t->part[p];
+			struct rdmaps_msg_tensor_reply r;
+			uint64_t want;
+			int rc;
+			if (pt->conn != k->idx)
+				continue;
+			want = run_elems(t->length, t->chunk_elems, pt->first, pt->nchunks);
+			if ((rc = lookup_once(k, t->name, &r)) || (rc = wait_ready(k, t->name, &r)) ||
+			    (rc = part_from_reply(pt, &r, want, t->chunk_elems))) {
+				log_error("tensor %s: server %s no longer has it (%s): restart it from a "
+					  "checkpoint, or declare the tensor again",
+					  t->name, k->name, rdmaps_strerror(rc));
+				return rc;
+			}
+			t->clock = r.clock;
+		}
+	return 0;
+}
+
 uint64_t rdmaps_tensor_clock(const rdmaps_tensor *t)
 {
 	return t ? t->clock : 0;
@@ -341,6 +367,55 @@ int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
 		out->nonfinite += r.stats.nonfinite;
 		out->clipped += r.stats.clipped;
 		out->evictions += r.stats.evictions;
+		out->checkpoints += r.stats.checkpoints;
+		out->checkpoint_failures += r.stats.checkpoint_failures;
+		if (r.stats.restored_seq > out->restored_seq)
+			out->restored_seq = r.stats.restored_seq;
 	}
+	return 0;
+}
+
+int rdmaps_checkpoint(rdmaps_client *c, int timeout_ms)
+{
+	uint64_t before[RDMAPS_MAX_SERVERS], fails[RDMAPS_MAX_SERVERS];
+	uint64_t deadline;
+	int rc;
+
+	if (!c)
+		return RDMAPS_EINVAL;
+	deadline = rdmaps__now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : c->timeout_ms) * 1000000u;
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		struct cl_conn *k = &c->conn[i];
+		struct rdmaps_msg_stats_reply st;
+		struct rdmaps_msg_hdr m;
+		struct rdmaps_msg_status_reply r;
+
+		rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
+		if ((rc = cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &st, sizeof(st))))
+			return rc;
+		before[i] = st.stats.checkpoints;
+		fails[i] = st.stats.checkpoint_failures;
+		rdmaps__msg_init(&m, RDMAPS_MSG_CHECKPOINT, sizeof(m), 0);
+		if ((rc = cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_STATUS_REPLY, &r, sizeof(r))))
+			return rc;
+	}
+	/* the server writes it from its listener thread: watch its counters */
+	for (uint32_t i = 0; i < c->nconn; i++)
+		for (;;) {
+			struct rdmaps_msg_stats_reply st;
+			struct rdmaps_msg_hdr m;
+			struct timespec ts = { 0, 5000000 };
+
+			rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
+			if ((rc = cl_rpc(&c->conn[i], &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &st, sizeof(st))))
+				return rc;
+			if (st.stats.checkpoint_failures > fails[i])
+				return RDMAPS_EREMOTE;
+			if (st.stats.checkpoints > before[i])
+				break;
+			if (rdmaps__now_ns() > deadline)
+				return RDMAPS_ETIMEDOUT;
+			nanosleep(&ts, NULL);
+		}
 	return 0;
 }

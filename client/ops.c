@@ -502,8 +502,11 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 
 	if (!c || !t || !buf || !out || t->c != c || lo >= hi || hi > t->nparts)
 		return RDMAPS_EINVAL;
-	if (c->broken)
-		return c->broken;
+	if (c->broken) {
+		int rc = cl_reconnect(c);
+		if (rc)
+			return rc;
+	}
 	if (flags & ~(unsigned)(RDMAPS_PULL_RELAXED | RDMAPS_PUSH_FOLDED))
 		return RDMAPS_EINVAL;
 	bytes = (size_t)t->length * sizeof(float);
@@ -733,11 +736,18 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms)
 	if (!c)
 		return RDMAPS_EINVAL;
 	deadline = timeout_ms < 0 ? UINT64_MAX : rdmaps__now_ns() + (uint64_t)timeout_ms * 1000000u;
+	if (c->lost) {
+		/* reported once: some pushes before a failure may not have folded */
+		c->lost = false;
+		return RDMAPS_EDISCONNECTED;
+	}
 	for (;;) {
 		bool pending = false;
 		cl_progress(c);
-		if (c->broken)
+		if (c->broken) {
+			c->lost = false;
 			return c->broken;
+		}
 		for (uint32_t i = 0; i < CL_MAX_OPS; i++)
 			if ((c->ops[i].kind == OP_PUSH || c->ops[i].kind == OP_PUSH_ROWS) && c->ops[i].unposted &&
 			    c->ops[i].status == RDMAPS_EAGAIN)

@@ -125,6 +125,18 @@ uint32_t rdmaps_num_servers(const rdmaps_client *c);
 int rdmaps_launch_info(int *rank, int *size);
 
 /*
+ * Failures: when a server dies or a link drops, the operations in flight
+ * fail with RDMAPS_EDISCONNECTED. The next call on the client reconnects
+ * (with back-off, up to the connect timeout) and re-fetches the catalog of
+ * its tensors (new addresses and rkeys), then goes on; a server restarted
+ * from a checkpoint has them back. Pushes staged but not known to be folded
+ * when the link broke are counted in lost_pushes, and the next
+ * rdmaps_flush() returns RDMAPS_EDISCONNECTED once for them: push with
+ * RDMAPS_PUSH_FOLDED, or flush, to know what reached the model. Nothing is
+ * folded twice: sequence numbers start over on the new connection.
+ */
+
+/*
  * Close the connection and free every tensor handle, registration and op
  * obtained from it. Outstanding ops are abandoned (their buffers may still be
  * written until this returns, never after). NULL is a no-op.
@@ -283,6 +295,8 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms);
 struct rdmaps_client_stats {
 	uint64_t pulls, pushes, pull_retries, bounce_copies;
 	uint64_t stale_retries; /* chunk re-reads waiting for a BSP/SSP clock */
+	uint64_t reconnects;    /* connections re-established after a failure */
+	uint64_t lost_pushes;   /* staged slots not known to be folded when a link broke */
 };
 
 struct rdmaps_server_stats {
@@ -300,6 +314,13 @@ struct rdmaps_server_stats {
 	uint64_t checkpoint_failures;
 	uint64_t restored_seq;   /* checkpoint restored at start (0: none) */
 };
+
+/*
+ * Ask every server to write a checkpoint now (servers started with
+ * --checkpoint-dir) and wait until each has. RDMAPS_ENOTSUP from a server
+ * without one; RDMAPS_EREMOTE if a server's write failed (its log says why).
+ */
+int rdmaps_checkpoint(rdmaps_client *c, int timeout_ms);
 
 /* Local counters; never fails. */
 void rdmaps_client_stats(const rdmaps_client *c, struct rdmaps_client_stats *out);

@@ -5,6 +5,7 @@
  * the worker goes away, whatever state it was in.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <stdio.h>
@@ -361,17 +362,62 @@ int srv_listen(struct srv *s)
 	return 0;
 }
 
+/*
+ * A port that comes back may come back with new GID entries; the listening
+ * id bound before is re-made so it binds to what the port has now.
+ * (On rxe under kernel 6.1 this alone does not make a long-lived process
+ * reachable again after a link flap: docs/durability.md.)
+ */
+static void relisten(struct srv *s)
+{
+	struct rdma_cm_id *old = s->listen_id;
+
+	if (rdma_create_id(s->cm_channel, &s->listen_id, s, RDMA_PS_TCP)) {
+		s->listen_id = old;
+		log_error("cannot re-create the listener: %s", strerror(errno));
+		return;
+	}
+	rdma_destroy_id(old); /* frees the port before binding it again */
+	if (bind_any(s) || rdma_listen(s->listen_id, 64))
+		log_error("cannot listen again after the port came back: %s", strerror(errno));
+	else
+		log_warn("RDMA port active again: listening anew on %s:%s",
+			 s->cfg.listen_addr ? s->cfg.listen_addr : "0.0.0.0", s->cfg.port);
+}
+
+/* Device events (port up/down, GID changes): logged; a port back up relistens. */
+static void device_events(struct srv *s, int d)
+{
+	struct ibv_async_event ev;
+	bool again = false;
+
+	while (ibv_get_async_event(s->devs[d], &ev) == 0) {
+		log_warn("device %s: %s", ibv_get_device_name(s->devs[d]->device),
+			 ibv_event_type_str(ev.event_type));
+		if (ev.event_type == IBV_EVENT_PORT_ACTIVE || ev.event_type == IBV_EVENT_GID_CHANGE)
+			again = true;
+		ibv_ack_async_event(&ev);
+	}
+	if (again)
+		relisten(s);
+}
+
 int srv_run(struct srv *s)
 {
-	struct pollfd pfd[2] = {
-		{ .fd = s->cm_channel->fd, .events = POLLIN },
-		{ .fd = s->stop_fd, .events = POLLIN },
-	};
+	struct pollfd pfd[2 + 16];
+	int n = 2;
 
+	pfd[0] = (struct pollfd){ .fd = s->cm_channel->fd, .events = POLLIN };
+	pfd[1] = (struct pollfd){ .fd = s->stop_fd, .events = POLLIN };
+	for (int d = 0; d < s->ndev && n < 18; d++) {
+		/* drained in a loop below: must not block */
+		fcntl(s->devs[d]->async_fd, F_SETFL, fcntl(s->devs[d]->async_fd, F_GETFL) | O_NONBLOCK);
+		pfd[n++] = (struct pollfd){ .fd = s->devs[d]->async_fd, .events = POLLIN };
+	}
 	while (!atomic_load(&s->stop)) {
 		struct rdma_cm_event *ev;
 
-		if (poll(pfd, 2, 100) < 0 && errno != EINTR)
+		if (poll(pfd, (nfds_t)n, 100) < 0 && errno != EINTR)
 			return rdmaps__from_errno(errno);
 		srv_clock_tick(s);
 		if (atomic_exchange(&s->ckpt_req, false))
@@ -381,6 +427,9 @@ int srv_run(struct srv *s)
 			srv_checkpoint_now(s, "periodic");
 		if (pfd[1].revents & POLLIN)
 			break;
+		for (int i = 2; i < n; i++)
+			if (pfd[i].revents & POLLIN)
+				device_events(s, i - 2);
 		if (!(pfd[0].revents & POLLIN))
 			continue;
 		if (rdma_get_cm_event(s->cm_channel, &ev))

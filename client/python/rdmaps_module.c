@@ -2,6 +2,7 @@
  * rdmaps_module.c -- the Python binding of librdmaps: module `rdmaps`.
  *
  *   c = rdmaps.Client(host, port='7471', token=None, src=None, timeout_ms=5000)
+ *   c = rdmaps.Client(servers='h1:7471,h2:7471', token=...)   # several shards
  *   t = c.declare('w', n, init=None, init_value=0.0, optimizer='sgd', lr=0.01, ...)
  *   buf = c.register(rdmaps.zeros(n))     # registered once, zero-copy from then on
  *   c.pull(t, buf); c.push(t, grad)       # numpy float32, C-contiguous, n elements
@@ -204,9 +205,10 @@ static void client_leave(ClientObject *self)
 
 static int Client_init(ClientObject *self, PyObject *args, PyObject *kw)
 {
-	static char *kwlist[] = { "host", "port", "token", "src", "timeout_ms", NULL };
+	static char *kwlist[] = { "host", "port", "token", "src", "timeout_ms", "servers", "config",
+				  NULL };
 	PyObject *port_obj = NULL, *port_str = NULL;
-	const char *host, *token = NULL, *src = NULL, *port;
+	const char *host = NULL, *token = NULL, *src = NULL, *port, *servers = NULL, *config = NULL;
 	int timeout_ms = 5000, rc;
 	rdmaps_client *c = NULL;
 
@@ -214,9 +216,14 @@ static int Client_init(ClientObject *self, PyObject *args, PyObject *kw)
 		PyErr_SetString(PyExc_RuntimeError, "Client already initialised");
 		return -1;
 	}
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "s|Ozzi:Client", kwlist, &host, &port_obj, &token,
-					 &src, &timeout_ms))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|zOzzizz:Client", kwlist, &host, &port_obj,
+					 &token, &src, &timeout_ms, &servers, &config))
 		return -1;
+	if (host && (servers || config)) {
+		PyErr_SetString(PyExc_TypeError, "Client: give host (one server) or servers/config "
+						 "(a cluster), not both");
+		return -1;
+	}
 	if (!port_obj || port_obj == Py_None)
 		port_str = PyUnicode_FromString("7471");
 	else if (PyLong_Check(port_obj) || PyUnicode_Check(port_obj))
@@ -243,8 +250,13 @@ static int Client_init(ClientObject *self, PyObject *args, PyObject *kw)
 	struct rdmaps_connect_opts o = {
 		.host = host, .port = port, .src_addr = src, .token = token, .timeout_ms = timeout_ms,
 	};
+	/* no host: a cluster, from servers/config or else RDMAPS_* and $RDMAPS_CONFIG */
+	struct rdmaps_cluster_opts co = {
+		.config = config, .servers = servers, .src_addr = src, .token = token,
+		.timeout_ms = timeout_ms,
+	};
 	Py_BEGIN_ALLOW_THREADS
-	rc = rdmaps_connect(&o, &c);
+	rc = host ? rdmaps_connect(&o, &c) : rdmaps_connect_cluster(&co, &c);
 	Py_END_ALLOW_THREADS
 	if (rc) {
 		Py_DECREF(port_str);
@@ -253,7 +265,7 @@ static int Client_init(ClientObject *self, PyObject *args, PyObject *kw)
 	}
 	self->c = c;
 	self->pid = getpid();
-	Py_XSETREF(self->host, PyUnicode_FromString(host));
+	Py_XSETREF(self->host, PyUnicode_FromString(host ? host : servers ? servers : "(cluster)"));
 	Py_XSETREF(self->port, port_str);
 	return 0;
 }
@@ -361,20 +373,32 @@ static const char *const opt_names[] = { "sgd", "momentum", "nesterov", "adagrad
 static PyObject *Client_declare(ClientObject *self, PyObject *args, PyObject *kw)
 {
 	static char *kwlist[] = { "name", "length", "init", "init_value", "optimizer", "lr",
-				  "momentum", "beta1", "beta2", "eps", "weight_decay", NULL };
-	const char *name, *opt = "sgd";
+				  "momentum", "beta1", "beta2", "eps", "weight_decay", "consistency",
+				  "staleness", "workers", "aggregate_mean", "clip_norm", NULL };
+	static const char *const cons_names[] = { "asp", "bsp", "ssp" };
+	const char *name, *opt = "sgd", *cons = "asp";
 	long long length;
 	PyObject *init = Py_None;
 	float init_value = 0.0f, lr = 0.01f, momentum = 0.0f, beta1 = 0.0f, beta2 = 0.0f,
-	      eps = 0.0f, wd = 0.0f;
+	      eps = 0.0f, wd = 0.0f, clip = 0.0f;
+	unsigned int staleness = 0, members = 0;
+	int agg_mean = 0, cn = -1;
 	const float *init_data = NULL;
 	rdmaps_tensor *t = NULL;
 	int o = -1, rc;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "sL|Ofsffffff:declare", kwlist, &name, &length,
-					 &init, &init_value, &opt, &lr, &momentum, &beta1, &beta2,
-					 &eps, &wd))
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "sL|Ofsffffff$sIIpf:declare", kwlist, &name,
+					 &length, &init, &init_value, &opt, &lr, &momentum, &beta1,
+					 &beta2, &eps, &wd, &cons, &staleness, &members, &agg_mean,
+					 &clip))
 		return NULL;
+	for (size_t i = 0; i < sizeof(cons_names) / sizeof(cons_names[0]); i++)
+		if (!strcmp(cons, cons_names[i]))
+			cn = (int)i;
+	if (cn < 0) {
+		PyErr_Format(PyExc_ValueError, "unknown consistency '%s' (asp, bsp, ssp)", cons);
+		return NULL;
+	}
 	if (length <= 0) {
 		PyErr_SetString(PyExc_ValueError, "length must be positive");
 		return NULL;
@@ -394,6 +418,8 @@ static PyObject *Client_declare(ClientObject *self, PyObject *args, PyObject *kw
 		.name = name, .length = (uint64_t)length, .init = init_data, .init_value = init_value,
 		.optimizer = (enum rdmaps_optimizer)o, .lr = lr, .momentum = momentum,
 		.beta1 = beta1, .beta2 = beta2, .eps = eps, .weight_decay = wd,
+		.consistency = (enum rdmaps_consistency)cn, .staleness = staleness, .workers = members,
+		.aggregate_mean = agg_mean, .clip_norm = clip,
 	};
 	if (client_enter(self))
 		return NULL;
@@ -630,13 +656,20 @@ static PyObject *Client_server_stats(ClientObject *self, PyObject *unused)
 	client_leave(self);
 	if (rc)
 		return raise_rdmaps(rc, "server_stats");
-	return Py_BuildValue("{sKsKsKsKsKsKsK}", "connections", (unsigned long long)s.connections,
+	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsK}",
+			     "connections", (unsigned long long)s.connections,
 			     "tensors", (unsigned long long)s.tensors,
 			     "folds", (unsigned long long)s.folds,
 			     "dropped", (unsigned long long)s.dropped,
 			     "bad_messages", (unsigned long long)s.bad_messages,
 			     "auth_failures", (unsigned long long)s.auth_failures,
-			     "disconnects", (unsigned long long)s.disconnects);
+			     "disconnects", (unsigned long long)s.disconnects,
+			     "nonfinite", (unsigned long long)s.nonfinite,
+			     "clipped", (unsigned long long)s.clipped,
+			     "evictions", (unsigned long long)s.evictions,
+			     "checkpoints", (unsigned long long)s.checkpoints,
+			     "checkpoint_failures", (unsigned long long)s.checkpoint_failures,
+			     "restored_seq", (unsigned long long)s.restored_seq);
 }
 
 static PyObject *Client_stats(ClientObject *self, PyObject *unused)
@@ -648,10 +681,37 @@ static PyObject *Client_stats(ClientObject *self, PyObject *unused)
 		return NULL;
 	rdmaps_client_stats(self->c, &s);
 	client_leave(self);
-	return Py_BuildValue("{sKsKsKsK}", "pulls", (unsigned long long)s.pulls,
+	return Py_BuildValue("{sKsKsKsKsKsKsK}", "pulls", (unsigned long long)s.pulls,
 			     "pushes", (unsigned long long)s.pushes,
 			     "pull_retries", (unsigned long long)s.pull_retries,
-			     "bounce_copies", (unsigned long long)s.bounce_copies);
+			     "bounce_copies", (unsigned long long)s.bounce_copies,
+			     "stale_retries", (unsigned long long)s.stale_retries,
+			     "reconnects", (unsigned long long)s.reconnects,
+			     "lost_pushes", (unsigned long long)s.lost_pushes);
+}
+
+static PyObject *Client_checkpoint(ClientObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "timeout_ms", NULL };
+	int timeout_ms = 60000, rc;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "|i:checkpoint", kwlist, &timeout_ms))
+		return NULL;
+	if (client_enter(self))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	rc = rdmaps_checkpoint(self->c, timeout_ms);
+	Py_END_ALLOW_THREADS
+	client_leave(self);
+	if (rc)
+		return raise_rdmaps(rc, "checkpoint");
+	Py_RETURN_NONE;
+}
+
+static PyObject *Client_get_num_servers(ClientObject *self, void *unused)
+{
+	(void)unused;
+	return PyLong_FromUnsignedLong(self->c ? rdmaps_num_servers(self->c) : 0);
 }
 
 static PyObject *Client_get_closed(ClientObject *self, void *unused)
@@ -663,9 +723,12 @@ static PyObject *Client_get_closed(ClientObject *self, void *unused)
 static PyMethodDef Client_methods[] = {
 	{ "declare", (PyCFunction)(void (*)(void))Client_declare, METH_VARARGS | METH_KEYWORDS,
 	  "declare(name, length, init=None, init_value=0.0, optimizer='sgd', lr=0.01, momentum=0.0,\n"
-	  "        beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0) -> Tensor\n"
+	  "        beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0, *, consistency='asp',\n"
+	  "        staleness=0, workers=0, aggregate_mean=False, clip_norm=0.0) -> Tensor\n"
 	  "Declare a float32 tensor, or attach to it if it exists with the same settings.\n"
-	  "init: float32 array of `length` values; the first declaration's values win." },
+	  "init: float32 array of `length` values; the first declaration's values win.\n"
+	  "optimizer: sgd, momentum, nesterov, adagrad, adam, adamw (state lives on the server);\n"
+	  "consistency: asp, bsp, ssp (docs/consistency.md)." },
 	{ "lookup", (PyCFunction)Client_lookup, METH_VARARGS,
 	  "lookup(name) -> Tensor: attach to an existing tensor (rdmaps.Error ENOENT if unknown)." },
 	{ "register", (PyCFunction)Client_register, METH_O,
@@ -690,6 +753,8 @@ static PyMethodDef Client_methods[] = {
 	  "server_stats() -> dict of the server's counters" },
 	{ "stats", (PyCFunction)Client_stats, METH_NOARGS,
 	  "stats() -> dict: pulls, pushes, pull_retries, bounce_copies (0 = all zero-copy)" },
+	{ "checkpoint", (PyCFunction)(void (*)(void))Client_checkpoint, METH_VARARGS | METH_KEYWORDS,
+	  "checkpoint(timeout_ms=60000): ask every server to write a checkpoint now." },
 	{ "close", (PyCFunction)Client_close, METH_NOARGS,
 	  "close(): disconnect; pending ops are abandoned. Idempotent." },
 	{ "__enter__", (PyCFunction)Client_enter_ctx, METH_NOARGS, NULL },
@@ -699,6 +764,7 @@ static PyMethodDef Client_methods[] = {
 
 static PyGetSetDef Client_getset[] = {
 	{ "closed", (getter)Client_get_closed, NULL, "True once close() was called", NULL },
+	{ "num_servers", (getter)Client_get_num_servers, NULL, "servers (shards) connected", NULL },
 	{ NULL },
 };
 
@@ -710,8 +776,10 @@ static PyTypeObject ClientType = {
 	.tp_repr = (reprfunc)Client_repr,
 	.tp_flags = Py_TPFLAGS_DEFAULT,
 	.tp_doc = "Client(host, port='7471', token=None, src=None, timeout_ms=5000)\n"
-		  "One connection to an rdmaps server (src: local address that selects the RDMA\n"
-		  "device). A context manager; close() disconnects.",
+		  "Client(servers='h1:p1,h2:p2' or config='job.ini', token=..., src=...)\n"
+		  "A connection to an rdmaps server, or to every shard of a cluster (no host:\n"
+		  "servers, config, else $RDMAPS_SERVERS / $RDMAPS_CONFIG; docs/cluster.md).\n"
+		  "src: local address that selects the RDMA device. A context manager.",
 	.tp_methods = Client_methods,
 	.tp_getset = Client_getset,
 	.tp_init = (initproc)Client_init,
@@ -951,15 +1019,24 @@ static PyObject *mod_err_name(PyObject *m, PyObject *arg)
 	return PyUnicode_FromString(rdmaps_err_name((int)v));
 }
 
+static PyObject *mod_launch_info(PyObject *m, PyObject *unused)
+{
+	int rank = -1, size = -1, rc;
+
+	(void)m;
+	(void)unused;
+	if ((rc = rdmaps_launch_info(&rank, &size)))
+		return raise_rdmaps(rc, "launch_info");
+	return Py_BuildValue("(ii)", rank, size);
+}
+
+static const char *fork_mode = "disabled"; /* set once, at import (fork_setup) */
+
 static PyObject *mod_fork_mode(PyObject *m, PyObject *unused)
 {
 	(void)m;
 	(void)unused;
-	switch (ibv_is_fork_initialized()) {
-	case IBV_FORK_UNNEEDED: return PyUnicode_FromString("kernel");
-	case IBV_FORK_ENABLED: return PyUnicode_FromString("madvise");
-	default: return PyUnicode_FromString("disabled");
-	}
+	return PyUnicode_FromString(fork_mode);
 }
 
 static void zeros_free(PyObject *capsule)
@@ -1022,9 +1099,13 @@ static PyObject *mod_zeros(PyObject *m, PyObject *args)
 static PyMethodDef mod_methods[] = {
 	{ "strerror", mod_strerror, METH_O, "strerror(code) -> str: rdmaps_strerror()" },
 	{ "err_name", mod_err_name, METH_O, "err_name(code) -> str, e.g. 'RDMAPS_ENOENT'" },
+	{ "launch_info", mod_launch_info, METH_NOARGS,
+	  "launch_info() -> (rank, size) from the launcher (Slurm, MPI, torchrun, RDMAPS_RANK...),\n"
+	  "-1 where unknown" },
 	{ "fork_mode", mod_fork_mode, METH_NOARGS,
 	  "fork_mode() -> 'kernel' | 'madvise' | 'disabled': how registered memory survives\n"
-	  "fork() (see the module doc)" },
+	  "fork(). kernel: the kernel copies it into the child; madvise: it is absent in the\n"
+	  "child (MADV_DONTFORK); disabled: fork() while registered is unsafe" },
 	{ "zeros", mod_zeros, METH_VARARGS,
 	  "zeros(shape) -> float32 ndarray, zero-filled, page-aligned, on pages of its own:\n"
 	  "the safe kind of array to register() when fork_mode() is 'madvise'" },
@@ -1035,27 +1116,36 @@ static PyMethodDef mod_methods[] = {
  * fork() and RDMA. A registered buffer is pinned; a forked child used to share
  * those pages copy-on-write, and the parent's next write then moved the
  * parent to a fresh page the NIC knew nothing about (silent corruption).
- *  - Kernels >= 5.13 copy pinned pages into the child at fork time instead:
- *    libibverbs reports IBV_FORK_UNNEEDED, fork_mode() is 'kernel', and
- *    parent and child both keep working memory. Debian 12's 6.1 does this.
- *  - Elsewhere ibv_fork_init() (or RDMAV_FORK_SAFE=1, which libibverbs reads
- *    at its first use) marks registered ranges MADV_DONTFORK: the parent stays
- *    correct, and those pages are simply absent in the child (touching a
- *    registered array there faults). fork_mode() is 'madvise'. Register only
- *    arrays from rdmaps.zeros() so no other object shares their pages.
- * Both must happen before the first verbs call, so at import: the binding
- * calls ibv_fork_init() and sets RDMAV_FORK_SAFE=1 in os.environ (which also
- * covers other verbs users in this process and its children). In any mode a
- * child must not use the parent's Client (its queue pairs are the parent's):
- * it gets a RuntimeError, and garbage-collecting it there leaves the
- * parent's connection alone.
+ * Two cures, decided once at import, before any verbs resource exists:
+ *  - 'kernel': kernels >= 5.13 copy pinned pages into the child at fork time
+ *    (libibverbs reports IBV_FORK_UNNEEDED). Parent and child both keep
+ *    working memory; nothing to do. Debian 12's 6.1 kernel does this. Here
+ *    the binding must NOT call ibv_fork_init() nor set RDMAV_FORK_SAFE:
+ *    rdma-core 44 (Debian 12) then still marks every registration
+ *    MADV_DONTFORK (measured: VmFlags "dc"), so registered arrays vanish from
+ *    children, which is strictly worse.
+ *  - 'madvise': older kernels. The binding sets RDMAV_FORK_SAFE=1 in
+ *    os.environ (covering other verbs users in this process and children it
+ *    spawns) and calls ibv_fork_init(): registered ranges become
+ *    MADV_DONTFORK, so the parent stays correct and those pages are simply
+ *    absent in the child (touching a registered array there faults). Register
+ *    only arrays from rdmaps.zeros() so no other object shares their pages.
+ *    A user who sets RDMAV_FORK_SAFE/IBV_FORK_SAFE gets this mode too.
+ *  - 'disabled': ibv_fork_init() failed (verbs used before the import).
+ * In every mode a child must not use the parent's Client (its queue pairs are
+ * the parent's): it gets a RuntimeError, and closing or garbage-collecting
+ * it there leaves the parent's connection alone.
  */
 static int fork_setup(PyObject *m)
 {
-	PyObject *os = PyImport_ImportModule("os"), *env, *r;
-	int rc;
+	PyObject *os, *env, *r;
+	int rc = 0;
 
-	if (!os)
+	if (ibv_is_fork_initialized() == IBV_FORK_UNNEEDED) {
+		fork_mode = getenv("RDMAV_FORK_SAFE") || getenv("IBV_FORK_SAFE") ? "madvise" : "kernel";
+		return PyModule_AddIntConstant(m, "fork_init_status", 0);
+	}
+	if (!(os = PyImport_ImportModule("os")))
 		return -1;
 	env = PyObject_GetAttrString(os, "environ");
 	Py_DECREF(os);
@@ -1067,6 +1157,7 @@ static int fork_setup(PyObject *m)
 		return -1;
 	Py_DECREF(r);
 	rc = ibv_fork_init();
+	fork_mode = rc ? "disabled" : "madvise";
 	if (rc && PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
 				   "rdmaps: ibv_fork_init() failed (%s): RDMA was used in this "
 				   "process before `import rdmaps`; fork() is not safe",

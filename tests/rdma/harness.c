@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +25,7 @@ const char *th_addr(void)
 	return a;
 }
 
-static void server_startv(struct th_server *s, const char *addr, va_list ap)
+static void server_startv(struct th_server *s, const char *addr, va_list ap, bool keep_port)
 {
 	static unsigned seq;
 	const char *argv[32];
@@ -34,7 +35,9 @@ static void server_startv(struct th_server *s, const char *addr, va_list ap)
 
 	s->addr = addr;
 	/* a port per test process and per server in it */
-	snprintf(s->port, sizeof(s->port), "%u", 20000u + ((unsigned)getpid() * 7u + seq++) % 30000u);
+	if (!keep_port)
+		snprintf(s->port, sizeof(s->port), "%u",
+			 20000u + ((unsigned)getpid() * 7u + seq++) % 30000u);
 	argv[argc++] = RDMAPS_SERVER_BIN;
 	argv[argc++] = "--addr";
 	argv[argc++] = s->addr;
@@ -78,7 +81,7 @@ void th_server_start(struct th_server *s, ...)
 {
 	va_list ap;
 	va_start(ap, s);
-	server_startv(s, th_addr(), ap);
+	server_startv(s, th_addr(), ap, false);
 	va_end(ap);
 }
 
@@ -86,8 +89,24 @@ void th_server_start_at(struct th_server *s, const char *addr, ...)
 {
 	va_list ap;
 	va_start(ap, addr);
-	server_startv(s, addr, ap);
+	server_startv(s, addr, ap, false);
 	va_end(ap);
+}
+
+void th_server_restart(struct th_server *s, ...)
+{
+	va_list ap;
+	va_start(ap, s);
+	server_startv(s, s->addr, ap, true);
+	va_end(ap);
+}
+
+void th_server_kill9(struct th_server *s)
+{
+	cr_assert(th_server_alive(s), "rdmaps-server died before the test killed it");
+	kill(s->pid, SIGKILL);
+	waitpid(s->pid, NULL, 0);
+	s->pid = 0;
 }
 
 unsigned th_hosts(const char **out, unsigned n)

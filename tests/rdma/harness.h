@@ -33,6 +33,10 @@ unsigned th_hosts(const char **out, unsigned n);
 /* SIGTERM, wait; asserts the server was still alive and exits cleanly. */
 void th_server_stop(struct th_server *s);
 int th_server_alive(const struct th_server *s);
+/* kill -9, as a crash would. */
+void th_server_kill9(struct th_server *s);
+/* Start again on the same address and port, with these args. */
+void th_server_restart(struct th_server *s, ...);
 /* Connect a librdmaps client with the test token (asserts success). */
 rdmaps_client *th_connect(const struct th_server *s);
 int th_connect_token(const struct th_server *s, const char *token, rdmaps_client **out);
