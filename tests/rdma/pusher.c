@@ -3,7 +3,9 @@
  * then pushes a gradient of -1 to the named tensor until it is killed.
  * A process of its own (not a fork of the test) so it starts with a clean
  * verbs state, as a real worker would.
- * usage: rdmaps-test-pusher ADDR PORT TOKEN TENSOR
+ * usage: rdmaps-test-pusher ADDR PORT TOKEN TENSOR [LENGTH [COUNT]]
+ *   with LENGTH: declare the tensor (SGD, lr 1) instead of looking it up;
+ *   with COUNT: push that many times, flush, and exit 0.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,15 +20,20 @@ int main(int argc, char **argv)
 	float *g;
 	int rc;
 
-	if (argc != 5) {
-		fprintf(stderr, "usage: %s ADDR PORT TOKEN TENSOR\n", argv[0]);
+	long count = argc > 6 ? atol(argv[6]) : -1;
+
+	if (argc < 5 || argc > 7) {
+		fprintf(stderr, "usage: %s ADDR PORT TOKEN TENSOR [LENGTH [COUNT]]\n", argv[0]);
 		return 2;
 	}
 	o.host = o.src_addr = argv[1];
 	o.port = argv[2];
 	o.token = argv[3];
 	o.timeout_ms = 20000;
-	if ((rc = rdmaps_connect(&o, &c)) || (rc = rdmaps_lookup(c, argv[4], &t))) {
+	struct rdmaps_tensor_desc d = { .name = argv[4], .length = argc > 5 ? strtoull(argv[5], NULL, 10) : 0,
+					.lr = 1.0f };
+	if ((rc = rdmaps_connect(&o, &c)) ||
+	    (rc = argc > 5 ? rdmaps_declare(c, &d, &t) : rdmaps_lookup(c, argv[4], &t))) {
 		fprintf(stderr, "pusher: %s\n", rdmaps_strerror(rc));
 		return 1;
 	}
@@ -35,8 +42,12 @@ int main(int argc, char **argv)
 		g[i] = -1.0f;
 	printf("ready\n");
 	fflush(stdout);
-	while (!(rc = rdmaps_push(c, t, g, 0)))
+	while (count-- != 0 && !(rc = rdmaps_push(c, t, g, 0)))
 		;
+	if (!rc && !(rc = rdmaps_flush(c, 20000))) {
+		rdmaps_close(c);
+		return 0;
+	}
 	fprintf(stderr, "pusher: %s\n", rdmaps_strerror(rc));
 	return 1;
 }

@@ -1,0 +1,347 @@
+/*
+ * rdmaps-ctl -- look at and steer running rdmaps servers: servers and
+ * their counters, tensors, chunk versions, workers, the local device's port
+ * and hardware counters, Prometheus text, checkpoints. It speaks the same
+ * control protocol as workers (over its own connection, with the token).
+ * Exits non-zero, naming the server, when one cannot be reached.
+ */
+#include <dirent.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "client.h"
+#include "log.h"
+
+static const char *const mode_names[] = { "asp", "bsp", "ssp" };
+
+static void usage(FILE *f)
+{
+	fprintf(f, "usage: rdmaps-ctl [--servers H[:P],...|--config FILE] [--token T] [--src ADDR]\n"
+		   "                  [--timeout MS] COMMAND\n"
+		   "commands:\n"
+		   "  servers       each server's counters\n"
+		   "  tensors       the catalog: tensors, parts, optimizer, clock, folds\n"
+		   "  chunks NAME   chunk versions of a tensor on each server\n"
+		   "  workers       connected workers and their counters, per server\n"
+		   "  device        this host's RDMA port state and hardware counters (sysfs)\n"
+		   "  prometheus    servers, workers and device counters as Prometheus text\n"
+		   "  checkpoint    ask every server for a checkpoint and wait for it\n"
+		   "Servers, token and local address also come from RDMAPS_* and the config file\n"
+		   "(docs/cluster.md).\n");
+}
+
+/* One paged request to server k: fills reply (of the given type and size). */
+static int page(struct cl_conn *k, uint16_t type, uint32_t id, uint32_t start, uint16_t rtype,
+		void *reply, uint32_t rlen)
+{
+	struct rdmaps_msg_page m = { .id = id, .start = start };
+
+	rdmaps__msg_init(&m.hdr, type, sizeof(m), 0);
+	return cl_rpc(k, &m, sizeof(m), rtype, reply, rlen);
+}
+
+static int server_stats(struct cl_conn *k, struct rdmaps_server_stats *st)
+{
+	struct rdmaps_msg_hdr m;
+	struct rdmaps_msg_stats_reply r;
+	int rc;
+
+	rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
+	if ((rc = cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &r, sizeof(r))))
+		return rc;
+	*st = r.stats;
+	return 0;
+}
+
+#define STATS_FIELDS(X)                                                                      \
+	X(connections) X(tensors) X(folds) X(dropped) X(bad_messages) X(auth_failures)        \
+	X(disconnects) X(nonfinite) X(clipped) X(evictions) X(checkpoints)                    \
+	X(checkpoint_failures) X(restored_seq)
+
+static int cmd_servers(rdmaps_client *c)
+{
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		struct rdmaps_server_stats st;
+		int rc = server_stats(&c->conn[i], &st);
+		if (rc) {
+			fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name, rdmaps_strerror(rc));
+			return 1;
+		}
+		printf("server %u  %s  chunk %u floats, %u staging slots per worker\n", i,
+		       c->conn[i].name, c->conn[i].chunk_elems, c->conn[i].slots);
+#define PRINT(f) printf("  %-20s %" PRIu64 "\n", #f, (uint64_t)st.f);
+		STATS_FIELDS(PRINT)
+#undef PRINT
+	}
+	return 0;
+}
+
+static int cmd_tensors(rdmaps_client *c)
+{
+	static struct rdmaps_msg_catalog_reply r;
+
+	printf("%-6s %-24s %4s %12s %8s %-9s %-4s %8s %10s\n", "server", "tensor", "id", "floats",
+	       "chunks", "optimizer", "mode", "clock", "folds");
+	for (uint32_t i = 0; i < c->nconn; i++)
+		for (uint32_t start = 0;;) {
+			int rc = page(&c->conn[i], RDMAPS_MSG_CATALOG, 0, start, RDMAPS_MSG_CATALOG_REPLY, &r,
+				      sizeof(r));
+			if (rc) {
+				fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name,
+					rdmaps_strerror(rc));
+				return 1;
+			}
+			for (uint32_t k = 0; k < r.count && k < RDMAPS_CATALOG_PAGE; k++) {
+				struct rdmaps_wire_tensor_info *e = &r.t[k];
+				e->name[RDMAPS_NAME_MAX] = '\0';
+				e->optimizer[RDMAPS_OPT_NAME_MAX - 1] = '\0';
+				printf("%-6u %-24s %4u %12" PRIu64 " %8u %-9s %-4s %8" PRIu64 " %10" PRIu64
+				       "%s\n",
+				       i, e->name, e->id, e->length, e->nchunks, e->optimizer,
+				       e->mode < 3 ? mode_names[e->mode] : "?", e->clock, e->folds,
+				       e->row_dim ? "  (sparse rows)" : "");
+			}
+			start += r.count;
+			if (!r.count || start >= r.total)
+				break;
+		}
+	return 0;
+}
+
+static int cmd_chunks(rdmaps_client *c, const char *name)
+{
+	static struct rdmaps_msg_chunks_reply r;
+	rdmaps_tensor *t;
+	int rc = rdmaps_lookup(c, name, &t);
+
+	if (rc) {
+		fprintf(stderr, "rdmaps-ctl: tensor %s: %s\n", name, rdmaps_strerror(rc));
+		return 1;
+	}
+	for (uint32_t p = 0; p < t->nparts; p++) {
+		struct cl_part *pt = &t->part[p];
+		printf("server %u (%s): chunks %u..%u, versions (odd = being folded):\n", pt->conn,
+		       c->conn[pt->conn].name, pt->first, pt->first + pt->nchunks - 1);
+		for (uint32_t start = 0; start < pt->nchunks;) {
+			if ((rc = page(&c->conn[pt->conn], RDMAPS_MSG_CHUNKS, pt->tensor_id, start,
+				       RDMAPS_MSG_CHUNKS_REPLY, &r, sizeof(r)))) {
+				fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[pt->conn].name,
+					rdmaps_strerror(rc));
+				return 1;
+			}
+			for (uint32_t k = 0; k < r.count && k < RDMAPS_CHUNKS_PAGE; k++)
+				printf("  chunk %-8u version %" PRIu64 "\n", pt->first + start + k,
+				       r.version[k]);
+			if (!r.count)
+				break;
+			start += r.count;
+		}
+	}
+	return 0;
+}
+
+static int for_workers(rdmaps_client *c, void (*fn)(uint32_t server, const struct rdmaps_wire_worker_info *))
+{
+	static struct rdmaps_msg_workers_reply r;
+
+	for (uint32_t i = 0; i < c->nconn; i++)
+		for (uint32_t start = 0;;) {
+			int rc = page(&c->conn[i], RDMAPS_MSG_WORKERS, 0, start, RDMAPS_MSG_WORKERS_REPLY, &r,
+				      sizeof(r));
+			if (rc) {
+				fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name,
+					rdmaps_strerror(rc));
+				return 1;
+			}
+			for (uint32_t k = 0; k < r.count && k < RDMAPS_WORKERS_PAGE; k++) {
+				r.w[k].addr[sizeof(r.w[k].addr) - 1] = '\0';
+				fn(i, &r.w[k]);
+			}
+			start += r.count;
+			if (!r.count || start >= r.total)
+				break;
+		}
+	return 0;
+}
+
+static void print_worker(uint32_t server, const struct rdmaps_wire_worker_info *w)
+{
+	printf("%-6u %-16s %12" PRIu64 " %10" PRIu64 " %10" PRIu64 " %12" PRIu64 "\n", server,
+	       w->addr[0] ? w->addr : "?", w->folds, w->dropped, w->bad_messages, w->next_seq);
+}
+
+static int cmd_workers(rdmaps_client *c)
+{
+	printf("%-6s %-16s %12s %10s %10s %12s\n", "server", "worker", "folds", "dropped",
+	       "bad_msgs", "next_seq");
+	return for_workers(c, print_worker);
+}
+
+/* Each numeric file of a sysfs counters directory, through fn. */
+static void sysfs_counters(void (*fn)(const char *dev, const char *port, const char *kind,
+				      const char *name, uint64_t v))
+{
+	DIR *d = opendir("/sys/class/infiniband");
+	struct dirent *dev;
+
+	if (!d)
+		return;
+	while ((dev = readdir(d))) {
+		char path[1024];
+		DIR *pd;
+		struct dirent *port;
+		if (dev->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/sys/class/infiniband/%s/ports", dev->d_name);
+		if (!(pd = opendir(path)))
+			continue;
+		while ((port = readdir(pd))) {
+			static const char *const kinds[] = { "counters", "hw_counters" };
+			if (port->d_name[0] == '.')
+				continue;
+			for (int k = 0; k < 2; k++) {
+				DIR *cd;
+				struct dirent *ce;
+				snprintf(path, sizeof(path), "/sys/class/infiniband/%s/ports/%s/%s",
+					 dev->d_name, port->d_name, kinds[k]);
+				if (!(cd = opendir(path)))
+					continue;
+				while ((ce = readdir(cd))) {
+					char f[2048];
+					unsigned long long v;
+					FILE *fp;
+					if (ce->d_name[0] == '.')
+						continue;
+					snprintf(f, sizeof(f), "%s/%s", path, ce->d_name);
+					if ((fp = fopen(f, "r"))) {
+						if (fscanf(fp, "%llu", &v) == 1)
+							fn(dev->d_name, port->d_name, kinds[k], ce->d_name, v);
+						fclose(fp);
+					}
+				}
+				closedir(cd);
+			}
+		}
+		closedir(pd);
+	}
+	closedir(d);
+}
+
+static void print_counter(const char *dev, const char *port, const char *kind, const char *name,
+			  uint64_t v)
+{
+	printf("%s/%s %-11s %-32s %" PRIu64 "\n", dev, port, kind, name, v);
+}
+
+static void prom_counter(const char *dev, const char *port, const char *kind, const char *name,
+			 uint64_t v)
+{
+	printf("rdmaps_device_%s{device=\"%s\",port=\"%s\",counter=\"%s\"} %" PRIu64 "\n",
+	       kind[0] == 'h' ? "hw_counter" : "counter", dev, port, name, v);
+}
+
+static void prom_worker(uint32_t server, const struct rdmaps_wire_worker_info *w)
+{
+	printf("rdmaps_worker_folds{server=\"%u\",worker=\"%s\"} %" PRIu64 "\n", server, w->addr, w->folds);
+	printf("rdmaps_worker_dropped{server=\"%u\",worker=\"%s\"} %" PRIu64 "\n", server, w->addr,
+	       w->dropped);
+	printf("rdmaps_worker_bad_messages{server=\"%u\",worker=\"%s\"} %" PRIu64 "\n", server, w->addr,
+	       w->bad_messages);
+}
+
+static int cmd_prometheus(rdmaps_client *c)
+{
+#define HELP(f) printf("# TYPE rdmaps_server_" #f " %s\n", !strcmp(#f, "connections") || \
+				!strcmp(#f, "tensors") || !strcmp(#f, "restored_seq") ? "gauge" : "counter");
+	STATS_FIELDS(HELP)
+#undef HELP
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		struct rdmaps_server_stats st;
+		int rc = server_stats(&c->conn[i], &st);
+		if (rc) {
+			fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name, rdmaps_strerror(rc));
+			return 1;
+		}
+#define PROM(f) printf("rdmaps_server_" #f "{server=\"%s\"} %" PRIu64 "\n", c->conn[i].name, (uint64_t)st.f);
+		STATS_FIELDS(PROM)
+#undef PROM
+	}
+	printf("# TYPE rdmaps_worker_folds counter\n# TYPE rdmaps_worker_dropped counter\n"
+	       "# TYPE rdmaps_worker_bad_messages counter\n");
+	if (for_workers(c, prom_worker))
+		return 1;
+	printf("# TYPE rdmaps_device_counter counter\n# TYPE rdmaps_device_hw_counter counter\n");
+	sysfs_counters(prom_counter);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{ "servers", required_argument, NULL, 's' }, { "config", required_argument, NULL, 'c' },
+		{ "token", required_argument, NULL, 't' },   { "src", required_argument, NULL, 'a' },
+		{ "timeout", required_argument, NULL, 'T' }, { "help", no_argument, NULL, 'h' },
+		{ 0 },
+	};
+	struct rdmaps_cluster_opts o = { .timeout_ms = 5000 };
+	rdmaps_client *c = NULL;
+	const char *cmd;
+	int opt, rc;
+
+	while ((opt = getopt_long(argc, argv, "s:c:t:a:T:h", opts, NULL)) != -1) {
+		switch (opt) {
+		case 's': o.servers = optarg; break;
+		case 'c': o.config = optarg; break;
+		case 't': o.token = optarg; break;
+		case 'a': o.src_addr = optarg; break;
+		case 'T': o.timeout_ms = atoi(optarg); break;
+		case 'h': usage(stdout); return 0;
+		default: usage(stderr); return 2;
+		}
+	}
+	if (optind >= argc) {
+		usage(stderr);
+		return 2;
+	}
+	cmd = argv[optind];
+	if (!strcmp(cmd, "device")) { /* local only: no server needed */
+		sysfs_counters(print_counter);
+		return 0;
+	}
+	if (strcmp(cmd, "servers") && strcmp(cmd, "tensors") && strcmp(cmd, "workers") &&
+	    strcmp(cmd, "prometheus") && strcmp(cmd, "checkpoint") &&
+	    (strcmp(cmd, "chunks") || optind + 1 >= argc)) {
+		fprintf(stderr, "rdmaps-ctl: unknown command or missing argument: %s\n", cmd);
+		usage(stderr);
+		return 2;
+	}
+	rdmaps__log_init(RDMAPS_LOG_ERROR);
+	if ((rc = rdmaps_connect_cluster(&o, &c))) {
+		/* the library logged which server; say what it means here */
+		fprintf(stderr, "rdmaps-ctl: cannot reach the cluster: %s\n", rdmaps_strerror(rc));
+		return 1;
+	}
+	if (!strcmp(cmd, "servers"))
+		rc = cmd_servers(c);
+	else if (!strcmp(cmd, "tensors"))
+		rc = cmd_tensors(c);
+	else if (!strcmp(cmd, "chunks"))
+		rc = cmd_chunks(c, argv[optind + 1]);
+	else if (!strcmp(cmd, "workers"))
+		rc = cmd_workers(c);
+	else if (!strcmp(cmd, "prometheus"))
+		rc = cmd_prometheus(c);
+	else {
+		rc = rdmaps_checkpoint(c, o.timeout_ms > 0 ? o.timeout_ms * 4 : 20000);
+		if (rc)
+			fprintf(stderr, "rdmaps-ctl: checkpoint: %s\n", rdmaps_strerror(rc));
+		else
+			printf("checkpoint written on %u server(s)\n", c->nconn);
+		rc = rc ? 1 : 0;
+	}
+	rdmaps_close(c);
+	return rc;
+}
