@@ -254,3 +254,34 @@ Test(security, wrong_token_or_version_is_rejected, .fini = stop_server, .timeout
 	cr_assert_eq(st.connections, 1);
 	rdmaps_close(c);
 }
+
+Test(security, limits_are_clear_errors, .fini = stop_server, .timeout = 120)
+{
+	rdmaps_client *a, *b, *c = NULL;
+	rdmaps_tensor *t;
+
+	th_server_start(&srv, "--max-workers", "2", "--max-tensors", "2", "--max-tensor-mb", "1",
+			"--max-total-mb", "2", NULL);
+	a = th_connect(&srv);
+	b = th_connect(&srv);
+	cr_assert_eq(th_connect_token(&srv, TH_TOKEN, &c), RDMAPS_ELIMIT, "third worker");
+	cr_assert_null(c);
+	/* 1 MiB per tensor: 300k floats is over, 200k fits */
+	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "big", .length = 300000,
+								     .lr = 1.0f }, &t),
+		     RDMAPS_ERANGE);
+	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "t1", .length = 200000,
+								     .lr = 1.0f }, &t), 0);
+	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "t2", .length = 200000,
+								     .lr = 1.0f }, &t), 0);
+	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "t3", .length = 10,
+								     .lr = 1.0f }, &t), RDMAPS_ELIMIT,
+		     "max-tensors");
+	rdmaps_close(b);
+	/* a freed worker slot is usable again */
+	for (int i = 0; i < 100 && th_connect_token(&srv, TH_TOKEN, &c); i++)
+		usleep(20000);
+	cr_assert_not_null(c, "a worker slot frees when a worker leaves");
+	rdmaps_close(c);
+	rdmaps_close(a);
+}
