@@ -344,34 +344,30 @@ static void read_done(struct cl_conn *k, uint32_t s)
 		(const void *)(rs->scratch + RDMAPS_CHUNK_HDR +
 			       (rdmaps__chunk_data_span(count) - count * sizeof(float)));
 
-	if (!(op->flags & RDMAPS_PULL_RELAXED) && rdmaps__chunk_consistent(h, tr, got, count) &&
-	    h->clock < op->min_clock) {
-		/* whole, but older than this worker's clock allows: read again */
-		k->c->stats.stale_retries++;
-		if (rdmaps__now_ns() < op->deadline && op->status == RDMAPS_EAGAIN) {
-			int rc = post_read(k, op, s);
-			if (!rc)
-				return;
-			cl_fail(k, rc, "ibv_post_send failed");
-			op_finish(op, rc);
+	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
+	/* one checksum per chunk read: whole (not torn), and fresh enough? */
+	bool whole = relaxed || rdmaps__chunk_consistent(h, tr, got, count);
+	bool stale = whole && !relaxed && h->clock < op->min_clock;
+
+	if (!whole || stale) {
+		/* raced a fold, or older than this worker's clock allows: read
+		 * this chunk again with the same slot, within the op's budget */
+		bool again;
+		if (stale) {
+			k->c->stats.stale_retries++;
+			again = rdmaps__now_ns() < op->deadline;
 		} else {
-			op_finish(op, RDMAPS_ETIMEDOUT);
+			k->c->stats.pull_retries++;
+			again = ++rs->tries < CL_MAX_TRIES;
 		}
-		op->inflight--;
-		k->rs_free[k->nrs_free++] = s;
-		return;
-	}
-	if (!(op->flags & RDMAPS_PULL_RELAXED) && !rdmaps__chunk_consistent(h, tr, got, count)) {
-		/* raced a fold: read this chunk again with the same slot */
-		k->c->stats.pull_retries++;
-		if (++rs->tries < CL_MAX_TRIES && op->status == RDMAPS_EAGAIN) {
+		if (again && op->status == RDMAPS_EAGAIN) {
 			int rc = post_read(k, op, s);
 			if (!rc)
 				return;
 			cl_fail(k, rc, "ibv_post_send failed");
 			op_finish(op, rc);
 		} else {
-			op_finish(op, RDMAPS_ETORN);
+			op_finish(op, stale ? RDMAPS_ETIMEDOUT : RDMAPS_ETORN);
 		}
 	} else {
 		if (!op->mr)
