@@ -340,9 +340,8 @@ static void read_done(struct cl_conn *k, uint32_t s)
 	float *dst = op->buf + rs->dst_off;
 	const float *got = op->mr ? dst : rs->bounce;
 	const struct rdmaps_chunk_hdr *h = (const void *)rs->scratch;
-	const struct rdmaps_chunk_trl *tr =
-		(const void *)(rs->scratch + RDMAPS_CHUNK_HDR +
-			       (rdmaps__chunk_data_span(count) - count * sizeof(float)));
+	const void *tr = rs->scratch + RDMAPS_CHUNK_HDR +
+			 (rdmaps__chunk_data_span(count) - count * sizeof(float));
 
 	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
 	/* one checksum per chunk read: whole (not torn), and fresh enough? */

@@ -22,6 +22,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "checksum.h"
 
@@ -96,11 +97,15 @@ static inline uint32_t rdmaps__chunk_total(uint64_t length, uint32_t chunk_elems
  * The reader's test: 1 if the header, data and trailer that one READ
  * brought back form a consistent snapshot. Pure; no allocation.
  */
-static inline int rdmaps__chunk_consistent(const struct rdmaps_chunk_hdr *h,
-					   const struct rdmaps_chunk_trl *t,
+static inline int rdmaps__chunk_consistent(const struct rdmaps_chunk_hdr *h, const void *trl,
 					   const float *data, uint32_t expect_count)
 {
-	if ((h->version & 1u) || h->version != t->version || h->count != expect_count)
+	uint64_t tv;
+
+	/* the trailer lands after count floats of padding in the reader's
+	 * scratch: 4-byte aligned only, so read its version bytewise */
+	memcpy(&tv, (const uint8_t *)trl + offsetof(struct rdmaps_chunk_trl, version), sizeof(tv));
+	if ((h->version & 1u) || h->version != tv || h->count != expect_count)
 		return 0;
 	return rdmaps__checksum(data, (size_t)expect_count * sizeof(float)) == h->checksum;
 }

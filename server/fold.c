@@ -576,7 +576,7 @@ int srv_fold_start(struct srv *s)
 	return 0;
 }
 
-void srv_fold_stop(struct srv *s)
+void srv_fold_join(struct srv *s)
 {
 	uint64_t one = 1;
 
@@ -590,7 +590,15 @@ void srv_fold_stop(struct srv *s)
 		if (write(ft->wake_fd, &one, sizeof(one)) < 0)
 			log_warn("fold thread %u: wake-up write failed", i);
 		pthread_join(ft->thread, NULL);
+		ft->thread = 0;
 	}
+}
+
+void srv_fold_stop(struct srv *s)
+{
+	if (!s->ft)
+		return;
+	srv_fold_join(s);
 	for (unsigned i = 0; i < s->cfg.fold_threads; i++) {
 		struct srv_fold_thread *ft = &s->ft[i];
 		for (int d = 0; ft->channels && d < s->ndev; d++)

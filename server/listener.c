@@ -145,7 +145,8 @@ fail:
 	return rc;
 }
 
-static void on_connect_request(struct srv *s, struct rdma_cm_event *ev)
+/* Returns true when it acked the event itself (the id was refused and destroyed). */
+static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 {
 	struct rdma_cm_id *id = ev->id;
 	struct rdmaps_wire_hello hello;
@@ -211,12 +212,12 @@ static void on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 	s->conns = c;
 	s->nconns++;
 	pthread_mutex_unlock(&s->conns_lock);
-	return;
+	return false;
 destroy:
 	/* the event must be acked before its id can be destroyed */
 	rdma_ack_cm_event(ev);
 	rdma_destroy_id(id);
-	ev->id = NULL;
+	return true;
 }
 
 static void conn_teardown(struct srv *s, struct srv_conn *c)
@@ -247,8 +248,7 @@ static void on_event(struct srv *s, struct rdma_cm_event *ev)
 
 	switch (type) {
 	case RDMA_CM_EVENT_CONNECT_REQUEST:
-		on_connect_request(s, ev);
-		if (!ev->id)
+		if (on_connect_request(s, ev))
 			return; /* already acked and destroyed */
 		break;
 	case RDMA_CM_EVENT_ESTABLISHED:
@@ -444,14 +444,16 @@ void srv_close(struct srv *s)
 	/* a clean stop leaves a checkpoint of the last state behind */
 	if (s->ft && s->cfg.ckpt_dir)
 		srv_checkpoint_now(s, "shutdown");
-	/* threads first: once joined, nobody polls a connection we free */
-	srv_fold_stop(s);
+	/* threads first: once joined, nobody polls a connection we free;
+	 * their completion channels go last, once no CQ uses them */
+	srv_fold_join(s);
 	while (s->conns) {
 		struct srv_conn *c = s->conns;
 		c->attached = false;
 		rdma_disconnect(c->id);
 		conn_teardown(s, c);
 	}
+	srv_fold_stop(s);
 	if (s->listen_id)
 		rdma_destroy_id(s->listen_id);
 	if (s->cm_channel)

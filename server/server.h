@@ -234,6 +234,8 @@ void srv_checkpoint_now(struct srv *s, const char *why);
 void srv_fold_pause(struct srv *s);
 void srv_fold_resume(struct srv *s);
 int srv_fold_start(struct srv *s);
+/* Stop and join the fold threads (their channels stay until srv_fold_stop). */
+void srv_fold_join(struct srv *s);
 void srv_fold_stop(struct srv *s);
 /* Listener -> fold thread hand-over; blocks until the thread took it. */
 void srv_fold_attach(struct srv_fold_thread *ft, struct srv_conn *c);

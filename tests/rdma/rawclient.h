@@ -26,6 +26,9 @@ struct raw {
 	struct rdmaps_wire_welcome w;
 	uint64_t *credit;      /* the credit word the server writes (REMOTE_WRITE) */
 	struct ibv_mr *credit_mr;
+	/* receives that completed while we waited for something else */
+	struct ibv_wc early[8];
+	int nearly;
 };
 
 /* A hello with the test token, ready to tweak. */

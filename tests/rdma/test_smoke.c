@@ -47,6 +47,26 @@ static void setup_qp(struct side *s, struct rdma_cm_id *id, int access)
 	cr_assert_eq(rdma_create_qp(id, s->pd, &qa), 0, "rdma_create_qp");
 }
 
+/* Undo setup_qp and the ids, as a real program would. */
+static void side_free(struct side *s)
+{
+	if (s->id && s->id->qp)
+		rdma_destroy_qp(s->id);
+	if (s->cq)
+		ibv_destroy_cq(s->cq);
+	if (s->mr)
+		ibv_dereg_mr(s->mr);
+	if (s->pd)
+		ibv_dealloc_pd(s->pd);
+	free(s->buf);
+	if (s->id)
+		rdma_destroy_id(s->id);
+	if (s->listen)
+		rdma_destroy_id(s->listen);
+	if (s->ch)
+		rdma_destroy_event_channel(s->ch);
+}
+
 static void *server_thread(void *arg)
 {
 	struct side *s = &srv_side;
@@ -116,6 +136,8 @@ Test(smoke, rc_read_and_write_byte_exact, .timeout = 120)
 	cr_assert_eq(rdma_getaddrinfo(addr, port, &ch, &dst), 0);
 	cr_assert_eq(rdma_getaddrinfo(addr, NULL, &hints, &res), 0);
 	cr_assert_eq(rdma_resolve_addr(cl.id, res->ai_src_addr, dst->ai_dst_addr, 5000), 0);
+	rdma_freeaddrinfo(res);
+	rdma_freeaddrinfo(dst);
 	cr_assert_eq(rdmaps__cm_wait(cl.ch, RDMA_CM_EVENT_ADDR_RESOLVED, 10000, &ev, NULL), 0);
 	rdma_ack_cm_event(ev);
 	cr_assert_eq(rdma_resolve_route(cl.id, 5000), 0);
@@ -140,4 +162,6 @@ Test(smoke, rc_read_and_write_byte_exact, .timeout = 120)
 	for (int i = 0; i < LEN / 2; i++)
 		cr_assert_eq(srv_side.buf[LEN / 2 + i], (uint8_t)(255 - i), "WRITE byte %d", i);
 	rdma_disconnect(cl.id);
+	side_free(&cl);
+	side_free(&srv_side);
 }
