@@ -1,0 +1,113 @@
+/*
+ * targets.c -- the targets of issue #7, checked against this run's rows
+ * (each ratio is taken between two measurements of the same run). A target
+ * whose rows were not measured is SKIP; the fold target is INFO inside the
+ * VM (it is defined natively: emulation slows vector code unevenly).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "bench.h"
+
+#define SZ_64 64u
+#define SZ_4M (4u << 20)
+
+static int missed;
+
+static void verdict(const char *name, const struct bench_row *a, const struct bench_row *b,
+		    double measured, double limit, bool upper, bool info_only, const char *how)
+{
+	const char *st;
+	char lim[24];
+
+	if (!a || !b) {
+		st = "SKIP";
+		measured = 0;
+	} else if (upper ? measured <= limit : measured >= limit) {
+		st = info_only ? "INFO" : "PASS";
+	} else {
+		st = info_only ? "INFO" : "MISS";
+		if (!info_only)
+			missed++;
+	}
+	snprintf(lim, sizeof(lim), "%s %.2f", upper ? "<=" : ">=", limit);
+	if (!a || !b)
+		printf("%-52s %9s %9s  %-4s  (not measured: %s)\n", name, "-", lim, st, how);
+	else
+		printf("%-52s %9.3f %9s  %-4s  %s\n", name, measured, lim, st, how);
+	report_target(name, measured, limit, upper, st, how);
+}
+
+static double ratio(double a, double b)
+{
+	return b > 0 ? a / b : 0;
+}
+
+/*
+ * A 64 B latency target: from the paired rows when there are any (raw and
+ * rdmaps ops interleaved: robust against a VM that swings 2x), else from the
+ * separate lat rows. Both ratios are printed.
+ */
+static void lat_target(const char *name, const char *op, const char *raw, double limit)
+{
+	/* the rdmaps row of a pair carries its raw twin's p50 and the ratio */
+	const struct bench_row *pa = report_find_vs("paired", op, raw, SZ_64);
+	const struct bench_row *la = report_find("lat", op, SZ_64);
+	const struct bench_row *lb = report_find("lat", raw, SZ_64);
+	char how[160];
+
+	if (pa) {
+		snprintf(how, sizeof(how), "paired %s vs %s 64 B; separate lat rows: %s", op, raw,
+			 la && lb ? "" : "-");
+		if (la && lb)
+			snprintf(how + strlen(how), sizeof(how) - strlen(how), "%.3f",
+				 ratio(la->p50, lb->p50));
+		verdict(name, pa, pa, pa->ratio, limit, true, false, how);
+	} else {
+		snprintf(how, sizeof(how), "lat %s vs lat %s 64 B (no paired rows)", op, raw);
+		verdict(name, la, lb, la && lb ? ratio(la->p50, lb->p50) : 0, limit, true, false, how);
+	}
+}
+
+int targets_eval(const struct bench_opts *o)
+{
+	const struct bench_row *a, *b;
+
+	missed = 0;
+	printf("\n## targets (issue #7): each a ratio of two measurements of this run%s\n",
+	       o->in_vm ? " (in the VM: only ratios mean anything)" : "");
+	printf("%-52s %9s %9s  %-4s  %s\n", "target", "measured", "limit", "", "from rows");
+
+	lat_target("64 B pull p50 / raw READ p50 (full RTT)", "pull", "raw-read", 1.10);
+	lat_target("64 B push p50 / raw WRITE-and-ack p50 (full RTT)", "push", "raw-write-ack",
+		   1.30);
+
+	a = report_find("bw", "pull", SZ_4M);
+	b = report_find("bw", "raw-read-bw", SZ_4M);
+	verdict("4 MiB pull GB/s / raw READ GB/s", a, b, a && b ? ratio(a->gb_s, b->gb_s) : 0, 0.90,
+		false, false, "bw pull 4 MiB vs bw raw-read-bw 4 MiB");
+
+	a = report_find_largest("fold", "fold-sgd");
+	b = a ? report_find("fold", "triad", a->size) : NULL;
+	verdict("SGD fold / STREAM triad on one thread (native)", a, b,
+		a && b ? ratio(a->traffic_gb_s, b->traffic_gb_s) : 0, 0.80, false, o->in_vm,
+		"fold fold-sgd vs fold triad at the largest size (STREAM byte counting)");
+
+	/* not a target of the issue: the fold thread's whole per-slot work */
+	a = report_find_largest("fold", "fold-sgd+check+xxh3");
+	b = a ? report_find("fold", "triad", a->size) : NULL;
+	verdict("(info) server fold path: check+SGD+xxh3 / triad", a, b,
+		a && b ? ratio(a->traffic_gb_s, b->traffic_gb_s) : 0, 0.80, false, true,
+		"fold fold-sgd+check+xxh3 vs fold triad at the largest size");
+
+	a = report_find("torn", "pull-vs-writer", SZ_64);
+	verdict("torn-read retries / pulls at 64 B (writer flat out)", a, a,
+		a ? a->retries_frac : 0, 0.01, true, false, "torn pull-vs-writer 64 B");
+
+	a = report_find("torn", "pull-vs-writer", SZ_4M);
+	verdict("torn-read retries / pulls at 4 MiB (writer flat out)", a, a,
+		a ? a->retries_frac : 0, 0.01, true, false, "torn pull-vs-writer 4 MiB");
+
+	printf("## targets: %d missed\n", missed);
+	return missed;
+}

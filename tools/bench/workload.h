@@ -1,0 +1,81 @@
+/*
+ * workload.h -- the rdmaps side of rdmaps-bench, shared by workload.c (the
+ * phases W worker threads run), paired.c (raw and rdmaps ops interleaved)
+ * and clients.c (connections, tensors, buffers). Private to tools/bench.
+ */
+#ifndef RDMAPS_BENCH_WORKLOAD_H
+#define RDMAPS_BENCH_WORKLOAD_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "bench.h"
+#include "rdmaps.h"
+
+#define WL_MAX_DEPTH 32u
+#define WL_WRITER_DEPTH 4u
+#define WL_TIMEOUT_MS 60000
+#define WL_TORN_MIN_S 3.0 /* torn-read phases run at least this long */
+
+enum wl_op { WL_PULL, WL_PULL_RELAXED, WL_PUSH, WL_PUSH_FOLDED, WL_PUSHPULL, WL_TORN };
+
+extern const char *const wl_op_name[];
+
+/*
+ * How an op touches the tensor. The extension point for the modes the issue
+ * defers: a sparse access (pull/push a subset of rows) is a new entry whose
+ * hooks call the sparse API; a consistency mode (BSP/SSP) is a new entry whose
+ * describe() sets desc->consistency and staleness. main.c picks the entry
+ * from --access; nothing else here changes.
+ */
+struct wl_access {
+	const char *name;
+	void (*describe)(struct rdmaps_tensor_desc *d);
+	int (*pull)(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags);
+	int (*push)(rdmaps_client *c, rdmaps_tensor *t, const float *g, unsigned flags);
+	int (*pull_async)(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags,
+			  rdmaps_op **op);
+	int (*push_async)(rdmaps_client *c, rdmaps_tensor *t, const float *g, unsigned flags,
+			  rdmaps_op **op);
+};
+
+extern const struct wl_access wl_access_modes[];
+
+struct wl_worker {
+	struct wl *wl;
+	unsigned idx;
+	bool writer; /* torn: the extra client that pushes */
+	pthread_t th;
+	rdmaps_client *c;
+	rdmaps_tensor *t[BENCH_MAX_SIZES];
+	float *grad, *dst[WL_MAX_DEPTH];
+	rdmaps_mr *mr[WL_MAX_DEPTH + 1];
+	unsigned ndst;
+	struct rdmaps_hist hist;
+	uint64_t n, t0, t1;
+	int err;
+	struct rdmaps_client_stats s0, s1;
+};
+
+struct wl {
+	const struct bench_opts *o;
+	const struct wl_access *acc;
+	unsigned nw; /* workers, plus the writer when torn reads are measured */
+	struct wl_worker *w;
+	bool threads_up;
+	pthread_barrier_t bar;
+	/* the phase every thread runs next */
+	enum wl_op op;
+	unsigned si, depth;
+	bool quit;
+	atomic_uint pullers_left;
+	struct rdmaps_hist merged, pair_raw;
+};
+
+bool wl_is_push(enum wl_op op);
+/* One blocking op of worker w (a pull, a push, or both for pushpull). */
+int wl_do_op(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t);
+/* A worker thread: runs each phase main publishes, between two barriers. */
+void *wl_worker_main(void *arg);
+
+#endif
