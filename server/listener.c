@@ -253,6 +253,14 @@ static void on_event(struct srv *s, struct rdma_cm_event *ev)
 		break;
 	case RDMA_CM_EVENT_ESTABLISHED:
 		if (c && !c->attached) {
+			/* rdma_cm leaves the RNR timer at 0, which means 655 ms: a
+			 * worker whose WRITE-with-immediate finds no receive posted
+			 * would stall that long. 12 (0.64 ms), as the verbs notes
+			 * advise for rxe; allowed on an RTS queue pair. */
+			struct ibv_qp_attr qa = { .min_rnr_timer = 12 };
+			if (ibv_modify_qp(c->qp, &qa, IBV_QP_MIN_RNR_TIMER))
+				log_warn("worker %p: cannot set the RNR timer: %s", (void *)c,
+					 strerror(errno));
 			c->attached = true;
 			atomic_fetch_add(&s->connections, 1);
 			srv_fold_attach(c->ft, c);

@@ -36,8 +36,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	case RDMAPS_MSG_DECLARE: {
 		struct rdmaps_msg_declare m;
 		memcpy(&m, data, sizeof(m));
-		if (!srv_store_declare(&st, &m, NULL, &t, &created)) {
-			/* a declared tensor is usable: fold into its first chunk */
+		if (!srv_store_declare(&st, &m, NULL, &t, &created) &&
+		    atomic_load(&t->state_flag) == TENSOR_READY) {
+			/* a declared, open tensor is usable: fold into its first chunk
+			 * (one still waiting for its creator's values refuses folds in
+			 * the server, before they get this far) */
 			static float g[64];
 			srv_chunk_apply(t, 0, g, rdmaps__chunk_count(t->length, t->chunk_elems, 0), false);
 		}
