@@ -35,6 +35,7 @@ int main(int argc, char **argv)
 	if ((rc = rdmaps_connect(&o, &c)) ||
 	    (rc = argc > 5 ? rdmaps_declare(c, &d, &t) : rdmaps_lookup(c, argv[4], &t))) {
 		fprintf(stderr, "pusher: %s\n", rdmaps_strerror(rc));
+		rdmaps_close(c);
 		return 1;
 	}
 	g = malloc(rdmaps_tensor_length(t) * sizeof(float));
@@ -44,10 +45,11 @@ int main(int argc, char **argv)
 	fflush(stdout);
 	while (count-- != 0 && !(rc = rdmaps_push(c, t, g, 0)))
 		;
-	if (!rc && !(rc = rdmaps_flush(c, 20000))) {
-		rdmaps_close(c);
-		return 0;
-	}
-	fprintf(stderr, "pusher: %s\n", rdmaps_strerror(rc));
-	return 1;
+	if (!rc)
+		rc = rdmaps_flush(c, 20000);
+	if (rc)
+		fprintf(stderr, "pusher: %s\n", rdmaps_strerror(rc));
+	rdmaps_close(c);
+	free(g);
+	return rc ? 1 : 0;
 }
