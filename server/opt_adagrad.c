@@ -18,11 +18,9 @@
 
 static int adagrad_check(const struct rdmaps_wire_hyper *h)
 {
-	if (!isfinite(h->lr) || h->lr < 0.0f)
+	if (srv_hyper_check_common(h))
 		return RDMAPS_EINVAL;
-	if (!isfinite(h->weight_decay) || h->weight_decay < 0.0f)
-		return RDMAPS_EINVAL;
-	if (!isfinite(h->eps) || h->eps < 0.0f)
+	if (!srv_hyper_nonneg(h->eps))
 		return RDMAPS_EINVAL;
 	return 0;
 }

@@ -38,11 +38,9 @@ static bool unit_interval(float x) /* [0, 1), refusing NaN */
 
 static int adam_check(const struct rdmaps_wire_hyper *h)
 {
-	if (!isfinite(h->lr) || h->lr < 0.0f)
+	if (srv_hyper_check_common(h))
 		return RDMAPS_EINVAL;
-	if (!isfinite(h->weight_decay) || h->weight_decay < 0.0f)
-		return RDMAPS_EINVAL;
-	if (!isfinite(h->eps) || h->eps < 0.0f)
+	if (!srv_hyper_nonneg(h->eps))
 		return RDMAPS_EINVAL;
 	if (!unit_interval(h->beta1) || !unit_interval(h->beta2))
 		return RDMAPS_EINVAL;

@@ -25,9 +25,7 @@
 
 static int momentum_check(const struct rdmaps_wire_hyper *h)
 {
-	if (!isfinite(h->lr) || h->lr < 0.0f)
-		return RDMAPS_EINVAL;
-	if (!isfinite(h->weight_decay) || h->weight_decay < 0.0f)
+	if (srv_hyper_check_common(h))
 		return RDMAPS_EINVAL;
 	if (!(h->momentum >= 0.0f && h->momentum < 1.0f)) /* also refuses NaN */
 		return RDMAPS_EINVAL;

@@ -12,9 +12,7 @@
 
 static int sgd_check(const struct rdmaps_wire_hyper *h)
 {
-	if (!isfinite(h->lr) || h->lr < 0.0f)
-		return RDMAPS_EINVAL;
-	if (!isfinite(h->weight_decay) || h->weight_decay < 0.0f)
+	if (srv_hyper_check_common(h))
 		return RDMAPS_EINVAL;
 	return 0;
 }

@@ -57,6 +57,18 @@ struct srv_optimizer {
 	static const struct srv_optimizer *const srv_opt_reg_##sym                 \
 		__attribute__((used, section("rdmaps_opt"), aligned(sizeof(void *)))) = &sym
 
+/* A hyper-parameter that must be finite and >= 0 (lr, weight decay, eps). */
+static inline int srv_hyper_nonneg(float x)
+{
+	return x >= 0.0f && x <= __FLT_MAX__; /* false for NaN and +inf too */
+}
+
+/* The checks every optimizer shares: learning rate and weight decay. */
+static inline int srv_hyper_check_common(const struct rdmaps_wire_hyper *h)
+{
+	return srv_hyper_nonneg(h->lr) && srv_hyper_nonneg(h->weight_decay) ? 0 : RDMAPS_EINVAL;
+}
+
 /* The optimizer called name, or NULL. Thread-safe. */
 const struct srv_optimizer *srv_optimizer_find(const char *name);
 
