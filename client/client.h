@@ -177,6 +177,8 @@ uint64_t cl_folded_seq(const struct cl_conn *k);
 int cl_rpc(struct cl_conn *k, void *msg, uint32_t len, uint16_t want_type, void *reply,
 	   uint32_t reply_len);
 
+/* control.c: one server's counters (rdmaps_server_stats sums them). */
+int cl_server_stats(struct cl_conn *k, struct rdmaps_server_stats *out);
 /* control.c: re-fetch the parts of t held by server k (new address, rkey). */
 int cl_refresh_parts(rdmaps_client *c, struct cl_conn *k);
 

@@ -343,10 +343,22 @@ uint64_t rdmaps_tensor_clock(const rdmaps_tensor *t)
 	return t ? t->clock : 0;
 }
 
-int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
+int cl_server_stats(struct cl_conn *k, struct rdmaps_server_stats *out)
 {
 	struct rdmaps_msg_hdr m;
 	struct rdmaps_msg_stats_reply r;
+	int rc;
+
+	rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
+	if ((rc = cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &r, sizeof(r))))
+		return rc;
+	*out = r.stats;
+	return 0;
+}
+
+int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
+{
+	struct rdmaps_server_stats st;
 	int rc;
 
 	if (!c || !out)
@@ -354,23 +366,22 @@ int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
 	memset(out, 0, sizeof(*out));
 	/* a cluster answers with the sums over its servers */
 	for (uint32_t i = 0; i < c->nconn; i++) {
-		rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
-		if ((rc = cl_rpc(&c->conn[i], &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &r, sizeof(r))))
+		if ((rc = cl_server_stats(&c->conn[i], &st)))
 			return rc;
-		out->connections += r.stats.connections;
-		out->tensors += r.stats.tensors;
-		out->folds += r.stats.folds;
-		out->dropped += r.stats.dropped;
-		out->bad_messages += r.stats.bad_messages;
-		out->auth_failures += r.stats.auth_failures;
-		out->disconnects += r.stats.disconnects;
-		out->nonfinite += r.stats.nonfinite;
-		out->clipped += r.stats.clipped;
-		out->evictions += r.stats.evictions;
-		out->checkpoints += r.stats.checkpoints;
-		out->checkpoint_failures += r.stats.checkpoint_failures;
-		if (r.stats.restored_seq > out->restored_seq)
-			out->restored_seq = r.stats.restored_seq;
+		out->connections += st.connections;
+		out->tensors += st.tensors;
+		out->folds += st.folds;
+		out->dropped += st.dropped;
+		out->bad_messages += st.bad_messages;
+		out->auth_failures += st.auth_failures;
+		out->disconnects += st.disconnects;
+		out->nonfinite += st.nonfinite;
+		out->clipped += st.clipped;
+		out->evictions += st.evictions;
+		out->checkpoints += st.checkpoints;
+		out->checkpoint_failures += st.checkpoint_failures;
+		if (st.restored_seq > out->restored_seq)
+			out->restored_seq = st.restored_seq;
 	}
 	return 0;
 }
@@ -386,15 +397,14 @@ int rdmaps_checkpoint(rdmaps_client *c, int timeout_ms)
 	deadline = rdmaps__now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : c->timeout_ms) * 1000000u;
 	for (uint32_t i = 0; i < c->nconn; i++) {
 		struct cl_conn *k = &c->conn[i];
-		struct rdmaps_msg_stats_reply st;
+		struct rdmaps_server_stats st;
 		struct rdmaps_msg_hdr m;
 		struct rdmaps_msg_status_reply r;
 
-		rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
-		if ((rc = cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &st, sizeof(st))))
+		if ((rc = cl_server_stats(k, &st)))
 			return rc;
-		before[i] = st.stats.checkpoints;
-		fails[i] = st.stats.checkpoint_failures;
+		before[i] = st.checkpoints;
+		fails[i] = st.checkpoint_failures;
 		rdmaps__msg_init(&m, RDMAPS_MSG_CHECKPOINT, sizeof(m), 0);
 		if ((rc = cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_STATUS_REPLY, &r, sizeof(r))))
 			return rc;
@@ -402,16 +412,14 @@ int rdmaps_checkpoint(rdmaps_client *c, int timeout_ms)
 	/* the server writes it from its listener thread: watch its counters */
 	for (uint32_t i = 0; i < c->nconn; i++)
 		for (;;) {
-			struct rdmaps_msg_stats_reply st;
-			struct rdmaps_msg_hdr m;
+			struct rdmaps_server_stats st;
 			struct timespec ts = { 0, 5000000 };
 
-			rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
-			if ((rc = cl_rpc(&c->conn[i], &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &st, sizeof(st))))
+			if ((rc = cl_server_stats(&c->conn[i], &st)))
 				return rc;
-			if (st.stats.checkpoint_failures > fails[i])
+			if (st.checkpoint_failures > fails[i])
 				return RDMAPS_EREMOTE;
-			if (st.stats.checkpoints > before[i])
+			if (st.checkpoints > before[i])
 				break;
 			if (rdmaps__now_ns() > deadline)
 				return RDMAPS_ETIMEDOUT;

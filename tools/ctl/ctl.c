@@ -43,19 +43,6 @@ static int page(struct cl_conn *k, uint16_t type, uint32_t id, uint32_t start, u
 	return cl_rpc(k, &m, sizeof(m), rtype, reply, rlen);
 }
 
-static int server_stats(struct cl_conn *k, struct rdmaps_server_stats *st)
-{
-	struct rdmaps_msg_hdr m;
-	struct rdmaps_msg_stats_reply r;
-	int rc;
-
-	rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 0);
-	if ((rc = cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_STATS_REPLY, &r, sizeof(r))))
-		return rc;
-	*st = r.stats;
-	return 0;
-}
-
 #define STATS_FIELDS(X)                                                                      \
 	X(connections) X(tensors) X(folds) X(dropped) X(bad_messages) X(auth_failures)        \
 	X(disconnects) X(nonfinite) X(clipped) X(evictions) X(checkpoints)                    \
@@ -65,7 +52,7 @@ static int cmd_servers(rdmaps_client *c)
 {
 	for (uint32_t i = 0; i < c->nconn; i++) {
 		struct rdmaps_server_stats st;
-		int rc = server_stats(&c->conn[i], &st);
+		int rc = cl_server_stats(&c->conn[i], &st);
 		if (rc) {
 			fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name, rdmaps_strerror(rc));
 			return 1;
@@ -260,7 +247,7 @@ static int cmd_prometheus(rdmaps_client *c)
 #undef HELP
 	for (uint32_t i = 0; i < c->nconn; i++) {
 		struct rdmaps_server_stats st;
-		int rc = server_stats(&c->conn[i], &st);
+		int rc = cl_server_stats(&c->conn[i], &st);
 		if (rc) {
 			fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name, rdmaps_strerror(rc));
 			return 1;
