@@ -24,12 +24,13 @@
 #define CL_READ_SLOTS 32u   /* READs in flight per server */
 #define CL_RECVS 4u         /* control replies (one request at a time) */
 #define CL_SQ_DEPTH 128u
+#define CL_PROBE_NS 1000000000ull /* liveness probe while waiting on a silent server */
 #define CL_SCRATCH 192u     /* chunk header + padding + trailer of one READ */
 #define CL_MAX_TRIES 100000u /* re-reads of one chunk before RDMAPS_ETORN */
 #define CL_MAX_SLOTS 256u
 
 /* wr_id: kind (8 bits) | server (16 bits) | index (32 bits) */
-enum { WR_READ = 1, WR_PUSH = 2, WR_CTRL_SEND = 3, WR_RECV = 4 };
+enum { WR_READ = 1, WR_PUSH = 2, WR_CTRL_SEND = 3, WR_RECV = 4, WR_PROBE = 5 };
 #define WR_ID(kind, conn, idx) \
 	(((uint64_t)(kind) << 56) | ((uint64_t)(conn) << 32) | (uint64_t)(uint32_t)(idx))
 #define WR_KIND(id) ((unsigned)((id) >> 56))
@@ -138,6 +139,10 @@ struct cl_conn {
 	uint32_t reply_len;
 	int broken;             /* 0 or why the connection is unusable */
 	uint64_t last_cm_check;
+	uint64_t last_probe;    /* when the last liveness probe was posted */
+	uint64_t cqes;          /* work completions seen: progress, for the watchdog */
+	uint64_t stall_cqes;    /* cqes when the current stall began */
+	uint64_t stall_since;   /* when no completion came despite requests in flight */
 	/* how to connect again after a failure (cl_reconnect) */
 	struct rdmaps__server_addr sa;
 	char src[RDMAPS_ADDR_MAX];

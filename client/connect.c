@@ -67,6 +67,32 @@ void cl_fail(struct cl_conn *k, int err, const char *why)
 	}
 }
 
+/*
+ * A worker waiting for something only the server can send (a push's credit,
+ * a control reply) has nothing of its own on the wire, so a server host that
+ * vanished without a word -- power lost, link down -- would leave it waiting
+ * forever. Once a second of such waiting, a zero-length RDMA WRITE to its
+ * staging ring (it touches no memory and wakes nobody on the server) asks
+ * the transport whether the peer is still there; if it is not, the write
+ * fails after the retries and the connection takes the failure path.
+ */
+static void probe(struct cl_conn *k, uint64_t now)
+{
+	struct ibv_send_wr wr = { .wr_id = WR_ID(WR_PROBE, k->idx, 0), .opcode = IBV_WR_RDMA_WRITE,
+				  .send_flags = IBV_SEND_SIGNALED };
+	struct ibv_send_wr *bad;
+
+	if (k->broken || !k->qp || k->sq_outstanding || now - k->last_probe < CL_PROBE_NS)
+		return;
+	wr.wr.rdma.remote_addr = k->staging_addr;
+	wr.wr.rdma.rkey = k->staging_rkey;
+	k->last_probe = now;
+	if (ibv_post_send(k->qp, &wr, &bad))
+		cl_fail(k, RDMAPS_EVERBS, "cannot post a liveness probe");
+	else
+		k->sq_outstanding++;
+}
+
 void cl_check_cm(struct cl_conn *k)
 {
 	struct rdma_cm_event *ev;
@@ -76,10 +102,39 @@ void cl_check_cm(struct cl_conn *k)
 	if (now - k->last_cm_check < 1000000u)
 		return;
 	k->last_cm_check = now;
+	probe(k, now);
+	/*
+	 * Watchdog: requests in flight and not one completion for the whole
+	 * timeout. The transport reports a dead peer within seconds (6 retries),
+	 * so this only fires when it does not -- seen with rxe after a link
+	 * flap: a queue pair left in RTS that never retransmits. Failing the
+	 * connection flushes the requests and takes the reconnect path,
+	 * instead of a caller blocked for good.
+	 */
+	if (!k->sq_outstanding || k->cqes != k->stall_cqes) {
+		k->stall_cqes = k->cqes;
+		k->stall_since = now;
+	} else if (!k->broken && now - k->stall_since > (uint64_t)k->c->timeout_ms * 1000000u) {
+		log_warn("server %s: %u requests without a completion for %d ms", k->name,
+			 k->sq_outstanding, k->c->timeout_ms);
+		cl_fail(k, RDMAPS_ETIMEDOUT, "requests stalled");
+	}
 	if (rdma_get_cm_event(k->ch, &ev))
 		return; /* EAGAIN: nothing happened */
-	if (ev->event == RDMA_CM_EVENT_DISCONNECTED || ev->event == RDMA_CM_EVENT_DEVICE_REMOVAL)
+	log_debug("server %s: %s", k->name, rdma_event_str(ev->event));
+	/* on an established id, each of these ends it: the peer said goodbye,
+	 * the CM found it unreachable, the device or the address went away */
+	switch (ev->event) {
+	case RDMA_CM_EVENT_DISCONNECTED:
+	case RDMA_CM_EVENT_UNREACHABLE:
+	case RDMA_CM_EVENT_CONNECT_ERROR:
+	case RDMA_CM_EVENT_DEVICE_REMOVAL:
+	case RDMA_CM_EVENT_ADDR_CHANGE:
 		cl_fail(k, RDMAPS_EDISCONNECTED, rdma_event_str(ev->event));
+		break;
+	default:
+		break;
+	}
 	rdma_ack_cm_event(ev);
 }
 
@@ -203,7 +258,14 @@ static int establish(struct cl_conn *k, const char *token, int timeout)
 	if (!ibv_query_device(k->id->verbs, &da) && da.max_qp_init_rd_atom < 16)
 		p.initiator_depth = (uint8_t)da.max_qp_init_rd_atom;
 	p.responder_resources = 0; /* nobody READs from a worker */
-	p.retry_count = 7;
+	/*
+	 * 6, not the customary 7: rxe counts 7 as "retry forever" (a quirk of
+	 * its completer), so a server whose host vanished without a word would
+	 * hang every worker for good. 6 retries of the ~0.5 s transport timeout
+	 * rdma_cm sets on RoCE end a dead link in seconds on rxe and hardware
+	 * alike; the error then takes the reconnect path.
+	 */
+	p.retry_count = 6;
 	p.rnr_retry_count = 7;
 	if (rdma_connect(k->id, &p))
 		return rdmaps__from_errno(errno);
@@ -304,9 +366,14 @@ static int conn_try(struct cl_conn *k, const struct rdmaps__server_addr *sa, con
 	 * ARP reply races the request) is better retried from scratch than
 	 * waited for until the whole timeout is gone.
 	 */
-	if ((rc = resolve(k, sa, src, timeout < 1000 ? timeout : 1000)) || (rc = build(k)) ||
-	    (rc = establish(k, token, timeout)) || (rc = carve(k)))
+	if ((rc = resolve(k, sa, src, timeout < 1000 ? timeout : 1000))) {
+		log_debug("server %s: resolving its address and route: %s", k->name, rdmaps_strerror(rc));
 		return rc;
+	}
+	if ((rc = build(k)) || (rc = establish(k, token, timeout)) || (rc = carve(k))) {
+		log_debug("server %s: connecting: %s", k->name, rdmaps_strerror(rc));
+		return rc;
+	}
 	return 0;
 }
 
@@ -398,6 +465,39 @@ static int connect_cfg(const struct rdmaps__config *cfg, const char *src, const 
 	return 0;
 }
 
+/*
+ * Waits up to timeout_ms for the port the old connection used to be active.
+ * Why before releasing it: destroying a connected id makes the kernel send
+ * a disconnect request, and rxe (kernel 6.1) puts its management QP in error
+ * for good when such a message is sent while the link is down -- after which
+ * the host can make no rdma_cm connection at all until the device is
+ * re-created. No new connection can be made over a down port anyway.
+ */
+static int wait_port(struct cl_conn *k, int timeout_ms)
+{
+	uint64_t deadline = rdmaps__now_ns() + (uint64_t)timeout_ms * 1000000u;
+	struct ibv_port_attr pa;
+	bool said = false;
+
+	if (!k->id || !k->id->verbs || !k->id->port_num)
+		return 0;
+	for (;;) {
+		if (ibv_query_port(k->id->verbs, k->id->port_num, &pa))
+			return 0; /* cannot tell: let the connection attempt decide */
+		if (pa.state == IBV_PORT_ACTIVE)
+			return 0;
+		if (!said)
+			log_warn("server %s: port %u of %s is %s; waiting for it before reconnecting",
+				 k->name, k->id->port_num, ibv_get_device_name(k->id->verbs->device),
+				 ibv_port_state_str(pa.state));
+		said = true;
+		if (rdmaps__now_ns() > deadline)
+			return RDMAPS_ECONNECT;
+		struct timespec ts = { 0, 50 * 1000000L };
+		nanosleep(&ts, NULL);
+	}
+}
+
 int cl_reconnect(rdmaps_client *c)
 {
 	int rc = 0;
@@ -412,6 +512,11 @@ int cl_reconnect(rdmaps_client *c)
 		for (uint32_t j = 0; j < CL_MAX_OPS; j++)
 			if (c->ops[j].kind != OP_FREE && c->ops[j].inflight)
 				return RDMAPS_EBUSY;
+		if ((rc = wait_port(k, c->timeout_ms))) {
+			log_error("server %s not reachable: the local port stayed down for %d ms",
+				  k->name, c->timeout_ms);
+			break;
+		}
 		conn_release(k);
 		k->broken = 0;
 		k->push_owner = 0;

@@ -383,6 +383,7 @@ static void conn_poll(struct cl_conn *k)
 	/* polled even when broken: flushed requests still return their slots */
 	int n = ibv_poll_cq(k->cq, 16, wc);
 
+	k->cqes += n > 0 ? (unsigned)n : 0u;
 	for (int i = 0; i < n; i++) {
 		unsigned kind = WR_KIND(wc[i].wr_id);
 		uint32_t idx = WR_IDX(wc[i].wr_id);
