@@ -135,7 +135,7 @@ int srv_clock_join(struct srv_tensor *t, struct srv_conn *c, uint64_t *clock, bo
 				ssp_publish(t, mc);
 		}
 		gate_opened = t->cons.mode == RDMAPS_BSP && t->joined == t->cons.workers;
-		log_info("tensor '%s': worker %p joined at clock %llu (%u members)", t->name, (void *)c,
+		log_info("tensor '%s': worker " SRV_CONN_FMT " joined at clock %llu (%u members)", t->name, SRV_CONN_ARGS(c),
 			 (unsigned long long)m->clock, __builtin_popcountll(atomic_load(&t->active_mask)));
 		goto out;
 	}
@@ -232,7 +232,7 @@ void srv_clock_leave(struct srv *s, struct srv_conn *c)
 		pthread_mutex_unlock(&t->clock_lock);
 		if (t->cons.mode == RDMAPS_BSP)
 			bsp_recheck(t);
-		log_info("tensor '%s': worker %p left", t->name, (void *)c);
+		log_info("tensor '%s': worker " SRV_CONN_FMT " left", t->name, SRV_CONN_ARGS(c));
 	}
 }
 

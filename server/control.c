@@ -18,7 +18,7 @@ static void reply_send(struct srv_conn *c, const void *msg, uint32_t len)
 	/* replies are small and go inline; the copy covers a NIC without inline */
 	memcpy(buf, msg, len);
 	if (srv_conn_post_send(c, buf, len, true, IBV_WR_SEND, 0, 0))
-		log_warn("worker %p: reply dropped (send queue full or broken)", (void *)c);
+		log_warn("worker " SRV_CONN_FMT ": reply dropped (send queue full or broken)", SRV_CONN_ARGS(c));
 }
 
 static void reply_status(struct srv_conn *c, uint32_t req_id, int status)
@@ -33,7 +33,7 @@ static void bad_message(struct srv_conn *c, uint32_t req_id, int err, const char
 {
 	atomic_fetch_add_explicit(&c->bad_msgs, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&c->srv->bad_messages, 1, memory_order_relaxed);
-	log_warn("worker %p: control message refused: %s (%s)", (void *)c, why, rdmaps_strerror(err));
+	log_warn("worker " SRV_CONN_FMT ": control message refused: %s (%s)", SRV_CONN_ARGS(c), why, rdmaps_strerror(err));
 	reply_status(c, req_id, err);
 }
 

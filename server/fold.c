@@ -75,7 +75,7 @@ static void conn_fail(struct srv_conn *c, const char *why, int status)
 	if (c->broken)
 		return;
 	c->broken = true;
-	log_warn("worker %p: %s (%s); dropping the connection", (void *)c, why,
+	log_warn("worker " SRV_CONN_FMT ": %s (%s); dropping the connection", SRV_CONN_ARGS(c), why,
 		 ibv_wc_status_str((enum ibv_wc_status)status));
 	/* the listener sees DISCONNECTED and frees everything */
 	rdma_disconnect(c->id);
@@ -88,7 +88,7 @@ static void slot_drop(struct srv_conn *c, int err, const char *why, uint64_t seq
 	c->credit_dirty = true;
 	atomic_fetch_add_explicit(&c->dropped, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&c->ft->dropped, 1, memory_order_relaxed);
-	log_warn("worker %p: staged slot seq %llu dropped: %s", (void *)c, (unsigned long long)seq,
+	log_warn("worker " SRV_CONN_FMT ": staged slot seq %llu dropped: %s", SRV_CONN_ARGS(c), (unsigned long long)seq,
 		 why);
 }
 
@@ -364,6 +364,7 @@ static int conn_poll(struct srv_conn *c)
 	n = ibv_poll_cq(c->cq, FOLD_BATCH, wc);
 	if (n <= 0)
 		return 0;
+	c->cqes += (unsigned)n;
 	for (int i = 0; i < n; i++) {
 		if (wc[i].status != IBV_WC_SUCCESS) {
 			if (wc[i].wr_id & WR_SEND_TAG)
@@ -447,6 +448,46 @@ void srv_fold_attach(struct srv_fold_thread *ft, struct srv_conn *c)
 void srv_fold_detach(struct srv_fold_thread *ft, struct srv_conn *c)
 {
 	mail_post(ft, NULL, c);
+}
+
+/*
+ * A worker whose host or link died without a word leaves a connection on
+ * which nothing ever completes: its staging ring, PD and slot in
+ * max-workers would be held for good. Every KEEPALIVE_NS an idle
+ * connection gets a zero-length RDMA WRITE to the worker's credit word (no
+ * memory is touched, the worker's CPU never sees it); if the worker is gone
+ * it fails after the transport's retries and the connection is dropped. A
+ * connection with requests in flight and no completion for STALL_TICKS
+ * ticks is dropped too: rxe after a link flap can leave a queue pair that
+ * never retransmits, and never reports an error either.
+ */
+#define KEEPALIVE_NS 2000000000ull
+#define STALL_TICKS 15u
+
+static void keepalive(struct srv_fold_thread *ft)
+{
+	for (uint32_t i = 0; i < ft->nconns; i++) {
+		struct srv_conn *c = ft->conns[i];
+		if (c->broken)
+			continue;
+		if (!c->sq_outstanding) {
+			struct ibv_send_wr wr = { .wr_id = WR_SEND_TAG, .opcode = IBV_WR_RDMA_WRITE,
+						  .send_flags = IBV_SEND_SIGNALED };
+			struct ibv_send_wr *bad;
+			wr.wr.rdma.remote_addr = c->credit_addr;
+			wr.wr.rdma.rkey = c->credit_rkey;
+			if (ibv_post_send(c->qp, &wr, &bad))
+				conn_fail(c, "cannot post a keepalive", IBV_WC_GENERAL_ERR);
+			else
+				c->sq_outstanding++;
+			c->ka_stalled = 0;
+		} else if (c->cqes != c->ka_cqes) {
+			c->ka_stalled = 0;
+		} else if (++c->ka_stalled >= STALL_TICKS) {
+			conn_fail(c, "requests stalled", IBV_WC_RETRY_EXC_ERR);
+		}
+		c->ka_cqes = c->cqes;
+	}
 }
 
 /* Arm every CQ, check once more (a completion may have slipped in), sleep. */
@@ -549,11 +590,21 @@ static void *fold_main(void *arg)
 			fold_park(ft);
 		for (uint32_t i = 0; i < ft->nconns; i++)
 			work += conn_poll(ft->conns[i]);
-		if (work) {
+		/* busy: the clock only every 1024 rounds; an idle thread wakes at
+		 * least every second (fold_sleep), so no tick is late by more */
+		if (work && (++ft->loops & 1023u)) {
 			idle_since = 0;
 			continue;
 		}
 		uint64_t now = rdmaps__now_ns();
+		if (now - ft->last_ka >= KEEPALIVE_NS) {
+			ft->last_ka = now;
+			keepalive(ft);
+		}
+		if (work) {
+			idle_since = 0;
+			continue;
+		}
 		if (!idle_since)
 			idle_since = now;
 		if (now - idle_since < spin_ns) {

@@ -246,6 +246,10 @@ static void on_event(struct srv *s, struct rdma_cm_event *ev)
 	struct srv_conn *c = ev->id ? ev->id->context : NULL;
 	enum rdma_cm_event_type type = ev->event;
 
+	if (c)
+		log_debug("worker " SRV_CONN_FMT ": %s (status %d)", SRV_CONN_ARGS(c), rdma_event_str(type),
+			  ev->status);
+
 	switch (type) {
 	case RDMA_CM_EVENT_CONNECT_REQUEST:
 		if (on_connect_request(s, ev))
@@ -259,12 +263,12 @@ static void on_event(struct srv *s, struct rdma_cm_event *ev)
 			 * advise for rxe; allowed on an RTS queue pair. */
 			struct ibv_qp_attr qa = { .min_rnr_timer = 12 };
 			if (ibv_modify_qp(c->qp, &qa, IBV_QP_MIN_RNR_TIMER))
-				log_warn("worker %p: cannot set the RNR timer: %s", (void *)c,
+				log_warn("worker " SRV_CONN_FMT ": cannot set the RNR timer: %s", SRV_CONN_ARGS(c),
 					 strerror(errno));
 			c->attached = true;
 			atomic_fetch_add(&s->connections, 1);
 			srv_fold_attach(c->ft, c);
-			log_info("worker %p connected (%u live)", (void *)c, s->nconns);
+			log_info("worker " SRV_CONN_FMT " connected (%u live)", SRV_CONN_ARGS(c), s->nconns);
 		}
 		break;
 	case RDMA_CM_EVENT_DISCONNECTED:
@@ -274,7 +278,7 @@ static void on_event(struct srv *s, struct rdma_cm_event *ev)
 		if (c) {
 			if (c->attached)
 				atomic_fetch_add(&s->disconnects, 1);
-			log_info("worker %p gone (%s); freeing its resources", (void *)c,
+			log_info("worker " SRV_CONN_FMT " gone (%s); freeing its resources", SRV_CONN_ARGS(c),
 				 rdma_event_str(type));
 			rdma_ack_cm_event(ev);
 			conn_teardown(s, c);

@@ -96,6 +96,10 @@ struct srv_fold_thread;
 struct srv;
 
 /* One worker connection. Owned by the listener; polled by one fold thread. */
+/* how logs name a worker's connection: its address and queue pair */
+#define SRV_CONN_FMT "%s qp %u"
+#define SRV_CONN_ARGS(c) (c)->peer, (c)->qp ? (c)->qp->qp_num : 0u
+
 struct srv_conn {
 	struct srv *srv;
 	struct rdma_cm_id *id;
@@ -129,6 +133,9 @@ struct srv_conn {
 	struct rdmaps_wire_credit credit;
 	bool credit_dirty;
 	bool broken;           /* QP failed: waiting for the listener to tear down */
+	/* liveness (fold thread): completions seen, and at the last keepalive tick */
+	uint64_t cqes, ka_cqes;
+	uint32_t ka_stalled;   /* ticks in a row with requests in flight and no completion */
 	_Atomic bool established;
 
 	/* per-connection counters, read by stats */
@@ -151,6 +158,8 @@ struct srv_fold_thread {
 
 	struct srv_conn **conns;     /* owned by this thread alone */
 	uint32_t nconns, cap;
+	uint64_t last_ka;            /* last keepalive tick */
+	uint32_t loops;
 
 	_Atomic uint64_t folds, dropped, sleeps, nonfinite, clipped;
 };
