@@ -111,7 +111,7 @@ void cl_check_cm(struct cl_conn *k)
 	 * connection flushes the requests and takes the reconnect path,
 	 * instead of a caller blocked for good.
 	 */
-	if (!k->sq_outstanding || k->cqes != k->stall_cqes) {
+	if (!k->sq_outstanding || k->cqes != k->stall_cqes || !k->stall_since) {
 		k->stall_cqes = k->cqes;
 		k->stall_since = now;
 	} else if (!k->broken && now - k->stall_since > (uint64_t)k->c->timeout_ms * 1000000u) {
@@ -346,6 +346,7 @@ static void conn_release(struct cl_conn *k)
 	k->ch = NULL;
 	k->data = k->ctl = NULL;
 	k->credit = NULL;
+	k->stall_since = 0; /* a new connection starts with a clean watchdog */
 }
 
 static int conn_try(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
