@@ -25,7 +25,8 @@
 #define CL_RECVS 4u         /* control replies (one request at a time) */
 #define CL_SQ_DEPTH 128u
 #define CL_PROBE_NS 1000000000ull /* liveness probe while waiting on a silent server */
-#define CL_SCRATCH 192u     /* chunk header + padding + trailer of one READ */
+#define CL_SCRATCH 64u      /* chunk header + padding + trailer of one READ (48 B) */
+_Static_assert(CL_SCRATCH >= RDMAPS_CHUNK_HDR + 7 + RDMAPS_CHUNK_TRL, "read scratch too small");
 #define CL_MAX_TRIES 100000u /* re-reads of one chunk before RDMAPS_ETORN */
 #define CL_MAX_SLOTS 256u
 
@@ -75,6 +76,7 @@ struct rdmaps_op {
 	unsigned flags;
 	bool assign;          /* push of initial values (creator only) */
 	int status;           /* RDMAPS_EAGAIN while pending */
+	uint32_t gen;         /* bumped on every allocation of this slot */
 	rdmaps_tensor *t;
 	float *buf;           /* pull destination or push source */
 	rdmaps_mr *mr;        /* caller's registration covering buf, or NULL: bounce */
@@ -163,6 +165,11 @@ struct rdmaps_client {
 	bool lost;  /* a connection broke with pushes not known to be folded */
 
 	struct rdmaps_op ops[CL_MAX_OPS];
+	/* ops with work left to post, oldest first: freed READ slots and send
+	 * queue room go to the oldest op, so async ops finish in the order they
+	 * started and a new one never starves an older one (op index, gen) */
+	struct { uint32_t idx, gen; } postq[CL_MAX_OPS];
+	uint32_t npostq;
 	rdmaps_mr *mrs;
 	rdmaps_tensor *tensors;
 	struct rdmaps_client_stats stats;

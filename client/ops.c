@@ -444,11 +444,35 @@ static bool push_folded(const rdmaps_op *op)
 	return true;
 }
 
+/* Drops queue entries of ops that have nothing left to post, keeping order. */
+static void postq_prune(rdmaps_client *c)
+{
+	uint32_t w = 0;
+
+	for (uint32_t r = 0; r < c->npostq; r++) {
+		const rdmaps_op *op = &c->ops[c->postq[r].idx];
+		if (op->gen == c->postq[r].gen && op->kind != OP_FREE && op->status == RDMAPS_EAGAIN &&
+		    op->unposted)
+			c->postq[w++] = c->postq[r];
+	}
+	c->npostq = w;
+}
+
 void cl_progress(rdmaps_client *c)
 {
 	for (uint32_t i = 0; i < c->nconn; i++)
 		conn_poll(&c->conn[i]);
-	/* post more work and settle finished ops */
+	/* post more work, oldest op first */
+	if (!c->broken) {
+		for (uint32_t i = 0; i < c->npostq; i++) {
+			rdmaps_op *op = &c->ops[c->postq[i].idx];
+			if (op->gen == c->postq[i].gen && op->kind != OP_FREE &&
+			    op->status == RDMAPS_EAGAIN && op->unposted)
+				op_post(op);
+		}
+		postq_prune(c);
+	}
+	/* settle finished ops */
 	for (uint32_t i = 0; i < CL_MAX_OPS; i++) {
 		rdmaps_op *op = &c->ops[i];
 		if (op->kind == OP_FREE || op->status != RDMAPS_EAGAIN)
@@ -458,8 +482,6 @@ void cl_progress(rdmaps_client *c)
 				op_finish(op, c->broken);
 			continue;
 		}
-		if (op->unposted)
-			op_post(op);
 		if (op->done_chunks < op->total_chunks)
 			continue;
 		if ((op->kind == OP_PUSH || op->kind == OP_PUSH_ROWS) &&
@@ -511,6 +533,7 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 		if (op->kind != OP_FREE)
 			continue;
 		op->kind = kind;
+		op->gen++;
 		op->flags = flags;
 		op->assign = assign;
 		op->status = RDMAPS_EAGAIN;
@@ -547,6 +570,12 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 			c->stats.pulls++;
 		else
 			c->stats.pushes++;
+		/* at most CL_MAX_OPS live ops, so the queue has room for this one
+		 * once entries of finished ones are dropped */
+		if (c->npostq == CL_MAX_OPS)
+			postq_prune(c);
+		c->postq[c->npostq].idx = i;
+		c->postq[c->npostq++].gen = op->gen;
 		*out = op;
 		return 0;
 	}

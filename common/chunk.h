@@ -2,11 +2,17 @@
  * chunk.h -- layout of a model chunk in server memory, shared by the server
  * (writer) and the client (one-sided reader). See docs/design.md.
  *
- *   +-----------------+---------------------------+-----------------+
- *   | header (64 B)   | data: count floats, padded | trailer (64 B)  |
- *   | version, clock, | to 64 B                    | version copy    |
- *   | count, checksum |                            |                 |
- *   +-----------------+---------------------------+-----------------+
+ *   +----------------+----------------------------+---------------+- - - -+
+ *   | header (32 B)  | data: count floats, padded | trailer (8 B) |  pad  |
+ *   | version, clock,| to 8 B                     | version copy  | to 64 |
+ *   | checksum, count|                            |               |       |
+ *   +----------------+----------------------------+---------------+- - - -+
+ *   \_______________ one READ (rdmaps__chunk_read_len) ____________/
+ *
+ * Small on purpose: a pull READs header, data and trailer of every chunk,
+ * and for small tensors those bytes are most of the READ (rxe computes its
+ * ICRC over every byte in software). Chunks start a multiple of 64 B
+ * apart (rdmaps__chunk_stride), so every header is 64 B aligned, the data 32 B.
  *
  * Writer (fold), holding the chunk by CAS'ing header.version even -> odd:
  *   trailer.version = odd; data...; header.checksum; header.version = even';
@@ -27,8 +33,8 @@
 #include "checksum.h"
 
 #define RDMAPS_CHUNK_ALIGN 64u
-#define RDMAPS_CHUNK_HDR 64u
-#define RDMAPS_CHUNK_TRL 64u
+#define RDMAPS_CHUNK_HDR 32u
+#define RDMAPS_CHUNK_TRL 8u
 
 struct rdmaps_chunk_hdr {
 	uint64_t version;  /* even = stable, odd = a fold is writing */
@@ -36,12 +42,10 @@ struct rdmaps_chunk_hdr {
 	uint64_t checksum; /* rdmaps__checksum of the data bytes */
 	uint32_t count;    /* floats in this chunk */
 	uint32_t reserved;
-	uint8_t pad[32];
 };
 
 struct rdmaps_chunk_trl {
 	uint64_t version;
-	uint8_t pad[56];
 };
 
 _Static_assert(sizeof(struct rdmaps_chunk_hdr) == RDMAPS_CHUNK_HDR, "chunk header size");
@@ -62,16 +66,20 @@ static inline size_t rdmaps__round_up(size_t v, size_t a)
 	return (v + a - 1) / a * a;
 }
 
-/* Bytes of padded data area for count floats. */
+/* Bytes of data area for count floats: padded to 8 B so the trailer's
+ * version word is aligned for the writer's atomic stores. */
 static inline size_t rdmaps__chunk_data_span(uint32_t count)
 {
-	return rdmaps__round_up((size_t)count * sizeof(float), RDMAPS_CHUNK_ALIGN);
+	return rdmaps__round_up((size_t)count * sizeof(float), sizeof(uint64_t));
 }
 
-/* Distance between consecutive full chunks of chunk_elems floats. */
+/* Distance between consecutive full chunks of chunk_elems floats: the next
+ * header starts 64 B aligned (the padding after a trailer is never read). */
 static inline size_t rdmaps__chunk_stride(uint32_t chunk_elems)
 {
-	return RDMAPS_CHUNK_HDR + rdmaps__chunk_data_span(chunk_elems) + RDMAPS_CHUNK_TRL;
+	return rdmaps__round_up(RDMAPS_CHUNK_HDR + rdmaps__chunk_data_span(chunk_elems) +
+					RDMAPS_CHUNK_TRL,
+				RDMAPS_CHUNK_ALIGN);
 }
 
 /* Bytes one READ of a chunk of count floats covers (header to trailer). */

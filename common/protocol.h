@@ -20,11 +20,11 @@
 #include "rdmaps.h"
 
 #define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
-#define RDMAPS_PROTO_VERSION 1u
+#define RDMAPS_PROTO_VERSION 2u /* 2: 32 B chunk header, 8 B trailer, 40 B slot header */
 #define RDMAPS_DEFAULT_PORT "7471"
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u
-#define RDMAPS_SLOT_HDR 64u
+#define RDMAPS_SLOT_HDR 40u
 
 /* ---- connect private data --------------------------------------------- */
 
@@ -102,7 +102,7 @@ struct rdmaps_slot_hdr {
 	uint32_t flags;
 	uint32_t clock; /* the worker's clock for the tensor (BSP/SSP) */
 	float scale;    /* multiply the payload by this (clipping); 1 otherwise */
-	uint8_t pad[28];
+	uint32_t reserved;
 };
 _Static_assert(sizeof(struct rdmaps_slot_hdr) == RDMAPS_SLOT_HDR, "slot header size");
 

@@ -236,7 +236,7 @@ Test(security, wrong_token_or_version_is_rejected, .fini = stop_server, .timeout
 	cr_assert_eq(th_connect_token(&srv, NULL, &c), RDMAPS_EAUTH, "missing token");
 	cr_assert_eq(th_connect_token(&srv, TH_TOKEN "x", &c), RDMAPS_EAUTH, "longer token");
 	struct rdmaps_wire_hello h = raw_hello(TH_TOKEN);
-	h.version = 2;
+	h.version = RDMAPS_PROTO_VERSION + 1;
 	cr_assert_eq(raw_connect(&r, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_EVERSION);
 	raw_close(&r);
 	h = raw_hello(TH_TOKEN);

@@ -70,7 +70,7 @@ Test(protocol, hello)
 	h.token_len = RDMAPS_TOKEN_MAX + 1;
 	cr_assert_eq(rdmaps__hello_check(&h, sizeof(h)), RDMAPS_EPROTO);
 	h.token_len = 0;
-	h.version = 2;
+	h.version = RDMAPS_PROTO_VERSION + 1;
 	cr_assert_eq(rdmaps__hello_check(&h, sizeof(h)), RDMAPS_EVERSION);
 }
 

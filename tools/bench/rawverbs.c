@@ -10,11 +10,11 @@
  *                     at the responder, as rdmaps' staging does).
  *   raw-read-span     a READ of as many bytes as a 1-chunk pull reads, into one
  *                     SGE (separates the cost of the bytes from that of SGEs).
- *   raw-read-chunk    the exact READ a 1-chunk pull posts: 64 B header, the
- *                     data padded to 64 B, 64 B trailer, scattered over 3
+ *   raw-read-chunk    the exact READ a 1-chunk pull posts: 32 B header, the
+ *                     data padded to 8 B, 8 B trailer, scattered over 3
  *                     SGEs. pull / raw-read-chunk = the library's own cost.
  *   raw-write-slot    the exact WRITE-with-immediate a 1-chunk push posts:
- *                     64 B slot header + payload from 2 SGEs.
+ *                     40 B slot header + payload from 2 SGEs.
  *   raw-write-pp      WRITE ping-pong: WRITE, the peer sees the last byte
  *                     change and WRITEs back, we see ours change: a FULL
  *                     round trip; ib_write_lat prints HALF of it.
@@ -35,6 +35,7 @@
 
 #include "bench.h"
 #include "chunk.h"
+#include "protocol.h"
 #include "raw.h"
 
 enum raw_test {
@@ -113,12 +114,12 @@ static int one_rdma(struct raw_qp *q, enum ibv_wr_opcode op, uint64_t size)
  * (here the receive area), the floats to the destination. */
 static int one_read_chunk(struct raw_qp *q, uint64_t size)
 {
-	uint32_t span = (uint32_t)rdmaps__round_up(size, 64);
+	uint32_t span = (uint32_t)rdmaps__chunk_data_span((uint32_t)(size / sizeof(float)));
 	struct ibv_sge sge[3] = {
-		{ .addr = (uintptr_t)q->rbuf, .length = 64, .lkey = q->mr->lkey },
+		{ .addr = (uintptr_t)q->rbuf, .length = RDMAPS_CHUNK_HDR, .lkey = q->mr->lkey },
 		{ .addr = (uintptr_t)q->buf, .length = (uint32_t)size, .lkey = q->mr->lkey },
-		{ .addr = (uintptr_t)(q->rbuf + 64), .length = span - (uint32_t)size + 64,
-		  .lkey = q->mr->lkey },
+		{ .addr = (uintptr_t)(q->rbuf + RDMAPS_CHUNK_HDR),
+		  .length = span - (uint32_t)size + RDMAPS_CHUNK_TRL, .lkey = q->mr->lkey },
 	};
 	struct ibv_wc wc;
 
@@ -131,7 +132,7 @@ static int one_read_chunk(struct raw_qp *q, uint64_t size)
 static int one_write_slot(struct raw_qp *q, uint64_t size)
 {
 	struct ibv_sge sge[2] = {
-		{ .addr = (uintptr_t)(q->ctl + 256), .length = 64, .lkey = q->mr->lkey },
+		{ .addr = (uintptr_t)(q->ctl + 256), .length = RDMAPS_SLOT_HDR, .lkey = q->mr->lkey },
 		{ .addr = (uintptr_t)q->buf, .length = (uint32_t)size, .lkey = q->mr->lkey },
 	};
 	struct ibv_wc wc;
