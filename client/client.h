@@ -25,7 +25,11 @@
 #define CL_RECVS 4u         /* control replies (one request at a time) */
 #define CL_SQ_DEPTH 128u
 #define CL_PROBE_NS 1000000000ull /* liveness probe while waiting on a silent server */
-#define CL_SCRATCH 64u      /* chunk header + padding + trailer of one READ (48 B) */
+/* per READ slot: a small chunk's whole READ lands here (one SGE; rxe pays
+ * per SGE, so scattering 3 of them costs more than copying ~200 B), a big
+ * one's header and trailer (48 B) */
+#define CL_SCRATCH 256u
+#define CL_INLINE 256u     /* inline data asked of the QP (small pushes) */
 _Static_assert(CL_SCRATCH >= RDMAPS_CHUNK_HDR + 7 + RDMAPS_CHUNK_TRL, "read scratch too small");
 #define CL_MAX_TRIES 100000u /* re-reads of one chunk before RDMAPS_ETORN */
 #define CL_MAX_SLOTS 256u
@@ -132,6 +136,7 @@ struct cl_conn {
 	struct ibv_mr *data_mr;
 
 	uint32_t sq_outstanding;
+	uint32_t max_inline;    /* inline data the QP takes: small pushes go inline */
 	uint64_t next_seq;      /* seq of the next staged slot */
 	uint32_t push_owner;    /* op index + 1 posting a push group here, or 0 */
 	uint32_t dropped_seen;
@@ -165,6 +170,7 @@ struct rdmaps_client {
 	bool lost;  /* a connection broke with pushes not known to be folded */
 
 	struct rdmaps_op ops[CL_MAX_OPS];
+	uint32_t ops_hi; /* ops at or above this index are free: loops stop here */
 	/* ops with work left to post, oldest first: freed READ slots and send
 	 * queue room go to the oldest op, so async ops finish in the order they
 	 * started and a new one never starves an older one (op index, gen) */

@@ -223,11 +223,18 @@ static int build(struct cl_conn *k)
 	qa.cap.max_recv_wr = CL_RECVS;
 	qa.cap.max_send_sge = 3; /* chunk header | data | trailer */
 	qa.cap.max_recv_sge = 1;
+	/* small pushes go inline: the provider copies header and floats into
+	 * the work request, so no bounce copy and no per-SGE memory lookup */
+	qa.cap.max_inline_data = CL_INLINE;
 	if (rdma_create_qp(k->id, k->pd, &qa)) {
-		log_error("rdma_create_qp: %s", strerror(errno));
-		return rdmaps__from_errno(errno);
+		qa.cap.max_inline_data = 0; /* some providers have no inline sends */
+		if (rdma_create_qp(k->id, k->pd, &qa)) {
+			log_error("rdma_create_qp: %s", strerror(errno));
+			return rdmaps__from_errno(errno);
+		}
 	}
 	k->qp = k->id->qp;
+	k->max_inline = qa.cap.max_inline_data;
 	for (uint32_t i = 0; i < CL_RECVS; i++)
 		if ((rc = cl_post_recv(k, i)))
 			return rc;

@@ -54,6 +54,7 @@ static int post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 	uint32_t bytes = count * (uint32_t)sizeof(float);
 	uint32_t span = (uint32_t)rdmaps__chunk_data_span(count);
 	float *dst = op->buf + rs->dst_off;
+	size_t len = rdmaps__chunk_read_len(count);
 	struct ibv_sge sge[3] = {
 		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR, .lkey = k->ctl_mr->lkey },
 		{ .addr = op->mr ? (uintptr_t)dst : (uintptr_t)rs->bounce,
@@ -72,8 +73,14 @@ static int post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 		.wr.rdma = { .remote_addr = pt->raddr + (uint64_t)rs->local * t->stride,
 			     .rkey = pt->rkey },
 	}, *bad;
-	int rc = ibv_post_send(k->qp, &wr, &bad);
+	int rc;
 
+	if (len <= CL_SCRATCH) {
+		/* small: the whole READ into scratch, one SGE; read_done copies */
+		sge[0].length = (uint32_t)len;
+		wr.num_sge = 1;
+	}
+	rc = ibv_post_send(k->qp, &wr, &bad);
 	if (rc)
 		return rdmaps__from_errno(rc);
 	k->sq_outstanding++;
@@ -107,7 +114,10 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 	}, *bad;
 	int rc;
 
-	if (!op->mr) {
+	if (RDMAPS_SLOT_HDR + sge[1].length <= k->max_inline) {
+		/* small: inline, copied at post time; no registration needed */
+		wr.send_flags |= IBV_SEND_INLINE;
+	} else if (!op->mr) {
 		/* unregistered gradient: stage through this slot's bounce chunk,
 		 * free because the server consumed the slot's previous use */
 		float *b = (float *)(k->data + (size_t)slot * k->chunk_elems * sizeof(float));
@@ -338,10 +348,13 @@ static void read_done(struct cl_conn *k, uint32_t s)
 	uint32_t chunk = t->part[rs->part].first + rs->local;
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
 	float *dst = op->buf + rs->dst_off;
-	const float *got = op->mr ? dst : rs->bounce;
+	bool small = rdmaps__chunk_read_len(count) <= CL_SCRATCH; /* as post_read chose */
+	const float *got = small ? (const float *)(rs->scratch + RDMAPS_CHUNK_HDR)
+				 : op->mr ? dst : rs->bounce;
 	const struct rdmaps_chunk_hdr *h = (const void *)rs->scratch;
-	const void *tr = rs->scratch + RDMAPS_CHUNK_HDR +
-			 (rdmaps__chunk_data_span(count) - count * sizeof(float));
+	const void *tr = small ? rs->scratch + RDMAPS_CHUNK_HDR + rdmaps__chunk_data_span(count)
+			       : rs->scratch + RDMAPS_CHUNK_HDR +
+					 (rdmaps__chunk_data_span(count) - count * sizeof(float));
 
 	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
 	/* one checksum per chunk read: whole (not torn), and fresh enough? */
@@ -369,7 +382,7 @@ static void read_done(struct cl_conn *k, uint32_t s)
 			op_finish(op, stale ? RDMAPS_ETIMEDOUT : RDMAPS_ETORN);
 		}
 	} else {
-		if (!op->mr)
+		if (got != dst)
 			memcpy(dst, got, (size_t)count * sizeof(float));
 		op->done_chunks++;
 	}
@@ -473,7 +486,7 @@ void cl_progress(rdmaps_client *c)
 		postq_prune(c);
 	}
 	/* settle finished ops */
-	for (uint32_t i = 0; i < CL_MAX_OPS; i++) {
+	for (uint32_t i = 0; i < c->ops_hi; i++) {
 		rdmaps_op *op = &c->ops[i];
 		if (op->kind == OP_FREE || op->status != RDMAPS_EAGAIN)
 			continue;
@@ -534,6 +547,8 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 			continue;
 		op->kind = kind;
 		op->gen++;
+		if (i >= c->ops_hi)
+			c->ops_hi = i + 1;
 		op->flags = flags;
 		op->assign = assign;
 		op->status = RDMAPS_EAGAIN;
@@ -597,6 +612,10 @@ static int op_release(rdmaps_op *op)
 	int st = op->status;
 
 	op->kind = OP_FREE;
+	/* ops are taken lowest index first: a blocking caller's progress loop
+	 * then looks at one op, not CL_MAX_OPS */
+	while (op->c->ops_hi && op->c->ops[op->c->ops_hi - 1].kind == OP_FREE)
+		op->c->ops_hi--;
 	return st;
 }
 
