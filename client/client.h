@@ -26,11 +26,11 @@
 #define CL_SQ_DEPTH 128u
 #define CL_PROBE_NS 1000000000ull /* liveness probe while waiting on a silent server */
 /* per READ slot: a small chunk's whole READ lands here (one SGE; rxe pays
- * per SGE, so scattering 3 of them costs more than copying ~200 B), a big
- * one's header and trailer (48 B) */
+ * per SGE, so scattering costs more than copying ~200 B), a big one's
+ * header */
 #define CL_SCRATCH 256u
 #define CL_INLINE 256u     /* inline data asked of the QP (small pushes) */
-_Static_assert(CL_SCRATCH >= RDMAPS_CHUNK_HDR + 7 + RDMAPS_CHUNK_TRL, "read scratch too small");
+_Static_assert(CL_SCRATCH >= RDMAPS_CHUNK_HDR, "read scratch too small");
 #define CL_MAX_TRIES 100000u /* re-reads of one chunk before RDMAPS_ETORN */
 #define CL_MAX_SLOTS 256u
 

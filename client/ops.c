@@ -51,23 +51,19 @@ static int post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 	const struct cl_part *pt = &t->part[rs->part];
 	uint32_t chunk = pt->first + rs->local;
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
-	uint32_t bytes = count * (uint32_t)sizeof(float);
-	uint32_t span = (uint32_t)rdmaps__chunk_data_span(count);
 	float *dst = op->buf + rs->dst_off;
 	size_t len = rdmaps__chunk_read_len(count);
-	struct ibv_sge sge[3] = {
+	/* header to scratch, floats straight to the caller (or the bounce) */
+	struct ibv_sge sge[2] = {
 		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR, .lkey = k->ctl_mr->lkey },
 		{ .addr = op->mr ? (uintptr_t)dst : (uintptr_t)rs->bounce,
-		  .length = bytes,
+		  .length = count * (uint32_t)sizeof(float),
 		  .lkey = op->mr ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey },
-		{ .addr = (uintptr_t)(rs->scratch + RDMAPS_CHUNK_HDR),
-		  .length = span - bytes + RDMAPS_CHUNK_TRL,
-		  .lkey = k->ctl_mr->lkey },
 	};
 	struct ibv_send_wr wr = {
 		.wr_id = WR_ID(WR_READ, k->idx, s),
 		.sg_list = sge,
-		.num_sge = 3,
+		.num_sge = 2,
 		.opcode = IBV_WR_RDMA_READ,
 		.send_flags = IBV_SEND_SIGNALED,
 		.wr.rdma = { .remote_addr = pt->raddr + (uint64_t)rs->local * t->stride,
@@ -352,13 +348,10 @@ static void read_done(struct cl_conn *k, uint32_t s)
 	const float *got = small ? (const float *)(rs->scratch + RDMAPS_CHUNK_HDR)
 				 : op->mr ? dst : rs->bounce;
 	const struct rdmaps_chunk_hdr *h = (const void *)rs->scratch;
-	const void *tr = small ? rs->scratch + RDMAPS_CHUNK_HDR + rdmaps__chunk_data_span(count)
-			       : rs->scratch + RDMAPS_CHUNK_HDR +
-					 (rdmaps__chunk_data_span(count) - count * sizeof(float));
 
 	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
 	/* one checksum per chunk read: whole (not torn), and fresh enough? */
-	bool whole = relaxed || rdmaps__chunk_consistent(h, tr, got, count);
+	bool whole = relaxed || rdmaps__chunk_consistent(h, got, count);
 	bool stale = whole && !relaxed && h->clock < op->min_clock;
 
 	if (!whole || stale) {

@@ -2,26 +2,29 @@
  * chunk.h -- layout of a model chunk in server memory, shared by the server
  * (writer) and the client (one-sided reader). See docs/design.md.
  *
- *   +----------------+----------------------------+---------------+- - - -+
- *   | header (32 B)  | data: count floats, padded | trailer (8 B) |  pad  |
- *   | version, clock,| to 8 B                     | version copy  | to 64 |
- *   | checksum, count|                            |               |       |
- *   +----------------+----------------------------+---------------+- - - -+
- *   \_______________ one READ (rdmaps__chunk_read_len) ____________/
+ *   +---------------------------+---------------------------+- - - - - - -+
+ *   | header (24 B)             | data: count floats        | pad to 64 B |
+ *   | version, checksum, clock, |                           | (not read)  |
+ *   | count                     |                           |             |
+ *   +---------------------------+---------------------------+- - - - - - -+
+ *   \__________ one READ (rdmaps__chunk_read_len) __________/
  *
- * Small on purpose: a pull READs header, data and trailer of every chunk,
- * and for small tensors those bytes are most of the READ (rxe computes its
- * ICRC over every byte in software). Chunks start a multiple of 64 B
- * apart (rdmaps__chunk_stride), so every header is 64 B aligned, the data 32 B.
+ * Small on purpose: a pull READs the header of every chunk, and for small
+ * tensors it is much of the READ (rxe computes its ICRC over every byte in
+ * software). Chunks start a multiple of 64 B apart (rdmaps__chunk_stride):
+ * every header is 64 B aligned.
  *
  * Writer (fold), holding the chunk by CAS'ing header.version even -> odd:
- *   trailer.version = odd; data...; header.checksum; header.version = even';
- *   trailer.version = even'.
- * Reader: one READ of header|data|trailer, accept iff header.version is even,
- * equals trailer.version, and checksum(data) == header.checksum. A READ that
- * is placed in ascending address order (rxe, and every HCA we know) cannot see
- * equal even versions around a torn body; the checksum also catches
- * placement in any other order, which the verbs specification permits.
+ *   data...; header.checksum = XXH3(data); header.version = even'.
+ * Reader: one READ of header|data; accept iff header.version is even and
+ * XXH3(data) == header.checksum. The checksum is what makes a torn body
+ * impossible to accept, whatever order the NIC fetches or places the bytes
+ * in (the verbs specification promises none): a body mixing two folds
+ * matches neither fold's checksum (a 64-bit hash: a 2^-64 accident), and an
+ * old checksum read with a new body, or the reverse, is refused the same
+ * way. The version only makes the common refusal (a fold in progress)
+ * cheap. Protocols 1 and 2 also had a trailer version; with the checksum
+ * checked on every READ it added nothing but bytes.
  */
 #ifndef RDMAPS_COMMON_CHUNK_H
 #define RDMAPS_COMMON_CHUNK_H
@@ -33,23 +36,16 @@
 #include "checksum.h"
 
 #define RDMAPS_CHUNK_ALIGN 64u
-#define RDMAPS_CHUNK_HDR 32u
-#define RDMAPS_CHUNK_TRL 8u
+#define RDMAPS_CHUNK_HDR 24u
 
 struct rdmaps_chunk_hdr {
 	uint64_t version;  /* even = stable, odd = a fold is writing */
-	uint64_t clock;    /* clock of the last folded update (consistency models) */
 	uint64_t checksum; /* rdmaps__checksum of the data bytes */
+	uint32_t clock;    /* clock of the last folded update (consistency models) */
 	uint32_t count;    /* floats in this chunk */
-	uint32_t reserved;
-};
-
-struct rdmaps_chunk_trl {
-	uint64_t version;
 };
 
 _Static_assert(sizeof(struct rdmaps_chunk_hdr) == RDMAPS_CHUNK_HDR, "chunk header size");
-_Static_assert(sizeof(struct rdmaps_chunk_trl) == RDMAPS_CHUNK_TRL, "chunk trailer size");
 
 /* Polite busy-wait hint for spin loops. */
 static inline void rdmaps__cpu_relax(void)
@@ -66,26 +62,18 @@ static inline size_t rdmaps__round_up(size_t v, size_t a)
 	return (v + a - 1) / a * a;
 }
 
-/* Bytes of data area for count floats: padded to 8 B so the trailer's
- * version word is aligned for the writer's atomic stores. */
-static inline size_t rdmaps__chunk_data_span(uint32_t count)
-{
-	return rdmaps__round_up((size_t)count * sizeof(float), sizeof(uint64_t));
-}
-
 /* Distance between consecutive full chunks of chunk_elems floats: the next
- * header starts 64 B aligned (the padding after a trailer is never read). */
+ * header starts 64 B aligned (the padding is never read). */
 static inline size_t rdmaps__chunk_stride(uint32_t chunk_elems)
 {
-	return rdmaps__round_up(RDMAPS_CHUNK_HDR + rdmaps__chunk_data_span(chunk_elems) +
-					RDMAPS_CHUNK_TRL,
+	return rdmaps__round_up(RDMAPS_CHUNK_HDR + (size_t)chunk_elems * sizeof(float),
 				RDMAPS_CHUNK_ALIGN);
 }
 
-/* Bytes one READ of a chunk of count floats covers (header to trailer). */
+/* Bytes one READ of a chunk of count floats covers: header and data. */
 static inline size_t rdmaps__chunk_read_len(uint32_t count)
 {
-	return RDMAPS_CHUNK_HDR + rdmaps__chunk_data_span(count) + RDMAPS_CHUNK_TRL;
+	return RDMAPS_CHUNK_HDR + (size_t)count * sizeof(float);
 }
 
 /* Floats in chunk i of a tensor of length elements. */
@@ -102,18 +90,13 @@ static inline uint32_t rdmaps__chunk_total(uint64_t length, uint32_t chunk_elems
 }
 
 /*
- * The reader's test: 1 if the header, data and trailer that one READ
- * brought back form a consistent snapshot. Pure; no allocation.
+ * The reader's test: 1 if the header and data one READ brought back form a
+ * consistent snapshot (see the top of this file). Pure; no allocation.
  */
-static inline int rdmaps__chunk_consistent(const struct rdmaps_chunk_hdr *h, const void *trl,
-					   const float *data, uint32_t expect_count)
+static inline int rdmaps__chunk_consistent(const struct rdmaps_chunk_hdr *h, const float *data,
+					   uint32_t expect_count)
 {
-	uint64_t tv;
-
-	/* the trailer lands after count floats of padding in the reader's
-	 * scratch: 4-byte aligned only, so read its version bytewise */
-	memcpy(&tv, (const uint8_t *)trl + offsetof(struct rdmaps_chunk_trl, version), sizeof(tv));
-	if ((h->version & 1u) || h->version != tv || h->count != expect_count)
+	if ((h->version & 1u) || h->count != expect_count)
 		return 0;
 	return rdmaps__checksum(data, (size_t)expect_count * sizeof(float)) == h->checksum;
 }

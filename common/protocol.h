@@ -20,7 +20,7 @@
 #include "rdmaps.h"
 
 #define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
-#define RDMAPS_PROTO_VERSION 2u /* 2: 32 B chunk header, 8 B trailer, 40 B slot header */
+#define RDMAPS_PROTO_VERSION 3u /* 3: 24 B chunk header, no trailer (docs/protocol.md) */
 #define RDMAPS_DEFAULT_PORT "7471"
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u

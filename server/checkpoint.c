@@ -84,7 +84,8 @@ static void put_tensor(struct writer *w, struct srv_tensor *t)
 	put(w, t->steps, t->nchunks * sizeof(uint64_t));
 	for (uint32_t i = 0; i < t->nchunks; i++) {
 		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, i);
-		put(w, &h->clock, sizeof(h->clock));
+		uint64_t clock = h->clock; /* the file keeps 64-bit clocks */
+		put(w, &clock, sizeof(clock));
 	}
 	for (uint32_t i = 0; i < t->nchunks; i++) {
 		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, i);
@@ -269,7 +270,7 @@ static int restore_tensor(struct srv_store *st, struct reader *r, char *why, siz
 			return -1;
 		}
 		memcpy(h + 1, d, (size_t)h->count * sizeof(float));
-		h->clock = clocks[i];
+		h->clock = (uint32_t)clocks[i];
 		h->checksum = rdmaps__checksum(h + 1, (size_t)h->count * sizeof(float));
 		if (t->chunk_clock_done)
 			t->chunk_clock_done[i] = clocks[i];

@@ -40,13 +40,13 @@ static void ssp_publish(struct srv_tensor *t, uint64_t clock)
 	t->clock = clock;
 	for (uint32_t i = 0; i < t->nchunks; i++) {
 		struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
-		__atomic_store_n(&h->clock, clock, __ATOMIC_RELEASE);
+		__atomic_store_n(&h->clock, (uint32_t)clock, __ATOMIC_RELEASE); /* u32 on the wire */
 	}
 }
 
 /* BSP: fold chunk i's aggregate if every active member contributed. Called
- * with the chunk locked at version v; returns true when it published. */
-static bool bsp_try_complete(struct srv_tensor *t, uint32_t i, uint64_t v)
+ * with the chunk locked (version odd); returns true when it published. */
+static bool bsp_try_complete(struct srv_tensor *t, uint32_t i)
 {
 	uint64_t active = atomic_load(&t->active_mask);
 	uint64_t have = t->contrib[i];
@@ -61,10 +61,7 @@ static bool bsp_try_complete(struct srv_tensor *t, uint32_t i, uint64_t v)
 		for (uint32_t k = 0; k < n; k++)
 			agg[k] *= inv;
 	}
-	/* odd trailer first, as every data change */
-	struct rdmaps_chunk_trl *tr = (struct rdmaps_chunk_trl *)((uint8_t *)(h + 1) +
-								  rdmaps__chunk_data_span(n));
-	__atomic_store_n(&tr->version, v + 1, __ATOMIC_RELAXED);
+	/* the odd version (taken by the caller) before any data store */
 	__atomic_thread_fence(__ATOMIC_RELEASE);
 	t->opt->apply((float *)(h + 1),
 		      t->state ? t->state + (size_t)i * t->chunk_elems * t->opt->state_per_param : NULL,
@@ -82,7 +79,7 @@ static void bsp_recheck(struct srv_tensor *t)
 {
 	for (uint32_t i = 0; i < t->nchunks; i++) {
 		uint64_t v = srv_chunk_lock(t, i);
-		srv_chunk_unlock(t, i, v, bsp_try_complete(t, i, v));
+		srv_chunk_unlock(t, i, v, bsp_try_complete(t, i));
 	}
 }
 
@@ -197,7 +194,7 @@ void srv_clock_fold(struct srv_tensor *t, struct srv_conn *c, const struct rdmap
 		for (uint32_t k = 0; k < h->count; k++)
 			agg[k] += grad[k];
 		t->contrib[h->chunk] |= 1ull << idx;
-		srv_chunk_unlock(t, h->chunk, v, bsp_try_complete(t, h->chunk, v));
+		srv_chunk_unlock(t, h->chunk, v, bsp_try_complete(t, h->chunk));
 	}
 	m->next_chunk = h->chunk + 1;
 	if (h->flags & RDMAPS_SLOT_END)

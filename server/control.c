@@ -121,13 +121,9 @@ static void on_seal(struct srv_conn *c, const struct rdmaps_msg_seal *m)
 	}
 	/* initial chunks are odd ("being written"); make each one stable */
 	for (uint32_t i = 0; i < t->nchunks; i++) {
-		uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, i);
 		struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
-		struct rdmaps_chunk_trl *tr =
-			(struct rdmaps_chunk_trl *)((uint8_t *)(h + 1) + rdmaps__chunk_data_span(count));
 		uint64_t v = (h->version | 1u) + 1;
 		__atomic_store_n(&h->version, v, __ATOMIC_RELEASE);
-		__atomic_store_n(&tr->version, v, __ATOMIC_RELEASE);
 	}
 	atomic_store(&t->state_flag, TENSOR_READY);
 	t->creator = NULL;

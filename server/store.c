@@ -85,15 +85,13 @@ static void chunk_init(struct srv_tensor *t, uint32_t i, float value)
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, i);
 	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
 	float *data = (float *)(h + 1);
-	struct rdmaps_chunk_trl *tr =
-		(struct rdmaps_chunk_trl *)((uint8_t *)data + rdmaps__chunk_data_span(count));
 
 	for (uint32_t k = 0; k < count; k++)
 		data[k] = value;
 	h->count = count;
 	h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
 	/* a tensor waiting for its creator's values reads as "being written" */
-	h->version = tr->version = atomic_load(&t->state_flag) == TENSOR_READY ? 0 : 1;
+	h->version = atomic_load(&t->state_flag) == TENSOR_READY ? 0 : 1;
 }
 
 static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
@@ -236,12 +234,6 @@ int srv_store_lookup(struct srv_store *s, const char *name, struct srv_tensor **
 	return 0;
 }
 
-static struct rdmaps_chunk_trl *chunk_trl(struct srv_tensor *t, uint32_t chunk, uint32_t count)
-{
-	return (struct rdmaps_chunk_trl *)(srv_chunk(t, chunk) + RDMAPS_CHUNK_HDR +
-					   rdmaps__chunk_data_span(count));
-}
-
 uint64_t srv_chunk_lock(struct srv_tensor *t, uint32_t chunk)
 {
 	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, chunk);
@@ -270,9 +262,8 @@ void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool cha
 		return;
 	}
 	h->checksum = rdmaps__checksum(h + 1, (size_t)h->count * sizeof(float));
-	/* header even before trailer: equal even versions mean a whole body */
+	/* release: the body and its checksum before the even version */
 	__atomic_store_n(&h->version, v + 2, __ATOMIC_RELEASE);
-	__atomic_store_n(&chunk_trl(t, chunk, h->count)->version, v + 2, __ATOMIC_RELEASE);
 }
 
 void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
@@ -280,7 +271,6 @@ void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, ui
 {
 	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, chunk);
 	float *data = (float *)(h + 1);
-	struct rdmaps_chunk_trl *tr = chunk_trl(t, chunk, count);
 	uint64_t v;
 
 	if (assign) {
@@ -291,8 +281,8 @@ void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, ui
 		return;
 	}
 	v = srv_chunk_lock(t, chunk);
-	/* odd trailer first: a reader that sees the new body sees it odd */
-	__atomic_store_n(&tr->version, v + 1, __ATOMIC_RELAXED);
+	/* the odd version before any data store (CAS acquire does not order
+	 * later stores after it on every architecture) */
 	__atomic_thread_fence(__ATOMIC_RELEASE);
 	t->opt->apply(data,
 		      t->state ? t->state + (size_t)chunk * t->chunk_elems * t->opt->state_per_param

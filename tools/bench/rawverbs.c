@@ -10,9 +10,9 @@
  *                     at the responder, as rdmaps' staging does).
  *   raw-read-span     a READ of as many bytes as a 1-chunk pull reads, into one
  *                     SGE (separates the cost of the bytes from that of SGEs).
- *   raw-read-chunk    the exact READ a 1-chunk pull posts: 32 B header, the
- *                     data padded to 8 B, 8 B trailer, scattered over 3
- *                     SGEs. pull / raw-read-chunk = the library's own cost.
+ *   raw-read-chunk    a 1-chunk READ as a large pull posts it: 24 B header
+ *                     and the data, scattered over 2 SGEs (a pull of a
+ *                     small chunk reads it into one buffer instead).
  *   raw-write-slot    the exact WRITE-with-immediate a 1-chunk push posts:
  *                     40 B slot header + payload from 2 SGEs.
  *   raw-write-pp      WRITE ping-pong: WRITE, the peer sees the last byte
@@ -114,16 +114,13 @@ static int one_rdma(struct raw_qp *q, enum ibv_wr_opcode op, uint64_t size)
  * (here the receive area), the floats to the destination. */
 static int one_read_chunk(struct raw_qp *q, uint64_t size)
 {
-	uint32_t span = (uint32_t)rdmaps__chunk_data_span((uint32_t)(size / sizeof(float)));
-	struct ibv_sge sge[3] = {
+	struct ibv_sge sge[2] = {
 		{ .addr = (uintptr_t)q->rbuf, .length = RDMAPS_CHUNK_HDR, .lkey = q->mr->lkey },
 		{ .addr = (uintptr_t)q->buf, .length = (uint32_t)size, .lkey = q->mr->lkey },
-		{ .addr = (uintptr_t)(q->rbuf + RDMAPS_CHUNK_HDR),
-		  .length = span - (uint32_t)size + RDMAPS_CHUNK_TRL, .lkey = q->mr->lkey },
 	};
 	struct ibv_wc wc;
 
-	if (raw_post_sge(q, IBV_WR_RDMA_READ, 0, sge, 3, 0))
+	if (raw_post_sge(q, IBV_WR_RDMA_READ, 0, sge, 2, 0))
 		return -1;
 	return reap_one(q, &wc);
 }
