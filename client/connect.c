@@ -221,7 +221,7 @@ static int build(struct cl_conn *k)
 	qa.qp_type = IBV_QPT_RC;
 	qa.cap.max_send_wr = CL_SQ_DEPTH;
 	qa.cap.max_recv_wr = CL_RECVS;
-	qa.cap.max_send_sge = 3; /* chunk header | data | trailer */
+	qa.cap.max_send_sge = 2; /* chunk header | floats (READ); slot header | floats (WRITE) */
 	qa.cap.max_recv_sge = 1;
 	/* small pushes go inline: the provider copies header and floats into
 	 * the work request, so no bounce copy and no per-SGE memory lookup */

@@ -450,17 +450,25 @@ static bool push_folded(const rdmaps_op *op)
 	return true;
 }
 
+/* The op queue entry r stands for, if that op still has work to post. */
+static rdmaps_op *postq_op(rdmaps_client *c, uint32_t r)
+{
+	rdmaps_op *op = &c->ops[c->postq[r].idx];
+
+	if (op->gen != c->postq[r].gen || op->kind == OP_FREE || op->status != RDMAPS_EAGAIN ||
+	    !op->unposted)
+		return NULL;
+	return op;
+}
+
 /* Drops queue entries of ops that have nothing left to post, keeping order. */
 static void postq_prune(rdmaps_client *c)
 {
 	uint32_t w = 0;
 
-	for (uint32_t r = 0; r < c->npostq; r++) {
-		const rdmaps_op *op = &c->ops[c->postq[r].idx];
-		if (op->gen == c->postq[r].gen && op->kind != OP_FREE && op->status == RDMAPS_EAGAIN &&
-		    op->unposted)
+	for (uint32_t r = 0; r < c->npostq; r++)
+		if (postq_op(c, r))
 			c->postq[w++] = c->postq[r];
-	}
 	c->npostq = w;
 }
 
@@ -470,10 +478,9 @@ void cl_progress(rdmaps_client *c)
 		conn_poll(&c->conn[i]);
 	/* post more work, oldest op first */
 	if (!c->broken) {
-		for (uint32_t i = 0; i < c->npostq; i++) {
-			rdmaps_op *op = &c->ops[c->postq[i].idx];
-			if (op->gen == c->postq[i].gen && op->kind != OP_FREE &&
-			    op->status == RDMAPS_EAGAIN && op->unposted)
+		for (uint32_t r = 0; r < c->npostq; r++) {
+			rdmaps_op *op = postq_op(c, r);
+			if (op)
 				op_post(op);
 		}
 		postq_prune(c);

@@ -132,8 +132,9 @@ int srv_clock_join(struct srv_tensor *t, struct srv_conn *c, uint64_t *clock, bo
 				ssp_publish(t, mc);
 		}
 		gate_opened = t->cons.mode == RDMAPS_BSP && t->joined == t->cons.workers;
-		log_info("tensor '%s': worker " SRV_CONN_FMT " joined at clock %llu (%u members)", t->name, SRV_CONN_ARGS(c),
-			 (unsigned long long)m->clock, __builtin_popcountll(atomic_load(&t->active_mask)));
+		log_info("tensor '%s': worker " SRV_CONN_FMT " joined at clock %llu (%u members)",
+			 t->name, SRV_CONN_ARGS(c), (unsigned long long)m->clock,
+			 __builtin_popcountll(atomic_load(&t->active_mask)));
 		goto out;
 	}
 	rc = RDMAPS_ELIMIT;

@@ -33,7 +33,8 @@ static void bad_message(struct srv_conn *c, uint32_t req_id, int err, const char
 {
 	atomic_fetch_add_explicit(&c->bad_msgs, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&c->srv->bad_messages, 1, memory_order_relaxed);
-	log_warn("worker " SRV_CONN_FMT ": control message refused: %s (%s)", SRV_CONN_ARGS(c), why, rdmaps_strerror(err));
+	log_warn("worker " SRV_CONN_FMT ": control message refused: %s (%s)", SRV_CONN_ARGS(c), why,
+		 rdmaps_strerror(err));
 	reply_status(c, req_id, err);
 }
 

@@ -88,8 +88,8 @@ static void slot_drop(struct srv_conn *c, int err, const char *why, uint64_t seq
 	c->credit_dirty = true;
 	atomic_fetch_add_explicit(&c->dropped, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&c->ft->dropped, 1, memory_order_relaxed);
-	log_warn("worker " SRV_CONN_FMT ": staged slot seq %llu dropped: %s", SRV_CONN_ARGS(c), (unsigned long long)seq,
-		 why);
+	log_warn("worker " SRV_CONN_FMT ": staged slot seq %llu dropped: %s", SRV_CONN_ARGS(c),
+		 (unsigned long long)seq, why);
 }
 
 /* Checks of a slot whose seq is right: 0, or why it must not be folded. */
