@@ -389,6 +389,27 @@ static int conn_poll(struct srv_conn *c)
 	return n;
 }
 
+/*
+ * A connection leaving (its worker closed, or it failed): fold what it staged
+ * before it went. A push whose WRITE the worker saw acknowledged has its
+ * completion in the CQ ahead of the disconnect, and "staged" must not mean
+ * "lost because the worker closed right after" (a BSP member leaving after
+ * its last push, say). Each slot is still checked as ever; a group cut short
+ * is never folded, so no partial gradient gets in. Nothing more is posted.
+ */
+static void conn_drain(struct srv_conn *c)
+{
+	struct ibv_wc wc[FOLD_BATCH];
+	int n;
+
+	c->broken = true;
+	while ((n = ibv_poll_cq(c->cq, FOLD_BATCH, wc)) > 0)
+		for (int i = 0; i < n; i++)
+			if (wc[i].status == IBV_WC_SUCCESS && !(wc[i].wr_id & WR_SEND_TAG) &&
+			    wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM)
+				slot_handle(c, ntohl(wc[i].imm_data));
+}
+
 static void mail_handle(struct srv_fold_thread *ft)
 {
 	pthread_mutex_lock(&ft->mail_lock);
@@ -413,6 +434,7 @@ static void mail_handle(struct srv_fold_thread *ft)
 	if (ft->mail_del) {
 		struct srv_conn *c = ft->mail_del;
 		if (c->index < ft->nconns && ft->conns[c->index] == c) {
+			conn_drain(c);
 			ft->conns[c->index] = ft->conns[--ft->nconns];
 			ft->conns[c->index]->index = c->index;
 		}

@@ -256,6 +256,53 @@ Test(datapath, killed_worker_folds_no_partial_push, .fini = stop_server, .timeou
 	rdmaps_close(c);
 }
 
+/* ---- a worker closing right after its pushes ------------------------- */
+
+#define CLOSE_LEN (4 * 1024)
+#define CLOSE_ROUNDS 20
+#define CLOSE_PUSHES 12 /* 48 slots: more than the ring, so some are in flight */
+
+/*
+ * rdmaps_push returns once the gradient is staged; a worker that closes
+ * right after must not lose it. The server folds what a leaving connection
+ * staged before freeing it: without that, the slots still waiting in the CQ
+ * when DISCONNECTED arrives were dropped (seen as a BSP member's last clock
+ * going missing under ASan timing).
+ */
+Test(datapath, staged_pushes_survive_an_immediate_close, .fini = stop_server, .timeout = 300)
+{
+	static float g[CLOSE_LEN], v[CLOSE_LEN];
+	struct rdmaps_server_stats st;
+	rdmaps_client *obs;
+	rdmaps_tensor *t, *to;
+
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	obs = th_connect(&srv);
+	to = th_declare(obs, "closing", CLOSE_LEN, 0.0f, 1.0f);
+	for (int i = 0; i < CLOSE_LEN; i++)
+		g[i] = -1.0f;
+	for (int r = 1; r <= CLOSE_ROUNDS; r++) {
+		rdmaps_client *c = th_connect(&srv);
+		cr_assert_eq(rdmaps_lookup(c, "closing", &t), 0);
+		for (int k = 0; k < CLOSE_PUSHES; k++)
+			cr_assert_eq(rdmaps_push(c, t, g, 0), 0, "round %d push %d", r, k);
+		rdmaps_close(c); /* no flush: the pushes were staged, that is enough */
+		/* the server has let the connection go (and folded what it held) */
+		for (int w = 0; w < 1000; w++) {
+			cr_assert_eq(rdmaps_server_stats(obs, &st), 0);
+			if (st.connections == 1)
+				break;
+			usleep(10000);
+		}
+		cr_assert_eq(st.connections, 1, "round %d: closed worker still connected", r);
+		cr_assert_eq(rdmaps_pull(obs, to, v, 0), 0);
+		for (int i = 0; i < CLOSE_LEN; i++)
+			cr_assert_eq(v[i], (float)(r * CLOSE_PUSHES), "round %d: [%d] = %.0f, want %d", r,
+				     i, v[i], r * CLOSE_PUSHES);
+	}
+	rdmaps_close(obs);
+}
+
 /* ---- declarations ----------------------------------------------------- */
 
 Test(datapath, declare_is_idempotent_and_conflicts_are_refused, .fini = stop_server, .timeout = 120)
