@@ -32,10 +32,12 @@
 #define CL_INLINE 256u     /* inline data asked of the QP (small pushes) */
 _Static_assert(CL_SCRATCH >= RDMAPS_CHUNK_HDR, "read scratch too small");
 #define CL_MAX_TRIES 100000u /* re-reads of one chunk before RDMAPS_ETORN */
+/* index words one READ brings (two-copy tensors): chunks whose copy is known */
+#define CL_INDEX_WORDS 512u
 #define CL_MAX_SLOTS 256u
 
 /* wr_id: kind (8 bits) | server (16 bits) | index (32 bits) */
-enum { WR_READ = 1, WR_PUSH = 2, WR_CTRL_SEND = 3, WR_RECV = 4, WR_PROBE = 5 };
+enum { WR_READ = 1, WR_PUSH = 2, WR_CTRL_SEND = 3, WR_RECV = 4, WR_PROBE = 5, WR_INDEX = 6 };
 #define WR_ID(kind, conn, idx) \
 	(((uint64_t)(kind) << 56) | ((uint64_t)(conn) << 32) | (uint64_t)(uint32_t)(idx))
 #define WR_KIND(id) ((unsigned)((id) >> 56))
@@ -57,6 +59,8 @@ struct cl_part {
 	uint32_t first, nchunks;
 	uint64_t raddr;
 	uint32_t rkey;
+	uint64_t copy_off;   /* two copies: copy 1 is this far from copy 0; 0: one copy */
+	uint64_t index_addr; /* two copies: the server's index, a u64 per chunk */
 };
 
 struct rdmaps_tensor {
@@ -104,6 +108,8 @@ struct rdmaps_op {
 
 struct read_slot {
 	uint32_t op, part, local, tries;
+	uint32_t copy;        /* two copies: which one this READ targets */
+	uint64_t want;        /* two copies: the version the index promised, at least */
 	uint64_t dst_off;     /* float offset in the op's buffer */
 	uint8_t *scratch;     /* CL_SCRATCH bytes in the control region */
 	float *bounce;        /* chunk_elems floats in the data region */
@@ -158,6 +164,16 @@ struct cl_conn {
 	struct read_slot rs[CL_READ_SLOTS];
 	uint32_t rs_free[CL_READ_SLOTS];
 	uint32_t nrs_free;
+
+	/* the index area (two-copy pulls): one op at a time reads the index
+	 * words of chunks [ix_lo, ix_lo + ix_n) of one part into it, then
+	 * posts those chunks' READs */
+	uint64_t *ix;          /* CL_INDEX_WORDS words in the control region */
+	uint32_t ix_owner;     /* op index + 1, or 0 */
+	uint32_t ix_gen;       /* that op's gen: a finished owner frees the area */
+	uint32_t ix_part, ix_lo, ix_n;
+	uint32_t ix_seq;       /* bumped per index READ: only the latest counts */
+	bool ix_ready;         /* the latest index READ completed */
 };
 
 struct rdmaps_client {

@@ -19,7 +19,9 @@
 #define CTL_RECV_OFF RDMAPS_MSG_MAX
 #define CTL_HDR_OFF ((size_t)CTL_RECV_OFF + (size_t)CL_RECVS * RDMAPS_MSG_MAX)
 #define CTL_SCRATCH_OFF (CTL_HDR_OFF + (size_t)CL_MAX_SLOTS * RDMAPS_SLOT_HDR)
-#define CTL_LEN (CTL_SCRATCH_OFF + (size_t)CL_READ_SLOTS * CL_SCRATCH)
+#define CTL_INDEX_OFF (CTL_SCRATCH_OFF + (size_t)CL_READ_SLOTS * CL_SCRATCH)
+#define CTL_LEN (CTL_INDEX_OFF + (size_t)CL_INDEX_WORDS * sizeof(uint64_t))
+_Static_assert(CTL_INDEX_OFF % sizeof(uint64_t) == 0, "index area alignment");
 
 uint8_t *cl_send_buf(struct cl_conn *k)
 {
@@ -319,6 +321,9 @@ static int carve(struct cl_conn *k)
 		k->rs_free[i] = CL_READ_SLOTS - 1 - i;
 	}
 	k->nrs_free = CL_READ_SLOTS;
+	k->ix = (uint64_t *)(k->ctl + CTL_INDEX_OFF);
+	k->ix_owner = 0;
+	k->ix_ready = false;
 	k->next_seq = 1;
 	k->credit->folded_seq = 1;
 	return 0;

@@ -119,8 +119,15 @@ static int part_from_reply(struct cl_part *p, const struct rdmaps_msg_tensor_rep
 	if (r->chunk_elems != ce || r->nchunks != p->nchunks || r->cons.mode > RDMAPS_SSP)
 		return RDMAPS_EPROTO;
 	p->tensor_id = r->tensor_id;
+	/* two copies: both inside what the server registered, after copy 0 */
+	if ((r->copy_offset || r->index_addr) &&
+	    (!r->copy_offset || !r->index_addr || r->cons.mode != RDMAPS_ASP ||
+	     r->copy_offset % RDMAPS_CHUNK_ALIGN || r->index_addr % sizeof(uint64_t)))
+		return RDMAPS_EPROTO;
 	p->raddr = r->remote_addr;
 	p->rkey = r->rkey;
+	p->copy_off = r->copy_offset;
+	p->index_addr = r->index_addr;
 	return 0;
 }
 

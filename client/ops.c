@@ -1,9 +1,11 @@
 /*
  * ops.c -- pull and push over every server holding a part of the tensor.
  *
- * A pull posts one RDMA READ per chunk, scattering header and trailer into
- * scratch and the floats straight into the caller's buffer, then checks each
- * chunk and re-reads the torn ones. A push writes one staging slot per chunk
+ * A pull posts one RDMA READ per chunk, scattering the header into scratch
+ * and the floats straight into the caller's buffer, then checks each chunk
+ * and re-reads the torn ones. A tensor kept in two copies first READs the
+ * index words of its chunks (CL_INDEX_WORDS at a time), each naming the
+ * copy no fold is writing (docs/design.md). A push writes one staging slot per chunk
  * with WRITE-with-immediate, header and payload gathered from two SGEs,
  * never copied when the caller registered the gradient. Posting walks all
  * parts before anything is waited on, so the servers work in parallel. Work
@@ -66,7 +68,8 @@ static int post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 		.num_sge = 2,
 		.opcode = IBV_WR_RDMA_READ,
 		.send_flags = IBV_SEND_SIGNALED,
-		.wr.rdma = { .remote_addr = pt->raddr + (uint64_t)rs->local * t->stride,
+		.wr.rdma = { .remote_addr = pt->raddr + rs->copy * pt->copy_off +
+					    (uint64_t)rs->local * t->stride,
 			     .rkey = pt->rkey },
 	}, *bad;
 	int rc;
@@ -144,6 +147,55 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 	return 0;
 }
 
+/*
+ * Two copies: make sure the index words of op's next chunk of part p are in
+ * k's index area. Returns 1 when they are, 0 when the caller must come back
+ * (an index READ is in flight, or another op holds the area), < 0 on
+ * failure. The area is the connection's: one op at a time, freed when its
+ * owner has posted the chunks it covers or is finished.
+ */
+static int index_ready(struct cl_conn *k, rdmaps_op *op, uint32_t p)
+{
+	const struct cl_part *pt = &op->t->part[p];
+	uint32_t me = op_index(op) + 1, next = op->next[p];
+
+	if (k->ix_owner && k->ix_owner != me) {
+		const rdmaps_op *o = &k->c->ops[k->ix_owner - 1];
+		if (o->gen == k->ix_gen && o->kind == OP_PULL && o->status == RDMAPS_EAGAIN)
+			return 0;
+		k->ix_owner = 0; /* its owner finished or failed */
+	}
+	if (k->ix_owner == me && k->ix_part == p && next >= k->ix_lo && next < k->ix_lo + k->ix_n)
+		return k->ix_ready ? 1 : 0;
+	if (k->sq_outstanding >= CL_SQ_DEPTH)
+		return 0;
+	uint32_t n = pt->nchunks - next < CL_INDEX_WORDS ? pt->nchunks - next : CL_INDEX_WORDS;
+	struct ibv_sge sge = { .addr = (uintptr_t)k->ix, .length = n * (uint32_t)sizeof(uint64_t),
+			       .lkey = k->ctl_mr->lkey };
+	struct ibv_send_wr wr = {
+		.wr_id = WR_ID(WR_INDEX, k->idx, k->ix_seq + 1),
+		.sg_list = &sge,
+		.num_sge = 1,
+		.opcode = IBV_WR_RDMA_READ,
+		.send_flags = IBV_SEND_SIGNALED,
+		.wr.rdma = { .remote_addr = pt->index_addr + (uint64_t)next * sizeof(uint64_t),
+			     .rkey = pt->rkey },
+	}, *bad;
+	int rc = ibv_post_send(k->qp, &wr, &bad);
+
+	if (rc)
+		return rdmaps__from_errno(rc);
+	k->sq_outstanding++;
+	k->ix_seq++;
+	k->ix_owner = me;
+	k->ix_gen = op->gen;
+	k->ix_part = p;
+	k->ix_lo = next;
+	k->ix_n = n;
+	k->ix_ready = false;
+	return 0;
+}
+
 /* Post what part p of op may post now on its server; < 0 on failure. */
 static int op_post_part(rdmaps_op *op, uint32_t p)
 {
@@ -160,18 +212,30 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 	}
 	while (op->next[p] < pt->nchunks && k->sq_outstanding < CL_SQ_DEPTH) {
 		if (op->kind == OP_PULL) {
+			uint64_t word = 0;
 			if (!k->nrs_free)
 				break;
+			if (pt->copy_off) {
+				if ((rc = index_ready(k, op, p)) <= 0)
+					break;
+				rc = 0;
+				word = k->ix[op->next[p] - k->ix_lo];
+			}
 			uint32_t s = k->rs_free[--k->nrs_free];
 			k->rs[s].op = op_index(op);
 			k->rs[s].part = p;
 			k->rs[s].local = op->next[p];
 			k->rs[s].dst_off = (uint64_t)(pt->first + op->next[p]) * op->t->chunk_elems;
 			k->rs[s].tries = 0;
+			/* the copy the index names (bit 1), and no older than it */
+			k->rs[s].copy = (uint32_t)(word >> 1) & 1u;
+			k->rs[s].want = word & ~1ull;
 			if ((rc = post_read(k, op, s))) {
 				k->rs_free[k->nrs_free++] = s;
 				break;
 			}
+			if (pt->copy_off && op->next[p] + 1 == k->ix_lo + k->ix_n)
+				k->ix_owner = 0; /* all its chunks posted: the area is free */
 		} else {
 			/* a slot is free once the server consumed its previous seq */
 			if (k->next_seq >= cl_folded_seq(k) + k->slots)
@@ -224,6 +288,8 @@ static int rows_post_pull(rdmaps_op *op)
 		k->rs[s].local = (uint32_t)(r - t->part[p].first);
 		k->rs[s].dst_off = (uint64_t)op->row_next * t->chunk_elems;
 		k->rs[s].tries = 0;
+		k->rs[s].copy = 0; /* sparse tables keep one copy */
+		k->rs[s].want = 0;
 		if ((rc = post_read(k, op, s))) {
 			k->rs_free[k->nrs_free++] = s;
 			cl_fail(k, rc, "ibv_post_send failed");
@@ -350,8 +416,10 @@ static void read_done(struct cl_conn *k, uint32_t s)
 	const struct rdmaps_chunk_hdr *h = (const void *)rs->scratch;
 
 	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
-	/* one checksum per chunk read: whole (not torn), and fresh enough? */
-	bool whole = relaxed || rdmaps__chunk_consistent(h, got, count);
+	/* one checksum per chunk read: whole (not torn), and fresh enough?
+	 * With two copies, also no older than the index promised: after a
+	 * retry went to the other copy, that one may hold the fold before */
+	bool whole = relaxed || (rdmaps__chunk_consistent(h, got, count) && h->version >= rs->want);
 	bool stale = whole && !relaxed && h->clock < op->min_clock;
 
 	if (!whole || stale) {
@@ -366,7 +434,12 @@ static void read_done(struct cl_conn *k, uint32_t s)
 			again = ++rs->tries < CL_MAX_TRIES;
 		}
 		if (again && op->status == RDMAPS_EAGAIN) {
-			int rc = post_read(k, op, s);
+			int rc;
+			/* two copies: the one read is being rewritten, so two folds
+			 * came since the index was read; the other holds the newer */
+			if (t->part[rs->part].copy_off)
+				rs->copy ^= 1u;
+			rc = post_read(k, op, s);
 			if (!rc)
 				return;
 			cl_fail(k, rc, "ibv_post_send failed");
@@ -423,6 +496,10 @@ static void conn_poll(struct cl_conn *k)
 		case WR_PUSH: /* one slot: a chunk, or a batch of rows */
 			k->c->ops[idx].inflight--;
 			k->c->ops[idx].done_chunks++;
+			break;
+		case WR_INDEX: /* only the latest index READ fills the area */
+			if (idx == k->ix_seq)
+				k->ix_ready = true;
 			break;
 		case WR_RECV:
 			if (wc[i].byte_len <= sizeof(k->reply)) {

@@ -20,7 +20,7 @@
 #include "rdmaps.h"
 
 #define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
-#define RDMAPS_PROTO_VERSION 3u /* 3: 24 B chunk header, no trailer (docs/protocol.md) */
+#define RDMAPS_PROTO_VERSION 4u /* 4: two copies of big chunks (docs/protocol.md) */
 #define RDMAPS_DEFAULT_PORT "7471"
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u
@@ -193,6 +193,11 @@ struct rdmaps_msg_tensor_reply {
 	uint32_t reserved;
 	struct rdmaps_wire_consistency cons;
 	uint64_t clock;   /* the joining worker's first clock */
+	/* two copies (chunk.h): copy 1 is copy_offset bytes after copy 0, and
+	 * index_addr holds one u64 per chunk naming the current copy. 0, 0:
+	 * one copy. Same rkey. */
+	uint64_t copy_offset;
+	uint64_t index_addr;
 };
 
 struct rdmaps_msg_stats_reply {

@@ -72,6 +72,8 @@ static void reply_tensor(struct srv_conn *c, uint32_t req_id, struct srv_tensor 
 	r.ready = atomic_load(&t->state_flag) == TENSOR_READY && ready;
 	r.cons = t->cons;
 	r.clock = clock;
+	r.copy_offset = t->copy_off;
+	r.index_addr = t->index ? (uintptr_t)t->index : 0;
 	reply_send(c, &r, sizeof(r));
 }
 
@@ -190,8 +192,7 @@ static void on_chunks(struct srv_conn *c, const struct rdmaps_msg_page *m)
 	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_CHUNKS_REPLY, sizeof(r), m->hdr.req_id);
 	r.total = t->nchunks;
 	for (uint32_t i = m->start; i < t->nchunks && r.count < RDMAPS_CHUNKS_PAGE; i++) {
-		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, i);
-		r.version[r.count++] = __atomic_load_n(&h->version, __ATOMIC_ACQUIRE);
+		r.version[r.count++] = srv_chunk_version(t, i);
 	}
 	reply_send(c, &r, sizeof(r));
 }

@@ -45,6 +45,9 @@ static void usage(FILE *f)
 		"      --max-tensors N      (default 1024)\n"
 		"      --max-tensor-mb N    largest tensor incl. optimizer state (default 4096)\n"
 		"      --max-total-mb N     all tensors together (default 16384)\n"
+		"      --two-copies-from B  ASP dense tensors of B bytes or more keep two copies\n"
+		"                           of each chunk, so pulls racing folds are not torn\n"
+		"                           (default 4096; 0: never; docs/design.md)\n"
 		"      --spin-us N          busy-poll this long before sleeping (default 200)\n"
 		"      --checkpoint-dir DIR write checkpoints there; restore the newest good one\n"
 		"                           at start (docs/durability.md)\n"
@@ -118,6 +121,7 @@ int main(int argc, char **argv)
 		{ "max-tensor-mb", required_argument, NULL, 'M' },
 		{ "max-total-mb", required_argument, NULL, 'G' },
 		{ "spin-us", required_argument, NULL, 'S' },
+		{ "two-copies-from", required_argument, NULL, '2' },
 		{ "evict-ms", required_argument, NULL, 'E' },
 		{ "checkpoint-dir", required_argument, NULL, 'D' },
 		{ "checkpoint-every", required_argument, NULL, 'K' },
@@ -143,6 +147,7 @@ int main(int argc, char **argv)
 		.max_tensor_bytes = 4096ull << 20,
 		.max_total_bytes = 16384ull << 20,
 		.spin_us = 200,
+		.two_copies_min = 4096,
 		.evict_ms = 10000,
 	};
 	while ((opt = getopt_long(argc, argv, "a:p:t:C:r:f:vh", opts, NULL)) != -1) {
@@ -162,6 +167,7 @@ int main(int argc, char **argv)
 		case 'T': bad = parse_u(optarg, 1, 1u << 20, &v); cfg->max_tensors = (uint32_t)v; break;
 		case 'M': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_tensor_bytes = v << 20; break;
 		case 'G': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_total_bytes = v << 20; break;
+		case '2': bad = parse_u(optarg, 0, UINT64_MAX, &v); cfg->two_copies_min = v; break;
 		case 'S': bad = parse_u(optarg, 0, 1000000, &v); cfg->spin_us = (unsigned)v; break;
 		case 'E': bad = parse_u(optarg, 10, 86400000, &v); cfg->evict_ms = (unsigned)v; break;
 		case 'D': cfg->ckpt_dir = optarg; break;

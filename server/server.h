@@ -34,6 +34,7 @@ struct srv_config {
 	uint32_t max_tensors;
 	uint64_t max_tensor_bytes;
 	uint64_t max_total_bytes;
+	uint64_t two_copies_min; /* ASP dense tensors this big keep two copies (0: none) */
 	unsigned spin_us;       /* busy-poll this long before sleeping */
 	unsigned server_id;
 	unsigned evict_ms;      /* BSP/SSP: evict a member that stalls a clock this long */
@@ -62,7 +63,18 @@ struct srv_tensor {
 	uint32_t chunk_elems;
 	size_t stride;   /* bytes between chunk headers */
 	uint8_t *mem;    /* chunk 0 header; registered READ-only per connection */
-	size_t mem_len;
+	size_t mem_len;  /* all of it: the copies and the index */
+	/*
+	 * Two copies (docs/design.md, "Two copies"): a fold writes the copy
+	 * readers are not pointed at, then flips index[i]; a READ is torn only
+	 * when two folds of its chunk land inside it. copy 1 starts copy_off
+	 * bytes after copy 0. index[i] = 2 * folds of chunk i, + 1 while one is
+	 * being written; copy (index[i] >> 1) & 1 is current. One copy: 1,
+	 * copy_off 0, index NULL, and the chunk header's version is the seqlock.
+	 */
+	uint32_t copies;
+	size_t copy_off;
+	uint64_t *index;
 	float *state;    /* optimizer state, never registered */
 	const struct srv_optimizer *opt;
 	struct rdmaps_wire_hyper hyper;
@@ -89,6 +101,7 @@ struct srv_store {
 	uint32_t max;
 	uint64_t total_bytes;
 	uint64_t max_tensor_bytes, max_total_bytes;
+	uint64_t two_copies_min;
 	uint32_t chunk_elems;
 };
 
@@ -201,9 +214,26 @@ int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, c
 int srv_store_lookup(struct srv_store *s, const char *name, struct srv_tensor **out);
 /* Lock-free: the tensor with this id, or NULL. */
 struct srv_tensor *srv_store_get(struct srv_store *s, uint32_t id);
+static inline uint8_t *srv_chunk_copy(const struct srv_tensor *t, uint32_t i, unsigned copy)
+{
+	return t->mem + copy * t->copy_off + (size_t)i * t->stride;
+}
+/* Chunk i as readers see it: with two copies, the one the index names.
+ * Stable while folds are paused or the caller holds the chunk. */
 static inline uint8_t *srv_chunk(const struct srv_tensor *t, uint32_t i)
 {
-	return t->mem + (size_t)i * t->stride;
+	if (t->copies == 2)
+		return srv_chunk_copy(t, i,
+				      (unsigned)(__atomic_load_n(&t->index[i], __ATOMIC_ACQUIRE) >> 1) & 1u);
+	return srv_chunk_copy(t, i, 0);
+}
+/* Chunk i's version: 2 x its folds, odd while one is being written. */
+static inline uint64_t srv_chunk_version(const struct srv_tensor *t, uint32_t i)
+{
+	if (t->copies == 2)
+		return __atomic_load_n(&t->index[i], __ATOMIC_ACQUIRE);
+	return __atomic_load_n(&((const struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, 0))->version,
+			       __ATOMIC_ACQUIRE);
 }
 /* Apply a staged slot's payload to chunk `chunk` of t (fold or assign); the
  * chunk's clock field is left alone (clock.c owns it). */

@@ -20,6 +20,7 @@ int srv_store_init(struct srv_store *s, const struct srv_config *cfg)
 	s->max = cfg->max_tensors;
 	s->max_tensor_bytes = cfg->max_tensor_bytes;
 	s->max_total_bytes = cfg->max_total_bytes;
+	s->two_copies_min = cfg->two_copies_min;
 	s->chunk_elems = cfg->chunk_elems;
 	pthread_mutex_init(&s->lock, NULL);
 	return 0;
@@ -83,7 +84,7 @@ static struct srv_tensor *find_locked(struct srv_store *s, const char *name)
 static void chunk_init(struct srv_tensor *t, uint32_t i, float value)
 {
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, i);
-	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
+	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, 0);
 	float *data = (float *)(h + 1);
 
 	for (uint32_t k = 0; k < count; k++)
@@ -92,6 +93,22 @@ static void chunk_init(struct srv_tensor *t, uint32_t i, float value)
 	h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
 	/* a tensor waiting for its creator's values reads as "being written" */
 	h->version = atomic_load(&t->state_flag) == TENSOR_READY ? 0 : 1;
+	if (t->copies == 2) {
+		/* copy 1 holds nothing yet: odd, so a reader sent there retries */
+		struct rdmaps_chunk_hdr *h1 = (struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, 1);
+		h1->count = count;
+		h1->version = 1;
+		t->index[i] = 0;
+	}
+}
+
+/* Two copies for ASP dense tensors big enough to tear (docs/design.md):
+ * BSP/SSP chunks carry clocks clock.c updates in place, and a sparse
+ * table's rows are read one by one. */
+static bool wants_two_copies(const struct srv_store *s, const struct rdmaps_msg_declare *m)
+{
+	return s->two_copies_min && m->cons.mode == RDMAPS_ASP && !m->cons.row_dim &&
+	       m->length * sizeof(float) >= s->two_copies_min;
 }
 
 static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
@@ -108,6 +125,12 @@ static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
 	t->mem_len = (size_t)(t->nchunks - 1) * t->stride +
 		     rdmaps__chunk_read_len(rdmaps__chunk_count(t->length, t->chunk_elems,
 								 t->nchunks - 1));
+	t->copies = 1;
+	if (wants_two_copies(s, m)) {
+		t->copies = 2;
+		t->copy_off = rdmaps__round_up(t->mem_len, RDMAPS_CHUNK_ALIGN);
+		t->mem_len = 2 * t->copy_off + (size_t)t->nchunks * sizeof(uint64_t);
+	}
 	t->opt = opt;
 	t->hyper = m->hyper;
 	t->cons = m->cons;
@@ -135,6 +158,8 @@ static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
 		return RDMAPS_ENOMEM;
 	}
 	memset(t->mem, 0, t->mem_len);
+	if (t->copies == 2)
+		t->index = (uint64_t *)(t->mem + 2 * t->copy_off);
 	for (uint32_t i = 0; i < t->nchunks; i++)
 		chunk_init(t, i, m->init_value);
 	*out = t;
@@ -181,7 +206,7 @@ int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, c
 	    (m->cons.row_dim > s->chunk_elems - 2 || m->length % m->cons.row_dim ||
 	     m->cons.mode != RDMAPS_ASP))
 		return RDMAPS_EINVAL;
-	bytes = m->length * sizeof(float) * (1 + opt->state_per_param);
+	bytes = m->length * sizeof(float) * (1 + opt->state_per_param + wants_two_copies(s, m));
 	/* BSP sums a clock in float before the optimizer sees it: count it */
 	if (m->cons.mode == RDMAPS_BSP)
 		bytes += m->length * sizeof(float);
@@ -234,22 +259,30 @@ int srv_store_lookup(struct srv_store *s, const char *name, struct srv_tensor **
 	return 0;
 }
 
-uint64_t srv_chunk_lock(struct srv_tensor *t, uint32_t chunk)
+static float *chunk_state(const struct srv_tensor *t, uint32_t chunk)
 {
-	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, chunk);
-	uint64_t v = __atomic_load_n(&h->version, __ATOMIC_RELAXED);
+	return t->state ? t->state + (size_t)chunk * t->chunk_elems * t->opt->state_per_param : NULL;
+}
 
-	/*
-	 * even -> odd. Contended only when two fold threads fold the same
-	 * chunk at once; the holder finishes in microseconds.
-	 */
+/* even -> odd on a seqlock word; returns the even value taken. Contended
+ * only when two fold threads fold the same chunk at once; the holder
+ * finishes in microseconds. */
+static uint64_t seq_take(uint64_t *word)
+{
+	uint64_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
+
 	for (;;) {
-		if (!(v & 1u) && __atomic_compare_exchange_n(&h->version, &v, v + 1, true,
-							     __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+		if (!(v & 1u) && __atomic_compare_exchange_n(word, &v, v + 1, true, __ATOMIC_ACQUIRE,
+							     __ATOMIC_RELAXED))
 			return v;
 		rdmaps__cpu_relax();
-		v = __atomic_load_n(&h->version, __ATOMIC_RELAXED);
+		v = __atomic_load_n(word, __ATOMIC_RELAXED);
 	}
+}
+
+uint64_t srv_chunk_lock(struct srv_tensor *t, uint32_t chunk)
+{
+	return seq_take(&((struct rdmaps_chunk_hdr *)srv_chunk(t, chunk))->version);
 }
 
 void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool changed)
@@ -266,6 +299,39 @@ void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool cha
 	__atomic_store_n(&h->version, v + 2, __ATOMIC_RELEASE);
 }
 
+/*
+ * A fold with two copies: the current copy (index even, 2k: copy k & 1) is
+ * left alone; the fold starts from a copy of it in the other one, applies
+ * the optimizer there, then points the index at it. A READ that picked the
+ * current copy is only torn if the next fold after this one lands inside
+ * it too. The index is odd meanwhile, which still names the current copy
+ * (bit 1), so readers keep reading it.
+ */
+static void chunk_apply_two(struct srv_tensor *t, uint32_t chunk, const float *grad,
+			    uint32_t count)
+{
+	uint64_t v = seq_take(&t->index[chunk]);
+	unsigned cur = (unsigned)(v >> 1) & 1u;
+	const struct rdmaps_chunk_hdr *src = (const void *)srv_chunk_copy(t, chunk, cur);
+	struct rdmaps_chunk_hdr *dst = (void *)srv_chunk_copy(t, chunk, cur ^ 1u);
+	float *data = (float *)(dst + 1);
+
+	/* odd before any data store: a reader that still has this copy in
+	 * flight (from an older index) sees it as being written */
+	__atomic_store_n(&dst->version, v + 1, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_RELEASE);
+	memcpy(data, src + 1, (size_t)count * sizeof(float));
+	t->opt->apply(data, chunk_state(t, chunk), grad, count, &t->hyper, t->steps[chunk]);
+	t->steps[chunk]++;
+	dst->count = count;
+	dst->clock = src->clock;
+	dst->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
+	/* release: body and checksum before the even version, and the copy
+	 * before the index that names it */
+	__atomic_store_n(&dst->version, v + 2, __ATOMIC_RELEASE);
+	__atomic_store_n(&t->index[chunk], v + 2, __ATOMIC_RELEASE);
+}
+
 void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
 		     bool assign)
 {
@@ -280,14 +346,15 @@ void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, ui
 		h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
 		return;
 	}
+	if (t->copies == 2) {
+		chunk_apply_two(t, chunk, grad, count);
+		return;
+	}
 	v = srv_chunk_lock(t, chunk);
 	/* the odd version before any data store (CAS acquire does not order
 	 * later stores after it on every architecture) */
 	__atomic_thread_fence(__ATOMIC_RELEASE);
-	t->opt->apply(data,
-		      t->state ? t->state + (size_t)chunk * t->chunk_elems * t->opt->state_per_param
-			       : NULL,
-		      grad, count, &t->hyper, t->steps[chunk]);
+	t->opt->apply(data, chunk_state(t, chunk), grad, count, &t->hyper, t->steps[chunk]);
 	t->steps[chunk]++;
 	srv_chunk_unlock(t, chunk, v, true);
 }

@@ -158,7 +158,9 @@ static void *torn_pusher(void *p)
 	return NULL;
 }
 
-Test(datapath, pulls_never_see_a_torn_chunk, .fini = stop_server, .timeout = 600)
+/* two_copies_from: the server's --two-copies-from; "0" keeps one copy, so
+ * the checksum alone stands between the READs and the folds */
+static void torn_race(const char *two_copies_from)
 {
 	static float v[TORN_LEN], prev[TORN_CHUNKS];
 	rdmaps_client *c;
@@ -167,7 +169,9 @@ Test(datapath, pulls_never_see_a_torn_chunk, .fini = stop_server, .timeout = 600
 	int prc = 0;
 	struct rdmaps_client_stats cs;
 
-	th_server_start(&srv, "--chunk-elems", "1024", "--fold-threads", "2", NULL);
+	memset(prev, 0, sizeof(prev));
+	th_server_start(&srv, "--chunk-elems", "1024", "--fold-threads", "2", "--two-copies-from",
+			two_copies_from, NULL);
 	c = th_connect(&srv);
 	t = th_declare(c, "torn", TORN_LEN, 0.0f, 1.0f);
 	torn_stop = 0;
@@ -188,8 +192,9 @@ Test(datapath, pulls_never_see_a_torn_chunk, .fini = stop_server, .timeout = 600
 	pthread_join(pusher, NULL);
 	cr_assert_eq(prc, 0, "pusher: %s", rdmaps_strerror(prc));
 	rdmaps_client_stats(c, &cs);
-	printf("torn: %d pulls raced %ld pushes; %lu chunk re-reads (%.3f%% of chunk reads)\n", PULLS,
-	       pushes_done, (unsigned long)cs.pull_retries,
+	printf("torn (two copies from %s B): %d pulls raced %ld pushes; %lu chunk re-reads "
+	       "(%.3f%% of chunk reads)\n", two_copies_from, PULLS, pushes_done,
+	       (unsigned long)cs.pull_retries,
 	       100.0 * (double)cs.pull_retries / (PULLS * TORN_CHUNKS));
 	cr_assert_gt(pushes_done, 0, "the folds must actually race the pulls");
 	/* and after the dust settles, the model is exactly the number of pushes */
@@ -197,6 +202,16 @@ Test(datapath, pulls_never_see_a_torn_chunk, .fini = stop_server, .timeout = 600
 	for (int i = 0; i < TORN_LEN; i++)
 		cr_assert_eq(v[i], (float)pushes_done, "final [%d] = %f, pushes %ld", i, v[i], pushes_done);
 	rdmaps_close(c);
+}
+
+Test(datapath, pulls_never_see_a_torn_chunk, .fini = stop_server, .timeout = 600)
+{
+	torn_race("0");
+}
+
+Test(datapath, pulls_never_see_a_torn_chunk_two_copies, .fini = stop_server, .timeout = 600)
+{
+	torn_race("4096");
 }
 
 /* ---- a worker killed mid-push ---------------------------------------- */

@@ -266,13 +266,17 @@ Test(security, limits_are_clear_errors, .fini = stop_server, .timeout = 120)
 	b = th_connect(&srv);
 	cr_assert_eq(th_connect_token(&srv, TH_TOKEN, &c), RDMAPS_ELIMIT, "third worker");
 	cr_assert_null(c);
-	/* 1 MiB per tensor: 300k floats is over, 200k fits */
+	/* 1 MiB per tensor, two copies counted (ASP, >= 4 KiB): 300k floats
+	 * is over, and so is 150k (600 KB twice); 100k fits */
 	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "big", .length = 300000,
 								     .lr = 1.0f }, &t),
 		     RDMAPS_ERANGE);
-	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "t1", .length = 200000,
+	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "big2", .length = 150000,
+								     .lr = 1.0f }, &t),
+		     RDMAPS_ERANGE, "the second copy counts against --max-tensor-mb");
+	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "t1", .length = 100000,
 								     .lr = 1.0f }, &t), 0);
-	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "t2", .length = 200000,
+	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "t2", .length = 100000,
 								     .lr = 1.0f }, &t), 0);
 	cr_assert_eq(rdmaps_declare(a, &(struct rdmaps_tensor_desc){ .name = "t3", .length = 10,
 								     .lr = 1.0f }, &t), RDMAPS_ELIMIT,

@@ -15,10 +15,12 @@
 static struct srv_store store;
 static struct srv_tensor *tensor;
 
-static void make_tensor(uint64_t length, uint32_t chunk_elems, float init)
+static void make_tensor_copies(uint64_t length, uint32_t chunk_elems, float init,
+			       uint64_t two_copies_min)
 {
 	struct srv_config cfg = { .max_tensors = 4, .chunk_elems = chunk_elems,
-				  .max_tensor_bytes = 1ull << 30, .max_total_bytes = 1ull << 30 };
+				  .max_tensor_bytes = 1ull << 30, .max_total_bytes = 1ull << 30,
+				  .two_copies_min = two_copies_min };
 	struct rdmaps_msg_declare m = { 0 };
 	bool created;
 
@@ -30,6 +32,11 @@ static void make_tensor(uint64_t length, uint32_t chunk_elems, float init)
 	strcpy(m.name, "t");
 	cr_assert_eq(srv_store_declare(&store, &m, NULL, &tensor, &created), 0);
 	cr_assert(created);
+}
+
+static void make_tensor(uint64_t length, uint32_t chunk_elems, float init)
+{
+	make_tensor_copies(length, chunk_elems, init, 0);
 }
 
 static void drop_tensor(void)
@@ -48,6 +55,28 @@ static int read_chunk(uint32_t i, float *out)
 	__atomic_thread_fence(__ATOMIC_ACQUIRE);
 	memcpy(out, p + RDMAPS_CHUNK_HDR, count * sizeof(float));
 	return rdmaps__chunk_consistent(&h, out, count);
+}
+
+/* A two-copy reader, as client/ops.c reads: the index word first, then the
+ * copy it names; accepted only whole and no older than the index said; a
+ * refused READ goes to the other copy. Returns the READs it took. */
+static int read_chunk_two(uint32_t i, float *out, uint64_t *version)
+{
+	uint32_t count = rdmaps__chunk_count(tensor->length, tensor->chunk_elems, i);
+	uint64_t word = __atomic_load_n(&tensor->index[i], __ATOMIC_ACQUIRE);
+	unsigned copy = (unsigned)(word >> 1) & 1u;
+
+	for (int tries = 1;; tries++, copy ^= 1u) {
+		const uint8_t *p = srv_chunk_copy(tensor, i, copy);
+		struct rdmaps_chunk_hdr h;
+		memcpy(&h, p, sizeof(h));
+		__atomic_thread_fence(__ATOMIC_ACQUIRE);
+		memcpy(out, p + RDMAPS_CHUNK_HDR, count * sizeof(float));
+		if (rdmaps__chunk_consistent(&h, out, count) && h.version >= (word & ~1ull)) {
+			*version = h.version;
+			return tries;
+		}
+	}
 }
 
 Test(chunk, layout_and_detection, .fini = drop_tensor)
@@ -154,6 +183,70 @@ Test(chunk, concurrent_reader_never_accepts_torn_chunk, .fini = drop_tensor, .ti
 	cr_assert_gt(accepted, 0);
 	/* every torn copy the reader saw was one it refused */
 	cr_assert(torn_seen == 0 || refused >= torn_seen, "torn %ld, refused %ld", torn_seen, refused);
+}
+
+Test(chunk, two_copies_fold_into_the_other_copy, .fini = drop_tensor)
+{
+	float g[1000], out[1000];
+	uint64_t v;
+
+	make_tensor_copies(1000, 1024, 10.0f, 4000);
+	cr_assert_eq(tensor->copies, 2);
+	cr_assert_eq(tensor->index[0], 0);
+	for (int i = 0; i < 1000; i++)
+		g[i] = (float)(i % 7) - 3.0f;
+	for (int f = 1; f <= 3; f++) {
+		const uint8_t *before = srv_chunk(tensor, 0);
+		srv_chunk_apply(tensor, 0, g, 1000, false);
+		cr_assert_eq(tensor->index[0], 2u * f, "index after fold %d", f);
+		cr_assert_neq(srv_chunk(tensor, 0), before, "fold %d must flip the copy", f);
+		cr_assert_eq(read_chunk_two(0, out, &v), 1);
+		cr_assert_eq(v, 2u * f);
+		for (int i = 0; i < 1000; i++)
+			cr_assert_eq(out[i], 10.0f - (float)f * g[i], "fold %d [%d]: %f", f, i, out[i]);
+		/* the copy just left still holds the fold before, whole */
+		const struct rdmaps_chunk_hdr *old = (const void *)before;
+		cr_assert(rdmaps__chunk_consistent(old, (const float *)(old + 1), 1000) || f == 1,
+			  "fold %d: the previous copy must stay whole", f);
+	}
+	cr_assert_eq(tensor->steps[0], 3);
+	/* a small tensor keeps one copy */
+	drop_tensor();
+	make_tensor_copies(999, 1024, 0.0f, 4000);
+	cr_assert_eq(tensor->copies, 1);
+	cr_assert_null(tensor->index);
+}
+
+Test(chunk, two_copies_reader_never_accepts_torn_or_old, .fini = drop_tensor, .timeout = 120)
+{
+	static float buf[4096];
+	pthread_t w;
+	long reads = 0, retries = 0;
+	uint64_t last[4] = { 0 };
+
+	make_tensor_copies(4 * 4096, 4096, 0.0f, 4096);
+	cr_assert_eq(tensor->copies, 2);
+	atomic_store(&stop_writer, 0);
+	pthread_create(&w, NULL, writer, NULL);
+	for (int iter = 0; iter < 20000; iter++) {
+		uint32_t c = (uint32_t)iter % tensor->nchunks;
+		uint64_t v;
+		int tries = read_chunk_two(c, buf, &v);
+		reads++;
+		retries += tries - 1;
+		for (int k = 1; k < 4096; k++)
+			cr_assert_eq(buf[k], buf[0], "accepted a torn chunk at iteration %d", iter);
+		/* every fold adds 1: the value is the fold count, the version twice it */
+		cr_assert_eq((uint64_t)buf[0] * 2, v, "chunk %u: value %f, version %llu", c, buf[0],
+			     (unsigned long long)v);
+		cr_assert_geq(v, last[c], "chunk %u went back in time", c);
+		last[c] = v;
+	}
+	atomic_store(&stop_writer, 1);
+	pthread_join(w, NULL);
+	printf("two-copy chunk race: %ld reads, %ld retried (%.3f %%)\n", reads, retries,
+	       100.0 * (double)retries / (double)reads);
+	cr_assert_gt(last[0], 0, "the writer must have folded meanwhile");
 }
 
 Test(chunk, optimizer_registry)
