@@ -110,6 +110,8 @@ struct read_slot {
 	uint32_t op, part, local, tries;
 	uint32_t copy;        /* two copies: which one this READ targets */
 	uint64_t want;        /* two copies: the version the index promised, at least */
+	bool verify;          /* two copies: checksum this READ now (a retry, or a
+			       * window that failed validation), not at window end */
 	uint64_t dst_off;     /* float offset in the op's buffer */
 	uint8_t *scratch;     /* CL_SCRATCH bytes in the control region */
 	float *bounce;        /* chunk_elems floats in the data region */
@@ -165,15 +167,20 @@ struct cl_conn {
 	uint32_t rs_free[CL_READ_SLOTS];
 	uint32_t nrs_free;
 
-	/* the index area (two-copy pulls): one op at a time reads the index
-	 * words of chunks [ix_lo, ix_lo + ix_n) of one part into it, then
-	 * posts those chunks' READs */
-	uint64_t *ix;          /* CL_INDEX_WORDS words in the control region */
+	/* the index window (two-copy pulls, copies.c): one op at a time owns
+	 * it for chunks [ix_lo, ix_lo + ix_n) of one part */
+	uint64_t *ix;          /* index words read before the chunks (registered) */
+	uint64_t *ix2;         /* the same words read again after them (registered) */
+	uint64_t ix_sum[CL_INDEX_WORDS]; /* each chunk's checksum, as its READ saw it */
+	bool ix_checked[CL_INDEX_WORDS]; /* chunk already checksummed (and counted done) */
 	uint32_t ix_owner;     /* op index + 1, or 0 */
-	uint32_t ix_gen;       /* that op's gen: a finished owner frees the area */
+	uint32_t ix_gen;       /* that op's gen: a finished owner frees the window */
 	uint32_t ix_part, ix_lo, ix_n;
+	uint32_t ix_pending;   /* chunks of the window not yet read */
+	uint32_t ix_done;      /* chunks of the window already counted done */
 	uint32_t ix_seq;       /* bumped per index READ: only the latest counts */
-	bool ix_ready;         /* the latest index READ completed */
+	enum { IX_IDLE, IX_INDEX, IX_POST, IX_DRAIN, IX_CHECK } ix_phase;
+	bool ix_verify;        /* this window checks each chunk by checksum */
 };
 
 struct rdmaps_client {
@@ -206,6 +213,13 @@ int cl_op_start_parts(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, flo
 		      unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out);
 int cl_op_wait(rdmaps_op *op, int timeout_ms);
 uint64_t cl_folded_seq(const struct cl_conn *k);
+
+/* copies.c: pulls of two-copy tensors (docs/design.md, "Two copies") */
+int cl_ix_ready(struct cl_conn *k, rdmaps_op *op, uint32_t p);
+void cl_ix_posted(struct cl_conn *k, rdmaps_op *op, uint32_t s);
+void cl_ix_defer(struct cl_conn *k, rdmaps_op *op, uint32_t s, const struct rdmaps_chunk_hdr *h);
+void cl_ix_done(struct cl_conn *k, rdmaps_op *op, uint32_t s);
+void cl_ix_complete(struct cl_conn *k, uint32_t seq);
 
 /* control.c */
 int cl_rpc(struct cl_conn *k, void *msg, uint32_t len, uint16_t want_type, void *reply,

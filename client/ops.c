@@ -147,55 +147,6 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 	return 0;
 }
 
-/*
- * Two copies: make sure the index words of op's next chunk of part p are in
- * k's index area. Returns 1 when they are, 0 when the caller must come back
- * (an index READ is in flight, or another op holds the area), < 0 on
- * failure. The area is the connection's: one op at a time, freed when its
- * owner has posted the chunks it covers or is finished.
- */
-static int index_ready(struct cl_conn *k, rdmaps_op *op, uint32_t p)
-{
-	const struct cl_part *pt = &op->t->part[p];
-	uint32_t me = op_index(op) + 1, next = op->next[p];
-
-	if (k->ix_owner && k->ix_owner != me) {
-		const rdmaps_op *o = &k->c->ops[k->ix_owner - 1];
-		if (o->gen == k->ix_gen && o->kind == OP_PULL && o->status == RDMAPS_EAGAIN)
-			return 0;
-		k->ix_owner = 0; /* its owner finished or failed */
-	}
-	if (k->ix_owner == me && k->ix_part == p && next >= k->ix_lo && next < k->ix_lo + k->ix_n)
-		return k->ix_ready ? 1 : 0;
-	if (k->sq_outstanding >= CL_SQ_DEPTH)
-		return 0;
-	uint32_t n = pt->nchunks - next < CL_INDEX_WORDS ? pt->nchunks - next : CL_INDEX_WORDS;
-	struct ibv_sge sge = { .addr = (uintptr_t)k->ix, .length = n * (uint32_t)sizeof(uint64_t),
-			       .lkey = k->ctl_mr->lkey };
-	struct ibv_send_wr wr = {
-		.wr_id = WR_ID(WR_INDEX, k->idx, k->ix_seq + 1),
-		.sg_list = &sge,
-		.num_sge = 1,
-		.opcode = IBV_WR_RDMA_READ,
-		.send_flags = IBV_SEND_SIGNALED,
-		.wr.rdma = { .remote_addr = pt->index_addr + (uint64_t)next * sizeof(uint64_t),
-			     .rkey = pt->rkey },
-	}, *bad;
-	int rc = ibv_post_send(k->qp, &wr, &bad);
-
-	if (rc)
-		return rdmaps__from_errno(rc);
-	k->sq_outstanding++;
-	k->ix_seq++;
-	k->ix_owner = me;
-	k->ix_gen = op->gen;
-	k->ix_part = p;
-	k->ix_lo = next;
-	k->ix_n = n;
-	k->ix_ready = false;
-	return 0;
-}
-
 /* Post what part p of op may post now on its server; < 0 on failure. */
 static int op_post_part(rdmaps_op *op, uint32_t p)
 {
@@ -216,7 +167,7 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 			if (!k->nrs_free)
 				break;
 			if (pt->copy_off) {
-				if ((rc = index_ready(k, op, p)) <= 0)
+				if ((rc = cl_ix_ready(k, op, p)) <= 0)
 					break;
 				rc = 0;
 				word = k->ix[op->next[p] - k->ix_lo];
@@ -230,12 +181,13 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 			/* the copy the index names (bit 1), and no older than it */
 			k->rs[s].copy = (uint32_t)(word >> 1) & 1u;
 			k->rs[s].want = word & ~1ull;
+			k->rs[s].verify = pt->copy_off && k->ix_verify;
 			if ((rc = post_read(k, op, s))) {
 				k->rs_free[k->nrs_free++] = s;
 				break;
 			}
-			if (pt->copy_off && op->next[p] + 1 == k->ix_lo + k->ix_n)
-				k->ix_owner = 0; /* all its chunks posted: the area is free */
+			if (pt->copy_off)
+				cl_ix_posted(k, op, s);
 		} else {
 			/* a slot is free once the server consumed its previous seq */
 			if (k->next_seq >= cl_folded_seq(k) + k->slots)
@@ -290,6 +242,7 @@ static int rows_post_pull(rdmaps_op *op)
 		k->rs[s].tries = 0;
 		k->rs[s].copy = 0; /* sparse tables keep one copy */
 		k->rs[s].want = 0;
+		k->rs[s].verify = false;
 		if ((rc = post_read(k, op, s))) {
 			k->rs_free[k->nrs_free++] = s;
 			cl_fail(k, rc, "ibv_post_send failed");
@@ -416,10 +369,15 @@ static void read_done(struct cl_conn *k, uint32_t s)
 	const struct rdmaps_chunk_hdr *h = (const void *)rs->scratch;
 
 	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
-	/* one checksum per chunk read: whole (not torn), and fresh enough?
-	 * With two copies, also no older than the index promised: after a
-	 * retry went to the other copy, that one may hold the fold before */
-	bool whole = relaxed || (rdmaps__chunk_consistent(h, got, count) && h->version >= rs->want);
+	bool two = t->part[rs->part].copy_off != 0;
+	/* two copies, first READ of a window's chunk: the checksum waits for
+	 * the window's validation (copies.c), which mostly makes it needless */
+	bool deferred = two && !relaxed && !rs->verify;
+	/* whole (not torn), and fresh enough? With two copies, also no older
+	 * than the index promised: a retry's other copy may hold the fold before */
+	bool whole = relaxed || (h->version >= rs->want &&
+				 (deferred ? !(h->version & 1u) && h->count == count
+					   : rdmaps__chunk_consistent(h, got, count)));
 	bool stale = whole && !relaxed && h->clock < op->min_clock;
 
 	if (!whole || stale) {
@@ -436,9 +394,12 @@ static void read_done(struct cl_conn *k, uint32_t s)
 		if (again && op->status == RDMAPS_EAGAIN) {
 			int rc;
 			/* two copies: the one read is being rewritten, so two folds
-			 * came since the index was read; the other holds the newer */
-			if (t->part[rs->part].copy_off)
+			 * came since the index was read; the other holds the newer.
+			 * A retry is checked on arrival. */
+			if (two) {
 				rs->copy ^= 1u;
+				rs->verify = true;
+			}
 			rc = post_read(k, op, s);
 			if (!rc)
 				return;
@@ -450,7 +411,12 @@ static void read_done(struct cl_conn *k, uint32_t s)
 	} else {
 		if (got != dst)
 			memcpy(dst, got, (size_t)count * sizeof(float));
-		op->done_chunks++;
+		if (deferred)
+			cl_ix_defer(k, op, s, h);
+		else if (two && !relaxed)
+			cl_ix_done(k, op, s);
+		else
+			op->done_chunks++;
 	}
 	op->inflight--;
 	k->rs_free[k->nrs_free++] = s;
@@ -497,9 +463,8 @@ static void conn_poll(struct cl_conn *k)
 			k->c->ops[idx].inflight--;
 			k->c->ops[idx].done_chunks++;
 			break;
-		case WR_INDEX: /* only the latest index READ fills the area */
-			if (idx == k->ix_seq)
-				k->ix_ready = true;
+		case WR_INDEX:
+			cl_ix_complete(k, idx);
 			break;
 		case WR_RECV:
 			if (wc[i].byte_len <= sizeof(k->reply)) {

@@ -95,7 +95,9 @@ static int run_blocking(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t)
 		if (rc)
 			break;
 		rdmaps__hist_record(&w->hist, b - a);
-	} while (loop_more(&l, b));
+	} while (loop_more(&l, b) ||
+		 (op == WL_TORN && !w->wl->o->iters && l.n < WL_TORN_MIN_OPS &&
+		  b - w->t0 < (uint64_t)(WL_TORN_MAX_S * 1e9)));
 	w->t1 = b;
 	w->n = l.n;
 	rdmaps_client_stats(w->c, &w->s1);

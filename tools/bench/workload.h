@@ -16,6 +16,10 @@
 #define WL_WRITER_DEPTH 4u
 #define WL_TIMEOUT_MS 60000
 #define WL_TORN_MIN_S 3.0 /* torn-read phases run at least this long */
+/* ...and, up to WL_TORN_MAX_S, at least this many pulls: a rate under 1 %
+ * means little from 39 pulls (a 4 MiB pull takes ~80 ms in the VM) */
+#define WL_TORN_MIN_OPS 300u
+#define WL_TORN_MAX_S 30.0
 
 enum wl_op { WL_PULL, WL_PULL_RELAXED, WL_PUSH, WL_PUSH_FOLDED, WL_PUSHPULL, WL_TORN };
 
