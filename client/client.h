@@ -206,6 +206,8 @@ struct rdmaps_client {
 
 /* ops.c */
 void cl_progress(rdmaps_client *c);
+/* Queue op for posting, oldest first (once; it may be queued already). */
+void cl_postq_add(rdmaps_client *c, rdmaps_op *op);
 int cl_op_start(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
 		unsigned flags, bool assign, rdmaps_op **out);
 /* The same, for the parts [lo, hi) of t only (initial values of one part). */

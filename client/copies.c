@@ -134,19 +134,6 @@ void cl_ix_posted(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 		k->ix_phase = IX_DRAIN;
 }
 
-/* Put op back in the post queue (it had posted everything once). */
-static void requeue(rdmaps_op *op)
-{
-	rdmaps_client *c = op->c;
-	uint32_t idx = op_no(op) - 1;
-
-	for (uint32_t r = 0; r < c->npostq; r++)
-		if (c->postq[r].idx == idx && c->postq[r].gen == op->gen)
-			return;
-	c->postq[c->npostq].idx = idx; /* at most one entry per live op: room */
-	c->postq[c->npostq++].gen = op->gen;
-}
-
 /*
  * The second index READ is in (step 3): accept every chunk whose copy no
  * fold can have touched, hash the others, and either close the window or
@@ -175,7 +162,7 @@ static void validate(struct cl_conn *k, rdmaps_op *op)
 		memset(k->ix_checked, 0, k->ix_n * sizeof(k->ix_checked[0]));
 		k->ix_verify = true;
 		k->ix_phase = IX_POST;
-		requeue(op);
+		cl_postq_add(op->c, op); /* it had posted everything once */
 		return;
 	}
 	op->done_chunks += k->ix_n - k->ix_done;

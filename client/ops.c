@@ -131,6 +131,7 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 		.chunk = local,
 		.count = count,
 		.flags = (op->assign ? RDMAPS_SLOT_ASSIGN : 0u) |
+			 (op->flags & RDMAPS_PUSH_FOLDED ? RDMAPS_SLOT_ACK : 0u) |
 			 /* a group ends with the part or when it fills the ring */
 			 (local + 1 == pt->nchunks || (local + 1) % k->slots == 0 ? RDMAPS_SLOT_LAST
 										   : 0u) |
@@ -307,7 +308,7 @@ static int rows_post_push(rdmaps_op *op, uint32_t p)
 			.tensor_id = pt->tensor_id,
 			.seq = seq,
 			.count = n,
-			.flags = RDMAPS_SLOT_ROWS |
+			.flags = RDMAPS_SLOT_ROWS | (op->flags & RDMAPS_PUSH_FOLDED ? RDMAPS_SLOT_ACK : 0u) |
 				 (!op->rows_left[p] || op->pslots[p] % k->slots == 0 ? RDMAPS_SLOT_LAST : 0u) |
 				 (!op->rows_left[p] ? RDMAPS_SLOT_END : 0u),
 			.scale = op->scale,
@@ -514,6 +515,21 @@ static void postq_prune(rdmaps_client *c)
 	c->npostq = w;
 }
 
+void cl_postq_add(rdmaps_client *c, rdmaps_op *op)
+{
+	uint32_t idx = op_index(op);
+
+	for (uint32_t r = 0; r < c->npostq; r++)
+		if (c->postq[r].idx == idx && c->postq[r].gen == op->gen)
+			return; /* already queued */
+	/* at most CL_MAX_OPS live ops, so the queue has room for this one
+	 * once entries of finished ones are dropped */
+	if (c->npostq == CL_MAX_OPS)
+		postq_prune(c);
+	c->postq[c->npostq].idx = idx;
+	c->postq[c->npostq++].gen = op->gen;
+}
+
 void cl_progress(rdmaps_client *c)
 {
 	for (uint32_t i = 0; i < c->nconn; i++)
@@ -627,12 +643,7 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 			c->stats.pulls++;
 		else
 			c->stats.pushes++;
-		/* at most CL_MAX_OPS live ops, so the queue has room for this one
-		 * once entries of finished ones are dropped */
-		if (c->npostq == CL_MAX_OPS)
-			postq_prune(c);
-		c->postq[c->npostq].idx = i;
-		c->postq[c->npostq++].gen = op->gen;
+		cl_postq_add(c, op);
 		*out = op;
 		return 0;
 	}

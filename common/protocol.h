@@ -88,9 +88,12 @@ enum rdmaps_slot_flags {
 	/* sparse rows: count rows, payload = count u64 row ids (of the part),
 	 * then count * row_dim floats */
 	RDMAPS_SLOT_ROWS = 1u << 3,
+	/* the worker waits for this push to be folded (RDMAPS_PUSH_FOLDED):
+	 * write the credit as soon as its group is, not lazily */
+	RDMAPS_SLOT_ACK = 1u << 4,
 };
 #define RDMAPS_SLOT_FLAGS_KNOWN \
-	(RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | RDMAPS_SLOT_ROWS)
+	(RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | RDMAPS_SLOT_ROWS | RDMAPS_SLOT_ACK)
 
 /* Header at the start of each staging slot; payload (count floats) follows. */
 struct rdmaps_slot_hdr {

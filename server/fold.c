@@ -86,6 +86,7 @@ static void slot_drop(struct srv_conn *c, int err, const char *why, uint64_t seq
 	c->credit.dropped++;
 	c->credit.last_err = err;
 	c->credit_dirty = true;
+	c->credit_urgent = true;
 	atomic_fetch_add_explicit(&c->dropped, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&c->ft->dropped, 1, memory_order_relaxed);
 	log_warn("worker " SRV_CONN_FMT ": staged slot seq %llu dropped: %s", SRV_CONN_ARGS(c),
@@ -294,6 +295,8 @@ static void group_fold(struct srv_conn *c)
 	c->group_seq = c->next_seq;
 	c->credit.folded_seq = c->next_seq;
 	c->credit_dirty = true;
+	if (first->flags & RDMAPS_SLOT_ACK)
+		c->credit_urgent = true;
 }
 
 /*
@@ -349,8 +352,38 @@ static void credit_flush(struct srv_conn *c)
 	 * of c->credit cannot race the DMA. If the send queue is full the
 	 * credit stays dirty and goes out with the next batch. */
 	if (srv_conn_post_send(c, &c->credit, sizeof(c->credit), true, IBV_WR_RDMA_WRITE,
-			       c->credit_addr, c->credit_rkey) == 0)
+			       c->credit_addr, c->credit_rkey) == 0) {
 		c->credit_dirty = false;
+		c->credit_urgent = false;
+		c->credited_seq = c->credit.folded_seq;
+	}
+}
+
+/*
+ * Credits are written lazily: each one is a WRITE and its ACK, and under
+ * rxe every packet costs both sides CPU, so one per push made the plain
+ * push slower than a raw WRITE. A credit goes out at once when the worker
+ * waits for it (RDMAPS_SLOT_ACK: a folded push) or a slot was dropped;
+ * otherwise once a quarter of the ring has been folded since the last one
+ * (the worker never runs out of slots while the fold keeps up), and, for
+ * whatever is left, when the fold thread goes idle or every 1024 busy
+ * rounds (credits_flush_all): rdmaps_flush waits at most that long.
+ */
+#define CREDIT_IDLE_NS 100000u /* idle this long: lazy credits go out */
+
+static void credit_maybe(struct srv_conn *c)
+{
+	uint64_t quarter = c->slots / 4 ? c->slots / 4 : 1;
+
+	if (c->credit_dirty &&
+	    (c->credit_urgent || c->credit.folded_seq - c->credited_seq >= quarter))
+		credit_flush(c);
+}
+
+static void credits_flush_all(struct srv_fold_thread *ft)
+{
+	for (uint32_t i = 0; i < ft->nconns; i++)
+		credit_flush(ft->conns[i]);
 }
 
 /* Returns the number of completions handled. */
@@ -385,7 +418,7 @@ static int conn_poll(struct srv_conn *c)
 		if (!c->broken && srv_conn_post_recv(c, (uint32_t)wc[i].wr_id))
 			conn_fail(c, "cannot repost a receive", IBV_WC_GENERAL_ERR);
 	}
-	credit_flush(c);
+	credit_maybe(c);
 	return n;
 }
 
@@ -624,15 +657,19 @@ static void *fold_main(void *arg)
 			keepalive(ft);
 		}
 		if (work) {
+			credits_flush_all(ft); /* busy for 1024 rounds: lazy credits out */
 			idle_since = 0;
 			continue;
 		}
 		if (!idle_since)
 			idle_since = now;
+		else if (now - idle_since >= CREDIT_IDLE_NS)
+			credits_flush_all(ft); /* the pushes stopped: tell what folded */
 		if (now - idle_since < spin_ns) {
 			rdmaps__cpu_relax();
 			continue;
 		}
+		credits_flush_all(ft);
 		fold_sleep(ft);
 		idle_since = 0;
 	}

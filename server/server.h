@@ -145,6 +145,8 @@ struct srv_conn {
 	struct rdmaps_slot_hdr *group_hdr; /* validated headers of that group, per slot */
 	struct rdmaps_wire_credit credit;
 	bool credit_dirty;
+	bool credit_urgent;    /* a drop, or a group the worker waits on: write now */
+	uint64_t credited_seq; /* folded_seq of the last credit written */
 	bool broken;           /* QP failed: waiting for the listener to tear down */
 	/* liveness (fold thread): completions seen, and at the last keepalive tick */
 	uint64_t cqes, ka_cqes;
