@@ -34,6 +34,7 @@ _Static_assert(CL_SCRATCH >= RDMAPS_CHUNK_HDR, "read scratch too small");
 #define CL_MAX_TRIES 100000u /* re-reads of one chunk before RDMAPS_ETORN */
 /* index words one READ brings (two-copy tensors): chunks whose copy is known */
 #define CL_INDEX_WORDS 512u
+#define CL_WINDOWS 2u /* one bit of an index READ's wr_id (copies.c) */
 #define CL_MAX_SLOTS 256u
 
 /* wr_id: kind (8 bits) | server (16 bits) | index (32 bits) */
@@ -109,12 +110,30 @@ struct rdmaps_op {
 struct read_slot {
 	uint32_t op, part, local, tries;
 	uint32_t copy;        /* two copies: which one this READ targets */
+	uint32_t win;         /* two copies: the index window it belongs to */
 	uint64_t want;        /* two copies: the version the index promised, at least */
 	bool verify;          /* two copies: checksum this READ now (a retry, or a
 			       * window that failed validation), not at window end */
 	uint64_t dst_off;     /* float offset in the op's buffer */
 	uint8_t *scratch;     /* CL_SCRATCH bytes in the control region */
 	float *bounce;        /* chunk_elems floats in the data region */
+};
+
+/* A two-copy pull's window (copies.c): one op owns it for chunks
+ * [lo, lo + n) of one part. */
+struct cl_window {
+	uint64_t *ix;          /* index words read before the chunks (registered) */
+	uint64_t *ix2;         /* the same words read again after them (registered) */
+	uint64_t sum[CL_INDEX_WORDS];   /* each chunk's checksum, as its READ saw it */
+	bool checked[CL_INDEX_WORDS];   /* chunk already checksummed (and counted done) */
+	uint32_t owner;        /* op index + 1, or 0 */
+	uint32_t gen;          /* that op's gen: a finished owner frees the window */
+	uint32_t part, lo, n;
+	uint32_t pending;      /* chunks of the window not yet read */
+	uint32_t done;         /* chunks of the window already counted done */
+	uint32_t seq;          /* bumped per index READ: only the latest counts */
+	enum { IX_IDLE, IX_INDEX, IX_POST, IX_DRAIN, IX_CHECK } phase;
+	bool verify;           /* this window checks each chunk by checksum */
 };
 
 /* One server connection. */
@@ -167,20 +186,9 @@ struct cl_conn {
 	uint32_t rs_free[CL_READ_SLOTS];
 	uint32_t nrs_free;
 
-	/* the index window (two-copy pulls, copies.c): one op at a time owns
-	 * it for chunks [ix_lo, ix_lo + ix_n) of one part */
-	uint64_t *ix;          /* index words read before the chunks (registered) */
-	uint64_t *ix2;         /* the same words read again after them (registered) */
-	uint64_t ix_sum[CL_INDEX_WORDS]; /* each chunk's checksum, as its READ saw it */
-	bool ix_checked[CL_INDEX_WORDS]; /* chunk already checksummed (and counted done) */
-	uint32_t ix_owner;     /* op index + 1, or 0 */
-	uint32_t ix_gen;       /* that op's gen: a finished owner frees the window */
-	uint32_t ix_part, ix_lo, ix_n;
-	uint32_t ix_pending;   /* chunks of the window not yet read */
-	uint32_t ix_done;      /* chunks of the window already counted done */
-	uint32_t ix_seq;       /* bumped per index READ: only the latest counts */
-	enum { IX_IDLE, IX_INDEX, IX_POST, IX_DRAIN, IX_CHECK } ix_phase;
-	bool ix_verify;        /* this window checks each chunk by checksum */
+	/* index windows (two-copy pulls, copies.c): two, so the next window's
+	 * READs start while the last one waits for its validation */
+	struct cl_window win[CL_WINDOWS];
 };
 
 struct rdmaps_client {
@@ -217,7 +225,7 @@ int cl_op_wait(rdmaps_op *op, int timeout_ms);
 uint64_t cl_folded_seq(const struct cl_conn *k);
 
 /* copies.c: pulls of two-copy tensors (docs/design.md, "Two copies") */
-int cl_ix_ready(struct cl_conn *k, rdmaps_op *op, uint32_t p);
+int cl_ix_ready(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint64_t *word);
 void cl_ix_posted(struct cl_conn *k, rdmaps_op *op, uint32_t s);
 void cl_ix_defer(struct cl_conn *k, rdmaps_op *op, uint32_t s, const struct rdmaps_chunk_hdr *h);
 void cl_ix_done(struct cl_conn *k, rdmaps_op *op, uint32_t s);

@@ -20,7 +20,7 @@
 #define CTL_HDR_OFF ((size_t)CTL_RECV_OFF + (size_t)CL_RECVS * RDMAPS_MSG_MAX)
 #define CTL_SCRATCH_OFF (CTL_HDR_OFF + (size_t)CL_MAX_SLOTS * RDMAPS_SLOT_HDR)
 #define CTL_INDEX_OFF (CTL_SCRATCH_OFF + (size_t)CL_READ_SLOTS * CL_SCRATCH)
-#define CTL_LEN (CTL_INDEX_OFF + 2 * (size_t)CL_INDEX_WORDS * sizeof(uint64_t))
+#define CTL_LEN (CTL_INDEX_OFF + 2 * (size_t)CL_WINDOWS * CL_INDEX_WORDS * sizeof(uint64_t))
 _Static_assert(CTL_INDEX_OFF % sizeof(uint64_t) == 0, "index area alignment");
 
 uint8_t *cl_send_buf(struct cl_conn *k)
@@ -321,10 +321,12 @@ static int carve(struct cl_conn *k)
 		k->rs_free[i] = CL_READ_SLOTS - 1 - i;
 	}
 	k->nrs_free = CL_READ_SLOTS;
-	k->ix = (uint64_t *)(k->ctl + CTL_INDEX_OFF);
-	k->ix2 = k->ix + CL_INDEX_WORDS;
-	k->ix_owner = 0;
-	k->ix_phase = IX_IDLE;
+	for (uint32_t w = 0; w < CL_WINDOWS; w++) {
+		k->win[w].ix = (uint64_t *)(k->ctl + CTL_INDEX_OFF) + 2 * w * CL_INDEX_WORDS;
+		k->win[w].ix2 = k->win[w].ix + CL_INDEX_WORDS;
+		k->win[w].owner = 0;
+		k->win[w].phase = IX_IDLE;
+	}
 	k->next_seq = 1;
 	k->credit->folded_seq = 1;
 	return 0;

@@ -167,11 +167,11 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 			uint64_t word = 0;
 			if (!k->nrs_free)
 				break;
+			int w = 0;
 			if (pt->copy_off) {
-				if ((rc = cl_ix_ready(k, op, p)) <= 0)
+				if ((rc = w = cl_ix_ready(k, op, p, &word)) <= 0)
 					break;
 				rc = 0;
-				word = k->ix[op->next[p] - k->ix_lo];
 			}
 			uint32_t s = k->rs_free[--k->nrs_free];
 			k->rs[s].op = op_index(op);
@@ -182,7 +182,8 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 			/* the copy the index names (bit 1), and no older than it */
 			k->rs[s].copy = (uint32_t)(word >> 1) & 1u;
 			k->rs[s].want = word & ~1ull;
-			k->rs[s].verify = pt->copy_off && k->ix_verify;
+			k->rs[s].win = w ? (uint32_t)w - 1 : 0;
+			k->rs[s].verify = pt->copy_off && k->win[k->rs[s].win].verify;
 			if ((rc = post_read(k, op, s))) {
 				k->rs_free[k->nrs_free++] = s;
 				break;

@@ -36,7 +36,7 @@ static struct cl_conn *k;
 static rdmaps_tensor *t;
 static rdmaps_op *op;
 static uint64_t server_index[NCH];
-static uint64_t ctl_words[2 * CL_INDEX_WORDS];
+static uint64_t ctl_words[2 * CL_WINDOWS * CL_INDEX_WORDS];
 static float dst[NCH * CE];
 
 static void setup(void)
@@ -54,8 +54,10 @@ static void setup(void)
 	k->c = &cl;
 	k->qp = &qp;
 	k->ctl_mr = &mr;
-	k->ix = ctl_words;
-	k->ix2 = ctl_words + CL_INDEX_WORDS;
+	for (uint32_t w = 0; w < CL_WINDOWS; w++) {
+		k->win[w].ix = ctl_words + 2 * w * CL_INDEX_WORDS;
+		k->win[w].ix2 = k->win[w].ix + CL_INDEX_WORDS;
+	}
 	cl.conn = k;
 	cl.nconn = 1;
 	t = (rdmaps_tensor *)tbuf;
@@ -86,14 +88,21 @@ static uint32_t serve_index(void)
 }
 
 /* The chunk READs of the window: each chunk's data and header as read. */
+static struct cl_window *W0(void)
+{
+	return &k->win[0];
+}
+
 static void read_chunks(const uint64_t *sums)
 {
 	for (uint32_t i = 0; i < NCH; i++) {
-		cr_assert_eq(cl_ix_ready(k, op, 0), 1, "chunk %u: window ready", i);
+		uint64_t word = ~0ull;
+		cr_assert_eq(cl_ix_ready(k, op, 0, &word), 1, "chunk %u: window 0 ready", i);
+		cr_assert_eq(word, server_index[i], "chunk %u: its index word", i);
 		uint32_t s = i;
-		k->rs[s] = (struct read_slot){ .op = 0, .part = 0, .local = i,
-					       .copy = (uint32_t)(k->ix[i] >> 1) & 1u,
-					       .want = k->ix[i] & ~1ull };
+		k->rs[s] = (struct read_slot){ .op = 0, .part = 0, .local = i, .win = 0,
+					       .copy = (uint32_t)(word >> 1) & 1u,
+					       .want = word & ~1ull };
 		op->next[0] = i + 1;
 		cl_ix_posted(k, op, s);
 		for (uint32_t e = 0; e < CE; e++)
@@ -111,11 +120,13 @@ static uint64_t sum_of(uint32_t i)
 
 static void start_window(void)
 {
-	cr_assert_eq(cl_ix_ready(k, op, 0), 0, "the first call posts the index READ");
+	uint64_t word;
+
+	cr_assert_eq(cl_ix_ready(k, op, 0, &word), 0, "the first call posts the index READ");
 	cr_assert_eq(nposted, 1);
 	cr_assert_eq(posted_sge[0].length, NCH * sizeof(uint64_t));
 	cl_ix_complete(k, serve_index());
-	cr_assert_eq(k->ix_phase, IX_POST);
+	cr_assert_eq(W0()->phase, IX_POST);
 }
 
 Test(copies, no_fold_means_no_checksum, .init = setup)
@@ -124,13 +135,13 @@ Test(copies, no_fold_means_no_checksum, .init = setup)
 
 	start_window();
 	read_chunks(bogus);
-	cr_assert_eq(k->ix_phase, IX_CHECK, "all in: the index is read again");
+	cr_assert_eq(W0()->phase, IX_CHECK, "all in: the index is read again");
 	cr_assert_eq(nposted, 2);
 	server_index[1] = 6; /* one fold: it wrote the other copy, harmless */
 	server_index[2] = 5;
 	cl_ix_complete(k, serve_index());
 	cr_assert_eq(op->done_chunks, NCH, "every chunk accepted");
-	cr_assert_eq(k->ix_owner, 0, "the window is free again");
+	cr_assert_eq(W0()->owner, 0, "the window is free again");
 	cr_assert_eq(cl.stats.pull_retries, 0);
 }
 
@@ -148,7 +159,7 @@ Test(copies, two_folds_and_a_whole_read_is_accepted, .init = setup)
 	server_index[0] = 7; /* the second fold began on the copy read */
 	cl_ix_complete(k, serve_index());
 	cr_assert_eq(op->done_chunks, NCH, "its checksum matched: the READ was whole");
-	cr_assert_eq(k->ix_owner, 0);
+	cr_assert_eq(W0()->owner, 0);
 }
 
 Test(copies, torn_read_rereads_the_window_checked, .init = setup)
@@ -169,37 +180,67 @@ Test(copies, torn_read_rereads_the_window_checked, .init = setup)
 	cr_assert_eq(op->done_chunks, 0, "nothing of the window counted");
 	cr_assert_eq(op->next[0], 0, "the window is posted again from its start");
 	cr_assert_eq(op->unposted, NCH);
-	cr_assert(k->ix_verify, "each chunk checked on arrival this time");
-	cr_assert_eq(k->ix_phase, IX_POST);
+	cr_assert(W0()->verify, "each chunk checked on arrival this time");
+	cr_assert_eq(W0()->phase, IX_POST);
 	cr_assert_eq(cl.npostq, 1, "the op is back in the post queue");
 	cr_assert_eq(cl.stats.pull_retries, 1);
 	/* the checked re-reads complete: the window closes without another READ */
 	for (uint32_t i = 0; i < NCH; i++) {
-		cr_assert_eq(cl_ix_ready(k, op, 0), 1);
-		k->rs[i] = (struct read_slot){ .part = 0, .local = i, .verify = true };
+		uint64_t word;
+		cr_assert_eq(cl_ix_ready(k, op, 0, &word), 1);
+		k->rs[i] = (struct read_slot){ .part = 0, .local = i, .win = 0, .verify = true };
 		op->next[0] = i + 1;
 		cl_ix_posted(k, op, i);
 		cl_ix_done(k, op, i);
 	}
 	cr_assert_eq(op->done_chunks, NCH);
-	cr_assert_eq(k->ix_owner, 0);
+	cr_assert_eq(W0()->owner, 0);
 	cr_assert_eq(nposted, 2, "no third index READ: every chunk was checksummed");
 }
 
 Test(copies, a_finished_owner_frees_the_window, .init = setup)
 {
+	uint64_t word;
+	rdmaps_op *o2 = &cl.ops[1], *o3 = &cl.ops[2];
+
 	start_window();
-	op->status = RDMAPS_ETORN; /* it failed: another op may take the window */
-	rdmaps_op *o2 = &cl.ops[1];
 	*o2 = *op;
-	o2->status = RDMAPS_EAGAIN;
 	o2->gen = 9;
-	cr_assert_eq(cl_ix_ready(k, o2, 0), 0);
-	cr_assert_eq(k->ix_owner, 2, "the second op owns it now");
+	*o3 = *op;
+	o3->gen = 11;
+	/* a second op takes the other window while the first holds its own */
+	cr_assert_eq(cl_ix_ready(k, o2, 0, &word), 0);
+	cr_assert_eq(k->win[1].owner, 2, "the second op owns window 1");
 	cr_assert_eq(nposted, 2, "with an index READ of its own");
-	/* the first op's late READ changes nothing */
-	cl_ix_complete(k, k->ix_seq - 1);
-	cr_assert_eq(k->ix_phase, IX_INDEX);
+	cr_assert_eq(cl_ix_ready(k, o3, 0, &word), 0);
+	cr_assert_eq(nposted, 2, "a third op waits: no window is free");
+	op->status = RDMAPS_ETORN; /* the first failed: its window is free again */
+	cr_assert_eq(cl_ix_ready(k, o3, 0, &word), 0);
+	cr_assert_eq(W0()->owner, 3, "the third op took window 0");
+	cr_assert_eq(nposted, 3);
+	/* the first op's late index READ changes nothing */
+	cl_ix_complete(k, ((W0()->seq - 1) << 1) | 0u);
+	cr_assert_eq(W0()->phase, IX_INDEX);
 	cl_ix_complete(k, serve_index());
-	cr_assert_eq(k->ix_phase, IX_POST);
+	cr_assert_eq(W0()->phase, IX_POST);
+	cr_assert_eq(cl_ix_ready(k, o3, 0, &word), 1, "window 0 serves the third op");
+}
+
+Test(copies, the_next_pull_starts_while_one_validates, .init = setup)
+{
+	uint64_t sums[NCH] = { 0 }, word;
+	rdmaps_op *o2 = &cl.ops[1];
+
+	start_window();
+	read_chunks(sums);
+	cr_assert_eq(W0()->phase, IX_CHECK, "op 1 waits for its second index READ");
+	*o2 = *op;
+	o2->gen = 9;
+	o2->done_chunks = 0;
+	cr_assert_eq(cl_ix_ready(k, o2, 0, &word), 0);
+	cr_assert_eq(k->win[1].phase, IX_INDEX, "op 2 already reads its index words");
+	/* one op never holds two windows of a part: op 1 waits for its own */
+	op->next[0] = 0;
+	cr_assert_eq(cl_ix_ready(k, op, 0, &word), 0);
+	cr_assert_eq(nposted, 3);
 }

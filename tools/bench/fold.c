@@ -91,7 +91,7 @@ static double check_finite_bits(const float *g, size_t n)
 	return bad ? __builtin_inf() : 0.0;
 }
 
-enum { FP_CKSUM = 1u << 0, FP_CHECK = 1u << 1 };
+enum { FP_CKSUM = 1u << 0, FP_CHECK = 1u << 1, FP_COPY = 1u << 2 };
 
 /* One pass over the whole tensor, a chunk at a time, as the fold thread does:
  * [check the gradient,] apply the optimizer[, checksum the chunk]. */
@@ -105,6 +105,8 @@ static uint64_t fold_pass(const struct srv_optimizer *opt, struct fold_bufs *f,
 		float *state = opt->state_per_param ? f->state + off * opt->state_per_param : NULL;
 		if ((what & FP_CHECK) && !__builtin_isfinite(check_sumsq(f->b + off, cnt)))
 			continue;
+		if (what & FP_COPY) /* two copies: start from the other one (c) */
+			memcpy(f->a + off, f->c + off, cnt * sizeof(float));
 		opt->apply(f->a + off, state, f->b + off, cnt, h, step);
 		if (what & FP_CKSUM)
 			sink ^= rdmaps__checksum(f->a + off, cnt * sizeof(float));
@@ -261,6 +263,10 @@ static int fold_size(const struct bench_opts *o, uint64_t bytes)
 		passes = timed_passes(o, &f, REF_TRIAD, opt, FP_CHECK | FP_CKSUM, &h, &best, &median);
 		add_row("fold-sgd+check+xxh3", bytes, passes, best, median, traffic, pbase,
 			"what server/fold.c does per slot: sum-of-squares check, apply, checksum");
+		/* same STREAM bytes: the chunk copied in stays in cache for the apply */
+		passes = timed_passes(o, &f, REF_TRIAD, opt, FP_COPY | FP_CKSUM, &h, &best, &median);
+		add_row("fold-sgd-2copies+xxh3", bytes, passes, best, median, traffic, pbase,
+			"two copies (server/store.c): copy the current copy in, apply, checksum");
 	}
 	/* the gradient check alone: the server's, and two cheaper ways */
 	passes = timed_passes(o, &f, REF_SUMSQ, NULL, 0, &h, &best, &median);
