@@ -200,6 +200,18 @@ static inline void loop_start(struct bench_loop *l, const struct bench_opts *o, 
 	l->n = 0;
 }
 
+/* Bandwidth rows of big transfers: a 1 s row holds a dozen 4 MiB ops in
+ * the VM, and two such rows taken a minute apart differ by 20 %. Both the
+ * raw baseline and rdmaps run at least this long from 1 MiB up. */
+#define BENCH_BW_MIN_S 3.0
+static inline void loop_start_bw(struct bench_loop *l, const struct bench_opts *o, uint64_t now,
+				 uint64_t bytes)
+{
+	loop_start(l, o, now);
+	if (!o->iters && bytes >= (1u << 20) && o->duration < BENCH_BW_MIN_S)
+		l->deadline = now + (uint64_t)(BENCH_BW_MIN_S * 1e9);
+}
+
 /* Count one op that ended at `now`; true while more are wanted. */
 static inline bool loop_more(struct bench_loop *l, uint64_t now)
 {

@@ -263,7 +263,7 @@ static int run_bw(struct raw_bench *rb, enum raw_test t, uint64_t size, struct b
 			return -1;
 	rdmaps__hist_reset(&rb->hist);
 	start = now = rdmaps__now_ns();
-	loop_start(&l, rb->o, start);
+	loop_start_bw(&l, rb->o, start, size);
 	for (unsigned k = 0; k < depth; k++) {
 		posted_at[k] = rdmaps__now_ns();
 		if (raw_post(q, op, k, q->buf, size, 0))

@@ -118,7 +118,7 @@ static int run_async(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t, unsig
 		return rc;
 	rdmaps_client_stats(w->c, &w->s0);
 	w->t0 = w->t1 = rdmaps__now_ns();
-	loop_start(&l, w->wl->o, w->t0);
+	loop_start_bw(&l, w->wl->o, w->t0, w->wl->o->sizes[w->wl->si]);
 	for (unsigned k = 0; k < depth; k++) {
 		posted[k] = rdmaps__now_ns();
 		if ((rc = post(w, op, t, k, &ops[k])))
