@@ -73,6 +73,7 @@ struct rdmaps_tensor {
 	rdmaps_tensor *next;
 	struct rdmaps_wire_consistency cons;
 	uint64_t clock;       /* this worker's pushes so far (BSP/SSP) */
+	bool bsp_pushed;      /* BSP: pushed since the last checked pull */
 	uint32_t nparts;
 	struct cl_part part[]; /* non-empty parts, in chunk order */
 };

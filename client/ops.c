@@ -599,6 +599,13 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 	}
 	if (flags & ~(unsigned)(RDMAPS_PULL_RELAXED | RDMAPS_PUSH_FOLDED))
 		return RDMAPS_EINVAL;
+	if (kind == OP_PUSH && !assign && t->cons.mode == RDMAPS_BSP && t->bsp_pushed) {
+		/* the server aggregates one clock at a time: a second push before
+		 * the pull that sees the first clock complete would land in it */
+		log_error("tensor '%s': BSP push at clock %llu before a pull of clock %llu", t->name,
+			  (unsigned long long)t->clock, (unsigned long long)t->clock);
+		return RDMAPS_EINVAL;
+	}
 	bytes = (size_t)t->length * sizeof(float);
 	for (uint32_t i = 0; i < CL_MAX_OPS; i++) {
 		rdmaps_op *op = &c->ops[i];
@@ -622,6 +629,7 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 		if (kind == OP_PUSH && !assign) {
 			if (t->cons.mode != RDMAPS_ASP)
 				op->clock = (uint32_t)t->clock++;
+			t->bsp_pushed = t->cons.mode == RDMAPS_BSP;
 			if (t->cons.clip_norm > 0.0f)
 				op->scale = clip_scale(buf, t->length, t->cons.clip_norm);
 		} else if (kind == OP_PULL && !(flags & RDMAPS_PULL_RELAXED)) {
@@ -665,6 +673,10 @@ static int op_release(rdmaps_op *op)
 {
 	int st = op->status;
 
+	/* a checked BSP pull saw every clock before its own complete: the
+	 * worker may push its next one */
+	if (!st && op->kind == OP_PULL && !(op->flags & RDMAPS_PULL_RELAXED))
+		op->t->bsp_pushed = false;
 	op->kind = OP_FREE;
 	/* ops are taken lowest index first: a blocking caller's progress loop
 	 * then looks at one op, not CL_MAX_OPS */

@@ -250,7 +250,9 @@ int rdmaps_pull(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags);
  * Push a gradient (length floats) for the tensor. Blocking. Returns once the
  * gradient is staged in server memory (the RDMA WRITE is acknowledged), or,
  * with RDMAPS_PUSH_FOLDED, once the server has folded it into the model.
- * The gradient buffer may be reused as soon as this returns.
+ * The gradient buffer may be reused as soon as this returns. A BSP tensor
+ * takes one push per clock: a second push before a (checked) pull of the
+ * worker's clock returns RDMAPS_EINVAL and changes nothing.
  */
 int rdmaps_push(rdmaps_client *c, rdmaps_tensor *t, const float *grad, unsigned flags);
 

@@ -49,7 +49,7 @@ static void ssp_publish(struct srv_tensor *t, uint64_t clock)
 static bool bsp_try_complete(struct srv_tensor *t, uint32_t i)
 {
 	uint64_t active = atomic_load(&t->active_mask);
-	uint64_t have = t->contrib[i];
+	uint64_t have = __atomic_load_n(&t->contrib[i], __ATOMIC_RELAXED);
 	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
 	float *agg = t->agg + (size_t)i * t->chunk_elems;
 	uint32_t n = h->count;
@@ -68,7 +68,7 @@ static bool bsp_try_complete(struct srv_tensor *t, uint32_t i)
 		      agg, n, &t->hyper, t->steps[i]);
 	t->steps[i]++;
 	memset(agg, 0, (size_t)n * sizeof(float));
-	t->contrib[i] = 0;
+	__atomic_store_n(&t->contrib[i], 0, __ATOMIC_RELAXED);
 	h->clock++;
 	t->chunk_clock_done[i] = h->clock;
 	return true;
@@ -161,6 +161,13 @@ int srv_clock_check(struct srv_tensor *t, struct srv_conn *c, const struct rdmap
 	 * counting a chunk twice would corrupt the aggregate */
 	if (h->clock != (uint32_t)m->clock || h->chunk != *next_chunk)
 		return RDMAPS_EPROTO;
+	/* BSP aggregates one clock per chunk: a member that already gave this
+	 * chunk's pending clock is pushing the next one before its pull (the
+	 * library refuses that; a raw client gets here). Its bit is only set
+	 * by this thread; another clearing it races only a push that early. */
+	if (t->cons.mode == RDMAPS_BSP &&
+	    (__atomic_load_n(&t->contrib[h->chunk], __ATOMIC_RELAXED) >> (idx - 1)) & 1u)
+		return RDMAPS_EPROTO;
 	*next_chunk = (h->flags & RDMAPS_SLOT_END) ? 0 : h->chunk + 1;
 	if ((h->flags & RDMAPS_SLOT_END) && h->chunk + 1 != t->nchunks)
 		return RDMAPS_EPROTO;
@@ -194,7 +201,7 @@ void srv_clock_fold(struct srv_tensor *t, struct srv_conn *c, const struct rdmap
 		uint64_t v = srv_chunk_lock(t, h->chunk);
 		for (uint32_t k = 0; k < h->count; k++)
 			agg[k] += grad[k];
-		t->contrib[h->chunk] |= 1ull << idx;
+		__atomic_fetch_or(&t->contrib[h->chunk], 1ull << idx, __ATOMIC_RELAXED);
 		srv_chunk_unlock(t, h->chunk, v, bsp_try_complete(t, h->chunk));
 	}
 	m->next_chunk = h->chunk + 1;

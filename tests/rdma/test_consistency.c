@@ -202,6 +202,37 @@ Test(consistency, ssp_never_breaks_its_bound, .fini = stop_server, .timeout = 60
 	cr_assert_gt(a[0].stale + a[1].stale, 0, "the bound must actually have held someone back");
 }
 
+/* One clock at a time: a second BSP push before the pull of its clock would
+ * land in the previous clock's aggregate. The library refuses it, and
+ * changes nothing. (The server's own check: unit test clock.*.) */
+Test(consistency, bsp_second_push_before_its_pull_is_refused, .fini = stop_server, .timeout = 120)
+{
+	rdmaps_client *a, *b;
+	rdmaps_tensor *ta, *tb;
+	static float v[LEN], g[LEN];
+	int rc;
+
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	a = th_connect(&srv);
+	b = th_connect(&srv);
+	ta = declare(a, "once", LEN, RDMAPS_BSP, 0, 2, 0, &rc);
+	cr_assert_eq(rc, 0);
+	tb = declare(b, "once", LEN, RDMAPS_BSP, 0, 2, 0, &rc);
+	cr_assert_eq(rc, 0);
+	for (int i = 0; i < LEN; i++)
+		g[i] = -1.0f;
+	cr_assert_eq(rdmaps_push(a, ta, g, 0), 0, "a: clock 0");
+	cr_assert_eq(rdmaps_push(a, ta, g, 0), RDMAPS_EINVAL, "a: clock 1 before its pull");
+	cr_assert_eq(rdmaps_tensor_clock(ta), 1, "the refused push took no clock");
+	cr_assert_eq(rdmaps_push(b, tb, g, 0), 0, "b: clock 0 completes it");
+	cr_assert_eq(rdmaps_pull(a, ta, v, 0), 0);
+	for (int i = 0; i < LEN; i++)
+		cr_assert_eq(v[i], 2.0f, "[%d] = %f: clock 0 is both pushes, once", i, v[i]);
+	cr_assert_eq(rdmaps_push(a, ta, g, 0), 0, "a: clock 1 after its pull");
+	rdmaps_close(a);
+	rdmaps_close(b);
+}
+
 /* ---- members leaving and evicted ------------------------------------- */
 
 static void *leaver(void *p)

@@ -47,11 +47,11 @@ enum {
 };
 
 /*
- * Access pattern of the rdmaps workload. Only dense exists; sparse pulls and
- * pushes (row subsets) and consistency models (BSP/SSP tensors) are the
- * planned additions: see struct wl_access in workload.h.
+ * Access pattern of the rdmaps workload (struct wl_access in workload.h):
+ * dense ASP tensors, sparse row tables (pull/push a fixed random set of
+ * rows), or dense BSP / SSP tensors (every worker a member).
  */
-enum bench_access { ACCESS_DENSE = 0 };
+enum bench_access { ACCESS_DENSE = 0, ACCESS_SPARSE, ACCESS_BSP, ACCESS_SSP, ACCESS_COUNT };
 
 struct bench_opts {
 	const char *cmd;

@@ -11,17 +11,118 @@
 #include "chunk.h"
 #include "workload.h"
 
-static void dense_describe(struct rdmaps_tensor_desc *d)
+static void dense_describe(const struct wl *wl, uint64_t size, struct rdmaps_tensor_desc *d)
 {
+	(void)wl;
+	d->length = size / sizeof(float);
 	d->optimizer = RDMAPS_OPT_SGD;
 	d->lr = 1e-3f;
 	d->init_value = 1.0f;
 }
 
+/* BSP / SSP: every benchmark worker a member; clock 0 waits for all of them */
+static void bsp_describe(const struct wl *wl, uint64_t size, struct rdmaps_tensor_desc *d)
+{
+	dense_describe(wl, size, d);
+	d->consistency = RDMAPS_BSP;
+	d->workers = wl->o->workers;
+}
+
+static void ssp_describe(const struct wl *wl, uint64_t size, struct rdmaps_tensor_desc *d)
+{
+	dense_describe(wl, size, d);
+	d->consistency = RDMAPS_SSP;
+	d->staleness = 2;
+	d->workers = wl->o->workers;
+}
+
+static size_t rows_per_op(uint64_t size)
+{
+	size_t n = size / (WL_ROW_DIM * sizeof(float));
+	return n ? n : 1;
+}
+
+static void sparse_describe(const struct wl *wl, uint64_t size, struct rdmaps_tensor_desc *d)
+{
+	size_t table = rows_per_op(size) * WL_ROW_SPREAD;
+
+	dense_describe(wl, size, d);
+	d->row_dim = WL_ROW_DIM;
+	d->length = (table < 64 ? 64 : table) * WL_ROW_DIM;
+}
+
+static int dense_pull(struct wl_worker *w, rdmaps_tensor *t, float *dst, unsigned flags)
+{
+	return rdmaps_pull(w->c, t, dst, flags);
+}
+
+static int dense_push(struct wl_worker *w, rdmaps_tensor *t, const float *g, unsigned flags)
+{
+	return rdmaps_push(w->c, t, g, flags);
+}
+
+static int sparse_pull(struct wl_worker *w, rdmaps_tensor *t, float *dst, unsigned flags)
+{
+	unsigned si = w->wl->si;
+	return rdmaps_pull_rows(w->c, t, w->wl->rows[si], w->wl->nrows[si], dst, flags);
+}
+
+static int sparse_push(struct wl_worker *w, rdmaps_tensor *t, const float *g, unsigned flags)
+{
+	unsigned si = w->wl->si;
+	return rdmaps_push_rows(w->c, t, w->wl->rows[si], w->wl->nrows[si], g, flags);
+}
+
+#define OPS(x) (1u << (x))
+#define ALL_OPS (OPS(WL_PULL) | OPS(WL_PULL_RELAXED) | OPS(WL_PUSH) | OPS(WL_PUSH_FOLDED) | \
+		 OPS(WL_PUSHPULL) | OPS(WL_TORN))
+
 const struct wl_access wl_access_modes[] = {
-	[ACCESS_DENSE] = { "dense", dense_describe, rdmaps_pull, rdmaps_push, rdmaps_pull_async,
-			   rdmaps_push_async },
+	[ACCESS_DENSE] = { "dense", dense_describe, dense_pull, dense_push, rdmaps_pull_async,
+			   rdmaps_push_async, ALL_OPS, NULL },
+	/* rows have no async API: no bw rows, no torn writer */
+	[ACCESS_SPARSE] = { "sparse", sparse_describe, sparse_pull, sparse_push, NULL, NULL,
+			    ALL_OPS & ~OPS(WL_TORN), "row pulls and pushes have no async form" },
+	/* a BSP member pushes once per clock and pulls in between: only pulls
+	 * and whole steps (the torn writer would be a member that never pulls) */
+	[ACCESS_BSP] = { "bsp", bsp_describe, dense_pull, dense_push, rdmaps_pull_async, NULL,
+			 OPS(WL_PULL) | OPS(WL_PULL_RELAXED) | OPS(WL_PUSHPULL),
+			 "a BSP worker pushes once per clock, with a pull in between", true },
+	/* pushes alone let the members drift apart without bound, and the next
+	 * phase's pulls would wait for the slowest (or evict it) */
+	[ACCESS_SSP] = { "ssp", ssp_describe, dense_pull, dense_push, rdmaps_pull_async, NULL,
+			 OPS(WL_PULL) | OPS(WL_PULL_RELAXED) | OPS(WL_PUSHPULL),
+			 "an SSP phase of pushes alone would leave the members clocks apart", true },
 };
+
+/* sparse: one fixed set of distinct random rows per size, shared by all */
+static int rows_init(struct wl *wl)
+{
+	const struct bench_opts *o = wl->o;
+	uint64_t seed = 0x9e3779b97f4a7c15ull;
+
+	for (unsigned i = 0; i < o->nsizes; i++) {
+		size_t n = rows_per_op(o->sizes[i]), table = n * WL_ROW_SPREAD;
+		uint64_t *perm;
+		if (table < 64)
+			table = 64;
+		perm = malloc(table * sizeof(*perm));
+		if (!perm)
+			return RDMAPS_ENOMEM;
+		for (size_t r = 0; r < table; r++)
+			perm[r] = r;
+		for (size_t r = 0; r < n; r++) { /* partial Fisher-Yates: n distinct rows */
+			seed ^= seed << 13, seed ^= seed >> 7, seed ^= seed << 17;
+			size_t j = r + (size_t)(seed % (table - r));
+			uint64_t x = perm[r];
+			perm[r] = perm[j];
+			perm[j] = x;
+		}
+		wl->rows[i] = perm;
+		wl->nrows[i] = n;
+	}
+	return 0;
+}
 
 static int worker_open(struct wl *wl, struct wl_worker *w, const struct bench_target *tg,
 		       uint64_t max_bytes)
@@ -39,10 +140,10 @@ static int worker_open(struct wl *wl, struct wl_worker *w, const struct bench_ta
 	}
 	for (unsigned i = 0; i < o->nsizes; i++) {
 		char name[RDMAPS_NAME_MAX + 1];
-		struct rdmaps_tensor_desc d = { .name = name, .length = o->sizes[i] / sizeof(float) };
+		struct rdmaps_tensor_desc d = { .name = name };
 		snprintf(name, sizeof(name), "rdmaps-bench.%s.%llu", wl->acc->name,
 			 (unsigned long long)o->sizes[i]);
-		wl->acc->describe(&d);
+		wl->acc->describe(wl, o->sizes[i], &d);
 		if ((rc = rdmaps_declare(w->c, &d, &w->t[i]))) {
 			fprintf(stderr, "rdmaps-bench: declare %s: %s\n", name, rdmaps_strerror(rc));
 			return rc;
@@ -80,9 +181,13 @@ int wl_open(const struct bench_opts *o, const struct bench_target *tg, struct wl
 		return RDMAPS_ENOMEM;
 	wl->o = o;
 	wl->acc = &wl_access_modes[o->access];
-	wl->nw = o->workers + ((o->parts & PART_TORN) ? 1 : 0);
+	wl->nw = o->workers +
+		 ((o->parts & PART_TORN) && (wl->acc->only_ops & OPS(WL_TORN)) ? 1 : 0);
 	wl->w = calloc(wl->nw, sizeof(*wl->w));
-	if (!wl->w) {
+	if (!wl->w || (o->access == ACCESS_SPARSE && rows_init(wl))) {
+		for (unsigned i = 0; i < BENCH_MAX_SIZES; i++)
+			free(wl->rows[i]);
+		free(wl->w);
 		free(wl);
 		return RDMAPS_ENOMEM;
 	}
@@ -127,6 +232,8 @@ void wl_close(struct wl *wl)
 		for (unsigned k = 0; k < w->ndst; k++)
 			free(w->dst[k]);
 	}
+	for (unsigned i = 0; i < BENCH_MAX_SIZES; i++)
+		free(wl->rows[i]);
 	free(wl->w);
 	free(wl);
 }

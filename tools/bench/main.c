@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "bench.h"
+#include "workload.h"
 
 static const uint64_t sweep[] = { 8, 64, 512, 4 << 10, 32 << 10, 256 << 10, 2 << 20, 4 << 20,
 				  16 << 20, 64 << 20 };
@@ -40,7 +41,10 @@ static void usage(FILE *f)
 		"  --size LIST         e.g. 8,64,4K,4M,64M or 'sweep' (8 B..64 MiB)\n"
 		"                      (default: lat 64; bw 4M; torn and all 64,4M)\n"
 		"  --op pull|push|pushpull|all   (default all)\n"
-		"  --access dense      access pattern (dense only; sparse/consistency come later)\n"
+		"  --access A          dense (default), sparse (a fixed random set of 128 B rows\n"
+		"                      of a table 4x the op), bsp or ssp (dense BSP/SSP tensors,\n"
+		"                      every worker a member); ops an access cannot run are\n"
+		"                      listed as not run; no raw ratio or --targets but dense\n"
 		"  --workers W         threads, each with its own rdmaps_client (default 1)\n"
 		"  --depth D           bw: ops in flight per worker (default 4)\n"
 		"  --iters N           measured ops per row, or\n"
@@ -158,12 +162,14 @@ static int parse_args(int argc, char **argv, struct bench_opts *o)
 				return -1;
 			break;
 		case O_ACCESS:
-			if (strcmp(optarg, "dense")) {
-				fprintf(stderr, "rdmaps-bench: --access %s: only dense exists so far\n",
+			for (o->access = ACCESS_DENSE; o->access < ACCESS_COUNT; o->access++)
+				if (!strcmp(optarg, wl_access_modes[o->access].name))
+					break;
+			if (o->access == ACCESS_COUNT) {
+				fprintf(stderr, "rdmaps-bench: --access %s: dense, sparse, bsp or ssp\n",
 					optarg);
 				return -1;
 			}
-			o->access = ACCESS_DENSE;
 			break;
 		case O_WORKERS: o->workers = (unsigned)strtoul(optarg, &end, 10); break;
 		case O_DEPTH: o->depth = (unsigned)strtoul(optarg, &end, 10); break;
@@ -191,6 +197,10 @@ static int parse_args(int argc, char **argv, struct bench_opts *o)
 	    o->raw_depth < 1 || o->raw_depth > 128 || !(o->duration > 0)) {
 		fprintf(stderr, "rdmaps-bench: need 1 <= workers <= 256, 1 <= depth <= 32, "
 				"1 <= raw-depth <= 128, duration > 0\n");
+		return -1;
+	}
+	if (o->targets && o->access != ACCESS_DENSE) {
+		fprintf(stderr, "rdmaps-bench: --targets are defined on dense tensors only\n");
 		return -1;
 	}
 	return optind == argc ? 0 : -1;
@@ -266,7 +276,7 @@ skip_raw:
 			rc |= wl_measure(wl, part, i);
 		}
 	}
-	if ((o->parts & PART_LAT) && raw && !o->no_pair)
+	if ((o->parts & PART_LAT) && raw && !o->no_pair && o->access == ACCESS_DENSE)
 		for (unsigned i = 0; i < o->nsizes; i++)
 			rc |= wl_paired(wl, raw, i);
 	if (o->parts & PART_TORN)
@@ -338,7 +348,7 @@ int main(int argc, char **argv)
 	       o.in_vm ? "inside tools/rxe-vm (emulated: compare ratios, not absolutes)"
 		       : "native",
 	       o.iters ? "fixed count" : "fixed duration", o.iters ? "" : " (>= 3 ops)", o.workers,
-	       "dense");
+	       wl_access_modes[o.access].name);
 	if (o.parts & (PART_LAT | PART_BW | PART_TORN))
 		rc |= run_rdma(&o, argv[0]);
 	if (o.parts & PART_FOLD) {

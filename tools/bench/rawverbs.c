@@ -58,8 +58,10 @@ static const struct {
 	const char *note;
 } tests[] = {
 	[RT_READ] = { "raw-read", RAW_PASSIVE, "= ib_read_lat (full RTT)" },
-	[RT_READ_SPAN] = { "raw-read-span", RAW_PASSIVE, "a pull's bytes (+128 B), 1 SGE" },
-	[RT_READ_CHUNK] = { "raw-read-chunk", RAW_PASSIVE, "a pull's READ: +128 B, 3 SGEs" },
+	[RT_READ_SPAN] = { "raw-read-span", RAW_PASSIVE,
+			   "a pull's bytes (+24 B header), 1 SGE: a small pull's READ" },
+	[RT_READ_CHUNK] = { "raw-read-chunk", RAW_PASSIVE,
+			    "+24 B header, 2 SGEs: a big chunk's READ" },
 	[RT_WRITE_ACK] = { "raw-write-ack", RAW_PASSIVE, "WRITE until the NIC's ack" },
 	[RT_WRITE_IMM_ACK] = { "raw-write-imm-ack", RAW_WRITE_IMM, "WRITE+imm until ack" },
 	[RT_WRITE_SLOT] = { "raw-write-slot", RAW_WRITE_IMM, "a push's WRITE+imm: +64 B, 2 SGEs" },
@@ -110,8 +112,9 @@ static int one_rdma(struct raw_qp *q, enum ibv_wr_opcode op, uint64_t size)
 	return reap_one(q, &wc);
 }
 
-/* The READ librdmaps posts for one chunk: header and trailer to scratch
- * (here the receive area), the floats to the destination. */
+/* The READ librdmaps posts for a chunk over 256 B: header to scratch (here
+ * the receive area), the floats to the destination. */
+_Static_assert(RDMAPS_CHUNK_HDR == 24, "the row notes say 24 B");
 static int one_read_chunk(struct raw_qp *q, uint64_t size)
 {
 	struct ibv_sge sge[2] = {

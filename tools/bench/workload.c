@@ -39,13 +39,13 @@ int wl_do_op(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t)
 	switch (op) {
 	case WL_PULL:
 	case WL_TORN:
-		return a->pull(w->c, t, w->dst[0], 0);
-	case WL_PULL_RELAXED: return a->pull(w->c, t, w->dst[0], RDMAPS_PULL_RELAXED);
-	case WL_PUSH: return a->push(w->c, t, w->grad, 0);
-	case WL_PUSH_FOLDED: return a->push(w->c, t, w->grad, RDMAPS_PUSH_FOLDED);
+		return a->pull(w, t, w->dst[0], 0);
+	case WL_PULL_RELAXED: return a->pull(w, t, w->dst[0], RDMAPS_PULL_RELAXED);
+	case WL_PUSH: return a->push(w, t, w->grad, 0);
+	case WL_PUSH_FOLDED: return a->push(w, t, w->grad, RDMAPS_PUSH_FOLDED);
 	case WL_PUSHPULL:
-		rc = a->push(w->c, t, w->grad, RDMAPS_PUSH_FOLDED);
-		return rc ? rc : a->pull(w->c, t, w->dst[0], 0);
+		rc = a->push(w, t, w->grad, RDMAPS_PUSH_FOLDED);
+		return rc ? rc : a->pull(w, t, w->dst[0], 0);
 	}
 	return RDMAPS_EINVAL;
 }
@@ -74,6 +74,19 @@ static int warm_up(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t)
 	return rc;
 }
 
+/* BSP/SSP phases that push end at one clock for every worker: the first
+ * to finish names it (its clock plus the SSP bound and one: nobody is that
+ * far ahead), the others push until they reach it. */
+static bool lockstep_more(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t)
+{
+	uint64_t mine = rdmaps_tensor_clock(t), stop = 0;
+
+	if (!w->wl->acc->lockstep || !wl_is_push(op))
+		return false;
+	atomic_compare_exchange_strong(&w->wl->stop_clock, &stop, mine + 3);
+	return mine < atomic_load(&w->wl->stop_clock);
+}
+
 /* One blocking op after another. */
 static int run_blocking(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t)
 {
@@ -97,7 +110,8 @@ static int run_blocking(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t)
 		rdmaps__hist_record(&w->hist, b - a);
 	} while (loop_more(&l, b) ||
 		 (op == WL_TORN && !w->wl->o->iters && l.n < WL_TORN_MIN_OPS &&
-		  b - w->t0 < (uint64_t)(WL_TORN_MAX_S * 1e9)));
+		  b - w->t0 < (uint64_t)(WL_TORN_MAX_S * 1e9)) ||
+		 lockstep_more(w, op, t));
 	w->t1 = b;
 	w->n = l.n;
 	rdmaps_client_stats(w->c, &w->s1);
@@ -241,7 +255,8 @@ static double baseline(const struct wl *wl, unsigned part, enum wl_op op, uint64
 	const char *b = NULL;
 	const struct bench_row *r, *r2;
 
-	(void)wl;
+	if (wl->o->access != ACCESS_DENSE)
+		return 0; /* the raw rows move the bytes a dense op moves: no like */
 	if (part == PART_LAT) {
 		switch (op) {
 		case WL_PULL:
@@ -277,10 +292,26 @@ static int phase(struct wl *wl, unsigned part, enum wl_op op, unsigned si, unsig
 	uint64_t writes = 0;
 	struct bench_row r = { 0 };
 	int err = 0;
+	bool async_missing = depth > 1 && (wl_is_push(op) ? !wl->acc->push_async
+							  : !wl->acc->pull_async);
+	/* async pushes cannot stop at one clock together (lockstep_more) */
+	bool async_lockstep = depth > 1 && wl_is_push(op) && wl->acc->lockstep;
+	const char *why = !(wl->acc->only_ops & (1u << op)) ? wl->acc->why_not
+			  : async_missing ? "no async form"
+			  : async_lockstep ? "async pushes would leave the members at different clocks"
+					   : NULL;
+
+	if (why) {
+		printf("# %s %s at %llu B (access %s): not run: %s\n",
+		       part == PART_LAT ? "lat" : part == PART_BW ? "bw" : "torn", wl_op_name[op],
+		       (unsigned long long)size, wl->acc->name, why);
+		return 0;
+	}
 
 	wl->op = op;
 	wl->si = si;
 	wl->depth = depth;
+	atomic_store(&wl->stop_clock, 0);
 	atomic_store(&wl->pullers_left, o->workers);
 	pthread_barrier_wait(&wl->bar); /* go */
 	pthread_barrier_wait(&wl->bar); /* all done */
@@ -308,7 +339,10 @@ static int phase(struct wl *wl, unsigned part, enum wl_op op, unsigned si, unsig
 	}
 	snprintf(r.group, sizeof(r.group), "%s",
 		 part == PART_LAT ? "lat" : part == PART_BW ? "bw" : "torn");
-	snprintf(r.op, sizeof(r.op), "%s", wl_op_name[op]);
+	if (o->access == ACCESS_DENSE)
+		snprintf(r.op, sizeof(r.op), "%s", wl_op_name[op]);
+	else
+		snprintf(r.op, sizeof(r.op), "%s-%s", wl->acc->name, wl_op_name[op]);
 	r.size = size;
 	r.workers = o->workers;
 	r.depth = depth;
@@ -317,6 +351,13 @@ static int phase(struct wl *wl, unsigned part, enum wl_op op, unsigned si, unsig
 	report_lat(&r, &wl->merged);
 	r.rtt = RTT_FULL;
 	r.ops_s = r.seconds > 0 ? (double)ops / r.seconds : 0;
+	if (o->access == ACCESS_SPARSE) { /* what the op really moves: its rows */
+		size = (uint64_t)wl->nrows[si] * WL_ROW_DIM * sizeof(float);
+		snprintf(r.note, sizeof(r.note), "%zu rows of %zu B, table of %zu", wl->nrows[si],
+			 WL_ROW_DIM * sizeof(float), wl->nrows[si] * WL_ROW_SPREAD);
+	} else if (o->access != ACCESS_DENSE) {
+		snprintf(r.note, sizeof(r.note), "%s tensor, %u member(s)", wl->acc->name, o->workers);
+	}
 	r.gb_s = r.ops_s * (double)size * (op == WL_PUSHPULL ? 2 : 1) / 1e9;
 	r.base_val = baseline(wl, part, op, size, r.base_op, sizeof(r.base_op));
 	if (r.base_val > 0)

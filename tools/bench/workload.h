@@ -25,23 +25,37 @@ enum wl_op { WL_PULL, WL_PULL_RELAXED, WL_PUSH, WL_PUSH_FOLDED, WL_PUSHPULL, WL_
 
 extern const char *const wl_op_name[];
 
+struct wl;
+struct wl_worker;
+
 /*
- * How an op touches the tensor. The extension point for the modes the issue
- * defers: a sparse access (pull/push a subset of rows) is a new entry whose
- * hooks call the sparse API; a consistency mode (BSP/SSP) is a new entry whose
- * describe() sets desc->consistency and staleness. main.c picks the entry
- * from --access; nothing else here changes.
+ * How an op touches the tensor (--access). describe() shapes the tensor of
+ * a size; the hooks do one op; async hooks may be NULL (no async form: the
+ * bw rows are skipped, and so is the torn writer, which pushes async).
+ * only_ops: the ops this access can run (1u << enum wl_op); the others are
+ * skipped with a printed reason.
  */
 struct wl_access {
 	const char *name;
-	void (*describe)(struct rdmaps_tensor_desc *d);
-	int (*pull)(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags);
-	int (*push)(rdmaps_client *c, rdmaps_tensor *t, const float *g, unsigned flags);
+	void (*describe)(const struct wl *wl, uint64_t size, struct rdmaps_tensor_desc *d);
+	int (*pull)(struct wl_worker *w, rdmaps_tensor *t, float *dst, unsigned flags);
+	int (*push)(struct wl_worker *w, rdmaps_tensor *t, const float *g, unsigned flags);
 	int (*pull_async)(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags,
 			  rdmaps_op **op);
 	int (*push_async)(rdmaps_client *c, rdmaps_tensor *t, const float *g, unsigned flags,
 			  rdmaps_op **op);
+	unsigned only_ops;
+	const char *why_not; /* printed for a skipped op */
+	/* BSP/SSP: a worker's pull can wait for the others' pushes, so a phase
+	 * that pushes ends at one clock for all (never with one worker waiting
+	 * for another that stopped: it would be evicted after --evict-ms) */
+	bool lockstep;
 };
+
+/* sparse: rows of WL_ROW_DIM floats; an op of S bytes names S / row bytes
+ * (at least one) distinct random rows of a table WL_ROW_SPREAD times that */
+#define WL_ROW_DIM 32u
+#define WL_ROW_SPREAD 4u
 
 extern const struct wl_access wl_access_modes[];
 
@@ -73,6 +87,9 @@ struct wl {
 	unsigned si, depth;
 	bool quit;
 	atomic_uint pullers_left;
+	_Atomic uint64_t stop_clock; /* lockstep: every worker pushes until this clock */
+	uint64_t *rows[BENCH_MAX_SIZES]; /* sparse: the rows an op names, per size */
+	size_t nrows[BENCH_MAX_SIZES];
 	struct rdmaps_hist merged, pair_raw;
 };
 
