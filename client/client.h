@@ -61,6 +61,7 @@ struct cl_part {
 	uint64_t raddr;
 	uint32_t rkey;
 	uint64_t copy_off;   /* two copies: copy 1 is this far from copy 0; 0: one copy */
+	uint32_t skip;       /* header bytes its READs leave out (chunk.h) */
 	uint64_t index_addr; /* two copies: the server's index, a u64 per chunk */
 };
 

@@ -128,6 +128,8 @@ static int part_from_reply(struct cl_part *p, const struct rdmaps_msg_tensor_rep
 	p->rkey = r->rkey;
 	p->copy_off = r->copy_offset;
 	p->index_addr = r->index_addr;
+	/* ASP in one copy: READ from the checksum on (chunk.h) */
+	p->skip = !p->copy_off && r->cons.mode == RDMAPS_ASP ? RDMAPS_CHUNK_SKIP : 0;
 	return 0;
 }
 

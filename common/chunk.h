@@ -2,12 +2,19 @@
  * chunk.h -- layout of a model chunk in server memory, shared by the server
  * (writer) and the client (one-sided reader). See docs/design.md.
  *
- *   +---------------------------+---------------------------+- - - - - - -+
- *   | header (24 B)             | data: count floats        | pad to 64 B |
- *   | version, checksum, clock, |                           | (not read)  |
- *   | count                     |                           |             |
- *   +---------------------------+---------------------------+- - - - - - -+
- *   \__________ one READ (rdmaps__chunk_read_len) __________/
+ *   +--------------------------------+----------------------+- - - - - - -+
+ *   | header (24 B): clock, count,   | data: count floats   | pad to 64 B |
+ *   | version, checksum              |                      | (not read)  |
+ *   +--------------------------------+----------------------+- - - - - - -+
+ *   \_____ one READ (rdmaps__chunk_read_len): BSP/SSP, two copies ______/
+ *                          \____ a READ from the checksum on ____/
+ *                                 (ASP, one copy: RDMAPS_CHUNK_SKIP)
+ *
+ * An ASP tensor kept in one copy needs no clock (nothing to wait for), no
+ * count (the layout is the catalog's) and no version (the checksum is the
+ * guard, below): its pulls READ the checksum and the data only, 16 B less
+ * on every READ (a 64 B pull READs 72 B). BSP/SSP pulls need the clock and
+ * two-copy pulls the version, so they READ the whole header.
  *
  * Small on purpose: a pull READs the header of every chunk, and for small
  * tensors it is much of the READ (rxe computes its ICRC over every byte in
@@ -23,8 +30,9 @@
  * matches neither fold's checksum (a 64-bit hash: a 2^-64 accident), and an
  * old checksum read with a new body, or the reverse, is refused the same
  * way. The version only makes the common refusal (a fold in progress)
- * cheap. Protocols 1 and 2 also had a trailer version; with the checksum
- * checked on every READ it added nothing but bytes.
+ * cheap; a pull that skips it (ASP, one copy) refuses the same READs by the
+ * checksum alone. Protocols 1 and 2 also had a trailer version; with the
+ * checksum checked on every READ it added nothing but bytes.
  */
 #ifndef RDMAPS_COMMON_CHUNK_H
 #define RDMAPS_COMMON_CHUNK_H
@@ -39,13 +47,16 @@
 #define RDMAPS_CHUNK_HDR 24u
 
 struct rdmaps_chunk_hdr {
-	uint64_t version;  /* even = stable, odd = a fold is writing */
-	uint64_t checksum; /* rdmaps__checksum of the data bytes */
 	uint32_t clock;    /* clock of the last folded update (consistency models) */
 	uint32_t count;    /* floats in this chunk */
+	uint64_t version;  /* even = stable, odd = a fold is writing */
+	uint64_t checksum; /* rdmaps__checksum of the data bytes */
 };
 
 _Static_assert(sizeof(struct rdmaps_chunk_hdr) == RDMAPS_CHUNK_HDR, "chunk header size");
+/* header bytes an ASP one-copy pull does not READ: all before the checksum */
+#define RDMAPS_CHUNK_SKIP 16u
+_Static_assert(offsetof(struct rdmaps_chunk_hdr, checksum) == RDMAPS_CHUNK_SKIP, "skip");
 
 /* Polite busy-wait hint for spin loops. */
 static inline void rdmaps__cpu_relax(void)

@@ -59,9 +59,9 @@ static const struct {
 } tests[] = {
 	[RT_READ] = { "raw-read", RAW_PASSIVE, "= ib_read_lat (full RTT)" },
 	[RT_READ_SPAN] = { "raw-read-span", RAW_PASSIVE,
-			   "a pull's bytes (+24 B header), 1 SGE: a small pull's READ" },
+			   "a pull's bytes (+8 B checksum), 1 SGE: a small ASP pull's READ" },
 	[RT_READ_CHUNK] = { "raw-read-chunk", RAW_PASSIVE,
-			    "+24 B header, 2 SGEs: a big chunk's READ" },
+			    "+8 B checksum, 2 SGEs: a big ASP chunk's READ" },
 	[RT_WRITE_ACK] = { "raw-write-ack", RAW_PASSIVE, "WRITE until the NIC's ack" },
 	[RT_WRITE_IMM_ACK] = { "raw-write-imm-ack", RAW_WRITE_IMM, "WRITE+imm until ack" },
 	[RT_WRITE_SLOT] = { "raw-write-slot", RAW_WRITE_IMM, "a push's WRITE+imm: +64 B, 2 SGEs" },
@@ -112,13 +112,14 @@ static int one_rdma(struct raw_qp *q, enum ibv_wr_opcode op, uint64_t size)
 	return reap_one(q, &wc);
 }
 
-/* The READ librdmaps posts for a chunk over 256 B: header to scratch (here
- * the receive area), the floats to the destination. */
-_Static_assert(RDMAPS_CHUNK_HDR == 24, "the row notes say 24 B");
+/* The READ librdmaps posts for an ASP chunk over 256 B: the checksum to
+ * scratch (here the receive area), the floats to the destination. */
+_Static_assert(RDMAPS_CHUNK_HDR - RDMAPS_CHUNK_SKIP == 8, "the row notes say 8 B");
 static int one_read_chunk(struct raw_qp *q, uint64_t size)
 {
 	struct ibv_sge sge[2] = {
-		{ .addr = (uintptr_t)q->rbuf, .length = RDMAPS_CHUNK_HDR, .lkey = q->mr->lkey },
+		{ .addr = (uintptr_t)q->rbuf, .length = RDMAPS_CHUNK_HDR - RDMAPS_CHUNK_SKIP,
+		  .lkey = q->mr->lkey },
 		{ .addr = (uintptr_t)q->buf, .length = (uint32_t)size, .lkey = q->mr->lkey },
 	};
 	struct ibv_wc wc;
@@ -204,7 +205,8 @@ static int one_op(struct raw_qp *q, enum raw_test t, uint64_t size, uint8_t *cnt
 	switch (t) {
 	case RT_READ: return one_rdma(q, IBV_WR_RDMA_READ, size);
 	case RT_READ_SPAN:
-		return one_rdma(q, IBV_WR_RDMA_READ, rdmaps__chunk_read_len((uint32_t)(size / 4)));
+		return one_rdma(q, IBV_WR_RDMA_READ,
+				rdmaps__chunk_read_len((uint32_t)(size / 4)) - RDMAPS_CHUNK_SKIP);
 	case RT_READ_CHUNK: return one_read_chunk(q, size);
 	case RT_WRITE_SLOT: return one_write_slot(q, size);
 	case RT_WRITE_ACK: return one_rdma(q, IBV_WR_RDMA_WRITE, size);
