@@ -202,6 +202,22 @@ Test(consistency, ssp_never_breaks_its_bound, .fini = stop_server, .timeout = 60
 	cr_assert_gt(a[0].stale + a[1].stale, 0, "the bound must actually have held someone back");
 }
 
+/* Two workers, both members of a two-member BSP tensor; g all -1. */
+static void bsp_pair(const char *name, rdmaps_client **a, rdmaps_client **b, rdmaps_tensor **ta,
+		     rdmaps_tensor **tb, float *g)
+{
+	int rc;
+
+	*a = th_connect(&srv);
+	*b = th_connect(&srv);
+	*ta = declare(*a, name, LEN, RDMAPS_BSP, 0, 2, 0, &rc);
+	cr_assert_eq(rc, 0);
+	*tb = declare(*b, name, LEN, RDMAPS_BSP, 0, 2, 0, &rc);
+	cr_assert_eq(rc, 0);
+	for (int i = 0; i < LEN; i++)
+		g[i] = -1.0f;
+}
+
 /* One clock at a time: a second BSP push before the pull of its clock would
  * land in the previous clock's aggregate. The library refuses it, and
  * changes nothing. (The server's own check: unit test clock.*.) */
@@ -210,17 +226,9 @@ Test(consistency, bsp_second_push_before_its_pull_is_refused, .fini = stop_serve
 	rdmaps_client *a, *b;
 	rdmaps_tensor *ta, *tb;
 	static float v[LEN], g[LEN];
-	int rc;
 
 	th_server_start(&srv, "--chunk-elems", "1024", NULL);
-	a = th_connect(&srv);
-	b = th_connect(&srv);
-	ta = declare(a, "once", LEN, RDMAPS_BSP, 0, 2, 0, &rc);
-	cr_assert_eq(rc, 0);
-	tb = declare(b, "once", LEN, RDMAPS_BSP, 0, 2, 0, &rc);
-	cr_assert_eq(rc, 0);
-	for (int i = 0; i < LEN; i++)
-		g[i] = -1.0f;
+	bsp_pair("once", &a, &b, &ta, &tb, g);
 	cr_assert_eq(rdmaps_push(a, ta, g, 0), 0, "a: clock 0");
 	cr_assert_eq(rdmaps_push(a, ta, g, 0), RDMAPS_EINVAL, "a: clock 1 before its pull");
 	cr_assert_eq(rdmaps_tensor_clock(ta), 1, "the refused push took no clock");
@@ -292,17 +300,9 @@ Test(consistency, stalled_member_is_evicted_and_reported, .fini = stop_server, .
 	rdmaps_tensor *ta, *tb;
 	static float v[LEN], g[LEN];
 	struct rdmaps_server_stats st;
-	int rc;
 
 	th_server_start(&srv, "--chunk-elems", "1024", "--evict-ms", "1500", NULL);
-	a = th_connect(&srv);
-	b = th_connect(&srv);
-	ta = declare(a, "evict", LEN, RDMAPS_BSP, 0, 2, 0, &rc);
-	cr_assert_eq(rc, 0);
-	tb = declare(b, "evict", LEN, RDMAPS_BSP, 0, 2, 0, &rc);
-	cr_assert_eq(rc, 0);
-	for (int i = 0; i < LEN; i++)
-		g[i] = -1.0f;
+	bsp_pair("evict", &a, &b, &ta, &tb, g);
 	/* a does clock 0; b never pushes: a's pull at clock 1 waits, then b is evicted */
 	cr_assert_eq(rdmaps_pull(a, ta, v, 0), 0);
 	cr_assert_eq(rdmaps_push(a, ta, g, 0), 0);
