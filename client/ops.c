@@ -151,6 +151,19 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 	return 0;
 }
 
+/* A free READ slot of k, set up for chunk `local` of part p of op, landing
+ * dst_off floats into op's buffer; one copy unless the caller says which. */
+static uint32_t rs_take(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t local,
+			uint64_t dst_off)
+{
+	uint32_t s = k->rs_free[--k->nrs_free];
+
+	k->rs[s] = (struct read_slot){ .op = op_index(op), .part = p, .local = local,
+				       .dst_off = dst_off, .scratch = k->rs[s].scratch,
+				       .bounce = k->rs[s].bounce };
+	return s;
+}
+
 /* Post what part p of op may post now on its server; < 0 on failure. */
 static int op_post_part(rdmaps_op *op, uint32_t p)
 {
@@ -176,17 +189,15 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 					break;
 				rc = 0;
 			}
-			uint32_t s = k->rs_free[--k->nrs_free];
-			k->rs[s].op = op_index(op);
-			k->rs[s].part = p;
-			k->rs[s].local = op->next[p];
-			k->rs[s].dst_off = (uint64_t)(pt->first + op->next[p]) * op->t->chunk_elems;
-			k->rs[s].tries = 0;
-			/* the copy the index names (bit 1), and no older than it */
-			k->rs[s].copy = (uint32_t)(word >> 1) & 1u;
-			k->rs[s].want = word & ~1ull;
-			k->rs[s].win = w ? (uint32_t)w - 1 : 0;
-			k->rs[s].verify = pt->copy_off && k->win[k->rs[s].win].verify;
+			uint32_t s = rs_take(k, op, p, op->next[p],
+					     (uint64_t)(pt->first + op->next[p]) * op->t->chunk_elems);
+			if (w) {
+				/* the copy the index names (bit 1), and no older than it */
+				k->rs[s].copy = (uint32_t)(word >> 1) & 1u;
+				k->rs[s].want = word & ~1ull;
+				k->rs[s].win = (uint32_t)w - 1;
+				k->rs[s].verify = k->win[w - 1].verify;
+			}
 			if ((rc = post_read(k, op, s))) {
 				k->rs_free[k->nrs_free++] = s;
 				break;
@@ -239,15 +250,9 @@ static int rows_post_pull(rdmaps_op *op)
 
 		if (!k->nrs_free || k->sq_outstanding >= CL_SQ_DEPTH)
 			return 0; /* that server is busy: go on when slots return */
-		uint32_t s = k->rs_free[--k->nrs_free];
-		k->rs[s].op = op_index(op);
-		k->rs[s].part = p;
-		k->rs[s].local = (uint32_t)(r - t->part[p].first);
-		k->rs[s].dst_off = (uint64_t)op->row_next * t->chunk_elems;
-		k->rs[s].tries = 0;
-		k->rs[s].copy = 0; /* sparse tables keep one copy */
-		k->rs[s].want = 0;
-		k->rs[s].verify = false;
+		/* sparse tables keep one copy */
+		uint32_t s = rs_take(k, op, p, (uint32_t)(r - t->part[p].first),
+				     (uint64_t)op->row_next * t->chunk_elems);
 		if ((rc = post_read(k, op, s))) {
 			k->rs_free[k->nrs_free++] = s;
 			cl_fail(k, rc, "ibv_post_send failed");
@@ -613,8 +618,8 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 	if (kind == OP_PUSH && !assign && t->cons.mode == RDMAPS_BSP && t->bsp_pushed) {
 		/* the server aggregates one clock at a time: a second push before
 		 * the pull that sees the first clock complete would land in it */
-		log_error("tensor '%s': BSP push at clock %llu before a pull of clock %llu", t->name,
-			  (unsigned long long)t->clock, (unsigned long long)t->clock);
+		log_error("tensor '%s': BSP push of clock %llu refused: pull first (one push per "
+			  "clock)", t->name, (unsigned long long)t->clock);
 		return RDMAPS_EINVAL;
 	}
 	bytes = (size_t)t->length * sizeof(float);

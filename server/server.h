@@ -69,10 +69,9 @@ struct srv_tensor {
 	 * readers are not pointed at, then flips index[i]; a READ is torn only
 	 * when two folds of its chunk land inside it. copy 1 starts copy_off
 	 * bytes after copy 0. index[i] = 2 * folds of chunk i, + 1 while one is
-	 * being written; copy (index[i] >> 1) & 1 is current. One copy: 1,
+	 * being written; copy (index[i] >> 1) & 1 is current. One copy:
 	 * copy_off 0, index NULL, and the chunk header's version is the seqlock.
 	 */
-	uint32_t copies;
 	size_t copy_off;
 	uint64_t *index;
 	float *state;    /* optimizer state, never registered */
@@ -224,7 +223,7 @@ static inline uint8_t *srv_chunk_copy(const struct srv_tensor *t, uint32_t i, un
  * Stable while folds are paused or the caller holds the chunk. */
 static inline uint8_t *srv_chunk(const struct srv_tensor *t, uint32_t i)
 {
-	if (t->copies == 2)
+	if (t->index)
 		return srv_chunk_copy(t, i,
 				      (unsigned)(__atomic_load_n(&t->index[i], __ATOMIC_ACQUIRE) >> 1) & 1u);
 	return srv_chunk_copy(t, i, 0);
@@ -232,7 +231,7 @@ static inline uint8_t *srv_chunk(const struct srv_tensor *t, uint32_t i)
 /* Chunk i's version: 2 x its folds, odd while one is being written. */
 static inline uint64_t srv_chunk_version(const struct srv_tensor *t, uint32_t i)
 {
-	if (t->copies == 2)
+	if (t->index)
 		return __atomic_load_n(&t->index[i], __ATOMIC_ACQUIRE);
 	return __atomic_load_n(&((const struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, 0))->version,
 			       __ATOMIC_ACQUIRE);

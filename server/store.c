@@ -93,7 +93,7 @@ static void chunk_init(struct srv_tensor *t, uint32_t i, float value)
 	h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
 	/* a tensor waiting for its creator's values reads as "being written" */
 	h->version = atomic_load(&t->state_flag) == TENSOR_READY ? 0 : 1;
-	if (t->copies == 2) {
+	if (t->index) {
 		/* copy 1 holds nothing yet: odd, so a reader sent there retries */
 		struct rdmaps_chunk_hdr *h1 = (struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, 1);
 		h1->count = count;
@@ -125,9 +125,7 @@ static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
 	t->mem_len = (size_t)(t->nchunks - 1) * t->stride +
 		     rdmaps__chunk_read_len(rdmaps__chunk_count(t->length, t->chunk_elems,
 								 t->nchunks - 1));
-	t->copies = 1;
 	if (wants_two_copies(s, m)) {
-		t->copies = 2;
 		t->copy_off = rdmaps__round_up(t->mem_len, RDMAPS_CHUNK_ALIGN);
 		t->mem_len = 2 * t->copy_off + (size_t)t->nchunks * sizeof(uint64_t);
 	}
@@ -158,7 +156,7 @@ static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
 		return RDMAPS_ENOMEM;
 	}
 	memset(t->mem, 0, t->mem_len);
-	if (t->copies == 2)
+	if (t->copy_off)
 		t->index = (uint64_t *)(t->mem + 2 * t->copy_off);
 	for (uint32_t i = 0; i < t->nchunks; i++)
 		chunk_init(t, i, m->init_value);
@@ -346,7 +344,7 @@ void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, ui
 		h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
 		return;
 	}
-	if (t->copies == 2) {
+	if (t->index) {
 		chunk_apply_two(t, chunk, grad, count);
 		return;
 	}

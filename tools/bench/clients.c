@@ -32,23 +32,27 @@ static void ssp_describe(const struct wl *wl, uint64_t size, struct rdmaps_tenso
 {
 	dense_describe(wl, size, d);
 	d->consistency = RDMAPS_SSP;
-	d->staleness = 2;
+	d->staleness = WL_SSP_STALENESS;
 	d->workers = wl->o->workers;
 }
 
-static size_t rows_per_op(uint64_t size)
+size_t wl_rows_per_op(uint64_t size)
 {
 	size_t n = size / (WL_ROW_DIM * sizeof(float));
 	return n ? n : 1;
 }
 
+size_t wl_rows_table(uint64_t size)
+{
+	size_t table = wl_rows_per_op(size) * WL_ROW_SPREAD;
+	return table < WL_ROW_MIN_TABLE ? WL_ROW_MIN_TABLE : table;
+}
+
 static void sparse_describe(const struct wl *wl, uint64_t size, struct rdmaps_tensor_desc *d)
 {
-	size_t table = rows_per_op(size) * WL_ROW_SPREAD;
-
 	dense_describe(wl, size, d);
 	d->row_dim = WL_ROW_DIM;
-	d->length = (table < 64 ? 64 : table) * WL_ROW_DIM;
+	d->length = wl_rows_table(size) * WL_ROW_DIM;
 }
 
 static int dense_pull(struct wl_worker *w, rdmaps_tensor *t, float *dst, unsigned flags)
@@ -102,11 +106,8 @@ static int rows_init(struct wl *wl)
 	uint64_t seed = 0x9e3779b97f4a7c15ull;
 
 	for (unsigned i = 0; i < o->nsizes; i++) {
-		size_t n = rows_per_op(o->sizes[i]), table = n * WL_ROW_SPREAD;
-		uint64_t *perm;
-		if (table < 64)
-			table = 64;
-		perm = malloc(table * sizeof(*perm));
+		size_t n = wl_rows_per_op(o->sizes[i]), table = wl_rows_table(o->sizes[i]);
+		uint64_t *perm = malloc(table * sizeof(*perm));
 		if (!perm)
 			return RDMAPS_ENOMEM;
 		for (size_t r = 0; r < table; r++)

@@ -263,7 +263,8 @@ static int fold_size(const struct bench_opts *o, uint64_t bytes)
 		passes = timed_passes(o, &f, REF_TRIAD, opt, FP_CHECK | FP_CKSUM, &h, &best, &median);
 		add_row("fold-sgd+check+xxh3", bytes, passes, best, median, traffic, pbase,
 			"what server/fold.c does per slot: sum-of-squares check, apply, checksum");
-		/* same STREAM bytes: the chunk copied in stays in cache for the apply */
+		/* the copy source is one more stream (STREAM counting unchanged):
+		 * what two copies cost the fold thread */
 		passes = timed_passes(o, &f, REF_TRIAD, opt, FP_COPY | FP_CKSUM, &h, &best, &median);
 		add_row("fold-sgd-2copies+xxh3", bytes, passes, best, median, traffic, pbase,
 			"two copies (server/store.c): copy the current copy in, apply, checksum");

@@ -76,14 +76,15 @@ static int warm_up(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t)
 
 /* BSP/SSP phases that push end at one clock for every worker: the first
  * to finish names it (its clock plus the SSP bound and one: nobody is that
- * far ahead), the others push until they reach it. */
+ * far ahead; BSP members are within one), the others push until they reach
+ * it. */
 static bool lockstep_more(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t)
 {
 	uint64_t mine = rdmaps_tensor_clock(t), stop = 0;
 
 	if (!w->wl->acc->lockstep || !wl_is_push(op))
 		return false;
-	atomic_compare_exchange_strong(&w->wl->stop_clock, &stop, mine + 3);
+	atomic_compare_exchange_strong(&w->wl->stop_clock, &stop, mine + WL_SSP_STALENESS + 1);
 	return mine < atomic_load(&w->wl->stop_clock);
 }
 
@@ -354,7 +355,7 @@ static int phase(struct wl *wl, unsigned part, enum wl_op op, unsigned si, unsig
 	if (o->access == ACCESS_SPARSE) { /* what the op really moves: its rows */
 		size = (uint64_t)wl->nrows[si] * WL_ROW_DIM * sizeof(float);
 		snprintf(r.note, sizeof(r.note), "%zu rows of %zu B, table of %zu", wl->nrows[si],
-			 WL_ROW_DIM * sizeof(float), wl->nrows[si] * WL_ROW_SPREAD);
+			 WL_ROW_DIM * sizeof(float), wl_rows_table(o->sizes[si]));
 	} else if (o->access != ACCESS_DENSE) {
 		snprintf(r.note, sizeof(r.note), "%s tensor, %u member(s)", wl->acc->name, o->workers);
 	}

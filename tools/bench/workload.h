@@ -53,9 +53,15 @@ struct wl_access {
 };
 
 /* sparse: rows of WL_ROW_DIM floats; an op of S bytes names S / row bytes
- * (at least one) distinct random rows of a table WL_ROW_SPREAD times that */
+ * (at least one) distinct random rows of a table WL_ROW_SPREAD times that,
+ * WL_ROW_MIN_TABLE rows at least */
 #define WL_ROW_DIM 32u
 #define WL_ROW_SPREAD 4u
+#define WL_ROW_MIN_TABLE 64u
+size_t wl_rows_per_op(uint64_t size);
+size_t wl_rows_table(uint64_t size);
+/* ssp: the staleness bound of its tensors */
+#define WL_SSP_STALENESS 2u
 
 extern const struct wl_access wl_access_modes[];
 
