@@ -29,6 +29,9 @@
  * per SGE, so scattering costs more than copying ~200 B), a big one's
  * header */
 #define CL_SCRATCH 256u
+/* room before each scratch: a READ that spans chunks lands the pad between
+ * one chunk's floats and the next chunk's header there (< RDMAPS_CHUNK_ALIGN) */
+#define CL_SCRATCH_LEAD 64u
 #define CL_INLINE 256u     /* inline data asked of the QP (small pushes) */
 _Static_assert(CL_SCRATCH >= RDMAPS_CHUNK_HDR, "read scratch too small");
 #define CL_MAX_TRIES 100000u /* re-reads of one chunk before RDMAPS_ETORN */
@@ -109,15 +112,18 @@ struct rdmaps_op {
 	uint32_t pslots[RDMAPS_MAX_SERVERS];    /* push: slots staged for part p */
 };
 
+#define CL_RS_NONE UINT32_MAX
 struct read_slot {
 	uint32_t op, part, local, tries;
+	uint32_t next;        /* the next chunk's slot in the same READ, or CL_RS_NONE */
 	uint32_t copy;        /* two copies: which one this READ targets */
 	uint32_t win;         /* two copies: the index window it belongs to */
 	uint64_t want;        /* two copies: the version the index promised, at least */
 	bool verify;          /* two copies: checksum this READ now (a retry, or a
 			       * window that failed validation), not at window end */
 	uint64_t dst_off;     /* float offset in the op's buffer */
-	uint8_t *scratch;     /* CL_SCRATCH bytes in the control region */
+	uint8_t *scratch;     /* CL_SCRATCH bytes in the control region, after
+			       * CL_SCRATCH_LEAD bytes of its own */
 	float *bounce;        /* chunk_elems floats in the data region */
 };
 
@@ -166,6 +172,7 @@ struct cl_conn {
 
 	uint32_t sq_outstanding;
 	uint32_t max_inline;    /* inline data the QP takes: small pushes go inline */
+	uint32_t read_span;     /* chunks one pull READ may cover (rdmaps__read_span) */
 	uint64_t next_seq;      /* seq of the next staged slot */
 	uint32_t push_owner;    /* op index + 1 posting a push group here, or 0 */
 	uint32_t dropped_seen;

@@ -19,7 +19,8 @@
 #define CTL_RECV_OFF RDMAPS_MSG_MAX
 #define CTL_HDR_OFF ((size_t)CTL_RECV_OFF + (size_t)CL_RECVS * RDMAPS_MSG_MAX)
 #define CTL_SCRATCH_OFF (CTL_HDR_OFF + (size_t)CL_MAX_SLOTS * RDMAPS_SLOT_HDR)
-#define CTL_INDEX_OFF (CTL_SCRATCH_OFF + (size_t)CL_READ_SLOTS * CL_SCRATCH)
+#define CTL_SCRATCH_STRIDE ((size_t)CL_SCRATCH_LEAD + CL_SCRATCH)
+#define CTL_INDEX_OFF (CTL_SCRATCH_OFF + (size_t)CL_READ_SLOTS * CTL_SCRATCH_STRIDE)
 #define CTL_LEN (CTL_INDEX_OFF + 2 * (size_t)CL_WINDOWS * CL_INDEX_WORDS * sizeof(uint64_t))
 _Static_assert(CTL_INDEX_OFF % sizeof(uint64_t) == 0, "index area alignment");
 
@@ -223,7 +224,10 @@ static int build(struct cl_conn *k)
 	qa.qp_type = IBV_QPT_RC;
 	qa.cap.max_send_wr = CL_SQ_DEPTH;
 	qa.cap.max_recv_wr = CL_RECVS;
-	qa.cap.max_send_sge = 2; /* chunk header | floats (READ); slot header | floats (WRITE) */
+	/* a READ: chunk header | floats, per chunk it spans; a WRITE: slot
+	 * header | floats */
+	k->read_span = rdmaps__read_span(k->id->verbs);
+	qa.cap.max_send_sge = 2 * k->read_span;
 	qa.cap.max_recv_sge = 1;
 	/* small pushes go inline: the provider copies header and floats into
 	 * the work request, so no bounce copy and no per-SGE memory lookup */
@@ -316,7 +320,8 @@ static int carve(struct cl_conn *k)
 	if ((rc = rdmaps__reg_mr(k->pd, k->data, len, IBV_ACCESS_LOCAL_WRITE, &k->data_mr)))
 		return rc;
 	for (uint32_t i = 0; i < CL_READ_SLOTS; i++) {
-		k->rs[i].scratch = k->ctl + CTL_SCRATCH_OFF + (size_t)i * CL_SCRATCH;
+		k->rs[i].scratch = k->ctl + CTL_SCRATCH_OFF + (size_t)i * CTL_SCRATCH_STRIDE +
+				   CL_SCRATCH_LEAD;
 		k->rs[i].bounce = (float *)(k->data + (k->slots + i) * chunk);
 		k->rs_free[i] = CL_READ_SLOTS - 1 - i;
 	}

@@ -1,9 +1,9 @@
 /*
  * ops.c -- pull and push over every server holding a part of the tensor.
  *
- * A pull posts one RDMA READ per chunk, scattering the header into scratch
- * and the floats straight into the caller's buffer, then checks each chunk
- * and re-reads the torn ones. A tensor kept in two copies first READs the
+ * A pull posts one RDMA READ per run of up to read_span consecutive chunks,
+ * scattering each header into scratch and the floats straight into the
+ * caller's buffer, then checks each chunk and re-reads the torn ones alone. A tensor kept in two copies first READs the
  * index words of its chunks (CL_INDEX_WORDS at a time), each naming the
  * copy no fold is writing (docs/design.md). A push writes one staging slot per chunk
  * with WRITE-with-immediate, header and payload gathered from two SGEs,
@@ -46,47 +46,65 @@ static uint32_t op_index(const rdmaps_op *op)
 	return (uint32_t)(op - op->c->ops);
 }
 
-static int post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
+/*
+ * One READ for the chunks of slots s[0..n) (consecutive chunks of one part,
+ * from the same copy; n <= k->read_span, and n == 1 for a small chunk).
+ * Each chunk's header goes to its slot's scratch and its floats straight to
+ * the caller (or its bounce). Between two chunks the READ also brings the
+ * pad after the first one's floats: it lands in the second's scratch lead.
+ */
+static int post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n)
 {
-	struct read_slot *rs = &k->rs[s];
 	rdmaps_tensor *t = op->t;
-	const struct cl_part *pt = &t->part[rs->part];
-	uint32_t chunk = pt->first + rs->local;
-	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
-	float *dst = op->buf + rs->dst_off;
-	size_t len = rdmaps__chunk_read_len(count);
-	/* header (what of it this tensor reads) to scratch, at its own offset
-	 * so the struct view holds; floats straight to the caller (or the
-	 * bounce) */
-	struct ibv_sge sge[2] = {
-		{ .addr = (uintptr_t)rs->scratch + pt->skip, .length = RDMAPS_CHUNK_HDR - pt->skip,
-		  .lkey = k->ctl_mr->lkey },
-		{ .addr = op->mr ? (uintptr_t)dst : (uintptr_t)rs->bounce,
-		  .length = count * (uint32_t)sizeof(float),
-		  .lkey = op->mr ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey },
-	};
+	const struct read_slot *rs0 = &k->rs[s[0]];
+	const struct cl_part *pt = &t->part[rs0->part];
+	struct ibv_sge sge[2 * RDMAPS_READ_SPAN];
 	struct ibv_send_wr wr = {
-		.wr_id = WR_ID(WR_READ, k->idx, s),
+		.wr_id = WR_ID(WR_READ, k->idx, s[0]),
 		.sg_list = sge,
-		.num_sge = 2,
+		.num_sge = (int)(2 * n),
 		.opcode = IBV_WR_RDMA_READ,
 		.send_flags = IBV_SEND_SIGNALED,
-		.wr.rdma = { .remote_addr = pt->raddr + rs->copy * pt->copy_off +
-					    (uint64_t)rs->local * t->stride + pt->skip,
+		.wr.rdma = { .remote_addr = pt->raddr + rs0->copy * pt->copy_off +
+					    (uint64_t)rs0->local * t->stride + pt->skip,
 			     .rkey = pt->rkey },
 	}, *bad;
+	uint32_t pad = 0; /* bytes between the last chunk's floats and this header */
 	int rc;
 
-	if (len <= CL_SCRATCH) {
-		/* small: the whole READ into scratch, one SGE; read_done copies */
-		sge[0].length = (uint32_t)(len - pt->skip);
+	for (uint32_t i = 0; i < n; i++) {
+		struct read_slot *rs = &k->rs[s[i]];
+		uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
+		uint32_t from = i ? 0 : pt->skip; /* header bytes this chunk's READ leaves out */
+
+		sge[2 * i] = (struct ibv_sge){ .addr = (uintptr_t)rs->scratch + from - pad,
+					       .length = pad + RDMAPS_CHUNK_HDR - from,
+					       .lkey = k->ctl_mr->lkey };
+		sge[2 * i + 1] = (struct ibv_sge){
+			.addr = op->mr ? (uintptr_t)(op->buf + rs->dst_off) : (uintptr_t)rs->bounce,
+			.length = count * (uint32_t)sizeof(float),
+			.lkey = op->mr ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey,
+		};
+		rs->next = i + 1 < n ? s[i + 1] : CL_RS_NONE;
+		pad = (uint32_t)(t->stride - rdmaps__chunk_read_len(count));
+	}
+	if (rdmaps__chunk_read_len(sge[1].length / sizeof(float)) <= CL_SCRATCH) {
+		/* small (then alone): the whole READ into scratch, one SGE;
+		 * read_done copies */
+		sge[0].length += sge[1].length;
 		wr.num_sge = 1;
 	}
 	rc = ibv_post_send(k->qp, &wr, &bad);
 	if (rc)
 		return rdmaps__from_errno(rc);
 	k->sq_outstanding++;
+	op->c->stats.reads++;
 	return 0;
+}
+
+static int post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
+{
+	return post_reads(k, op, &s, 1);
 }
 
 static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t local)
@@ -159,9 +177,37 @@ static uint32_t rs_take(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t l
 	uint32_t s = k->rs_free[--k->nrs_free];
 
 	k->rs[s] = (struct read_slot){ .op = op_index(op), .part = p, .local = local,
-				       .dst_off = dst_off, .scratch = k->rs[s].scratch,
+				       .next = CL_RS_NONE, .dst_off = dst_off,
+				       .scratch = k->rs[s].scratch,
 				       .bounce = k->rs[s].bounce };
 	return s;
+}
+
+/* Post the READ gathered in b (op_post_part); on failure nothing of it
+ * counts as posted. */
+struct read_batch {
+	uint32_t s[RDMAPS_READ_SPAN];
+	uint32_t n;
+};
+
+static int batch_post(struct cl_conn *k, rdmaps_op *op, uint32_t p, struct read_batch *b)
+{
+	int rc = 0;
+
+	if (!b->n)
+		return 0;
+	if ((rc = post_reads(k, op, b->s, b->n))) {
+		for (uint32_t i = 0; i < b->n; i++)
+			k->rs_free[k->nrs_free++] = b->s[i];
+		op->next[p] -= b->n;
+		op->unposted += b->n;
+		op->inflight -= b->n;
+	} else if (op->t->part[p].copy_off) {
+		for (uint32_t i = 0; i < b->n; i++)
+			cl_ix_posted(k, op, b->s[i]);
+	}
+	b->n = 0;
+	return rc;
 }
 
 /* Post what part p of op may post now on its server; < 0 on failure. */
@@ -170,6 +216,7 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 	const struct cl_part *pt = &op->t->part[p];
 	struct cl_conn *k = &op->c->conn[pt->conn];
 	uint32_t me = op_index(op) + 1;
+	struct read_batch b = { .n = 0 };
 	int rc = 0;
 
 	if (op->kind == OP_PUSH) {
@@ -178,7 +225,8 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 			return 0;
 		k->push_owner = me;
 	}
-	while (op->next[p] < pt->nchunks && k->sq_outstanding < CL_SQ_DEPTH) {
+	/* the batch being gathered holds a send queue entry of its own */
+	while (op->next[p] < pt->nchunks && k->sq_outstanding + (b.n > 0) < CL_SQ_DEPTH) {
 		if (op->kind == OP_PULL) {
 			uint64_t word = 0;
 			if (!k->nrs_free)
@@ -189,21 +237,35 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 					break;
 				rc = 0;
 			}
+			uint32_t chunk = pt->first + op->next[p];
+			bool small = rdmaps__chunk_read_len(rdmaps__chunk_count(
+					     op->t->length, op->t->chunk_elems, chunk)) <= CL_SCRATCH;
+			uint32_t copy = (uint32_t)(word >> 1) & 1u;
+			/* big consecutive chunks of one copy and window share a READ:
+			 * rxe pays per READ about what 4 KiB of data costs */
+			if (b.n && (small || b.n == k->read_span || k->rs[b.s[0]].copy != copy ||
+				    (w && k->rs[b.s[0]].win != (uint32_t)w - 1u))) {
+				if ((rc = batch_post(k, op, p, &b)))
+					break;
+				if (k->sq_outstanding >= CL_SQ_DEPTH)
+					break;
+			}
 			uint32_t s = rs_take(k, op, p, op->next[p],
-					     (uint64_t)(pt->first + op->next[p]) * op->t->chunk_elems);
+					     (uint64_t)chunk * op->t->chunk_elems);
 			if (w) {
 				/* the copy the index names (bit 1), and no older than it */
-				k->rs[s].copy = (uint32_t)(word >> 1) & 1u;
+				k->rs[s].copy = copy;
 				k->rs[s].want = word & ~1ull;
 				k->rs[s].win = (uint32_t)w - 1;
 				k->rs[s].verify = k->win[w - 1].verify;
 			}
-			if ((rc = post_read(k, op, s))) {
-				k->rs_free[k->nrs_free++] = s;
+			b.s[b.n++] = s;
+			op->next[p]++;
+			op->unposted--;
+			op->inflight++;
+			if (small && (rc = batch_post(k, op, p, &b)))
 				break;
-			}
-			if (pt->copy_off)
-				cl_ix_posted(k, op, s);
+			continue;
 		} else {
 			/* a slot is free once the server consumed its previous seq */
 			if (k->next_seq >= cl_folded_seq(k) + k->slots)
@@ -215,6 +277,8 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 		op->unposted--;
 		op->inflight++;
 	}
+	if (!rc)
+		rc = batch_post(k, op, p, &b);
 	if (op->kind == OP_PUSH && op->next[p] == pt->nchunks)
 		k->push_owner = 0;
 	if (rc)
@@ -463,10 +527,13 @@ static void conn_poll(struct cl_conn *k)
 									 : RDMAPS_EDISCONNECTED,
 				ibv_wc_status_str(wc[i].status));
 			if (kind == WR_READ) {
-				rdmaps_op *op = &k->c->ops[k->rs[idx].op];
-				op->inflight--;
-				op_finish(op, err);
-				k->rs_free[k->nrs_free++] = idx;
+				for (uint32_t s = idx, nx; s != CL_RS_NONE; s = nx) {
+					rdmaps_op *op = &k->c->ops[k->rs[s].op];
+					nx = k->rs[s].next;
+					op->inflight--;
+					op_finish(op, err);
+					k->rs_free[k->nrs_free++] = s;
+				}
 			} else if (kind == WR_PUSH) {
 				k->c->ops[idx].inflight--;
 				op_finish(&k->c->ops[idx], err);
@@ -474,8 +541,12 @@ static void conn_poll(struct cl_conn *k)
 			continue;
 		}
 		switch (kind) {
-		case WR_READ:
-			read_done(k, idx);
+		case WR_READ: /* every chunk the READ spans; a retry reads one */
+			for (uint32_t s = idx, nx; s != CL_RS_NONE; s = nx) {
+				nx = k->rs[s].next;
+				k->rs[s].next = CL_RS_NONE;
+				read_done(k, s);
+			}
 			break;
 		case WR_PUSH: /* one slot: a chunk, or a batch of rows */
 			k->c->ops[idx].inflight--;

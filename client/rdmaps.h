@@ -299,6 +299,8 @@ struct rdmaps_client_stats {
 	uint64_t stale_retries; /* chunk re-reads waiting for a BSP/SSP clock */
 	uint64_t reconnects;    /* connections re-established after a failure */
 	uint64_t lost_pushes;   /* staged slots not known to be folded when a link broke */
+	uint64_t reads;         /* pull READs posted: one spans up to 8 consecutive
+				 * chunks of a server, index READs not counted */
 };
 
 struct rdmaps_server_stats {

@@ -114,6 +114,21 @@ int rdmaps__cm_wait(struct rdma_event_channel *ch, enum rdma_cm_event_type want,
 	return rc;
 }
 
+unsigned rdmaps__read_span(struct ibv_context *v)
+{
+	struct ibv_device_attr da;
+	unsigned sge;
+
+	if (ibv_query_device(v, &da))
+		return 1;
+	/* max_sge_rd is 0 on providers that do not tell it apart from max_sge */
+	sge = (unsigned)da.max_sge;
+	if (da.max_sge_rd > 0 && (unsigned)da.max_sge_rd < sge)
+		sge = (unsigned)da.max_sge_rd;
+	sge /= 2;
+	return sge < 1 ? 1 : sge > RDMAPS_READ_SPAN ? RDMAPS_READ_SPAN : sge;
+}
+
 int rdmaps__wc_err(const struct ibv_wc *wc)
 {
 	switch (wc->status) {

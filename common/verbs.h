@@ -47,6 +47,15 @@ int rdmaps__cm_wait(struct rdma_event_channel *ch, enum rdma_cm_event_type want,
 /* "RDMA_CM_EVENT_x" text for logs. */
 const char *rdmaps__cm_event_str(enum rdma_cm_event_type t);
 
+/*
+ * Chunks one pull READ may cover on device v (at least 1, at most
+ * RDMAPS_READ_SPAN): each chunk takes two scatter entries (its header to
+ * scratch, its floats to the caller), so the device's READ scatter limit
+ * bounds it. A QP that pulls asks for 2 x this many send SGEs.
+ */
+#define RDMAPS_READ_SPAN 8u
+unsigned rdmaps__read_span(struct ibv_context *v);
+
 /* Convert a failed work completion into an rdmaps_err. */
 int rdmaps__wc_err(const struct ibv_wc *wc);
 

@@ -1,7 +1,8 @@
 /*
  * The data path end to end against a real rdmaps-server: exact folds from
- * several workers, no torn pull under concurrent folds, all-or-nothing pushes
- * when a worker is killed mid-push, idempotent declarations.
+ * several workers, no torn pull under concurrent folds, READs that span
+ * chunks, all-or-nothing pushes when a worker is killed mid-push,
+ * idempotent declarations.
  */
 #include <criterion/criterion.h>
 #include <pthread.h>
@@ -14,6 +15,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "verbs.h" /* RDMAPS_READ_SPAN */
 
 static struct th_server srv;
 
@@ -212,6 +214,64 @@ Test(datapath, pulls_never_see_a_torn_chunk, .fini = stop_server, .timeout = 600
 Test(datapath, pulls_never_see_a_torn_chunk_two_copies, .fini = stop_server, .timeout = 600)
 {
 	torn_race("4096");
+}
+
+/* ---- READs that span chunks ------------------------------------------- */
+
+#define SPAN_CHUNKS 21u /* 20 full chunks of 1024 floats and a partial one */
+#define SPAN_LEN (20u * 1024u + 100u)
+
+/* Every float distinct across chunk boundaries, so a READ that put one
+ * chunk's pad or header into the floats (or shifted them) is caught. */
+static float span_value(uint64_t i)
+{
+	return (float)(i % 4093u + 1u);
+}
+
+static void span_case(const char *two_copies_from)
+{
+	static float g[SPAN_LEN], v[SPAN_LEN], u[SPAN_LEN];
+	struct rdmaps_client_stats s0, s1;
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+	rdmaps_mr *mr;
+
+	th_server_start(&srv, "--chunk-elems", "1024", "--two-copies-from", two_copies_from, NULL);
+	c = th_connect(&srv);
+	t = th_declare(c, "span", SPAN_LEN, 0.0f, 1.0f);
+	for (uint64_t i = 0; i < SPAN_LEN; i++)
+		g[i] = -span_value(i);
+	cr_assert_eq(rdmaps_push(c, t, g, RDMAPS_PUSH_FOLDED), 0);
+	cr_assert_eq(rdmaps_register(c, v, sizeof(v), &mr), 0);
+	rdmaps_client_stats(c, &s0);
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	rdmaps_client_stats(c, &s1);
+	/* consecutive chunks share READs (8 per READ on rxe) */
+	cr_assert_lt(s1.reads - s0.reads, SPAN_CHUNKS / 2, "%lu READs for %u chunks",
+		     (unsigned long)(s1.reads - s0.reads), SPAN_CHUNKS);
+	cr_assert_geq(s1.reads - s0.reads, (SPAN_CHUNKS + RDMAPS_READ_SPAN - 1) / RDMAPS_READ_SPAN);
+	/* into the caller's registered buffer, and through the bounce buffers */
+	cr_assert_eq(rdmaps_pull(c, t, u, 0), 0);
+	for (uint64_t i = 0; i < SPAN_LEN; i++) {
+		cr_assert_eq(v[i], span_value(i), "registered [%lu] = %f, want %f", i, v[i],
+			     span_value(i));
+		cr_assert_eq(u[i], span_value(i), "bounced [%lu] = %f, want %f", i, u[i],
+			     span_value(i));
+	}
+	cr_assert_eq(rdmaps_pull(c, t, v, RDMAPS_PULL_RELAXED), 0);
+	cr_assert_eq(memcmp(v, u, sizeof(v)), 0, "relaxed pull differs");
+	rdmaps_deregister(mr);
+	rdmaps_close(c);
+}
+
+Test(datapath, reads_span_chunks_one_copy, .fini = stop_server, .timeout = 120)
+{
+	span_case("0");
+}
+
+Test(datapath, reads_span_chunks_two_copies, .fini = stop_server, .timeout = 120)
+{
+	span_case("4096");
 }
 
 /* ---- a worker killed mid-push ---------------------------------------- */

@@ -60,7 +60,8 @@ static int make_qp(struct raw_qp *q, unsigned recvs)
 	qa.qp_type = IBV_QPT_RC;
 	qa.cap.max_send_wr = RAW_SQ_DEPTH;
 	qa.cap.max_recv_wr = recvs;
-	qa.cap.max_send_sge = 3; /* as librdmaps: chunk header | data | trailer */
+	/* as librdmaps: a chunk header and its floats per chunk a READ spans */
+	qa.cap.max_send_sge = 2 * rdmaps__read_span(q->id->verbs);
 	qa.cap.max_recv_sge = 1;
 	if (rdma_create_qp(q->id, q->pd, &qa)) {
 		fprintf(stderr, "rdmaps-bench: raw: rdma_create_qp: %s\n", strerror(errno));
