@@ -151,6 +151,9 @@ int wl_measure(struct wl *w, unsigned part, unsigned si);
 /* Paired rows at o->sizes[si]: pull, pull-relaxed, push, each with its raw twin. */
 struct raw_bench;
 int wl_paired(struct wl *w, struct raw_bench *rb, unsigned si);
+/* Paired bandwidth at o->sizes[si]: slices of rdmaps pulls (--depth in
+ * flight) and of raw READs alternate, in one thread. */
+int wl_paired_bw(struct wl *w, struct raw_bench *rb, unsigned si);
 void wl_close(struct wl *w);
 
 /* ---- rawverbs.c / responder.c -------------------------------------------- */
@@ -168,6 +171,11 @@ void raw_close(struct raw_bench *rb);
 int raw_pair_begin(struct raw_bench *rb, const char *test, uint64_t size);
 int raw_pair_one(struct raw_bench *rb);
 int raw_pair_end(struct raw_bench *rb);
+/* Paired bandwidth: READs of size bytes, depth in flight, until ops are done
+ * (those in flight then finish: *done may be more); *ns from the first post
+ * to the last completion. The raw QP must be in its passive mode. */
+int raw_bw_slice(struct raw_bench *rb, uint64_t size, uint64_t ops, unsigned depth,
+		 uint64_t *done, uint64_t *ns);
 /* In-process responder (a thread) on addr; its port is written to port_out. */
 struct raw_responder;
 int raw_responder_start(const char *addr, const char *port, struct raw_responder **out,

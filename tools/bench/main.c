@@ -52,7 +52,8 @@ static void usage(FILE *f)
 		"  --warmup N          ops before measuring (default 100, at most 0.5 s)\n"
 		"  --unregistered      pull/push unregistered buffers (library bounce copies)\n"
 		"  --no-raw            skip the raw-verbs baseline\n"
-		"  --no-pair           lat: skip the paired rows (raw and rdmaps ops alternating)\n"
+		"  --no-pair           skip the paired rows (lat: raw and rdmaps ops alternating;\n"
+		"                      bw: slices of raw READs and of pulls alternating)\n"
 		"  --raw-peer ADDR     raw baseline against `rdmaps-bench raw-server` there\n"
 		"  --raw-port P        its port (raw-server: port to listen on)\n"
 		"  --raw-depth D       raw bw: work requests in flight (default 16)\n"
@@ -279,6 +280,9 @@ skip_raw:
 	if ((o->parts & PART_LAT) && raw && !o->no_pair && o->access == ACCESS_DENSE)
 		for (unsigned i = 0; i < o->nsizes; i++)
 			rc |= wl_paired(wl, raw, i);
+	if ((o->parts & PART_BW) && raw && !o->no_pair && o->access == ACCESS_DENSE)
+		for (unsigned i = 0; i < o->nsizes; i++)
+			rc |= wl_paired_bw(wl, raw, i);
 	if (o->parts & PART_TORN)
 		for (unsigned i = 0; i < o->nsizes; i++)
 			rc |= wl_measure(wl, PART_TORN, i);

@@ -247,33 +247,31 @@ static int run_lat(struct raw_bench *rb, enum raw_test t, uint64_t size, struct 
 	return raw_set_mode(q, RAW_PASSIVE, 0);
 }
 
-/* D requests in flight; each one's latency is post to completion. */
-static int run_bw(struct raw_bench *rb, enum raw_test t, uint64_t size, struct bench_row *r)
+/*
+ * `depth` requests of `size` bytes in flight until l says stop (those still
+ * in flight then finish and count too; a counted loop posts exactly what it
+ * wants); each one's post to completion latency into h. *end: the last
+ * completion.
+ */
+static int bw_stream(struct raw_qp *q, enum ibv_wr_opcode op, uint64_t size, unsigned depth,
+		     struct bench_loop *l, struct rdmaps_hist *h, uint64_t *end)
 {
-	struct raw_qp *q = rb->q;
-	enum ibv_wr_opcode op = t == RT_READ_BW ? IBV_WR_RDMA_READ : IBV_WR_RDMA_WRITE;
-	unsigned depth = rb->o->raw_depth;
-	uint64_t posted_at[RAW_SQ_DEPTH];
-	struct bench_loop l;
+	uint64_t posted_at[RAW_SQ_DEPTH], posted = 0;
 	unsigned inflight = 0;
 	bool more = true;
 	struct ibv_wc wc[16];
-	uint64_t start, now;
+	uint64_t now = rdmaps__now_ns();
 
 	if (depth > RAW_SQ_DEPTH)
 		depth = RAW_SQ_DEPTH;
-	start = rdmaps__now_ns();
-	for (uint64_t i = 0; warm_more(rb->o, i, start, rdmaps__now_ns()); i++)
-		if (one_rdma(q, op, size))
-			return -1;
-	rdmaps__hist_reset(&rb->hist);
-	start = now = rdmaps__now_ns();
-	loop_start_bw(&l, rb->o, start, size);
+	if (l->want && depth > l->want)
+		depth = (unsigned)l->want;
 	for (unsigned k = 0; k < depth; k++) {
 		posted_at[k] = rdmaps__now_ns();
 		if (raw_post(q, op, k, q->buf, size, 0))
 			return -1;
 		inflight++;
+		posted++;
 	}
 	while (inflight) {
 		int n = ibv_poll_cq(q->cq, 16, wc);
@@ -290,21 +288,42 @@ static int run_bw(struct raw_bench *rb, enum raw_test t, uint64_t size, struct b
 			}
 			q->sq_busy--;
 			inflight--;
-			rdmaps__hist_record(&rb->hist, now - posted_at[k]);
+			rdmaps__hist_record(h, now - posted_at[k]);
 			if (more)
-				more = loop_more(&l, now);
+				more = loop_more(l, now);
 			else
-				l.n++;
-			if (more) {
+				l->n++;
+			if (more && (!l->want || posted < l->want)) { /* counted: exactly want */
 				posted_at[k] = now;
 				if (raw_post(q, op, k, q->buf, size, 0))
 					return -1;
 				inflight++;
+				posted++;
 			}
 		}
 	}
+	*end = now;
+	return 0;
+}
+
+/* D requests in flight; each one's latency is post to completion. */
+static int run_bw(struct raw_bench *rb, enum raw_test t, uint64_t size, struct bench_row *r)
+{
+	enum ibv_wr_opcode op = t == RT_READ_BW ? IBV_WR_RDMA_READ : IBV_WR_RDMA_WRITE;
+	struct bench_loop l;
+	uint64_t start, end;
+
+	start = rdmaps__now_ns();
+	for (uint64_t i = 0; warm_more(rb->o, i, start, rdmaps__now_ns()); i++)
+		if (one_rdma(rb->q, op, size))
+			return -1;
+	rdmaps__hist_reset(&rb->hist);
+	start = rdmaps__now_ns();
+	loop_start_bw(&l, rb->o, start, size);
+	if (bw_stream(rb->q, op, size, rb->o->raw_depth, &l, &rb->hist, &end))
+		return -1;
 	r->ops = l.n;
-	r->seconds = (double)(now - start) / 1e9;
+	r->seconds = (double)(end - start) / 1e9;
 	return 0;
 }
 
@@ -437,6 +456,24 @@ int raw_pair_begin(struct raw_bench *rb, const char *test, uint64_t size)
 int raw_pair_one(struct raw_bench *rb)
 {
 	return one_op(rb->q, rb->pair_test, rb->pair_size, &rb->pair_cnt);
+}
+
+int raw_bw_slice(struct raw_bench *rb, uint64_t size, uint64_t ops, unsigned depth,
+		 uint64_t *done, uint64_t *ns)
+{
+	struct bench_loop l = { .want = ops };
+	uint64_t start, end;
+
+	if (!rb->q)
+		return -1;
+	start = rdmaps__now_ns();
+	if (bw_stream(rb->q, IBV_WR_RDMA_READ, size, depth, &l, &rb->hist, &end)) {
+		reconnect(rb);
+		return -1;
+	}
+	*done = l.n;
+	*ns = end - start;
+	return 0;
 }
 
 int raw_pair_end(struct raw_bench *rb)

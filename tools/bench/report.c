@@ -67,7 +67,8 @@ static const char *rtt_name(enum rtt_kind k)
 
 static void header(const char *g)
 {
-	if (!strcmp(g, "lat") || !strcmp(g, "bw") || !strcmp(g, "torn") || !strcmp(g, "paired")) {
+	if (!strcmp(g, "lat") || !strcmp(g, "bw") || !strcmp(g, "torn") || !strcmp(g, "paired") ||
+	    !strcmp(g, "paired-bw")) {
 		if (!strcmp(g, "lat"))
 			printf("\n## lat: one blocking op in flight per worker. Every latency below is a FULL\n"
 			       "## round trip (the caller's wait), including raw-read (= what ib_read_lat\n"
@@ -77,6 +78,11 @@ static void header(const char *g)
 			printf("\n## paired: one raw op and one rdmaps op alternate in one thread (order\n"
 			       "## flips every pair), so both see the same moment of a noisy machine. Full\n"
 			       "## round trips; ratio = rdmaps p50 / raw p50. The targets use these rows.\n");
+		else if (!strcmp(g, "paired-bw"))
+			printf("\n## paired-bw: slices of rdmaps pulls (D in flight) and of raw READs (D =\n"
+			       "## the slice's READs, at most --raw-depth) alternate in one thread, order\n"
+			       "## flipping every pair; each slice starts empty and ends drained. GB/s =\n"
+			       "## a side's bytes / its time. The bandwidth target uses these rows.\n");
 		else if (!strcmp(g, "bw"))
 			printf("\n## bw: D ops in flight per worker (async API / D outstanding work requests).\n"
 			       "## Latency = post to completion. ratio = rdmaps GB/s / raw GB/s (higher is better).\n");
@@ -120,9 +126,14 @@ static void print_row(const struct bench_row *r)
 			snprintf(ops_s, sizeof(ops_s), "%.0f", r->ops_s);
 			snprintf(gb_s, sizeof(gb_s), "%.4f", r->gb_s);
 		}
-		printf("%-18s %8s %3u %3u %8" PRIu64 " %8.2f %8.2f %8.2f %8.2f %9.1f %10s %8s %4s  %-16s %7.3f  %s\n",
-		       r->op, sz, r->workers, r->depth, r->ops, r->p50, r->p90, r->p99, r->p999, r->max,
-		       ops_s, gb_s, rtt_name(r->rtt), r->base_op[0] ? r->base_op : "-", r->ratio, note);
+		if (r->has_lat)
+			printf("%-18s %8s %3u %3u %8" PRIu64 " %8.2f %8.2f %8.2f %8.2f %9.1f", r->op, sz,
+			       r->workers, r->depth, r->ops, r->p50, r->p90, r->p99, r->p999, r->max);
+		else
+			printf("%-18s %8s %3u %3u %8" PRIu64 " %8s %8s %8s %8s %9s", r->op, sz, r->workers,
+			       r->depth, r->ops, "-", "-", "-", "-", "-");
+		printf(" %10s %8s %4s  %-16s %7.3f  %s\n", ops_s, gb_s, rtt_name(r->rtt),
+		       r->base_op[0] ? r->base_op : "-", r->ratio, note);
 	}
 	fflush(stdout);
 }

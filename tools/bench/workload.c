@@ -119,26 +119,23 @@ static int run_blocking(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t)
 	return rc;
 }
 
-/* D ops in flight through the async API. */
-static int run_async(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t, unsigned depth)
+int wl_async_stream(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t, unsigned depth,
+		    struct bench_loop *l)
 {
-	rdmaps_op *ops[WL_MAX_DEPTH];
-	uint64_t posted[WL_MAX_DEPTH];
-	struct bench_loop l;
+	rdmaps_op *ops[WL_MAX_DEPTH] = { 0 };
+	uint64_t posted[WL_MAX_DEPTH], nposted = 0;
 	unsigned inflight = 0;
 	bool more = true;
-	int rc = warm_up(w, op, t);
+	int rc = 0;
 
-	if (rc)
-		return rc;
-	rdmaps_client_stats(w->c, &w->s0);
-	w->t0 = w->t1 = rdmaps__now_ns();
-	loop_start_bw(&l, w->wl->o, w->t0, w->wl->o->sizes[w->wl->si]);
+	if (l->want && depth > l->want)
+		depth = (unsigned)l->want;
 	for (unsigned k = 0; k < depth; k++) {
 		posted[k] = rdmaps__now_ns();
 		if ((rc = post(w, op, t, k, &ops[k])))
 			return rc;
 		inflight++;
+		nposted++;
 	}
 	while (inflight) {
 		for (unsigned k = 0; k < depth; k++) {
@@ -158,19 +155,35 @@ static int run_async(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t, unsig
 			rdmaps__hist_record(&w->hist, now - posted[k]);
 			w->t1 = now;
 			if (more)
-				more = loop_more(&l, now);
+				more = loop_more(l, now);
 			else
-				l.n++;
-			if (more) {
+				l->n++;
+			if (more && (!l->want || nposted < l->want)) { /* counted: exactly want */
 				posted[k] = now;
 				if ((rc = post(w, op, t, k, &ops[k]))) {
 					more = false;
 					continue;
 				}
 				inflight++;
+				nposted++;
 			}
 		}
 	}
+	return rc;
+}
+
+/* D ops in flight through the async API. */
+static int run_async(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t, unsigned depth)
+{
+	struct bench_loop l;
+	int rc = warm_up(w, op, t);
+
+	if (rc)
+		return rc;
+	rdmaps_client_stats(w->c, &w->s0);
+	w->t0 = w->t1 = rdmaps__now_ns();
+	loop_start_bw(&l, w->wl->o, w->t0, w->wl->o->sizes[w->wl->si]);
+	rc = wl_async_stream(w, op, t, depth, &l);
 	w->n = l.n;
 	rdmaps_client_stats(w->c, &w->s1);
 	return rc;

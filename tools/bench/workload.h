@@ -102,6 +102,12 @@ struct wl {
 bool wl_is_push(enum wl_op op);
 /* One blocking op of worker w (a pull, a push, or both for pushpull). */
 int wl_do_op(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t);
+/* Ops of worker w, depth in flight through the async API, until l says
+ * stop (those in flight then finish and count too; a counted loop posts
+ * exactly what it wants); latencies into w->hist, w->t1 = the last
+ * completion. */
+int wl_async_stream(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t, unsigned depth,
+		    struct bench_loop *l);
 /* A worker thread: runs each phase main publishes, between two barriers. */
 void *wl_worker_main(void *arg);
 
