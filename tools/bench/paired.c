@@ -110,19 +110,20 @@ int wl_paired(struct wl *wl, struct raw_bench *rb, unsigned si)
 	return rc ? -1 : 0;
 }
 
-
 /*
- * Paired bandwidth. A bandwidth row is a stream, so the pair is of slices:
- * the same number of ops (PAIR_BW_SLICE_OPS at least, PAIR_BW_SLICE_BYTES
- * at least), first of rdmaps pulls (--depth in flight), then of raw READs
- * of the same size (--raw-depth in flight, at most the slice), order flipping
- * every pair. Each slice starts empty and ends drained on both sides, so
- * filling and draining the pipe costs both the same. The ratio is of the
- * summed bytes over the summed time of each side; the pairs' own ratios
- * give its spread.
+ * Paired bandwidth. A bandwidth row is a stream, so the pair is of slices
+ * of the same number of ops: PAIR_BW_SLICE_BYTES worth, within
+ * [PAIR_BW_SLICE_OPS, PAIR_BW_SLICE_MAX_OPS]. First rdmaps pulls (--depth
+ * in flight), then raw READs of the same size (--raw-depth in flight, at
+ * most the slice), order flipping every pair. Each slice starts empty and
+ * ends drained on both sides, so filling and draining the pipe costs both
+ * the same. The ratio is of the summed bytes over the summed time of each
+ * side; the pairs' own ratios give its spread.
  */
 #define PAIR_BW_SLICE_OPS 8u
 #define PAIR_BW_SLICE_BYTES (32ull << 20)
+#define PAIR_BW_SLICE_MAX_OPS 1024u /* small ops: a slice of 32 MiB of 64 B
+				     * pulls would take half a minute */
 #define PAIR_BW_MIN_PAIRS 3u
 #define PAIR_BW_MAX_PAIRS 512u
 
@@ -168,8 +169,7 @@ int wl_paired_bw(struct wl *wl, struct raw_bench *rb, unsigned si)
 	struct wl_worker *w = &wl->w[0];
 	rdmaps_tensor *t = w->t[si];
 	uint64_t size = o->sizes[si];
-	uint64_t n = PAIR_BW_SLICE_BYTES / size > PAIR_BW_SLICE_OPS ? PAIR_BW_SLICE_BYTES / size
-								   : PAIR_BW_SLICE_OPS;
+	uint64_t n = PAIR_BW_SLICE_BYTES / size;
 	double pr[PAIR_BW_MAX_PAIRS], want_s = o->duration;
 	struct bw_side mine = { 0 }, raw = { 0 }, scratch = { 0 };
 	struct bench_row r = { 0 }, rr = { 0 };
@@ -180,6 +180,7 @@ int wl_paired_bw(struct wl *wl, struct raw_bench *rb, unsigned si)
 
 	if (!(o->ops & BOP_PULL))
 		return 0;
+	n = n < PAIR_BW_SLICE_OPS ? PAIR_BW_SLICE_OPS : n > PAIR_BW_SLICE_MAX_OPS ? PAIR_BW_SLICE_MAX_OPS : n;
 	/* as the separate bw rows, twice over: each side gets half the time */
 	if (size >= (1u << 20) && want_s < BENCH_BW_MIN_S)
 		want_s = BENCH_BW_MIN_S;
