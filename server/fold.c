@@ -285,8 +285,10 @@ static void group_fold(struct srv_conn *c)
 		}
 		if (h->flags & RDMAPS_SLOT_ROWS)
 			rows_fold(t, h, g);
-		else if (t->cons.mode == RDMAPS_ASP || (h->flags & RDMAPS_SLOT_ASSIGN))
-			srv_chunk_apply(t, h->chunk, g, h->count, h->flags & RDMAPS_SLOT_ASSIGN);
+		else if (h->flags & RDMAPS_SLOT_ASSIGN)
+			srv_chunk_apply(t, h->chunk, g, h->count, true);
+		else if (t->cons.mode == RDMAPS_ASP)
+			srv_chunk_fold(t, h->chunk, g, h->count, &c->ft->open);
 		else
 			srv_clock_fold(t, c, h, g);
 		atomic_fetch_add_explicit(&c->folds, 1, memory_order_relaxed);
@@ -418,6 +420,8 @@ static int conn_poll(struct srv_conn *c)
 		if (!c->broken && srv_conn_post_recv(c, (uint32_t)wc[i].wr_id))
 			conn_fail(c, "cannot repost a receive", IBV_WC_GENERAL_ERR);
 	}
+	/* what this batch folded becomes visible before any credit says so */
+	srv_open_publish(&c->ft->open);
 	credit_maybe(c);
 	return n;
 }
@@ -441,6 +445,7 @@ static void conn_drain(struct srv_conn *c)
 			if (wc[i].status == IBV_WC_SUCCESS && !(wc[i].wr_id & WR_SEND_TAG) &&
 			    wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM)
 				slot_handle(c, ntohl(wc[i].imm_data));
+	srv_open_publish(&c->ft->open);
 }
 
 static void mail_handle(struct srv_fold_thread *ft)

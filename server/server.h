@@ -156,6 +156,26 @@ struct srv_conn {
 	_Atomic uint64_t folds, dropped, bad_msgs;
 };
 
+struct srv_tensor;
+/*
+ * Two-copy folds a fold thread has applied but not yet published
+ * (store.c): a chunk folded again before srv_open_publish() gets the
+ * gradient applied to the same new copy. Owned by one fold thread; a
+ * chunk stays "being written" (index odd) until published, so publish
+ * before anything waits or anyone is told a push was folded (credits).
+ */
+#define SRV_OPEN_MAX 16u
+struct srv_open {
+	struct srv_tensor *t;
+	uint32_t chunk, count;
+	uint64_t v;  /* the index word the fold took (even) */
+	float *data; /* the new copy's floats */
+};
+struct srv_open_set {
+	struct srv_open o[SRV_OPEN_MAX];
+	uint32_t n;
+};
+
 struct srv_fold_thread {
 	struct srv *srv;
 	unsigned idx;
@@ -176,6 +196,7 @@ struct srv_fold_thread {
 	uint32_t loops;
 
 	_Atomic uint64_t folds, dropped, sleeps, nonfinite, clipped;
+	struct srv_open_set open;    /* published at the end of each connection's batch */
 };
 
 struct srv {
@@ -240,6 +261,11 @@ static inline uint64_t srv_chunk_version(const struct srv_tensor *t, uint32_t i)
  * chunk's clock field is left alone (clock.c owns it). */
 void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
 		     bool assign);
+/* A fold (never an assign) of an ASP chunk: two-copy chunks stay open in
+ * os (NULL: published at once), one-copy ones as srv_chunk_apply. */
+void srv_chunk_fold(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
+		    struct srv_open_set *os);
+void srv_open_publish(struct srv_open_set *os);
 /* Take / release a chunk's seqlock: version even -> odd; release publishes
  * (new checksum, version + 2) when changed, else restores the old version. */
 uint64_t srv_chunk_lock(struct srv_tensor *t, uint32_t chunk);

@@ -304,30 +304,92 @@ void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool cha
  * current copy is only torn if the next fold after this one lands inside
  * it too. The index is odd meanwhile, which still names the current copy
  * (bit 1), so readers keep reading it.
+ *
+ * A fold thread keeps such a fold open (struct srv_open_set) until the end
+ * of its batch: the same chunk folded again meanwhile gets its gradient
+ * applied to the same new copy, with no second copy and checksum, and
+ * readers see one new version rather than several. Under a backlog that
+ * is what keeps the copy a READ picked from being rewritten by the next
+ * fold but one while the READ is on the wire.
  */
-static void chunk_apply_two(struct srv_tensor *t, uint32_t chunk, const float *grad,
-			    uint32_t count)
-{
-	uint64_t v = seq_take(&t->index[chunk]);
-	unsigned cur = (unsigned)(v >> 1) & 1u;
-	const struct rdmaps_chunk_hdr *src = (const void *)srv_chunk_copy(t, chunk, cur);
-	struct rdmaps_chunk_hdr *dst = (void *)srv_chunk_copy(t, chunk, cur ^ 1u);
-	float *data = (float *)(dst + 1);
 
-	/* odd before any data store: a reader that still has this copy in
-	 * flight (from an older index) sees it as being written */
-	__atomic_store_n(&dst->version, v + 1, __ATOMIC_RELAXED);
-	__atomic_thread_fence(__ATOMIC_RELEASE);
-	memcpy(data, src + 1, (size_t)count * sizeof(float));
-	t->opt->apply(data, chunk_state(t, chunk), grad, count, &t->hyper, t->steps[chunk]);
-	t->steps[chunk]++;
-	dst->count = count;
+/* Never wait for a chunk while holding open ones: the fold thread that has
+ * it may be waiting for one of ours. */
+static uint64_t take_two(uint64_t *word, struct srv_open_set *os)
+{
+	uint64_t v = __atomic_load_n(word, __ATOMIC_RELAXED);
+
+	if (os && os->n) {
+		while (!(v & 1u))
+			if (__atomic_compare_exchange_n(word, &v, v + 1, false, __ATOMIC_ACQUIRE,
+							__ATOMIC_RELAXED))
+				return v;
+		srv_open_publish(os);
+	}
+	return seq_take(word);
+}
+
+static void open_publish_one(const struct srv_open *o)
+{
+	unsigned cur = (unsigned)(o->v >> 1) & 1u;
+	const struct rdmaps_chunk_hdr *src = (const void *)srv_chunk_copy(o->t, o->chunk, cur);
+	struct rdmaps_chunk_hdr *dst = (void *)srv_chunk_copy(o->t, o->chunk, cur ^ 1u);
+
+	dst->count = o->count;
 	dst->clock = src->clock;
-	dst->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
+	dst->checksum = rdmaps__checksum(o->data, (size_t)o->count * sizeof(float));
 	/* release: body and checksum before the even version, and the copy
 	 * before the index that names it */
-	__atomic_store_n(&dst->version, v + 2, __ATOMIC_RELEASE);
-	__atomic_store_n(&t->index[chunk], v + 2, __ATOMIC_RELEASE);
+	__atomic_store_n(&dst->version, o->v + 2, __ATOMIC_RELEASE);
+	__atomic_store_n(&o->t->index[o->chunk], o->v + 2, __ATOMIC_RELEASE);
+}
+
+void srv_open_publish(struct srv_open_set *os)
+{
+	for (uint32_t i = 0; i < os->n; i++)
+		open_publish_one(&os->o[i]);
+	os->n = 0;
+}
+
+static void chunk_apply_two(struct srv_tensor *t, uint32_t chunk, const float *grad,
+			    uint32_t count, struct srv_open_set *os)
+{
+	struct srv_open one, *o = NULL;
+
+	for (uint32_t i = 0; os && i < os->n && !o; i++)
+		if (os->o[i].t == t && os->o[i].chunk == chunk)
+			o = &os->o[i];
+	if (!o) {
+		uint64_t v = take_two(&t->index[chunk], os);
+		unsigned cur = (unsigned)(v >> 1) & 1u;
+		const struct rdmaps_chunk_hdr *src = (const void *)srv_chunk_copy(t, chunk, cur);
+		struct rdmaps_chunk_hdr *dst = (void *)srv_chunk_copy(t, chunk, cur ^ 1u);
+
+		if (os && os->n == SRV_OPEN_MAX)
+			srv_open_publish(os);
+		o = os ? &os->o[os->n++] : &one;
+		*o = (struct srv_open){ .t = t, .chunk = chunk, .count = count, .v = v,
+					.data = (float *)(dst + 1) };
+		/* odd before any data store: a reader that still has this copy
+		 * in flight (from an older index) sees it as being written */
+		__atomic_store_n(&dst->version, v + 1, __ATOMIC_RELAXED);
+		__atomic_thread_fence(__ATOMIC_RELEASE);
+		memcpy(dst + 1, src + 1, (size_t)count * sizeof(float));
+	}
+	t->opt->apply(o->data, chunk_state(t, chunk), grad, count, &t->hyper, t->steps[chunk]);
+	t->steps[chunk]++;
+	if (o == &one)
+		open_publish_one(o);
+}
+
+void srv_chunk_fold(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
+		    struct srv_open_set *os)
+{
+	if (t->index) {
+		chunk_apply_two(t, chunk, grad, count, os);
+		return;
+	}
+	srv_chunk_apply(t, chunk, grad, count, false);
 }
 
 void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
@@ -345,7 +407,7 @@ void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, ui
 		return;
 	}
 	if (t->index) {
-		chunk_apply_two(t, chunk, grad, count);
+		chunk_apply_two(t, chunk, grad, count, NULL);
 		return;
 	}
 	v = srv_chunk_lock(t, chunk);

@@ -255,6 +255,89 @@ Test(chunk, two_copies_reader_never_accepts_torn_or_old, .fini = drop_tensor, .t
 	cr_assert_gt(last[0], 0, "the writer must have folded meanwhile");
 }
 
+Test(chunk, two_copies_open_folds_publish_once, .fini = drop_tensor)
+{
+	struct srv_open_set os = { .n = 0 };
+	float g[1024], out[1024];
+	uint64_t v;
+
+	make_tensor_copies(2 * 1024, 1024, 10.0f, 4000);
+	cr_assert_not_null(tensor->index, "two copies");
+	for (int i = 0; i < 1024; i++)
+		g[i] = (float)(i % 5) - 2.0f;
+	/* three folds of chunk 0 and one of chunk 1 in one batch */
+	for (int f = 0; f < 3; f++)
+		srv_chunk_fold(tensor, 0, g, 1024, &os);
+	srv_chunk_fold(tensor, 1, g, 1024, &os);
+	cr_assert_eq(os.n, 2, "one open fold per chunk");
+	/* until published, readers are sent to the untouched copy: whole, old */
+	cr_assert_eq(tensor->index[0], 1, "chunk 0 is being written");
+	cr_assert_eq(read_chunk_two(0, out, &v), 1);
+	cr_assert_eq(v, 0);
+	cr_assert_eq(out[0], 10.0f);
+	srv_open_publish(&os);
+	cr_assert_eq(os.n, 0);
+	/* one new version for three folds; each gradient applied once */
+	cr_assert_eq(tensor->index[0], 2);
+	cr_assert_eq(tensor->index[1], 2);
+	cr_assert_eq(tensor->steps[0], 3);
+	cr_assert_eq(read_chunk_two(0, out, &v), 1);
+	for (int i = 0; i < 1024; i++)
+		cr_assert_eq(out[i], 10.0f - 3.0f * g[i], "[%d] = %f", i, out[i]);
+	cr_assert_eq(read_chunk_two(1, out, &v), 1);
+	cr_assert_eq(out[7], 10.0f - g[7]);
+	/* the same three folds, published at once: the same numbers */
+	for (int f = 0; f < 3; f++)
+		srv_chunk_fold(tensor, 0, g, 1024, NULL);
+	cr_assert_eq(tensor->index[0], 8);
+	cr_assert_eq(read_chunk_two(0, out, &v), 1);
+	cr_assert_eq(out[3], 10.0f - 6.0f * g[3]);
+}
+
+/* Two fold threads that each keep folds open, taking chunks in opposite
+ * orders: without the rule "publish before waiting" each would wait for
+ * the chunk the other holds open. */
+struct opener {
+	struct srv_open_set os;
+	int first, n;
+};
+
+static void *open_folder(void *arg)
+{
+	struct opener *op = arg;
+	static const float g[1024] = { 1.0f };
+
+	for (int i = 0; i < op->n; i++) {
+		uint32_t a = (uint32_t)op->first, b = (uint32_t)(1 - op->first);
+		srv_chunk_fold(tensor, a, g, 1024, &op->os);
+		srv_chunk_fold(tensor, b, g, 1024, &op->os);
+		srv_chunk_fold(tensor, a, g, 1024, &op->os);
+		srv_open_publish(&op->os);
+	}
+	return NULL;
+}
+
+Test(chunk, two_copies_open_folds_never_deadlock, .fini = drop_tensor, .timeout = 60)
+{
+	struct opener o[2] = { { .first = 0, .n = 20000 }, { .first = 1, .n = 20000 } };
+	pthread_t th[2];
+	float out[1024];
+	uint64_t v;
+
+	make_tensor_copies(2 * 1024, 1024, 0.0f, 4000);
+	for (int i = 0; i < 2; i++)
+		pthread_create(&th[i], NULL, open_folder, &o[i]);
+	for (int i = 0; i < 2; i++)
+		pthread_join(th[i], NULL);
+	/* every gradient folded exactly once: 2 threads x 20000 x (2 + 1) */
+	cr_assert_eq(tensor->steps[0] + tensor->steps[1], 2u * 20000u * 3u);
+	cr_assert_eq(read_chunk_two(0, out, &v), 1);
+	cr_assert_eq(out[0], -(float)tensor->steps[0], "chunk 0 [0] = %f after %llu folds", out[0],
+		     (unsigned long long)tensor->steps[0]);
+	cr_assert_eq(tensor->index[0] & 1u, 0, "nothing left open");
+	cr_assert_eq(tensor->index[1] & 1u, 0, "nothing left open");
+}
+
 Test(chunk, optimizer_registry)
 {
 	cr_assert_not_null(srv_optimizer_find("sgd"));
