@@ -893,30 +893,39 @@ static int rows_start(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, con
 	return 0;
 }
 
+int rdmaps_pull_rows_async(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
+			   float *dst, unsigned flags, rdmaps_op **op)
+{
+	if (flags & RDMAPS_PUSH_FOLDED)
+		return RDMAPS_EINVAL;
+	return rows_start(c, OP_PULL_ROWS, t, rows, n, dst, flags, op);
+}
+
+int rdmaps_push_rows_async(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
+			   const float *grad, unsigned flags, rdmaps_op **op)
+{
+	if (flags & RDMAPS_PULL_RELAXED)
+		return RDMAPS_EINVAL;
+	/* read only: the op's buffer is a pull destination in the other kind */
+	return rows_start(c, OP_PUSH_ROWS, t, rows, n, (float *)(uintptr_t)grad, flags, op);
+}
+
 int rdmaps_pull_rows(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
 		     float *dst, unsigned flags)
 {
 	rdmaps_op *op;
-	int rc;
+	int rc = rdmaps_pull_rows_async(c, t, rows, n, dst, flags, &op);
 
-	if (flags & RDMAPS_PUSH_FOLDED)
-		return RDMAPS_EINVAL;
-	if ((rc = rows_start(c, OP_PULL_ROWS, t, rows, n, dst, flags, &op)))
-		return rc;
-	return cl_op_wait(op, -1);
+	return rc ? rc : cl_op_wait(op, -1);
 }
 
 int rdmaps_push_rows(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
 		     const float *grad, unsigned flags)
 {
 	rdmaps_op *op;
-	int rc;
+	int rc = rdmaps_push_rows_async(c, t, rows, n, grad, flags, &op);
 
-	if (flags & RDMAPS_PULL_RELAXED)
-		return RDMAPS_EINVAL;
-	if ((rc = rows_start(c, OP_PUSH_ROWS, t, rows, n, (float *)(uintptr_t)grad, flags, &op)))
-		return rc;
-	return cl_op_wait(op, -1);
+	return rc ? rc : cl_op_wait(op, -1);
 }
 
 uint32_t rdmaps_tensor_row_dim(const rdmaps_tensor *t)

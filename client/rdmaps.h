@@ -283,6 +283,13 @@ int rdmaps_pull_rows(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, s
 		     float *dst, unsigned flags);
 int rdmaps_push_rows(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
 		     const float *grad, unsigned flags);
+/* Asynchronous forms, as rdmaps_pull_async/push_async: rows and the buffer
+ * must both stay untouched until the op completes (a push gathers rows
+ * into staging slots as slots free up). */
+int rdmaps_pull_rows_async(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
+			   float *dst, unsigned flags, rdmaps_op **op);
+int rdmaps_push_rows_async(rdmaps_client *c, rdmaps_tensor *t, const uint64_t *rows, size_t n,
+			   const float *grad, unsigned flags, rdmaps_op **op);
 /* Row length of a sparse table, 0 for a dense tensor. */
 uint32_t rdmaps_tensor_row_dim(const rdmaps_tensor *t);
 

@@ -77,24 +77,49 @@ static int sparse_push(struct wl_worker *w, rdmaps_tensor *t, const float *g, un
 	return rdmaps_push_rows(w->c, t, w->wl->rows[si], w->wl->nrows[si], g, flags);
 }
 
+static int dense_pull_async(struct wl_worker *w, rdmaps_tensor *t, float *dst, unsigned flags,
+			    rdmaps_op **op)
+{
+	return rdmaps_pull_async(w->c, t, dst, flags, op);
+}
+
+static int dense_push_async(struct wl_worker *w, rdmaps_tensor *t, const float *g,
+			    unsigned flags, rdmaps_op **op)
+{
+	return rdmaps_push_async(w->c, t, g, flags, op);
+}
+
+static int sparse_pull_async(struct wl_worker *w, rdmaps_tensor *t, float *dst, unsigned flags,
+			     rdmaps_op **op)
+{
+	unsigned si = w->wl->si;
+	return rdmaps_pull_rows_async(w->c, t, w->wl->rows[si], w->wl->nrows[si], dst, flags, op);
+}
+
+static int sparse_push_async(struct wl_worker *w, rdmaps_tensor *t, const float *g,
+			     unsigned flags, rdmaps_op **op)
+{
+	unsigned si = w->wl->si;
+	return rdmaps_push_rows_async(w->c, t, w->wl->rows[si], w->wl->nrows[si], g, flags, op);
+}
+
 #define OPS(x) (1u << (x))
 #define ALL_OPS (OPS(WL_PULL) | OPS(WL_PULL_RELAXED) | OPS(WL_PUSH) | OPS(WL_PUSH_FOLDED) | \
 		 OPS(WL_PUSHPULL) | OPS(WL_TORN))
 
 const struct wl_access wl_access_modes[] = {
-	[ACCESS_DENSE] = { "dense", dense_describe, dense_pull, dense_push, rdmaps_pull_async,
-			   rdmaps_push_async, ALL_OPS, NULL },
-	/* rows have no async API: no bw rows, no torn writer */
-	[ACCESS_SPARSE] = { "sparse", sparse_describe, sparse_pull, sparse_push, NULL, NULL,
-			    ALL_OPS & ~OPS(WL_TORN), "row pulls and pushes have no async form" },
+	[ACCESS_DENSE] = { "dense", dense_describe, dense_pull, dense_push, dense_pull_async,
+			   dense_push_async, ALL_OPS, NULL },
+	[ACCESS_SPARSE] = { "sparse", sparse_describe, sparse_pull, sparse_push, sparse_pull_async,
+			    sparse_push_async, ALL_OPS, NULL },
 	/* a BSP member pushes once per clock and pulls in between: only pulls
 	 * and whole steps (the torn writer would be a member that never pulls) */
-	[ACCESS_BSP] = { "bsp", bsp_describe, dense_pull, dense_push, rdmaps_pull_async, NULL,
+	[ACCESS_BSP] = { "bsp", bsp_describe, dense_pull, dense_push, dense_pull_async, NULL,
 			 OPS(WL_PULL) | OPS(WL_PULL_RELAXED) | OPS(WL_PUSHPULL),
 			 "a BSP worker pushes once per clock, with a pull in between", true },
 	/* pushes alone let the members drift apart without bound, and the next
 	 * phase's pulls would wait for the slowest (or evict it) */
-	[ACCESS_SSP] = { "ssp", ssp_describe, dense_pull, dense_push, rdmaps_pull_async, NULL,
+	[ACCESS_SSP] = { "ssp", ssp_describe, dense_pull, dense_push, dense_pull_async, NULL,
 			 OPS(WL_PULL) | OPS(WL_PULL_RELAXED) | OPS(WL_PUSHPULL),
 			 "an SSP phase of pushes alone would leave the members clocks apart", true },
 };

@@ -55,10 +55,10 @@ static int post(struct wl_worker *w, enum wl_op op, rdmaps_tensor *t, unsigned k
 	const struct wl_access *a = w->wl->acc;
 
 	switch (op) {
-	case WL_PULL: return a->pull_async(w->c, t, w->dst[k], 0, out);
-	case WL_PULL_RELAXED: return a->pull_async(w->c, t, w->dst[k], RDMAPS_PULL_RELAXED, out);
-	case WL_PUSH: return a->push_async(w->c, t, w->grad, 0, out);
-	case WL_PUSH_FOLDED: return a->push_async(w->c, t, w->grad, RDMAPS_PUSH_FOLDED, out);
+	case WL_PULL: return a->pull_async(w, t, w->dst[k], 0, out);
+	case WL_PULL_RELAXED: return a->pull_async(w, t, w->dst[k], RDMAPS_PULL_RELAXED, out);
+	case WL_PUSH: return a->push_async(w, t, w->grad, 0, out);
+	case WL_PUSH_FOLDED: return a->push_async(w, t, w->grad, RDMAPS_PUSH_FOLDED, out);
 	default: return RDMAPS_EINVAL;
 	}
 }
@@ -209,7 +209,7 @@ static int run_writer(struct wl_worker *w, rdmaps_tensor *t)
 					w->n++;
 			}
 			if (!rc)
-				rc = w->wl->acc->push_async(w->c, t, w->grad, 0, &ops[k]);
+				rc = w->wl->acc->push_async(w, t, w->grad, 0, &ops[k]);
 		}
 	}
 	for (unsigned k = 0; k < WL_WRITER_DEPTH; k++)

@@ -40,9 +40,9 @@ struct wl_access {
 	void (*describe)(const struct wl *wl, uint64_t size, struct rdmaps_tensor_desc *d);
 	int (*pull)(struct wl_worker *w, rdmaps_tensor *t, float *dst, unsigned flags);
 	int (*push)(struct wl_worker *w, rdmaps_tensor *t, const float *g, unsigned flags);
-	int (*pull_async)(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags,
+	int (*pull_async)(struct wl_worker *w, rdmaps_tensor *t, float *dst, unsigned flags,
 			  rdmaps_op **op);
-	int (*push_async)(rdmaps_client *c, rdmaps_tensor *t, const float *g, unsigned flags,
+	int (*push_async)(struct wl_worker *w, rdmaps_tensor *t, const float *g, unsigned flags,
 			  rdmaps_op **op);
 	unsigned only_ops;
 	const char *why_not; /* printed for a skipped op */
