@@ -146,9 +146,8 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 		op->c->stats.bounce_copies++;
 	}
 	*h = (struct rdmaps_slot_hdr){
-		.magic = RDMAPS_SLOT_MAGIC,
-		.tensor_id = pt->tensor_id,
-		.seq = seq,
+		.seq = (uint32_t)seq,
+		.tensor_id = (uint16_t)pt->tensor_id,
 		.chunk = local,
 		.count = count,
 		.flags = (op->assign ? RDMAPS_SLOT_ASSIGN : 0u) |
@@ -377,9 +376,8 @@ static int rows_post_push(rdmaps_op *op, uint32_t p)
 		op->pslots[p]++;
 		sge[1].length = n * (uint32_t)(sizeof(uint64_t) + dim * sizeof(float));
 		*h = (struct rdmaps_slot_hdr){
-			.magic = RDMAPS_SLOT_MAGIC,
-			.tensor_id = pt->tensor_id,
-			.seq = seq,
+			.seq = (uint32_t)seq,
+			.tensor_id = (uint16_t)pt->tensor_id,
 			.count = n,
 			.flags = RDMAPS_SLOT_ROWS | (op->flags & RDMAPS_PUSH_FOLDED ? RDMAPS_SLOT_ACK : 0u) |
 				 (!op->rows_left[p] || op->pslots[p] % k->slots == 0 ? RDMAPS_SLOT_LAST : 0u) |

@@ -93,6 +93,11 @@ static void slot_drop(struct srv_conn *c, int err, const char *why, uint64_t seq
 		 (unsigned long long)seq, why);
 }
 
+/* Our own mark, in our copy of a header (group_hdr), never on the wire:
+ * the slot was refused, so its whole group will be. */
+#define SLOT_REFUSED 0x8000u
+_Static_assert(!(RDMAPS_SLOT_FLAGS_KNOWN & SLOT_REFUSED), "refused mark is a wire flag");
+
 /* Checks of a slot whose seq is right: 0, or why it must not be folded. */
 static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const char **why)
 {
@@ -211,7 +216,7 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 		double ss;
 		int rc;
 
-		if (h->magic != RDMAPS_SLOT_MAGIC || h->tensor_id != t->id) {
+		if ((h->flags & SLOT_REFUSED) || h->tensor_id != t->id) {
 			*why = "another slot of its push was refused";
 			return RDMAPS_EREMOTE;
 		}
@@ -261,7 +266,7 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 static void group_fold(struct srv_conn *c)
 {
 	const struct rdmaps_slot_hdr *first = &c->group_hdr[(c->group_seq - 1) % c->slots];
-	struct srv_tensor *t = first->magic == RDMAPS_SLOT_MAGIC
+	struct srv_tensor *t = !(first->flags & SLOT_REFUSED)
 				       ? srv_store_get(&c->srv->store, first->tensor_id)
 				       : NULL;
 	const char *why = "another slot of its push was refused";
@@ -273,7 +278,7 @@ static void group_fold(struct srv_conn *c)
 		float *g = slot_payload(c, seq);
 
 		if (rc) {
-			if (h->magic == RDMAPS_SLOT_MAGIC)
+			if (!(h->flags & SLOT_REFUSED))
 				slot_drop(c, rc, why, seq);
 			continue;
 		}
@@ -318,30 +323,30 @@ static void slot_handle(struct srv_conn *c, uint32_t imm)
 		return;
 	}
 	memcpy(&h, c->staging + (size_t)slot * c->slot_size, sizeof(h));
-	if (h.magic != RDMAPS_SLOT_MAGIC) {
-		slot_drop(c, RDMAPS_EPROTO, "bad slot magic", h.seq);
-		return;
-	}
-	if (h.seq != c->next_seq || (imm >> 16) != (uint32_t)(h.seq & 0xffffu) ||
-	    slot != (uint32_t)((h.seq - 1) % c->slots)) {
-		/* a replay or duplicate: never folded twice, and seq does not move */
-		slot_drop(c, RDMAPS_EPROTO, h.seq < c->next_seq ? "replayed seq" : "seq out of order",
+	/* exactly the next seq (the header has its low 32 bits, the immediate
+	 * its low 16) in exactly its slot: anything else is a replay, a
+	 * duplicate or garbage; never folded, and seq does not move */
+	if (h.seq != (uint32_t)c->next_seq || (imm >> 16) != (uint32_t)(c->next_seq & 0xffffu) ||
+	    slot != (uint32_t)((c->next_seq - 1) % c->slots)) {
+		slot_drop(c, RDMAPS_EPROTO,
+			  (int32_t)(h.seq - (uint32_t)c->next_seq) < 0 ? "replayed seq"
+								       : "seq out of order",
 			  h.seq);
 		return;
 	}
 	c->next_seq++;
 	rc = slot_validate(c, &h, &why);
 	if (rc) {
-		slot_drop(c, rc, why, h.seq);
-		h.magic = 0; /* refused: the whole group will be */
+		slot_drop(c, rc, why, c->next_seq - 1);
+		h.flags |= SLOT_REFUSED; /* the whole group will be refused */
 	}
 	c->group_hdr[slot] = h;
 	if (h.flags & RDMAPS_SLOT_LAST) {
 		group_fold(c);
 	} else if (c->next_seq - c->group_seq >= c->slots) {
 		/* a group longer than the ring would overwrite itself: refuse it */
-		slot_drop(c, RDMAPS_EPROTO, "push group longer than the staging ring", h.seq);
-		c->group_hdr[slot].magic = 0;
+		slot_drop(c, RDMAPS_EPROTO, "push group longer than the staging ring", c->next_seq - 1);
+		c->group_hdr[slot].flags |= SLOT_REFUSED;
 		group_fold(c);
 	}
 }

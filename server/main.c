@@ -42,7 +42,7 @@ static void usage(FILE *f)
 		"      --chunk-elems N      floats per chunk (default 16384 = 64 KiB)\n"
 		"      --slots N            staging slots per worker (default 16)\n"
 		"      --max-workers N      (default 256)\n"
-		"      --max-tensors N      (default 1024)\n"
+		"      --max-tensors N      (default 1024, at most 65535)\n"
 		"      --max-tensor-mb N    largest tensor incl. optimizer state (default 4096)\n"
 		"      --max-total-mb N     all tensors together (default 16384)\n"
 		"      --two-copies-from B  ASP dense tensors of B bytes or more keep two copies\n"
@@ -164,7 +164,8 @@ int main(int argc, char **argv)
 		case 'c': bad = parse_u(optarg, 16, 1u << 20, &v); cfg->chunk_elems = (uint32_t)v; break;
 		case 's': bad = parse_u(optarg, 1, 4096, &v); cfg->slots = (uint32_t)v; break;
 		case 'W': bad = parse_u(optarg, 1, 65536, &v); cfg->max_workers = (uint32_t)v; break;
-		case 'T': bad = parse_u(optarg, 1, 1u << 20, &v); cfg->max_tensors = (uint32_t)v; break;
+		/* a slot header names its tensor in 16 bits */
+		case 'T': bad = parse_u(optarg, 1, 65535, &v); cfg->max_tensors = (uint32_t)v; break;
 		case 'M': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_tensor_bytes = v << 20; break;
 		case 'G': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_total_bytes = v << 20; break;
 		case '2': bad = parse_u(optarg, 0, UINT64_MAX, &v); cfg->two_copies_min = v; break;

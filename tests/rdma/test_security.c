@@ -170,12 +170,14 @@ Test(security, malformed_control_messages_get_errors, .fini = stop_server, .time
 	rdmaps_close(good);
 }
 
-/* Write one slot by hand: header + count floats of value, with LAST. */
+/* Write one slot by hand: header + count floats of value, with LAST (and
+ * any extra flags). */
 static int raw_slot(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t chunk, uint32_t count,
-		    float value, uint32_t magic)
+		    float value, uint16_t extra_flags)
 {
-	struct rdmaps_slot_hdr h = { .magic = magic, .tensor_id = tensor, .seq = seq, .chunk = chunk,
-				     .count = count, .flags = RDMAPS_SLOT_LAST | RDMAPS_SLOT_END,
+	struct rdmaps_slot_hdr h = { .seq = (uint32_t)seq, .tensor_id = (uint16_t)tensor,
+				     .chunk = chunk, .count = count,
+				     .flags = RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | extra_flags,
 				     .scale = 1.0f };
 	uint32_t slot = (uint32_t)((seq - 1) % r->w.slot_count);
 	float *p = (float *)(r->buf + RAW_DATA_OFF + RDMAPS_SLOT_HDR);
@@ -203,18 +205,19 @@ Test(security, bad_and_replayed_slots_are_never_folded, .fini = stop_server, .ti
 	cr_assert_eq(raw_declare(&r, "m", 1024, &rep), 0);
 
 	/* seq 1, valid: folded (10 - 1 = 9) */
-	cr_assert_eq(raw_slot(&r, rep.tensor_id, 1, 0, 1024, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
-	/* replay of seq 1, a bad magic, a wrong count, an unknown tensor, a gap */
-	cr_assert_eq(raw_slot(&r, rep.tensor_id, 1, 0, 1024, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
-	cr_assert_eq(raw_slot(&r, rep.tensor_id, 2, 0, 1024, 1.0f, 0xdeadbeef), IBV_WC_SUCCESS);
-	cr_assert_eq(raw_slot(&r, rep.tensor_id, 2, 0, 1000, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
-	cr_assert_eq(raw_slot(&r, 999, 3, 0, 1024, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
-	cr_assert_eq(raw_slot(&r, rep.tensor_id, 9, 0, 1024, 1.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 1, 0, 1024, 1.0f, 0), IBV_WC_SUCCESS);
+	/* replay of seq 1, unknown flags (the server's own "refused" mark
+	 * among them), a wrong count, an unknown tensor, a gap */
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 1, 0, 1024, 1.0f, 0), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 2, 0, 1024, 1.0f, 0x8080), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 3, 0, 1000, 1.0f, 0), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_slot(&r, 999, 4, 0, 1024, 1.0f, 0), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 9, 0, 1024, 1.0f, 0), IBV_WC_SUCCESS);
 	/* the next in-order slot is still accepted: 9 - 2 = 7 */
-	cr_assert_eq(raw_slot(&r, rep.tensor_id, 4, 0, 1024, 2.0f, RDMAPS_SLOT_MAGIC), IBV_WC_SUCCESS);
-	for (int i = 0; i < 200 && __atomic_load_n(&r.credit[1], __ATOMIC_ACQUIRE) < 5; i++)
+	cr_assert_eq(raw_slot(&r, rep.tensor_id, 5, 0, 1024, 2.0f, 0), IBV_WC_SUCCESS);
+	for (int i = 0; i < 200 && __atomic_load_n(&r.credit[1], __ATOMIC_ACQUIRE) < 6; i++)
 		usleep(10000);
-	cr_assert_eq(r.credit[1], 5, "credit: folded up to seq 4 (got %lu)", (unsigned long)r.credit[1]);
+	cr_assert_eq(r.credit[1], 6, "credit: consumed up to seq 5 (got %lu)", (unsigned long)r.credit[1]);
 	raw_close(&r);
 
 	assert_model(good, t, 1024, 7.0f);

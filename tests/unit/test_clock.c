@@ -36,7 +36,7 @@ Test(clock, bsp_push_ahead_of_its_clock_is_refused)
 	cr_assert_eq(srv_clock_join(t, &a, &clock, &ready), 0);
 	cr_assert_eq(srv_clock_join(t, &b, &clock, &ready), 0);
 
-	struct rdmaps_slot_hdr h = { .magic = RDMAPS_SLOT_MAGIC, .count = 64,
+	struct rdmaps_slot_hdr h = { .count = 64,
 				     .flags = RDMAPS_SLOT_LAST | RDMAPS_SLOT_END };
 	/* a gives clock 0 */
 	cr_assert_eq(srv_clock_check(t, &a, &h, &next), 0);

@@ -14,7 +14,7 @@
  *                     and the data, scattered over 2 SGEs (a pull of a
  *                     small chunk reads it into one buffer instead).
  *   raw-write-slot    the exact WRITE-with-immediate a 1-chunk push posts:
- *                     40 B slot header + payload from 2 SGEs.
+ *                     24 B slot header + payload from 2 SGEs.
  *   raw-write-pp      WRITE ping-pong: WRITE, the peer sees the last byte
  *                     change and WRITEs back, we see ours change: a FULL
  *                     round trip; ib_write_lat prints HALF of it.
@@ -64,7 +64,7 @@ static const struct {
 			    "+8 B checksum, 2 SGEs: a big ASP chunk's READ" },
 	[RT_WRITE_ACK] = { "raw-write-ack", RAW_PASSIVE, "WRITE until the NIC's ack" },
 	[RT_WRITE_IMM_ACK] = { "raw-write-imm-ack", RAW_WRITE_IMM, "WRITE+imm until ack" },
-	[RT_WRITE_SLOT] = { "raw-write-slot", RAW_WRITE_IMM, "a push's WRITE+imm: +64 B, 2 SGEs" },
+	[RT_WRITE_SLOT] = { "raw-write-slot", RAW_WRITE_IMM, "a push's WRITE+imm: +24 B header, 2 SGEs" },
 	[RT_WRITE_PP] = { "raw-write-pp", RAW_WRITE_PP, "ib_write_lat prints half" },
 	[RT_WRITE_IMM_PP] = { "raw-write-imm-pp", RAW_WRITE_IMM_PP, "WRITE+imm, peer polls CQ, WRITEs 8 B back" },
 	[RT_SEND_PP] = { "raw-send-pp", RAW_SEND_PP, "ib_send_lat prints half" },
