@@ -379,11 +379,16 @@ static int phase(struct wl *wl, unsigned part, enum wl_op op, unsigned si, unsig
 	else
 		r.base_op[0] = '\0';
 	if (op == WL_TORN) {
-		uint32_t chunks = rdmaps__chunk_total(size / sizeof(float), 16384);
+		/* READs a pull makes: a row each (sparse), else a chunk each at
+		 * the server's default chunk size */
+		uint32_t chunks = o->access == ACCESS_SPARSE
+					  ? (uint32_t)wl->nrows[si]
+					  : rdmaps__chunk_total(size / sizeof(float), 16384);
 		r.retries_frac = pulls ? (double)retries / (double)pulls : 0;
-		snprintf(r.note, sizeof(r.note), "(%llu/%llu), %.3f%% of chunk READs (%u/pull); writer %.0f pushes/s",
+		snprintf(r.note, sizeof(r.note), "(%llu/%llu), %.3f%% of %s READs (%u/pull); writer %.0f pushes/s",
 			 (unsigned long long)retries, (unsigned long long)pulls,
-			 pulls ? 100.0 * (double)retries / ((double)pulls * chunks) : 0.0, chunks,
+			 pulls ? 100.0 * (double)retries / ((double)pulls * chunks) : 0.0,
+			 o->access == ACCESS_SPARSE ? "row" : "chunk", chunks,
 			 r.seconds > 0 ? (double)writes / r.seconds : 0);
 	} else if (op == WL_PULL && pulls && retries) {
 		snprintf(r.note, sizeof(r.note), "%llu torn-read retries", (unsigned long long)retries);
