@@ -12,8 +12,9 @@
  *   2. READ each chunk from that copy. Count, parity and version are checked
  *      at once; the checksum is only kept.
  *   3. When every chunk of the window is in, READ the index words again: y.
- *      The copy read is written again only by the second fold after x, and
- *      that fold makes the word (x | 1) + 2 before its first store. So
+ *      The copy read is written again only by the second version after x
+ *      (a version: one fold, or a fold thread's batch of them), and that
+ *      makes the word (x | 1) + 2 before its first store. So
  *      y <= (x | 1) + 1 means it had not begun when the chunk's READ had
  *      finished (that READ completed before this one was posted): the chunk
  *      was stable while it was read, and is accepted without hashing a byte.

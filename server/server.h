@@ -249,7 +249,8 @@ static inline uint8_t *srv_chunk(const struct srv_tensor *t, uint32_t i)
 				      (unsigned)(__atomic_load_n(&t->index[i], __ATOMIC_ACQUIRE) >> 1) & 1u);
 	return srv_chunk_copy(t, i, 0);
 }
-/* Chunk i's version: 2 x its folds, odd while one is being written. */
+/* Chunk i's version: 2 x its versions published, odd while one is being
+ * written (one copy: one per fold; two: one per fold thread batch). */
 static inline uint64_t srv_chunk_version(const struct srv_tensor *t, uint32_t i)
 {
 	if (t->index)
