@@ -262,6 +262,18 @@ struct rdmaps_msg_workers_reply {
 	uint32_t total, count, reserved;
 	struct rdmaps_wire_worker_info w[RDMAPS_WORKERS_PAGE];
 };
+/* The head every paged reply starts with: one loop can page any listing. */
+struct rdmaps_msg_page_head {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t total, count, reserved;
+};
+#define RDMAPS_PAGE_HEAD_OK(T)                                                                 \
+	(offsetof(struct T, total) == offsetof(struct rdmaps_msg_page_head, total) &&         \
+	 offsetof(struct T, count) == offsetof(struct rdmaps_msg_page_head, count))
+_Static_assert(RDMAPS_PAGE_HEAD_OK(rdmaps_msg_catalog_reply), "catalog reply head");
+_Static_assert(RDMAPS_PAGE_HEAD_OK(rdmaps_msg_chunks_reply), "chunks reply head");
+_Static_assert(RDMAPS_PAGE_HEAD_OK(rdmaps_msg_workers_reply), "workers reply head");
 _Static_assert(sizeof(struct rdmaps_msg_catalog_reply) <= RDMAPS_MSG_MAX, "catalog page fits");
 _Static_assert(sizeof(struct rdmaps_msg_chunks_reply) <= RDMAPS_MSG_MAX, "chunks page fits");
 _Static_assert(sizeof(struct rdmaps_msg_workers_reply) <= RDMAPS_MSG_MAX, "workers page fits");

@@ -33,14 +33,32 @@ static void usage(FILE *f)
 		   "(docs/cluster.md).\n");
 }
 
-/* One paged request to server k: fills reply (of the given type and size). */
-static int page(struct cl_conn *k, uint16_t type, uint32_t id, uint32_t start, uint16_t rtype,
-		void *reply, uint32_t rlen)
+/*
+ * Every page of a listing from server k (request type with id, replies of
+ * rtype into reply, rlen bytes, at most per_page entries each): fn gets
+ * each reply with the index of its first entry and how many it holds.
+ * Returns 0, or 1 after saying which server failed and why.
+ */
+static int page_all(struct cl_conn *k, uint16_t type, uint32_t id, uint16_t rtype, void *reply,
+		    uint32_t rlen, uint32_t per_page,
+		    void (*fn)(void *ctx, const void *reply, uint32_t start, uint32_t n), void *ctx)
 {
-	struct rdmaps_msg_page m = { .id = id, .start = start };
+	const struct rdmaps_msg_page_head *h = reply;
 
-	rdmaps__msg_init(&m.hdr, type, sizeof(m), 0);
-	return cl_rpc(k, &m, sizeof(m), rtype, reply, rlen);
+	for (uint32_t start = 0;;) {
+		struct rdmaps_msg_page m = { .id = id, .start = start };
+		int rc;
+
+		rdmaps__msg_init(&m.hdr, type, sizeof(m), 0);
+		if ((rc = cl_rpc(k, &m, sizeof(m), rtype, reply, rlen))) {
+			fprintf(stderr, "rdmaps-ctl: server %s: %s\n", k->name, rdmaps_strerror(rc));
+			return 1;
+		}
+		fn(ctx, reply, start, h->count < per_page ? h->count : per_page);
+		start += h->count;
+		if (!h->count || start >= h->total)
+			return 0;
+	}
 }
 
 #define STATS_FIELDS(X)                                                                      \
@@ -66,6 +84,23 @@ static int cmd_servers(rdmaps_client *c)
 	return 0;
 }
 
+static void print_tensors(void *ctx, const void *reply, uint32_t start, uint32_t n)
+{
+	const struct rdmaps_msg_catalog_reply *r = reply;
+	uint32_t server = *(const uint32_t *)ctx;
+
+	(void)start;
+	for (uint32_t k = 0; k < n; k++) {
+		struct rdmaps_wire_tensor_info e = r->t[k];
+		e.name[RDMAPS_NAME_MAX] = '\0';
+		e.optimizer[RDMAPS_OPT_NAME_MAX - 1] = '\0';
+		printf("%-6u %-24s %4u %12" PRIu64 " %8u %-9s %-4s %8" PRIu64 " %10" PRIu64 "%s\n",
+		       server, e.name, e.id, e.length, e.nchunks, e.optimizer,
+		       e.mode < 3 ? mode_names[e.mode] : "?", e.clock, e.folds,
+		       e.row_dim ? "  (sparse rows)" : "");
+	}
+}
+
 static int cmd_tensors(rdmaps_client *c)
 {
 	static struct rdmaps_msg_catalog_reply r;
@@ -73,29 +108,19 @@ static int cmd_tensors(rdmaps_client *c)
 	printf("%-6s %-24s %4s %12s %8s %-9s %-4s %8s %10s\n", "server", "tensor", "id", "floats",
 	       "chunks", "optimizer", "mode", "clock", "folds");
 	for (uint32_t i = 0; i < c->nconn; i++)
-		for (uint32_t start = 0;;) {
-			int rc = page(&c->conn[i], RDMAPS_MSG_CATALOG, 0, start, RDMAPS_MSG_CATALOG_REPLY, &r,
-				      sizeof(r));
-			if (rc) {
-				fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name,
-					rdmaps_strerror(rc));
-				return 1;
-			}
-			for (uint32_t k = 0; k < r.count && k < RDMAPS_CATALOG_PAGE; k++) {
-				struct rdmaps_wire_tensor_info *e = &r.t[k];
-				e->name[RDMAPS_NAME_MAX] = '\0';
-				e->optimizer[RDMAPS_OPT_NAME_MAX - 1] = '\0';
-				printf("%-6u %-24s %4u %12" PRIu64 " %8u %-9s %-4s %8" PRIu64 " %10" PRIu64
-				       "%s\n",
-				       i, e->name, e->id, e->length, e->nchunks, e->optimizer,
-				       e->mode < 3 ? mode_names[e->mode] : "?", e->clock, e->folds,
-				       e->row_dim ? "  (sparse rows)" : "");
-			}
-			start += r.count;
-			if (!r.count || start >= r.total)
-				break;
-		}
+		if (page_all(&c->conn[i], RDMAPS_MSG_CATALOG, 0, RDMAPS_MSG_CATALOG_REPLY, &r,
+			     sizeof(r), RDMAPS_CATALOG_PAGE, print_tensors, &i))
+			return 1;
 	return 0;
+}
+
+static void print_chunks(void *ctx, const void *reply, uint32_t start, uint32_t n)
+{
+	const struct rdmaps_msg_chunks_reply *r = reply;
+	uint32_t first = *(const uint32_t *)ctx;
+
+	for (uint32_t k = 0; k < n; k++)
+		printf("  chunk %-8u version %" PRIu64 "\n", first + start + k, r->version[k]);
 }
 
 static int cmd_chunks(rdmaps_client *c, const char *name)
@@ -112,45 +137,42 @@ static int cmd_chunks(rdmaps_client *c, const char *name)
 		struct cl_part *pt = &t->part[p];
 		printf("server %u (%s): chunks %u..%u, versions (odd = being folded):\n", pt->conn,
 		       c->conn[pt->conn].name, pt->first, pt->first + pt->nchunks - 1);
-		for (uint32_t start = 0; start < pt->nchunks;) {
-			if ((rc = page(&c->conn[pt->conn], RDMAPS_MSG_CHUNKS, pt->tensor_id, start,
-				       RDMAPS_MSG_CHUNKS_REPLY, &r, sizeof(r)))) {
-				fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[pt->conn].name,
-					rdmaps_strerror(rc));
-				return 1;
-			}
-			for (uint32_t k = 0; k < r.count && k < RDMAPS_CHUNKS_PAGE; k++)
-				printf("  chunk %-8u version %" PRIu64 "\n", pt->first + start + k,
-				       r.version[k]);
-			if (!r.count)
-				break;
-			start += r.count;
-		}
+		if (page_all(&c->conn[pt->conn], RDMAPS_MSG_CHUNKS, pt->tensor_id,
+			     RDMAPS_MSG_CHUNKS_REPLY, &r, sizeof(r), RDMAPS_CHUNKS_PAGE, print_chunks,
+			     &pt->first))
+			return 1;
 	}
 	return 0;
+}
+
+struct worker_fn {
+	uint32_t server;
+	void (*fn)(uint32_t server, const struct rdmaps_wire_worker_info *);
+};
+
+static void each_worker(void *ctx, const void *reply, uint32_t start, uint32_t n)
+{
+	const struct rdmaps_msg_workers_reply *r = reply;
+	const struct worker_fn *wf = ctx;
+
+	(void)start;
+	for (uint32_t k = 0; k < n; k++) {
+		struct rdmaps_wire_worker_info w = r->w[k];
+		w.addr[sizeof(w.addr) - 1] = '\0';
+		wf->fn(wf->server, &w);
+	}
 }
 
 static int for_workers(rdmaps_client *c, void (*fn)(uint32_t server, const struct rdmaps_wire_worker_info *))
 {
 	static struct rdmaps_msg_workers_reply r;
 
-	for (uint32_t i = 0; i < c->nconn; i++)
-		for (uint32_t start = 0;;) {
-			int rc = page(&c->conn[i], RDMAPS_MSG_WORKERS, 0, start, RDMAPS_MSG_WORKERS_REPLY, &r,
-				      sizeof(r));
-			if (rc) {
-				fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name,
-					rdmaps_strerror(rc));
-				return 1;
-			}
-			for (uint32_t k = 0; k < r.count && k < RDMAPS_WORKERS_PAGE; k++) {
-				r.w[k].addr[sizeof(r.w[k].addr) - 1] = '\0';
-				fn(i, &r.w[k]);
-			}
-			start += r.count;
-			if (!r.count || start >= r.total)
-				break;
-		}
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		struct worker_fn wf = { .server = i, .fn = fn };
+		if (page_all(&c->conn[i], RDMAPS_MSG_WORKERS, 0, RDMAPS_MSG_WORKERS_REPLY, &r,
+			     sizeof(r), RDMAPS_WORKERS_PAGE, each_worker, &wf))
+			return 1;
+	}
 	return 0;
 }
 
