@@ -3,9 +3,10 @@
  *
  * A pull posts one RDMA READ per run of up to read_span consecutive chunks,
  * scattering each header into scratch and the floats straight into the
- * caller's buffer, then checks each chunk and re-reads the torn ones alone. A tensor kept in two copies first READs the
- * index words of its chunks (CL_INDEX_WORDS at a time), each naming the
- * copy no fold is writing (docs/design.md). A push writes one staging slot per chunk
+ * caller's buffer, then checks each chunk and re-reads the torn ones alone.
+ * A tensor kept in two copies first READs the index words of its chunks
+ * (CL_INDEX_WORDS at a time), each naming the copy no fold is writing
+ * (docs/design.md). A push writes one staging slot per chunk
  * with WRITE-with-immediate, header and payload gathered from two SGEs,
  * never copied when the caller registered the gradient. Posting walks all
  * parts before anything is waited on, so the servers work in parallel. Work
@@ -44,6 +45,14 @@ static void op_finish(rdmaps_op *op, int status)
 static uint32_t op_index(const rdmaps_op *op)
 {
 	return (uint32_t)(op - op->c->ops);
+}
+
+/* A chunk of count floats is read whole into its slot's scratch, with one
+ * SGE, and copied out (rxe pays per SGE more than copying ~200 B costs);
+ * such a READ is always alone. */
+static bool read_whole(uint32_t count)
+{
+	return rdmaps__chunk_read_len(count) <= CL_SCRATCH;
 }
 
 /*
@@ -88,9 +97,7 @@ static int post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint3
 		rs->next = i + 1 < n ? s[i + 1] : CL_RS_NONE;
 		pad = (uint32_t)(t->stride - rdmaps__chunk_read_len(count));
 	}
-	if (rdmaps__chunk_read_len(sge[1].length / sizeof(float)) <= CL_SCRATCH) {
-		/* small (then alone): the whole READ into scratch, one SGE;
-		 * read_done copies */
+	if (read_whole(sge[1].length / (uint32_t)sizeof(float))) { /* n == 1 */
 		sge[0].length += sge[1].length;
 		wr.num_sge = 1;
 	}
@@ -237,8 +244,8 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 				rc = 0;
 			}
 			uint32_t chunk = pt->first + op->next[p];
-			bool small = rdmaps__chunk_read_len(rdmaps__chunk_count(
-					     op->t->length, op->t->chunk_elems, chunk)) <= CL_SCRATCH;
+			bool small = read_whole(
+				rdmaps__chunk_count(op->t->length, op->t->chunk_elems, chunk));
 			uint32_t copy = (uint32_t)(word >> 1) & 1u;
 			/* big consecutive chunks of one copy and window share a READ:
 			 * rxe pays per READ about what 4 KiB of data costs */
@@ -435,7 +442,7 @@ static void read_done(struct cl_conn *k, uint32_t s)
 	uint32_t chunk = t->part[rs->part].first + rs->local;
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
 	float *dst = op->buf + rs->dst_off;
-	bool small = rdmaps__chunk_read_len(count) <= CL_SCRATCH; /* as post_read chose */
+	bool small = read_whole(count); /* as post_reads chose */
 	const float *got = small ? (const float *)(rs->scratch + RDMAPS_CHUNK_HDR)
 				 : op->mr ? dst : rs->bounce;
 	struct rdmaps_chunk_hdr *h = (void *)rs->scratch;
