@@ -138,9 +138,8 @@ static int bw_slice(struct wl *wl, struct raw_bench *rb, rdmaps_tensor *t, bool 
 	uint64_t done, ns;
 	int rc;
 
-	if (raw) {
-		unsigned d = wl->o->raw_depth < n ? wl->o->raw_depth : (unsigned)n;
-		if (raw_bw_slice(rb, size, n, d, &done, &ns))
+	if (raw) { /* the stream posts at most the n it is asked for */
+		if (raw_bw_slice(rb, size, n, wl->o->raw_depth, &done, &ns))
 			return RDMAPS_EVERBS;
 	} else {
 		struct bench_loop l = { .want = n };
@@ -180,7 +179,10 @@ int wl_paired_bw(struct wl *wl, struct raw_bench *rb, unsigned si)
 
 	if (!(o->ops & BOP_PULL))
 		return 0;
-	n = n < PAIR_BW_SLICE_OPS ? PAIR_BW_SLICE_OPS : n > PAIR_BW_SLICE_MAX_OPS ? PAIR_BW_SLICE_MAX_OPS : n;
+	if (n < PAIR_BW_SLICE_OPS)
+		n = PAIR_BW_SLICE_OPS;
+	if (n > PAIR_BW_SLICE_MAX_OPS)
+		n = PAIR_BW_SLICE_MAX_OPS;
 	/* as the separate bw rows, twice over: each side gets half the time */
 	if (size >= (1u << 20) && want_s < BENCH_BW_MIN_S)
 		want_s = BENCH_BW_MIN_S;
