@@ -159,6 +159,7 @@ struct cl_conn {
 	/* from the server's welcome */
 	uint64_t staging_addr;
 	uint32_t staging_rkey, slots, slot_size, chunk_elems;
+	uint64_t instance, restored_seq; /* which run of the server this is */
 
 	/* credit word: the only memory the server may write (its own page) */
 	struct rdmaps_wire_credit *credit;

@@ -297,9 +297,11 @@ static int establish(struct cl_conn *k, const char *token, int timeout)
 		return RDMAPS_EPROTO;
 	if (w.version != RDMAPS_PROTO_VERSION)
 		return RDMAPS_EVERSION;
-	if (!w.slot_count || w.slot_count > CL_MAX_SLOTS || !w.chunk_elems ||
+	if (!w.slot_count || w.slot_count > CL_MAX_SLOTS || !w.chunk_elems || !w.instance ||
 	    w.slot_size != RDMAPS_SLOT_HDR + w.chunk_elems * sizeof(float))
 		return RDMAPS_EPROTO;
+	k->instance = w.instance;
+	k->restored_seq = w.restored_seq;
 	k->staging_addr = w.staging_addr;
 	k->staging_rkey = w.staging_rkey;
 	k->slots = w.slot_count;
@@ -538,6 +540,7 @@ int cl_reconnect(rdmaps_client *c)
 				  k->name, c->timeout_ms);
 			break;
 		}
+		uint64_t was = k->instance;
 		conn_release(k);
 		k->broken = 0;
 		k->push_owner = 0;
@@ -552,6 +555,18 @@ int cl_reconnect(rdmaps_client *c)
 			break;
 		}
 		c->stats.reconnects++;
+		if (k->instance != was) {
+			/* folded pushes after its last checkpoint are gone too: the
+			 * caller hears of it as of staged ones a failure lost */
+			c->stats.server_restarts++;
+			c->lost = true;
+			if (k->restored_seq)
+				log_warn("server %s restarted from its checkpoint %llu: pushes folded "
+					 "after that checkpoint are not in the model",
+					 k->name, (unsigned long long)k->restored_seq);
+			else
+				log_warn("server %s restarted without a checkpoint", k->name);
+		}
 		log_info("reconnected to server %s", k->name);
 	}
 	if (!rc)

@@ -132,8 +132,11 @@ int rdmaps_launch_info(int *rank, int *size);
  * from a checkpoint has them back. Pushes staged but not known to be folded
  * when the link broke are counted in lost_pushes, and the next
  * rdmaps_flush() returns RDMAPS_EDISCONNECTED once for them: push with
- * RDMAPS_PUSH_FOLDED, or flush, to know what reached the model. Nothing is
- * folded twice: sequence numbers start over on the new connection.
+ * RDMAPS_PUSH_FOLDED, or flush, to know what reached the model. A reconnect
+ * that finds the server restarted (server_restarts) is reported the same
+ * way, folded pushes or not: the model is back at the server's last
+ * checkpoint, and what was folded after it is gone. Nothing is folded
+ * twice: sequence numbers start over on the new connection.
  */
 
 /*
@@ -308,6 +311,8 @@ struct rdmaps_client_stats {
 	uint64_t lost_pushes;   /* staged slots not known to be folded when a link broke */
 	uint64_t reads;         /* pull READs posted: one spans up to 8 consecutive
 				 * chunks of a server, index READs not counted */
+	uint64_t server_restarts; /* reconnects that found a restarted server: the
+				   * model rolled back to its last checkpoint */
 };
 
 struct rdmaps_server_stats {

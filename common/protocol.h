@@ -20,7 +20,7 @@
 #include "rdmaps.h"
 
 #define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
-#define RDMAPS_PROTO_VERSION 5u /* 5: 24 B slot header (docs/protocol.md) */
+#define RDMAPS_PROTO_VERSION 6u /* 6: welcome names the server instance (docs/protocol.md) */
 #define RDMAPS_DEFAULT_PORT "7471"
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u
@@ -52,8 +52,15 @@ struct rdmaps_wire_welcome {
 	uint32_t chunk_elems;
 	uint32_t recv_depth;   /* receives the server keeps posted */
 	uint32_t server_id;
+	/*
+	 * Random per server process, never 0. A worker that reconnects and finds
+	 * another one knows the server restarted: what it folded after its last
+	 * checkpoint (restored_seq; 0: none, it started empty) is gone.
+	 */
+	uint64_t instance;
+	uint64_t restored_seq;
 };
-_Static_assert(sizeof(struct rdmaps_wire_welcome) == 40, "welcome size");
+_Static_assert(sizeof(struct rdmaps_wire_welcome) == 56, "welcome size");
 
 /* Server -> client in a reject. */
 struct rdmaps_wire_reject {

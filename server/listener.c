@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <sys/random.h>
 
 #include "error.h"
 #include "log.h"
@@ -185,6 +186,8 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 	w.chunk_elems = s->cfg.chunk_elems;
 	w.recv_depth = c->recv_depth;
 	w.server_id = s->cfg.server_id;
+	w.instance = s->instance;
+	w.restored_seq = atomic_load(&s->restored_seq);
 	p.private_data = &w;
 	p.private_data_len = sizeof(w);
 	/* workers pull with many READs in flight; grant what the device allows */
@@ -340,6 +343,12 @@ int srv_listen(struct srv *s)
 	uint64_t seq = 0;
 	int rc;
 
+	/* the instance only has to differ between runs of this server; a clock
+	 * and the pid stand in if the kernel has no entropy to give yet */
+	if (getrandom(&s->instance, sizeof(s->instance), GRND_NONBLOCK) != sizeof(s->instance))
+		s->instance = rdmaps__now_ns() ^ ((uint64_t)getpid() << 32);
+	if (!s->instance)
+		s->instance = 1;
 	pthread_mutex_init(&s->pause_lock, NULL);
 	pthread_cond_init(&s->pause_cond, NULL);
 	pthread_mutex_init(&s->conns_lock, NULL);

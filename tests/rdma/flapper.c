@@ -8,12 +8,13 @@
  * usage: rdmaps-test-flapper SERVER PORT TOKEN SRC TENSOR LENGTH SECONDS
  *
  * Prints a line per second ("t=.. ok=.. failed=..") and one per error, then
- * a last line "result ok=N failed=F reconnects=R value=V". Exit status 0
+ * a last line "result ok=N failed=F reconnects=R restarts=0 torn=0 value=V". Exit status 0
  * only when:
  *  - pushes succeeded again after the last error (it recovered by itself),
  *  - every pull was whole: all elements equal (never a torn tensor),
  *  - the final value V is what the pushes explain: each acknowledged push
- *    folded once, each failed one at most once: ok <= V <= ok + failed.
+ *    folded once, each failed one at most once: ok <= V <= ok + failed,
+ *  - no reconnect took the server for a restarted one (the same one answered).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -99,10 +100,13 @@ int main(int argc, char **argv)
 	rdmaps_flush(c, 20000); /* reports lost pushes once; counted as failed already */
 	rc = rdmaps_pull(c, t, w, 0);
 	rdmaps_client_stats(c, &st);
-	printf("result ok=%lu failed=%lu reconnects=%llu torn=%lu value=%g%s%s\n", ok, failed,
-	       (unsigned long long)st.reconnects, torn, rc ? -1.0 : w[0], rc ? " final pull: " : "",
+	printf("result ok=%lu failed=%lu reconnects=%llu restarts=%llu torn=%lu value=%g%s%s\n", ok,
+	       failed, (unsigned long long)st.reconnects, (unsigned long long)st.server_restarts, torn,
+	       rc ? -1.0 : w[0], rc ? " final pull: " : "",
 	       rc ? rdmaps_strerror(rc) : "");
-	int bad = rc || torn || !ok_since_error || w[0] < (float)ok || w[0] > (float)(ok + failed);
+	/* a cut link must not look like a restarted server: the same one answered */
+	int bad = rc || torn || !ok_since_error || w[0] < (float)ok || w[0] > (float)(ok + failed) ||
+		  st.server_restarts;
 	rdmaps_close(c);
 	free(g);
 	free(w);
