@@ -20,7 +20,7 @@
 #include "rdmaps.h"
 #include "verbs.h"
 
-#define CL_MAX_OPS 64u
+#define CL_MAX_OPS ((uint32_t)RDMAPS_MAX_OPS)
 #define CL_READ_SLOTS 32u   /* READs in flight per server */
 #define CL_RECVS 4u         /* control replies (one request at a time) */
 #define CL_SQ_DEPTH 128u

@@ -263,7 +263,12 @@ int rdmaps_push(rdmaps_client *c, rdmaps_tensor *t, const float *grad, unsigned 
  * Asynchronous forms: post, then rdmaps_test()/rdmaps_wait(). The buffer
  * must stay untouched until the op completes. *op is owned by the client and
  * released by the rdmaps_test()/rdmaps_wait() call that reports completion.
+ * A client has at most RDMAPS_MAX_OPS ops in flight (pulls and pushes, rows
+ * too); one more returns RDMAPS_EBUSY and posts nothing. Pushes beyond the
+ * server's staging ring (its --slots) are not an error: they wait, in
+ * order, for the ring's credits.
  */
+#define RDMAPS_MAX_OPS 64
 int rdmaps_pull_async(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags,
 		      rdmaps_op **op);
 int rdmaps_push_async(rdmaps_client *c, rdmaps_tensor *t, const float *grad,

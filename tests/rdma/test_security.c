@@ -292,3 +292,42 @@ Test(security, limits_are_clear_errors, .fini = stop_server, .timeout = 120)
 	rdmaps_close(c);
 	rdmaps_close(a);
 }
+
+/*
+ * Pending pushes per worker: the server's ring (--slots) makes pushes past
+ * it wait, in order; the client's own bound (RDMAPS_MAX_OPS in flight) is a
+ * clear RDMAPS_EBUSY that posts nothing. Either way, no push is lost or
+ * folded twice.
+ */
+#define PEND_LEN 4096
+
+Test(security, pending_pushes_past_the_limit_are_busy, .fini = stop_server, .timeout = 120)
+{
+	static float g[PEND_LEN], v[PEND_LEN];
+	static rdmaps_op *op[RDMAPS_MAX_OPS + 1];
+	struct rdmaps_client_stats cs;
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+
+	th_server_start(&srv, "--slots", "4", NULL);
+	c = th_connect(&srv);
+	t = th_declare(c, "pending", PEND_LEN, 0.0f, 1.0f);
+	for (int i = 0; i < PEND_LEN; i++)
+		g[i] = -1.0f;
+	for (int i = 0; i < RDMAPS_MAX_OPS; i++)
+		cr_assert_eq(rdmaps_push_async(c, t, g, 0, &op[i]), 0, "push %d", i);
+	cr_assert_eq(rdmaps_push_async(c, t, g, 0, &op[RDMAPS_MAX_OPS]), RDMAPS_EBUSY,
+		     "one op past RDMAPS_MAX_OPS");
+	cr_assert_eq(rdmaps_pull_async(c, t, v, 0, &op[RDMAPS_MAX_OPS]), RDMAPS_EBUSY,
+		     "a pull needs an op too");
+	for (int i = 0; i < RDMAPS_MAX_OPS; i++)
+		cr_assert_eq(rdmaps_wait(op[i], 20000), 0, "push %d", i);
+	cr_assert_eq(rdmaps_flush(c, 20000), 0);
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	for (int i = 0; i < PEND_LEN; i++)
+		cr_assert_eq(v[i], (float)RDMAPS_MAX_OPS, "[%d] = %f: the refused push changed it", i,
+			     v[i]);
+	rdmaps_client_stats(c, &cs);
+	cr_assert_eq(cs.pushes, RDMAPS_MAX_OPS, "the refused push is not counted");
+	rdmaps_close(c);
+}
