@@ -182,6 +182,7 @@ struct cl_conn {
 	uint8_t reply[RDMAPS_MSG_MAX];
 	uint32_t reply_len;
 	int broken;             /* 0 or why the connection is unusable */
+	bool dev_gone;          /* its device was removed: let go of it (cl_reconnect) */
 	uint64_t last_cm_check;
 	uint64_t last_probe;    /* when the last liveness probe was posted */
 	uint64_t cqes;          /* work completions seen: progress, for the watchdog */
@@ -204,8 +205,9 @@ struct cl_conn {
 struct rdmaps_client {
 	struct cl_conn *conn;
 	uint32_t nconn;
-	struct ibv_pd *pds[RDMAPS_MAX_SERVERS];
+	struct ibv_pd *pds[RDMAPS_MAX_SERVERS]; /* NULL: its device was removed */
 	uint32_t npd;
+	bool rescanned; /* librdmacm may hold other devices: rescan on failures */
 	int timeout_ms;
 	int broken; /* first connection failure, until cl_reconnect mends it */
 	bool lost;  /* a connection broke with pushes not known to be folded */

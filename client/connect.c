@@ -96,9 +96,10 @@ static void probe(struct cl_conn *k, uint64_t now)
 		k->sq_outstanding++;
 }
 
+static void cm_events(struct cl_conn *k);
+
 void cl_check_cm(struct cl_conn *k)
 {
-	struct rdma_cm_event *ev;
 	uint64_t now = rdmaps__now_ns();
 
 	/* a syscall, so at most every millisecond, and only while waiting */
@@ -122,16 +123,26 @@ void cl_check_cm(struct cl_conn *k)
 			 k->sq_outstanding, k->c->timeout_ms);
 		cl_fail(k, RDMAPS_ETIMEDOUT, "requests stalled");
 	}
-	if (rdma_get_cm_event(k->ch, &ev))
+	cm_events(k);
+}
+
+/* The CM's news for an established connection: each of these ends it. */
+static void cm_events(struct cl_conn *k)
+{
+	struct rdma_cm_event *ev;
+
+	if (!k->ch || rdma_get_cm_event(k->ch, &ev))
 		return; /* EAGAIN: nothing happened */
 	log_debug("server %s: %s", k->name, rdma_event_str(ev->event));
 	/* on an established id, each of these ends it: the peer said goodbye,
 	 * the CM found it unreachable, the device or the address went away */
 	switch (ev->event) {
+	case RDMA_CM_EVENT_DEVICE_REMOVAL:
+		k->dev_gone = true; /* cl_reconnect lets go of the device */
+		/* fall through */
 	case RDMA_CM_EVENT_DISCONNECTED:
 	case RDMA_CM_EVENT_UNREACHABLE:
 	case RDMA_CM_EVENT_CONNECT_ERROR:
-	case RDMA_CM_EVENT_DEVICE_REMOVAL:
 	case RDMA_CM_EVENT_ADDR_CHANGE:
 		cl_fail(k, RDMAPS_EDISCONNECTED, rdma_event_str(ev->event));
 		break;
@@ -179,23 +190,91 @@ static int resolve(struct cl_conn *k, const struct rdmaps__server_addr *sa, cons
 	return 0;
 }
 
-/* One protection domain per device: user buffers are registered once per PD. */
+/*
+ * One protection domain per device: user buffers are registered once per PD.
+ * A device seen for the first time, or back after its removal, gets a PD in
+ * a free slot and every registration the user holds is made on it too.
+ */
 static int pd_for(rdmaps_client *c, struct cl_conn *k)
 {
-	for (uint32_t i = 0; i < c->npd; i++)
-		if (c->pds[i]->context == k->id->verbs) {
+	uint32_t slot = c->npd;
+	struct ibv_pd *pd;
+	int rc = 0;
+
+	for (uint32_t i = 0; i < c->npd; i++) {
+		if (c->pds[i] && c->pds[i]->context == k->id->verbs) {
 			k->pd = c->pds[i];
 			k->pd_idx = i;
 			return 0;
 		}
-	if (c->mrs) /* registrations exist for the old PDs only */
-		return RDMAPS_EINVAL;
-	k->pd = ibv_alloc_pd(k->id->verbs);
-	if (!k->pd)
+		if (!c->pds[i] && slot == c->npd)
+			slot = i;
+	}
+	if (slot == RDMAPS_MAX_SERVERS)
+		return RDMAPS_ELIMIT;
+	if (!(pd = ibv_alloc_pd(k->id->verbs)))
 		return RDMAPS_EVERBS;
-	k->pd_idx = c->npd;
-	c->pds[c->npd++] = k->pd;
+	for (rdmaps_mr *m = c->mrs; m && !rc; m = m->next)
+		rc = rdmaps__reg_mr(pd, m->addr, m->len, IBV_ACCESS_LOCAL_WRITE, &m->mr[slot]);
+	if (rc) {
+		for (rdmaps_mr *m = c->mrs; m; m = m->next)
+			if (m->mr[slot]) {
+				ibv_dereg_mr(m->mr[slot]);
+				m->mr[slot] = NULL;
+			}
+		ibv_dealloc_pd(pd);
+		return rc;
+	}
+	k->pd = c->pds[slot] = pd;
+	k->pd_idx = slot;
+	if (slot == c->npd)
+		c->npd++;
 	return 0;
+}
+
+/*
+ * librdmacm closes its context of a removed device only when it rescans its
+ * device list, and rxe cannot finish a removal while any process has the
+ * device open. A rescan opens every device present, though, and holds it
+ * until it goes; so a client rescans after letting go of a removed device,
+ * and from then on after each failed connection attempt too (the device
+ * that went may be another one it came to hold that way: with rxe, every
+ * host of the test VM sees every other host's device).
+ */
+static void rescan_devices(rdmaps_client *c)
+{
+	struct ibv_context **devs = rdma_get_devices(NULL);
+
+	if (devs)
+		rdma_free_devices(devs);
+	c->rescanned = true;
+}
+
+/*
+ * The device under PD slot i was removed. The kernel ends the removal only
+ * once every process has let go of it (rxe cannot take it away from a
+ * running process), so once no connection uses it: drop the user's
+ * registrations there and the PD, and have librdmacm rescan its device
+ * list, which is when it closes its own context of a dead device.
+ */
+static void pd_drop(rdmaps_client *c, uint32_t i)
+{
+
+	for (uint32_t j = 0; j < c->nconn; j++)
+		if (c->conn[j].id && c->conn[j].pd == c->pds[i])
+			return; /* the last connection through it will */
+	for (rdmaps_mr *m = c->mrs; m; m = m->next)
+		if (m->mr[i]) {
+			ibv_dereg_mr(m->mr[i]);
+			m->mr[i] = NULL;
+		}
+	ibv_dealloc_pd(c->pds[i]);
+	c->pds[i] = NULL;
+	for (uint32_t j = 0; j < c->nconn; j++)
+		if (c->conn[j].pd_idx == i)
+			c->conn[j].pd = NULL;
+	rescan_devices(c);
+	log_info("released a removed RDMA device");
 }
 
 static int build(struct cl_conn *k)
@@ -422,6 +501,8 @@ static int conn_open(struct cl_conn *k, const struct rdmaps__server_addr *sa, co
 		if (!rc)
 			return 0;
 		conn_release(k);
+		if (k->c->rescanned)
+			rescan_devices(k->c);
 		now = rdmaps__now_ns();
 		if (!retryable(rc) || now + (uint64_t)backoff_ms * 1000000u >= deadline) {
 			if (retryable(rc))
@@ -527,14 +608,29 @@ int cl_reconnect(rdmaps_client *c)
 
 	if (!c->broken)
 		return 0;
+	/* every op using a broken connection has ended (its requests flushed) */
+	for (uint32_t j = 0; j < CL_MAX_OPS; j++)
+		if (c->ops[j].kind != OP_FREE && c->ops[j].inflight)
+			return RDMAPS_EBUSY;
+	/*
+	 * A removed device first, on every connection through it (each has its
+	 * own DEVICE_REMOVAL to read): the kernel cannot finish the removal,
+	 * and so the device cannot come back, until all of them let go.
+	 */
+	for (uint32_t i = 0; i < c->nconn; i++)
+		cm_events(&c->conn[i]);
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		struct cl_conn *k = &c->conn[i];
+		if (!k->dev_gone)
+			continue;
+		conn_release(k);
+		k->dev_gone = false;
+		pd_drop(c, k->pd_idx);
+	}
 	for (uint32_t i = 0; i < c->nconn && !rc; i++) {
 		struct cl_conn *k = &c->conn[i];
 		if (!k->broken)
 			continue;
-		/* every op using this connection has ended (its requests flushed) */
-		for (uint32_t j = 0; j < CL_MAX_OPS; j++)
-			if (c->ops[j].kind != OP_FREE && c->ops[j].inflight)
-				return RDMAPS_EBUSY;
 		if ((rc = wait_port(k, c->timeout_ms))) {
 			log_error("server %s not reachable: the local port stayed down for %d ms",
 				  k->name, c->timeout_ms);
@@ -634,7 +730,8 @@ void rdmaps_close(rdmaps_client *c)
 	for (uint32_t i = 0; i < c->nconn; i++)
 		conn_release(&c->conn[i]);
 	for (uint32_t i = 0; i < c->npd; i++)
-		ibv_dealloc_pd(c->pds[i]);
+		if (c->pds[i])
+			ibv_dealloc_pd(c->pds[i]);
 	free(c->conn);
 	free(c);
 }
@@ -652,8 +749,11 @@ int rdmaps_register(rdmaps_client *c, void *buf, size_t len, rdmaps_mr **out)
 	m->c = c;
 	m->addr = buf;
 	m->len = len;
+	/* on every device in use; a device that comes later gets it then
+	 * (pd_for), one removed has it dropped (pd_drop) */
 	for (uint32_t i = 0; i < c->npd && !rc; i++)
-		rc = rdmaps__reg_mr(c->pds[i], buf, len, IBV_ACCESS_LOCAL_WRITE, &m->mr[i]);
+		if (c->pds[i])
+			rc = rdmaps__reg_mr(c->pds[i], buf, len, IBV_ACCESS_LOCAL_WRITE, &m->mr[i]);
 	if (rc) {
 		for (uint32_t i = 0; i < c->npd; i++)
 			if (m->mr[i])

@@ -228,6 +228,9 @@ uint64_t rdmaps_tensor_server_elems(const rdmaps_tensor *t, uint32_t server);
  * send from it without copies. Unregistered buffers still work through an
  * internal bounce buffer (one extra copy). The buffer must outlive the
  * registration; free the registration (rdmaps_deregister) before the memory.
+ * A registration follows the devices the client uses: made on a device that
+ * comes into use later, dropped from one that is removed, and made again
+ * when it is back (docs/durability.md); the handle stays the same.
  */
 int rdmaps_register(rdmaps_client *c, void *buf, size_t len, rdmaps_mr **out);
 /* NULL is a no-op. Must not be called while an op uses the buffer. */
