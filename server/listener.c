@@ -289,8 +289,17 @@ static void on_event(struct srv *s, struct rdma_cm_event *ev)
 		}
 		break;
 	case RDMA_CM_EVENT_DEVICE_REMOVAL:
-		log_error("RDMA device removed; stopping");
-		atomic_store(&s->stop, true);
+		/*
+		 * Every connection and registration is on the device that went:
+		 * stop as on SIGTERM (the shutdown checkpoint included), which
+		 * also lets the kernel finish the removal, and exit non-zero so
+		 * a supervisor starts it again once the device is back; workers
+		 * then reconnect to it by themselves.
+		 */
+		log_error("RDMA device %s removed: writing a checkpoint and stopping",
+			  ev->id && ev->id->verbs ? ibv_get_device_name(ev->id->verbs->device) : "?");
+		s->exit_rc = RDMAPS_ENODEV; /* srv_run returns; fold threads stay up
+					     * to be parked for that checkpoint */
 		break;
 	default:
 		log_debug("rdma_cm event %s ignored", rdma_event_str(type));
@@ -362,17 +371,32 @@ int srv_listen(struct srv *s)
 			       (unsigned long long)seq, atomic_load(&s->store.count));
 	}
 
-	s->devs = rdma_get_devices(&s->ndev);
-	if (!s->devs || s->ndev <= 0) {
-		log_error("no RDMA device found: load a driver or create a soft-RoCE device "
-			  "(tools/rxe-setup add), and check `ibv_devices`");
-		return RDMAPS_ENODEV;
-	}
 	s->cm_channel = rdma_create_event_channel();
 	if (!s->cm_channel || rdma_create_id(s->cm_channel, &s->listen_id, s, RDMA_PS_TCP))
 		return RDMAPS_EVERBS;
 	if ((rc = bind_any(s)))
 		return rc;
+	/*
+	 * Bound to an address: that one device is all it serves through, and
+	 * all it opens. rdma_get_devices() would open every device on the host
+	 * and hold it for good, and a device a process holds cannot be removed
+	 * (on rxe the removal waits for it), not even another host's NIC that
+	 * is none of this server's business.
+	 */
+	if (s->listen_id->verbs) {
+		if (!(s->own_devs = calloc(2, sizeof(*s->own_devs))))
+			return RDMAPS_ENOMEM;
+		s->own_devs[0] = s->listen_id->verbs;
+		s->devs = s->own_devs;
+		s->ndev = 1;
+	} else {
+		s->devs = rdma_get_devices(&s->ndev);
+	}
+	if (!s->devs || s->ndev <= 0) {
+		log_error("no RDMA device found: load a driver or create a soft-RoCE device "
+			  "(tools/rxe-setup add), and check `ibv_devices`");
+		return RDMAPS_ENODEV;
+	}
 	if (rdma_listen(s->listen_id, 64)) {
 		log_error("rdma_listen: %s", strerror(errno));
 		return rdmaps__from_errno(errno);
@@ -435,7 +459,7 @@ int srv_run(struct srv *s)
 		fcntl(s->devs[d]->async_fd, F_SETFL, fcntl(s->devs[d]->async_fd, F_GETFL) | O_NONBLOCK);
 		pfd[n++] = (struct pollfd){ .fd = s->devs[d]->async_fd, .events = POLLIN };
 	}
-	while (!atomic_load(&s->stop)) {
+	while (!atomic_load(&s->stop) && !s->exit_rc) {
 		struct rdma_cm_event *ev;
 
 		if (poll(pfd, (nfds_t)n, 100) < 0 && errno != EINTR)
@@ -457,7 +481,7 @@ int srv_run(struct srv *s)
 			continue;
 		on_event(s, ev);
 	}
-	return 0;
+	return s->exit_rc;
 }
 
 void srv_close(struct srv *s)
@@ -479,7 +503,8 @@ void srv_close(struct srv *s)
 		rdma_destroy_id(s->listen_id);
 	if (s->cm_channel)
 		rdma_destroy_event_channel(s->cm_channel);
-	if (s->devs)
+	if (s->devs && s->devs != s->own_devs)
 		rdma_free_devices(s->devs);
+	free(s->own_devs);
 	srv_store_fini(&s->store);
 }

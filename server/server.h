@@ -205,9 +205,11 @@ struct srv {
 	struct rdma_event_channel *cm_channel;
 	struct rdma_cm_id *listen_id;
 	struct srv_fold_thread *ft;
-	struct ibv_context **devs;   /* rdma_cm's device contexts (rdma_get_devices) */
+	struct ibv_context **devs;   /* devices served through: own_devs, or rdma_cm's all */
+	struct ibv_context **own_devs; /* {listening device, NULL} when bound to an address */
 	int ndev;
 	_Atomic bool stop;
+	int exit_rc;                 /* why srv_run stopped by itself (listener-owned) */
 	int stop_fd;                 /* eventfd that wakes the listener */
 	uint32_t nconns;             /* listener-owned */
 	struct srv_conn *conns;      /* listener-owned list */
