@@ -2,17 +2,20 @@
  * Faults, each ending with a check of what the model must be: a server
  * killed with SIGKILL and restarted from its checkpoint (alone, with its
  * optimizer state checked; and one shard of three, killed while two workers
- * push flat out); a corrupt checkpoint refused for the previous one.
- * (A link cut and plugged back under load: checks.d/link-fault.)
- * (A worker killed mid-push: datapath.killed_worker_folds_no_partial_push.)
+ * push flat out); a corrupt checkpoint refused for the previous one; a
+ * worker killed mid-push across three shards while another pushes.
+ * (Links cut and devices removed under load: checks.d/link-fault.)
+ * (A worker killed mid-push, one server: datapath.killed_worker_folds_no_partial_push.)
  */
 #include <criterion/criterion.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/wait.h>
 
 #include "harness.h"
 
@@ -410,5 +413,91 @@ Test(faults, shard_killed_under_load_restarts_from_checkpoint, .fini = shard_cle
 	for (int i = 0; i < NS; i++)
 		want += q[i] * (float)rdmaps_tensor_server_elems(t, (uint32_t)i);
 	cr_assert_eq(total, want, "whole pull sums to %.0f, the parts to %.0f", total, want);
+	rdmaps_close(ctl);
+}
+
+/* ---- a worker killed mid-push across shards ---------------------------- */
+
+#define SURVIVOR_PUSHES 60
+
+static pid_t spawn_pusher(const char *count, int *ready_fd)
+{
+	int p[2];
+	pid_t pid;
+
+	cr_assert_eq(pipe(p), 0);
+	pid = fork();
+	if (pid == 0) {
+		dup2(p[1], STDOUT_FILENO);
+		close(p[0]);
+		close(p[1]);
+		execl(RDMAPS_PUSHER_BIN, RDMAPS_PUSHER_BIN, "--cluster", servers, host[3], TH_TOKEN, "w",
+		      count, (char *)NULL);
+		_exit(127);
+	}
+	close(p[1]);
+	*ready_fd = p[0];
+	return pid;
+}
+
+/*
+ * A push is all-or-nothing per server: a worker killed in the middle of one
+ * leaves each server's part holding whole pushes only, and since a worker
+ * stages one push on every server before the next, the parts differ by at
+ * most that one push. Meanwhile another worker's pushes all fold, and the
+ * servers go on.
+ */
+Test(faults, shard_worker_killed_mid_push_leaves_whole_parts, .fini = shard_cleanup,
+     .timeout = 300)
+{
+	rdmaps_client *ctl;
+	size_t n = 0;
+	float base[NS];
+
+	th_hosts(host, 5);
+	for (int i = 0; i < NS; i++) {
+		snprintf(shard_dir[i], sizeof(shard_dir[i]), "/tmp/rdmaps-shard-XXXXXX");
+		cr_assert_not_null(mkdtemp(shard_dir[i]));
+		shard_start(i, false);
+		n += (size_t)snprintf(servers + n, sizeof(servers) - n, "%s%s:%s", i ? "," : "",
+				      shard[i].addr, shard[i].port);
+	}
+	cr_assert_eq(cluster_connect(host[4], &ctl), 0);
+	th_declare(ctl, "w", CLEN, 0.0f, 1.0f);
+	for (int i = 0; i < NS; i++)
+		base[i] = 0.0f;
+	for (int round = 0; round < 3; round++) {
+		struct timespec ts = { 0, (150 + 90 * round) * 1000000L };
+		char b, count[16];
+		int victim_fd, survivor_fd, status;
+		float p[NS], lo = 1e30f, hi = -1e30f;
+
+		snprintf(count, sizeof(count), "%d", SURVIVOR_PUSHES);
+		pid_t victim = spawn_pusher("-1", &victim_fd);
+		pid_t survivor = spawn_pusher(count, &survivor_fd);
+		cr_assert_eq(read(victim_fd, &b, 1), 1, "pusher could not connect");
+		cr_assert_eq(read(survivor_fd, &b, 1), 1, "pusher could not connect");
+		close(victim_fd);
+		close(survivor_fd);
+		nanosleep(&ts, NULL);
+		kill(victim, SIGKILL);
+		waitpid(victim, &status, 0);
+		cr_assert(WIFSIGNALED(status), "the victim exited by itself: %d", status);
+		waitpid(survivor, &status, 0);
+		cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+			  "the other worker's pushes failed: %d", status);
+		usleep(300000); /* the servers fold what the victim staged in time */
+		for (int i = 0; i < NS; i++) {
+			p[i] = part_value(i) - base[i] - SURVIVOR_PUSHES; /* the victim's */
+			lo = p[i] < lo ? p[i] : lo;
+			hi = p[i] > hi ? p[i] : hi;
+			base[i] += p[i] + SURVIVOR_PUSHES;
+		}
+		printf("shard worker kill, round %d: the victim's whole pushes per server %.0f %.0f %.0f\n",
+		       round, p[0], p[1], p[2]);
+		cr_assert(lo >= 1.0f, "the victim pushed nothing before it was killed");
+		cr_assert(hi - lo <= 1.0f, "parts differ by more than the push in flight: %.0f..%.0f", lo,
+			  hi);
+	}
 	rdmaps_close(ctl);
 }
