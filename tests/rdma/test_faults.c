@@ -181,6 +181,21 @@ static void shard_start(int i, bool again)
 				   "--checkpoint-dir", shard_dir[i], NULL);
 }
 
+/* Three servers on hosts 1-3, each with a checkpoint directory of its own. */
+static void shards_up(void)
+{
+	size_t n = 0;
+
+	th_hosts(host, 5);
+	for (int i = 0; i < NS; i++) {
+		snprintf(shard_dir[i], sizeof(shard_dir[i]), "/tmp/rdmaps-shard-XXXXXX");
+		cr_assert_not_null(mkdtemp(shard_dir[i]));
+		shard_start(i, false);
+		n += (size_t)snprintf(servers + n, sizeof(servers) - n, "%s%s:%s", i ? "," : "",
+				      shard[i].addr, shard[i].port);
+	}
+}
+
 static int cluster_connect(const char *src, rdmaps_client **c)
 {
 	struct rdmaps_cluster_opts o = { .servers = servers, .src_addr = src, .token = TH_TOKEN,
@@ -243,15 +258,20 @@ out:
 	return NULL;
 }
 
-static uint64_t sum(struct load_worker *w, _Atomic uint64_t *(*field)(struct load_worker *))
+static uint64_t total_staged(struct load_worker *w)
 {
 	uint64_t n = 0;
 	for (int i = 0; i < NW; i++)
-		n += atomic_load(field(&w[i]));
+		n += atomic_load(&w[i].staged);
 	return n;
 }
-static _Atomic uint64_t *staged_of(struct load_worker *w) { return &w->staged; }
-static _Atomic uint64_t *confirmed_of(struct load_worker *w) { return &w->confirmed; }
+static uint64_t total_confirmed(struct load_worker *w)
+{
+	uint64_t n = 0;
+	for (int i = 0; i < NW; i++)
+		n += atomic_load(&w[i].confirmed);
+	return n;
+}
 
 /* Waits up to `s` seconds for cond(w) to hold. */
 static bool wait_for(struct load_worker *w, bool (*cond)(struct load_worker *), int s)
@@ -282,7 +302,7 @@ static bool all_failed(struct load_worker *w)
 static uint64_t ckpt_most;
 static bool past_checkpoint(struct load_worker *w)
 {
-	return sum(w, confirmed_of) > ckpt_most;
+	return total_confirmed(w) > ckpt_most;
 }
 
 /* Server i's part of "w", read through a client of its own: every element
@@ -304,8 +324,8 @@ static float part_value(int i)
 	return v[0];
 }
 
-Test(faults, shard_killed_under_load_restarts_from_checkpoint, .fini = shard_cleanup,
-     .timeout = 300)
+Test(faults, shard_killed_under_load_restarts_from_checkpoint, .init = shards_up,
+     .fini = shard_cleanup, .timeout = 300)
 {
 	static struct load_worker w[NW];
 	struct rdmaps_client_stats cs;
@@ -313,16 +333,7 @@ Test(faults, shard_killed_under_load_restarts_from_checkpoint, .fini = shard_cle
 	rdmaps_client *ctl;
 	rdmaps_tensor *t;
 	float p[NS], q[NS];
-	size_t n = 0;
 
-	th_hosts(host, 5);
-	for (int i = 0; i < NS; i++) {
-		snprintf(shard_dir[i], sizeof(shard_dir[i]), "/tmp/rdmaps-shard-XXXXXX");
-		cr_assert_not_null(mkdtemp(shard_dir[i]));
-		shard_start(i, false);
-		n += (size_t)snprintf(servers + n, sizeof(servers) - n, "%s%s:%s", i ? "," : "",
-				      shard[i].addr, shard[i].port);
-	}
 	for (int i = 0; i < CLEN; i++)
 		ones[i] = -1.0f;
 	cr_assert_eq(cluster_connect(host[3], &ctl), 0);
@@ -338,14 +349,14 @@ Test(faults, shard_killed_under_load_restarts_from_checkpoint, .fini = shard_cle
 	cr_assert(wait_for(w, all_going, 60), "the workers did not get going");
 	/* a checkpoint under load: it holds at least every push confirmed
 	 * before it was asked for, and at most those staged when it is done */
-	uint64_t ckpt_confirmed = sum(w, confirmed_of);
+	uint64_t ckpt_confirmed = total_confirmed(w);
 	cr_assert_eq(rdmaps_checkpoint(ctl, 30000), 0);
-	ckpt_most = sum(w, staged_of) + NW;
+	ckpt_most = total_staged(w) + NW;
 	/* more folds, which the crash takes back; then the kill, mid-push */
 	cr_assert(wait_for(w, past_checkpoint, 30), "no push folded after the checkpoint");
 	th_server_kill9(&shard[VICTIM]);
 	cr_assert(wait_for(w, all_failed, 60), "a worker never noticed the dead server");
-	uint64_t staged_at_kill = sum(w, staged_of), confirmed_at_kill = sum(w, confirmed_of);
+	uint64_t staged_at_kill = total_staged(w), confirmed_at_kill = total_confirmed(w);
 
 	shard_start(VICTIM, true);
 	usleep(500000); /* the survivors fold what was staged on them */
@@ -447,21 +458,12 @@ static pid_t spawn_pusher(const char *count, int *ready_fd)
  * most that one push. Meanwhile another worker's pushes all fold, and the
  * servers go on.
  */
-Test(faults, shard_worker_killed_mid_push_leaves_whole_parts, .fini = shard_cleanup,
-     .timeout = 300)
+Test(faults, shard_worker_killed_mid_push_leaves_whole_parts, .init = shards_up,
+     .fini = shard_cleanup, .timeout = 300)
 {
 	rdmaps_client *ctl;
-	size_t n = 0;
 	float base[NS];
 
-	th_hosts(host, 5);
-	for (int i = 0; i < NS; i++) {
-		snprintf(shard_dir[i], sizeof(shard_dir[i]), "/tmp/rdmaps-shard-XXXXXX");
-		cr_assert_not_null(mkdtemp(shard_dir[i]));
-		shard_start(i, false);
-		n += (size_t)snprintf(servers + n, sizeof(servers) - n, "%s%s:%s", i ? "," : "",
-				      shard[i].addr, shard[i].port);
-	}
 	cr_assert_eq(cluster_connect(host[4], &ctl), 0);
 	th_declare(ctl, "w", CLEN, 0.0f, 1.0f);
 	for (int i = 0; i < NS; i++)
