@@ -259,7 +259,8 @@ static void rescan_devices(rdmaps_client *c)
  */
 static void pd_drop(rdmaps_client *c, uint32_t i)
 {
-
+	if (!c->pds[i])
+		return; /* dropped already, by another connection through it */
 	for (uint32_t j = 0; j < c->nconn; j++)
 		if (c->conn[j].id && c->conn[j].pd == c->pds[i])
 			return; /* the last connection through it will */
