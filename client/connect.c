@@ -190,6 +190,16 @@ static int resolve(struct cl_conn *k, const struct rdmaps__server_addr *sa, cons
 	return 0;
 }
 
+/* The user's registrations on PD slot i, deregistered. */
+static void regs_drop(rdmaps_client *c, uint32_t i)
+{
+	for (rdmaps_mr *m = c->mrs; m; m = m->next)
+		if (m->mr[i]) {
+			ibv_dereg_mr(m->mr[i]);
+			m->mr[i] = NULL;
+		}
+}
+
 /*
  * One protection domain per device: user buffers are registered once per PD.
  * A device seen for the first time, or back after its removal, gets a PD in
@@ -217,11 +227,7 @@ static int pd_for(rdmaps_client *c, struct cl_conn *k)
 	for (rdmaps_mr *m = c->mrs; m && !rc; m = m->next)
 		rc = rdmaps__reg_mr(pd, m->addr, m->len, IBV_ACCESS_LOCAL_WRITE, &m->mr[slot]);
 	if (rc) {
-		for (rdmaps_mr *m = c->mrs; m; m = m->next)
-			if (m->mr[slot]) {
-				ibv_dereg_mr(m->mr[slot]);
-				m->mr[slot] = NULL;
-			}
+		regs_drop(c, slot);
 		ibv_dealloc_pd(pd);
 		return rc;
 	}
@@ -262,18 +268,11 @@ static void pd_drop(rdmaps_client *c, uint32_t i)
 	if (!c->pds[i])
 		return; /* dropped already, by another connection through it */
 	for (uint32_t j = 0; j < c->nconn; j++)
-		if (c->conn[j].id && c->conn[j].pd == c->pds[i])
+		if (c->conn[j].pd == c->pds[i])
 			return; /* the last connection through it will */
-	for (rdmaps_mr *m = c->mrs; m; m = m->next)
-		if (m->mr[i]) {
-			ibv_dereg_mr(m->mr[i]);
-			m->mr[i] = NULL;
-		}
+	regs_drop(c, i);
 	ibv_dealloc_pd(c->pds[i]);
 	c->pds[i] = NULL;
-	for (uint32_t j = 0; j < c->nconn; j++)
-		if (c->conn[j].pd_idx == i)
-			c->conn[j].pd = NULL;
 	rescan_devices(c);
 	log_info("released a removed RDMA device");
 }
@@ -448,6 +447,7 @@ static void conn_release(struct cl_conn *k)
 	k->ch = NULL;
 	k->data = k->ctl = NULL;
 	k->credit = NULL;
+	k->pd = NULL; /* the PD is the client's: released ones no longer use it */
 	k->stall_since = 0; /* a new connection starts with a clean watchdog */
 }
 
