@@ -384,8 +384,6 @@ int srv_listen(struct srv *s)
 	 * is none of this server's business.
 	 */
 	if (s->listen_id->verbs) {
-		if (!(s->own_devs = calloc(2, sizeof(*s->own_devs))))
-			return RDMAPS_ENOMEM;
 		s->own_devs[0] = s->listen_id->verbs;
 		s->devs = s->own_devs;
 		s->ndev = 1;
@@ -505,6 +503,5 @@ void srv_close(struct srv *s)
 		rdma_destroy_event_channel(s->cm_channel);
 	if (s->devs && s->devs != s->own_devs)
 		rdma_free_devices(s->devs);
-	free(s->own_devs);
 	srv_store_fini(&s->store);
 }

@@ -206,7 +206,7 @@ struct srv {
 	struct rdma_cm_id *listen_id;
 	struct srv_fold_thread *ft;
 	struct ibv_context **devs;   /* devices served through: own_devs, or rdma_cm's all */
-	struct ibv_context **own_devs; /* {listening device, NULL} when bound to an address */
+	struct ibv_context *own_devs[2]; /* {listening device, NULL} when bound to an address */
 	int ndev;
 	_Atomic bool stop;
 	int exit_rc;                 /* why srv_run stopped by itself (listener-owned) */
