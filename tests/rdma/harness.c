@@ -179,6 +179,41 @@ rdmaps_client *th_connect(const struct th_server *s)
 	return c;
 }
 
+int th_connect_cluster(const char *servers, const char *src, rdmaps_client **out)
+{
+	struct rdmaps_cluster_opts o = { .servers = servers, .src_addr = src, .token = TH_TOKEN,
+					 .timeout_ms = 20000 };
+
+	return rdmaps_connect_cluster(&o, out);
+}
+
+pid_t th_pusher(const char *arg, ...)
+{
+	const char *argv[16] = { RDMAPS_PUSHER_BIN };
+	unsigned n = 1;
+	va_list ap;
+	int p[2];
+	char b;
+
+	va_start(ap, arg);
+	for (const char *a = arg; a && n < 15; a = va_arg(ap, const char *))
+		argv[n++] = a;
+	va_end(ap);
+	cr_assert_eq(pipe(p), 0);
+	pid_t pid = fork();
+	if (pid == 0) {
+		dup2(p[1], STDOUT_FILENO);
+		close(p[0]);
+		close(p[1]);
+		execv(argv[0], (char *const *)argv);
+		_exit(127);
+	}
+	close(p[1]);
+	cr_assert_eq(read(p[0], &b, 1), 1, "pusher could not connect");
+	close(p[0]);
+	return pid;
+}
+
 rdmaps_tensor *th_declare(rdmaps_client *c, const char *name, uint64_t len, float value, float lr)
 {
 	struct rdmaps_tensor_desc d = { .name = name, .length = len, .init_value = value,

@@ -40,6 +40,14 @@ void th_server_restart(struct th_server *s, ...);
 /* Connect a librdmaps client with the test token (asserts success). */
 rdmaps_client *th_connect(const struct th_server *s);
 int th_connect_token(const struct th_server *s, const char *token, rdmaps_client **out);
+/* Connect to every server of "host:port,..." from address src (NULL: any),
+ * with the test token; returns 0 or the rdmaps_err. */
+int th_connect_cluster(const char *servers, const char *src, rdmaps_client **out);
+/*
+ * Start tests/rdma/pusher.c with these NULL-terminated arguments and wait
+ * until it says it is ready (asserts it does); returns its pid.
+ */
+pid_t th_pusher(const char *arg, ...);
 /* Declare a float tensor initialised to value (asserts success). */
 rdmaps_tensor *th_declare(rdmaps_client *c, const char *name, uint64_t len, float value, float lr);
 

@@ -43,9 +43,7 @@ static void start_cluster(void)
 
 static int worker_connect(int w, rdmaps_client **c)
 {
-	struct rdmaps_cluster_opts o = { .servers = servers, .src_addr = host[3 + w % 2],
-					 .token = TH_TOKEN, .timeout_ms = 20000 };
-	return rdmaps_connect_cluster(&o, c);
+	return th_connect_cluster(servers, host[3 + w % 2], c);
 }
 
 /* ---- exactness across shards ------------------------------------------ */

@@ -289,22 +289,9 @@ Test(datapath, killed_worker_folds_no_partial_push, .fini = stop_server, .timeou
 	c = th_connect(&srv);
 	t = th_declare(c, "victim", KILL_LEN, 0.0f, 1.0f);
 	for (int round = 0; round < 3; round++) {
-		int p[2], status;
-		char b;
+		int status;
 		struct timespec ts = { 0, (100 + 70 * round) * 1000000L };
-		cr_assert_eq(pipe(p), 0);
-		pid_t pid = fork();
-		if (pid == 0) {
-			dup2(p[1], STDOUT_FILENO);
-			close(p[0]);
-			close(p[1]);
-			execl(RDMAPS_PUSHER_BIN, RDMAPS_PUSHER_BIN, srv.addr, srv.port, TH_TOKEN, "victim",
-			      (char *)NULL);
-			_exit(127);
-		}
-		close(p[1]);
-		cr_assert_eq(read(p[0], &b, 1), 1, "pusher could not connect");
-		close(p[0]);
+		pid_t pid = th_pusher(srv.addr, srv.port, TH_TOKEN, "victim", NULL);
 		nanosleep(&ts, NULL);
 		kill(pid, SIGKILL);
 		waitpid(pid, &status, 0);

@@ -24,14 +24,21 @@
 static struct th_server srv;
 static char dir[64];
 
+/* A test's checkpoint directory, gone (nothing to do if it was never made). */
+static void remove_dir(const char *d)
+{
+	char cmd[256];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", d);
+	if (d[0] && system(cmd) != 0)
+		fprintf(stderr, "could not remove %s\n", d);
+}
+
 static void cleanup(void)
 {
-	char cmd[128];
 	if (srv.pid)
 		th_server_stop(&srv);
-	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-	if (dir[0] && system(cmd) != 0)
-		fprintf(stderr, "could not remove %s\n", dir);
+	remove_dir(dir);
 }
 
 static void fill(float *g, float v)
@@ -159,15 +166,11 @@ struct load_worker {
 
 static void shard_cleanup(void)
 {
-	char cmd[256];
-
 	atomic_store(&phase, ABORT);
 	for (int i = 0; i < NS; i++) {
 		if (shard[i].pid)
 			th_server_stop(&shard[i]);
-		snprintf(cmd, sizeof(cmd), "rm -rf %s", shard_dir[i]);
-		if (shard_dir[i][0] && system(cmd) != 0)
-			fprintf(stderr, "could not remove %s\n", shard_dir[i]);
+		remove_dir(shard_dir[i]);
 	}
 }
 
@@ -196,13 +199,6 @@ static void shards_up(void)
 	}
 }
 
-static int cluster_connect(const char *src, rdmaps_client **c)
-{
-	struct rdmaps_cluster_opts o = { .servers = servers, .src_addr = src, .token = TH_TOKEN,
-					 .timeout_ms = 20000 };
-	return rdmaps_connect_cluster(&o, c);
-}
-
 #define STEP(call, name)             \
 	do {                         \
 		a->what = name;      \
@@ -223,7 +219,7 @@ static void *load_main(void *p)
 	rdmaps_client *c = NULL;
 	rdmaps_tensor *t = NULL;
 
-	STEP(cluster_connect(host[3 + a->w], &c), "connect");
+	STEP(th_connect_cluster(servers, host[3 + a->w], &c), "connect");
 	STEP(rdmaps_lookup(c, "w", &t), "lookup");
 	while (atomic_load(&phase) == LOAD) {
 		int rc = rdmaps_push(c, t, ones, 0);
@@ -336,7 +332,7 @@ Test(faults, shard_killed_under_load_restarts_from_checkpoint, .init = shards_up
 
 	for (int i = 0; i < CLEN; i++)
 		ones[i] = -1.0f;
-	cr_assert_eq(cluster_connect(host[3], &ctl), 0);
+	cr_assert_eq(th_connect_cluster(servers, host[3], &ctl), 0);
 	t = th_declare(ctl, "w", CLEN, 0.0f, 1.0f);
 	for (int i = 0; i < NS; i++)
 		cr_assert_gt(rdmaps_tensor_server_elems(t, (uint32_t)i), 0, "server %d holds a part", i);
@@ -431,26 +427,6 @@ Test(faults, shard_killed_under_load_restarts_from_checkpoint, .init = shards_up
 
 #define SURVIVOR_PUSHES 60
 
-static pid_t spawn_pusher(const char *count, int *ready_fd)
-{
-	int p[2];
-	pid_t pid;
-
-	cr_assert_eq(pipe(p), 0);
-	pid = fork();
-	if (pid == 0) {
-		dup2(p[1], STDOUT_FILENO);
-		close(p[0]);
-		close(p[1]);
-		execl(RDMAPS_PUSHER_BIN, RDMAPS_PUSHER_BIN, "--cluster", servers, host[3], TH_TOKEN, "w",
-		      count, (char *)NULL);
-		_exit(127);
-	}
-	close(p[1]);
-	*ready_fd = p[0];
-	return pid;
-}
-
 /*
  * A push is all-or-nothing per server: a worker killed in the middle of one
  * leaves each server's part holding whole pushes only, and since a worker
@@ -464,23 +440,19 @@ Test(faults, shard_worker_killed_mid_push_leaves_whole_parts, .init = shards_up,
 	rdmaps_client *ctl;
 	float base[NS];
 
-	cr_assert_eq(cluster_connect(host[4], &ctl), 0);
+	cr_assert_eq(th_connect_cluster(servers, host[4], &ctl), 0);
 	th_declare(ctl, "w", CLEN, 0.0f, 1.0f);
 	for (int i = 0; i < NS; i++)
 		base[i] = 0.0f;
 	for (int round = 0; round < 3; round++) {
 		struct timespec ts = { 0, (150 + 90 * round) * 1000000L };
-		char b, count[16];
-		int victim_fd, survivor_fd, status;
+		char count[16];
+		int status;
 		float p[NS], lo = 1e30f, hi = -1e30f;
 
 		snprintf(count, sizeof(count), "%d", SURVIVOR_PUSHES);
-		pid_t victim = spawn_pusher("-1", &victim_fd);
-		pid_t survivor = spawn_pusher(count, &survivor_fd);
-		cr_assert_eq(read(victim_fd, &b, 1), 1, "pusher could not connect");
-		cr_assert_eq(read(survivor_fd, &b, 1), 1, "pusher could not connect");
-		close(victim_fd);
-		close(survivor_fd);
+		pid_t victim = th_pusher("--cluster", servers, host[3], TH_TOKEN, "w", "-1", NULL);
+		pid_t survivor = th_pusher("--cluster", servers, host[3], TH_TOKEN, "w", count, NULL);
 		nanosleep(&ts, NULL);
 		kill(victim, SIGKILL);
 		waitpid(victim, &status, 0);

@@ -57,9 +57,7 @@ struct warg {
 
 static int connect_any(int w, rdmaps_client **c)
 {
-	struct rdmaps_cluster_opts o = { .servers = servers, .token = TH_TOKEN, .timeout_ms = 20000,
-					 .src_addr = nsrv == 1 ? th_addr() : host[3 + w % 2] };
-	return rdmaps_connect_cluster(&o, c);
+	return th_connect_cluster(servers, nsrv == 1 ? th_addr() : host[3 + w % 2], c);
 }
 
 /* A pulled row is whole: all its elements moved together. */
