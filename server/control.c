@@ -122,6 +122,20 @@ static void on_seal(struct srv_conn *c, const struct rdmaps_msg_seal *m)
 		bad_message(c, m->hdr.req_id, RDMAPS_EPROTO, "seal out of place");
 		return;
 	}
+	/*
+	 * The creator takes part in a BSP/SSP tensor's clocks like any worker
+	 * that declared it; its declare reply could not join it (the tensor was
+	 * initialising), and the library does not look the tensor up again.
+	 * Nobody else is a member yet (only ready tensors are joined), so it
+	 * joins at the first clock, before anyone can see the tensor ready.
+	 */
+	uint64_t clock;
+	bool ready;
+	int rc = srv_clock_join(t, c, &clock, &ready);
+	if (rc || !ready || clock) {
+		reply_status(c, m->hdr.req_id, rc ? rc : RDMAPS_EPROTO);
+		return;
+	}
 	/* initial chunks are odd ("being written"); make each one stable */
 	for (uint32_t i = 0; i < t->nchunks; i++) {
 		struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);

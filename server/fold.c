@@ -206,7 +206,10 @@ static bool all_finite(const float *g, uint32_t n)
  */
 static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, const char **why)
 {
-	unsigned midx = t->cons.mode != RDMAPS_ASP ? c->member_of[t->id] : 0;
+	/* BSP/SSP: only a member of the tensor's clocks may push to it
+	 * (srv_clock_check refuses anyone else), whatever its declare said */
+	bool clocked = t->cons.mode != RDMAPS_ASP;
+	unsigned midx = clocked ? c->member_of[t->id] : 0;
 	uint32_t next_chunk = midx ? t->member[midx - 1].next_chunk : 0;
 	double sumsq = 0.0;
 
@@ -245,10 +248,12 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 			return RDMAPS_EINVAL;
 		}
 		sumsq += ss * (double)h->scale * (double)h->scale;
-		if (midx && !(h->flags & RDMAPS_SLOT_ASSIGN) &&
+		if (clocked && !(h->flags & RDMAPS_SLOT_ASSIGN) &&
 		    (rc = srv_clock_check(t, c, h, &next_chunk))) {
-			*why = rc == RDMAPS_ELIMIT ? "worker evicted from this tensor's clocks"
-						   : "push out of clock order";
+			*why = !midx		    ? "push from a worker that is not a member of the "
+						      "tensor's clocks"
+			       : rc == RDMAPS_ELIMIT ? "worker evicted from this tensor's clocks"
+						     : "push out of clock order";
 			return rc;
 		}
 	}
