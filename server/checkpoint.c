@@ -131,6 +131,30 @@ static int list_ckpts(const char *dir, uint64_t *seqs, int max)
 	return n;
 }
 
+/*
+ * The highest seq any ckpt-* file in dir is named after, whatever its state
+ * (good, refused, half-written .tmp): the next checkpoint must be numbered
+ * past every one of them. Numbered from a refused restore's 0 instead, it
+ * would be the oldest file in the directory and the first one pruned, right
+ * after it was written.
+ */
+static uint64_t highest_seq(const char *dir)
+{
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	uint64_t top = 0;
+
+	if (!d)
+		return 0;
+	while ((e = readdir(d))) {
+		unsigned long long s;
+		if (sscanf(e->d_name, "ckpt-%16llx.", &s) == 1 && s > top)
+			top = s;
+	}
+	closedir(d);
+	return top;
+}
+
 static void ckpt_path(char *out, size_t len, const char *dir, uint64_t seq, const char *ext)
 {
 	snprintf(out, len, "%s/ckpt-%016llx.%s", dir, (unsigned long long)seq, ext);
@@ -183,6 +207,8 @@ int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_
 	/* keep a few: if the newest is ever damaged, an older one still restores */
 	nold = list_ckpts(dir, old, 64);
 	for (int i = CKPT_KEEP; i < nold; i++) {
+		if (old[i] == seq)
+			continue; /* never the one just written, whatever else is there */
 		ckpt_path(tmp, sizeof(tmp), dir, old[i], "rdmaps");
 		unlink(tmp);
 	}
@@ -324,12 +350,13 @@ static int verify(const uint8_t *buf, size_t len, unsigned server_id, uint32_t c
 }
 
 int srv_checkpoint_restore(struct srv_store *st, const char *dir, unsigned server_id,
-			   uint64_t *seq_out)
+			   uint64_t *seq_out, uint64_t *last_out)
 {
 	uint64_t seqs[64];
 	int n = list_ckpts(dir, seqs, 64);
 
 	*seq_out = 0;
+	*last_out = highest_seq(dir);
 	for (int i = 0; i < n; i++) {
 		char path[4096], why[256] = "";
 		uint8_t *buf = NULL;

@@ -120,8 +120,10 @@ int srv_clock_join(struct srv_tensor *t, struct srv_conn *c, uint64_t *clock, bo
 		if (m->active || m->conn)
 			continue;
 		*m = (struct srv_member){ .conn = c, .active = true, .last_ns = rdmaps__now_ns() };
-		m->clock = t->cons.mode == RDMAPS_BSP ? t->chunk_clock_done[0]
-		       : t->joined ? t->clock : 0;
+		/* at the tensor's clock: 0 when new, or where a restored
+		 * checkpoint left it (a first joiner at 0 would hold the clock
+		 * back while later joiners wait for it, and time out) */
+		m->clock = t->cons.mode == RDMAPS_BSP ? t->chunk_clock_done[0] : t->clock;
 		*clock = m->clock;
 		c->member_of[t->id] = (uint8_t)(i + 1);
 		t->joined++;

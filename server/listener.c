@@ -349,7 +349,7 @@ static void announce(struct srv *s)
 
 int srv_listen(struct srv *s)
 {
-	uint64_t seq = 0;
+	uint64_t seq = 0, last = 0;
 	int rc;
 
 	/* the instance only has to differ between runs of this server; a clock
@@ -362,8 +362,8 @@ int srv_listen(struct srv *s)
 	pthread_cond_init(&s->pause_cond, NULL);
 	pthread_mutex_init(&s->conns_lock, NULL);
 	if (s->cfg.ckpt_dir) {
-		srv_checkpoint_restore(&s->store, s->cfg.ckpt_dir, s->cfg.server_id, &seq);
-		s->ckpt_seq = seq;
+		srv_checkpoint_restore(&s->store, s->cfg.ckpt_dir, s->cfg.server_id, &seq, &last);
+		s->ckpt_seq = last;
 		atomic_store(&s->restored_seq, seq);
 		s->last_ckpt_ns = rdmaps__now_ns();
 		if (seq)

@@ -293,9 +293,11 @@ void srv_clock_tick(struct srv *s);
 /* Snapshot every tensor into dir as checkpoint seq; folds must be paused. */
 int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_id, uint64_t seq,
 			 char *err, size_t errlen);
-/* Restore the newest good checkpoint of dir into an empty store (*seq 0: none). */
+/* Restore the newest good checkpoint of dir into an empty store (*seq 0:
+ * none); *last is the highest seq any checkpoint file there is named after,
+ * usable or not: the next one written must be numbered past it. */
 int srv_checkpoint_restore(struct srv_store *st, const char *dir, unsigned server_id,
-			   uint64_t *seq);
+			   uint64_t *seq, uint64_t *last);
 /* Listener: write one now (fold threads parked meanwhile). */
 void srv_checkpoint_now(struct srv *s, const char *why);
 

@@ -91,7 +91,7 @@ Test(checkpoint, roundtrip_and_fallback, .init = mkdir_tmp, .fini = rm_tmp)
 {
 	struct srv_store a, b;
 	char err[256], path[128];
-	uint64_t seq;
+	uint64_t seq, last;
 
 	cr_assert_eq(srv_store_init(&a, &cfg), 0);
 	struct srv_tensor *w = declare(&a, "w", 1000, "adam");
@@ -102,7 +102,7 @@ Test(checkpoint, roundtrip_and_fallback, .init = mkdir_tmp, .fini = rm_tmp)
 	cr_assert_eq(srv_checkpoint_write(&a, dir, 0, 1, err, sizeof(err)), 0, "%s", err);
 
 	cr_assert_eq(srv_store_init(&b, &cfg), 0);
-	cr_assert_eq(srv_checkpoint_restore(&b, dir, 0, &seq), 0);
+	cr_assert_eq(srv_checkpoint_restore(&b, dir, 0, &seq, &last), 0);
 	cr_assert_eq(seq, 1);
 	cr_assert_eq(atomic_load(&b.count), 2);
 	assert_same(w, srv_store_get(&b, 0));
@@ -119,7 +119,7 @@ Test(checkpoint, roundtrip_and_fallback, .init = mkdir_tmp, .fini = rm_tmp)
 	fputc(0x5a ^ fgetc(f), f); /* flip bits in tensor data */
 	fclose(f);
 	cr_assert_eq(srv_store_init(&b, &cfg), 0);
-	cr_assert_eq(srv_checkpoint_restore(&b, dir, 0, &seq), 0);
+	cr_assert_eq(srv_checkpoint_restore(&b, dir, 0, &seq, &last), 0);
 	cr_assert_eq(seq, 1, "corrupt checkpoint 2 refused, 1 restored");
 	cr_assert_neq(memcmp(srv_chunk(w, 0) + 64, srv_chunk(srv_store_get(&b, 0), 0) + 64, 64), 0,
 		      "the restored state is checkpoint 1's, older than the live one");
@@ -130,7 +130,7 @@ Test(checkpoint, roundtrip_and_fallback, .init = mkdir_tmp, .fini = rm_tmp)
 	snprintf(path, sizeof(path), "%s/ckpt-%016x.rdmaps", dir, 3);
 	cr_assert_eq(truncate(path, 100), 0);
 	cr_assert_eq(srv_store_init(&b, &cfg), 0);
-	cr_assert_eq(srv_checkpoint_restore(&b, dir, 0, &seq), 0);
+	cr_assert_eq(srv_checkpoint_restore(&b, dir, 0, &seq, &last), 0);
 	cr_assert_eq(seq, 1);
 	srv_store_fini(&b);
 
@@ -138,7 +138,7 @@ Test(checkpoint, roundtrip_and_fallback, .init = mkdir_tmp, .fini = rm_tmp)
 	struct srv_config other = cfg;
 	other.chunk_elems = 512;
 	cr_assert_eq(srv_store_init(&b, &other), 0);
-	cr_assert_eq(srv_checkpoint_restore(&b, dir, 0, &seq), 0);
+	cr_assert_eq(srv_checkpoint_restore(&b, dir, 0, &seq, &last), 0);
 	cr_assert_eq(seq, 0);
 	cr_assert_eq(atomic_load(&b.count), 0);
 	srv_store_fini(&b);
@@ -154,12 +154,58 @@ Test(checkpoint, empty_dir_and_unwritable_dir, .init = mkdir_tmp, .fini = rm_tmp
 {
 	struct srv_store a;
 	char err[256];
-	uint64_t seq = 9;
+	uint64_t seq = 9, last = 9;
 
 	cr_assert_eq(srv_store_init(&a, &cfg), 0);
-	cr_assert_eq(srv_checkpoint_restore(&a, dir, 0, &seq), 0);
+	cr_assert_eq(srv_checkpoint_restore(&a, dir, 0, &seq, &last), 0);
 	cr_assert_eq(seq, 0, "nothing to restore");
+	cr_assert_eq(last, 0);
 	cr_assert_eq(srv_checkpoint_write(&a, "/nonexistent/dir", 0, 1, err, sizeof(err)), RDMAPS_ESYS);
 	cr_assert_not_null(strstr(err, "/nonexistent/dir"), "%s", err);
+	srv_store_fini(&a);
+}
+
+static void junk_file(uint64_t seq, const char *ext)
+{
+	char path[128];
+	snprintf(path, sizeof(path), "%s/ckpt-%016llx.%s", dir, (unsigned long long)seq, ext);
+	FILE *f = fopen(path, "wb");
+	cr_assert_not_null(f);
+	fputs("not a checkpoint", f);
+	fclose(f);
+}
+
+/*
+ * A directory whose files are all refused (junk here; another --chunk-elems
+ * or lower limits do the same): nothing is restored, but the next
+ * checkpoint is numbered past every file there, so pruning the oldest never
+ * takes the one just written.
+ */
+Test(checkpoint, numbered_past_refused_files, .init = mkdir_tmp, .fini = rm_tmp)
+{
+	struct srv_store a;
+	char err[256], path[128];
+	uint64_t seq = 9, last = 0;
+
+	junk_file(5, "rdmaps");
+	junk_file(6, "rdmaps");
+	junk_file(7, "rdmaps");
+	junk_file(9, "tmp"); /* a write cut short: its number is taken too */
+	cr_assert_eq(srv_store_init(&a, &cfg), 0);
+	cr_assert_eq(srv_checkpoint_restore(&a, dir, 0, &seq, &last), 0);
+	cr_assert_eq(seq, 0, "junk is never restored");
+	cr_assert_eq(last, 9, "the highest number of any file there");
+	declare(&a, "w", 300, "sgd");
+	for (uint64_t s = last + 1; s <= last + 3; s++) {
+		cr_assert_eq(srv_checkpoint_write(&a, dir, 0, s, err, sizeof(err)), 0, "%s", err);
+		snprintf(path, sizeof(path), "%s/ckpt-%016llx.rdmaps", dir, (unsigned long long)s);
+		cr_assert_eq(access(path, R_OK), 0, "checkpoint %llu is on disk", (unsigned long long)s);
+	}
+	cr_assert_eq(count_files(), 3, "the junk was pruned, not the new files");
+	srv_store_fini(&a);
+	cr_assert_eq(srv_store_init(&a, &cfg), 0);
+	cr_assert_eq(srv_checkpoint_restore(&a, dir, 0, &seq, &last), 0);
+	cr_assert_eq(seq, 12);
+	cr_assert_eq(atomic_load(&a.count), 1);
 	srv_store_fini(&a);
 }
