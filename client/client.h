@@ -38,7 +38,6 @@ _Static_assert(CL_SCRATCH >= RDMAPS_CHUNK_HDR, "read scratch too small");
 /* index words one READ brings (two-copy tensors): chunks whose copy is known */
 #define CL_INDEX_WORDS 512u
 #define CL_WINDOWS 2u /* one bit of an index READ's wr_id (copies.c) */
-#define CL_MAX_SLOTS 256u
 
 /* wr_id: kind (8 bits) | server (16 bits) | index (32 bits) */
 enum { WR_READ = 1, WR_PUSH = 2, WR_CTRL_SEND = 3, WR_RECV = 4, WR_PROBE = 5, WR_INDEX = 6 };

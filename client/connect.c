@@ -18,7 +18,7 @@
 #define CTL_SEND_OFF 0u
 #define CTL_RECV_OFF RDMAPS_MSG_MAX
 #define CTL_HDR_OFF ((size_t)CTL_RECV_OFF + (size_t)CL_RECVS * RDMAPS_MSG_MAX)
-#define CTL_SCRATCH_OFF (CTL_HDR_OFF + (size_t)CL_MAX_SLOTS * RDMAPS_SLOT_HDR)
+#define CTL_SCRATCH_OFF (CTL_HDR_OFF + (size_t)RDMAPS_MAX_SLOTS * RDMAPS_SLOT_HDR)
 #define CTL_SCRATCH_STRIDE ((size_t)CL_SCRATCH_LEAD + CL_SCRATCH)
 #define CTL_INDEX_OFF (CTL_SCRATCH_OFF + (size_t)CL_READ_SLOTS * CTL_SCRATCH_STRIDE)
 #define CTL_LEN (CTL_INDEX_OFF + 2 * (size_t)CL_WINDOWS * CL_INDEX_WORDS * sizeof(uint64_t))
@@ -376,7 +376,7 @@ static int establish(struct cl_conn *k, const char *token, int timeout)
 		return RDMAPS_EPROTO;
 	if (w.version != RDMAPS_PROTO_VERSION)
 		return RDMAPS_EVERSION;
-	if (!w.slot_count || w.slot_count > CL_MAX_SLOTS || !w.chunk_elems || !w.instance ||
+	if (!w.slot_count || w.slot_count > RDMAPS_MAX_SLOTS || !w.chunk_elems || !w.instance ||
 	    w.slot_size != RDMAPS_SLOT_HDR + w.chunk_elems * sizeof(float))
 		return RDMAPS_EPROTO;
 	k->instance = w.instance;

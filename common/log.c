@@ -60,3 +60,24 @@ void rdmaps__log(enum rdmaps__log_level lvl, const char *fmt, ...)
 	fprintf(stderr, "rdmaps %ld.%03ld %s: %s\n", (long)ts.tv_sec, ts.tv_nsec / 1000000L,
 		tags[lvl], msg);
 }
+
+bool rdmaps__ratelimit_ok(struct rdmaps__ratelimit *r, uint32_t *suppressed)
+{
+	struct timespec ts;
+	uint64_t now;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+	if (!r->window_start || now - r->window_start >= RDMAPS_LOG_WINDOW_NS) {
+		r->window_start = now;
+		r->lines = 0;
+	}
+	if (r->lines >= RDMAPS_LOG_BURST) {
+		r->suppressed++;
+		return false;
+	}
+	r->lines++;
+	*suppressed = r->suppressed;
+	r->suppressed = 0;
+	return true;
+}

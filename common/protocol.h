@@ -25,6 +25,9 @@
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u
 #define RDMAPS_SLOT_HDR 24u
+/* staging slots per worker: the server offers at most this many, and a
+ * worker keeps a header per slot in its registered control region */
+#define RDMAPS_MAX_SLOTS 256u
 
 /* ---- connect private data --------------------------------------------- */
 

@@ -172,7 +172,10 @@ int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_
 	int nold;
 
 	memcpy(h.magic, CKPT_MAGIC, 8);
-	h.ntensors = n;
+	/* a tensor still waiting for its creator's values holds nothing worth
+	 * keeping, and restored it would open as ready with partial values */
+	for (uint32_t i = 0; i < n; i++)
+		h.ntensors += atomic_load(&srv_store_get(st, i)->state_flag) == TENSOR_READY;
 	ckpt_path(tmp, sizeof(tmp), dir, seq, "tmp");
 	ckpt_path(fin, sizeof(fin), dir, seq, "rdmaps");
 	w.f = fopen(tmp, "wb");
@@ -186,7 +189,8 @@ int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_
 	}
 	put(&w, &h, sizeof(h));
 	for (uint32_t i = 0; i < n; i++)
-		put_tensor(&w, srv_store_get(st, i));
+		if (atomic_load(&srv_store_get(st, i)->state_flag) == TENSOR_READY)
+			put_tensor(&w, srv_store_get(st, i));
 	sum = XXH3_64bits_digest(w.h);
 	if (!w.err && fwrite(&sum, 1, sizeof(sum), w.f) != sizeof(sum))
 		w.err = errno ? errno : EIO;

@@ -11,14 +11,39 @@
 #include "optimizer.h"
 #include "server.h"
 
+/* A worker sends one request at a time; a peer that sends more finds its
+ * replies beyond the reply buffers dropped, never one overwritten while the
+ * NIC still sends it. */
 static void reply_send(struct srv_conn *c, const void *msg, uint32_t len)
 {
-	uint8_t *buf = srv_conn_reply_buf(c);
+	uint64_t wr_id = SRV_WR(SRV_SEND_PLAIN, 0);
+	const void *from = msg;
+	uint32_t sup;
+	const char *why = "send queue full or broken";
 
-	/* replies are small and go inline; the copy covers a NIC without inline */
-	memcpy(buf, msg, len);
-	if (srv_conn_post_send(c, buf, len, true, IBV_WR_SEND, 0, 0))
-		log_warn("worker " SRV_CONN_FMT ": reply dropped (send queue full or broken)", SRV_CONN_ARGS(c));
+	if (len > c->max_inline) {
+		unsigned i = 0;
+		while (i < SRV_REPLY_BUFS && (c->reply_busy >> i) & 1u)
+			i++;
+		if (i == SRV_REPLY_BUFS) {
+			atomic_fetch_add_explicit(&c->bad_msgs, 1, memory_order_relaxed);
+			atomic_fetch_add_explicit(&c->srv->bad_messages, 1, memory_order_relaxed);
+			why = "requests beyond the replies in flight";
+			goto dropped;
+		}
+		from = srv_conn_reply_buf(c, i);
+		memcpy(srv_conn_reply_buf(c, i), msg, len);
+		wr_id = SRV_WR(SRV_SEND_REPLY, i);
+	}
+	if (!srv_conn_post_send(c, from, len, IBV_WR_SEND, 0, 0, wr_id)) {
+		if (wr_id != SRV_WR(SRV_SEND_PLAIN, 0))
+			c->reply_busy |= (uint8_t)(1u << (wr_id & 0xffu));
+		return;
+	}
+dropped:
+	if (rdmaps__ratelimit_ok(&c->log_rl, &sup))
+		log_warn("worker " SRV_CONN_FMT ": reply dropped (%s); %u more not logged",
+			 SRV_CONN_ARGS(c), why, sup);
 }
 
 static void reply_status(struct srv_conn *c, uint32_t req_id, int status)
@@ -31,10 +56,13 @@ static void reply_status(struct srv_conn *c, uint32_t req_id, int status)
 
 static void bad_message(struct srv_conn *c, uint32_t req_id, int err, const char *why)
 {
+	uint32_t sup;
+
 	atomic_fetch_add_explicit(&c->bad_msgs, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&c->srv->bad_messages, 1, memory_order_relaxed);
-	log_warn("worker " SRV_CONN_FMT ": control message refused: %s (%s)", SRV_CONN_ARGS(c), why,
-		 rdmaps_strerror(err));
+	if (rdmaps__ratelimit_ok(&c->log_rl, &sup))
+		log_warn("worker " SRV_CONN_FMT ": control message refused: %s (%s); %u more not "
+			 "logged", SRV_CONN_ARGS(c), why, rdmaps_strerror(err), sup);
 	reply_status(c, req_id, err);
 }
 
@@ -117,7 +145,7 @@ static void on_seal(struct srv_conn *c, const struct rdmaps_msg_seal *m)
 		bad_message(c, m->hdr.req_id, RDMAPS_ENOENT, "seal of an unknown tensor");
 		return;
 	}
-	if (t->creator != c || atomic_load(&t->state_flag) != TENSOR_INIT ||
+	if (atomic_load(&t->creator) != c || atomic_load(&t->state_flag) != TENSOR_INIT ||
 	    m->last_seq + 1 != c->next_seq) {
 		bad_message(c, m->hdr.req_id, RDMAPS_EPROTO, "seal out of place");
 		return;
@@ -126,24 +154,21 @@ static void on_seal(struct srv_conn *c, const struct rdmaps_msg_seal *m)
 	 * The creator takes part in a BSP/SSP tensor's clocks like any worker
 	 * that declared it; its declare reply could not join it (the tensor was
 	 * initialising), and the library does not look the tensor up again.
-	 * Nobody else is a member yet (only ready tensors are joined), so it
-	 * joins at the first clock, before anyone can see the tensor ready.
+	 * It joins before anyone can see the tensor ready, so it is the first
+	 * member, at the first clock; once the chunks are settled, since
+	 * joining may complete a clock, which locks chunks.
 	 */
+	srv_store_settle(t);
 	uint64_t clock;
 	bool ready;
 	int rc = srv_clock_join(t, c, &clock, &ready);
 	if (rc || !ready || clock) {
+		log_warn("tensor '%s': its creator " SRV_CONN_FMT " could not join its clocks (%s)",
+			 t->name, SRV_CONN_ARGS(c), rc ? rdmaps_strerror(rc) : "a clock is under way");
 		reply_status(c, m->hdr.req_id, rc ? rc : RDMAPS_EPROTO);
 		return;
 	}
-	/* initial chunks are odd ("being written"); make each one stable */
-	for (uint32_t i = 0; i < t->nchunks; i++) {
-		struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
-		uint64_t v = (h->version | 1u) + 1;
-		__atomic_store_n(&h->version, v, __ATOMIC_RELEASE);
-	}
-	atomic_store(&t->state_flag, TENSOR_READY);
-	t->creator = NULL;
+	srv_store_seal(t);
 	reply_status(c, m->hdr.req_id, 0);
 }
 

@@ -22,7 +22,6 @@
 #include "server.h"
 
 #define FOLD_BATCH 32
-#define WR_SEND_TAG (1ull << 63)
 
 int srv_conn_post_recv(struct srv_conn *c, uint32_t i)
 {
@@ -37,12 +36,12 @@ int srv_conn_post_recv(struct srv_conn *c, uint32_t i)
 	return rc ? rdmaps__from_errno(rc) : 0;
 }
 
-int srv_conn_post_send(struct srv_conn *c, const void *buf, uint32_t len, bool inline_ok,
-		       enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey)
+int srv_conn_post_send(struct srv_conn *c, const void *buf, uint32_t len, enum ibv_wr_opcode op,
+		       uint64_t raddr, uint32_t rkey, uint64_t wr_id)
 {
 	struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = len, .lkey = c->bufs_mr->lkey };
 	struct ibv_send_wr wr = {
-		.wr_id = WR_SEND_TAG,
+		.wr_id = wr_id,
 		.sg_list = &sge,
 		.num_sge = 1,
 		.opcode = op,
@@ -57,7 +56,7 @@ int srv_conn_post_send(struct srv_conn *c, const void *buf, uint32_t len, bool i
 		return RDMAPS_EDISCONNECTED;
 	if (c->sq_outstanding >= c->sq_depth)
 		return RDMAPS_EBUSY;
-	if (inline_ok && len <= c->max_inline)
+	if (len <= c->max_inline)
 		wr.send_flags |= IBV_SEND_INLINE;
 	if (op == IBV_WR_RDMA_WRITE) {
 		wr.wr.rdma.remote_addr = raddr;
@@ -81,16 +80,29 @@ static void conn_fail(struct srv_conn *c, const char *why, int status)
 	rdma_disconnect(c->id);
 }
 
+/* A send completed (or was flushed): its buffer may be written again. */
+static void send_done(struct srv_conn *c, uint64_t wr_id)
+{
+	c->sq_outstanding--;
+	if (((wr_id >> 8) & 0xffu) == SRV_SEND_REPLY)
+		c->reply_busy &= (uint8_t)~(1u << (wr_id & 0xffu));
+	else if (((wr_id >> 8) & 0xffu) == SRV_SEND_CREDIT)
+		c->credit_busy = false;
+}
+
 static void slot_drop(struct srv_conn *c, int err, const char *why, uint64_t seq)
 {
+	uint32_t sup;
+
 	c->credit.dropped++;
 	c->credit.last_err = err;
 	c->credit_dirty = true;
 	c->credit_urgent = true;
 	atomic_fetch_add_explicit(&c->dropped, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&c->ft->dropped, 1, memory_order_relaxed);
-	log_warn("worker " SRV_CONN_FMT ": staged slot seq %llu dropped: %s", SRV_CONN_ARGS(c),
-		 (unsigned long long)seq, why);
+	if (rdmaps__ratelimit_ok(&c->log_rl, &sup))
+		log_warn("worker " SRV_CONN_FMT ": staged slot seq %llu dropped: %s; %u more not logged",
+			 SRV_CONN_ARGS(c), (unsigned long long)seq, why, sup);
 }
 
 /* Our own mark, in our copy of a header (group_hdr), never on the wire:
@@ -126,7 +138,7 @@ static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, co
 		return RDMAPS_EPROTO;
 	}
 	if ((h->flags & RDMAPS_SLOT_ASSIGN) &&
-	    (atomic_load(&t->state_flag) != TENSOR_INIT || t->creator != c)) {
+	    (atomic_load(&t->state_flag) != TENSOR_INIT || atomic_load(&t->creator) != c)) {
 		*why = "initial values from a worker that did not create the tensor";
 		return RDMAPS_EPROTO;
 	}
@@ -360,11 +372,26 @@ static void credit_flush(struct srv_conn *c)
 {
 	if (!c->credit_dirty || c->broken)
 		return;
-	/* inline: the NIC copies the 16 bytes at post time, so later updates
-	 * of c->credit cannot race the DMA. If the send queue is full the
-	 * credit stays dirty and goes out with the next batch. */
-	if (srv_conn_post_send(c, &c->credit, sizeof(c->credit), true, IBV_WR_RDMA_WRITE,
-			       c->credit_addr, c->credit_rkey) == 0) {
+	/*
+	 * Inline, the NIC copies the 16 bytes at post time, so later updates of
+	 * c->credit cannot race the DMA. A QP without inline sends (a provider
+	 * with none, or --max-inline 0) sends from the registered credit buffer,
+	 * one WRITE at a time: a credit folded meanwhile stays dirty until that
+	 * one completes. If the send queue is full the credit stays dirty and
+	 * goes out with the next batch.
+	 */
+	const void *from = &c->credit;
+	uint64_t wr_id = SRV_WR(SRV_SEND_PLAIN, 0);
+
+	if (sizeof(c->credit) > c->max_inline) {
+		if (c->credit_busy)
+			return;
+		from = memcpy(srv_conn_credit_buf(c), &c->credit, sizeof(c->credit));
+		wr_id = SRV_WR(SRV_SEND_CREDIT, 0);
+	}
+	if (srv_conn_post_send(c, from, sizeof(c->credit), IBV_WR_RDMA_WRITE, c->credit_addr,
+			       c->credit_rkey, wr_id) == 0) {
+		c->credit_busy = wr_id != SRV_WR(SRV_SEND_PLAIN, 0);
 		c->credit_dirty = false;
 		c->credit_urgent = false;
 		c->credited_seq = c->credit.folded_seq;
@@ -412,13 +439,13 @@ static int conn_poll(struct srv_conn *c)
 	c->cqes += (unsigned)n;
 	for (int i = 0; i < n; i++) {
 		if (wc[i].status != IBV_WC_SUCCESS) {
-			if (wc[i].wr_id & WR_SEND_TAG)
-				c->sq_outstanding--;
+			if (wc[i].wr_id & SRV_WR_SEND)
+				send_done(c, wc[i].wr_id);
 			conn_fail(c, "work completion error", wc[i].status);
 			continue;
 		}
-		if (wc[i].wr_id & WR_SEND_TAG) {
-			c->sq_outstanding--;
+		if (wc[i].wr_id & SRV_WR_SEND) {
+			send_done(c, wc[i].wr_id);
 			continue;
 		}
 		if (wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM)
@@ -452,7 +479,7 @@ static void conn_drain(struct srv_conn *c)
 	c->broken = true;
 	while ((n = ibv_poll_cq(c->cq, FOLD_BATCH, wc)) > 0)
 		for (int i = 0; i < n; i++)
-			if (wc[i].status == IBV_WC_SUCCESS && !(wc[i].wr_id & WR_SEND_TAG) &&
+			if (wc[i].status == IBV_WC_SUCCESS && !(wc[i].wr_id & SRV_WR_SEND) &&
 			    wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM)
 				slot_handle(c, ntohl(wc[i].imm_data));
 	srv_open_publish(&c->ft->open);
@@ -541,7 +568,8 @@ static void keepalive(struct srv_fold_thread *ft)
 		if (c->broken)
 			continue;
 		if (!c->sq_outstanding) {
-			struct ibv_send_wr wr = { .wr_id = WR_SEND_TAG, .opcode = IBV_WR_RDMA_WRITE,
+			struct ibv_send_wr wr = { .wr_id = SRV_WR(SRV_SEND_PLAIN, 0),
+						  .opcode = IBV_WR_RDMA_WRITE,
 						  .send_flags = IBV_SEND_SIGNALED };
 			struct ibv_send_wr *bad;
 			wr.wr.rdma.remote_addr = c->credit_addr;

@@ -22,9 +22,14 @@
 #define SQ_DEPTH 64u
 #define CTRL_RECVS 8u /* control requests a worker may have in flight (it uses 1) */
 
-uint8_t *srv_conn_reply_buf(struct srv_conn *c)
+uint8_t *srv_conn_reply_buf(struct srv_conn *c, unsigned i)
 {
-	return c->bufs + (size_t)c->recv_depth * RDMAPS_MSG_MAX;
+	return c->bufs + (size_t)(c->recv_depth + i) * RDMAPS_MSG_MAX;
+}
+
+uint8_t *srv_conn_credit_buf(struct srv_conn *c)
+{
+	return srv_conn_reply_buf(c, SRV_REPLY_BUFS);
 }
 
 static void conn_free(struct srv_conn *c)
@@ -95,7 +100,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
 	c->member_of = calloc(s->store.max, sizeof(*c->member_of));
 	c->staging = aligned_alloc(4096, rdmaps__round_up((size_t)c->slots * c->slot_size, 4096));
-	bufs_len = (size_t)(c->recv_depth + 1) * RDMAPS_MSG_MAX;
+	bufs_len = (size_t)(c->recv_depth + SRV_REPLY_BUFS) * RDMAPS_MSG_MAX + RDMAPS_CHUNK_ALIGN;
 	c->bufs = aligned_alloc(4096, bufs_len);
 	if (!c->tensor_mr || !c->member_of || !c->staging || !c->bufs || !c->group_hdr)
 		goto fail;
@@ -126,16 +131,19 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	qa.cap.max_recv_wr = c->recv_depth;
 	qa.cap.max_send_sge = 1;
 	qa.cap.max_recv_sge = 1;
-	qa.cap.max_inline_data = 128;
+	qa.cap.max_inline_data = s->cfg.max_inline;
 	if (rdma_create_qp(id, c->pd, &qa)) {
 		qa.cap.max_inline_data = 0; /* some providers have no inline sends */
-		if (rdma_create_qp(id, c->pd, &qa)) {
+		if (!s->cfg.max_inline || rdma_create_qp(id, c->pd, &qa)) {
 			log_error("rdma_create_qp: %s", strerror(errno));
 			goto fail;
 		}
 	}
 	c->qp = id->qp;
-	c->max_inline = qa.cap.max_inline_data;
+	/* a provider may grant more than asked (rxe rounds up to its WQE
+	 * size); --max-inline is what we use */
+	c->max_inline = qa.cap.max_inline_data < s->cfg.max_inline ? qa.cap.max_inline_data
+								   : s->cfg.max_inline;
 	for (uint32_t i = 0; i < c->recv_depth; i++)
 		if ((rc = srv_conn_post_recv(c, i)))
 			goto fail;
@@ -229,8 +237,10 @@ static void conn_teardown(struct srv *s, struct srv_conn *c)
 
 	if (c->attached)
 		srv_fold_detach(c->ft, c);
-	/* after detach nobody folds for it: its clocks can stop waiting */
+	/* after detach nobody folds for it: its clocks can stop waiting, and
+	 * tensors it never sealed go to the next declarer */
 	srv_clock_leave(s, c);
+	srv_store_orphan(&s->store, c);
 	pthread_mutex_lock(&s->conns_lock);
 	if (c->prev)
 		c->prev->next = c->next;

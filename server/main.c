@@ -40,7 +40,7 @@ static void usage(FILE *f)
 		"  -f, --fold-threads N     fold threads (default 1)\n"
 		"      --pin                pin fold thread i to CPU i\n"
 		"      --chunk-elems N      floats per chunk (default 16384 = 64 KiB)\n"
-		"      --slots N            staging slots per worker (default 16)\n"
+		"      --slots N            staging slots per worker (default 16, at most 256)\n"
 		"      --max-workers N      (default 256)\n"
 		"      --max-tensors N      (default 1024, at most 65535)\n"
 		"      --max-tensor-mb N    largest tensor incl. optimizer state (default 4096)\n"
@@ -49,6 +49,8 @@ static void usage(FILE *f)
 		"                           of each chunk, so pulls racing folds are not torn\n"
 		"                           (default 4096; 0: never; docs/design.md)\n"
 		"      --spin-us N          busy-poll this long before sleeping (default 200)\n"
+		"      --max-inline B       inline send bytes asked of each queue pair (default\n"
+		"                           128; 0: never inline, as on providers without it)\n"
 		"      --checkpoint-dir DIR write checkpoints there; restore the newest good one\n"
 		"                           at start (docs/durability.md)\n"
 		"      --checkpoint-every S also write one every S seconds\n"
@@ -121,6 +123,7 @@ int main(int argc, char **argv)
 		{ "max-tensor-mb", required_argument, NULL, 'M' },
 		{ "max-total-mb", required_argument, NULL, 'G' },
 		{ "spin-us", required_argument, NULL, 'S' },
+		{ "max-inline", required_argument, NULL, 'I' },
 		{ "two-copies-from", required_argument, NULL, '2' },
 		{ "evict-ms", required_argument, NULL, 'E' },
 		{ "checkpoint-dir", required_argument, NULL, 'D' },
@@ -149,6 +152,7 @@ int main(int argc, char **argv)
 		.spin_us = 200,
 		.two_copies_min = 4096,
 		.evict_ms = 10000,
+		.max_inline = 128,
 	};
 	while ((opt = getopt_long(argc, argv, "a:p:t:C:r:f:vh", opts, NULL)) != -1) {
 		int bad = 0;
@@ -162,7 +166,7 @@ int main(int argc, char **argv)
 		case 'v': verbose = 1; break;
 		case 'f': bad = parse_u(optarg, 1, 64, &v); cfg->fold_threads = (unsigned)v; break;
 		case 'c': bad = parse_u(optarg, 16, 1u << 20, &v); cfg->chunk_elems = (uint32_t)v; break;
-		case 's': bad = parse_u(optarg, 1, 4096, &v); cfg->slots = (uint32_t)v; break;
+		case 's': bad = parse_u(optarg, 1, RDMAPS_MAX_SLOTS, &v); cfg->slots = (uint32_t)v; break;
 		case 'W': bad = parse_u(optarg, 1, 65536, &v); cfg->max_workers = (uint32_t)v; break;
 		/* a slot header names its tensor in 16 bits */
 		case 'T': bad = parse_u(optarg, 1, 65535, &v); cfg->max_tensors = (uint32_t)v; break;
@@ -170,6 +174,7 @@ int main(int argc, char **argv)
 		case 'G': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_total_bytes = v << 20; break;
 		case '2': bad = parse_u(optarg, 0, UINT64_MAX, &v); cfg->two_copies_min = v; break;
 		case 'S': bad = parse_u(optarg, 0, 1000000, &v); cfg->spin_us = (unsigned)v; break;
+		case 'I': bad = parse_u(optarg, 0, 1024, &v); cfg->max_inline = (uint32_t)v; break;
 		case 'E': bad = parse_u(optarg, 10, 86400000, &v); cfg->evict_ms = (unsigned)v; break;
 		case 'D': cfg->ckpt_dir = optarg; break;
 		case 'K': bad = parse_u(optarg, 1, 86400 * 365, &v); cfg->ckpt_every_s = (unsigned)v; break;
@@ -177,7 +182,11 @@ int main(int argc, char **argv)
 		default: usage(stderr); return 2;
 		}
 		if (bad) {
-			fprintf(stderr, "rdmaps-server: bad value '%s' for an option\n", optarg);
+			const char *name = "?";
+			for (const struct option *o = opts; o->name; o++)
+				if (o->val == opt)
+					name = o->name;
+			fprintf(stderr, "rdmaps-server: bad value '%s' for --%s\n", optarg, name);
 			usage(stderr);
 			return 2;
 		}

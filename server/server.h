@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "chunk.h"
+#include "log.h"
 #include "protocol.h"
 #include "verbs.h"
 
@@ -40,6 +41,7 @@ struct srv_config {
 	unsigned evict_ms;      /* BSP/SSP: evict a member that stalls a clock this long */
 	const char *ckpt_dir;   /* checkpoints: written here, restored from here at start */
 	unsigned ckpt_every_s;  /* periodic checkpoint (0: only on request and at exit) */
+	uint32_t max_inline;    /* inline send bytes asked of each QP (0: never inline) */
 };
 
 enum tensor_state { TENSOR_INIT = 0, TENSOR_READY = 1 };
@@ -78,7 +80,9 @@ struct srv_tensor {
 	const struct srv_optimizer *opt;
 	struct rdmaps_wire_hyper hyper;
 	_Atomic int state_flag;       /* enum tensor_state */
-	const void *creator;          /* connection allowed to assign initial values */
+	/* the connection allowed to assign initial values while INIT; NULL
+	 * once sealed, or when it left before sealing (srv_store_orphan) */
+	_Atomic(const void *) creator;
 	uint64_t *steps;              /* folds applied per chunk, under the chunk's seqlock */
 
 	/* consistency (clock.c); clock_lock is taken once per push end, never per chunk */
@@ -107,6 +111,19 @@ struct srv_store {
 struct srv_fold_thread;
 struct srv;
 
+/*
+ * What a send work request's completion gives back: wr_id =
+ * SRV_WR(kind, buffer index). Receives use their buffer index alone.
+ */
+#define SRV_REPLY_BUFS 4u
+enum srv_send_kind {
+	SRV_SEND_PLAIN = 0,  /* inline, or no data: nothing to give back */
+	SRV_SEND_REPLY = 1,  /* a reply buffer */
+	SRV_SEND_CREDIT = 2, /* the credit buffer */
+};
+#define SRV_WR_SEND (1ull << 63)
+#define SRV_WR(kind, idx) (SRV_WR_SEND | ((uint64_t)(kind) << 8) | (uint64_t)(idx))
+
 /* One worker connection. Owned by the listener; polled by one fold thread. */
 /* how logs name a worker's connection: its address and queue pair */
 #define SRV_CONN_FMT "%s qp %u"
@@ -130,9 +147,16 @@ struct srv_conn {
 	struct ibv_mr *staging_mr;
 	uint32_t slots, slot_size;
 
-	uint8_t *bufs;         /* recv buffers, then one reply buffer, then credit */
+	/* registered: recv_depth receive buffers, SRV_REPLY_BUFS reply buffers,
+	 * then the credit a WRITE that is not inline is sent from. A buffer the
+	 * NIC may still be reading is never rewritten: its send's completion
+	 * frees it (reply_busy, credit_busy). */
+	uint8_t *bufs;
 	struct ibv_mr *bufs_mr;
 	uint32_t recv_depth;
+	uint8_t reply_busy;    /* bit i: reply buffer i is being sent */
+	bool credit_busy;
+	struct rdmaps__ratelimit log_rl; /* what this worker can make us log */
 
 	struct ibv_mr **tensor_mr; /* per tensor id, registered on first use */
 	uint8_t *member_of;        /* per tensor id: member index + 1, or 0 */
@@ -237,6 +261,14 @@ void srv_store_reset(struct srv_store *s);
 int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, const void *conn,
 		      struct srv_tensor **out, bool *created);
 int srv_store_lookup(struct srv_store *s, const char *name, struct srv_tensor **out);
+/* The initial values are in: every chunk stable (they are odd, "being
+ * written", while a tensor initialises). Idempotent. */
+void srv_store_settle(struct srv_tensor *t);
+/* Settled, and the tensor ready for everyone: no creator any more. */
+void srv_store_seal(struct srv_tensor *t);
+/* conn is gone: tensors it created and never sealed wait for the next
+ * declaration to initialise them (listener, after the fold thread let go). */
+void srv_store_orphan(struct srv_store *s, const void *conn);
 /* Lock-free: the tensor with this id, or NULL. */
 struct srv_tensor *srv_store_get(struct srv_store *s, uint32_t id);
 static inline uint8_t *srv_chunk_copy(const struct srv_tensor *t, uint32_t i, unsigned copy)
@@ -320,15 +352,19 @@ struct ibv_comp_channel *srv_fold_channel(struct srv *s, struct srv_fold_thread 
 /* ---- control.c ---- */
 /* Handle one received control message; replies on the connection. */
 void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len);
-int srv_conn_post_send(struct srv_conn *c, const void *buf, uint32_t len, bool inline_ok,
-		       enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey);
+/* Post a signaled send; inline when len fits the QP's inline limit, else
+ * buf must be in bufs (registered) and stay untouched until the completion
+ * of wr_id (SRV_WR) gives it back. */
+int srv_conn_post_send(struct srv_conn *c, const void *buf, uint32_t len, enum ibv_wr_opcode op,
+		       uint64_t raddr, uint32_t rkey, uint64_t wr_id);
 void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out);
 
 /* ---- listener.c ---- */
 int srv_listen(struct srv *s);
 int srv_run(struct srv *s);
 void srv_close(struct srv *s);
-uint8_t *srv_conn_reply_buf(struct srv_conn *c);
+uint8_t *srv_conn_reply_buf(struct srv_conn *c, unsigned i);
+uint8_t *srv_conn_credit_buf(struct srv_conn *c);
 int srv_conn_post_recv(struct srv_conn *c, uint32_t i);
 
 #endif

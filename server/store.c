@@ -135,7 +135,7 @@ static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
 	pthread_mutex_init(&t->clock_lock, NULL);
 	if (m->flags & RDMAPS_DECLARE_INIT_DATA) {
 		atomic_store(&t->state_flag, TENSOR_INIT);
-		t->creator = conn;
+		atomic_store(&t->creator, conn);
 	} else {
 		atomic_store(&t->state_flag, TENSOR_READY);
 	}
@@ -170,6 +170,69 @@ static bool same_declaration(const struct srv_tensor *t, const struct rdmaps_msg
 	return t->length == m->length && t->opt == opt &&
 	       !memcmp(&t->hyper, &m->hyper, sizeof(t->hyper)) &&
 	       !memcmp(&t->cons, &m->cons, sizeof(t->cons));
+}
+
+void srv_store_settle(struct srv_tensor *t)
+{
+	for (uint32_t i = 0; i < t->nchunks; i++) {
+		struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
+		if (h->version & 1u)
+			__atomic_store_n(&h->version, h->version + 1, __ATOMIC_RELEASE);
+	}
+}
+
+void srv_store_seal(struct srv_tensor *t)
+{
+	srv_store_settle(t);
+	atomic_store(&t->creator, NULL);
+	atomic_store(&t->state_flag, TENSOR_READY);
+}
+
+/*
+ * A declaration of a tensor that is still initialising (store lock held).
+ * Its creator declaring again (a retry after an error) stages its values
+ * again. A tensor whose creator left before sealing (srv_store_orphan)
+ * goes to this declaration: whatever the creator staged is wiped, then the
+ * declarer either stages its own initial values or, with none, the tensor
+ * opens at once holding its init_value. Returns true when conn is to stage
+ * the values (the reply's `created`).
+ */
+static bool adopt(struct srv_tensor *t, const struct rdmaps_msg_declare *m, const void *conn)
+{
+	const void *creator = atomic_load(&t->creator);
+
+	if (atomic_load(&t->state_flag) != TENSOR_INIT || (creator && creator != conn))
+		return false;
+	if (creator == conn)
+		return true;
+	for (uint32_t i = 0; i < t->nchunks; i++)
+		chunk_init(t, i, m->init_value);
+	if (!(m->flags & RDMAPS_DECLARE_INIT_DATA) || !conn) {
+		srv_store_seal(t);
+		log_info("tensor '%s': its creator left before sealing; opened with the next "
+			 "declaration's value %g", t->name, (double)m->init_value);
+		return false;
+	}
+	atomic_store(&t->creator, conn);
+	log_info("tensor '%s': its creator left before sealing; the next declarer initialises it",
+		 t->name);
+	return true;
+}
+
+void srv_store_orphan(struct srv_store *s, const void *conn)
+{
+	pthread_mutex_lock(&s->lock);
+	for (uint32_t i = 0; i < atomic_load(&s->count); i++) {
+		struct srv_tensor *t = s->tensors[i];
+		if (atomic_load(&t->creator) != conn)
+			continue;
+		/* never compared with a freed connection again, and never
+		 * handed out as ready with partial values */
+		atomic_store(&t->creator, NULL);
+		log_warn("tensor '%s': its creator left before sealing it; it waits for the next "
+			 "declaration", t->name);
+	}
+	pthread_mutex_unlock(&s->lock);
 }
 
 int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, const void *conn,
@@ -216,7 +279,7 @@ int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, c
 	t = find_locked(s, m->name);
 	if (t) {
 		rc = same_declaration(t, m, opt) ? 0 : RDMAPS_EEXIST;
-		*created = false;
+		*created = !rc && adopt(t, m, conn);
 		goto out;
 	}
 	if (atomic_load(&s->count) >= s->max) {

@@ -38,7 +38,10 @@ static void server_startv(struct th_server *s, const char *addr, va_list ap, boo
 	if (!keep_port)
 		snprintf(s->port, sizeof(s->port), "%u",
 			 20000u + ((unsigned)getpid() * 7u + seq++) % 30000u);
-	argv[argc++] = RDMAPS_SERVER_BIN;
+	/* another build's server (showing that a test fails on the code before
+	 * a fix, say): RDMAPS_TEST_SERVER_BIN */
+	argv[argc] = getenv("RDMAPS_TEST_SERVER_BIN");
+	argv[argc++] = argv[0] && *argv[0] ? argv[0] : RDMAPS_SERVER_BIN;
 	argv[argc++] = "--addr";
 	argv[argc++] = s->addr;
 	argv[argc++] = "--port";
@@ -187,18 +190,15 @@ int th_connect_cluster(const char *servers, const char *src, rdmaps_client **out
 	return rdmaps_connect_cluster(&o, out);
 }
 
-pid_t th_pusher(const char *arg, ...)
+static pid_t spawnv(const char *bin, const char *arg, va_list ap)
 {
-	const char *argv[16] = { RDMAPS_PUSHER_BIN };
+	const char *argv[16] = { bin };
 	unsigned n = 1;
-	va_list ap;
 	int p[2];
 	char b;
 
-	va_start(ap, arg);
 	for (const char *a = arg; a && n < 15; a = va_arg(ap, const char *))
 		argv[n++] = a;
-	va_end(ap);
 	cr_assert_eq(pipe(p), 0);
 	pid_t pid = fork();
 	if (pid == 0) {
@@ -209,8 +209,30 @@ pid_t th_pusher(const char *arg, ...)
 		_exit(127);
 	}
 	close(p[1]);
-	cr_assert_eq(read(p[0], &b, 1), 1, "pusher could not connect");
+	cr_assert_eq(read(p[0], &b, 1), 1, "%s could not connect", bin);
 	close(p[0]);
+	return pid;
+}
+
+pid_t th_pusher(const char *arg, ...)
+{
+	va_list ap;
+	pid_t pid;
+
+	va_start(ap, arg);
+	pid = spawnv(RDMAPS_PUSHER_BIN, arg, ap);
+	va_end(ap);
+	return pid;
+}
+
+pid_t th_creator(const char *arg, ...)
+{
+	va_list ap;
+	pid_t pid;
+
+	va_start(ap, arg);
+	pid = spawnv(RDMAPS_CREATOR_BIN, arg, ap);
+	va_end(ap);
 	return pid;
 }
 

@@ -48,6 +48,12 @@ int th_connect_cluster(const char *servers, const char *src, rdmaps_client **out
  * until it says it is ready (asserts it does); returns its pid.
  */
 pid_t th_pusher(const char *arg, ...);
+/*
+ * Start tests/rdma/creator.c (ADDR PORT TOKEN TENSOR LENGTH VALUE): a raw
+ * peer that declares TENSOR with initial values to come, stages VALUE into
+ * its first chunk and never seals; returns once it has, with its pid.
+ */
+pid_t th_creator(const char *arg, ...);
 /* Declare a float tensor initialised to value (asserts success). */
 rdmaps_tensor *th_declare(rdmaps_client *c, const char *name, uint64_t len, float value, float lr);
 

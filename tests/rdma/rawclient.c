@@ -186,18 +186,31 @@ int raw_rdma(struct raw *r, enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey
 	return wc.status;
 }
 
-int raw_declare(struct raw *r, const char *name, uint64_t length, struct rdmaps_msg_tensor_reply *rep)
+struct rdmaps_msg_declare raw_declare_msg(const char *name, uint64_t length)
 {
 	struct rdmaps_msg_declare m = { 0 };
-	uint8_t in[RDMAPS_MSG_MAX];
-	int n;
 
 	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_DECLARE, sizeof(m), 42);
 	m.length = length;
 	m.hyper.lr = 1.0f;
 	snprintf(m.optimizer, sizeof(m.optimizer), "sgd");
 	snprintf(m.name, sizeof(m.name), "%s", name);
-	if (raw_send(r, &m, sizeof(m)) != IBV_WC_SUCCESS)
+	return m;
+}
+
+int raw_declare(struct raw *r, const char *name, uint64_t length, struct rdmaps_msg_tensor_reply *rep)
+{
+	struct rdmaps_msg_declare m = raw_declare_msg(name, length);
+
+	return raw_request(r, &m, sizeof(m), rep);
+}
+
+int raw_request(struct raw *r, const void *msg, size_t len, struct rdmaps_msg_tensor_reply *rep)
+{
+	uint8_t in[RDMAPS_MSG_MAX];
+	int n;
+
+	if (raw_send(r, msg, len) != IBV_WC_SUCCESS)
 		return RDMAPS_EVERBS;
 	n = raw_recv(r, in, sizeof(in), 20000);
 	if (n == (int)sizeof(*rep)) {
@@ -210,4 +223,23 @@ int raw_declare(struct raw *r, const char *name, uint64_t length, struct rdmaps_
 		return s.status;
 	}
 	return RDMAPS_EPROTO;
+}
+
+/* Write one slot by hand: header + count floats of value, with LAST (and
+ * any extra flags). */
+int raw_slot(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t chunk, uint32_t count,
+		    float value, uint16_t extra_flags)
+{
+	struct rdmaps_slot_hdr h = { .seq = (uint32_t)seq, .tensor_id = (uint16_t)tensor,
+				     .chunk = chunk, .count = count,
+				     .flags = RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | extra_flags,
+				     .scale = 1.0f };
+	uint32_t slot = (uint32_t)((seq - 1) % r->w.slot_count);
+	float *p = (float *)(r->buf + RAW_DATA_OFF + RDMAPS_SLOT_HDR);
+
+	memcpy(r->buf + RAW_DATA_OFF, &h, sizeof(h));
+	for (uint32_t i = 0; i < count; i++)
+		p[i] = value;
+	return raw_rdma(r, IBV_WR_RDMA_WRITE_WITH_IMM, r->w.staging_addr + (uint64_t)slot * r->w.slot_size,
+			r->w.staging_rkey, RDMAPS_SLOT_HDR + count * 4, rdmaps__imm_make(slot, seq));
 }

@@ -47,5 +47,13 @@ int raw_rdma(struct raw *r, enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey
 /* Declare (or look up) a tensor by hand; fills the reply, returns its status. */
 int raw_declare(struct raw *r, const char *name, uint64_t length,
 		struct rdmaps_msg_tensor_reply *rep);
+/* The declaration raw_declare sends (SGD, lr 1, ASP), ready to tweak. */
+struct rdmaps_msg_declare raw_declare_msg(const char *name, uint64_t length);
+/* Send a declare or lookup; a tensor reply fills *rep; returns its status. */
+int raw_request(struct raw *r, const void *msg, size_t len, struct rdmaps_msg_tensor_reply *rep);
+/* Write one slot by hand: header + count floats of value, with LAST and END
+ * (and any extra flags); returns the completion status. */
+int raw_slot(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t chunk, uint32_t count,
+	     float value, uint16_t extra_flags);
 
 #endif

@@ -2,7 +2,7 @@
  * The data path end to end against a real rdmaps-server: exact folds from
  * several workers, no torn pull under concurrent folds, READs that span
  * chunks, all-or-nothing pushes when a worker is killed mid-push,
- * idempotent declarations.
+ * idempotent declarations, a server that sends nothing inline.
  */
 #include <criterion/criterion.h>
 #include <pthread.h>
@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "harness.h"
+#include "rawclient.h"
 #include "verbs.h" /* RDMAPS_READ_SPAN */
 
 static struct th_server srv;
@@ -396,4 +397,78 @@ Test(datapath, declare_is_idempotent_and_conflicts_are_refused, .fini = stop_ser
 	cr_assert_eq(got[99], init[99]);
 	rdmaps_close(a);
 	rdmaps_close(b);
+}
+
+/* ---- a server without inline sends ------------------------------------ */
+
+/*
+ * Some providers have no inline sends (or a small limit), and the server
+ * then sends every credit and reply from registered memory: --max-inline 0
+ * forces that path here. Credits must flow (a 4-slot ring, 40 pushes),
+ * replies of every size arrive whole, and a peer sending requests without
+ * waiting gets each reply intact or dropped and counted, never one
+ * overwritten while the NIC still sends it.
+ */
+#include "rawclient.h"
+
+Test(datapath, credits_and_replies_without_inline_sends, .fini = stop_server, .timeout = 300)
+{
+	static float init[BIG], g[BIG], v[BIG];
+	struct rdmaps_server_stats before, after;
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+	struct raw r;
+	int rc;
+
+	th_server_start(&srv, "--max-inline", "0", "--chunk-elems", "1024", "--slots", "4", NULL);
+	c = th_connect(&srv);
+	for (uint64_t i = 0; i < BIG; i++) {
+		init[i] = (float)(i % 9);
+		g[i] = -1.0f;
+	}
+	struct rdmaps_tensor_desc d = { .name = "w", .length = BIG, .init = init, .lr = 0.5f };
+	rc = rdmaps_declare(c, &d, &t);
+	cr_assert_eq(rc, 0, "declare (initial values, seal): %s", rdmaps_strerror(rc));
+	for (int i = 0; i < 40; i++)
+		cr_assert_eq(rdmaps_push(c, t, g, 0), 0, "push %d waits for credits", i);
+	cr_assert_eq(rdmaps_push(c, t, g, RDMAPS_PUSH_FOLDED), 0);
+	cr_assert_eq(rdmaps_flush(c, 10000), 0);
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	for (uint64_t i = 0; i < BIG; i++)
+		cr_assert_eq(v[i], init[i] + 20.5f, "[%lu] = %g", i, (double)v[i]);
+	cr_assert_eq(rdmaps_server_stats(c, &before), 0);
+
+	struct rdmaps_wire_hello h = raw_hello(TH_TOKEN);
+	cr_assert_eq(raw_connect(&r, srv.addr, srv.port, &h, sizeof(h)), 0);
+	enum { BURST = 12 };
+	for (uint32_t i = 0; i < BURST; i++) {
+		struct rdmaps_msg_hdr m;
+		rdmaps__msg_init(&m, RDMAPS_MSG_STATS, sizeof(m), 1000 + i);
+		cr_assert_eq(raw_send(&r, &m, sizeof(m)), IBV_WC_SUCCESS);
+	}
+	bool seen[BURST] = { false };
+	int got = 0;
+	for (;;) {
+		struct rdmaps_msg_stats_reply rep;
+		uint8_t in[RDMAPS_MSG_MAX];
+		int n = raw_recv(&r, in, sizeof(in), 2000);
+		if (n < 0)
+			break;
+		cr_assert_eq(n, (int)sizeof(rep));
+		memcpy(&rep, in, sizeof(rep));
+		cr_assert_eq(rep.hdr.type, RDMAPS_MSG_STATS_REPLY);
+		cr_assert(rep.hdr.req_id >= 1000 && rep.hdr.req_id < 1000 + BURST, "req_id %u",
+			  rep.hdr.req_id);
+		cr_assert(!seen[rep.hdr.req_id - 1000], "reply %u twice", rep.hdr.req_id);
+		seen[rep.hdr.req_id - 1000] = true;
+		cr_assert_eq(rep.stats.tensors, 1);
+		got++;
+	}
+	raw_close(&r);
+	cr_assert_eq(rdmaps_server_stats(c, &after), 0);
+	cr_assert_eq(got + (int)(after.bad_messages - before.bad_messages), BURST,
+		     "%d replies, %llu dropped and counted", got,
+		     (unsigned long long)(after.bad_messages - before.bad_messages));
+	cr_assert_geq(got, 1);
+	rdmaps_close(c);
 }

@@ -170,25 +170,6 @@ Test(security, malformed_control_messages_get_errors, .fini = stop_server, .time
 	rdmaps_close(good);
 }
 
-/* Write one slot by hand: header + count floats of value, with LAST (and
- * any extra flags). */
-static int raw_slot(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t chunk, uint32_t count,
-		    float value, uint16_t extra_flags)
-{
-	struct rdmaps_slot_hdr h = { .seq = (uint32_t)seq, .tensor_id = (uint16_t)tensor,
-				     .chunk = chunk, .count = count,
-				     .flags = RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | extra_flags,
-				     .scale = 1.0f };
-	uint32_t slot = (uint32_t)((seq - 1) % r->w.slot_count);
-	float *p = (float *)(r->buf + RAW_DATA_OFF + RDMAPS_SLOT_HDR);
-
-	memcpy(r->buf + RAW_DATA_OFF, &h, sizeof(h));
-	for (uint32_t i = 0; i < count; i++)
-		p[i] = value;
-	return raw_rdma(r, IBV_WR_RDMA_WRITE_WITH_IMM, r->w.staging_addr + (uint64_t)slot * r->w.slot_size,
-			r->w.staging_rkey, RDMAPS_SLOT_HDR + count * 4, rdmaps__imm_make(slot, seq));
-}
-
 Test(security, bad_and_replayed_slots_are_never_folded, .fini = stop_server, .timeout = 300)
 {
 	struct rdmaps_msg_tensor_reply rep;

@@ -209,3 +209,34 @@ Test(checkpoint, numbered_past_refused_files, .init = mkdir_tmp, .fini = rm_tmp)
 	cr_assert_eq(atomic_load(&a.count), 1);
 	srv_store_fini(&a);
 }
+
+/* A tensor still waiting for its creator's initial values is left out: a
+ * restart would otherwise open it as ready with whatever was staged. */
+Test(checkpoint, initialising_tensors_are_left_out, .init = mkdir_tmp, .fini = rm_tmp)
+{
+	struct rdmaps_msg_declare m = { 0 };
+	struct srv_store a;
+	struct srv_tensor *t;
+	char err[256];
+	uint64_t seq, last;
+	bool created;
+	int creator;
+
+	cr_assert_eq(srv_store_init(&a, &cfg), 0);
+	declare(&a, "ready", 300, "sgd");
+	m.length = 300;
+	m.flags = RDMAPS_DECLARE_INIT_DATA;
+	snprintf(m.optimizer, sizeof(m.optimizer), "sgd");
+	snprintf(m.name, sizeof(m.name), "init");
+	cr_assert_eq(srv_store_declare(&a, &m, &creator, &t, &created), 0);
+	cr_assert(created);
+	cr_assert_eq(atomic_load(&t->state_flag), TENSOR_INIT);
+	cr_assert_eq(srv_checkpoint_write(&a, dir, 0, 1, err, sizeof(err)), 0, "%s", err);
+	srv_store_fini(&a);
+	cr_assert_eq(srv_store_init(&a, &cfg), 0);
+	cr_assert_eq(srv_checkpoint_restore(&a, dir, 0, &seq, &last), 0);
+	cr_assert_eq(seq, 1);
+	cr_assert_eq(atomic_load(&a.count), 1, "only the ready tensor");
+	cr_assert_str_eq(srv_store_get(&a, 0)->name, "ready");
+	srv_store_fini(&a);
+}

@@ -1,0 +1,121 @@
+/*
+ * The declaration life cycle natively: a tensor declared with initial values
+ * waits for its creator to seal it; the creator may stage its values again;
+ * one whose creator left before sealing goes to the next declaration, with
+ * nothing of what the creator staged, and is never compared with the
+ * connection that left.
+ */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "optimizer.h"
+#include "server.h"
+
+static struct srv_config cfg = { .max_tensors = 8, .chunk_elems = 256,
+				 .max_tensor_bytes = 1ull << 30, .max_total_bytes = 1ull << 30 };
+
+static struct rdmaps_msg_declare decl(bool init_data, float value)
+{
+	struct rdmaps_msg_declare m = { 0 };
+
+	m.length = 1000;
+	m.init_value = value;
+	m.flags = init_data ? RDMAPS_DECLARE_INIT_DATA : 0;
+	m.hyper.lr = 0.1f;
+	snprintf(m.optimizer, sizeof(m.optimizer), "sgd");
+	snprintf(m.name, sizeof(m.name), "w");
+	return m;
+}
+
+/* Every chunk stable (even version, checksum right) and holding value. */
+static void assert_open_with(struct srv_tensor *t, float value)
+{
+	cr_assert_eq(atomic_load(&t->state_flag), TENSOR_READY);
+	cr_assert_null(atomic_load(&t->creator));
+	for (uint32_t c = 0; c < t->nchunks; c++) {
+		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, c);
+		const float *d = (const float *)(h + 1);
+		cr_assert_eq(h->version & 1u, 0, "chunk %u stable", c);
+		cr_assert(rdmaps__chunk_consistent(h, d, h->count), "chunk %u checksum", c);
+		for (uint32_t i = 0; i < h->count; i++)
+			cr_assert_eq(d[i], value, "chunk %u [%u] = %g", c, i, (double)d[i]);
+	}
+}
+
+/* What a creator's ASSIGN slots do: values into every chunk, still odd. */
+static void stage(struct srv_tensor *t, float value)
+{
+	static float v[256];
+	for (uint32_t c = 0; c < t->nchunks; c++) {
+		uint32_t n = rdmaps__chunk_count(t->length, t->chunk_elems, c);
+		for (uint32_t i = 0; i < n; i++)
+			v[i] = value;
+		srv_chunk_apply(t, c, v, n, true);
+	}
+}
+
+Test(store, creator_left_before_sealing_hands_over)
+{
+	struct rdmaps_msg_declare m = decl(true, 0.0f);
+	struct srv_store s;
+	struct srv_tensor *t, *t2;
+	bool created;
+	int a, b, c; /* stand-ins for three connections */
+
+	cr_assert_eq(srv_store_init(&s, &cfg), 0);
+	cr_assert_eq(srv_store_declare(&s, &m, &a, &t, &created), 0);
+	cr_assert(created);
+	cr_assert_eq(atomic_load(&t->state_flag), TENSOR_INIT);
+
+	/* its creator again (a retry after an error): stages again */
+	cr_assert_eq(srv_store_declare(&s, &m, &a, &t2, &created), 0);
+	cr_assert(created && t2 == t);
+	/* anyone else waits */
+	cr_assert_eq(srv_store_declare(&s, &m, &b, &t2, &created), 0);
+	cr_assert(!created);
+	cr_assert_eq(atomic_load(&t->creator), &a);
+
+	/* a stages part of its values and dies: b's declaration takes over */
+	stage(t, 7.0f);
+	srv_store_orphan(&s, &a);
+	cr_assert_null(atomic_load(&t->creator), "the dead connection is forgotten");
+	cr_assert_eq(atomic_load(&t->state_flag), TENSOR_INIT, "never ready with partial values");
+	cr_assert_eq(srv_store_declare(&s, &m, &b, &t2, &created), 0);
+	cr_assert(created, "the next declarer initialises it");
+	cr_assert_eq(atomic_load(&t->creator), &b);
+	for (uint32_t ch = 0; ch < t->nchunks; ch++) {
+		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, ch);
+		cr_assert_eq(((const float *)(h + 1))[0], 0.0f, "a's staged values are wiped");
+		cr_assert_eq(h->version & 1u, 1u, "still being written");
+	}
+	stage(t, 2.0f);
+	srv_store_seal(t);
+	assert_open_with(t, 2.0f);
+	/* sealed: a later declaration just attaches */
+	cr_assert_eq(srv_store_declare(&s, &m, &c, &t2, &created), 0);
+	cr_assert(!created);
+	srv_store_fini(&s);
+}
+
+Test(store, orphan_opens_with_next_declaration_value)
+{
+	struct rdmaps_msg_declare m = decl(true, 0.0f), plain = decl(false, 3.0f);
+	struct srv_store s;
+	struct srv_tensor *t, *t2;
+	bool created;
+	int a, b;
+
+	cr_assert_eq(srv_store_init(&s, &cfg), 0);
+	cr_assert_eq(srv_store_declare(&s, &m, &a, &t, &created), 0);
+	stage(t, 9.0f);
+	srv_store_orphan(&s, &a);
+	/* no initial values to stage: open at once, with its init_value */
+	cr_assert_eq(srv_store_declare(&s, &plain, &b, &t2, &created), 0);
+	cr_assert(!created && t2 == t);
+	assert_open_with(t, 3.0f);
+	/* leaving after the seal changes nothing */
+	srv_store_orphan(&s, &b);
+	assert_open_with(t, 3.0f);
+	srv_store_fini(&s);
+}
