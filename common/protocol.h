@@ -1,5 +1,5 @@
 /*
- * protocol.h -- the rdmaps wire protocol, version 1. Every structure that
+ * protocol.h -- the rdmaps wire protocol (RDMAPS_PROTO_VERSION). Every structure that
  * crosses the network is here, little-endian, fixed size, naturally aligned.
  * docs/protocol.md describes the same thing in prose; keep them together.
  *

@@ -29,6 +29,7 @@
 #define CKPT_MAGIC "RDPSCKPT"
 #define CKPT_VERSION 1u
 #define CKPT_KEEP 3 /* newest files kept: a corrupt newest still has a fallback */
+#define CKPT_REQUEST_GAP_NS 1000000000ull
 
 struct ckpt_hdr {
 	char magic[8];
@@ -414,6 +415,11 @@ void srv_checkpoint_now(struct srv *s, const char *why)
 				  sizeof(err));
 	srv_fold_resume(s);
 	s->last_ckpt_ns = rdmaps__now_ns();
+	/* requests from workers: folds paused at most a tenth of the time,
+	 * and at most one checkpoint a second, however many ask */
+	s->ckpt_next_ok = s->last_ckpt_ns + 10 * (s->last_ckpt_ns - t0);
+	if (s->ckpt_next_ok < s->last_ckpt_ns + CKPT_REQUEST_GAP_NS)
+		s->ckpt_next_ok = s->last_ckpt_ns + CKPT_REQUEST_GAP_NS;
 	if (rc) {
 		atomic_fetch_add(&s->checkpoint_failures, 1);
 		log_error("checkpoint (%s) failed: %s", why, err);

@@ -473,7 +473,10 @@ int srv_run(struct srv *s)
 		if (poll(pfd, (nfds_t)n, 100) < 0 && errno != EINTR)
 			return rdmaps__from_errno(errno);
 		srv_clock_tick(s);
-		if (atomic_exchange(&s->ckpt_req, false))
+		/* requests wait for their turn (srv_checkpoint_now), and many
+		 * meanwhile make one checkpoint */
+		if (atomic_load(&s->ckpt_req) && rdmaps__now_ns() >= s->ckpt_next_ok &&
+		    atomic_exchange(&s->ckpt_req, false))
 			srv_checkpoint_now(s, "requested");
 		else if (s->cfg.ckpt_every_s &&
 			 rdmaps__now_ns() - s->last_ckpt_ns > (uint64_t)s->cfg.ckpt_every_s * 1000000000u)
@@ -494,18 +497,24 @@ int srv_run(struct srv *s)
 
 void srv_close(struct srv *s)
 {
-	/* a clean stop leaves a checkpoint of the last state behind */
+	/*
+	 * A clean stop leaves a checkpoint of the last state behind, with
+	 * everything staged in it: first no worker can stage more (each QP
+	 * goes to error), then each connection is handed back by its fold
+	 * thread, which folds what the worker staged before it went
+	 * (conn_drain), and only then the checkpoint. Then the threads:
+	 * their completion channels go last, once no CQ uses them.
+	 */
+	for (struct srv_conn *c = s->conns; c; c = c->next)
+		rdma_disconnect(c->id);
+	while (s->conns) {
+		if (!s->ft)
+			s->conns->attached = false; /* no fold thread to hand it back */
+		conn_teardown(s, s->conns);
+	}
 	if (s->ft && s->cfg.ckpt_dir)
 		srv_checkpoint_now(s, "shutdown");
-	/* threads first: once joined, nobody polls a connection we free;
-	 * their completion channels go last, once no CQ uses them */
 	srv_fold_join(s);
-	while (s->conns) {
-		struct srv_conn *c = s->conns;
-		c->attached = false;
-		rdma_disconnect(c->id);
-		conn_teardown(s, c);
-	}
 	srv_fold_stop(s);
 	if (s->listen_id)
 		rdma_destroy_id(s->listen_id);

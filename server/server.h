@@ -247,6 +247,7 @@ struct srv {
 	unsigned paused;
 	_Atomic bool ckpt_req;
 	uint64_t ckpt_seq, last_ckpt_ns;
+	uint64_t ckpt_next_ok;       /* a requested checkpoint waits until then */
 	uint64_t instance; /* random per process: tells workers this is a restart */
 	_Atomic uint64_t checkpoints, checkpoint_failures, restored_seq;
 	pthread_mutex_t conns_lock;  /* the conns list, for rdmaps-ctl's listing */

@@ -16,8 +16,10 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/wait.h>
+#include <time.h>
 
 #include "harness.h"
+#include "rawclient.h"
 
 #define LEN (3 * 1024)
 
@@ -39,6 +41,13 @@ static void cleanup(void)
 	if (srv.pid)
 		th_server_stop(&srv);
 	remove_dir(dir);
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
 static void fill(float *g, float v)
@@ -133,6 +142,121 @@ Test(faults, corrupt_checkpoint_falls_back, .fini = cleanup, .timeout = 300)
 	cr_assert_eq(rdmaps_lookup(c, "w", &t), 0);
 	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
 	cr_assert_eq(v[0], 1.0f, "checkpoint 1 restored, got %f", v[0]);
+	rdmaps_close(c);
+}
+
+/*
+ * A directory whose checkpoints are all refused (junk here): the server
+ * starts empty, and what it writes next is numbered past them, so keeping
+ * the newest three never prunes the file just written.
+ */
+Test(faults, checkpoint_after_refused_files_is_kept, .fini = cleanup, .timeout = 300)
+{
+	static float g[LEN], v[LEN];
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+	char path[160];
+
+	snprintf(dir, sizeof(dir), "/tmp/rdmaps-faults-XXXXXX");
+	cr_assert_not_null(mkdtemp(dir));
+	for (int seq = 5; seq <= 7; seq++) {
+		snprintf(path, sizeof(path), "%s/ckpt-%016x.rdmaps", dir, seq);
+		FILE *f = fopen(path, "w");
+		cr_assert_not_null(f);
+		fputs("junk", f);
+		fclose(f);
+	}
+	th_server_start(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, "--checkpoint-every",
+			"1", NULL);
+	c = th_connect(&srv);
+	t = th_declare(c, "w", LEN, 0.0f, 1.0f);
+	fill(g, -1.0f);
+	cr_assert_eq(rdmaps_push(c, t, g, RDMAPS_PUSH_FOLDED), 0);
+	cr_assert_eq(rdmaps_checkpoint(c, 10000), 0);
+	sleep(3); /* and a few periodic ones */
+	rdmaps_close(c);
+	th_server_kill9(&srv);
+	for (int seq = 5; seq <= 7; seq++) {
+		snprintf(path, sizeof(path), "%s/ckpt-%016x.rdmaps", dir, seq);
+		cr_assert_neq(access(path, F_OK), 0, "junk %d pruned, as the oldest", seq);
+	}
+	th_server_restart(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
+	c = th_connect(&srv);
+	cr_assert_eq(rdmaps_lookup(c, "w", &t), 0, "a checkpoint written after the junk is there");
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	cr_assert_eq(v[0], 1.0f);
+	rdmaps_close(c);
+}
+
+/*
+ * A clean stop (SIGTERM) checkpoints after every staged push is folded:
+ * pushes rdmaps_push returned for (the WRITE acknowledged, not yet folded)
+ * are in the model the restarted server has.
+ */
+Test(faults, clean_stop_keeps_every_staged_push, .fini = cleanup, .timeout = 300)
+{
+	enum { BIG = 16 * 1024, PUSHES = 12 };
+	static float g[BIG], v[BIG];
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+
+	snprintf(dir, sizeof(dir), "/tmp/rdmaps-faults-XXXXXX");
+	cr_assert_not_null(mkdtemp(dir));
+	th_server_start(&srv, "--chunk-elems", "1024", "--slots", "64", "--checkpoint-dir", dir, NULL);
+	c = th_connect(&srv);
+	t = th_declare(c, "w", BIG, 0.0f, 1.0f);
+	for (int i = 0; i < BIG; i++)
+		g[i] = -1.0f;
+	for (int i = 0; i < PUSHES; i++)
+		cr_assert_eq(rdmaps_push(c, t, g, 0), 0); /* staged, not waited for */
+	th_server_stop(&srv);
+	th_server_restart(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
+	rdmaps_close(c);
+	c = th_connect(&srv);
+	cr_assert_eq(rdmaps_lookup(c, "w", &t), 0);
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	for (int i = 0; i < BIG; i++)
+		cr_assert_eq(v[i], (float)PUSHES, "[%d] = %g: every staged push is in", i, (double)v[i]);
+	rdmaps_close(c);
+}
+
+/* Workers asking for checkpoints without end pause the folds at most about
+ * once a second: requests in between make one checkpoint. */
+Test(faults, checkpoint_requests_are_rate_limited, .fini = cleanup, .timeout = 300)
+{
+	struct rdmaps_server_stats st;
+	rdmaps_client *c;
+	struct raw r;
+	uint64_t t0;
+
+	snprintf(dir, sizeof(dir), "/tmp/rdmaps-faults-XXXXXX");
+	cr_assert_not_null(mkdtemp(dir));
+	th_server_start(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
+	c = th_connect(&srv);
+	th_declare(c, "w", LEN, 0.0f, 1.0f);
+	struct rdmaps_wire_hello h = raw_hello(TH_TOKEN);
+	cr_assert_eq(raw_connect(&r, srv.addr, srv.port, &h, sizeof(h)), 0);
+	t0 = now_ms();
+	for (uint32_t i = 0; i < 40; i++) {
+		struct rdmaps_msg_hdr m;
+		struct rdmaps_msg_status_reply rep;
+		rdmaps__msg_init(&m, RDMAPS_MSG_CHECKPOINT, sizeof(m), i + 1);
+		cr_assert_eq(raw_send(&r, &m, sizeof(m)), IBV_WC_SUCCESS);
+		cr_assert_eq(raw_recv(&r, &rep, sizeof(rep), 10000), (int)sizeof(rep));
+		cr_assert_eq(rep.status, 0, "accepted");
+		usleep(20000);
+	}
+	uint64_t took = now_ms() - t0;
+	raw_close(&r);
+	cr_assert_eq(rdmaps_server_stats(c, &st), 0);
+	cr_assert_geq(st.checkpoints, 1);
+	cr_assert_leq(st.checkpoints, 2 + took / 1000, "%llu checkpoints for 40 requests in %llu ms",
+		      (unsigned long long)st.checkpoints, (unsigned long long)took);
+	sleep(2); /* requests after the first checkpoint are served by a later one */
+	cr_assert_eq(rdmaps_server_stats(c, &st), 0);
+	cr_assert_geq(st.checkpoints, 2, "requests after the first are served");
+	printf("checkpoint requests: 40 in %llu ms made %llu checkpoints\n", (unsigned long long)took,
+	       (unsigned long long)st.checkpoints);
 	rdmaps_close(c);
 }
 
