@@ -104,6 +104,12 @@ struct rdmaps_op {
 	uint32_t unposted;    /* chunks not yet posted, all its parts */
 	uint32_t next[RDMAPS_MAX_SERVERS];     /* per part: next local chunk (rows: row index) */
 	uint64_t last_seq[RDMAPS_MAX_SERVERS]; /* push, per server: seq of its last slot */
+	/* push, per server: the seq its part's first slot has (or would have)
+	 * on the current connection, and its slots whose WRITE completed: a
+	 * part's slots take consecutive seqs, so a broken connection's account
+	 * (resume.c) says which of them folded */
+	uint64_t seq0[RDMAPS_MAX_SERVERS];
+	uint32_t pdone[RDMAPS_MAX_SERVERS];
 	/* sparse rows */
 	const uint64_t *rows;
 	size_t nrows, row_next;                 /* pull: next row to post */
@@ -159,6 +165,12 @@ struct cl_conn {
 	uint64_t staging_addr;
 	uint32_t staging_rkey, slots, slot_size, chunk_elems;
 	uint64_t instance, restored_seq; /* which run of the server this is */
+	uint64_t conn_id;       /* this connection, as the server names it */
+	/* the connection that broke, until its pushes are settled (resume.c):
+	 * its id, the first seq not known folded, its next seq, and the
+	 * server's refused-slot count as last seen on it */
+	uint64_t resume_id, resume_known, resume_next;
+	uint32_t resume_dropped;
 
 	/* credit word: the only memory the server may write (its own page) */
 	struct rdmaps_wire_credit *credit;
@@ -209,7 +221,8 @@ struct rdmaps_client {
 	bool rescanned; /* librdmacm may hold other devices: rescan on failures */
 	int timeout_ms;
 	int broken; /* first connection failure, until cl_reconnect mends it */
-	bool lost;  /* a connection broke with pushes not known to be folded */
+	bool lost;  /* pushes a failure lost: the next flush says so, once */
+	bool dropped_unseen; /* a broken connection's server refused slots: flush says so */
 
 	struct rdmaps_op ops[CL_MAX_OPS];
 	uint32_t ops_hi; /* ops at or above this index are free: loops stop here */
@@ -234,6 +247,16 @@ int cl_op_start_parts(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, flo
 		      unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out);
 int cl_op_wait(rdmaps_op *op, int timeout_ms);
 uint64_t cl_folded_seq(const struct cl_conn *k);
+
+/* resume.c: after a reconnect, settle the pushes of a broken connection
+ * (re-post what did not fold, or fail the op); or, when no reconnect was
+ * possible, fail every push still waiting with err. */
+int cl_resume(rdmaps_client *c, struct cl_conn *k, bool restarted);
+void cl_resume_fail(rdmaps_client *c, int err);
+/* A push op waiting for its connection to be settled. */
+bool cl_op_unsettled(const rdmaps_op *op);
+/* The part of op's tensor on server k, or UINT32_MAX. */
+uint32_t cl_op_part_on(const rdmaps_op *op, uint32_t k);
 
 /* copies.c: pulls of two-copy tensors (docs/design.md, "Two copies") */
 int cl_ix_ready(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint64_t *word);

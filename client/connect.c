@@ -58,10 +58,14 @@ void cl_fail(struct cl_conn *k, int err, const char *why)
 	if (!k->c->broken)
 		k->c->broken = err;
 	log_warn("connection to server %s lost: %s", k->name, why);
-	/* staged slots the server never confirmed: the caller must hear of them */
-	if (k->credit && k->next_seq > cl_folded_seq(k)) {
-		k->c->stats.lost_pushes += k->next_seq - cl_folded_seq(k);
-		k->c->lost = true;
+	/* staged slots the server never confirmed: the reconnect asks which of
+	 * them folded (resume.c). A connection that breaks before the last one
+	 * was settled has posted nothing of its own yet. */
+	if (k->credit && k->conn_id && !k->resume_id) {
+		k->resume_id = k->conn_id;
+		k->resume_known = cl_folded_seq(k);
+		k->resume_next = k->next_seq;
+		k->resume_dropped = __atomic_load_n(&k->credit->dropped, __ATOMIC_ACQUIRE);
 	}
 	/* error state flushes every outstanding request, so waits end */
 	if (k->qp) {
@@ -377,9 +381,10 @@ static int establish(struct cl_conn *k, const char *token, int timeout)
 	if (w.version != RDMAPS_PROTO_VERSION)
 		return RDMAPS_EVERSION;
 	if (!w.slot_count || w.slot_count > RDMAPS_MAX_SLOTS || !w.chunk_elems || !w.instance ||
-	    w.slot_size != RDMAPS_SLOT_HDR + w.chunk_elems * sizeof(float))
+	    !w.conn_id || w.slot_size != RDMAPS_SLOT_HDR + w.chunk_elems * sizeof(float))
 		return RDMAPS_EPROTO;
 	k->instance = w.instance;
+	k->conn_id = w.conn_id;
 	k->restored_seq = w.restored_seq;
 	k->staging_addr = w.staging_addr;
 	k->staging_rkey = w.staging_rkey;
@@ -415,6 +420,7 @@ static int carve(struct cl_conn *k)
 	}
 	k->next_seq = 1;
 	k->credit->folded_seq = 1;
+	k->dropped_seen = 0; /* the new credit counts from 0 */
 	return 0;
 }
 
@@ -647,19 +653,22 @@ int cl_reconnect(rdmaps_client *c)
 			k->broken = rc;
 			break;
 		}
-		if ((rc = cl_refresh_parts(c, k))) {
+		/* first the tensors (ids may have changed), then what the broken
+		 * connection folded: pushes waiting for it post again on the new one */
+		if ((rc = cl_refresh_parts(c, k)) || (rc = cl_resume(c, k, k->instance != was))) {
 			cl_fail(k, rc, "cannot find its tensors again");
 			break;
 		}
 		c->stats.reconnects++;
 		if (k->instance != was) {
-			/* folded pushes after its last checkpoint are gone too: the
-			 * caller hears of it as of staged ones a failure lost */
+			/* folds after its last checkpoint are gone, unless the
+			 * checkpoint still had this connection's account (a clean
+			 * stop): cl_resume told the caller what was lost */
 			c->stats.server_restarts++;
-			c->lost = true;
 			if (k->restored_seq)
-				log_warn("server %s restarted from its checkpoint %llu: pushes folded "
-					 "after that checkpoint are not in the model",
+				log_warn("server %s restarted from its checkpoint %llu: folds after "
+					 "that checkpoint are not in the model (this worker's lost "
+					 "pushes, if any, are in lost_pushes)",
 					 k->name, (unsigned long long)k->restored_seq);
 			else
 				log_warn("server %s restarted without a checkpoint", k->name);

@@ -172,6 +172,7 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 	k->sq_outstanding++;
 	k->next_seq++;
 	op->last_seq[k->idx] = seq;
+	op->seq0[k->idx] = seq - local;
 	return 0;
 }
 
@@ -380,6 +381,7 @@ static int rows_post_push(rdmaps_op *op, uint32_t p)
 			n++;
 		}
 		op->rows_left[p] -= n;
+		op->seq0[k->idx] = seq - op->pslots[p];
 		op->pslots[p]++;
 		sge[1].length = n * (uint32_t)(sizeof(uint64_t) + dim * sizeof(float));
 		*h = (struct rdmaps_slot_hdr){
@@ -512,8 +514,12 @@ static void read_done(struct cl_conn *k, uint32_t s)
 static void conn_poll(struct cl_conn *k)
 {
 	struct ibv_wc wc[16];
+	int n;
+
+	if (!k->cq)
+		return; /* released, and a reconnect did not make it again */
 	/* polled even when broken: flushed requests still return their slots */
-	int n = ibv_poll_cq(k->cq, 16, wc);
+	n = ibv_poll_cq(k->cq, 16, wc);
 
 	k->cqes += n > 0 ? (unsigned)n : 0u;
 	for (int i = 0; i < n; i++) {
@@ -540,8 +546,9 @@ static void conn_poll(struct cl_conn *k)
 					k->rs_free[k->nrs_free++] = s;
 				}
 			} else if (kind == WR_PUSH) {
+				/* not failed yet: the reconnect learns whether it folded
+				 * (resume.c) */
 				k->c->ops[idx].inflight--;
-				op_finish(&k->c->ops[idx], err);
 			}
 			continue;
 		}
@@ -556,6 +563,7 @@ static void conn_poll(struct cl_conn *k)
 		case WR_PUSH: /* one slot: a chunk, or a batch of rows */
 			k->c->ops[idx].inflight--;
 			k->c->ops[idx].done_chunks++;
+			k->c->ops[idx].pdone[k->idx]++;
 			break;
 		case WR_INDEX:
 			cl_ix_complete(k, idx);
@@ -642,7 +650,8 @@ void cl_progress(rdmaps_client *c)
 		if (op->kind == OP_FREE || op->status != RDMAPS_EAGAIN)
 			continue;
 		if (c->broken) {
-			if (!op->inflight)
+			/* a push waits for the reconnect to settle it (resume.c) */
+			if (!op->inflight && !cl_op_unsettled(op))
 				op_finish(op, c->broken);
 			continue;
 		}
@@ -740,6 +749,8 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 		op->nrows = op->row_next = 0;
 		memset(op->next, 0, sizeof(op->next[0]) * t->nparts);
 		memset(op->last_seq, 0, sizeof(op->last_seq[0]) * c->nconn);
+		memset(op->seq0, 0, sizeof(op->seq0[0]) * c->nconn);
+		memset(op->pdone, 0, sizeof(op->pdone[0]) * c->nconn);
 		if (kind == OP_PULL || kind == OP_PULL_ROWS)
 			c->stats.pulls++;
 		else
@@ -783,11 +794,33 @@ static void check_cms(rdmaps_client *c)
 		cl_check_cm(&c->conn[i]);
 }
 
+/*
+ * A connection broke under a push: once the NIC has given every request
+ * back, reconnect, which settles the pushes (resume.c); if no reconnect is
+ * possible they fail with its error. Blocks up to the connect timeout.
+ * Returns the reconnect's error, or 0 (also when it is not time yet).
+ */
+static int settle(rdmaps_client *c)
+{
+	int rc;
+
+	for (uint32_t j = 0; j < c->ops_hi; j++)
+		if (c->ops[j].kind != OP_FREE && c->ops[j].inflight)
+			return 0;
+	if ((rc = cl_reconnect(c)))
+		cl_resume_fail(c, rc);
+	return rc;
+}
+
 int rdmaps_test(rdmaps_op *op)
 {
 	if (!op || op->kind == OP_FREE)
 		return RDMAPS_EINVAL;
 	cl_progress(op->c);
+	if (cl_op_unsettled(op)) {
+		settle(op->c);
+		cl_progress(op->c);
+	}
 	if (op->status == RDMAPS_EAGAIN || op->inflight)
 		return RDMAPS_EAGAIN;
 	return op_release(op);
@@ -809,6 +842,8 @@ int cl_op_wait(rdmaps_op *op, int timeout_ms)
 		 * it is only over when the NIC is done with it */
 		if (op->status != RDMAPS_EAGAIN && !op->inflight)
 			return op_release(op);
+		if (cl_op_unsettled(op))
+			settle(c);
 		if ((++spins & 1023u) == 0) {
 			check_cms(c);
 			if (rdmaps__now_ns() > deadline)
@@ -947,18 +982,12 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms)
 	if (!c)
 		return RDMAPS_EINVAL;
 	deadline = timeout_ms < 0 ? UINT64_MAX : rdmaps__now_ns() + (uint64_t)timeout_ms * 1000000u;
-	if (c->lost) {
-		/* reported once: some pushes before a failure may not have folded */
-		c->lost = false;
-		return RDMAPS_EDISCONNECTED;
-	}
 	for (;;) {
 		bool pending = false;
 		cl_progress(c);
-		if (c->broken) {
-			c->lost = false;
-			return c->broken;
-		}
+		/* a failure: reconnect, settle what it left unsure, wait on */
+		if (c->broken && (rc = settle(c)))
+			return rc;
 		for (uint32_t i = 0; i < CL_MAX_OPS; i++)
 			if ((c->ops[i].kind == OP_PUSH || c->ops[i].kind == OP_PUSH_ROWS) && c->ops[i].unposted &&
 			    c->ops[i].status == RDMAPS_EAGAIN)
@@ -974,6 +1003,13 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms)
 				return RDMAPS_ETIMEDOUT;
 		}
 	}
+	if (c->lost) {
+		/* reported once: pushes a failure lost (lost_pushes counts them) */
+		c->lost = false;
+		return RDMAPS_EDISCONNECTED;
+	}
+	rc = c->dropped_unseen ? RDMAPS_EREMOTE : 0;
+	c->dropped_unseen = false;
 	for (uint32_t i = 0; i < c->nconn; i++) {
 		struct cl_conn *k = &c->conn[i];
 		uint32_t dropped = __atomic_load_n(&k->credit->dropped, __ATOMIC_ACQUIRE);

@@ -321,6 +321,8 @@ struct rdmaps_client_stats {
 				 * chunks of a server, index READs not counted */
 	uint64_t server_restarts; /* reconnects that found a restarted server: the
 				   * model rolled back to its last checkpoint */
+	uint64_t resent_slots;  /* staged slots a broken connection did not fold,
+				 * posted again after the reconnect (exactly once) */
 };
 
 struct rdmaps_server_stats {

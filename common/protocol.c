@@ -40,6 +40,10 @@ static size_t msg_size(uint16_t type)
 	case RDMAPS_MSG_CHUNKS:
 	case RDMAPS_MSG_WORKERS:
 		return sizeof(struct rdmaps_msg_page);
+	case RDMAPS_MSG_RESUME:
+		return sizeof(struct rdmaps_msg_resume);
+	case RDMAPS_MSG_RESUME_REPLY:
+		return sizeof(struct rdmaps_msg_resume_reply);
 	case RDMAPS_MSG_CATALOG_REPLY:
 		return sizeof(struct rdmaps_msg_catalog_reply);
 	case RDMAPS_MSG_CHUNKS_REPLY:

@@ -20,7 +20,7 @@
 #include "rdmaps.h"
 
 #define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
-#define RDMAPS_PROTO_VERSION 6u /* 6: welcome names the server instance (docs/protocol.md) */
+#define RDMAPS_PROTO_VERSION 7u /* 7: connection ids and RESUME (docs/protocol.md) */
 #define RDMAPS_DEFAULT_PORT "7471"
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u
@@ -62,8 +62,11 @@ struct rdmaps_wire_welcome {
 	 */
 	uint64_t instance;
 	uint64_t restored_seq;
+	/* This connection, random, never 0: after a failure the worker names
+	 * it in RDMAPS_MSG_RESUME to learn what the server folded of it. */
+	uint64_t conn_id;
 };
-_Static_assert(sizeof(struct rdmaps_wire_welcome) == 56, "welcome size");
+_Static_assert(sizeof(struct rdmaps_wire_welcome) == 64, "welcome size (REP data: 196 at most)");
 
 /* Server -> client in a reject. */
 struct rdmaps_wire_reject {
@@ -139,12 +142,14 @@ enum rdmaps_msg_type {
 	RDMAPS_MSG_CATALOG = 6,    /* list tensors, a page at a time */
 	RDMAPS_MSG_CHUNKS = 7,     /* versions of one tensor's chunks */
 	RDMAPS_MSG_WORKERS = 8,    /* connected workers and their counters */
+	RDMAPS_MSG_RESUME = 9,     /* what a closed connection of this worker folded */
 	RDMAPS_MSG_TENSOR_REPLY = 0x81,
 	RDMAPS_MSG_STATS_REPLY = 0x83,
 	RDMAPS_MSG_STATUS_REPLY = 0x84,
 	RDMAPS_MSG_CATALOG_REPLY = 0x86,
 	RDMAPS_MSG_CHUNKS_REPLY = 0x87,
 	RDMAPS_MSG_WORKERS_REPLY = 0x88,
+	RDMAPS_MSG_RESUME_REPLY = 0x89,
 };
 
 struct rdmaps_msg_hdr {
@@ -193,6 +198,26 @@ struct rdmaps_msg_seal {
 	uint32_t tensor_id;
 	uint32_t reserved;
 	uint64_t last_seq; /* the creator's last initial-value slot */
+};
+
+/* After a reconnect: the connection that broke (its welcome's conn_id). */
+struct rdmaps_msg_resume {
+	struct rdmaps_msg_hdr hdr;
+	uint64_t conn_id;
+};
+
+/*
+ * status 0: that connection is closed; every slot seq below folded_seq was
+ * folded, or refused (dropped counts those), and no seq at or above it ever
+ * will be. RDMAPS_EAGAIN: it is still open on the server, which is closing
+ * it now: ask again. RDMAPS_ENOENT: unknown to this server (its records
+ * are of its latest disconnects, and of its checkpoint's).
+ */
+struct rdmaps_msg_resume_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t dropped;
+	uint64_t folded_seq;
 };
 
 struct rdmaps_msg_tensor_reply {

@@ -7,7 +7,9 @@
  * never half of one. Layout (little-endian):
  *   header (struct ckpt_hdr), then per tensor: struct ckpt_tensor, per-chunk
  *   fold counts (u64), per-chunk clocks (u64), the floats chunk by chunk,
- *   the optimizer state; last, XXH3-64 of every byte before it.
+ *   the optimizer state; then (format 2) the closed connections' accounts
+ *   (resume.c: u32 count, then that many struct srv_closed); last, XXH3-64
+ *   of every byte before it. Format 1 files (no accounts) still restore.
  * Restore walks the files newest first and takes the first whose length,
  * version and checksum are right, saying why it skipped the others.
  * The caller pauses the fold threads, so the snapshot is one instant: every
@@ -27,7 +29,8 @@
 #include "server.h"
 
 #define CKPT_MAGIC "RDPSCKPT"
-#define CKPT_VERSION 1u
+#define CKPT_VERSION 2u
+#define CKPT_VERSION_OLDEST 1u
 #define CKPT_KEEP 3 /* newest files kept: a corrupt newest still has a fallback */
 #define CKPT_REQUEST_GAP_NS 1000000000ull
 
@@ -94,6 +97,20 @@ static void put_tensor(struct writer *w, struct srv_tensor *t)
 	}
 	if (spp)
 		put(w, t->state, (size_t)t->length * spp * sizeof(float));
+}
+
+/* The closed connections' accounts: with the model they describe, a worker
+ * can still settle its pushes with a server restarted from this file. */
+static void put_accounts(struct writer *w, struct srv_resume *r)
+{
+	struct srv_closed *rec = calloc(r->cap, sizeof(*rec));
+	uint32_t n = rec ? srv_resume_list(r, rec, r->cap) : 0;
+
+	if (!rec && !w->err)
+		w->err = ENOMEM;
+	put(w, &n, sizeof(n));
+	put(w, rec, (size_t)n * sizeof(*rec));
+	free(rec);
 }
 
 static int fsync_dir(const char *dir)
@@ -192,6 +209,7 @@ int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_
 	for (uint32_t i = 0; i < n; i++)
 		if (atomic_load(&srv_store_get(st, i)->state_flag) == TENSOR_READY)
 			put_tensor(&w, srv_store_get(st, i));
+	put_accounts(&w, &st->resume);
 	sum = XXH3_64bits_digest(w.h);
 	if (!w.err && fwrite(&sum, 1, sizeof(sum), w.f) != sizeof(sum))
 		w.err = errno ? errno : EIO;
@@ -318,6 +336,27 @@ static int restore_tensor(struct srv_store *st, struct reader *r, char *why, siz
 	return 0;
 }
 
+static int restore_accounts(struct srv_store *st, struct reader *r, char *why, size_t wlen)
+{
+	const uint8_t *p = take(r, sizeof(uint32_t)), *rec = NULL;
+	uint32_t n = 0;
+
+	if (p) {
+		memcpy(&n, p, sizeof(n)); /* the file promises no alignment */
+		rec = take(r, (size_t)n * sizeof(struct srv_closed));
+	}
+	if (!p || (n && !rec)) {
+		snprintf(why, wlen, "truncated connection accounts");
+		return -1;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		struct srv_closed c;
+		memcpy(&c, rec + (size_t)i * sizeof(c), sizeof(c));
+		srv_resume_record(&st->resume, &c);
+	}
+	return 0;
+}
+
 /* Check one file whole before touching the store. */
 static int verify(const uint8_t *buf, size_t len, unsigned server_id, uint32_t chunk_elems, char *why,
 		  size_t wlen)
@@ -335,8 +374,9 @@ static int verify(const uint8_t *buf, size_t len, unsigned server_id, uint32_t c
 		snprintf(why, wlen, "not an rdmaps checkpoint");
 		return -1;
 	}
-	if (h.version != CKPT_VERSION) {
-		snprintf(why, wlen, "format version %u, this server reads %u", h.version, CKPT_VERSION);
+	if (h.version < CKPT_VERSION_OLDEST || h.version > CKPT_VERSION) {
+		snprintf(why, wlen, "format version %u, this server reads %u to %u", h.version,
+			 CKPT_VERSION_OLDEST, CKPT_VERSION);
 		return -1;
 	}
 	if (XXH3_64bits(buf, len - sizeof(sum)) != sum) {
@@ -382,6 +422,8 @@ int srv_checkpoint_restore(struct srv_store *st, const char *dir, unsigned serve
 		memcpy(&h, take(&r, sizeof(h)), sizeof(h));
 		for (uint32_t k = 0; k < h.ntensors && !bad; k++)
 			bad = restore_tensor(st, &r, why, sizeof(why));
+		if (!bad && h.version >= 2)
+			bad = restore_accounts(st, &r, why, sizeof(why));
 		if (!bad && r.p != r.end) {
 			snprintf(why, sizeof(why), "%zu unexpected bytes at the end", (size_t)(r.end - r.p));
 			bad = 1;

@@ -172,6 +172,28 @@ static void on_seal(struct srv_conn *c, const struct rdmaps_msg_seal *m)
 	reply_status(c, m->hdr.req_id, 0);
 }
 
+/* A worker back after a failure asks what its broken connection folded. */
+static void on_resume(struct srv_conn *c, const struct rdmaps_msg_resume *m)
+{
+	struct rdmaps_msg_resume_reply r = { 0 };
+	struct srv_closed rec;
+
+	if (!m->conn_id || m->conn_id == c->conn_id) {
+		bad_message(c, m->hdr.req_id, RDMAPS_EINVAL, "resume of no or this connection");
+		return;
+	}
+	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_RESUME_REPLY, sizeof(r), m->hdr.req_id);
+	if (srv_resume_find(&c->srv->store.resume, m->conn_id, &rec)) {
+		r.folded_seq = rec.folded_seq;
+		r.dropped = rec.dropped;
+	} else {
+		/* still open here (the worker saw the failure first): the
+		 * listener closes it, which settles its account */
+		r.status = srv_conn_evict(c->srv, m->conn_id) ? RDMAPS_EAGAIN : RDMAPS_ENOENT;
+	}
+	reply_send(c, &r, sizeof(r));
+}
+
 void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 {
 	memset(out, 0, sizeof(*out));
@@ -290,6 +312,12 @@ void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len)
 		struct rdmaps_msg_seal m;
 		memcpy(&m, msg, sizeof(m));
 		on_seal(c, &m);
+		break;
+	}
+	case RDMAPS_MSG_RESUME: {
+		struct rdmaps_msg_resume m;
+		memcpy(&m, msg, sizeof(m));
+		on_resume(c, &m);
 		break;
 	}
 	case RDMAPS_MSG_STATS: {

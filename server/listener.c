@@ -73,6 +73,20 @@ static void reject(struct srv *s, struct rdma_cm_id *id, int err, const char *wh
 	rdma_reject(id, &rj, sizeof(rj));
 }
 
+/* Random and never 0; a worker that knows it can learn what the connection
+ * folded and have it closed, so it must not be guessed (a counter mixed in
+ * keeps ids apart should the kernel have no entropy to give yet). */
+static uint64_t new_conn_id(void)
+{
+	static _Atomic uint64_t n;
+	uint64_t id = 0;
+
+	if (getrandom(&id, sizeof(id), GRND_NONBLOCK) != sizeof(id))
+		id = rdmaps__now_ns() * 0x9e3779b97f4a7c15ull;
+	id ^= atomic_fetch_add(&n, 1) * 0xbf58476d1ce4e5b9ull;
+	return id ? id : 1;
+}
+
 static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_wire_hello *hello,
 		      struct srv_conn **out)
 {
@@ -87,6 +101,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->srv = s;
 	c->id = id;
 	c->ft = ft;
+	c->conn_id = new_conn_id();
 	c->slots = s->cfg.slots;
 	c->slot_size = RDMAPS_SLOT_HDR + s->cfg.chunk_elems * (uint32_t)sizeof(float);
 	c->recv_depth = c->slots + CTRL_RECVS;
@@ -196,6 +211,7 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 	w.server_id = s->cfg.server_id;
 	w.instance = s->instance;
 	w.restored_seq = atomic_load(&s->restored_seq);
+	w.conn_id = c->conn_id;
 	p.private_data = &w;
 	p.private_data_len = sizeof(w);
 	/* workers pull with many READs in flight; grant what the device allows */
@@ -237,8 +253,13 @@ static void conn_teardown(struct srv *s, struct srv_conn *c)
 
 	if (c->attached)
 		srv_fold_detach(c->ft, c);
-	/* after detach nobody folds for it: its clocks can stop waiting, and
-	 * tensors it never sealed go to the next declarer */
+	/* after detach nobody folds for it: its account is final, its clocks
+	 * can stop waiting, and tensors it never sealed go to the next declarer */
+	if (c->attached)
+		srv_resume_record(&s->store.resume,
+				  &(struct srv_closed){ .conn_id = c->conn_id,
+							.folded_seq = c->credit.folded_seq,
+							.dropped = c->credit.dropped });
 	srv_clock_leave(s, c);
 	srv_store_orphan(&s->store, c);
 	pthread_mutex_lock(&s->conns_lock);
@@ -252,6 +273,45 @@ static void conn_teardown(struct srv *s, struct srv_conn *c)
 	pthread_mutex_unlock(&s->conns_lock);
 	conn_free(c);
 	rdma_destroy_id(id);
+}
+
+bool srv_conn_evict(struct srv *s, uint64_t conn_id)
+{
+	bool found = false;
+
+	pthread_mutex_lock(&s->conns_lock);
+	for (struct srv_conn *c = s->conns; c && !found; c = c->next)
+		if (c->conn_id == conn_id) {
+			atomic_store(&c->evict, true);
+			found = true;
+		}
+	pthread_mutex_unlock(&s->conns_lock);
+	if (found)
+		atomic_store(&s->evict_req, true);
+	return found;
+}
+
+/*
+ * Connections whose workers came back on another one (a cut link, a
+ * watchdog): closing them now, rather than when the keepalive finds them
+ * dead, settles what they folded (the drain in teardown) so the worker's
+ * RESUME can be answered in a moment.
+ */
+static void evict_some(struct srv *s)
+{
+	struct srv_conn *c = s->conns, *next;
+
+	for (; c; c = next) {
+		next = c->next;
+		if (!atomic_load(&c->evict))
+			continue;
+		log_info("worker " SRV_CONN_FMT ": came back on another connection; closing this one",
+			 SRV_CONN_ARGS(c));
+		if (c->attached)
+			atomic_fetch_add(&s->disconnects, 1);
+		rdma_disconnect(c->id);
+		conn_teardown(s, c);
+	}
 }
 
 static void on_event(struct srv *s, struct rdma_cm_event *ev)
@@ -473,6 +533,8 @@ int srv_run(struct srv *s)
 		if (poll(pfd, (nfds_t)n, 100) < 0 && errno != EINTR)
 			return rdmaps__from_errno(errno);
 		srv_clock_tick(s);
+		if (atomic_exchange(&s->evict_req, false))
+			evict_some(s);
 		/* requests wait for their turn (srv_checkpoint_now), and many
 		 * meanwhile make one checkpoint */
 		if (atomic_load(&s->ckpt_req) && rdmaps__now_ns() >= s->ckpt_next_ok &&

@@ -97,8 +97,22 @@ struct srv_tensor {
 	uint64_t *chunk_clock_done;   /* BSP: per chunk, clocks aggregated */
 };
 
+/* A closed connection's account (resume.c). */
+struct srv_closed {
+	uint64_t conn_id;
+	uint64_t folded_seq; /* every seq below was folded or refused; none above ever is */
+	uint32_t dropped;    /* slots it refused, of those */
+	uint32_t reserved;
+};
+struct srv_resume {
+	pthread_mutex_t lock;
+	struct srv_closed *rec; /* a ring of the latest cap */
+	uint32_t cap, n, next;
+};
+
 struct srv_store {
 	pthread_mutex_t lock; /* declare/lookup only; folds never take it */
+	struct srv_resume resume; /* closed connections' accounts, kept with the model */
 	struct srv_tensor **tensors; /* fixed array of max_tensors, published with release */
 	_Atomic uint32_t count;
 	uint32_t max;
@@ -139,6 +153,8 @@ struct srv_conn {
 	uint32_t index;        /* position in the fold thread's array */
 	struct srv_conn *prev, *next; /* listener's list of live connections */
 	char peer[48];         /* the worker's address, for logs and rdmaps-ctl */
+	uint64_t conn_id;      /* random, never 0: the worker's name for it (RESUME) */
+	_Atomic bool evict;    /* its worker reconnected and asks about it: close it */
 	bool attached;         /* handed to its fold thread (listener-owned flag) */
 	uint32_t sq_depth, sq_outstanding;
 	uint32_t max_inline;
@@ -251,6 +267,7 @@ struct srv {
 	uint64_t instance; /* random per process: tells workers this is a restart */
 	_Atomic uint64_t checkpoints, checkpoint_failures, restored_seq;
 	pthread_mutex_t conns_lock;  /* the conns list, for rdmaps-ctl's listing */
+	_Atomic bool evict_req;      /* some connection has its evict flag set */
 };
 
 /* ---- store.c ---- */
@@ -307,6 +324,16 @@ void srv_open_publish(struct srv_open_set *os);
  * (new checksum, version + 2) when changed, else restores the old version. */
 uint64_t srv_chunk_lock(struct srv_tensor *t, uint32_t chunk);
 void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool changed);
+
+/* ---- resume.c ---- */
+int srv_resume_init(struct srv_resume *r, uint32_t cap);
+void srv_resume_fini(struct srv_resume *r);
+void srv_resume_clear(struct srv_resume *r);
+/* Record a connection's account once it can fold nothing more. Locks. */
+void srv_resume_record(struct srv_resume *r, const struct srv_closed *c);
+bool srv_resume_find(struct srv_resume *r, uint64_t conn_id, struct srv_closed *out);
+/* Up to max records, oldest first (checkpoints). */
+uint32_t srv_resume_list(struct srv_resume *r, struct srv_closed *out, uint32_t max);
 
 /* ---- clock.c: BSP/SSP ---- */
 /* Make conn a member of t (declare/lookup). *ready = 0 when it must retry later. */
@@ -365,6 +392,9 @@ int srv_listen(struct srv *s);
 int srv_run(struct srv *s);
 void srv_close(struct srv *s);
 uint8_t *srv_conn_reply_buf(struct srv_conn *c, unsigned i);
+/* Any thread: ask the listener to close the connection conn_id (its worker
+ * came back on another one); false when no such connection is open. */
+bool srv_conn_evict(struct srv *s, uint64_t conn_id);
 uint8_t *srv_conn_credit_buf(struct srv_conn *c);
 int srv_conn_post_recv(struct srv_conn *c, uint32_t i);
 

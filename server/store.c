@@ -22,6 +22,12 @@ int srv_store_init(struct srv_store *s, const struct srv_config *cfg)
 	s->max_total_bytes = cfg->max_total_bytes;
 	s->two_copies_min = cfg->two_copies_min;
 	s->chunk_elems = cfg->chunk_elems;
+	/* a worker's account outlives a few disconnects of every other worker */
+	if (srv_resume_init(&s->resume, cfg->max_workers > 64 ? 4 * cfg->max_workers : 256)) {
+		free(s->tensors);
+		s->tensors = NULL;
+		return RDMAPS_ENOMEM;
+	}
 	pthread_mutex_init(&s->lock, NULL);
 	return 0;
 }
@@ -48,6 +54,7 @@ void srv_store_fini(struct srv_store *s)
 		tensor_free(s->tensors[i]);
 	free(s->tensors);
 	s->tensors = NULL;
+	srv_resume_fini(&s->resume);
 	pthread_mutex_destroy(&s->lock);
 }
 
@@ -61,6 +68,7 @@ void srv_store_reset(struct srv_store *s)
 	}
 	atomic_store(&s->count, 0);
 	s->total_bytes = 0;
+	srv_resume_clear(&s->resume);
 }
 
 struct srv_tensor *srv_store_get(struct srv_store *s, uint32_t id)

@@ -681,7 +681,7 @@ static PyObject *Client_stats(ClientObject *self, PyObject *unused)
 		return NULL;
 	rdmaps_client_stats(self->c, &s);
 	client_leave(self);
-	return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "pulls", (unsigned long long)s.pulls,
+	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}", "pulls", (unsigned long long)s.pulls,
 			     "pushes", (unsigned long long)s.pushes,
 			     "pull_retries", (unsigned long long)s.pull_retries,
 			     "bounce_copies", (unsigned long long)s.bounce_copies,
@@ -689,7 +689,8 @@ static PyObject *Client_stats(ClientObject *self, PyObject *unused)
 			     "reconnects", (unsigned long long)s.reconnects,
 			     "lost_pushes", (unsigned long long)s.lost_pushes,
 			     "reads", (unsigned long long)s.reads,
-			     "server_restarts", (unsigned long long)s.server_restarts);
+			     "server_restarts", (unsigned long long)s.server_restarts,
+			     "resent_slots", (unsigned long long)s.resent_slots);
 }
 
 static PyObject *Client_checkpoint(ClientObject *self, PyObject *args, PyObject *kw)
@@ -755,7 +756,7 @@ static PyMethodDef Client_methods[] = {
 	  "server_stats() -> dict of the server's counters" },
 	{ "stats", (PyCFunction)Client_stats, METH_NOARGS,
 	  "stats() -> dict: pulls, pushes, pull_retries, bounce_copies (0 = all zero-copy), "
-	  "stale_retries, reconnects, lost_pushes, reads (pull READs posted), server_restarts" },
+	  "stale_retries, reconnects, lost_pushes, reads (pull READs posted), server_restarts, resent_slots" },
 	{ "checkpoint", (PyCFunction)(void (*)(void))Client_checkpoint, METH_VARARGS | METH_KEYWORDS,
 	  "checkpoint(timeout_ms=60000): ask every server to write a checkpoint now." },
 	{ "close", (PyCFunction)Client_close, METH_NOARGS,

@@ -127,7 +127,7 @@ Test(security, malformed_control_messages_get_errors, .fini = stop_server, .time
 	cr_assert_eq(expect_status(&r, junk, 8), RDMAPS_EPROTO, "short message");
 	cr_assert_eq(expect_status(&r, junk, 200), RDMAPS_EPROTO, "garbage");
 	rdmaps__msg_init(&d.hdr, RDMAPS_MSG_DECLARE, sizeof(d), 1);
-	d.hdr.version = 7;
+	d.hdr.version = RDMAPS_PROTO_VERSION + 1;
 	cr_assert_eq(expect_status(&r, &d, sizeof(d)), RDMAPS_EVERSION, "wrong protocol version");
 	rdmaps__msg_init(&d.hdr, 0x42, sizeof(d), 1);
 	cr_assert_eq(expect_status(&r, &d, sizeof(d)), RDMAPS_EPROTO, "unknown type");

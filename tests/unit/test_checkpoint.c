@@ -240,3 +240,38 @@ Test(checkpoint, initialising_tensors_are_left_out, .init = mkdir_tmp, .fini = r
 	cr_assert_str_eq(srv_store_get(&a, 0)->name, "ready");
 	srv_store_fini(&a);
 }
+
+/* Closed connections' accounts travel with the model: a worker can settle
+ * its pushes with a server restarted from the checkpoint (resume.c). */
+Test(checkpoint, connection_accounts_travel, .init = mkdir_tmp, .fini = rm_tmp)
+{
+	struct srv_store a;
+	struct srv_closed rec;
+	char err[256];
+	uint64_t seq, last;
+
+	cr_assert_eq(srv_store_init(&a, &cfg), 0);
+	declare(&a, "w", 300, "sgd");
+	for (uint64_t id = 1; id <= 300; id++) /* past the ring: the oldest go */
+		srv_resume_record(&a.resume, &(struct srv_closed){ .conn_id = id * 77,
+								   .folded_seq = id + 5,
+								   .dropped = (uint32_t)id % 3 });
+	cr_assert_eq(srv_checkpoint_write(&a, dir, 0, 1, err, sizeof(err)), 0, "%s", err);
+	srv_store_fini(&a);
+	cr_assert_eq(srv_store_init(&a, &cfg), 0);
+	cr_assert_eq(srv_checkpoint_restore(&a, dir, 0, &seq, &last), 0);
+	cr_assert_eq(seq, 1);
+	cr_assert(!srv_resume_find(&a.resume, 77, &rec), "the oldest fell out of the ring");
+	cr_assert(srv_resume_find(&a.resume, 300 * 77, &rec));
+	cr_assert_eq(rec.folded_seq, 305);
+	cr_assert_eq(rec.dropped, 0);
+	cr_assert(srv_resume_find(&a.resume, 100 * 77, &rec));
+	cr_assert_eq(rec.folded_seq, 105);
+	cr_assert_eq(rec.dropped, 1);
+	/* and the ring goes on where it was: the next record pushes out the oldest */
+	srv_resume_record(&a.resume, &(struct srv_closed){ .conn_id = 1, .folded_seq = 2 });
+	cr_assert(srv_resume_find(&a.resume, 1, &rec));
+	cr_assert(!srv_resume_find(&a.resume, 45 * 77, &rec));
+	cr_assert(srv_resume_find(&a.resume, 46 * 77, &rec));
+	srv_store_fini(&a);
+}
