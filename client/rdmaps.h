@@ -125,18 +125,21 @@ uint32_t rdmaps_num_servers(const rdmaps_client *c);
 int rdmaps_launch_info(int *rank, int *size);
 
 /*
- * Failures: when a server dies or a link drops, the operations in flight
- * fail with RDMAPS_EDISCONNECTED. The next call on the client reconnects
- * (with back-off, up to the connect timeout) and re-fetches the catalog of
- * its tensors (new addresses and rkeys), then goes on; a server restarted
- * from a checkpoint has them back. Pushes staged but not known to be folded
- * when the link broke are counted in lost_pushes, and the next
- * rdmaps_flush() returns RDMAPS_EDISCONNECTED once for them: push with
- * RDMAPS_PUSH_FOLDED, or flush, to know what reached the model. A reconnect
- * that finds the server restarted (server_restarts) is reported the same
- * way, folded pushes or not: the model is back at the server's last
- * checkpoint, and what was folded after it is gone. Nothing is folded
- * twice: sequence numbers start over on the new connection.
+ * Failures (docs/durability.md): when a server dies or a link drops, the
+ * pulls in flight fail with RDMAPS_EDISCONNECTED, and the next call on the
+ * client reconnects (with back-off, up to the connect timeout), re-fetches
+ * the catalog of its tensors (new addresses and rkeys) and goes on; a server
+ * restarted from a checkpoint has them back. Pushes in flight wait for that
+ * reconnect instead, which asks the server what the broken connection
+ * folded: a push returns 0 when it is folded (or staged) exactly once,
+ * dense ASP pushes posting again what did not fold (resent_slots);
+ * RDMAPS_EDISCONNECTED when it was not folded (BSP/SSP, rows, or a server
+ * that cannot say); the reconnect's error when the server could not be
+ * reached. Slots that never fold are counted in lost_pushes, and the next
+ * rdmaps_flush() returns RDMAPS_EDISCONNECTED once for them. A server
+ * restarted from a checkpoint older than the connection's end cannot say:
+ * its restart (server_restarts) is reported the same way, folded pushes or
+ * not, since the model is back at that checkpoint.
  */
 
 /*
@@ -247,15 +250,23 @@ enum rdmaps_flags {
 
 /*
  * Pull the whole tensor into dst (length floats). Blocking. Never returns a
- * torn tensor: every chunk is checked (version + checksum) and re-read while
- * it races a fold, up to a retry budget (RDMAPS_ETORN past it).
+ * torn chunk: every chunk is checked (version + checksum) and re-read while
+ * it races a fold, up to a retry budget (RDMAPS_ETORN past it). A BSP pull
+ * is one state across all chunks and servers; an ASP/SSP pull of several
+ * chunks may hold chunks from before and after a push (docs/design.md,
+ * "What a pull returns").
  */
 int rdmaps_pull(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags);
 
 /*
  * Push a gradient (length floats) for the tensor. Blocking. Returns once the
  * gradient is staged in server memory (the RDMA WRITE is acknowledged), or,
- * with RDMAPS_PUSH_FOLDED, once the server has folded it into the model.
+ * with RDMAPS_PUSH_FOLDED, once the server has folded it into the model:
+ * exactly once, across a broken connection too. If a connection breaks
+ * under it, the push waits for the reconnect (up to the connect timeout),
+ * learns what the server folded, and posts again what did not fold (dense
+ * ASP); RDMAPS_EDISCONNECTED means it was not folded (docs/durability.md,
+ * "Exactly once").
  * The gradient buffer may be reused as soon as this returns. A BSP tensor
  * takes one push per clock: a second push before a (checked) pull of the
  * worker's clock returns RDMAPS_EINVAL and changes nothing.
@@ -277,7 +288,9 @@ int rdmaps_pull_async(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned f
 int rdmaps_push_async(rdmaps_client *c, rdmaps_tensor *t, const float *grad,
 		      unsigned flags, rdmaps_op **op);
 
-/* Progress without blocking: RDMAPS_EAGAIN while pending, else the result. */
+/* Progress without blocking: RDMAPS_EAGAIN while pending, else the result.
+ * (After a connection broke under a push, the call that reconnects blocks
+ * up to the connect timeout.) */
 int rdmaps_test(rdmaps_op *op);
 /* Block until done or timeout_ms (<0: forever). RDMAPS_ETIMEDOUT keeps the op. */
 int rdmaps_wait(rdmaps_op *op, int timeout_ms);

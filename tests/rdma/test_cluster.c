@@ -1,8 +1,8 @@
 /*
  * Sharded cluster: 3 servers on hosts 1-3, workers on hosts 4-5 (each host
  * its own rxe device inside tools/rxe-vm --hosts 5). Exact folds and torn-free
- * pulls across shards, balanced placement, a config file, a missing server,
- * and a server that comes up late.
+ * pulls across shards, BSP pulls whole across shards, balanced placement, a
+ * config file, a missing server, and a server that comes up late.
  */
 #include <criterion/criterion.h>
 #include <fcntl.h>
@@ -139,6 +139,71 @@ static void *pusher(void *p)
 		*rc = rdmaps_flush(c, 30000);
 	rdmaps_close(c);
 	return NULL;
+}
+
+/*
+ * What a pull of a tensor spread over chunks and servers returns
+ * (docs/design.md, "What a pull returns"): BSP is whole-tensor consistent,
+ * every element of every chunk on every server at exactly the pull's clock,
+ * while the other worker pushes the next clocks as fast as it may.
+ */
+#define BSP_CLOCKS 12
+
+static float bsp_g(int w, int k, int i)
+{
+	return (float)((w + 1) * (k + 1)) + 0.25f * (float)(i % 7);
+}
+
+static void *bsp_shard_worker(void *p)
+{
+	struct warg *a = p;
+	rdmaps_client *c = NULL;
+	rdmaps_tensor *t = NULL;
+	struct rdmaps_tensor_desc d = { .name = "bsp", .length = LEN, .lr = 1.0f,
+					.consistency = RDMAPS_BSP, .workers = W };
+	static float g[W][LEN], v[W][LEN];
+
+	if ((a->rc = worker_connect(a->w, &c)) || (a->rc = rdmaps_declare(c, &d, &t)))
+		goto out;
+	for (int k = 0; k < BSP_CLOCKS && !a->rc; k++) {
+		if ((a->rc = rdmaps_pull(c, t, v[a->w], 0)))
+			break;
+		for (int i = 0; i < LEN; i++) {
+			float want = 0; /* minus every member's gradients of clocks < k, summed */
+			for (int j = 0; j < k; j++)
+				for (int m = 0; m < W; m++)
+					want -= bsp_g(m, j, i);
+			if (v[a->w][i] != want) {
+				fprintf(stderr, "worker %d clock %d: [%d] = %g, want %g\n", a->w, k, i,
+					(double)v[a->w][i], (double)want);
+				a->rc = RDMAPS_EPROTO;
+				break;
+			}
+		}
+		for (int i = 0; i < LEN; i++)
+			g[a->w][i] = bsp_g(a->w, k, i);
+		if (!a->rc)
+			a->rc = rdmaps_push(c, t, g[a->w], 0);
+	}
+out:
+	rdmaps_close(c);
+	return NULL;
+}
+
+Test(cluster, bsp_pulls_are_whole_across_shards, .init = start_cluster, .fini = stop_all,
+     .timeout = 300)
+{
+	pthread_t th[W];
+	struct warg a[W];
+
+	for (int w = 0; w < W; w++) {
+		a[w] = (struct warg){ .w = w };
+		cr_assert_eq(pthread_create(&th[w], NULL, bsp_shard_worker, &a[w]), 0);
+	}
+	for (int w = 0; w < W; w++) {
+		pthread_join(th[w], NULL);
+		cr_assert_eq(a[w].rc, 0, "worker %d: %s", w, rdmaps_strerror(a[w].rc));
+	}
 }
 
 Test(cluster, pulls_never_torn_across_shards, .init = start_cluster, .fini = stop_all, .timeout = 600)
