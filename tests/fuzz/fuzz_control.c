@@ -1,7 +1,8 @@
 /*
  * libFuzzer target: everything a peer can send the server before any
  * verbs are involved -- the connect hello, control messages, and what the
- * store does with a declaration, lookup or seal built from them. Built with
+ * store does with a declaration, lookup or seal built from them, and the
+ * closed-connection accounts a RESUME reads. Built with
  * clang, ASan and UBSan (meson -Dfuzz=true); tools/test-all runs it for a
  * bounded time from the corpus in tests/fuzz/corpus.
  */
@@ -57,6 +58,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		struct rdmaps_msg_seal m;
 		memcpy(&m, data, sizeof(m));
 		(void)srv_store_get(&st, m.tensor_id);
+		break;
+	}
+	case RDMAPS_MSG_RESUME: {
+		/* the account a peer asks about; every other one asked leaves a
+		 * record, so lookups meet full and empty rings alike */
+		struct rdmaps_msg_resume m;
+		struct srv_closed rec;
+		memcpy(&m, data, sizeof(m));
+		if (!srv_resume_find(&st.resume, m.conn_id, &rec) && (m.conn_id & 1u))
+			srv_resume_record(&st.resume, &(struct srv_closed){ .conn_id = m.conn_id,
+									    .folded_seq = m.conn_id >> 1 });
 		break;
 	}
 	default:
