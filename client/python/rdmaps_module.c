@@ -1,5 +1,6 @@
 /*
- * rdmaps_module.c -- the Python binding of librdmaps: module `rdmaps`.
+ * rdmaps_module.c -- the Python binding of librdmaps: the extension
+ * rdmaps._rdmaps, whose names the package `rdmaps` re-exports (rdmaps/__init__.py).
  *
  *   c = rdmaps.Client(host, port='7471', token=None, src=None, timeout_ms=5000)
  *   c = rdmaps.Client(servers='h1:7471,h2:7471', token=...)   # several shards
@@ -42,7 +43,7 @@
 
 #include "rdmaps.h"
 
-PyMODINIT_FUNC PyInit_rdmaps(void);
+PyMODINIT_FUNC PyInit__rdmaps(void);
 
 static PyObject *RdmapsError;
 static PyTypeObject ClientType, TensorType, OpType;
@@ -1172,14 +1173,14 @@ static int fork_setup(PyObject *m)
 
 static struct PyModuleDef rdmaps_module = {
 	PyModuleDef_HEAD_INIT,
-	.m_name = "rdmaps",
+	.m_name = "rdmaps._rdmaps",
 	.m_doc = "rdmaps: RDMA parameter server client (librdmaps) for numpy float32 arrays.\n"
 		 "Client(...), Tensor, Op, Error; E* error codes; zeros(); fork_mode().",
 	.m_size = -1,
 	.m_methods = mod_methods,
 };
 
-PyMODINIT_FUNC PyInit_rdmaps(void)
+PyMODINIT_FUNC PyInit__rdmaps(void)
 {
 	PyObject *m;
 
