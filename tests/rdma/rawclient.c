@@ -171,35 +171,40 @@ int raw_recv(struct raw *r, void *out, size_t max, int timeout_ms)
 	return (int)wc.byte_len;
 }
 
-int raw_rdma(struct raw *r, enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey, uint32_t len,
-	     uint32_t imm_host)
+int raw_post(struct raw *r, uint64_t wr_id, enum ibv_wr_opcode op, uint32_t off, uint64_t raddr,
+	     uint32_t rkey, uint32_t len, uint32_t imm_host)
 {
-	struct ibv_sge sge = { .addr = (uintptr_t)(r->buf + RAW_DATA_OFF), .length = len,
-			       .lkey = r->mr->lkey };
-	struct ibv_send_wr wr = { .wr_id = 2, .sg_list = &sge, .num_sge = 1, .opcode = op,
+	struct ibv_sge sge = { .addr = (uintptr_t)(r->buf + off), .length = len, .lkey = r->mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = wr_id, .sg_list = &sge, .num_sge = 1, .opcode = op,
 				  .send_flags = IBV_SEND_SIGNALED, .imm_data = htonl(imm_host),
 				  .wr.rdma = { .remote_addr = raddr, .rkey = rkey } }, *bad;
+
+	return ibv_post_send(r->id->qp, &wr, &bad);
+}
+
+int raw_wait(struct raw *r, uint64_t wr_id)
+{
 	struct ibv_wc wc;
 
-	if (ibv_post_send(r->id->qp, &wr, &bad) || wait_wc(r, 2, 30000, &wc))
+	if (wait_wc(r, wr_id, 30000, &wc))
 		return -1;
 	return wc.status;
 }
 
-int raw_declare(struct raw *r, const char *name, uint64_t length, struct rdmaps_msg_tensor_reply *rep)
+int raw_rdma(struct raw *r, enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey, uint32_t len,
+	     uint32_t imm_host)
 {
-	struct rdmaps_msg_declare m = { 0 };
-	uint8_t in[RDMAPS_MSG_MAX];
-	int n;
+	if (raw_post(r, 2, op, RAW_DATA_OFF, raddr, rkey, len, imm_host))
+		return -1;
+	return raw_wait(r, 2);
+}
 
-	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_DECLARE, sizeof(m), 42);
-	m.length = length;
-	m.hyper.lr = 1.0f;
-	snprintf(m.optimizer, sizeof(m.optimizer), "sgd");
-	snprintf(m.name, sizeof(m.name), "%s", name);
-	if (raw_send(r, &m, sizeof(m)) != IBV_WC_SUCCESS)
-		return RDMAPS_EVERBS;
-	n = raw_recv(r, in, sizeof(in), 20000);
+/* The reply to a declare or a lookup: a tensor reply, or a status. */
+static int tensor_reply(struct raw *r, struct rdmaps_msg_tensor_reply *rep)
+{
+	uint8_t in[RDMAPS_MSG_MAX];
+	int n = raw_recv(r, in, sizeof(in), 20000);
+
 	if (n == (int)sizeof(*rep)) {
 		memcpy(rep, in, sizeof(*rep));
 		return rep->status;
@@ -210,4 +215,29 @@ int raw_declare(struct raw *r, const char *name, uint64_t length, struct rdmaps_
 		return s.status;
 	}
 	return RDMAPS_EPROTO;
+}
+
+int raw_declare(struct raw *r, const char *name, uint64_t length, struct rdmaps_msg_tensor_reply *rep)
+{
+	struct rdmaps_msg_declare m = { 0 };
+
+	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_DECLARE, sizeof(m), 42);
+	m.length = length;
+	m.hyper.lr = 1.0f;
+	snprintf(m.optimizer, sizeof(m.optimizer), "sgd");
+	snprintf(m.name, sizeof(m.name), "%s", name);
+	if (raw_send(r, &m, sizeof(m)) != IBV_WC_SUCCESS)
+		return RDMAPS_EVERBS;
+	return tensor_reply(r, rep);
+}
+
+int raw_lookup(struct raw *r, const char *name, struct rdmaps_msg_tensor_reply *rep)
+{
+	struct rdmaps_msg_lookup m = { 0 };
+
+	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_LOOKUP, sizeof(m), 43);
+	snprintf(m.name, sizeof(m.name), "%s", name);
+	if (raw_send(r, &m, sizeof(m)) != IBV_WC_SUCCESS)
+		return RDMAPS_EVERBS;
+	return tensor_reply(r, rep);
 }
