@@ -289,6 +289,28 @@ void srv_clock_leave(struct srv *s, struct srv_conn *c);
 /* Evict members that stall a clock longer than evict_ms (listener, periodic). */
 void srv_clock_tick(struct srv *s);
 
+/* ---- grad.c: staged gradients, copied out of the worker's reach ---- */
+/* Copy n floats to dst and check the copy in the same pass over src: true
+ * if every value is finite. No allocation; dst must not overlap src. */
+bool srv_grad_copy_finite(float *restrict dst, const float *restrict src, size_t n);
+/* The same, returning the copy's sum of squares in double (inf or NaN if a
+ * value is not finite). */
+double srv_grad_copy_sumsq(float *restrict dst, const float *restrict src, size_t n);
+void srv_grad_scale(float *g, size_t n, float scale);
+/* The gradient values of a slot's payload (after the row ids of a sparse
+ * slot) and how many. */
+float *srv_slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *payload,
+		       size_t *n);
+/*
+ * Copy the payload of a slot whose header h was validated from src (the
+ * staging ring) to dst (slot_size - RDMAPS_SLOT_HDR bytes the caller owns), and
+ * check the copy: row ids in range, values finite. 0 with *sumsq (of the
+ * values, unscaled; 0 without a clip norm), or why the slot is refused.
+ * Fold from dst afterwards, never from src: the worker may rewrite src.
+ */
+int srv_slot_take(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *dst,
+		  const void *src, double *sumsq, const char **why);
+
 /* ---- checkpoint.c ---- */
 /* Snapshot every tensor into dir as checkpoint seq; folds must be paused. */
 int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_id, uint64_t seq,
