@@ -42,6 +42,12 @@ struct srv_config {
 	unsigned ckpt_every_s;  /* periodic checkpoint (0: only on request and at exit) */
 };
 
+/* Bytes of payload a staging slot holds after its header: one chunk. */
+static inline size_t srv_slot_payload(const struct srv_config *cfg)
+{
+	return (size_t)cfg->chunk_elems * sizeof(float);
+}
+
 enum tensor_state { TENSOR_INIT = 0, TENSOR_READY = 1 };
 
 #define SRV_MAX_MEMBERS 64 /* workers per BSP/SSP tensor: a bit each in a mask */
@@ -197,6 +203,10 @@ struct srv_fold_thread {
 
 	_Atomic uint64_t folds, dropped, sleeps, nonfinite, clipped;
 	struct srv_open_set open;    /* published at the end of each connection's batch */
+	/* the payloads of the group being folded, copied out of the staging
+	 * ring (its worker can still write there): checked and folded from
+	 * here. slots x srv_slot_payload bytes, slot i at i x that (grad.c) */
+	uint8_t *stage;
 };
 
 struct srv {
@@ -303,7 +313,7 @@ float *srv_slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr 
 		       size_t *n);
 /*
  * Copy the payload of a slot whose header h was validated from src (the
- * staging ring) to dst (slot_size - RDMAPS_SLOT_HDR bytes the caller owns), and
+ * staging ring) to dst (srv_slot_payload bytes the caller owns), and
  * check the copy: row ids in range, values finite. 0 with *sumsq (of the
  * values, unscaled; 0 without a clip norm), or why the slot is refused.
  * Fold from dst afterwards, never from src: the worker may rewrite src.
