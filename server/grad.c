@@ -8,43 +8,31 @@
  * fold thread alone owns, the copy is checked, and the fold reads only the
  * copy (docs/design.md, "Push").
  *
- * The copy goes a block at a time and the check reads the block just
- * written, from L1: the staging ring is read once, and what is checked is
- * private memory, whatever the compiler does with loads of the ring.
+ * One pass: each value is loaded from the ring once, stored into the copy,
+ * and the test reads the copy (dst[i] after dst[i] = src[i]: the compiler
+ * forwards the value it stored, or reads the copy again; never the ring).
+ * A block-wise memcpy then check was slower: GCC inlines a bounded memcpy
+ * as `rep movsq`, 17 GB/s from memory where this loop runs at 40.
  */
 #include <string.h>
 
 #include "optimizer.h" /* SRV_VECTOR_CLONES */
 #include "server.h"
 
-/* floats copied, then checked, at a time: well inside L1 */
-#define GRAD_BLOCK 2048u
-
 /* An all-ones exponent is inf or NaN. An integer OR-reduction, so it
  * vectorises (a float compare would not, without -ffast-math). */
-static inline bool block_finite(const float *restrict g, size_t n)
+SRV_VECTOR_CLONES
+bool srv_grad_copy_finite(float *restrict dst, const float *restrict src, size_t n)
 {
 	uint32_t bad = 0;
 
 	for (size_t i = 0; i < n; i++) {
 		uint32_t b;
-		memcpy(&b, &g[i], sizeof(b));
+		dst[i] = src[i];
+		memcpy(&b, &dst[i], sizeof(b));
 		bad |= (b & 0x7f800000u) == 0x7f800000u;
 	}
 	return !bad;
-}
-
-SRV_VECTOR_CLONES
-bool srv_grad_copy_finite(float *restrict dst, const float *restrict src, size_t n)
-{
-	bool ok = true;
-
-	for (size_t off = 0; off < n; off += GRAD_BLOCK) {
-		size_t k = n - off < GRAD_BLOCK ? n - off : GRAD_BLOCK;
-		memcpy(dst + off, src + off, k * sizeof(float));
-		ok &= block_finite(dst + off, k);
-	}
-	return ok;
 }
 
 /*
@@ -57,17 +45,16 @@ SRV_VECTOR_CLONES
 double srv_grad_copy_sumsq(float *restrict dst, const float *restrict src, size_t n)
 {
 	double s[8] = { 0 };
+	size_t i = 0;
 
-	for (size_t off = 0; off < n; off += GRAD_BLOCK) {
-		size_t k = n - off < GRAD_BLOCK ? n - off : GRAD_BLOCK, i = 0;
-		const float *g = dst + off;
-
-		memcpy(dst + off, src + off, k * sizeof(float));
-		for (; i + 8 <= k; i += 8)
-			for (size_t j = 0; j < 8; j++)
-				s[j] += (double)g[i + j] * (double)g[i + j];
-		for (; i < k; i++)
-			s[0] += (double)g[i] * (double)g[i];
+	for (; i + 8 <= n; i += 8)
+		for (size_t j = 0; j < 8; j++) {
+			dst[i + j] = src[i + j];
+			s[j] += (double)dst[i + j] * (double)dst[i + j];
+		}
+	for (; i < n; i++) {
+		dst[i] = src[i];
+		s[0] += (double)dst[i] * (double)dst[i];
 	}
 	return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
