@@ -299,6 +299,14 @@ void srv_clock_leave(struct srv *s, struct srv_conn *c);
 /* Evict members that stall a clock longer than evict_ms (listener, periodic). */
 void srv_clock_tick(struct srv *s);
 
+/* ---- checksum.c ---- */
+/* XXH3-64 of len bytes: the same bits as rdmaps__checksum (what the client
+ * checks), its long-input loop picked at run time for this CPU. */
+uint64_t srv_checksum(const void *p, size_t len);
+/* The same through one variant (0 SSE2, 1 AVX2, 2 AVX-512; the one-shot
+ * when this CPU lacks it): for tests. */
+uint64_t srv_checksum_variant(const void *p, size_t len, unsigned variant);
+
 /* ---- grad.c: staged gradients, copied out of the worker's reach ---- */
 /* Copy n floats to dst and check the copy in the same pass over src: true
  * if every value is finite. No allocation; dst must not overlap src. */

@@ -90,7 +90,7 @@ static void chunk_init(struct srv_tensor *t, uint32_t i, float value)
 	for (uint32_t k = 0; k < count; k++)
 		data[k] = value;
 	h->count = count;
-	h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
+	h->checksum = srv_checksum(data, (size_t)count * sizeof(float));
 	/* a tensor waiting for its creator's values reads as "being written" */
 	h->version = atomic_load(&t->state_flag) == TENSOR_READY ? 0 : 1;
 	if (t->index) {
@@ -292,7 +292,7 @@ void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool cha
 		__atomic_store_n(&h->version, v, __ATOMIC_RELEASE);
 		return;
 	}
-	h->checksum = rdmaps__checksum(h + 1, (size_t)h->count * sizeof(float));
+	h->checksum = srv_checksum(h + 1, (size_t)h->count * sizeof(float));
 	/* release: the body and its checksum before the even version */
 	__atomic_store_n(&h->version, v + 2, __ATOMIC_RELEASE);
 }
@@ -337,7 +337,7 @@ static void open_publish_one(const struct srv_open *o)
 
 	dst->count = o->count;
 	dst->clock = src->clock;
-	dst->checksum = rdmaps__checksum(o->data, (size_t)o->count * sizeof(float));
+	dst->checksum = srv_checksum(o->data, (size_t)o->count * sizeof(float));
 	/* release: body and checksum before the even version, and the copy
 	 * before the index that names it */
 	__atomic_store_n(&dst->version, o->v + 2, __ATOMIC_RELEASE);
@@ -403,7 +403,7 @@ void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, ui
 		/* an initialising tensor's chunks stay odd ("being written")
 		 * until the creator seals it; only its fold thread writes them */
 		memcpy(data, grad, (size_t)count * sizeof(float));
-		h->checksum = rdmaps__checksum(data, (size_t)count * sizeof(float));
+		h->checksum = srv_checksum(data, (size_t)count * sizeof(float));
 		return;
 	}
 	if (t->index) {
