@@ -146,7 +146,7 @@ static const void *slot_staged(const struct srv_conn *c, uint64_t seq)
 /* The fold thread's private copy of slot seq's payload (grad.c). */
 static void *slot_copy(const struct srv_conn *c, uint64_t seq)
 {
-	return c->ft->stage + (size_t)((seq - 1) % c->slots) * (c->slot_size - RDMAPS_SLOT_HDR);
+	return srv_stage_slot(c->ft->stage, &c->srv->cfg, (uint32_t)((seq - 1) % c->slots));
 }
 
 /* Fold the rows of a sparse slot from its private copy, whose ids were
@@ -662,8 +662,7 @@ int srv_fold_start(struct srv *s)
 		ft->channels = calloc((size_t)s->ndev, sizeof(*ft->channels));
 		/* once, here: a group is at most the ring, and the fold path
 		 * allocates nothing */
-		ft->stage = aligned_alloc(64, rdmaps__round_up(s->cfg.slots * srv_slot_payload(&s->cfg),
-								64));
+		ft->stage = aligned_alloc(RDMAPS_CHUNK_ALIGN, srv_stage_bytes(&s->cfg));
 		if (ft->wake_fd < 0 || !ft->channels || !ft->stage)
 			return RDMAPS_ENOMEM;
 		for (int d = 0; d < s->ndev; d++) {

@@ -48,6 +48,34 @@ static inline size_t srv_slot_payload(const struct srv_config *cfg)
 	return (size_t)cfg->chunk_elems * sizeof(float);
 }
 
+/*
+ * Where a chunk's floats start within a 64 B line: after its 24 B header.
+ * Arrays a fold streams beside them (optimizer state, BSP sums, the fold
+ * thread's copies of gradients) start at the same offset, so that one
+ * scalar head aligns them all for the vector loop (srv_chunk_opt).
+ */
+#define SRV_LANE_OFF (RDMAPS_CHUNK_HDR % RDMAPS_CHUNK_ALIGN)
+
+/*
+ * A fold thread's stage (grad.c): its own copies of the payloads of the
+ * group being folded, slot i's at srv_stage_slot(); each starts at
+ * SRV_LANE_OFF into a line, like the chunk it folds into.
+ */
+static inline size_t srv_stage_pitch(const struct srv_config *cfg)
+{
+	return rdmaps__round_up(srv_slot_payload(cfg), RDMAPS_CHUNK_ALIGN);
+}
+
+static inline size_t srv_stage_bytes(const struct srv_config *cfg)
+{
+	return (size_t)cfg->slots * srv_stage_pitch(cfg) + RDMAPS_CHUNK_ALIGN;
+}
+
+static inline void *srv_stage_slot(uint8_t *stage, const struct srv_config *cfg, uint32_t i)
+{
+	return stage + (size_t)i * srv_stage_pitch(cfg) + SRV_LANE_OFF;
+}
+
 enum tensor_state { TENSOR_INIT = 0, TENSOR_READY = 1 };
 
 #define SRV_MAX_MEMBERS 64 /* workers per BSP/SSP tensor: a bit each in a mask */
@@ -205,7 +233,7 @@ struct srv_fold_thread {
 	struct srv_open_set open;    /* published at the end of each connection's batch */
 	/* the payloads of the group being folded, copied out of the staging
 	 * ring (its worker can still write there): checked and folded from
-	 * here. slots x srv_slot_payload bytes, slot i at i x that (grad.c) */
+	 * here. srv_stage_bytes, slot i's at srv_stage_slot (grad.c) */
 	uint8_t *stage;
 };
 
@@ -271,6 +299,11 @@ static inline uint64_t srv_chunk_version(const struct srv_tensor *t, uint32_t i)
 	return __atomic_load_n(&((const struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, 0))->version,
 			       __ATOMIC_ACQUIRE);
 }
+/* Run t's optimizer over chunk `chunk`'s count floats at data (either copy)
+ * with grad (at SRV_LANE_OFF in a line, or anywhere: slower) and count the
+ * step. The caller holds the chunk. */
+void srv_chunk_opt(struct srv_tensor *t, uint32_t chunk, float *data, const float *grad,
+		   uint32_t count);
 /* Apply a staged slot's payload to chunk `chunk` of t (fold or assign); the
  * chunk's clock field is left alone (clock.c owns it). */
 void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
@@ -321,7 +354,8 @@ float *srv_slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr 
 		       size_t *n);
 /*
  * Copy the payload of a slot whose header h was validated from src (the
- * staging ring) to dst (srv_slot_payload bytes the caller owns), and
+ * staging ring) to dst (srv_slot_payload bytes the caller owns, best at
+ * SRV_LANE_OFF into a line: srv_stage_slot), and
  * check the copy: row ids in range, values finite. 0 with *sumsq (of the
  * values, unscaled; 0 without a clip norm), or why the slot is refused.
  * Fold from dst afterwards, never from src: the worker may rewrite src.

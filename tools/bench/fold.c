@@ -107,7 +107,7 @@ static uint64_t fold_pass(const struct srv_optimizer *opt, struct fold_bufs *f,
 			continue;
 		if (what & FP_COPY) /* two copies: start from the other one (c) */
 			memcpy(f->a + off, f->c + off, cnt * sizeof(float));
-		opt->apply(f->a + off, state, f->b + off, cnt, h, step);
+		opt->apply(f->a + off, state, cnt, f->b + off, cnt, h, step);
 		if (what & FP_CKSUM)
 			sink ^= rdmaps__checksum(f->a + off, cnt * sizeof(float));
 	}
