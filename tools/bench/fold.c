@@ -22,6 +22,9 @@
  * the private copy and the checksum are the path's overhead. "grad GB/s" is
  * gradient bytes folded per second, the figure a server sizing cares about.
  * Each row reports its best pass (as STREAM does); the note has the median.
+ * The path-* and take-* rows alternate their passes with triad passes and
+ * take their ratio against those (triad-paired: see struct partner); the
+ * other rows against the triad row.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -211,18 +214,41 @@ static int cmp_u64(const void *x, const void *y)
 	return a < b ? -1 : a > b;
 }
 
-/* Time passes until the duration is used; best and median pass. */
+/*
+ * Another pass timed in alternation with a row's own, one of each in turn
+ * (paired rows): on a shared host the memory bandwidth a thread gets drifts
+ * by 30 % within a minute, so a ratio between two rows timed apart says as
+ * much about the drift as about the code. Both see the same moments here.
+ */
+struct partner {
+	pass_fn pass;
+	void *ctx;
+	uint64_t best;
+};
+
+/* Time passes until the duration is used; best and median pass (and the
+ * partner's best pass). */
 static unsigned timed_passes(const struct bench_opts *o, uint64_t *pass_ns, pass_fn pass,
-			     void *ctx, uint64_t *best, uint64_t *median)
+			     void *ctx, struct partner *pt, uint64_t *best, uint64_t *median)
 {
 	struct bench_loop l;
 	uint64_t t0, t1;
 	volatile uint64_t sink = 0;
 
 	sink ^= pass(ctx, 0); /* warm: page faults, caches; not part of the duration */
+	if (pt) {
+		sink ^= pt->pass(pt->ctx, 0);
+		pt->best = UINT64_MAX;
+	}
 	t1 = rdmaps__now_ns();
 	loop_start(&l, o, t1);
 	do {
+		if (pt) {
+			t0 = rdmaps__now_ns();
+			sink ^= pt->pass(pt->ctx, l.n + 1);
+			t1 = rdmaps__now_ns();
+			pt->best = t1 - t0 < pt->best ? t1 - t0 : pt->best;
+		}
 		t0 = rdmaps__now_ns();
 		sink ^= pass(ctx, l.n + 1);
 		t1 = rdmaps__now_ns();
@@ -235,9 +261,10 @@ static unsigned timed_passes(const struct bench_opts *o, uint64_t *pass_ns, pass
 	return (unsigned)l.n;
 }
 
+/* A row; its ratio is against base_gb_s (STREAM traffic) of base_op, if any. */
 static void add_row(const char *op, uint64_t bytes, unsigned passes, uint64_t best,
-		    uint64_t median, double traffic_per_grad_byte, const struct bench_row *base,
-		    const char *extra)
+		    uint64_t median, double traffic_per_grad_byte, const char *base_op,
+		    double base_gb_s, const char *extra)
 {
 	struct bench_row r = { 0 };
 
@@ -249,10 +276,10 @@ static void add_row(const char *op, uint64_t bytes, unsigned passes, uint64_t be
 	r.seconds = (double)best / 1e9;
 	r.gb_s = (double)bytes / (double)best;
 	r.traffic_gb_s = r.gb_s * traffic_per_grad_byte;
-	if (base) {
-		snprintf(r.base_op, sizeof(r.base_op), "%s", base->op);
-		r.base_val = base->traffic_gb_s;
-		r.ratio = r.traffic_gb_s / base->traffic_gb_s;
+	if (base_op && base_gb_s > 0) {
+		snprintf(r.base_op, sizeof(r.base_op), "%s", base_op);
+		r.base_val = base_gb_s;
+		r.ratio = r.traffic_gb_s / base_gb_s;
 	}
 	snprintf(r.note, sizeof(r.note), "median %.2f GB/s%s%s",
 		 (double)bytes / (double)median * traffic_per_grad_byte, extra ? "; " : "",
@@ -260,12 +287,23 @@ static void add_row(const char *op, uint64_t bytes, unsigned passes, uint64_t be
 	report_add(&r);
 }
 
-/* One row of the whole path: opt on a fresh tensor of the row's size. */
+/* add_row against a row of the report (the triad of this size), if any */
+static void add_row_vs(const char *op, uint64_t bytes, unsigned passes, uint64_t best,
+		       uint64_t median, double traffic_per_grad_byte, const struct bench_row *base,
+		       const char *extra)
+{
+	add_row(op, bytes, passes, best, median, traffic_per_grad_byte, base ? base->op : NULL,
+		base ? base->traffic_gb_s : 0, extra);
+}
+
+/* One row of the whole path: opt on a fresh tensor of the row's size, its
+ * passes paired with triad passes over f (its ratio is against those). */
 static void path_row(const struct bench_opts *o, struct fold_bufs *f, uint64_t bytes,
-		     const struct bench_row *base, const struct rdmaps_wire_hyper *h,
-		     const char *opt, bool two_copies, float clip, const char *op, const char *note)
+		     const struct rdmaps_wire_hyper *h, const char *opt, bool two_copies, float clip,
+		     const char *op, const char *note)
 {
 	const struct srv_optimizer *so = srv_optimizer_find(opt);
+	struct partner triad = { .pass = triad_pass, .ctx = f };
 	struct path_ctx p;
 	uint64_t best, median;
 	unsigned passes;
@@ -273,29 +311,29 @@ static void path_row(const struct bench_opts *o, struct fold_bufs *f, uint64_t b
 	if (!so || path_open(&p, opt, f->n, two_copies, clip, h))
 		return;
 	p.take_only = !strncmp(op, "take-", 5);
-	passes = timed_passes(o, f->pass_ns, path_pass, &p, &best, &median);
+	passes = timed_passes(o, f->pass_ns, path_pass, &p, &triad, &best, &median);
 	/* take-*: the copy is read once and written once */
 	add_row(op, bytes, passes, best, median, p.take_only ? 2.0 : 3.0 + 2.0 * so->state_per_param,
-		base, note);
+		"triad-paired", (double)bytes * 3.0 / (double)triad.best, note);
 	path_close(&p);
 }
 
 static void path_rows(const struct bench_opts *o, struct fold_bufs *f, uint64_t bytes,
-		      const struct bench_row *base, const struct rdmaps_wire_hyper *h)
+		      const struct rdmaps_wire_hyper *h)
 {
-	path_row(o, f, bytes, base, h, "sgd", false, 0.0f, "path-sgd",
+	path_row(o, f, bytes, h, "sgd", false, 0.0f, "path-sgd",
 		 "take + srv_chunk_fold, one copy, groups of 16 slots");
-	path_row(o, f, bytes, base, h, "adam", false, 0.0f, "path-adam",
+	path_row(o, f, bytes, h, "adam", false, 0.0f, "path-adam",
 		 "take + srv_chunk_fold, one copy, groups of 16 slots");
-	path_row(o, f, bytes, base, h, "sgd", true, 0.0f, "path-sgd-2copies",
+	path_row(o, f, bytes, h, "sgd", true, 0.0f, "path-sgd-2copies",
 		 "two copies (ASP from 4 KiB): copy, apply, publish");
-	path_row(o, f, bytes, base, h, "adam", true, 0.0f, "path-adam-2copies",
+	path_row(o, f, bytes, h, "adam", true, 0.0f, "path-adam-2copies",
 		 "two copies (ASP from 4 KiB): copy, apply, publish");
-	path_row(o, f, bytes, base, h, "sgd", false, 1e30f, "path-sgd-clip",
+	path_row(o, f, bytes, h, "sgd", false, 1e30f, "path-sgd-clip",
 		 "one copy, a clip norm: the take sums squares");
-	path_row(o, f, bytes, base, h, "sgd", false, 0.0f, "take-finite",
+	path_row(o, f, bytes, h, "sgd", false, 0.0f, "take-finite",
 		 "srv_slot_take alone: copy + finite-bit test");
-	path_row(o, f, bytes, base, h, "sgd", false, 1e30f, "take-sumsq",
+	path_row(o, f, bytes, h, "sgd", false, 1e30f, "take-sumsq",
 		 "srv_slot_take alone, clip norm: copy + sum of squares");
 }
 
@@ -328,16 +366,16 @@ static int fold_size(const struct bench_opts *o, uint64_t bytes)
 	}
 	memset(f.state, 0, 2 * len);
 
-	passes = timed_passes(o, f.pass_ns, triad_pass, &f, &best, &median);
-	add_row("triad", bytes, passes, best, median, 3.0, NULL,
+	passes = timed_passes(o, f.pass_ns, triad_pass, &f, NULL, &best, &median);
+	add_row_vs("triad", bytes, passes, best, median, 3.0, NULL,
 		"STREAM triad a=b+s*c, float32 (the target's reference)");
 	/* a copy: later rows may move the report's array */
 	if ((found = report_find("fold", "triad", bytes))) {
 		base = *found;
 		pbase = &base;
 	}
-	passes = timed_passes(o, f.pass_ns, axpy_pass, &f, &best, &median);
-	add_row("axpy", bytes, passes, best, median, 3.0, pbase,
+	passes = timed_passes(o, f.pass_ns, axpy_pass, &f, NULL, &best, &median);
+	add_row_vs("axpy", bytes, passes, best, median, 3.0, pbase,
 		"a+=s*b: SGD's access pattern, no write-allocate");
 	for (size_t k = 0; k < sizeof(opt_names) / sizeof(opt_names[0]); k++) {
 		struct apply_ctx x = { .f = &f, .opt = srv_optimizer_find(opt_names[k]), .h = &h };
@@ -358,16 +396,16 @@ static int fold_size(const struct bench_opts *o, uint64_t bytes)
 			f.a[i] = 1.0f;
 		memset(f.state, 0, 2 * len);
 		traffic = 3.0 + 2.0 * x.opt->state_per_param;
-		passes = timed_passes(o, f.pass_ns, apply_pass, &x, &best, &median);
+		passes = timed_passes(o, f.pass_ns, apply_pass, &x, NULL, &best, &median);
 		snprintf(name, sizeof(name), "fold-%s", opt_names[k]);
-		add_row(name, bytes, passes, best, median, traffic, pbase, NULL);
+		add_row_vs(name, bytes, passes, best, median, traffic, pbase, NULL);
 		x.cksum = true;
-		passes = timed_passes(o, f.pass_ns, apply_pass, &x, &best, &median);
+		passes = timed_passes(o, f.pass_ns, apply_pass, &x, NULL, &best, &median);
 		snprintf(name, sizeof(name), "fold-%s+xxh3", opt_names[k]);
-		add_row(name, bytes, passes, best, median, traffic, pbase,
-			"apply, then checksum, per chunk");
+		add_row_vs(name, bytes, passes, best, median, traffic, pbase,
+			   "apply, then checksum, per chunk");
 	}
-	path_rows(o, &f, bytes, pbase, &h);
+	path_rows(o, &f, bytes, &h);
 	rc = 0;
 out:
 	free(f.a);
