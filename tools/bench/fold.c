@@ -296,45 +296,42 @@ static void add_row_vs(const char *op, uint64_t bytes, unsigned passes, uint64_t
 		base ? base->traffic_gb_s : 0, extra);
 }
 
-/* One row of the whole path: opt on a fresh tensor of the row's size, its
- * passes paired with triad passes over f (its ratio is against those). */
+/* The whole-path rows: take-* time srv_slot_take alone. */
+static const struct path_spec {
+	const char *op, *opt;
+	bool two_copies;
+	float clip;
+	const char *note;
+} path_specs[] = {
+	{ "path-sgd", "sgd", false, 0.0f, "take + srv_chunk_fold, one copy, groups of 16 slots" },
+	{ "path-adam", "adam", false, 0.0f, "take + srv_chunk_fold, one copy, groups of 16 slots" },
+	{ "path-sgd-2copies", "sgd", true, 0.0f, "two copies (ASP from 4 KiB): copy, apply, publish" },
+	{ "path-adam-2copies", "adam", true, 0.0f, "two copies (ASP from 4 KiB): copy, apply, publish" },
+	{ "path-sgd-clip", "sgd", false, 1e30f, "one copy, a clip norm: the take sums squares" },
+	{ "take-finite", "sgd", false, 0.0f, "srv_slot_take alone: copy + finite-bit test" },
+	{ "take-sumsq", "sgd", false, 1e30f, "srv_slot_take alone, clip norm: copy + sum of squares" },
+};
+
+/* One row of the whole path on a fresh tensor of the row's size, its passes
+ * paired with triad passes over f (its ratio is against those). */
 static void path_row(const struct bench_opts *o, struct fold_bufs *f, uint64_t bytes,
-		     const struct rdmaps_wire_hyper *h, const char *opt, bool two_copies, float clip,
-		     const char *op, const char *note)
+		     const struct rdmaps_wire_hyper *h, const struct path_spec *ps)
 {
-	const struct srv_optimizer *so = srv_optimizer_find(opt);
+	const struct srv_optimizer *so = srv_optimizer_find(ps->opt);
 	struct partner triad = { .pass = triad_pass, .ctx = f };
 	struct path_ctx p;
 	uint64_t best, median;
 	unsigned passes;
 
-	if (!so || path_open(&p, opt, f->n, two_copies, clip, h))
+	if (!so || path_open(&p, ps->opt, f->n, ps->two_copies, ps->clip, h))
 		return;
-	p.take_only = !strncmp(op, "take-", 5);
+	p.take_only = !strncmp(ps->op, "take-", 5);
 	passes = timed_passes(o, f->pass_ns, path_pass, &p, &triad, &best, &median);
 	/* take-*: the copy is read once and written once */
-	add_row(op, bytes, passes, best, median, p.take_only ? 2.0 : 3.0 + 2.0 * so->state_per_param,
-		"triad-paired", (double)bytes * 3.0 / (double)triad.best, note);
+	add_row(ps->op, bytes, passes, best, median,
+		p.take_only ? 2.0 : 3.0 + 2.0 * so->state_per_param, "triad-paired",
+		(double)bytes * 3.0 / (double)triad.best, ps->note);
 	path_close(&p);
-}
-
-static void path_rows(const struct bench_opts *o, struct fold_bufs *f, uint64_t bytes,
-		      const struct rdmaps_wire_hyper *h)
-{
-	path_row(o, f, bytes, h, "sgd", false, 0.0f, "path-sgd",
-		 "take + srv_chunk_fold, one copy, groups of 16 slots");
-	path_row(o, f, bytes, h, "adam", false, 0.0f, "path-adam",
-		 "take + srv_chunk_fold, one copy, groups of 16 slots");
-	path_row(o, f, bytes, h, "sgd", true, 0.0f, "path-sgd-2copies",
-		 "two copies (ASP from 4 KiB): copy, apply, publish");
-	path_row(o, f, bytes, h, "adam", true, 0.0f, "path-adam-2copies",
-		 "two copies (ASP from 4 KiB): copy, apply, publish");
-	path_row(o, f, bytes, h, "sgd", false, 1e30f, "path-sgd-clip",
-		 "one copy, a clip norm: the take sums squares");
-	path_row(o, f, bytes, h, "sgd", false, 0.0f, "take-finite",
-		 "srv_slot_take alone: copy + finite-bit test");
-	path_row(o, f, bytes, h, "sgd", false, 1e30f, "take-sumsq",
-		 "srv_slot_take alone, clip norm: copy + sum of squares");
 }
 
 static int fold_size(const struct bench_opts *o, uint64_t bytes)
@@ -405,7 +402,8 @@ static int fold_size(const struct bench_opts *o, uint64_t bytes)
 		add_row_vs(name, bytes, passes, best, median, traffic, pbase,
 			   "apply, then checksum, per chunk");
 	}
-	path_rows(o, &f, bytes, &h);
+	for (size_t k = 0; k < sizeof(path_specs) / sizeof(path_specs[0]); k++)
+		path_row(o, &f, bytes, &h, &path_specs[k]);
 	rc = 0;
 out:
 	free(f.a);
