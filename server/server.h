@@ -347,6 +347,7 @@ bool srv_grad_copy_finite(float *restrict dst, const float *restrict src, size_t
 /* The same, returning the copy's sum of squares in double (inf or NaN if a
  * value is not finite). */
 double srv_grad_copy_sumsq(float *restrict dst, const float *restrict src, size_t n);
+/* g *= scale: clipping, on the fold thread's copy, never on the ring. */
 void srv_grad_scale(float *g, size_t n, float scale);
 /* The gradient values of a slot's payload (after the row ids of a sparse
  * slot) and how many. */
@@ -355,10 +356,10 @@ float *srv_slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr 
 /*
  * Copy the payload of a slot whose header h was validated from src (the
  * staging ring) to dst (srv_slot_payload bytes the caller owns, best at
- * SRV_LANE_OFF into a line: srv_stage_slot), and
- * check the copy: row ids in range, values finite. 0 with *sumsq (of the
- * values, unscaled; 0 without a clip norm), or why the slot is refused.
- * Fold from dst afterwards, never from src: the worker may rewrite src.
+ * SRV_LANE_OFF into a line: srv_stage_slot), and check the copy: row ids
+ * in range, values finite. 0 with *sumsq (of the values, unscaled; 0
+ * without a clip norm), or why the slot is refused. Fold from dst
+ * afterwards, never from src: the worker may rewrite src.
  */
 int srv_slot_take(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *dst,
 		  const void *src, double *sumsq, const char **why);
