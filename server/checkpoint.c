@@ -320,7 +320,7 @@ static int restore_tensor(struct srv_store *st, struct reader *r, char *why, siz
 		}
 		memcpy(h + 1, d, (size_t)h->count * sizeof(float));
 		h->clock = (uint32_t)clocks[i];
-		h->checksum = rdmaps__checksum(h + 1, (size_t)h->count * sizeof(float));
+		h->checksum = srv_checksum(h + 1, (size_t)h->count * sizeof(float));
 		if (t->chunk_clock_done)
 			t->chunk_clock_done[i] = clocks[i];
 	}

@@ -20,7 +20,6 @@
 #include <string.h>
 
 #include "log.h"
-#include "optimizer.h"
 #include "server.h"
 
 static uint64_t min_active_clock(const struct srv_tensor *t, uint64_t mask)
@@ -63,10 +62,7 @@ static bool bsp_try_complete(struct srv_tensor *t, uint32_t i)
 	}
 	/* the odd version (taken by the caller) before any data store */
 	__atomic_thread_fence(__ATOMIC_RELEASE);
-	t->opt->apply((float *)(h + 1),
-		      t->state ? t->state + (size_t)i * t->chunk_elems * t->opt->state_per_param : NULL,
-		      agg, n, &t->hyper, t->steps[i]);
-	t->steps[i]++;
+	srv_chunk_opt(t, i, (float *)(h + 1), agg, n);
 	memset(agg, 0, (size_t)n * sizeof(float));
 	__atomic_store_n(&t->contrib[i], 0, __ATOMIC_RELAXED);
 	h->clock++;

@@ -149,72 +149,38 @@ static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, co
 	return 0;
 }
 
-static float *slot_payload(struct srv_conn *c, uint64_t seq)
+/* Where slot seq's payload is staged: memory its worker can still write. */
+static const void *slot_staged(const struct srv_conn *c, uint64_t seq)
 {
-	return (float *)(c->staging + (size_t)((seq - 1) % c->slots) * c->slot_size + RDMAPS_SLOT_HDR);
+	return c->staging + (size_t)((seq - 1) % c->slots) * c->slot_size + RDMAPS_SLOT_HDR;
 }
 
-/* The gradient values of a slot: after the row ids for a sparse slot. */
-static float *slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, float *p,
-			  uint32_t *n)
+/* The fold thread's private copy of slot seq's payload (grad.c). */
+static void *slot_copy(const struct srv_conn *c, uint64_t seq)
 {
-	if (h->flags & RDMAPS_SLOT_ROWS) {
-		*n = h->count * t->cons.row_dim;
-		return p + 2 * (size_t)h->count; /* count u64 ids */
-	}
-	*n = h->count;
-	return p;
+	return srv_stage_slot(c->ft->stage, &c->srv->cfg, (uint32_t)((seq - 1) % c->slots));
 }
 
-/* Fold the rows of a sparse slot; an id out of range refuses that row only
- * (they were all checked before: only a worker rewriting its slot gets here). */
-static void rows_fold(struct srv_tensor *t, const struct rdmaps_slot_hdr *h, float *p)
+/* Fold the rows of a sparse slot from its private copy, whose ids were
+ * checked when it was taken. */
+static void rows_fold(struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *p)
 {
-	const uint64_t *ids = (const uint64_t *)p;
-	uint32_t n, dim = t->cons.row_dim;
-	float *v = slot_values(t, h, p, &n);
+	const uint64_t *ids = p;
+	uint32_t dim = t->cons.row_dim;
+	size_t n;
+	const float *v = srv_slot_values(t, h, p, &n);
 
-	for (uint32_t k = 0; k < h->count; k++) {
-		uint64_t id = ids[k];
-		if (id < t->nchunks)
-			srv_chunk_apply(t, (uint32_t)id, v + (size_t)k * dim, dim, false);
-	}
-}
-
-/* Sum of squares in double, four chains so it vectorises: a non-finite value,
- * or an overflow, shows as inf/NaN. Only tensors with a clip norm need it. */
-static double sum_squares(const float *g, uint32_t n)
-{
-	double s[4] = { 0.0, 0.0, 0.0, 0.0 };
-	uint32_t i = 0;
-
-	for (; i + 4 <= n; i += 4)
-		for (int k = 0; k < 4; k++)
-			s[k] += (double)g[i + k] * (double)g[i + k];
-	for (; i < n; i++)
-		s[0] += (double)g[i] * (double)g[i];
-	return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
-/* True if every value is finite: an all-ones exponent is inf or NaN. An
- * integer OR-reduction, so it vectorises (a float one would not, without
- * -ffast-math); far cheaper than the sum of squares. */
-static bool all_finite(const float *g, uint32_t n)
-{
-	uint32_t bad = 0;
-
-	for (uint32_t i = 0; i < n; i++) {
-		uint32_t b;
-		memcpy(&b, &g[i], sizeof(b));
-		bad |= (b & 0x7f800000u) == 0x7f800000u;
-	}
-	return !bad;
+	for (uint32_t k = 0; k < h->count; k++)
+		srv_chunk_apply(t, (uint32_t)ids[k], v + (size_t)k * dim, dim, false);
 }
 
 /*
  * Check the whole group that ends at next_seq - 1 before folding any of it:
- * headers, finite values, clock sequencing, then the clip norm. Returns 0
- * with *scale set, or why the group is refused.
+ * headers, then each slot's payload, copied out of the staging ring into
+ * the fold thread's own memory and checked there (finite values, row ids),
+ * clock sequencing, then the clip norm. group_fold folds those copies: the
+ * bytes checked are the bytes folded, whatever the worker writes into its
+ * ring meanwhile. Returns 0 with *scale set, or why the group is refused.
  */
 static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, const char **why)
 {
@@ -240,24 +206,11 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 			*why = "bad gradient scale";
 			return RDMAPS_EPROTO;
 		}
-		uint32_t nv;
-		float *vals = slot_values(t, h, slot_payload(c, seq), &nv);
-		if (h->flags & RDMAPS_SLOT_ROWS) {
-			const uint64_t *ids = (const uint64_t *)slot_payload(c, seq);
-			for (uint32_t k = 0; k < h->count; k++)
-				if (ids[k] >= t->nchunks) {
-					*why = "row id out of range";
-					return RDMAPS_ERANGE;
-				}
-		}
-		if (t->cons.clip_norm > 0.0f)
-			ss = sum_squares(vals, nv);
-		else
-			ss = all_finite(vals, nv) ? 0.0 : __builtin_nan("");
-		if (!__builtin_isfinite(ss)) {
-			*why = "non-finite gradient";
-			atomic_fetch_add_explicit(&c->ft->nonfinite, 1, memory_order_relaxed);
-			return RDMAPS_EINVAL;
+		rc = srv_slot_take(t, h, slot_copy(c, seq), slot_staged(c, seq), &ss, why);
+		if (rc) {
+			if (rc == RDMAPS_EINVAL)
+				atomic_fetch_add_explicit(&c->ft->nonfinite, 1, memory_order_relaxed);
+			return rc;
 		}
 		sumsq += ss * (double)h->scale * (double)h->scale;
 		if (clocked && !(h->flags & RDMAPS_SLOT_ASSIGN) &&
@@ -279,7 +232,8 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 	return 0;
 }
 
-/* Fold every slot of the group that ends at next_seq - 1, or none of them. */
+/* Fold every slot of the group that ends at next_seq - 1, or none of them,
+ * from the copies group_check took and checked. */
 static void group_fold(struct srv_conn *c)
 {
 	const struct rdmaps_slot_hdr *first = &c->group_hdr[(c->group_seq - 1) % c->slots];
@@ -292,18 +246,17 @@ static void group_fold(struct srv_conn *c)
 
 	for (uint64_t seq = c->group_seq; seq < c->next_seq; seq++) {
 		const struct rdmaps_slot_hdr *h = &c->group_hdr[(seq - 1) % c->slots];
-		float *g = slot_payload(c, seq);
+		void *g = slot_copy(c, seq);
 
 		if (rc) {
 			if (!(h->flags & SLOT_REFUSED))
 				slot_drop(c, rc, why, seq);
 			continue;
 		}
-		if (scale != 1.0f) { /* our own copy of the staged bytes: scale in place */
-			uint32_t nv;
-			float *vals = slot_values(t, h, g, &nv);
-			for (uint32_t i = 0; i < nv; i++)
-				vals[i] *= scale;
+		if (scale != 1.0f) {
+			size_t nv;
+			float *vals = srv_slot_values(t, h, g, &nv);
+			srv_grad_scale(vals, nv, scale);
 		}
 		if (h->flags & RDMAPS_SLOT_ROWS)
 			rows_fold(t, h, g);
@@ -735,7 +688,10 @@ int srv_fold_start(struct srv *s)
 		pthread_cond_init(&ft->mail_cond, NULL);
 		ft->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 		ft->channels = calloc((size_t)s->ndev, sizeof(*ft->channels));
-		if (ft->wake_fd < 0 || !ft->channels)
+		/* once, here: a group is at most the ring, and the fold path
+		 * allocates nothing */
+		ft->stage = aligned_alloc(RDMAPS_CHUNK_ALIGN, srv_stage_bytes(&s->cfg));
+		if (ft->wake_fd < 0 || !ft->channels || !ft->stage)
 			return RDMAPS_ENOMEM;
 		for (int d = 0; d < s->ndev; d++) {
 			ft->channels[d] = ibv_create_comp_channel(s->devs[d]);
@@ -785,6 +741,7 @@ void srv_fold_stop(struct srv *s)
 		if (ft->wake_fd > 0)
 			close(ft->wake_fd);
 		free(ft->conns);
+		free(ft->stage);
 		pthread_mutex_destroy(&ft->mail_lock);
 		pthread_cond_destroy(&ft->mail_cond);
 	}

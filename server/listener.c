@@ -103,7 +103,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->ft = ft;
 	c->conn_id = new_conn_id();
 	c->slots = s->cfg.slots;
-	c->slot_size = RDMAPS_SLOT_HDR + s->cfg.chunk_elems * (uint32_t)sizeof(float);
+	c->slot_size = RDMAPS_SLOT_HDR + (uint32_t)srv_slot_payload(&s->cfg);
 	c->recv_depth = c->slots + CTRL_RECVS;
 	c->sq_depth = SQ_DEPTH;
 	c->next_seq = 1;

@@ -26,12 +26,14 @@ static int adagrad_check(const struct rdmaps_wire_hyper *h)
 }
 
 SRV_VECTOR_CLONES
-static void adagrad_apply(float *restrict p, float *restrict s, const float *restrict g, size_t n,
-			  const struct rdmaps_wire_hyper *h, uint64_t step)
+static void adagrad_apply(float *restrict p, float *restrict s, size_t stride,
+			  const float *restrict g, size_t n, const struct rdmaps_wire_hyper *h,
+			  uint64_t step)
 {
 	const float lr = h->lr, wd = h->weight_decay;
 	const float eps = h->eps != 0.0f ? h->eps : ADAGRAD_EPS_DEFAULT;
 
+	(void)stride; /* one state array */
 	(void)step;
 	for (size_t i = 0; i < n; i++) {
 		const float d = g[i] + wd * p[i];

@@ -18,7 +18,7 @@
  * exp_avg_sq.sqrt() / bias_correction2_sqrt + eps), where eps is added after
  * the bias correction of v, as in the documented algorithm.
  *
- * State: 2 floats per parameter, m (state[i]) then v (state[n + i]).
+ * State: 2 floats per parameter, m (state[i]) then v (state[stride + i]).
  * Hyper-parameters read: lr, beta1 (0 -> 0.9), beta2 (0 -> 0.999),
  * eps (0 -> 1e-8), weight_decay (0 = none).
  */
@@ -51,7 +51,7 @@ static int adam_check(const struct rdmaps_wire_hyper *h)
  * Inlined into each clone below with decoupled a constant: no branch in the
  * loop. m and v are separate restrict arrays so the loop vectorises without
  * a run-time overlap check. The per-call scalars (bias corrections) are
- * worked out in double, once per chunk, not per element.
+ * worked out in double, once per call (a run of a chunk), not per element.
  */
 static inline __attribute__((always_inline)) void
 adam_loop(float *restrict p, float *restrict m, float *restrict v, const float *restrict g,
@@ -87,17 +87,19 @@ adam_loop(float *restrict p, float *restrict m, float *restrict v, const float *
 }
 
 SRV_VECTOR_CLONES
-static void adam_apply(float *restrict p, float *restrict state, const float *restrict g,
-		       size_t n, const struct rdmaps_wire_hyper *h, uint64_t step)
+static void adam_apply(float *restrict p, float *restrict state, size_t stride,
+		       const float *restrict g, size_t n, const struct rdmaps_wire_hyper *h,
+		       uint64_t step)
 {
-	adam_loop(p, state, state + n, g, n, h, step, false);
+	adam_loop(p, state, state + stride, g, n, h, step, false);
 }
 
 SRV_VECTOR_CLONES
-static void adamw_apply(float *restrict p, float *restrict state, const float *restrict g,
-			size_t n, const struct rdmaps_wire_hyper *h, uint64_t step)
+static void adamw_apply(float *restrict p, float *restrict state, size_t stride,
+			const float *restrict g, size_t n, const struct rdmaps_wire_hyper *h,
+			uint64_t step)
 {
-	adam_loop(p, state, state + n, g, n, h, step, true);
+	adam_loop(p, state, state + stride, g, n, h, step, true);
 }
 
 static const struct srv_optimizer adam = {

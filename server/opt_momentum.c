@@ -50,17 +50,21 @@ momentum_loop(float *restrict p, float *restrict v, const float *restrict g, siz
 }
 
 SRV_VECTOR_CLONES
-static void momentum_apply(float *restrict p, float *restrict state, const float *restrict g,
-			   size_t n, const struct rdmaps_wire_hyper *h, uint64_t step)
+static void momentum_apply(float *restrict p, float *restrict state, size_t stride,
+			   const float *restrict g, size_t n, const struct rdmaps_wire_hyper *h,
+			   uint64_t step)
 {
+	(void)stride; /* one state array */
 	(void)step;
 	momentum_loop(p, state, g, n, h, false);
 }
 
 SRV_VECTOR_CLONES
-static void nesterov_apply(float *restrict p, float *restrict state, const float *restrict g,
-			   size_t n, const struct rdmaps_wire_hyper *h, uint64_t step)
+static void nesterov_apply(float *restrict p, float *restrict state, size_t stride,
+			   const float *restrict g, size_t n, const struct rdmaps_wire_hyper *h,
+			   uint64_t step)
 {
+	(void)stride; /* one state array */
 	(void)step;
 	momentum_loop(p, state, g, n, h, true);
 }

@@ -18,12 +18,14 @@ static int sgd_check(const struct rdmaps_wire_hyper *h)
 }
 
 SRV_VECTOR_CLONES
-static void sgd_apply(float *restrict p, float *restrict state, const float *restrict g, size_t n,
-		      const struct rdmaps_wire_hyper *h, uint64_t step)
+static void sgd_apply(float *restrict p, float *restrict state, size_t stride,
+		      const float *restrict g, size_t n, const struct rdmaps_wire_hyper *h,
+		      uint64_t step)
 {
 	const float lr = h->lr, wd = h->weight_decay;
 
 	(void)state;
+	(void)stride;
 	(void)step;
 	for (size_t i = 0; i < n; i++)
 		p[i] -= lr * (g[i] + wd * p[i]);

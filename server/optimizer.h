@@ -11,17 +11,26 @@
  *  - The store keeps state_per_param floats per parameter, zero-filled when
  *    the tensor is declared, on the server only (never registered, never
  *    readable by workers). Each chunk owns a private region of it.
- *  - apply() gets `state` pointing at this chunk's region and `n` the chunk's
- *    element count, which is the same on every call for a given chunk (only
- *    a tensor's last chunk may be shorter than the others).
- *  - An optimizer with state_per_param = k uses k arrays of n floats back to
- *    back: array j of element i is state[j * n + i], 0 <= j < k. With k = 0,
- *    state may be NULL and must not be touched.
+ *  - An optimizer with state_per_param = k keeps k arrays of count floats
+ *    back to back per chunk, count being the chunk's element count (the same
+ *    on every call for a given chunk; only a tensor's last chunk may be
+ *    shorter than the others): array j of element i is the chunk region's
+ *    [j * count + i], 0 <= j < k. With k = 0, state may be NULL and must
+ *    not be touched.
+ *  - apply() may be given a run of n elements of a chunk, not always the
+ *    whole of it (store.c applies the first few floats of a chunk apart so
+ *    that the rest is vector-aligned): param, grad and state point at the
+ *    run's first element, and `stride` is the chunk's count, so array j of
+ *    the run's element i is state[j * stride + i]. A whole chunk is a run
+ *    with n = stride. Runs of one chunk never overlap, and the result must
+ *    not depend on how a chunk is cut into runs (every optimizer here is
+ *    element-wise; tests/unit/test_optimizers.c checks the bits).
  *  - Zero-filled state must mean "no history yet" (a zero momentum buffer or
  *    moment is what PyTorch's first step produces anyway).
  *  - `step` is the number of folds applied to this chunk before this one: 0
- *    on the first fold. Optimizers that count steps (Adam's bias correction)
- *    use step + 1, PyTorch's `state['step']` after its increment.
+ *    on the first fold, the same for every run of one fold. Optimizers that
+ *    count steps (Adam's bias correction) use step + 1, PyTorch's
+ *    `state['step']` after its increment.
  */
 #ifndef RDMAPS_SERVER_OPTIMIZER_H
 #define RDMAPS_SERVER_OPTIMIZER_H
@@ -44,13 +53,15 @@ struct srv_optimizer {
 	 */
 	int (*check)(const struct rdmaps_wire_hyper *h);
 	/*
-	 * Fold n gradient values into the parameters. step counts the folds of
-	 * this chunk before this one. Called with the chunk held exclusively; it
-	 * must not allocate, lock or block: it is the fold hot path. state is
-	 * laid out as described at the top of this file.
+	 * Fold n gradient values into the parameters: a run of one chunk whose
+	 * state arrays are `stride` floats apart (see the top of this file).
+	 * step counts the folds of this chunk before this one. Called with the
+	 * chunk held exclusively; it must not allocate, lock or block: it is
+	 * the fold hot path.
 	 */
-	void (*apply)(float *restrict param, float *restrict state, const float *restrict grad,
-		      size_t n, const struct rdmaps_wire_hyper *h, uint64_t step);
+	void (*apply)(float *restrict param, float *restrict state, size_t stride,
+		      const float *restrict grad, size_t n, const struct rdmaps_wire_hyper *h,
+		      uint64_t step);
 };
 
 #define SRV_OPTIMIZER(sym)                                                        \

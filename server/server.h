@@ -44,6 +44,40 @@ struct srv_config {
 	uint32_t max_inline;    /* inline send bytes asked of each QP (0: never inline) */
 };
 
+/* Bytes of payload a staging slot holds after its header: one chunk. */
+static inline size_t srv_slot_payload(const struct srv_config *cfg)
+{
+	return (size_t)cfg->chunk_elems * sizeof(float);
+}
+
+/*
+ * Where a chunk's floats start within a 64 B line: after its 24 B header.
+ * Arrays a fold streams beside them (optimizer state, BSP sums, the fold
+ * thread's copies of gradients) start at the same offset, so that one
+ * scalar head aligns them all for the vector loop (srv_chunk_opt).
+ */
+#define SRV_LANE_OFF (RDMAPS_CHUNK_HDR % RDMAPS_CHUNK_ALIGN)
+
+/*
+ * A fold thread's stage (grad.c): its own copies of the payloads of the
+ * group being folded, slot i's at srv_stage_slot(); each starts at
+ * SRV_LANE_OFF into a line, like the chunk it folds into.
+ */
+static inline size_t srv_stage_pitch(const struct srv_config *cfg)
+{
+	return rdmaps__round_up(srv_slot_payload(cfg), RDMAPS_CHUNK_ALIGN);
+}
+
+static inline size_t srv_stage_bytes(const struct srv_config *cfg)
+{
+	return (size_t)cfg->slots * srv_stage_pitch(cfg) + RDMAPS_CHUNK_ALIGN;
+}
+
+static inline void *srv_stage_slot(uint8_t *stage, const struct srv_config *cfg, uint32_t i)
+{
+	return stage + (size_t)i * srv_stage_pitch(cfg) + SRV_LANE_OFF;
+}
+
 enum tensor_state { TENSOR_INIT = 0, TENSOR_READY = 1 };
 
 #define SRV_MAX_MEMBERS 64 /* workers per BSP/SSP tensor: a bit each in a mask */
@@ -237,6 +271,10 @@ struct srv_fold_thread {
 
 	_Atomic uint64_t folds, dropped, sleeps, nonfinite, clipped;
 	struct srv_open_set open;    /* published at the end of each connection's batch */
+	/* the payloads of the group being folded, copied out of the staging
+	 * ring (its worker can still write there): checked and folded from
+	 * here. srv_stage_bytes, slot i's at srv_stage_slot (grad.c) */
+	uint8_t *stage;
 };
 
 struct srv {
@@ -311,6 +349,11 @@ static inline uint64_t srv_chunk_version(const struct srv_tensor *t, uint32_t i)
 	return __atomic_load_n(&((const struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, 0))->version,
 			       __ATOMIC_ACQUIRE);
 }
+/* Run t's optimizer over chunk `chunk`'s count floats at data (either copy)
+ * with grad (at SRV_LANE_OFF in a line, or anywhere: slower) and count the
+ * step. The caller holds the chunk. */
+void srv_chunk_opt(struct srv_tensor *t, uint32_t chunk, float *data, const float *grad,
+		   uint32_t count);
 /* Apply a staged slot's payload to chunk `chunk` of t (fold or assign); the
  * chunk's clock field is left alone (clock.c owns it). */
 void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
@@ -348,6 +391,38 @@ void srv_clock_fold(struct srv_tensor *t, struct srv_conn *c, const struct rdmap
 void srv_clock_leave(struct srv *s, struct srv_conn *c);
 /* Evict members that stall a clock longer than evict_ms (listener, periodic). */
 void srv_clock_tick(struct srv *s);
+
+/* ---- checksum.c ---- */
+/* XXH3-64 of len bytes: the same bits as rdmaps__checksum (what the client
+ * checks), its long-input loop picked at run time for this CPU. */
+uint64_t srv_checksum(const void *p, size_t len);
+/* The same through one variant (0 SSE2, 1 AVX2, 2 AVX-512; the one-shot
+ * when this CPU lacks it): for tests. */
+uint64_t srv_checksum_variant(const void *p, size_t len, unsigned variant);
+
+/* ---- grad.c: staged gradients, copied out of the worker's reach ---- */
+/* Copy n floats to dst and check the copy in the same pass over src: true
+ * if every value is finite. No allocation; dst must not overlap src. */
+bool srv_grad_copy_finite(float *restrict dst, const float *restrict src, size_t n);
+/* The same, returning the copy's sum of squares in double (inf or NaN if a
+ * value is not finite). */
+double srv_grad_copy_sumsq(float *restrict dst, const float *restrict src, size_t n);
+/* g *= scale: clipping, on the fold thread's copy, never on the ring. */
+void srv_grad_scale(float *g, size_t n, float scale);
+/* The gradient values of a slot's payload (after the row ids of a sparse
+ * slot) and how many. */
+float *srv_slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *payload,
+		       size_t *n);
+/*
+ * Copy the payload of a slot whose header h was validated from src (the
+ * staging ring) to dst (srv_slot_payload bytes the caller owns, best at
+ * SRV_LANE_OFF into a line: srv_stage_slot), and check the copy: row ids
+ * in range, values finite. 0 with *sumsq (of the values, unscaled; 0
+ * without a clip norm), or why the slot is refused. Fold from dst
+ * afterwards, never from src: the worker may rewrite src.
+ */
+int srv_slot_take(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *dst,
+		  const void *src, double *sumsq, const char **why);
 
 /* ---- checkpoint.c ---- */
 /* Snapshot every tensor into dir as checkpoint seq; folds must be paused. */

@@ -171,19 +171,32 @@ int raw_recv(struct raw *r, void *out, size_t max, int timeout_ms)
 	return (int)wc.byte_len;
 }
 
+int raw_post(struct raw *r, uint64_t wr_id, enum ibv_wr_opcode op, uint32_t off, uint64_t raddr,
+	     uint32_t rkey, uint32_t len, uint32_t imm_host)
+{
+	struct ibv_sge sge = { .addr = (uintptr_t)(r->buf + off), .length = len, .lkey = r->mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = wr_id, .sg_list = &sge, .num_sge = 1, .opcode = op,
+				  .send_flags = IBV_SEND_SIGNALED, .imm_data = htonl(imm_host),
+				  .wr.rdma = { .remote_addr = raddr, .rkey = rkey } }, *bad;
+
+	return ibv_post_send(r->id->qp, &wr, &bad);
+}
+
+int raw_wait(struct raw *r, uint64_t wr_id)
+{
+	struct ibv_wc wc;
+
+	if (wait_wc(r, wr_id, 30000, &wc))
+		return -1;
+	return wc.status;
+}
+
 int raw_rdma(struct raw *r, enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey, uint32_t len,
 	     uint32_t imm_host)
 {
-	struct ibv_sge sge = { .addr = (uintptr_t)(r->buf + RAW_DATA_OFF), .length = len,
-			       .lkey = r->mr->lkey };
-	struct ibv_send_wr wr = { .wr_id = 2, .sg_list = &sge, .num_sge = 1, .opcode = op,
-				  .send_flags = IBV_SEND_SIGNALED, .imm_data = htonl(imm_host),
-				  .wr.rdma = { .remote_addr = raddr, .rkey = rkey } }, *bad;
-	struct ibv_wc wc;
-
-	if (ibv_post_send(r->id->qp, &wr, &bad) || wait_wc(r, 2, 30000, &wc))
+	if (raw_post(r, 2, op, RAW_DATA_OFF, raddr, rkey, len, imm_host))
 		return -1;
-	return wc.status;
+	return raw_wait(r, 2);
 }
 
 struct rdmaps_msg_declare raw_declare_msg(const char *name, uint64_t length)
@@ -196,13 +209,6 @@ struct rdmaps_msg_declare raw_declare_msg(const char *name, uint64_t length)
 	snprintf(m.optimizer, sizeof(m.optimizer), "sgd");
 	snprintf(m.name, sizeof(m.name), "%s", name);
 	return m;
-}
-
-int raw_declare(struct raw *r, const char *name, uint64_t length, struct rdmaps_msg_tensor_reply *rep)
-{
-	struct rdmaps_msg_declare m = raw_declare_msg(name, length);
-
-	return raw_request(r, &m, sizeof(m), rep);
 }
 
 int raw_request(struct raw *r, const void *msg, size_t len, struct rdmaps_msg_tensor_reply *rep)
@@ -225,10 +231,24 @@ int raw_request(struct raw *r, const void *msg, size_t len, struct rdmaps_msg_te
 	return RDMAPS_EPROTO;
 }
 
-/* Write one slot by hand: header + count floats of value, with LAST (and
- * any extra flags). */
+int raw_declare(struct raw *r, const char *name, uint64_t length, struct rdmaps_msg_tensor_reply *rep)
+{
+	struct rdmaps_msg_declare m = raw_declare_msg(name, length);
+
+	return raw_request(r, &m, sizeof(m), rep);
+}
+
+int raw_lookup(struct raw *r, const char *name, struct rdmaps_msg_tensor_reply *rep)
+{
+	struct rdmaps_msg_lookup m = { 0 };
+
+	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_LOOKUP, sizeof(m), 43);
+	snprintf(m.name, sizeof(m.name), "%s", name);
+	return raw_request(r, &m, sizeof(m), rep);
+}
+
 int raw_slot(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t chunk, uint32_t count,
-		    float value, uint16_t extra_flags)
+	     float value, uint16_t extra_flags)
 {
 	struct rdmaps_slot_hdr h = { .seq = (uint32_t)seq, .tensor_id = (uint16_t)tensor,
 				     .chunk = chunk, .count = count,

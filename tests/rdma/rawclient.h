@@ -11,10 +11,10 @@
 
 #include "protocol.h"
 
-#define RAW_BUF 65536u
+#define RAW_BUF (256u << 10)
 #define RAW_SEND_OFF 0u
 #define RAW_RECV_OFF 8192u /* 4 receive buffers of RDMAPS_MSG_MAX */
-#define RAW_DATA_OFF 32768u
+#define RAW_DATA_OFF 32768u /* to RAW_BUF: room for a slot of 64 KiB and more */
 
 struct raw {
 	struct rdma_event_channel *ch;
@@ -44,6 +44,15 @@ int raw_recv(struct raw *r, void *out, size_t max, int timeout_ms);
 /* One RDMA op on [buf+RAW_DATA_OFF, +len); returns the completion status. */
 int raw_rdma(struct raw *r, enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey, uint32_t len,
 	     uint32_t imm_host);
+/*
+ * The same without waiting: post it (signaled) from [buf+off, +len) as
+ * wr_id (1 < wr_id < 100), then raw_wait for it. Completions come back in
+ * the order posted, so wait for several in that order. Posting returns 0
+ * or the errno of ibv_post_send; waiting, the completion status or -1.
+ */
+int raw_post(struct raw *r, uint64_t wr_id, enum ibv_wr_opcode op, uint32_t off, uint64_t raddr,
+	     uint32_t rkey, uint32_t len, uint32_t imm_host);
+int raw_wait(struct raw *r, uint64_t wr_id);
 /* Declare (or look up) a tensor by hand; fills the reply, returns its status. */
 int raw_declare(struct raw *r, const char *name, uint64_t length,
 		struct rdmaps_msg_tensor_reply *rep);
@@ -55,5 +64,7 @@ int raw_request(struct raw *r, const void *msg, size_t len, struct rdmaps_msg_te
  * (and any extra flags); returns the completion status. */
 int raw_slot(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t chunk, uint32_t count,
 	     float value, uint16_t extra_flags);
+/* Look an existing tensor up by name (whatever its declaration); as raw_declare. */
+int raw_lookup(struct raw *r, const char *name, struct rdmaps_msg_tensor_reply *rep);
 
 #endif

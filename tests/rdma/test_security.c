@@ -6,12 +6,14 @@
  * through all of it the server keeps serving a well-behaved worker.
  */
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "harness.h"
 #include "rawclient.h"
+#include "verbs.h" /* rdmaps__now_ns */
 
 static struct th_server srv;
 
@@ -311,4 +313,157 @@ Test(security, pending_pushes_past_the_limit_are_busy, .fini = stop_server, .tim
 	rdmaps_client_stats(c, &cs);
 	cr_assert_eq(cs.pushes, RDMAPS_MAX_OPS, "the refused push is not counted");
 	rdmaps_close(c);
+}
+
+/*
+ * A worker owns its staging ring, so it can rewrite a slot with a plain
+ * RDMA WRITE after the WRITE-with-immediate that announced it, while the
+ * server checks and folds that slot's group. Whatever the timing, the
+ * server must fold only values it checked. A group of REW_SLOTS slots (the
+ * whole ring) makes the window between the check of a slot and its fold
+ * wide: the server checks every slot of a group before folding any. Each
+ * round rewrites the first, middle or last slot of a group right behind
+ * its last slot, after a delay from a sweep, with NaN (no clip norm) or
+ * 1e30 (under a clip norm). A rewrite that lands before the check gets the
+ * group refused; one that lands after must change nothing.
+ */
+#define REW_CHUNK 4096u            /* floats per chunk and per slot */
+#define REW_SLOTS 128u             /* the ring, and one push group */
+#define REW_LEN (REW_CHUNK * REW_SLOTS)
+#define REW_POISON 256u            /* floats rewritten at the start of a slot */
+#define REW_POISON_OFF (RAW_DATA_OFF + 96u * 1024u)
+#define REW_CLIP 1024.0f           /* above a clean push's norm: sqrt(REW_LEN) = 724 */
+
+static const unsigned rew_delays_us[] = { 0, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000 };
+
+static void rew_slot_hdr(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t chunk, bool last)
+{
+	struct rdmaps_slot_hdr h = { .seq = (uint32_t)seq, .tensor_id = (uint16_t)tensor,
+				     .chunk = chunk, .count = REW_CHUNK,
+				     .flags = last ? RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | RDMAPS_SLOT_ACK
+						   : 0,
+				     .scale = 1.0f };
+	memcpy(r->buf + RAW_DATA_OFF, &h, sizeof(h));
+}
+
+static uint64_t rew_slot_addr(const struct raw *r, uint64_t seq)
+{
+	return r->w.staging_addr + (uint64_t)((seq - 1) % r->w.slot_count) * r->w.slot_size;
+}
+
+/* One push group of every chunk (value 1), its slot `target` rewritten
+ * delay_us after the last slot was posted; returns once it is consumed. */
+static void rew_round(struct raw *r, uint32_t tensor, uint64_t *seq, uint32_t target,
+		      unsigned delay_us)
+{
+	const uint64_t first = *seq;
+	const uint32_t len = RDMAPS_SLOT_HDR + REW_CHUNK * (uint32_t)sizeof(float);
+
+	for (uint32_t k = 0; k < REW_SLOTS; k++, (*seq)++) {
+		uint32_t slot = (uint32_t)((*seq - 1) % r->w.slot_count);
+		bool last = k + 1 == REW_SLOTS;
+
+		rew_slot_hdr(r, tensor, *seq, k, last);
+		cr_assert_eq(raw_post(r, 2, IBV_WR_RDMA_WRITE_WITH_IMM, RAW_DATA_OFF,
+				      rew_slot_addr(r, *seq), r->w.staging_rkey, len,
+				      rdmaps__imm_make(slot, *seq)), 0);
+		if (last) {
+			uint64_t until = rdmaps__now_ns() + delay_us * 1000ull;
+			while (rdmaps__now_ns() < until)
+				;
+			/* a plain WRITE into its own ring: nothing tells the server */
+			cr_assert_eq(raw_post(r, 3, IBV_WR_RDMA_WRITE, REW_POISON_OFF,
+					      rew_slot_addr(r, first + target) + RDMAPS_SLOT_HDR,
+					      r->w.staging_rkey, REW_POISON * sizeof(float), 0), 0);
+		}
+		cr_assert_eq(raw_wait(r, 2), IBV_WC_SUCCESS, "slot seq %lu", (unsigned long)*seq);
+		if (last)
+			cr_assert_eq(raw_wait(r, 3), IBV_WC_SUCCESS, "rewrite");
+	}
+	/* the last slot asks for its credit at once: the group is consumed */
+	for (int i = 0; i < 3000 && __atomic_load_n(&r->credit[1], __ATOMIC_ACQUIRE) < *seq; i++)
+		usleep(1000);
+	cr_assert_eq(r->credit[1], *seq, "group up to seq %lu consumed (credit %lu)",
+		     (unsigned long)(*seq - 1), (unsigned long)r->credit[1]);
+}
+
+/* Every round of the sweep on one tensor, rewriting with `poison`. */
+static unsigned rew_sweep(struct raw *r, const char *name, uint64_t *seq, float poison)
+{
+	struct rdmaps_msg_tensor_reply rep;
+	const uint32_t targets[] = { 0, REW_SLOTS / 2, REW_SLOTS - 1 };
+	float *p = (float *)(r->buf + REW_POISON_OFF);
+	float *g = (float *)(r->buf + RAW_DATA_OFF + RDMAPS_SLOT_HDR);
+	unsigned rounds = 0;
+
+	cr_assert_eq(raw_lookup(r, name, &rep), 0, "lookup %s", name);
+	for (uint32_t i = 0; i < REW_CHUNK; i++)
+		g[i] = 1.0f;
+	for (uint32_t i = 0; i < REW_POISON; i++)
+		p[i] = poison;
+	for (size_t d = 0; d < sizeof(rew_delays_us) / sizeof(rew_delays_us[0]); d++)
+		for (size_t k = 0; k < sizeof(targets) / sizeof(targets[0]); k++, rounds++)
+			rew_round(r, rep.tensor_id, seq, targets[k], rew_delays_us[d]);
+	return rounds;
+}
+
+Test(security, slots_rewritten_while_folded_fold_only_checked_values, .fini = stop_server,
+     .timeout = 120)
+{
+	static float v[REW_LEN];
+	struct rdmaps_server_stats s0, s1, s2;
+	rdmaps_client *good;
+	rdmaps_tensor *tn, *tc;
+	uint64_t seq = 1;
+	unsigned rounds, folded;
+	double norm = 0.0;
+	struct raw r;
+	char slots[16], chunk[16];
+
+	snprintf(slots, sizeof(slots), "%u", REW_SLOTS);
+	snprintf(chunk, sizeof(chunk), "%u", REW_CHUNK);
+	th_server_start(&srv, "--slots", slots, "--chunk-elems", chunk, NULL);
+	good = th_connect(&srv);
+	tn = th_declare(good, "rewritten", REW_LEN, 0.0f, 1.0f);
+	cr_assert_eq(rdmaps_declare(good, &(struct rdmaps_tensor_desc){ .name = "clipped",
+									.length = REW_LEN,
+									.lr = 1.0f,
+									.clip_norm = REW_CLIP },
+				    &tc),
+		     0);
+	raw_open(&r);
+	cr_assert_eq(r.w.slot_count, REW_SLOTS);
+
+	/* NaN: a group is folded from its finite values, or refused */
+	cr_assert_eq(rdmaps_server_stats(good, &s0), 0);
+	rounds = rew_sweep(&r, "rewritten", &seq, __builtin_nanf(""));
+	cr_assert_eq(rdmaps_server_stats(good, &s1), 0);
+	cr_assert_eq((s1.folds - s0.folds) % REW_SLOTS, 0, "a group folded in part");
+	folded = (unsigned)((s1.folds - s0.folds) / REW_SLOTS);
+	printf("rewrite race, NaN: %u groups, %u folded from the checked values, %lu refused as "
+	       "non-finite\n",
+	       rounds, folded, (unsigned long)(s1.nonfinite - s0.nonfinite));
+	cr_assert_eq(s1.nonfinite - s0.nonfinite, rounds - folded, "every refused group is counted");
+	cr_assert_eq(rdmaps_pull(good, tn, v, 0), 0);
+	for (uint32_t i = 0; i < REW_LEN; i++)
+		cr_assert_eq(v[i], -(float)folded, "model[%u] = %f, want %f: folded what was not checked",
+			     i, (double)v[i], -(double)folded);
+
+	/* 1e30 under a clip norm: every group moves the model by at most the norm */
+	rounds = rew_sweep(&r, "clipped", &seq, 1e30f);
+	cr_assert_eq(rdmaps_server_stats(good, &s2), 0);
+	cr_assert_eq((s2.folds - s1.folds) % REW_SLOTS, 0, "a group folded in part");
+	cr_assert_eq(rdmaps_pull(good, tc, v, 0), 0);
+	for (uint32_t i = 0; i < REW_LEN; i++) {
+		cr_assert(isfinite(v[i]), "model[%u] = %f", i, (double)v[i]);
+		norm += (double)v[i] * v[i];
+	}
+	norm = sqrt(norm);
+	printf("rewrite race, 1e30 under clip norm %g: %u groups, %lu folded, %lu clipped, moved "
+	       "%g\n",
+	       (double)REW_CLIP, rounds, (unsigned long)((s2.folds - s1.folds) / REW_SLOTS),
+	       (unsigned long)(s2.clipped - s1.clipped), norm);
+	cr_assert_leq(norm, rounds * (double)REW_CLIP * 1.001, "the clip norm was bypassed");
+	raw_close(&r);
+	rdmaps_close(good);
 }

@@ -346,3 +346,38 @@ Test(chunk, optimizer_registry)
 	cr_assert_not_null(srv_optimizer_find("sgd"));
 	cr_assert_null(srv_optimizer_find("nope"));
 }
+
+/*
+ * The fold thread's checksum (server/checksum.c: XXH3 with its long-input
+ * loop picked at run time) must be the very bits the client checks pulls
+ * with (rdmaps__checksum): every variant this CPU runs, every length up to
+ * past a few XXH3 blocks (1 KiB each), odd offsets, random bytes.
+ */
+Test(chunk, server_checksum_is_the_clients)
+{
+	static uint8_t buf[8192 + 64];
+	static float g[16384], out[16384];
+	uint64_t x = 0x9e3779b97f4a7c15ull;
+
+	for (size_t i = 0; i < sizeof(buf); i++) {
+		x ^= x << 13;
+		x ^= x >> 7;
+		x ^= x << 17;
+		buf[i] = (uint8_t)x;
+	}
+	for (size_t off = 0; off < 64; off += 13)
+		for (size_t len = 0; len <= 8192; len += len < 300 ? 1 : 37) {
+			uint64_t want = rdmaps__checksum(buf + off, len);
+			cr_assert_eq(srv_checksum(buf + off, len), want, "len %zu off %zu", len, off);
+			for (unsigned v = 0; v < 3; v++)
+				cr_assert_eq(srv_checksum_variant(buf + off, len, v), want,
+					     "variant %u, len %zu off %zu", v, len, off);
+		}
+	/* a chunk the server folded reads as consistent to the client's test */
+	make_tensor(16384, 16384, 1.0f);
+	g[7] = 2.0f;
+	srv_chunk_apply(tensor, 0, g, 16384, false);
+	cr_assert(read_chunk(0, out));
+	cr_assert_eq(out[7], -1.0f);
+	drop_tensor();
+}

@@ -31,7 +31,9 @@
  * steps.
  *
  * The optimizer state is compared too (momentum buffer, Adagrad sum, Adam
- * moments), at the offsets optimizer.h documents: state[j * n + i].
+ * moments), at the offsets optimizer.h documents: state[j * n + i]. A chunk
+ * applied as several runs (optimizer.h: state arrays `stride` apart) must
+ * give exactly the bits of one call, as the store cuts chunks that way.
  */
 #include <criterion/criterion.h>
 #include <math.h>
@@ -255,7 +257,7 @@ static void run_apply(enum rdmaps_optimizer kind, const struct setting *s, size_
 	ref_init(&r, kind, &s->h, p, n);
 	for (size_t t = 0; t < steps; t++) {
 		make_grad(g, scale, n);
-		o->apply(p, state, g, n, &s->h, t);
+		o->apply(p, state, n, g, n, &s->h, t);
 		ref_step(&r, g);
 		for (size_t i = 0; i < n; i++)
 			param_close(what, t, i, p[i], r.p[i]);
@@ -366,8 +368,8 @@ static void same_result(enum rdmaps_optimizer kind, struct rdmaps_wire_hyper a,
 	for (int t = 0; t < STEPS; t++) {
 		for (int i = 0; i < N; i++)
 			g[i] = (float)nrand();
-		o->apply(pa, sa, g, N, &a, (uint64_t)t);
-		o->apply(pb, sb, g, N, &b, (uint64_t)t);
+		o->apply(pa, sa, N, g, N, &a, (uint64_t)t);
+		o->apply(pb, sb, N, g, N, &b, (uint64_t)t);
 	}
 	bool same = !memcmp(pa, pb, sizeof(pa)) && !memcmp(sa, sb, sizeof(sa));
 	cr_assert_eq(same, expect_same, "%s: results %s", o->name,
@@ -401,6 +403,52 @@ Test(optimizers, zero_takes_documented_default)
 		same_result(k, def, b1, false);
 		same_result(k, def, b2, false);
 		same_result(k, def, eps, false);
+	}
+}
+
+/* ---- runs of a chunk -------------------------------------------------------------- */
+
+/*
+ * The store applies a chunk as runs (its first floats apart, to align the
+ * rest: store.c srv_chunk_opt); each run gets pointers to its first element
+ * and the chunk's count as the state stride. Whatever the cuts, the
+ * parameters and every state array must be bit-identical to one call.
+ */
+Test(optimizers, runs_of_a_chunk_give_the_same_bits)
+{
+	enum { N = 1000, STEPS = 12 };
+	static const size_t cuts[][3] = { { 1, 2, N }, { 10, N, N }, { 15, 500, N },
+					  { 333, 334, N }, { 0, 999, N }, { 7, 8, 9 } };
+	static float pa[N], pb[N], sa[2 * N], sb[2 * N], g[N];
+
+	for (int k = RDMAPS_OPT_SGD; k <= RDMAPS_OPT_ADAMW; k++) {
+		const struct srv_optimizer *o = find(k);
+		const struct rdmaps_wire_hyper h = H(.lr = 0.01f, .weight_decay = 0.01f);
+
+		for (size_t c = 0; c < sizeof(cuts) / sizeof(cuts[0]); c++) {
+			rng = 7 + c;
+			for (int i = 0; i < N; i++)
+				pa[i] = pb[i] = (float)(2.0 * urand() - 1.0);
+			memset(sa, 0, sizeof(sa));
+			memset(sb, 0, sizeof(sb));
+			for (int t = 0; t < STEPS; t++) {
+				size_t from = 0;
+				for (int i = 0; i < N; i++)
+					g[i] = (float)nrand();
+				o->apply(pa, sa, N, g, N, &h, (uint64_t)t);
+				for (size_t r = 0; r <= 3; r++) {
+					size_t to = r < 3 ? cuts[c][r] : N;
+					if (to > from)
+						o->apply(pb + from, o->state_per_param ? sb + from : NULL, N,
+							 g + from, to - from, &h, (uint64_t)t);
+					from = to > from ? to : from;
+				}
+			}
+			cr_assert_eq(memcmp(pa, pb, sizeof(pa)), 0, "%s, cuts %zu %zu %zu: parameters",
+				     o->name, cuts[c][0], cuts[c][1], cuts[c][2]);
+			cr_assert_eq(memcmp(sa, sb, sizeof(sa)), 0, "%s, cuts %zu %zu %zu: state",
+				     o->name, cuts[c][0], cuts[c][1], cuts[c][2]);
+		}
 	}
 }
 

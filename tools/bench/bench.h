@@ -7,10 +7,10 @@
  *   paired.c    raw and rdmaps ops interleaved (robust ratios on a noisy VM)
  *   clients.c   the workload's connections, tensors and buffers
  *   raw*.c      the raw-verbs baseline (connection, client loops, responder)
- *   fold.c      optimizer fold vs STREAM-triad bandwidth (native)
+ *   fold.c      optimizer fold and the fold thread's whole path vs STREAM triad (native)
  *   cksum.c     checksum throughput: XXH3 vs CRC32C
  *   report.c    rows -> table, JSON, CSV
- *   targets.c   the issue's targets, PASS/MISS
+ *   targets.c   the performance targets, PASS/MISS
  * Nothing measured allocates: buffers, histograms and rows are made before
  * a measured loop starts.
  */

@@ -5,6 +5,8 @@
  * build stays baseline x86-64). Two CRC32C variants: one dependent chain
  * (the simple loop most code uses) and three interleaved chains combined by
  * a table (the fast way). A byte-table CRC32C is the portable fallback.
+ * And xxh3-server: the same XXH3 as the fold thread computes it
+ * (server/checksum.c, its loop picked at run time for this CPU).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +15,7 @@
 #include "bench.h"
 #include "checksum.h"
 #include "chunk.h"
+#include "server.h"
 
 #define CRC32C_POLY 0x82f63b78u /* reflected Castagnoli */
 #define CRC3_BLOCK 1024u        /* bytes per chain per round */
@@ -109,13 +112,15 @@ __attribute__((target("sse4.2"))) static uint32_t crc32c_hw3(const void *buf, si
 #define HAVE_CRC_HW 0
 #endif
 
-enum ck { CK_XXH3, CK_CRC_HW, CK_CRC_HW3, CK_CRC_SW };
-static const char *const ck_name[] = { "xxh3", "crc32c-sse42", "crc32c-sse42-x3", "crc32c-sw" };
+enum ck { CK_XXH3, CK_XXH3_SRV, CK_CRC_HW, CK_CRC_HW3, CK_CRC_SW };
+static const char *const ck_name[] = { "xxh3", "xxh3-server", "crc32c-sse42", "crc32c-sse42-x3",
+				       "crc32c-sw" };
 
 static uint64_t ck_once(enum ck k, const void *p, size_t n)
 {
 	switch (k) {
 	case CK_XXH3: return rdmaps__checksum(p, n);
+	case CK_XXH3_SRV: return srv_checksum(p, n);
 #if HAVE_CRC_HW
 	case CK_CRC_HW: return crc32c_hw(p, n);
 	case CK_CRC_HW3: return crc32c_hw3(p, n);
@@ -140,6 +145,11 @@ static int self_check(const uint8_t *buf, size_t len)
 		fprintf(stderr, "rdmaps-bench: cksum: table CRC32C is wrong\n");
 		return -1;
 	}
+	for (size_t n = 0; n < len; n = n * 3 + 7)
+		if (srv_checksum(buf + 1, n) != rdmaps__checksum(buf + 1, n)) {
+			fprintf(stderr, "rdmaps-bench: cksum: the server's XXH3 disagrees at %zu B\n", n);
+			return -1;
+		}
 	if (!have_hw())
 		return 0;
 	for (size_t n = 0; n < len; n = n * 3 + 7) {
@@ -187,7 +197,8 @@ static void measure(const struct bench_opts *o, enum ck k, const uint8_t *buf, u
 		r.ratio = r.gb_s / base->gb_s;
 	}
 	snprintf(r.note, sizeof(r.note), "%s",
-		 k == CK_XXH3	  ? "what rdmaps uses (fold writes it, pull checks it)"
+		 k == CK_XXH3	  ? "what rdmaps uses (the client checks pulls with it)"
+		 : k == CK_XXH3_SRV ? "the same bits, as the fold writes it (loop picked at run time)"
 		 : k == CK_CRC_HW ? "one crc32 chain (latency-bound)"
 		 : k == CK_CRC_HW3 ? "three chains, table combine"
 				   : "byte table, no SSE4.2");
@@ -219,6 +230,7 @@ int cksum_run(const struct bench_opts *o)
 		const struct bench_row *found = report_find("cksum", "xxh3", size);
 		struct bench_row copy = found ? *found : (struct bench_row){ 0 };
 		const struct bench_row *base = found ? &copy : NULL; /* rows may move */
+		measure(o, CK_XXH3_SRV, buf, size, base);
 		if (have_hw()) {
 			measure(o, CK_CRC_HW, buf, size, base);
 			measure(o, CK_CRC_HW3, buf, size, base);

@@ -1,28 +1,42 @@
 /*
  * fold.c -- how fast a fold thread can apply gradients, against what the
- * memory of this machine can move: every optimizer srv_optimizer_find()
- * knows (the server's own code, linked in), applied chunk by chunk as
- * server/store.c does, beside a float32 STREAM triad a[i] = b[i] + s*c[i]
- * over arrays of the same size, in the same run, on one thread.
+ * memory of this machine can move, beside a float32 STREAM triad a[i] =
+ * b[i] + s*c[i] over arrays of the same size, in the same run, on one
+ * thread. Everything measured is the server's own code, linked in:
+ *  - fold-<opt>[+xxh3]: every optimizer srv_optimizer_find() knows, its
+ *    apply() alone chunk by chunk over aligned arrays (and srv_checksum of
+ *    each chunk after);
+ *  - path-*: the whole per-slot path of the fold thread, through the
+ *    functions group_check and group_fold call: a tensor from
+ *    srv_store_declare, gradients in a "staging" array laid out as slots
+ *    (header, then one chunk), taken a group at a time (srv_slot_take:
+ *    copied out of the ring and checked) into a private buffer, folded
+ *    (srv_chunk_fold: optimizer, checksum, two copies and open folds where
+ *    the tensor has them) and published (srv_open_publish);
+ *  - take-*: srv_slot_take's copy-and-check alone.
  *
  * Bytes are counted the STREAM way (each array read or written once per
  * pass; no write-allocate traffic): triad 12 B per element, SGD 12 B (param
  * read and written, gradient read), plus 8 B per state float for the others.
- * "grad GB/s" is gradient bytes folded per second, the figure a server
- * sizing cares about. Each row reports its best pass (as STREAM does); the
- * note has the median. The check-* rows time the gradient check the server
- * runs before folding (a copy of server/fold.c's loop) and two cheaper forms.
+ * The path rows count the same bytes as their optimizer: the staging read,
+ * the private copy and the checksum are the path's overhead. "grad GB/s" is
+ * gradient bytes folded per second, the figure a server sizing cares about.
+ * Each row reports its best pass (as STREAM does); the note has the median.
+ * The path-* and take-* rows alternate their passes with triad passes and
+ * take their ratio against those (triad-paired: see struct partner); the
+ * other rows against the triad row.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bench.h"
-#include "checksum.h"
 #include "chunk.h"
 #include "optimizer.h"
+#include "server.h"
 
 #define FOLD_CHUNK 16384u   /* floats: rdmaps-server's default --chunk-elems */
+#define FOLD_GROUP 16u      /* slots per push group: rdmaps-server's default --slots */
 #define FOLD_MAX_PASSES 4096u
 
 static const char *const opt_names[] = { "sgd", "momentum", "nesterov", "adagrad", "adam", "adamw" };
@@ -32,6 +46,9 @@ struct fold_bufs {
 	size_t n;
 	uint64_t *pass_ns;
 };
+
+/* One timed pass: returns something to sink so nothing is optimised out. */
+typedef uint64_t (*pass_fn)(void *ctx, uint64_t step);
 
 SRV_VECTOR_CLONES
 static void triad(float *restrict a, const float *restrict b, const float *restrict c, float s,
@@ -49,70 +66,147 @@ static void axpy(float *restrict a, const float *restrict b, float s, size_t n)
 		a[i] += s * b[i];
 }
 
-/*
- * The finiteness check server/fold.c (group_check) runs over every staged
- * gradient before folding it, copied here to be measured: a sum of squares
- * in double with one accumulator. Strict IEEE order keeps it scalar and
- * bound by the add latency.
- */
-static double check_sumsq(const float *g, size_t n)
+static uint64_t triad_pass(void *ctx, uint64_t step)
 {
-	double s = 0.0;
+	struct fold_bufs *f = ctx;
 
-	for (size_t i = 0; i < n; i++)
-		s += (double)g[i] * (double)g[i];
-	return s;
+	(void)step;
+	triad(f->a, f->b, f->c, 0.5f, f->n);
+	return 0;
 }
 
-/* Proposed: the same sum with 8 independent accumulators (vectorises). */
-SRV_VECTOR_CLONES
-static double check_sumsq8(const float *g, size_t n)
+static uint64_t axpy_pass(void *ctx, uint64_t step)
 {
-	double acc[8] = { 0 };
-	size_t i = 0;
+	struct fold_bufs *f = ctx;
 
-	for (; i + 8 <= n; i += 8)
-		for (size_t j = 0; j < 8; j++)
-			acc[j] += (double)g[i + j] * (double)g[i + j];
-	for (; i < n; i++)
-		acc[0] += (double)g[i] * (double)g[i];
-	return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+	(void)step;
+	axpy(f->a, f->b, -1e-3f, f->n);
+	return 0;
 }
 
-/* Proposed when the tensor has no clip norm: finite or not, from the bits. */
-SRV_VECTOR_CLONES
-static double check_finite_bits(const float *g, size_t n)
+/* An optimizer's apply() alone, a chunk at a time, as the fold thread calls
+ * it[, then the chunk's checksum]. */
+struct apply_ctx {
+	struct fold_bufs *f;
+	const struct srv_optimizer *opt;
+	const struct rdmaps_wire_hyper *h;
+	bool cksum;
+};
+
+static uint64_t apply_pass(void *ctx, uint64_t step)
 {
-	const uint32_t *u = (const uint32_t *)(const void *)g;
-	uint32_t bad = 0;
-
-	for (size_t i = 0; i < n; i++)
-		bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
-	return bad ? __builtin_inf() : 0.0;
-}
-
-enum { FP_CKSUM = 1u << 0, FP_CHECK = 1u << 1, FP_COPY = 1u << 2 };
-
-/* One pass over the whole tensor, a chunk at a time, as the fold thread does:
- * [check the gradient,] apply the optimizer[, checksum the chunk]. */
-static uint64_t fold_pass(const struct srv_optimizer *opt, struct fold_bufs *f,
-			  const struct rdmaps_wire_hyper *h, uint64_t step, unsigned what)
-{
+	struct apply_ctx *x = ctx;
+	struct fold_bufs *f = x->f;
 	uint64_t sink = 0;
 
 	for (size_t off = 0; off < f->n; off += FOLD_CHUNK) {
 		size_t cnt = f->n - off < FOLD_CHUNK ? f->n - off : FOLD_CHUNK;
-		float *state = opt->state_per_param ? f->state + off * opt->state_per_param : NULL;
-		if ((what & FP_CHECK) && !__builtin_isfinite(check_sumsq(f->b + off, cnt)))
-			continue;
-		if (what & FP_COPY) /* two copies: start from the other one (c) */
-			memcpy(f->a + off, f->c + off, cnt * sizeof(float));
-		opt->apply(f->a + off, state, f->b + off, cnt, h, step);
-		if (what & FP_CKSUM)
-			sink ^= rdmaps__checksum(f->a + off, cnt * sizeof(float));
+		float *state = x->opt->state_per_param ? f->state + off * x->opt->state_per_param
+						       : NULL;
+		x->opt->apply(f->a + off, state, cnt, f->b + off, cnt, x->h, step);
+		if (x->cksum)
+			sink ^= srv_checksum(f->a + off, cnt * sizeof(float));
 	}
 	return sink;
 }
+
+/* ---- the server's whole fold path --------------------------------------- */
+
+struct path_ctx {
+	struct srv_config cfg;
+	struct srv_store store;
+	struct srv_tensor *t;
+	uint8_t *staging; /* nchunks slots of RDMAPS_SLOT_HDR + FOLD_CHUNK floats */
+	uint8_t *stage;   /* the fold thread's own copies: FOLD_GROUP slots, as fold.c lays them */
+	struct srv_open_set open;
+	bool take_only;
+};
+
+static size_t path_slot_size(void)
+{
+	return RDMAPS_SLOT_HDR + FOLD_CHUNK * sizeof(float);
+}
+
+static void path_close(struct path_ctx *p)
+{
+	if (p->store.tensors)
+		srv_store_fini(&p->store);
+	free(p->staging);
+	free(p->stage);
+	memset(p, 0, sizeof(*p));
+}
+
+/* A tensor of n floats as a worker would declare it, and its staged pushes. */
+static int path_open(struct path_ctx *p, const char *opt, size_t n, bool two_copies, float clip,
+		     const struct rdmaps_wire_hyper *h)
+{
+	struct rdmaps_msg_declare m = { .length = n, .init_value = 1.0f, .hyper = *h };
+	size_t slots = (n + FOLD_CHUNK - 1) / FOLD_CHUNK;
+	bool created;
+
+	memset(p, 0, sizeof(*p));
+	p->cfg = (struct srv_config){ .max_tensors = 1, .chunk_elems = FOLD_CHUNK, .slots = FOLD_GROUP,
+				      .max_tensor_bytes = UINT64_MAX, .max_total_bytes = UINT64_MAX,
+				      .two_copies_min = two_copies ? 4096 : 0 };
+	m.cons.clip_norm = clip;
+	snprintf(m.optimizer, sizeof(m.optimizer), "%s", opt);
+	snprintf(m.name, sizeof(m.name), "bench");
+	if (srv_store_init(&p->store, &p->cfg) ||
+	    srv_store_declare(&p->store, &m, NULL, &p->t, &created))
+		goto fail;
+	p->staging = aligned_alloc(4096, rdmaps__round_up(slots * path_slot_size(), 4096));
+	p->stage = aligned_alloc(RDMAPS_CHUNK_ALIGN, srv_stage_bytes(&p->cfg));
+	if (!p->staging || !p->stage)
+		goto fail;
+	for (size_t s = 0; s < slots; s++) {
+		float *g = (float *)(p->staging + s * path_slot_size() + RDMAPS_SLOT_HDR);
+		for (size_t i = 0; i < FOLD_CHUNK; i++)
+			g[i] = 1e-3f;
+	}
+	return 0;
+fail:
+	fprintf(stderr, "rdmaps-bench: fold: cannot make a %zu-float %s tensor\n", n, opt);
+	path_close(p);
+	return -1;
+}
+
+/* One push of the whole tensor, group by group, as group_check and
+ * group_fold do it (the headers, already validated there, are made here).
+ * The fold thread publishes open two-copy folds at the end of a poll batch
+ * (up to 32 completions: two such groups); here after each group. */
+static uint64_t path_pass(void *ctx, uint64_t step)
+{
+	struct path_ctx *p = ctx;
+	struct srv_tensor *t = p->t;
+	uint64_t sink = 0;
+
+	(void)step;
+	for (uint32_t c0 = 0; c0 < t->nchunks; c0 += FOLD_GROUP) {
+		uint32_t g = t->nchunks - c0 < FOLD_GROUP ? t->nchunks - c0 : FOLD_GROUP;
+		for (uint32_t k = 0; k < g; k++) {
+			struct rdmaps_slot_hdr h = {
+				.chunk = c0 + k, .scale = 1.0f,
+				.count = rdmaps__chunk_count(t->length, t->chunk_elems, c0 + k) };
+			const char *why;
+			double ss;
+			if (srv_slot_take(t, &h, srv_stage_slot(p->stage, &p->cfg, k),
+					  p->staging + (size_t)(c0 + k) * path_slot_size() +
+						  RDMAPS_SLOT_HDR,
+					  &ss, &why))
+				return UINT64_MAX; /* the gradients are finite: never */
+			sink += (uint64_t)ss;
+		}
+		if (p->take_only)
+			continue;
+		for (uint32_t k = 0; k < g; k++)
+			srv_chunk_fold(t, c0 + k, srv_stage_slot(p->stage, &p->cfg, k),
+				       rdmaps__chunk_count(t->length, t->chunk_elems, c0 + k), &p->open);
+		srv_open_publish(&p->open);
+	}
+	return sink;
+}
+
+/* ---- timing and rows ------------------------------------------------------ */
 
 static int cmp_u64(const void *x, const void *y)
 {
@@ -120,56 +214,57 @@ static int cmp_u64(const void *x, const void *y)
 	return a < b ? -1 : a > b;
 }
 
-/* Reference loops: what timed_passes runs when it is given no optimizer. */
-enum ref_loop { REF_TRIAD, REF_AXPY, REF_SUMSQ, REF_SUMSQ8, REF_FINITE };
+/*
+ * Another pass timed in alternation with a row's own, one of each in turn
+ * (paired rows): on a shared host the memory bandwidth a thread gets drifts
+ * by 30 % within a minute, so a ratio between two rows timed apart says as
+ * much about the drift as about the code. Both see the same moments here.
+ */
+struct partner {
+	pass_fn pass;
+	void *ctx;
+	uint64_t best;
+};
 
-static uint64_t ref_pass(enum ref_loop k, struct fold_bufs *f)
-{
-	double d = 0;
-
-	switch (k) {
-	case REF_TRIAD: triad(f->a, f->b, f->c, 0.5f, f->n); break;
-	case REF_AXPY: axpy(f->a, f->b, -1e-3f, f->n); break;
-	case REF_SUMSQ: d = check_sumsq(f->b, f->n); break;
-	case REF_SUMSQ8: d = check_sumsq8(f->b, f->n); break;
-	case REF_FINITE: d = check_finite_bits(f->b, f->n); break;
-	}
-	return (uint64_t)d;
-}
-
-/* Time passes of opt (or of the reference loop ref) until the duration is used. */
-static unsigned timed_passes(const struct bench_opts *o, struct fold_bufs *f, enum ref_loop ref,
-			     const struct srv_optimizer *opt, unsigned what,
-			     const struct rdmaps_wire_hyper *h, uint64_t *best, uint64_t *median)
+/* Time passes until the duration is used; best and median pass (and the
+ * partner's best pass). */
+static unsigned timed_passes(const struct bench_opts *o, uint64_t *pass_ns, pass_fn pass,
+			     void *ctx, struct partner *pt, uint64_t *best, uint64_t *median)
 {
 	struct bench_loop l;
-	uint64_t t0, t1 = rdmaps__now_ns();
+	uint64_t t0, t1;
 	volatile uint64_t sink = 0;
 
-	if (opt)
-		fold_pass(opt, f, h, 0, what); /* warm: page faults, caches */
-	else
-		ref_pass(ref, f);
+	sink ^= pass(ctx, 0); /* warm: page faults, caches; not part of the duration */
+	if (pt) {
+		sink ^= pt->pass(pt->ctx, 0);
+		pt->best = UINT64_MAX;
+	}
+	t1 = rdmaps__now_ns();
 	loop_start(&l, o, t1);
 	do {
+		if (pt) {
+			t0 = rdmaps__now_ns();
+			sink ^= pt->pass(pt->ctx, l.n + 1);
+			t1 = rdmaps__now_ns();
+			pt->best = t1 - t0 < pt->best ? t1 - t0 : pt->best;
+		}
 		t0 = rdmaps__now_ns();
-		if (opt)
-			sink ^= fold_pass(opt, f, h, l.n + 1, what);
-		else
-			sink ^= ref_pass(ref, f);
+		sink ^= pass(ctx, l.n + 1);
 		t1 = rdmaps__now_ns();
-		f->pass_ns[l.n] = t1 - t0;
+		pass_ns[l.n] = t1 - t0;
 	} while (loop_more(&l, t1) && l.n < FOLD_MAX_PASSES);
 	(void)sink;
-	qsort(f->pass_ns, l.n, sizeof(uint64_t), cmp_u64);
-	*best = f->pass_ns[0];
-	*median = f->pass_ns[l.n / 2];
+	qsort(pass_ns, l.n, sizeof(uint64_t), cmp_u64);
+	*best = pass_ns[0];
+	*median = pass_ns[l.n / 2];
 	return (unsigned)l.n;
 }
 
+/* A row; its ratio is against base_gb_s (STREAM traffic) of base_op, if any. */
 static void add_row(const char *op, uint64_t bytes, unsigned passes, uint64_t best,
-		    uint64_t median, double traffic_per_grad_byte, const struct bench_row *base,
-		    const char *extra)
+		    uint64_t median, double traffic_per_grad_byte, const char *base_op,
+		    double base_gb_s, const char *extra)
 {
 	struct bench_row r = { 0 };
 
@@ -181,15 +276,62 @@ static void add_row(const char *op, uint64_t bytes, unsigned passes, uint64_t be
 	r.seconds = (double)best / 1e9;
 	r.gb_s = (double)bytes / (double)best;
 	r.traffic_gb_s = r.gb_s * traffic_per_grad_byte;
-	if (base) {
-		snprintf(r.base_op, sizeof(r.base_op), "%s", base->op);
-		r.base_val = base->traffic_gb_s;
-		r.ratio = r.traffic_gb_s / base->traffic_gb_s;
+	if (base_op && base_gb_s > 0) {
+		snprintf(r.base_op, sizeof(r.base_op), "%s", base_op);
+		r.base_val = base_gb_s;
+		r.ratio = r.traffic_gb_s / base_gb_s;
 	}
 	snprintf(r.note, sizeof(r.note), "median %.2f GB/s%s%s",
 		 (double)bytes / (double)median * traffic_per_grad_byte, extra ? "; " : "",
 		 extra ? extra : "");
 	report_add(&r);
+}
+
+/* add_row against a row of the report (the triad of this size), if any */
+static void add_row_vs(const char *op, uint64_t bytes, unsigned passes, uint64_t best,
+		       uint64_t median, double traffic_per_grad_byte, const struct bench_row *base,
+		       const char *extra)
+{
+	add_row(op, bytes, passes, best, median, traffic_per_grad_byte, base ? base->op : NULL,
+		base ? base->traffic_gb_s : 0, extra);
+}
+
+/* The whole-path rows: take-* time srv_slot_take alone. */
+static const struct path_spec {
+	const char *op, *opt;
+	bool two_copies;
+	float clip;
+	const char *note;
+} path_specs[] = {
+	{ "path-sgd", "sgd", false, 0.0f, "take + srv_chunk_fold, one copy, groups of 16 slots" },
+	{ "path-adam", "adam", false, 0.0f, "take + srv_chunk_fold, one copy, groups of 16 slots" },
+	{ "path-sgd-2copies", "sgd", true, 0.0f, "two copies (ASP from 4 KiB): copy, apply, publish" },
+	{ "path-adam-2copies", "adam", true, 0.0f, "two copies (ASP from 4 KiB): copy, apply, publish" },
+	{ "path-sgd-clip", "sgd", false, 1e30f, "one copy, a clip norm: the take sums squares" },
+	{ "take-finite", "sgd", false, 0.0f, "srv_slot_take alone: copy + finite-bit test" },
+	{ "take-sumsq", "sgd", false, 1e30f, "srv_slot_take alone, clip norm: copy + sum of squares" },
+};
+
+/* One row of the whole path on a fresh tensor of the row's size, its passes
+ * paired with triad passes over f (its ratio is against those). */
+static void path_row(const struct bench_opts *o, struct fold_bufs *f, uint64_t bytes,
+		     const struct rdmaps_wire_hyper *h, const struct path_spec *ps)
+{
+	const struct srv_optimizer *so = srv_optimizer_find(ps->opt);
+	struct partner triad = { .pass = triad_pass, .ctx = f };
+	struct path_ctx p;
+	uint64_t best, median;
+	unsigned passes;
+
+	if (!so || path_open(&p, ps->opt, f->n, ps->two_copies, ps->clip, h))
+		return;
+	p.take_only = !strncmp(ps->op, "take-", 5);
+	passes = timed_passes(o, f->pass_ns, path_pass, &p, &triad, &best, &median);
+	/* take-*: the copy is read once and written once */
+	add_row(ps->op, bytes, passes, best, median,
+		p.take_only ? 2.0 : 3.0 + 2.0 * so->state_per_param, "triad-paired",
+		(double)bytes * 3.0 / (double)triad.best, ps->note);
+	path_close(&p);
 }
 
 static int fold_size(const struct bench_opts *o, uint64_t bytes)
@@ -221,28 +363,28 @@ static int fold_size(const struct bench_opts *o, uint64_t bytes)
 	}
 	memset(f.state, 0, 2 * len);
 
-	passes = timed_passes(o, &f, REF_TRIAD, NULL, 0, &h, &best, &median);
-	add_row("triad", bytes, passes, best, median, 3.0, NULL,
+	passes = timed_passes(o, f.pass_ns, triad_pass, &f, NULL, &best, &median);
+	add_row_vs("triad", bytes, passes, best, median, 3.0, NULL,
 		"STREAM triad a=b+s*c, float32 (the target's reference)");
 	/* a copy: later rows may move the report's array */
 	if ((found = report_find("fold", "triad", bytes))) {
 		base = *found;
 		pbase = &base;
 	}
-	passes = timed_passes(o, &f, REF_AXPY, NULL, 0, &h, &best, &median);
-	add_row("axpy", bytes, passes, best, median, 3.0, pbase,
+	passes = timed_passes(o, f.pass_ns, axpy_pass, &f, NULL, &best, &median);
+	add_row_vs("axpy", bytes, passes, best, median, 3.0, pbase,
 		"a+=s*b: SGD's access pattern, no write-allocate");
 	for (size_t k = 0; k < sizeof(opt_names) / sizeof(opt_names[0]); k++) {
-		const struct srv_optimizer *opt = srv_optimizer_find(opt_names[k]);
+		struct apply_ctx x = { .f = &f, .opt = srv_optimizer_find(opt_names[k]), .h = &h };
 		char name[40];
 		double traffic;
 
-		if (!opt) {
+		if (!x.opt) {
 			printf("# fold: optimizer '%s' is not implemented in server/ yet: skipped\n",
 			       opt_names[k]);
 			continue;
 		}
-		if (opt->check && opt->check(&h)) {
+		if (x.opt->check && x.opt->check(&h)) {
 			printf("# fold: optimizer '%s' refuses the benchmark's hyper-parameters: skipped\n",
 			       opt_names[k]);
 			continue;
@@ -250,35 +392,18 @@ static int fold_size(const struct bench_opts *o, uint64_t bytes)
 		for (size_t i = 0; i < f.n; i++)
 			f.a[i] = 1.0f;
 		memset(f.state, 0, 2 * len);
-		traffic = 3.0 + 2.0 * opt->state_per_param;
-		passes = timed_passes(o, &f, REF_TRIAD, opt, 0, &h, &best, &median);
+		traffic = 3.0 + 2.0 * x.opt->state_per_param;
+		passes = timed_passes(o, f.pass_ns, apply_pass, &x, NULL, &best, &median);
 		snprintf(name, sizeof(name), "fold-%s", opt_names[k]);
-		add_row(name, bytes, passes, best, median, traffic, pbase, NULL);
-		passes = timed_passes(o, &f, REF_TRIAD, opt, FP_CKSUM, &h, &best, &median);
+		add_row_vs(name, bytes, passes, best, median, traffic, pbase, NULL);
+		x.cksum = true;
+		passes = timed_passes(o, f.pass_ns, apply_pass, &x, NULL, &best, &median);
 		snprintf(name, sizeof(name), "fold-%s+xxh3", opt_names[k]);
-		add_row(name, bytes, passes, best, median, traffic, pbase,
-			"apply + checksum per chunk");
-		if (strcmp(opt_names[k], "sgd"))
-			continue;
-		passes = timed_passes(o, &f, REF_TRIAD, opt, FP_CHECK | FP_CKSUM, &h, &best, &median);
-		add_row("fold-sgd+check+xxh3", bytes, passes, best, median, traffic, pbase,
-			"what server/fold.c does per slot: sum-of-squares check, apply, checksum");
-		/* the copy source is one more stream (STREAM counting unchanged):
-		 * what two copies cost the fold thread */
-		passes = timed_passes(o, &f, REF_TRIAD, opt, FP_COPY | FP_CKSUM, &h, &best, &median);
-		add_row("fold-sgd-2copies+xxh3", bytes, passes, best, median, traffic, pbase,
-			"two copies (server/store.c): copy the current copy in, apply, checksum");
+		add_row_vs(name, bytes, passes, best, median, traffic, pbase,
+			   "apply, then checksum, per chunk");
 	}
-	/* the gradient check alone: the server's, and two cheaper ways */
-	passes = timed_passes(o, &f, REF_SUMSQ, NULL, 0, &h, &best, &median);
-	add_row("check-sumsq", bytes, passes, best, median, 1.0, pbase,
-		"server/fold.c's finite check (copy): double, 1 accumulator");
-	passes = timed_passes(o, &f, REF_SUMSQ8, NULL, 0, &h, &best, &median);
-	add_row("check-sumsq-8acc", bytes, passes, best, median, 1.0, pbase,
-		"proposed: same sum, 8 accumulators");
-	passes = timed_passes(o, &f, REF_FINITE, NULL, 0, &h, &best, &median);
-	add_row("check-finite-bits", bytes, passes, best, median, 1.0, pbase,
-		"proposed without clip norm: exponent-bit test");
+	for (size_t k = 0; k < sizeof(path_specs) / sizeof(path_specs[0]); k++)
+		path_row(o, &f, bytes, &h, &path_specs[k]);
 	rc = 0;
 out:
 	free(f.a);

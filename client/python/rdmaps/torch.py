@@ -62,6 +62,7 @@ Slurm, Open MPI, PMI, ``DMLC_*``, ``RDMAPS_RANK``/``RDMAPS_SIZE``):
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -260,6 +261,8 @@ class DistributedOptimizer:
         self._accumulators = []
         self._pushed = set()
         self._bounce = 0
+        # seconds spent waiting: for pushes in step(), for pulls before forward
+        self._waited = {"push_wait_s": 0.0, "pull_wait_s": 0.0, "steps": 0}
         if overlap:
             for e in self._entries:
                 acc = e.param.expand_as(e.param).grad_fn.next_functions[0][0]
@@ -271,7 +274,7 @@ class DistributedOptimizer:
         # every worker starts from the values the first declarer staged
         for e in self._entries:
             e.pull = self.client.pull_async(e.tensor, e.pview)
-        self.synchronize()
+        self._finish()
 
     # ---- checks --------------------------------------------------------
 
@@ -360,10 +363,13 @@ class DistributedOptimizer:
         for e in self._entries:
             if id(e) not in self._pushed:
                 self._push(e)
+        t0 = time.perf_counter()
         for e in self._entries:
             if e.push is not None:
                 e.push.wait()
                 e.push = None
+        self._waited["push_wait_s"] += time.perf_counter() - t0
+        self._waited["steps"] += 1
         self._pushed.clear()
         for e in self._entries:
             e.pull = self._submit(lambda e=e: self.client.pull_async(e.tensor, e.pview))
@@ -372,20 +378,35 @@ class DistributedOptimizer:
         return loss
 
     def _before_forward(self, module, _inputs) -> None:
+        t0 = time.perf_counter()
         for e in self._module_entries.get(id(module), ()):
             if e.pull is not None:
                 e.pull.wait()
                 e.pull = None
+        self._waited["pull_wait_s"] += time.perf_counter() - t0
 
     def synchronize(self) -> None:
         """Wait until every pull and push in flight is done: the parameters
         hold the pulled values."""
+        t0 = time.perf_counter()
+        self._finish()
+        self._waited["pull_wait_s"] += time.perf_counter() - t0
+
+    def _finish(self) -> None:
         for e in self._entries:
             for attr in ("push", "pull"):
                 op = getattr(e, attr)
                 if op is not None:
                     op.wait()
                     setattr(e, attr, None)
+
+    def refresh(self) -> None:
+        """Pull every parameter now and wait: the model as the servers hold
+        it (e.g. at the end, once the other workers are done)."""
+        self._finish()
+        for e in self._entries:
+            e.pull = self._submit(lambda e=e: self.client.pull_async(e.tensor, e.pview))
+        self._finish()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the gradients in place (they stay in registered memory;
@@ -409,13 +430,19 @@ class DistributedOptimizer:
         s["bounce_copies"] += self._bounce
         return s
 
+    def timings(self) -> Dict[str, float]:
+        """Time spent waiting for the servers since wrap time: push_wait_s
+        (step() waiting for pushes backward did not finish), pull_wait_s
+        (forwards and synchronize() waiting for pulls), and steps."""
+        return dict(self._waited)
+
     def tensor_names(self) -> Dict[str, str]:
         """Parameter name -> rdmaps tensor name."""
         return {e.name: e.tensor.name for e in self._entries}
 
     def close(self) -> None:
         """Finish what is in flight and remove the hooks (the Client stays open)."""
-        self.synchronize()
+        self._finish()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
