@@ -123,20 +123,30 @@ static int fsync_dir(const char *dir)
 	return rc;
 }
 
-/* Newest first: seqs of ckpt-*.rdmaps files in dir (at most max). */
-static int list_ckpts(const char *dir, uint64_t *seqs, int max)
+/*
+ * One look at dir: the seqs of its ckpt-*.rdmaps files, newest first (at
+ * most max), and in *top the highest seq any ckpt-* file is named after,
+ * whatever its state (good, refused, a half-written .tmp): the next
+ * checkpoint must be numbered past every one of them. Numbered from a
+ * refused restore's 0 instead, it would be the oldest file in the
+ * directory and the first one pruned, right after it was written.
+ */
+static int scan_ckpts(const char *dir, uint64_t *seqs, int max, uint64_t *top)
 {
 	DIR *d = opendir(dir);
 	struct dirent *e;
 	int n = 0;
 
+	*top = 0;
 	if (!d)
 		return 0;
 	while ((e = readdir(d))) {
 		unsigned long long s;
 		char tail[16];
-		if (sscanf(e->d_name, "ckpt-%16llx.%15s", &s, tail) == 2 && !strcmp(tail, "rdmaps") &&
-		    n < max)
+		int got = sscanf(e->d_name, "ckpt-%16llx.%15s", &s, tail);
+		if (got >= 1 && s > *top)
+			*top = s;
+		if (got == 2 && !strcmp(tail, "rdmaps") && n < max)
 			seqs[n++] = s;
 	}
 	closedir(d);
@@ -147,30 +157,6 @@ static int list_ckpts(const char *dir, uint64_t *seqs, int max)
 			seqs[j - 1] = x;
 		}
 	return n;
-}
-
-/*
- * The highest seq any ckpt-* file in dir is named after, whatever its state
- * (good, refused, half-written .tmp): the next checkpoint must be numbered
- * past every one of them. Numbered from a refused restore's 0 instead, it
- * would be the oldest file in the directory and the first one pruned, right
- * after it was written.
- */
-static uint64_t highest_seq(const char *dir)
-{
-	DIR *d = opendir(dir);
-	struct dirent *e;
-	uint64_t top = 0;
-
-	if (!d)
-		return 0;
-	while ((e = readdir(d))) {
-		unsigned long long s;
-		if (sscanf(e->d_name, "ckpt-%16llx.", &s) == 1 && s > top)
-			top = s;
-	}
-	closedir(d);
-	return top;
 }
 
 static void ckpt_path(char *out, size_t len, const char *dir, uint64_t seq, const char *ext)
@@ -186,7 +172,7 @@ int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_
 	struct ckpt_hdr h = { .version = CKPT_VERSION, .server_id = server_id, .seq = seq,
 			      .time = (uint64_t)time(NULL), .chunk_elems = st->chunk_elems };
 	uint32_t n = atomic_load(&st->count);
-	uint64_t sum, old[64];
+	uint64_t sum, old[64], top;
 	int nold;
 
 	memcpy(h.magic, CKPT_MAGIC, 8);
@@ -228,7 +214,7 @@ int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_
 		return RDMAPS_ESYS;
 	}
 	/* keep a few: if the newest is ever damaged, an older one still restores */
-	nold = list_ckpts(dir, old, 64);
+	nold = scan_ckpts(dir, old, 64, &top);
 	for (int i = CKPT_KEEP; i < nold; i++) {
 		if (old[i] == seq)
 			continue; /* never the one just written, whatever else is there */
@@ -398,10 +384,9 @@ int srv_checkpoint_restore(struct srv_store *st, const char *dir, unsigned serve
 			   uint64_t *seq_out, uint64_t *last_out)
 {
 	uint64_t seqs[64];
-	int n = list_ckpts(dir, seqs, 64);
+	int n = scan_ckpts(dir, seqs, 64, last_out);
 
 	*seq_out = 0;
-	*last_out = highest_seq(dir);
 	for (int i = 0; i < n; i++) {
 		char path[4096], why[256] = "";
 		uint8_t *buf = NULL;

@@ -246,3 +246,21 @@ rdmaps_tensor *th_declare(rdmaps_client *c, const char *name, uint64_t len, floa
 	cr_assert_eq(rc, 0, "declare %s: %s", name, rdmaps_strerror(rc));
 	return t;
 }
+
+void th_mkdtemp(char *dir, size_t len, const char *what)
+{
+	snprintf(dir, len, "/tmp/rdmaps-%s-XXXXXX", what);
+	cr_assert_not_null(mkdtemp(dir), "mkdtemp %s", dir);
+}
+
+void th_rmdir(char *dir)
+{
+	char cmd[256];
+
+	if (!dir[0])
+		return;
+	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
+	if (system(cmd) != 0)
+		fprintf(stderr, "could not remove %s\n", dir);
+	dir[0] = '\0';
+}

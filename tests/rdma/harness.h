@@ -54,6 +54,10 @@ pid_t th_pusher(const char *arg, ...);
  * its first chunk and never seals; returns once it has, with its pid.
  */
 pid_t th_creator(const char *arg, ...);
+/* A fresh directory /tmp/rdmaps-WHAT-XXXXXX into dir (asserts it was made);
+ * th_rmdir removes it and empties dir (nothing to do when dir is ""). */
+void th_mkdtemp(char *dir, size_t len, const char *what);
+void th_rmdir(char *dir);
 /* Declare a float tensor initialised to value (asserts success). */
 rdmaps_tensor *th_declare(rdmaps_client *c, const char *name, uint64_t len, float value, float lr);
 

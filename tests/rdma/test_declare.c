@@ -26,8 +26,6 @@ static pid_t child;
 
 static void cleanup(void)
 {
-	char cmd[128];
-
 	if (child > 0) {
 		kill(child, SIGKILL);
 		waitpid(child, NULL, 0);
@@ -35,12 +33,7 @@ static void cleanup(void)
 	}
 	if (srv.pid)
 		th_server_stop(&srv);
-	if (dir[0]) {
-		snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
-		if (system(cmd) != 0)
-			fprintf(stderr, "could not remove %s\n", dir);
-		dir[0] = '\0';
-	}
+	th_rmdir(dir);
 }
 
 static const char *const opt_name[] = { "sgd", "momentum", "nesterov", "adagrad", "adam", "adamw" };
@@ -217,8 +210,7 @@ Test(declare, creator_killed_before_seal_hands_over, .fini = cleanup, .timeout =
 	rdmaps_tensor *t;
 	int rc;
 
-	snprintf(dir, sizeof(dir), "/tmp/rdmaps-declare-XXXXXX");
-	cr_assert_not_null(mkdtemp(dir));
+	th_mkdtemp(dir, sizeof(dir), "declare");
 	th_server_start(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
 	c = th_connect(&srv);
 	for (uint32_t i = 0; i < LEN; i++)
@@ -268,8 +260,7 @@ Test(declare, ssp_workers_rejoin_a_restored_clock, .fini = cleanup, .timeout = 3
 	rdmaps_tensor *t[2];
 	int rc;
 
-	snprintf(dir, sizeof(dir), "/tmp/rdmaps-declare-XXXXXX");
-	cr_assert_not_null(mkdtemp(dir));
+	th_mkdtemp(dir, sizeof(dir), "declare");
 	th_server_start(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
 	for (int k = 0; k < 2; k++) {
 		w[k] = th_connect(&srv);

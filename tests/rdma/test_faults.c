@@ -26,21 +26,11 @@
 static struct th_server srv;
 static char dir[64];
 
-/* A test's checkpoint directory, gone (nothing to do if it was never made). */
-static void remove_dir(const char *d)
-{
-	char cmd[256];
-
-	snprintf(cmd, sizeof(cmd), "rm -rf %s", d);
-	if (d[0] && system(cmd) != 0)
-		fprintf(stderr, "could not remove %s\n", d);
-}
-
 static void cleanup(void)
 {
 	if (srv.pid)
 		th_server_stop(&srv);
-	remove_dir(dir);
+	th_rmdir(dir);
 }
 
 static uint64_t now_ms(void)
@@ -65,8 +55,7 @@ Test(faults, server_killed_restarts_from_checkpoint, .fini = cleanup, .timeout =
 	rdmaps_tensor *t;
 	int rc;
 
-	snprintf(dir, sizeof(dir), "/tmp/rdmaps-faults-XXXXXX");
-	cr_assert_not_null(mkdtemp(dir));
+	th_mkdtemp(dir, sizeof(dir), "faults");
 	th_server_start(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
 	c = th_connect(&srv);
 	struct rdmaps_tensor_desc d = { .name = "durable", .length = LEN, .lr = 1.0f,
@@ -120,8 +109,7 @@ Test(faults, corrupt_checkpoint_falls_back, .fini = cleanup, .timeout = 300)
 	rdmaps_tensor *t;
 	char path[160];
 
-	snprintf(dir, sizeof(dir), "/tmp/rdmaps-faults-XXXXXX");
-	cr_assert_not_null(mkdtemp(dir));
+	th_mkdtemp(dir, sizeof(dir), "faults");
 	th_server_start(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
 	c = th_connect(&srv);
 	t = th_declare(c, "w", LEN, 0.0f, 1.0f);
@@ -159,8 +147,7 @@ Test(faults, checkpoint_after_refused_files_is_kept, .fini = cleanup, .timeout =
 	rdmaps_tensor *t;
 	char path[160];
 
-	snprintf(dir, sizeof(dir), "/tmp/rdmaps-faults-XXXXXX");
-	cr_assert_not_null(mkdtemp(dir));
+	th_mkdtemp(dir, sizeof(dir), "faults");
 	for (int seq = 5; seq <= 7; seq++) {
 		snprintf(path, sizeof(path), "%s/ckpt-%016x.rdmaps", dir, seq);
 		FILE *f = fopen(path, "w");
@@ -202,8 +189,7 @@ Test(faults, clean_stop_keeps_every_staged_push, .fini = cleanup, .timeout = 300
 	rdmaps_client *c;
 	rdmaps_tensor *t;
 
-	snprintf(dir, sizeof(dir), "/tmp/rdmaps-faults-XXXXXX");
-	cr_assert_not_null(mkdtemp(dir));
+	th_mkdtemp(dir, sizeof(dir), "faults");
 	th_server_start(&srv, "--chunk-elems", "1024", "--slots", "64", "--checkpoint-dir", dir, NULL);
 	c = th_connect(&srv);
 	t = th_declare(c, "w", BIG, 0.0f, 1.0f);
@@ -231,8 +217,7 @@ Test(faults, checkpoint_requests_are_rate_limited, .fini = cleanup, .timeout = 3
 	struct raw r;
 	uint64_t t0;
 
-	snprintf(dir, sizeof(dir), "/tmp/rdmaps-faults-XXXXXX");
-	cr_assert_not_null(mkdtemp(dir));
+	th_mkdtemp(dir, sizeof(dir), "faults");
 	th_server_start(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
 	c = th_connect(&srv);
 	th_declare(c, "w", LEN, 0.0f, 1.0f);
@@ -393,7 +378,7 @@ static void shard_cleanup(void)
 	for (int i = 0; i < NS; i++) {
 		if (shard[i].pid)
 			th_server_stop(&shard[i]);
-		remove_dir(shard_dir[i]);
+		th_rmdir(shard_dir[i]);
 	}
 }
 
@@ -414,8 +399,7 @@ static void shards_up(void)
 
 	th_hosts(host, 5);
 	for (int i = 0; i < NS; i++) {
-		snprintf(shard_dir[i], sizeof(shard_dir[i]), "/tmp/rdmaps-shard-XXXXXX");
-		cr_assert_not_null(mkdtemp(shard_dir[i]));
+		th_mkdtemp(shard_dir[i], sizeof(shard_dir[i]), "shard");
 		shard_start(i, false);
 		n += (size_t)snprintf(servers + n, sizeof(servers) - n, "%s%s:%s", i ? "," : "",
 				      shard[i].addr, shard[i].port);

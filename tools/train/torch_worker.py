@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import rdmaps
 import rdmaps.torch as rt
+import finish
 
 MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 MEAN, STD = 0.2860, 0.3530
@@ -155,7 +156,7 @@ def main():
                                   model.named_parameters(), client=client, model=model,
                                   prefix=f"{args.name}.", consistency=args.consistency,
                                   workers=args.workers)
-    done = client.declare(f"{args.name}.done", 1, optimizer="sgd", lr=1.0)
+    done = finish.counter(client, args.name)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{tag} {hi - lo} train samples (slice {lo}..{hi}), {n_params} params, batch "
           f"{args.batch}, {args.optimizer} lr {args.lr}, {args.consistency}, {args.epochs} "
@@ -198,24 +199,13 @@ def main():
               f"{tm['push_wait_s'] / max(tm['steps'], 1) * 1e3:.2f} ms, pulls "
               f"{tm['pull_wait_s'] / max(tm['steps'], 1) * 1e3:.2f} ms", flush=True)
     one = client.register(rdmaps.zeros(1))
-    one[0] = -1.0  # the done counter's SGD with lr 1 adds one
-    client.push(done, one, folded=True)
+    finish.count_me(client, done, one)
     status = 0
     if args.rank == 0:
-        give_up = time.monotonic() + args.wait
-        while client.pull(done, one)[0] < args.workers:
-            if time.monotonic() > give_up:
-                print(f"{tag} gave up waiting for the other workers", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
+        if not finish.wait_all(client, done, one, args.workers, args.wait, tag):
+            return 1
         opt.refresh()  # the final model, as every worker left it
-        a = accuracy(model, tx, ty)
-        print(f"{tag} {args.workers} workers, {time.monotonic() - t_start:.1f} s")
-        print(f"final_accuracy={a:.4f}", flush=True)
-        if args.target and a < args.target:
-            print(f"{tag} final accuracy {a:.4f} is below the target {args.target:.4f}",
-                  file=sys.stderr)
-            status = 1
+        status = finish.report(tag, accuracy(model, tx, ty), args.workers, t_start, args.target)
     opt.close()
     client.close()
     return status

@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 import rdmaps
+import finish
 
 MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 MNIST_MEAN = np.float32(0.2860)  # Fashion-MNIST training-set pixel mean / std,
@@ -236,7 +237,7 @@ def main():
                         optimizer="sgd", lr=server_lr(args.lr, args.workers))
     client.deregister(init)
     del init
-    tdone = client.declare(f"{args.name}.done", 1, init_value=0.0, optimizer="sgd", lr=1.0)
+    tdone = finish.counter(client, args.name)
     # page-aligned buffers of their own, registered once: every pull and push
     # below is zero-copy (client.stats()['bounce_copies'] stays 0)
     params = client.register(rdmaps.zeros(m.n_params))
@@ -288,8 +289,7 @@ def main():
             f"pulls/s {steps / dt:.1f}  pull p50 {p50:.3f} ms  p99 {p99:.3f} ms  ({dt:.1f} s)",
             flush=True)
 
-    aux[0] = -1.0  # the done counter's SGD with lr 1 adds one
-    client.push(tdone, aux, folded=True)
+    finish.count_me(client, tdone, aux)
     client.flush(args.timeout_ms)
     st = client.stats()
     if not args.quiet or args.rank == 0:
@@ -298,23 +298,13 @@ def main():
               f"{st['bounce_copies']} bounce copies", flush=True)
     status = 0
     if args.rank == 0:
-        give_up = time.monotonic() + args.wait
-        while client.pull(tdone, aux)[0] < args.workers:
-            if time.monotonic() > give_up:
-                print(f"{tag} gave up waiting: {aux[0]:.0f} of {args.workers} workers finished",
-                      file=sys.stderr)
-                return 1
-            time.sleep(0.05)
+        if not finish.wait_all(client, tdone, aux, args.workers, args.wait, tag):
+            return 1
         client.pull(tp, params)
         a = m.accuracy(params, tx, ty)
         ss = client.server_stats()
         print(f"{tag} server: {ss['folds']} folds, {ss['dropped']} dropped, {ss['tensors']} tensors")
-        print(f"{tag} {args.workers} workers, {time.monotonic() - t_start:.1f} s")
-        print(f"final_accuracy={a:.4f}", flush=True)
-        if args.target and a < args.target:
-            print(f"{tag} final accuracy {a:.4f} is below the target {args.target:.4f}",
-                  file=sys.stderr)
-            status = 1
+        status = finish.report(tag, a, args.workers, t_start, args.target)
     client.close()
     return status
 

@@ -340,15 +340,21 @@ class DistributedOptimizer:
                 if err.code != rdmaps.EBUSY or not self._wait_one():
                     raise
 
+    def _in_flight(self):
+        """(entry, 'push' | 'pull') of every op in flight, oldest parameter first."""
+        return [(e, attr) for e in self._entries for attr in ("push", "pull")
+                if getattr(e, attr) is not None]
+
+    @staticmethod
+    def _complete(e: "_Entry", attr: str) -> None:
+        getattr(e, attr).wait()
+        setattr(e, attr, None)
+
     def _wait_one(self) -> bool:
-        for e in self._entries:
-            for attr in ("push", "pull"):
-                op = getattr(e, attr)
-                if op is not None:
-                    op.wait()
-                    setattr(e, attr, None)
-                    return True
-        return False
+        ops = self._in_flight()
+        if ops:
+            self._complete(*ops[0])
+        return bool(ops)
 
     # ---- step --------------------------------------------------------
 
@@ -364,10 +370,9 @@ class DistributedOptimizer:
             if id(e) not in self._pushed:
                 self._push(e)
         t0 = time.perf_counter()
-        for e in self._entries:
-            if e.push is not None:
-                e.push.wait()
-                e.push = None
+        for e, attr in self._in_flight():
+            if attr == "push":
+                self._complete(e, attr)
         self._waited["push_wait_s"] += time.perf_counter() - t0
         self._waited["steps"] += 1
         self._pushed.clear()
@@ -381,8 +386,7 @@ class DistributedOptimizer:
         t0 = time.perf_counter()
         for e in self._module_entries.get(id(module), ()):
             if e.pull is not None:
-                e.pull.wait()
-                e.pull = None
+                self._complete(e, "pull")
         self._waited["pull_wait_s"] += time.perf_counter() - t0
 
     def synchronize(self) -> None:
@@ -393,12 +397,8 @@ class DistributedOptimizer:
         self._waited["pull_wait_s"] += time.perf_counter() - t0
 
     def _finish(self) -> None:
-        for e in self._entries:
-            for attr in ("push", "pull"):
-                op = getattr(e, attr)
-                if op is not None:
-                    op.wait()
-                    setattr(e, attr, None)
+        for e, attr in self._in_flight():
+            self._complete(e, attr)
 
     def refresh(self) -> None:
         """Pull every parameter now and wait: the model as the servers hold
