@@ -104,11 +104,13 @@ struct rdmaps_op {
 	uint32_t unposted;    /* chunks not yet posted, all its parts */
 	uint32_t next[RDMAPS_MAX_SERVERS];     /* per part: next local chunk (rows: row index) */
 	uint64_t last_seq[RDMAPS_MAX_SERVERS]; /* push, per server: seq of its last slot */
-	/* push, per server: the seq its part's first slot has (or would have)
-	 * on the current connection, and its slots whose WRITE completed: a
-	 * part's slots take consecutive seqs, so a broken connection's account
-	 * (resume.c) says which of them folded */
+	/* push, per server: the seq of the first slot of its part posted on the
+	 * current connection (0: none yet) and that slot's index in the part
+	 * (the ones before it are known folded), and its slots whose WRITE
+	 * completed. A part's slots take consecutive seqs on a connection, so
+	 * a broken connection's account (resume.c) says which of them folded. */
 	uint64_t seq0[RDMAPS_MAX_SERVERS];
+	uint32_t local0[RDMAPS_MAX_SERVERS];
 	uint32_t pdone[RDMAPS_MAX_SERVERS];
 	/* sparse rows */
 	const uint64_t *rows;
@@ -252,6 +254,10 @@ uint64_t cl_folded_seq(const struct cl_conn *k);
  * (re-post what did not fold, or fail the op); or, when no reconnect was
  * possible, fail every push still waiting with err. */
 int cl_resume(rdmaps_client *c, struct cl_conn *k, bool restarted);
+/* The settling itself, given the account: every seq of k's broken
+ * connection below folded was folded (known: the server said so; else
+ * what its credits said). No I/O. */
+void cl_settle(rdmaps_client *c, struct cl_conn *k, uint64_t folded, bool known, bool restarted);
 void cl_resume_fail(rdmaps_client *c, int err);
 /* A push op waiting for its connection to be settled. */
 bool cl_op_unsettled(const rdmaps_op *op);

@@ -172,7 +172,10 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 	k->sq_outstanding++;
 	k->next_seq++;
 	op->last_seq[k->idx] = seq;
-	op->seq0[k->idx] = seq - local;
+	if (!op->seq0[k->idx]) {
+		op->seq0[k->idx] = seq;
+		op->local0[k->idx] = local;
+	}
 	return 0;
 }
 
@@ -381,7 +384,10 @@ static int rows_post_push(rdmaps_op *op, uint32_t p)
 			n++;
 		}
 		op->rows_left[p] -= n;
-		op->seq0[k->idx] = seq - op->pslots[p];
+		if (!op->seq0[k->idx]) {
+			op->seq0[k->idx] = seq;
+			op->local0[k->idx] = op->pslots[p];
+		}
 		op->pslots[p]++;
 		sge[1].length = n * (uint32_t)(sizeof(uint64_t) + dim * sizeof(float));
 		*h = (struct rdmaps_slot_hdr){
@@ -750,6 +756,7 @@ static int op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float
 		memset(op->next, 0, sizeof(op->next[0]) * t->nparts);
 		memset(op->last_seq, 0, sizeof(op->last_seq[0]) * c->nconn);
 		memset(op->seq0, 0, sizeof(op->seq0[0]) * c->nconn);
+		memset(op->local0, 0, sizeof(op->local0[0]) * c->nconn);
 		memset(op->pdone, 0, sizeof(op->pdone[0]) * c->nconn);
 		if (kind == OP_PULL || kind == OP_PULL_ROWS)
 			c->stats.pulls++;

@@ -84,7 +84,7 @@ static int ask(struct cl_conn *k, bool *known, uint64_t *folded, uint32_t *dropp
 
 int cl_resume(rdmaps_client *c, struct cl_conn *k, bool restarted)
 {
-	uint64_t folded = k->resume_known, lost, resent = 0;
+	uint64_t folded = k->resume_known;
 	uint32_t dropped = 0;
 	bool known = false;
 	int rc;
@@ -95,8 +95,14 @@ int cl_resume(rdmaps_client *c, struct cl_conn *k, bool restarted)
 		return rc;
 	if (known && dropped != k->resume_dropped)
 		c->dropped_unseen = true;
-	if (!known)
-		folded = k->resume_known; /* only what its credits said */
+	cl_settle(c, k, known ? folded : k->resume_known, known, restarted);
+	return 0;
+}
+
+void cl_settle(rdmaps_client *c, struct cl_conn *k, uint64_t folded, bool known, bool restarted)
+{
+	uint64_t lost, resent = 0;
+
 	for (uint32_t i = 0; i < c->ops_hi; i++) {
 		rdmaps_op *op = &c->ops[i];
 		uint32_t p;
@@ -105,10 +111,13 @@ int cl_resume(rdmaps_client *c, struct cl_conn *k, bool restarted)
 			continue;
 		const struct cl_part *pt = &op->t->part[p];
 		bool rows = op->kind == OP_PUSH_ROWS;
-		uint32_t posted = rows ? op->pslots[p] : op->next[p], consumed = 0;
-		if (posted && folded > op->seq0[k->idx])
-			consumed = folded - op->seq0[k->idx] < posted ? (uint32_t)(folded - op->seq0[k->idx])
-								      : posted;
+		uint32_t posted = rows ? op->pslots[p] : op->next[p];
+		/* folded before this connection, then its slots from seq0 on */
+		uint32_t consumed = op->local0[k->idx];
+		if (op->seq0[k->idx] && folded > op->seq0[k->idx])
+			consumed += folded - op->seq0[k->idx] < posted - consumed
+					    ? (uint32_t)(folded - op->seq0[k->idx])
+					    : posted - consumed;
 		/* consumed slots are done whatever completions the break flushed */
 		op->done_chunks = op->done_chunks - op->pdone[k->idx] + consumed;
 		op->pdone[k->idx] = consumed;
@@ -119,6 +128,8 @@ int cl_resume(rdmaps_client *c, struct cl_conn *k, bool restarted)
 			/* post again what did not fold, from the group it stopped at */
 			op->unposted += posted - consumed;
 			op->next[p] = consumed;
+			op->seq0[k->idx] = 0; /* the next post starts the new connection's run */
+			op->local0[k->idx] = consumed;
 			resent += posted - consumed;
 			cl_postq_add(c, op);
 			continue;
@@ -136,7 +147,6 @@ int cl_resume(rdmaps_client *c, struct cl_conn *k, bool restarted)
 			 known ? "did not fold" : "not known folded", (unsigned long long)resent,
 			 (unsigned long long)lost);
 	k->resume_id = 0;
-	return 0;
 }
 
 void cl_resume_fail(rdmaps_client *c, int err)
