@@ -51,8 +51,9 @@ __attribute__((noinline)) XXH_TARGET_AVX512 static uint64_t hash_long_avx512(con
 					  XXH3_accumulate_512_avx512, XXH3_scrambleAcc_avx512);
 }
 
-/* Resolved by the loader, once, as target_clones resolves its clones. */
-static hash_long_fn resolve_hash_long(void)
+/* Resolved by the loader, once, as target_clones resolves its clones.
+ * `used`: clang does not count the ifunc attribute's reference. */
+__attribute__((used)) static hash_long_fn resolve_hash_long(void)
 {
 	__builtin_cpu_init();
 	if (__builtin_cpu_supports("avx512f"))

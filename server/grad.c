@@ -19,10 +19,16 @@
 #include "optimizer.h" /* SRV_VECTOR_CLONES */
 #include "server.h"
 
+/*
+ * The clones are static and each has a plain exported wrapper: clang 14
+ * emits the resolver of a target_clones function only in a unit that calls
+ * it, so an exported clone called only from fold.c did not link there.
+ */
+
 /* An all-ones exponent is inf or NaN. An integer OR-reduction, so it
  * vectorises (a float compare would not, without -ffast-math). */
 SRV_VECTOR_CLONES
-bool srv_grad_copy_finite(float *restrict dst, const float *restrict src, size_t n)
+static bool copy_finite(float *restrict dst, const float *restrict src, size_t n)
 {
 	uint32_t bad = 0;
 
@@ -42,7 +48,7 @@ bool srv_grad_copy_finite(float *restrict dst, const float *restrict src, size_t
  * overflow a double, nor can 2^32 of them.
  */
 SRV_VECTOR_CLONES
-double srv_grad_copy_sumsq(float *restrict dst, const float *restrict src, size_t n)
+static double copy_sumsq(float *restrict dst, const float *restrict src, size_t n)
 {
 	double s[8] = { 0 };
 	size_t i = 0;
@@ -60,10 +66,25 @@ double srv_grad_copy_sumsq(float *restrict dst, const float *restrict src, size_
 }
 
 SRV_VECTOR_CLONES
-void srv_grad_scale(float *g, size_t n, float scale)
+static void scale_values(float *g, size_t n, float scale)
 {
 	for (size_t i = 0; i < n; i++)
 		g[i] *= scale;
+}
+
+bool srv_grad_copy_finite(float *restrict dst, const float *restrict src, size_t n)
+{
+	return copy_finite(dst, src, n);
+}
+
+double srv_grad_copy_sumsq(float *restrict dst, const float *restrict src, size_t n)
+{
+	return copy_sumsq(dst, src, n);
+}
+
+void srv_grad_scale(float *g, size_t n, float scale)
+{
+	scale_values(g, n, scale);
 }
 
 float *srv_slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *payload,

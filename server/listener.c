@@ -115,7 +115,11 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
 	c->member_of = calloc(s->store.max, sizeof(*c->member_of));
 	c->staging = aligned_alloc(4096, rdmaps__round_up((size_t)c->slots * c->slot_size, 4096));
-	bufs_len = (size_t)(c->recv_depth + SRV_REPLY_BUFS) * RDMAPS_MSG_MAX + RDMAPS_CHUNK_ALIGN;
+	/* aligned_alloc wants a whole number of alignments (C17 7.22.3.1;
+	 * ASan enforces it) */
+	bufs_len = rdmaps__round_up((size_t)(c->recv_depth + SRV_REPLY_BUFS) * RDMAPS_MSG_MAX +
+					    RDMAPS_CHUNK_ALIGN,
+				    4096);
 	c->bufs = aligned_alloc(4096, bufs_len);
 	if (!c->tensor_mr || !c->member_of || !c->staging || !c->bufs || !c->group_hdr)
 		goto fail;
