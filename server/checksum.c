@@ -27,6 +27,8 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
+#include <stdatomic.h>
+
 #include "server.h"
 
 #if CKSUM_DISPATCH
@@ -51,26 +53,35 @@ __attribute__((noinline)) XXH_TARGET_AVX512 static uint64_t hash_long_avx512(con
 					  XXH3_accumulate_512_avx512, XXH3_scrambleAcc_avx512);
 }
 
-/* Resolved by the loader, once, as target_clones resolves its clones.
- * `used`: clang does not count the ifunc attribute's reference. */
-__attribute__((used)) static hash_long_fn resolve_hash_long(void)
+/*
+ * Picked on first use and kept in a pointer, as xxh_x86dispatch.c does, not
+ * by an ifunc: the loader runs an ifunc resolver before anything is set up,
+ * and a sanitizer or coverage build instruments the resolver, which then
+ * crashes the program before main (seen with clang's libFuzzer build).
+ * Threads racing on the first call all store the same pointer.
+ */
+static uint64_t hash_long_first(const void *p, size_t len);
+static _Atomic(hash_long_fn) hash_long = hash_long_first;
+
+static uint64_t hash_long_first(const void *p, size_t len)
 {
+	hash_long_fn f = hash_long_sse2;
+
 	__builtin_cpu_init();
 	if (__builtin_cpu_supports("avx512f"))
-		return hash_long_avx512;
-	if (__builtin_cpu_supports("avx2"))
-		return hash_long_avx2;
-	return hash_long_sse2;
+		f = hash_long_avx512;
+	else if (__builtin_cpu_supports("avx2"))
+		f = hash_long_avx2;
+	atomic_store_explicit(&hash_long, f, memory_order_relaxed);
+	return f(p, len);
 }
-
-static uint64_t hash_long(const void *p, size_t len) __attribute__((ifunc("resolve_hash_long")));
 
 uint64_t srv_checksum(const void *p, size_t len)
 {
 	/* up to 240 bytes XXH3 has no vector loop: the one-shot as is */
 	if (len <= XXH3_MIDSIZE_MAX)
 		return XXH3_64bits(p, len);
-	return hash_long(p, len);
+	return atomic_load_explicit(&hash_long, memory_order_relaxed)(p, len);
 }
 
 uint64_t srv_checksum_variant(const void *p, size_t len, unsigned variant)
