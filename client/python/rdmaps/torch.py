@@ -261,8 +261,11 @@ class DistributedOptimizer:
         self._accumulators = []
         self._pushed = set()
         self._bounce = 0
-        # seconds spent waiting: for pushes in step(), for pulls before forward
-        self._waited = {"push_wait_s": 0.0, "pull_wait_s": 0.0, "steps": 0}
+        # seconds spent waiting: for pushes in step(), for pulls before
+        # forward; and each step's push span, from the first push posted to
+        # the last one folded, of which push_wait_s is the part not hidden
+        self._waited = {"push_wait_s": 0.0, "push_span_s": 0.0, "pull_wait_s": 0.0, "steps": 0}
+        self._first_push = 0.0
         if overlap:
             for e in self._entries:
                 acc = e.param.expand_as(e.param).grad_fn.next_functions[0][0]
@@ -325,6 +328,8 @@ class DistributedOptimizer:
         if id(e) in self._pushed:
             raise RuntimeError(f"rdmaps.torch: '{e.name}' got a second gradient before "
                                "step(): one backward per step")
+        if not self._pushed:
+            self._first_push = time.perf_counter()
         self._own_grad(e)
         # folded, not only staged: the pull after it must see it (a worker
         # reads its own writes, as with a local optimizer)
@@ -373,7 +378,9 @@ class DistributedOptimizer:
         for e, attr in self._in_flight():
             if attr == "push":
                 self._complete(e, attr)
-        self._waited["push_wait_s"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self._waited["push_wait_s"] += t1 - t0
+        self._waited["push_span_s"] += t1 - self._first_push
         self._waited["steps"] += 1
         self._pushed.clear()
         for e in self._entries:
@@ -432,8 +439,11 @@ class DistributedOptimizer:
 
     def timings(self) -> Dict[str, float]:
         """Time spent waiting for the servers since wrap time: push_wait_s
-        (step() waiting for pushes backward did not finish), pull_wait_s
-        (forwards and synchronize() waiting for pulls), and steps."""
+        (step() waiting for pushes backward did not finish), push_span_s
+        (summed over steps: from the first push posted to the last one
+        folded; 1 - push_wait_s / push_span_s is the share of the push time
+        hidden behind backward), pull_wait_s (forwards and synchronize()
+        waiting for pulls), and steps."""
         return dict(self._waited)
 
     def tensor_names(self) -> Dict[str, str]:
