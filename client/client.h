@@ -264,6 +264,28 @@ bool cl_op_unsettled(const rdmaps_op *op);
 /* The part of op's tensor on server k, or UINT32_MAX. */
 uint32_t cl_op_part_on(const rdmaps_op *op, uint32_t k);
 
+/*
+ * compress.c: a gradient in fewer bytes (common/gradfmt.h). An error
+ * feedback state holds one tensor's residual (what earlier pushes did not
+ * send); it belongs to one caller, not thread-safe. The encoders write the
+ * payload to out (rdmaps__gradfmt_size bytes at most for their format:
+ * TOPK with k, SIGN, BF16/F16 with n) and return its length; they do not
+ * allocate.
+ */
+struct cl_ef {
+	float *residual; /* n floats, zero to start */
+	size_t n;
+};
+int cl_ef_init(struct cl_ef *ef, size_t n); /* 0 or RDMAPS_ENOMEM */
+void cl_ef_close(struct cl_ef *ef);
+/* The k largest magnitudes of residual + g (indices ascending); the rest
+ * stays in the residual. k above n means n. */
+size_t cl_encode_topk(struct cl_ef *ef, const float *g, size_t k, void *out);
+/* Signs of residual + g and their mean magnitude (EF-signSGD). */
+size_t cl_encode_sign(struct cl_ef *ef, const float *g, void *out);
+/* g as bf16 or fp16, rounded to nearest even; no residual. */
+size_t cl_encode_half(bool bf16, const float *g, size_t n, void *out);
+
 /* copies.c: pulls of two-copy tensors (docs/design.md, "Two copies") */
 int cl_ix_ready(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint64_t *word);
 void cl_ix_posted(struct cl_conn *k, rdmaps_op *op, uint32_t s);

@@ -424,6 +424,19 @@ float *srv_slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr 
 int srv_slot_take(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *dst,
 		  const void *src, double *sumsq, const char **why);
 
+/* ---- decode.c: compressed gradients (common/gradfmt.h) ---- */
+/*
+ * Decode a payload of len bytes in format fmt (RDMAPS__GRAD_*) for n
+ * elements from src (the staging ring) into dst (n floats the caller owns),
+ * reading each byte of src once, and check it: its length, its indices (in
+ * range, strictly ascending), its scale and values finite. 0 with *sumsq
+ * (of the decoded values), or an RDMAPS_E* code and why: the payload is
+ * then refused whole and dst holds nothing usable. No allocation;
+ * thread-safe for distinct dst.
+ */
+int srv_grad_decode(unsigned fmt, float *restrict dst, size_t n, const void *src, size_t len,
+		    double *sumsq, const char **why);
+
 /* ---- checkpoint.c ---- */
 /* Snapshot every tensor into dir as checkpoint seq; folds must be paused. */
 int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_id, uint64_t seq,
