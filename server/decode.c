@@ -31,17 +31,50 @@ static double block_sumsq(const float *x, size_t n)
 	return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
-/* 16-bit floats: converted a block at a time, each block checked while it
- * is still in cache (one pass over memory, not two). */
-static double decode_half(float *restrict dst, size_t n, const uint16_t *src, bool bf16)
+/* 0 if every value is finite, else inf: an integer OR-reduction of the
+ * all-ones exponent test, so it vectorises (as grad.c's copy_finite). */
+SRV_VECTOR_CLONES
+static double block_finite(const float *x, size_t n)
+{
+	uint32_t bad = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		uint32_t b;
+		memcpy(&b, &x[i], sizeof(b));
+		bad |= (b & 0x7f800000u) == 0x7f800000u;
+	}
+	return bad ? __builtin_inf() : 0.0;
+}
+
+/* bf16 widened, each value tested from the same read that writes it. */
+SRV_VECTOR_CLONES
+static double bf16_expand(float *restrict dst, const uint16_t *restrict src, size_t n)
+{
+	uint32_t bad = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		uint32_t h = src[i], u = h << 16;
+		bad |= (h & 0x7f80u) == 0x7f80u;
+		memcpy(&dst[i], &u, sizeof(u));
+	}
+	return bad ? __builtin_inf() : 0.0;
+}
+
+/* 16-bit floats: converted a block at a time, each block checked (or its
+ * squares summed) in dst while it is still in cache: one pass over memory.
+ * dst, not src: the worker may rewrite src between two reads. */
+static double decode_half(float *restrict dst, size_t n, const uint16_t *src, bool bf16,
+			  bool want_sumsq)
 {
 	enum { BLOCK = 2048 };
 	double ss = 0.0;
 
+	if (bf16 && !want_sumsq)
+		return bf16_expand(dst, src, n);
 	for (size_t i = 0; i < n; i += BLOCK) {
 		size_t m = n - i < BLOCK ? n - i : BLOCK;
 		(bf16 ? rdmaps__bf16_to_f32_n : rdmaps__f16_to_f32_n)(dst + i, src + i, m);
-		ss += block_sumsq(dst + i, m);
+		ss += want_sumsq ? block_sumsq(dst + i, m) : block_finite(dst + i, m);
 	}
 	return ss;
 }
@@ -82,14 +115,20 @@ static int decode_topk(float *restrict dst, size_t n, const uint8_t *src, size_t
 	return 0;
 }
 
-/* Eight outputs per byte of bits; a form the compiler vectorises. */
+/* Eight outputs per byte of bits: each the scale with bit t of the byte
+ * as its sign bit, integer work the compiler vectorises. */
 SRV_VECTOR_CLONES
 static void expand_signs(float *restrict dst, const uint8_t *restrict bits, size_t bytes, float scale)
 {
+	uint32_t sb;
+
+	memcpy(&sb, &scale, sizeof(sb));
 	for (size_t j = 0; j < bytes; j++) {
 		uint32_t b = bits[j];
-		for (unsigned t = 0; t < 8; t++)
-			dst[8 * j + t] = (b >> t) & 1u ? -scale : scale;
+		for (unsigned t = 0; t < 8; t++) {
+			uint32_t u = sb | ((b >> t) & 1u) << 31;
+			memcpy(&dst[8 * j + t], &u, sizeof(u));
+		}
 	}
 }
 
@@ -141,7 +180,10 @@ int srv_grad_decode(unsigned fmt, float *restrict dst, size_t n, const void *src
 			*why = "payload length disagrees with the element count";
 			return RDMAPS_EPROTO;
 		}
-		ss = srv_grad_copy_sumsq(dst, src, n);
+		if (sumsq)
+			ss = srv_grad_copy_sumsq(dst, src, n);
+		else
+			ss = srv_grad_copy_finite(dst, src, n) ? 0.0 : __builtin_inf();
 		break;
 	case RDMAPS__GRAD_BF16:
 	case RDMAPS__GRAD_F16:
@@ -149,7 +191,7 @@ int srv_grad_decode(unsigned fmt, float *restrict dst, size_t n, const void *src
 			*why = "payload length disagrees with the element count";
 			return RDMAPS_EPROTO;
 		}
-		ss = decode_half(dst, n, src, fmt == RDMAPS__GRAD_BF16);
+		ss = decode_half(dst, n, src, fmt == RDMAPS__GRAD_BF16, sumsq != NULL);
 		break;
 	case RDMAPS__GRAD_TOPK:
 		if (len < 4) {
@@ -171,6 +213,7 @@ int srv_grad_decode(unsigned fmt, float *restrict dst, size_t n, const void *src
 		*why = "non-finite gradient";
 		return RDMAPS_EINVAL;
 	}
-	*sumsq = ss;
+	if (sumsq)
+		*sumsq = ss;
 	return 0;
 }

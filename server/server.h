@@ -430,7 +430,8 @@ int srv_slot_take(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, v
  * elements from src (the staging ring) into dst (n floats the caller owns),
  * reading each byte of src once, and check it: its length, its indices (in
  * range, strictly ascending), its scale and values finite. 0 with *sumsq
- * (of the decoded values), or an RDMAPS_E* code and why: the payload is
+ * (of the decoded values; sumsq NULL when no clip norm needs it, which
+ * saves the sum), or an RDMAPS_E* code and why: the payload is
  * then refused whole and dst holds nothing usable. No allocation;
  * thread-safe for distinct dst.
  */

@@ -99,6 +99,9 @@ Test(compress, every_format_decodes_as_the_reference_decoder_does)
 			cr_assert_eq(srv_grad_decode(fmt, got, n, p, len, &ss, &why), 0, "fmt %u n %zu: %s",
 				     fmt, n, why);
 			cr_assert_arr_eq(got, want, n * 4, "fmt %u n %zu", fmt, n);
+			memset(got, 0xff, n * 4);
+			cr_assert_eq(srv_grad_decode(fmt, got, n, p, len, NULL, &why), 0, "%s", why);
+			cr_assert_arr_eq(got, want, n * 4, "fmt %u n %zu, no sum", fmt, n);
 			for (size_t i = 0; i < n; i++)
 				ss_want += (double)want[i] * want[i];
 			cr_assert(fabs(ss - ss_want) <= 1e-9 * ss_want, "sumsq %g, want %g", ss, ss_want);
@@ -209,6 +212,10 @@ static void refused(unsigned fmt, size_t n, const uint8_t *p, size_t len, int co
 	const char *why = NULL;
 
 	cr_assert_eq(srv_grad_decode(fmt, dst, n, p, len, &ss, &why), code, "%s", what);
+	cr_assert_not_null(why, "%s: a reason", what);
+	/* without the sum of squares (no clip norm): the same checks */
+	why = NULL;
+	cr_assert_eq(srv_grad_decode(fmt, dst, n, p, len, NULL, &why), code, "%s (no sum)", what);
 	cr_assert_not_null(why, "%s: a reason", what);
 }
 

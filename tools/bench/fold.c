@@ -13,7 +13,12 @@
  *    copied out of the ring and checked) into a private buffer, folded
  *    (srv_chunk_fold: optimizer, checksum, two copies and open folds where
  *    the tensor has them) and published (srv_open_publish);
- *  - take-*: srv_slot_take's copy-and-check alone.
+ *  - take-*: srv_slot_take's copy-and-check alone;
+ *  - path-<opt>-<format>: the whole path for a compressed push
+ *    (common/gradfmt.h): srv_grad_decode expands the staged payload into the
+ *    private buffer, in place of srv_slot_take, then the same fold. Counted
+ *    in bytes of the float32 master touched, as the float32 rows, so the
+ *    ratios compare.
  *
  * Bytes are counted the STREAM way (each array read or written once per
  * pass; no write-allocate traffic): triad 12 B per element, SGD 12 B (param
@@ -32,6 +37,8 @@
 
 #include "bench.h"
 #include "chunk.h"
+#include "gradfmt.h"
+#include "half.h"
 #include "optimizer.h"
 #include "server.h"
 
@@ -120,6 +127,8 @@ struct path_ctx {
 	uint8_t *stage;   /* the fold thread's own copies: FOLD_GROUP slots, as fold.c lays them */
 	struct srv_open_set open;
 	bool take_only;
+	unsigned fmt;	/* RDMAPS__GRAD_*: how the staged payloads are encoded */
+	uint32_t *lens; /* each slot's payload bytes */
 };
 
 static size_t path_slot_size(void)
@@ -133,12 +142,50 @@ static void path_close(struct path_ctx *p)
 		srv_store_fini(&p->store);
 	free(p->staging);
 	free(p->stage);
+	free(p->lens);
 	memset(p, 0, sizeof(*p));
+}
+
+/* One slot's payload of count gradients of 1e-3 in format fmt (top-k: 1 %
+ * of the values, every 100th; sign: alternate signs); its length. */
+static uint32_t path_payload(unsigned fmt, uint8_t *out, size_t count)
+{
+	float *g = (float *)out;
+	size_t k = count / 100 ? count / 100 : 1;
+	float scale = 1e-3f;
+
+	switch (fmt) {
+	case RDMAPS__GRAD_BF16:
+	case RDMAPS__GRAD_F16:
+		for (size_t i = 0; i < count; i++)
+			((uint16_t *)out)[i] = fmt == RDMAPS__GRAD_BF16 ? rdmaps__f32_to_bf16(1e-3f)
+									: rdmaps__f32_to_f16(1e-3f);
+		if (count % 2)
+			((uint16_t *)out)[count] = 0;
+		break;
+	case RDMAPS__GRAD_TOPK:
+		memcpy(out, &(uint32_t){ (uint32_t)k }, 4);
+		for (size_t j = 0; j < k; j++) {
+			memcpy(out + 4 + 4 * j, &(uint32_t){ (uint32_t)(j * 100) }, 4);
+			memcpy(out + 4 + 4 * k + 4 * j, &scale, 4);
+		}
+		break;
+	case RDMAPS__GRAD_SIGN:
+		memcpy(out, &scale, 4);
+		memset(out + 4, 0, rdmaps__gradfmt_size(fmt, count, 0) - 4);
+		for (size_t i = 0; i < count; i += 2)
+			out[4 + i / 8] |= (uint8_t)(1u << (i % 8));
+		break;
+	default:
+		for (size_t i = 0; i < count; i++)
+			g[i] = 1e-3f;
+	}
+	return (uint32_t)rdmaps__gradfmt_size(fmt, count, k);
 }
 
 /* A tensor of n floats as a worker would declare it, and its staged pushes. */
 static int path_open(struct path_ctx *p, const char *opt, size_t n, bool two_copies, float clip,
-		     const struct rdmaps_wire_hyper *h)
+		     const struct rdmaps_wire_hyper *h, unsigned fmt)
 {
 	struct rdmaps_msg_declare m = { .length = n, .init_value = 1.0f, .hyper = *h };
 	size_t slots = (n + FOLD_CHUNK - 1) / FOLD_CHUNK;
@@ -156,13 +203,13 @@ static int path_open(struct path_ctx *p, const char *opt, size_t n, bool two_cop
 		goto fail;
 	p->staging = aligned_alloc(4096, rdmaps__round_up(slots * path_slot_size(), 4096));
 	p->stage = aligned_alloc(RDMAPS_CHUNK_ALIGN, srv_stage_bytes(&p->cfg));
-	if (!p->staging || !p->stage)
+	p->lens = calloc(slots, sizeof(uint32_t));
+	if (!p->staging || !p->stage || !p->lens)
 		goto fail;
-	for (size_t s = 0; s < slots; s++) {
-		float *g = (float *)(p->staging + s * path_slot_size() + RDMAPS_SLOT_HDR);
-		for (size_t i = 0; i < FOLD_CHUNK; i++)
-			g[i] = 1e-3f;
-	}
+	p->fmt = fmt;
+	for (size_t s = 0; s < slots; s++)
+		p->lens[s] = path_payload(fmt, p->staging + s * path_slot_size() + RDMAPS_SLOT_HDR,
+					  rdmaps__chunk_count(n, FOLD_CHUNK, (uint32_t)s));
 	return 0;
 fail:
 	fprintf(stderr, "rdmaps-bench: fold: cannot make a %zu-float %s tensor\n", n, opt);
@@ -188,12 +235,16 @@ static uint64_t path_pass(void *ctx, uint64_t step)
 				.chunk = c0 + k, .scale = 1.0f,
 				.count = rdmaps__chunk_count(t->length, t->chunk_elems, c0 + k) };
 			const char *why;
-			double ss;
-			if (srv_slot_take(t, &h, srv_stage_slot(p->stage, &p->cfg, k),
-					  p->staging + (size_t)(c0 + k) * path_slot_size() +
-						  RDMAPS_SLOT_HDR,
-					  &ss, &why))
-				return UINT64_MAX; /* the gradients are finite: never */
+			double ss = 0;
+			void *dst = srv_stage_slot(p->stage, &p->cfg, k);
+			const uint8_t *src = p->staging + (size_t)(c0 + k) * path_slot_size() +
+					     RDMAPS_SLOT_HDR;
+			if (p->fmt == RDMAPS__GRAD_F32 ? srv_slot_take(t, &h, dst, src, &ss, &why)
+						       : srv_grad_decode(p->fmt, dst, h.count, src,
+									 p->lens[c0 + k],
+									 t->cons.clip_norm > 0 ? &ss : NULL,
+									 &why))
+				return UINT64_MAX; /* the gradients are well formed: never */
 			sink += (uint64_t)ss;
 		}
 		if (p->take_only)
@@ -302,6 +353,7 @@ static const struct path_spec {
 	bool two_copies;
 	float clip;
 	const char *note;
+	unsigned fmt; /* RDMAPS__GRAD_*: F32 unless named */
 } path_specs[] = {
 	{ "path-sgd", "sgd", false, 0.0f, "take + srv_chunk_fold, one copy, groups of 16 slots" },
 	{ "path-adam", "adam", false, 0.0f, "take + srv_chunk_fold, one copy, groups of 16 slots" },
@@ -310,6 +362,13 @@ static const struct path_spec {
 	{ "path-sgd-clip", "sgd", false, 1e30f, "one copy, a clip norm: the take sums squares" },
 	{ "take-finite", "sgd", false, 0.0f, "srv_slot_take alone: copy + finite-bit test" },
 	{ "take-sumsq", "sgd", false, 1e30f, "srv_slot_take alone, clip norm: copy + sum of squares" },
+#define PATH_FMT(o, f, F) \
+	{ "path-" o "-" f, o, false, 0.0f, "srv_grad_decode (" f ") + srv_chunk_fold", RDMAPS__GRAD_##F }
+	PATH_FMT("sgd", "bf16", BF16), PATH_FMT("sgd", "fp16", F16),
+	PATH_FMT("sgd", "topk1", TOPK), PATH_FMT("sgd", "sign", SIGN),
+	PATH_FMT("adam", "bf16", BF16), PATH_FMT("adam", "fp16", F16),
+	PATH_FMT("adam", "topk1", TOPK), PATH_FMT("adam", "sign", SIGN),
+#undef PATH_FMT
 };
 
 /* One row of the whole path on a fresh tensor of the row's size, its passes
@@ -323,7 +382,7 @@ static void path_row(const struct bench_opts *o, struct fold_bufs *f, uint64_t b
 	uint64_t best, median;
 	unsigned passes;
 
-	if (!so || path_open(&p, ps->opt, f->n, ps->two_copies, ps->clip, h))
+	if (!so || path_open(&p, ps->opt, f->n, ps->two_copies, ps->clip, h, ps->fmt))
 		return;
 	p.take_only = !strncmp(ps->op, "take-", 5);
 	passes = timed_passes(o, f->pass_ns, path_pass, &p, &triad, &best, &median);
