@@ -12,7 +12,7 @@ Checks, each printed as it runs:
  3. the first worker's initial values win; gradients stay in registered
     memory (no bounce copy) and pushes overlap backward (the hooks push);
  4. refused, with an error naming what: a float64 parameter, an optimizer
-    the servers do not have, a parameter whose size differs from the
+    the servers do not have, a parameter whose size or shape differs from the
     server's tensor of that name.
 Exit status 0 only when every check passed.
 """
@@ -198,6 +198,20 @@ raises("a parameter of another size than the server's", ValueError,
        lambda: rt.DistributedOptimizer(torch.optim.SGD(wide.parameters(), lr=0.1),
                                        wide.named_parameters(), client=c, prefix="ex.sgd."),
        "'0.weight'")
+# the same sizes, another shape: the servers keep sizes only, the shapes
+# tensor tells them apart
+flipped = net(1)
+flipped[0].weight = torch.nn.Parameter(flipped[0].weight.detach().t().contiguous())
+raises("a parameter of the server's size but another shape", ValueError,
+       lambda: rt.DistributedOptimizer(torch.optim.SGD(flipped.parameters(), lr=0.1),
+                                       flipped.named_parameters(), client=c, prefix="ex.sgd."),
+       "'0.weight' has shape [40, 64], the first worker's [64, 40]")
+fewer = net(1)
+fewer[2].bias = None
+raises("a model with fewer parameters than the first worker's", ValueError,
+       lambda: rt.DistributedOptimizer(torch.optim.SGD(fewer.parameters(), lr=0.1),
+                                       fewer.named_parameters(), client=c, prefix="ex.sgd."),
+       "3 parameters")
 c2.close()
 c.close()
 print(f"torch-checks: {'all passed' if not failures else f'{failures} FAILED'}")

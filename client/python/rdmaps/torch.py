@@ -51,8 +51,9 @@ What happens:
   same learning rate: ``aggregate='mean'``; ``'sum'`` adds them) and SSP
   (``staleness``).
 * Only float32 CPU tensors, dense gradients: a float64, CUDA or sparse
-  parameter or gradient, or a parameter whose size differs from the
-  server's tensor of that name, is an error naming the parameter; nothing
+  parameter or gradient, or a parameter whose size or shape differs from
+  the first worker's (the servers keep sizes; the shapes travel in one more
+  tensor, ``<prefix>~shapes``), is an error naming the parameter; nothing
   is converted silently. One backward per step.
 
 Rank and size come from the launcher as the C library reads them (torchrun,
@@ -62,6 +63,7 @@ Slurm, Open MPI, PMI, ``DMLC_*``, ``RDMAPS_RANK``/``RDMAPS_SIZE``):
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -256,6 +258,7 @@ class DistributedOptimizer:
                 p.grad = torch.from_numpy(gv).view(p.shape)
                 self._entries.append(_Entry(n, p, t, pv, gv))
                 off += k
+        self._check_shapes(prefix)
         self._by_param = {id(e.param): e for e in self._entries}
         self._hooks = []
         self._accumulators = []
@@ -292,6 +295,50 @@ class DistributedOptimizer:
         if p.is_sparse:
             raise TypeError(f"rdmaps.torch: parameter '{name}' is sparse; rdmaps.torch "
                             "trains dense parameters")
+
+    _SHAPE_SLOTS = 8  # per parameter: ndim, then up to 7 dims
+
+    @staticmethod
+    def _shape_row(shape: torch.Size) -> List[float]:
+        # dims past the 7th fold into the 7th (a product): what matters is
+        # that equal shapes give equal rows; dims are exact in float32 to 2^24
+        dims = list(shape)
+        if len(dims) > 7:
+            dims = dims[:6] + [math.prod(dims[6:])]
+        return [float(len(shape))] + [float(d) for d in dims] + [0.0] * (7 - len(dims))
+
+    def _check_shapes(self, prefix: str) -> None:
+        """Refuse a model whose parameter shapes are not the first worker's.
+        The servers keep sizes only, so a transposed weight of the same size
+        would train silently wrong; the shapes go in one more tensor, the
+        first declarer's values winning as for the parameters."""
+        m = self._SHAPE_SLOTS
+        mine = self.client.register(rdmaps.zeros(m * len(self._entries)))
+        theirs = self.client.register(rdmaps.zeros(m * len(self._entries)))
+        try:
+            for i, e in enumerate(self._entries):
+                mine[i * m:(i + 1) * m] = self._shape_row(e.param.shape)
+            name = _tensor_name(prefix, "~shapes")
+            try:
+                t = self.client.declare(name, len(mine), init=mine, lr=0.0)
+            except rdmaps.Error as ex:
+                if ex.code == rdmaps.EEXIST:
+                    raise ValueError(
+                        f"rdmaps.torch: this model has {len(self._entries)} parameters, the "
+                        f"first worker's a different number (tensor '{name}')") from ex
+                raise
+            self.client.pull(t, theirs)
+            for i, e in enumerate(self._entries):
+                a, b = mine[i * m:(i + 1) * m], theirs[i * m:(i + 1) * m]
+                if not np.array_equal(a, b):
+                    def show(row):
+                        return "[" + ", ".join(str(int(d)) for d in row[1:1 + min(int(row[0]), 7)]) + "]"
+                    raise ValueError(
+                        f"rdmaps.torch: parameter '{e.name}' has shape {show(a)}, the first "
+                        f"worker's {show(b)} (same size; the model differs)")
+        finally:
+            self.client.deregister(mine)
+            self.client.deregister(theirs)
 
     def _hook_modules(self, model: torch.nn.Module) -> None:
         for module in model.modules():
