@@ -270,7 +270,8 @@ uint32_t cl_op_part_on(const rdmaps_op *op, uint32_t k);
  * send); it belongs to one caller, not thread-safe. The encoders write the
  * payload to out (rdmaps__gradfmt_size bytes at most for their format:
  * TOPK with k, SIGN, BF16/F16 with n) and return its length; they do not
- * allocate.
+ * allocate. TOPK and SIGN return 0 and change nothing when residual + g
+ * holds a value that is not finite (it would stay in the residual).
  */
 struct cl_ef {
 	float *residual; /* n floats, zero to start */

@@ -73,13 +73,30 @@ static uint32_t kth_largest(const float *a, size_t n, size_t k, size_t *ties)
 	return prefix;
 }
 
+/* Whether residual + g is finite everywhere, and its l1 norm: a
+ * non-finite value would poison the residual for every later push. */
+static bool sum_finite(const float *r, const float *g, size_t n, double *l1)
+{
+	double s = 0.0;
+
+	for (size_t i = 0; i < n; i++) {
+		float a = r[i] + g[i];
+		s += a < 0.0f ? -(double)a : (double)a;
+	}
+	*l1 = s;
+	return __builtin_isfinite(s);
+}
+
 size_t cl_encode_topk(struct cl_ef *ef, const float *g, size_t k, void *out)
 {
 	float *r = ef->residual;
 	size_t n = ef->n, ties = 0, j = 0;
 	uint32_t t = 0, kk;
 	uint8_t *idx = (uint8_t *)out + 4, *val;
+	double l1;
 
+	if (!sum_finite(r, g, n, &l1))
+		return 0;
 	if (k > n)
 		k = n;
 	for (size_t i = 0; i < n; i++)
@@ -106,13 +123,13 @@ size_t cl_encode_sign(struct cl_ef *ef, const float *g, void *out)
 	float *r = ef->residual;
 	size_t n = ef->n, len = rdmaps__gradfmt_size(RDMAPS__GRAD_SIGN, n, 0);
 	uint8_t *bits = (uint8_t *)out + 4;
-	double l1 = 0.0;
+	double l1;
 	float scale;
 
-	for (size_t i = 0; i < n; i++) {
+	if (!sum_finite(r, g, n, &l1))
+		return 0;
+	for (size_t i = 0; i < n; i++)
 		r[i] += g[i];
-		l1 += r[i] < 0.0f ? -(double)r[i] : (double)r[i];
-	}
 	/* the mean magnitude: the scale that keeps the l1 norm */
 	scale = n ? (float)(l1 / (double)n) : 0.0f;
 	memcpy(out, &scale, 4);

@@ -66,6 +66,11 @@ void cl_fail(struct cl_conn *k, int err, const char *why)
 		k->resume_known = cl_folded_seq(k);
 		k->resume_next = k->next_seq;
 		k->resume_dropped = __atomic_load_n(&k->credit->dropped, __ATOMIC_ACQUIRE);
+		/* refusals this connection's credit showed that no flush has
+		 * reported yet: the new connection's credit counts from 0, so
+		 * they must be kept here or they are never reported */
+		if (k->resume_dropped != k->dropped_seen)
+			k->c->dropped_unseen = true;
 	}
 	/* error state flushes every outstanding request, so waits end */
 	if (k->qp) {

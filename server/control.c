@@ -183,13 +183,24 @@ static void on_resume(struct srv_conn *c, const struct rdmaps_msg_resume *m)
 		return;
 	}
 	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_RESUME_REPLY, sizeof(r), m->hdr.req_id);
+	/*
+	 * The record first, then the open connections, then the record again:
+	 * the listener writes a closing connection's record before it leaves
+	 * the list, so a connection that closes between the first two looks
+	 * is found by the third, never answered as unknown.
+	 */
 	if (srv_resume_find(&c->srv->store.resume, m->conn_id, &rec)) {
 		r.folded_seq = rec.folded_seq;
 		r.dropped = rec.dropped;
-	} else {
+	} else if (srv_conn_evict(c->srv, m->conn_id)) {
 		/* still open here (the worker saw the failure first): the
 		 * listener closes it, which settles its account */
-		r.status = srv_conn_evict(c->srv, m->conn_id) ? RDMAPS_EAGAIN : RDMAPS_ENOENT;
+		r.status = RDMAPS_EAGAIN;
+	} else if (srv_resume_find(&c->srv->store.resume, m->conn_id, &rec)) {
+		r.folded_seq = rec.folded_seq;
+		r.dropped = rec.dropped;
+	} else {
+		r.status = RDMAPS_ENOENT;
 	}
 	reply_send(c, &r, sizeof(r));
 }

@@ -191,6 +191,10 @@ int srv_grad_decode(unsigned fmt, float *restrict dst, size_t n, const void *src
 			*why = "payload length disagrees with the element count";
 			return RDMAPS_EPROTO;
 		}
+		if (n % 2 && ((const uint16_t *)src)[n]) {
+			*why = "16-bit payload padding not zero";
+			return RDMAPS_EPROTO;
+		}
 		ss = decode_half(dst, n, src, fmt == RDMAPS__GRAD_BF16, sumsq != NULL);
 		break;
 	case RDMAPS__GRAD_TOPK:

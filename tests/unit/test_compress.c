@@ -268,8 +268,35 @@ Test(compress, malformed_payloads_are_refused_whole)
 	refused(RDMAPS__GRAD_BF16, 5, p, 12, RDMAPS_EINVAL, "bf16 Inf");
 	p[8] = 0x01, p[9] = 0x7c; /* fp16 NaN */
 	refused(RDMAPS__GRAD_F16, 5, p, 12, RDMAPS_EINVAL, "fp16 NaN");
+	p[8] = 0, p[9] = 0, p[10] = 1; /* padding after the 5th value */
+	refused(RDMAPS__GRAD_BF16, 5, p, 12, RDMAPS_EPROTO, "bf16 padding not zero");
+	refused(RDMAPS__GRAD_F16, 5, p, 12, RDMAPS_EPROTO, "fp16 padding not zero");
 	refused(RDMAPS__GRAD_F32, 3, p, 8, RDMAPS_EPROTO, "float32 too short");
 	refused(7, 3, p, 12, RDMAPS_EPROTO, "unknown format");
+}
+
+Test(compress, a_non_finite_gradient_leaves_the_residual_as_it_was)
+{
+	enum { N = 100 };
+	float g[N], before[N];
+	uint8_t p[4 + 8 * N];
+	struct cl_ef ef;
+
+	cr_assert_eq(cl_ef_init(&ef, N), 0);
+	random_grad(g, N);
+	cr_assert_gt(cl_encode_sign(&ef, g, p), 0);
+	memcpy(before, ef.residual, sizeof(before));
+	for (int bad = 0; bad < 2; bad++) {
+		g[37] = bad ? INFINITY : NAN;
+		cr_assert_eq(cl_encode_sign(&ef, g, p), 0, "sign refuses");
+		cr_assert_eq(cl_encode_topk(&ef, g, 5, p), 0, "top-k refuses");
+		cr_assert_arr_eq(ef.residual, before, sizeof(before), "residual untouched");
+	}
+	g[37] = 0.5f;
+	cr_assert_gt(cl_encode_sign(&ef, g, p), 0, "and the next finite one goes");
+	for (size_t i = 0; i < N; i++)
+		cr_assert(isfinite(ef.residual[i]));
+	cl_ef_close(&ef);
 }
 
 Test(compress, well_formed_edges_are_accepted)

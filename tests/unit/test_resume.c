@@ -126,3 +126,29 @@ Test(resume, a_restart_with_the_account_loses_nothing)
 	cr_assert_eq(c.stats.lost_pushes, 0);
 	cr_assert(!c.lost, "the restored checkpoint had this connection's account");
 }
+
+/*
+ * A refusal the credit showed before the break but no flush reported yet:
+ * the new connection's credit counts from 0, so the break itself must keep
+ * it for the next flush (RDMAPS_EREMOTE once), or it is never reported.
+ */
+Test(resume, a_refusal_seen_before_the_break_is_still_reported)
+{
+	static struct rdmaps_wire_credit credit;
+
+	for (int unreported = 0; unreported < 2; unreported++) {
+		memset(&c, 0, sizeof(c));
+		memset(&k, 0, sizeof(k));
+		k.c = &c;
+		k.credit = &credit;
+		k.conn_id = 5;
+		k.next_seq = 10;
+		credit = (struct rdmaps_wire_credit){ .dropped = 3, .folded_seq = 10 };
+		k.dropped_seen = unreported ? 2 : 3; /* what flush has reported */
+		cl_fail(&k, RDMAPS_EDISCONNECTED, "a test break");
+		cr_assert_eq(k.resume_id, 5, "the broken connection is to be settled");
+		cr_assert_eq(k.resume_dropped, 3);
+		cr_assert_eq(c.dropped_unseen, unreported == 1, "refusal %s",
+			     unreported ? "unreported must be kept" : "already reported must not repeat");
+	}
+}
