@@ -3,8 +3,9 @@
  * thread's private float copy: the "take" of a compressed push. What
  * srv_slot_take does for float32 (copy out of the worker's reach, check),
  * this does while expanding: each byte of the staging ring is read once,
- * and what is checked is what is written, so a worker rewriting its slot
- * meanwhile cannot slip a bad index or value past the checks. A payload
+ * into dst or a local, a compiler barrier follows (SRV_FORGET_MEMORY), and
+ * what is checked is that copy, so a worker rewriting its slot meanwhile
+ * cannot slip a bad index or value past the checks. A payload
  * that breaks a rule is refused whole; the caller folds nothing of it.
  * No allocation; dst is the caller's, n floats.
  */
@@ -46,20 +47,6 @@ static double block_finite(const float *x, size_t n)
 	return bad ? __builtin_inf() : 0.0;
 }
 
-/* bf16 widened, each value tested from the same read that writes it. */
-SRV_VECTOR_CLONES
-static double bf16_expand(float *restrict dst, const uint16_t *restrict src, size_t n)
-{
-	uint32_t bad = 0;
-
-	for (size_t i = 0; i < n; i++) {
-		uint32_t h = src[i], u = h << 16;
-		bad |= (h & 0x7f80u) == 0x7f80u;
-		memcpy(&dst[i], &u, sizeof(u));
-	}
-	return bad ? __builtin_inf() : 0.0;
-}
-
 /* 16-bit floats: converted a block at a time, each block checked (or its
  * squares summed) in dst while it is still in cache: one pass over memory.
  * dst, not src: the worker may rewrite src between two reads. */
@@ -69,11 +56,10 @@ static double decode_half(float *restrict dst, size_t n, const uint16_t *src, bo
 	enum { BLOCK = 2048 };
 	double ss = 0.0;
 
-	if (bf16 && !want_sumsq)
-		return bf16_expand(dst, src, n);
 	for (size_t i = 0; i < n; i += BLOCK) {
 		size_t m = n - i < BLOCK ? n - i : BLOCK;
 		(bf16 ? rdmaps__bf16_to_f32_n : rdmaps__f16_to_f32_n)(dst + i, src + i, m);
+		SRV_FORGET_MEMORY();
 		ss += want_sumsq ? block_sumsq(dst + i, m) : block_finite(dst + i, m);
 	}
 	return ss;
@@ -87,6 +73,7 @@ static int decode_topk(float *restrict dst, size_t n, const uint8_t *src, size_t
 	double s = 0.0;
 
 	memcpy(&k, src, 4);
+	SRV_FORGET_MEMORY();
 	if (k > n || len != rdmaps__gradfmt_size(RDMAPS__GRAD_TOPK, n, k)) {
 		*why = "top-k payload length disagrees with its count";
 		return RDMAPS_EPROTO;
@@ -99,6 +86,7 @@ static int decode_topk(float *restrict dst, size_t n, const uint8_t *src, size_t
 		/* each read once, into a local: checked and used as one value */
 		memcpy(&i, idx + 4 * (size_t)j, 4);
 		memcpy(&v, val + 4 * (size_t)j, 4);
+		SRV_FORGET_MEMORY();
 		if (i >= n) {
 			*why = "top-k index out of range";
 			return RDMAPS_ERANGE;
@@ -145,6 +133,7 @@ static int decode_sign(float *restrict dst, size_t n, const uint8_t *src, size_t
 		return RDMAPS_EPROTO;
 	}
 	memcpy(&scale, src, 4);
+	SRV_FORGET_MEMORY();
 	if (!(scale >= 0.0f && scale <= 3.4028234663852886e38f)) {
 		*why = "sign scale not a finite non-negative number";
 		return RDMAPS_EINVAL;
@@ -152,6 +141,7 @@ static int decode_sign(float *restrict dst, size_t n, const uint8_t *src, size_t
 	expand_signs(dst, bits, full, scale);
 	if (n % 8) {
 		last = bits[full]; /* read once */
+		SRV_FORGET_MEMORY();
 		if (last >> (n % 8)) {
 			*why = "sign bits set past the last element";
 			return RDMAPS_EPROTO;

@@ -8,11 +8,16 @@
  * fold thread alone owns, the copy is checked, and the fold reads only the
  * copy (docs/design.md, "Push").
  *
- * One pass: each value is loaded from the ring once, stored into the copy,
- * and the test reads the copy (dst[i] after dst[i] = src[i]: the compiler
- * forwards the value it stored, or reads the copy again; never the ring).
- * A block-wise memcpy then check was slower: GCC inlines a bounded memcpy
- * as `rep movsq`, 17 GB/s from memory where this loop runs at 40.
+ * Each value is read from the ring once, by a volatile vector load, then
+ * stored into the copy and tested in the register it was loaded into. The
+ * volatile is what makes "read once" true: with ordinary loads a compiler
+ * may assume dst[i] == src[i] after the copy and test the ring instead,
+ * and clang did exactly that to the earlier plain loop (a memcpy, then the
+ * test over the ring: tests/unit/test_grad.c's race caught it in a clang
+ * build). A block-wise memcpy, a compiler barrier and a test of the copy
+ * was correct but a third slower from memory (take-finite 20.5 -> 12-14
+ * GB/s). GCC/clang vector extensions: one 64-byte load per sixteen
+ * floats, as wide as the clone's ISA allows.
  */
 #include <string.h>
 
@@ -25,44 +30,80 @@
  * it, so an exported clone called only from fold.c did not link there.
  */
 
-/* An all-ones exponent is inf or NaN. An integer OR-reduction, so it
- * vectorises (a float compare would not, without -ffast-math). */
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+
+/* Sixteen floats of the ring, read once (may be unaligned: may_alias, 4-byte
+ * aligned type). */
+typedef float v16f_u __attribute__((vector_size(64), aligned(4), may_alias));
+
+#define LOAD16_ONCE(p) (*(const volatile v16f_u *)(p))
+#define LOAD1_ONCE(p) (*(const volatile float *)(p))
+
+/* An all-ones exponent is inf or NaN: an integer test, so it vectorises
+ * (a float compare would not, without -ffast-math). */
 SRV_VECTOR_CLONES
 static bool copy_finite(float *restrict dst, const float *restrict src, size_t n)
 {
+	const v16u expo = (v16u){ 0 } + 0x7f800000u;
+	v16i bad16 = { 0 };
 	uint32_t bad = 0;
+	size_t i = 0;
 
-	for (size_t i = 0; i < n; i++) {
+	for (; i + 16 <= n; i += 16) {
+		v16f x = LOAD16_ONCE(src + i);
+		memcpy(dst + i, &x, sizeof(x));
+		bad16 |= ((v16u)x & expo) == expo;
+	}
+	for (; i < n; i++) {
+		float x = LOAD1_ONCE(src + i);
 		uint32_t b;
-		dst[i] = src[i];
-		memcpy(&b, &dst[i], sizeof(b));
+		dst[i] = x;
+		memcpy(&b, &x, sizeof(b));
 		bad |= (b & 0x7f800000u) == 0x7f800000u;
 	}
+	for (int j = 0; j < 16; j++)
+		bad |= bad16[j] != 0;
 	return !bad;
 }
 
 /*
- * Sum of squares in double, eight chains so it vectorises (one chain is
- * bound by the add latency: 5-6 GB/s where this runs at memory speed). A
- * non-finite value shows as inf or NaN; a finite float squared cannot
- * overflow a double, nor can 2^32 of them.
+ * Sum of squares in double, sixteen lanes so the adds do not wait on one
+ * another (one chain is bound by the add latency: 5-6 GB/s where this runs
+ * at memory speed). A non-finite value shows as inf or NaN; a finite float
+ * squared cannot overflow a double, nor can 2^32 of them.
  */
 SRV_VECTOR_CLONES
 static double copy_sumsq(float *restrict dst, const float *restrict src, size_t n)
 {
-	double s[8] = { 0 };
+	v8d lo8 = { 0 }, hi8 = { 0 };
+	double s = 0.0;
 	size_t i = 0;
 
-	for (; i + 8 <= n; i += 8)
-		for (size_t j = 0; j < 8; j++) {
-			dst[i + j] = src[i + j];
-			s[j] += (double)dst[i + j] * (double)dst[i + j];
-		}
-	for (; i < n; i++) {
-		dst[i] = src[i];
-		s[0] += (double)dst[i] * (double)dst[i];
+	for (; i + 16 <= n; i += 16) {
+		v16f x = LOAD16_ONCE(src + i);
+		v8f lo, hi;
+		v8d a, b;
+		memcpy(dst + i, &x, sizeof(x));
+		/* the halves of the register, not the ring */
+		memcpy(&lo, &x, sizeof(lo));
+		memcpy(&hi, (const char *)&x + sizeof(lo), sizeof(hi));
+		a = __builtin_convertvector(lo, v8d);
+		b = __builtin_convertvector(hi, v8d);
+		lo8 += a * a;
+		hi8 += b * b;
 	}
-	return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+	for (; i < n; i++) {
+		float x = LOAD1_ONCE(src + i);
+		dst[i] = x;
+		s += (double)x * (double)x;
+	}
+	for (int j = 0; j < 8; j++)
+		s += lo8[j] + hi8[j];
+	return s;
 }
 
 SRV_VECTOR_CLONES

@@ -401,6 +401,11 @@ uint64_t srv_checksum(const void *p, size_t len);
 uint64_t srv_checksum_variant(const void *p, size_t len, unsigned variant);
 
 /* ---- grad.c: staged gradients, copied out of the worker's reach ---- */
+/* A compiler barrier: the compiler forgets what it knows of memory, so a
+ * value read from the staging ring before it is never read from the ring
+ * again after it (restrict lets a compiler re-read memory it assumes
+ * unchanged; the worker may have changed it). */
+#define SRV_FORGET_MEMORY() __asm__ volatile("" ::: "memory")
 /* Copy n floats to dst and check the copy in the same pass over src: true
  * if every value is finite. No allocation; dst must not overlap src. */
 bool srv_grad_copy_finite(float *restrict dst, const float *restrict src, size_t n);
