@@ -249,6 +249,24 @@ int cl_op_start_parts(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, flo
 		      unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out);
 int cl_op_wait(rdmaps_op *op, int timeout_ms);
 uint64_t cl_folded_seq(const struct cl_conn *k);
+/* Shared with rows.c: an op's index in the client's table; the caller's
+ * registration covering [p, p+len), if any; a free READ slot of k set up
+ * for chunk `local` of part p landing dst_off floats into op's buffer, and
+ * its READ; a free op set up and not posted; the clipping scale of a whole
+ * push; posting what op may post now. All on the client's own thread. */
+uint32_t cl_op_index(const rdmaps_op *op);
+rdmaps_mr *cl_find_mr(rdmaps_client *c, const void *p, size_t len);
+uint32_t cl_rs_take(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t local,
+		    uint64_t dst_off);
+int cl_post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s);
+int cl_op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *buf,
+		unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out);
+float cl_clip_scale(const float *g, uint64_t n, float clip);
+void cl_op_post(rdmaps_op *op);
+
+/* rows.c: posting a sparse pull, or part p of a sparse push; < 0 on failure */
+int cl_rows_post_pull(rdmaps_op *op);
+int cl_rows_post_push(rdmaps_op *op, uint32_t p);
 
 /* resume.c: after a reconnect, settle the pushes of a broken connection
  * (re-post what did not fold, or fail the op); or, when no reconnect was
