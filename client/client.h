@@ -77,6 +77,7 @@ struct rdmaps_tensor {
 	struct rdmaps_wire_consistency cons;
 	uint64_t clock;       /* this worker's pushes so far (BSP/SSP) */
 	bool bsp_pushed;      /* BSP: pushed since the last checked pull */
+	struct cl_wire *wire; /* compressed pushes (compress.c), or NULL: float32 */
 	uint32_t nparts;
 	struct cl_part part[]; /* non-empty parts, in chunk order */
 };
@@ -88,6 +89,7 @@ struct rdmaps_op {
 	enum op_kind kind;
 	unsigned flags;
 	bool assign;          /* push of initial values (creator only) */
+	bool wire;            /* push: sends t->wire's encoded chunks */
 	int status;           /* RDMAPS_EAGAIN while pending */
 	uint32_t gen;         /* bumped on every allocation of this slot */
 	rdmaps_tensor *t;
@@ -304,6 +306,31 @@ size_t cl_encode_topk(struct cl_ef *ef, const float *g, size_t k, void *out);
 size_t cl_encode_sign(struct cl_ef *ef, const float *g, void *out);
 /* g as bf16 or fp16, rounded to nearest even; no residual. */
 size_t cl_encode_half(bool bf16, const float *g, size_t n, void *out);
+
+/*
+ * A tensor's compressed pushes (rdmaps_set_push_format): the whole
+ * gradient encoded chunk by chunk into one registered buffer, so that a
+ * push posted again after a reconnect sends the very bytes it sent before
+ * (encoding again would count the residual twice).
+ */
+struct cl_wire {
+	unsigned fmt;       /* RDMAPS__GRAD_*, not F32 */
+	double fraction;    /* TOPK */
+	struct cl_ef ef;    /* TOPK, SIGN: the residual, length floats */
+	uint8_t *buf;       /* nchunks x stride bytes */
+	size_t stride;      /* chunk_elems x 4: what a slot's payload holds */
+	uint32_t *len;      /* per chunk: its encoded payload's bytes */
+	rdmaps_mr *mr;
+	const rdmaps_op *op; /* the push sending buf, while its gen holds */
+	uint32_t op_gen;
+};
+/* Whether g may be pushed in t's format now: RDMAPS_EBUSY while the last
+ * push is in flight, RDMAPS_EINVAL for a value it cannot carry. No change. */
+int cl_wire_check(const rdmaps_tensor *t, const float *g);
+/* Encode g for op (after cl_wire_check said yes): fills the buffer, moves
+ * the residual. */
+void cl_wire_encode(rdmaps_tensor *t, const float *g, rdmaps_op *op);
+void cl_wire_free(rdmaps_tensor *t);
 
 /* copies.c: pulls of two-copy tensors (docs/design.md, "Two copies") */
 int cl_ix_ready(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint64_t *word);

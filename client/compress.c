@@ -23,6 +23,7 @@
 #include "client.h"
 #include "gradfmt.h"
 #include "half.h"
+#include "log.h"
 
 int cl_ef_init(struct cl_ef *ef, size_t n)
 {
@@ -150,4 +151,139 @@ size_t cl_encode_half(bool bf16, const float *g, size_t n, void *out)
 	if (n % 2) /* the padding is zero, as the format says */
 		memset((uint16_t *)out + n, 0, 2);
 	return len;
+}
+
+/* ---- a tensor's compressed pushes ----------------------------------------- */
+
+_Static_assert((int)RDMAPS_FMT_BF16 == (int)RDMAPS__GRAD_BF16 &&
+		       (int)RDMAPS_FMT_FP16 == (int)RDMAPS__GRAD_F16 &&
+		       (int)RDMAPS_FMT_TOPK == (int)RDMAPS__GRAD_TOPK &&
+		       (int)RDMAPS_FMT_SIGN == (int)RDMAPS__GRAD_SIGN,
+	       "public formats are the wire's");
+
+/* The values a top-k chunk of count elements sends: at least one, and
+ * never more than its slot holds (4 + 8k bytes in chunk_elems x 4). */
+static size_t topk_k(const rdmaps_tensor *t, double fraction, uint32_t count)
+{
+	size_t k = (size_t)__builtin_ceil(fraction * count), cap = ((size_t)t->chunk_elems * 4 - 4) / 8;
+
+	k = k ? k : 1;
+	k = k < cap ? k : cap;
+	return k < count ? k : count;
+}
+
+void cl_wire_free(rdmaps_tensor *t)
+{
+	struct cl_wire *w = t->wire;
+
+	if (!w)
+		return;
+	rdmaps_deregister(w->mr);
+	cl_ef_close(&w->ef);
+	free(w->buf);
+	free(w->len);
+	free(w);
+	t->wire = NULL;
+}
+
+static bool wire_busy(const struct cl_wire *w)
+{
+	return w && w->op && w->op->gen == w->op_gen && w->op->kind == OP_PUSH &&
+	       w->op->status == RDMAPS_EAGAIN;
+}
+
+int rdmaps_set_push_format(rdmaps_client *c, rdmaps_tensor *t, enum rdmaps_format fmt,
+			   double topk_fraction)
+{
+	struct cl_wire *w;
+	int rc;
+
+	if (!c || !t || t->c != c || (unsigned)fmt >= RDMAPS__GRADFMT_COUNT ||
+	    (fmt == RDMAPS_FMT_TOPK && !(topk_fraction > 0.0 && topk_fraction <= 0.5)))
+		return RDMAPS_EINVAL;
+	if (wire_busy(t->wire))
+		return RDMAPS_EBUSY;
+	cl_wire_free(t);
+	if (fmt == RDMAPS_FMT_F32)
+		return 0;
+	w = calloc(1, sizeof(*w));
+	if (!w)
+		return RDMAPS_ENOMEM;
+	w->fmt = (unsigned)fmt;
+	w->fraction = topk_fraction;
+	w->stride = (size_t)t->chunk_elems * sizeof(float);
+	/* aligned and whole pages: registered memory of its own */
+	w->buf = aligned_alloc(4096, (t->nchunks * w->stride + 4095) & ~(size_t)4095);
+	w->len = calloc(t->nchunks, sizeof(*w->len));
+	rc = w->buf && w->len ? 0 : RDMAPS_ENOMEM;
+	if (!rc && (fmt == RDMAPS_FMT_TOPK || fmt == RDMAPS_FMT_SIGN))
+		rc = cl_ef_init(&w->ef, t->length);
+	if (!rc)
+		rc = rdmaps_register(c, w->buf, t->nchunks * w->stride, &w->mr);
+	t->wire = w;
+	if (rc)
+		cl_wire_free(t);
+	return rc;
+}
+
+enum rdmaps_format rdmaps_push_format(const rdmaps_tensor *t)
+{
+	return t && t->wire ? (enum rdmaps_format)t->wire->fmt : RDMAPS_FMT_F32;
+}
+
+int cl_wire_check(const rdmaps_tensor *t, const float *g)
+{
+	const struct cl_wire *w = t->wire;
+	const float *r = w->ef.residual;
+	uint32_t bad = 0;
+
+	if (wire_busy(w))
+		return RDMAPS_EBUSY;
+	/* one pass before anything moves: the residual is only touched once
+	 * the whole push is known to encode */
+	if (r) {
+		for (uint64_t i = 0; i < t->length; i++)
+			bad |= (rdmaps__f32_bits(r[i] + g[i]) & 0x7f800000u) == 0x7f800000u;
+	} else {
+		/* fp16: past 65520 rounds to inf, which the server refuses */
+		uint32_t lim = w->fmt == RDMAPS__GRAD_F16 ? 0x477ff000u : 0x7f800000u;
+		for (uint64_t i = 0; i < t->length; i++)
+			bad |= (rdmaps__f32_bits(g[i]) & 0x7fffffffu) >= lim;
+	}
+	if (bad) {
+		log_error("tensor '%s': push refused: a value its format cannot carry (NaN, inf%s)",
+			  t->name, w->fmt == RDMAPS__GRAD_F16 ? ", or past fp16's 65504" : "");
+		return RDMAPS_EINVAL;
+	}
+	return 0;
+}
+
+void cl_wire_encode(rdmaps_tensor *t, const float *g, rdmaps_op *op)
+{
+	struct cl_wire *w = t->wire;
+
+	for (uint32_t ch = 0; ch < t->nchunks; ch++) {
+		uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, ch);
+		size_t off = (size_t)ch * t->chunk_elems, len;
+		void *out = w->buf + (size_t)ch * w->stride;
+		/* the chunk's own share of the residual */
+		struct cl_ef part = { .residual = w->ef.residual ? w->ef.residual + off : NULL,
+				      .n = count };
+
+		switch (w->fmt) {
+		case RDMAPS__GRAD_TOPK:
+			len = cl_encode_topk(&part, g + off, topk_k(t, w->fraction, count), out);
+			break;
+		case RDMAPS__GRAD_SIGN:
+			len = cl_encode_sign(&part, g + off, out);
+			break;
+		default:
+			len = cl_encode_half(w->fmt == RDMAPS__GRAD_BF16, g + off, count, out);
+			break;
+		}
+		w->len[ch] = (uint32_t)len;
+	}
+	op->wire = true;
+	w->op = op;
+	w->op_gen = op->gen;
 }

@@ -735,6 +735,8 @@ void rdmaps_close(rdmaps_client *c)
 {
 	if (!c)
 		return;
+	for (rdmaps_tensor *t = c->tensors; t; t = t->next)
+		cl_wire_free(t); /* its registration first, with the rest */
 	while (c->mrs)
 		rdmaps_deregister(c->mrs);
 	while (c->tensors) {

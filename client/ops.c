@@ -123,11 +123,18 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 	uint32_t chunk = pt->first + local;
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
 	const float *src = op->buf + (size_t)chunk * t->chunk_elems;
+	/* a compressed push sends its chunk as encoded when it was posted */
+	const struct cl_wire *w = op->wire ? t->wire : NULL;
 	struct rdmaps_slot_hdr *h = (struct rdmaps_slot_hdr *)cl_slot_hdr(k, slot);
 	struct ibv_sge sge[2] = {
 		{ .addr = (uintptr_t)h, .length = RDMAPS_SLOT_HDR, .lkey = k->ctl_mr->lkey },
-		{ .addr = (uintptr_t)src, .length = count * (uint32_t)sizeof(float),
-		  .lkey = op->mr ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey },
+		w ? (struct ibv_sge){ .addr = (uintptr_t)(w->buf + (size_t)chunk * w->stride),
+				      .length = w->len[chunk],
+				      .lkey = w->mr->mr[k->pd_idx]->lkey }
+		  : (struct ibv_sge){ .addr = (uintptr_t)src,
+				      .length = count * (uint32_t)sizeof(float),
+				      .lkey = op->mr ? op->mr->mr[k->pd_idx]->lkey
+						     : k->data_mr->lkey },
 	};
 	struct ibv_send_wr wr = {
 		.wr_id = WR_ID(WR_PUSH, k->idx, cl_op_index(op)),
@@ -144,7 +151,7 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 	if (RDMAPS_SLOT_HDR + sge[1].length <= k->max_inline) {
 		/* small: inline, copied at post time; no registration needed */
 		wr.send_flags |= IBV_SEND_INLINE;
-	} else if (!op->mr) {
+	} else if (!op->mr && !w) {
 		/* unregistered gradient: stage through this slot's bounce chunk,
 		 * free because the server consumed the slot's previous use */
 		float *b = (float *)(k->data + (size_t)slot * k->chunk_elems * sizeof(float));
@@ -162,7 +169,8 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 			 /* a group ends with the part or when it fills the ring */
 			 (local + 1 == pt->nchunks || (local + 1) % k->slots == 0 ? RDMAPS_SLOT_LAST
 										   : 0u) |
-			 (local + 1 == pt->nchunks ? RDMAPS_SLOT_END : 0u),
+			 (local + 1 == pt->nchunks ? RDMAPS_SLOT_END : 0u) |
+			 (w ? w->fmt << RDMAPS_SLOT_FMT_SHIFT : 0u),
 		.clock = op->clock,
 		.scale = op->scale,
 	};
@@ -171,6 +179,8 @@ static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t loca
 		return rdmaps__from_errno(rc);
 	k->sq_outstanding++;
 	k->next_seq++;
+	if (!op->assign)
+		op->c->stats.push_bytes += sge[1].length;
 	op->last_seq[k->idx] = seq;
 	if (!op->seq0[k->idx]) {
 		op->seq0[k->idx] = seq;
@@ -605,6 +615,7 @@ int cl_op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *bu
 			c->ops_hi = i + 1;
 		op->flags = flags;
 		op->assign = assign;
+		op->wire = false;
 		op->status = RDMAPS_EAGAIN;
 		op->t = t;
 		op->buf = buf;
@@ -756,8 +767,21 @@ int rdmaps_pull_async(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned f
 int rdmaps_push_async(rdmaps_client *c, rdmaps_tensor *t, const float *grad, unsigned flags,
 		      rdmaps_op **op)
 {
+	int rc;
+
 	if (flags & RDMAPS_PULL_RELAXED)
 		return RDMAPS_EINVAL;
+	if (t && t->wire && c && grad && op) {
+		/* compressed: checked whole, then encoded once the op is taken
+		 * (taking it counts a clock), then posted */
+		if ((rc = cl_wire_check(t, grad)) ||
+		    (rc = cl_op_alloc(c, OP_PUSH, t, (float *)(uintptr_t)grad, flags, false, 0,
+				      t->nparts, op)))
+			return rc;
+		cl_wire_encode(t, grad, *op);
+		cl_op_post(*op);
+		return 0;
+	}
 	/* the library only reads a push buffer; the cast keeps one op type */
 	return cl_op_start(c, OP_PUSH, t, (float *)(uintptr_t)grad, flags, false, op);
 }

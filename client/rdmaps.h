@@ -323,6 +323,56 @@ uint32_t rdmaps_tensor_row_dim(const rdmaps_tensor *t);
  */
 int rdmaps_flush(rdmaps_client *c, int timeout_ms);
 
+/* ---- wire formats of pushes ------------------------------------------- */
+
+/*
+ * The format a tensor's pushes travel in: fewer bytes on the wire for a
+ * bandwidth-bound model. The server decodes each push (refusing any that
+ * is malformed, whole) and folds it into its float32 master as it folds a
+ * float32 push; the optimizer and pulls are unchanged (docs/protocol.md,
+ * "Gradient formats").
+ *  RDMAPS_FMT_F32   float32, the default.
+ *  RDMAPS_FMT_BF16  bfloat16: half the bytes, float32's range, 8 bits of
+ *                   mantissa; rounded to nearest even.
+ *  RDMAPS_FMT_FP16  IEEE binary16: half the bytes, 11 bits of mantissa,
+ *                   values up to 65504 (a push past that is refused).
+ *  RDMAPS_FMT_TOPK  per chunk, the ceil(fraction x count) values of the
+ *                   largest magnitude and their indices, 8 bytes each.
+ *  RDMAPS_FMT_SIGN  per chunk, one bit per element and one scale (the
+ *                   mean magnitude, EF-signSGD): about 1/32 of the bytes.
+ * TOPK and SIGN keep error feedback on the worker: what a push did not
+ * send is added to the tensor's next push, so nothing is lost, only
+ * delayed. The values match common/gradfmt.h's.
+ */
+enum rdmaps_format {
+	RDMAPS_FMT_F32 = 0,
+	RDMAPS_FMT_BF16 = 1,
+	RDMAPS_FMT_FP16 = 2,
+	RDMAPS_FMT_TOPK = 3,
+	RDMAPS_FMT_SIGN = 4,
+};
+
+/*
+ * Set the format of t's dense pushes from now on; initial values and
+ * sparse row pushes stay float32. topk_fraction: for RDMAPS_FMT_TOPK, in
+ * (0, 0.5]; ignored otherwise. Allocates and registers t's wire buffer (an
+ * encoded chunk per chunk) and, for TOPK and SIGN, a residual of length
+ * floats, zero; setting a format again starts a new residual. Returns
+ * RDMAPS_EINVAL for an unknown format or fraction, RDMAPS_EBUSY while a
+ * push of t is in flight, RDMAPS_ENOMEM / RDMAPS_EMEMLOCK.
+ * With a format other than F32 a push encodes the gradient when it is
+ * posted: the caller may reuse the buffer as soon as rdmaps_push_async
+ * returns. A gradient holding NaN or inf (or, for FP16, a value past its
+ * range) is refused there with RDMAPS_EINVAL and changes nothing, the
+ * residual included. A tensor has one such push in flight at a time: one
+ * more before it completes returns RDMAPS_EBUSY and changes nothing.
+ * Owned by the client; the client's own thread, as every call on it.
+ */
+int rdmaps_set_push_format(rdmaps_client *c, rdmaps_tensor *t, enum rdmaps_format fmt,
+			   double topk_fraction);
+/* t's push format (RDMAPS_FMT_F32 when never set). */
+enum rdmaps_format rdmaps_push_format(const rdmaps_tensor *t);
+
 /* ---- statistics ------------------------------------------------------- */
 
 struct rdmaps_client_stats {
@@ -336,6 +386,8 @@ struct rdmaps_client_stats {
 				   * model rolled back to its last checkpoint */
 	uint64_t resent_slots;  /* staged slots a broken connection did not fold,
 				 * posted again after the reconnect (exactly once) */
+	uint64_t push_bytes;    /* payload bytes of dense pushes posted, in their
+				 * wire format (headers not counted) */
 };
 
 struct rdmaps_server_stats {

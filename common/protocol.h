@@ -20,7 +20,7 @@
 #include "rdmaps.h"
 
 #define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
-#define RDMAPS_PROTO_VERSION 7u /* 7: connection ids and RESUME (docs/protocol.md) */
+#define RDMAPS_PROTO_VERSION 8u /* 8: gradient formats in the slot flags (docs/protocol.md) */
 #define RDMAPS_DEFAULT_PORT "7471"
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u
@@ -103,11 +103,26 @@ enum rdmaps_slot_flags {
 	 * write the credit as soon as its group is, not lazily */
 	RDMAPS_SLOT_ACK = 1u << 4,
 };
-#define RDMAPS_SLOT_FLAGS_KNOWN \
-	(RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | RDMAPS_SLOT_ROWS | RDMAPS_SLOT_ACK)
+/*
+ * Bits 8-11: the payload's gradient format (common/gradfmt.h; 0 = float32,
+ * as before). A dense push only: never with ASSIGN or ROWS. A compressed
+ * payload's length is the WRITE's own (the receive completion's byte_len
+ * less the header), and must be exactly what its format and count say.
+ */
+#define RDMAPS_SLOT_FMT_SHIFT 8u
+#define RDMAPS_SLOT_FMT_MASK (0xfu << RDMAPS_SLOT_FMT_SHIFT)
+#define RDMAPS_SLOT_FLAGS_KNOWN                                                                    \
+	(RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | RDMAPS_SLOT_ROWS | RDMAPS_SLOT_ACK | \
+	 RDMAPS_SLOT_FMT_MASK)
+
+static inline unsigned rdmaps__slot_fmt(uint16_t flags)
+{
+	return (flags & RDMAPS_SLOT_FMT_MASK) >> RDMAPS_SLOT_FMT_SHIFT;
+}
 
 /*
- * Header at the start of each staging slot; payload (count floats) follows.
+ * Header at the start of each staging slot; payload (count floats, or
+ * count elements in the slot's gradient format) follows.
  * 24 B, no magic: a 64 B push WRITEs 88 B, and rxe pays per byte (a 104 B
  * WRITE-with-immediate took 8-9 % longer than an 88 B one in the VM). The
  * seq is the guard against garbage and replays: the server takes only the

@@ -18,6 +18,7 @@
 #include <arpa/inet.h>
 
 #include "error.h"
+#include "gradfmt.h"
 #include "log.h"
 #include "server.h"
 
@@ -137,6 +138,12 @@ static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, co
 		*why = "unknown flags";
 		return RDMAPS_EPROTO;
 	}
+	if (rdmaps__slot_fmt(h->flags) &&
+	    (rdmaps__slot_fmt(h->flags) >= RDMAPS__GRADFMT_COUNT ||
+	     (h->flags & (RDMAPS_SLOT_ROWS | RDMAPS_SLOT_ASSIGN)))) {
+		*why = "unknown gradient format, or one on rows or initial values";
+		return RDMAPS_EPROTO;
+	}
 	if ((h->flags & RDMAPS_SLOT_ASSIGN) &&
 	    (atomic_load(&t->state_flag) != TENSOR_INIT || atomic_load(&t->creator) != c)) {
 		*why = "initial values from a worker that did not create the tensor";
@@ -206,7 +213,8 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 			*why = "bad gradient scale";
 			return RDMAPS_EPROTO;
 		}
-		rc = srv_slot_take(t, h, slot_copy(c, seq), slot_staged(c, seq), &ss, why);
+		rc = srv_slot_take(t, h, slot_copy(c, seq), slot_staged(c, seq),
+				   c->group_len[(seq - 1) % c->slots], &ss, why);
 		if (rc) {
 			if (rc == RDMAPS_EINVAL)
 				atomic_fetch_add_explicit(&c->ft->nonfinite, 1, memory_order_relaxed);
@@ -281,7 +289,7 @@ static void group_fold(struct srv_conn *c)
  * now, and copied, since the worker owns that memory and may scribble on it;
  * it is folded with the rest of its group once the group's last slot is in.
  */
-static void slot_handle(struct srv_conn *c, uint32_t imm)
+static void slot_handle(struct srv_conn *c, uint32_t imm, uint32_t byte_len)
 {
 	uint32_t slot = imm & 0xffffu;
 	struct rdmaps_slot_hdr h;
@@ -311,6 +319,12 @@ static void slot_handle(struct srv_conn *c, uint32_t imm)
 		h.flags |= SLOT_REFUSED; /* the whole group will be refused */
 	}
 	c->group_hdr[slot] = h;
+	/* the payload's length as the WRITE carried it; one longer than its
+	 * slot spilled into the next and counts as 0, which no compressed
+	 * format's length is: the decoder never reads past the slot */
+	c->group_len[slot] = byte_len >= RDMAPS_SLOT_HDR && byte_len <= c->slot_size
+				     ? byte_len - RDMAPS_SLOT_HDR
+				     : 0;
 	if (h.flags & RDMAPS_SLOT_LAST) {
 		group_fold(c);
 	} else if (c->next_seq - c->group_seq >= c->slots) {
@@ -402,7 +416,7 @@ static int conn_poll(struct srv_conn *c)
 			continue;
 		}
 		if (wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM)
-			slot_handle(c, ntohl(wc[i].imm_data));
+			slot_handle(c, ntohl(wc[i].imm_data), wc[i].byte_len);
 		else if (wc[i].opcode == IBV_WC_RECV)
 			srv_control_handle(c, c->bufs + wc[i].wr_id * RDMAPS_MSG_MAX, wc[i].byte_len);
 		/* every receive is given back at once: WRITE-with-immediate
@@ -434,7 +448,7 @@ static void conn_drain(struct srv_conn *c)
 		for (int i = 0; i < n; i++)
 			if (wc[i].status == IBV_WC_SUCCESS && !(wc[i].wr_id & SRV_WR_SEND) &&
 			    wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM)
-				slot_handle(c, ntohl(wc[i].imm_data));
+				slot_handle(c, ntohl(wc[i].imm_data), wc[i].byte_len);
 	srv_open_publish(&c->ft->open);
 }
 

@@ -140,13 +140,22 @@ float *srv_slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr 
 }
 
 int srv_slot_take(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *dst,
-		  const void *src, double *sumsq, const char **why)
+		  const void *src, size_t len, double *sumsq, const char **why)
 {
 	size_t n;
 	float *vals = srv_slot_values(t, h, dst, &n);
 	const float *from = (const float *)((const uint8_t *)src + ((uint8_t *)vals - (uint8_t *)dst));
-	double ss;
+	double ss = 0.0;
+	unsigned fmt = rdmaps__slot_fmt(h->flags);
+	int rc;
 
+	if (fmt) {
+		/* validated: a dense push, never rows or initial values */
+		rc = srv_grad_decode(fmt, dst, h->count, src, len,
+				     t->cons.clip_norm > 0.0f ? &ss : NULL, why);
+		*sumsq = ss;
+		return rc;
+	}
 	if (h->flags & RDMAPS_SLOT_ROWS) {
 		const uint64_t *ids = dst;
 		memcpy(dst, src, (size_t)h->count * sizeof(uint64_t));

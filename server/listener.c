@@ -49,6 +49,7 @@ static void conn_free(struct srv_conn *c)
 	free(c->tensor_mr);
 	free(c->member_of);
 	free(c->group_hdr);
+	free(c->group_len);
 	if (c->staging_mr)
 		ibv_dereg_mr(c->staging_mr);
 	if (c->bufs_mr)
@@ -110,6 +111,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->group_seq = 1;
 	c->credit.folded_seq = 1;
 	c->group_hdr = calloc(c->slots, sizeof(*c->group_hdr));
+	c->group_len = calloc(c->slots, sizeof(*c->group_len));
 	c->credit_addr = hello->credit_addr;
 	c->credit_rkey = hello->credit_rkey;
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
@@ -121,7 +123,8 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 					    RDMAPS_CHUNK_ALIGN,
 				    4096);
 	c->bufs = aligned_alloc(4096, bufs_len);
-	if (!c->tensor_mr || !c->member_of || !c->staging || !c->bufs || !c->group_hdr)
+	if (!c->tensor_mr || !c->member_of || !c->staging || !c->bufs || !c->group_hdr ||
+	    !c->group_len)
 		goto fail;
 	memset(c->staging, 0, (size_t)c->slots * c->slot_size);
 

@@ -216,6 +216,7 @@ struct srv_conn {
 	uint64_t next_seq;     /* next slot seq we accept */
 	uint64_t group_seq;    /* first seq of the push group being staged */
 	struct rdmaps_slot_hdr *group_hdr; /* validated headers of that group, per slot */
+	uint32_t *group_len;   /* payload bytes each slot's WRITE carried, per slot */
 	struct rdmaps_wire_credit credit;
 	bool credit_dirty;
 	bool credit_urgent;    /* a drop, or a group the worker waits on: write now */
@@ -424,10 +425,13 @@ float *srv_slot_values(const struct srv_tensor *t, const struct rdmaps_slot_hdr 
  * SRV_LANE_OFF into a line: srv_stage_slot), and check the copy: row ids
  * in range, values finite. 0 with *sumsq (of the values, unscaled; 0
  * without a clip norm), or why the slot is refused. Fold from dst
- * afterwards, never from src: the worker may rewrite src.
+ * afterwards, never from src: the worker may rewrite src. A slot in a
+ * compressed format (rdmaps__slot_fmt) is decoded into dst as count
+ * floats; len is the payload's length as the WRITE carried it, which must
+ * be exactly the format's (float32 payloads are sized by count alone).
  */
 int srv_slot_take(const struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *dst,
-		  const void *src, double *sumsq, const char **why);
+		  const void *src, size_t len, double *sumsq, const char **why);
 
 /* ---- decode.c: compressed gradients (common/gradfmt.h) ---- */
 /*

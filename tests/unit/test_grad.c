@@ -137,20 +137,20 @@ Test(grad, slot_take_dense, .fini = store_fini)
 
 	for (size_t i = 0; i < 4096; i++)
 		src[i] = 0.5f;
-	cr_assert_eq(srv_slot_take(plain, &h, dst, src, &ss, &why), 0);
+	cr_assert_eq(srv_slot_take(plain, &h, dst, src, sizeof(src), &ss, &why), 0);
 	cr_assert_eq(ss, 0.0, "no clip norm: no sum");
 	cr_assert_eq(memcmp(dst, src, 4096 * sizeof(float)), 0);
-	cr_assert_eq(srv_slot_take(clipped, &h, dst, src, &ss, &why), 0);
+	cr_assert_eq(srv_slot_take(clipped, &h, dst, src, sizeof(src), &ss, &why), 0);
 	cr_assert_eq(ss, 4096 * 0.25);
 	/* past the clip norm: accepted, the sum says by how much to scale */
 	src[100] = 1e30f;
-	cr_assert_eq(srv_slot_take(clipped, &h, dst, src, &ss, &why), 0);
+	cr_assert_eq(srv_slot_take(clipped, &h, dst, src, sizeof(src), &ss, &why), 0);
 	cr_assert_geq(ss, 1e60);
 	cr_assert_eq(dst[100], 1e30f);
 	src[4095] = NAN;
-	cr_assert_eq(srv_slot_take(plain, &h, dst, src, &ss, &why), RDMAPS_EINVAL);
+	cr_assert_eq(srv_slot_take(plain, &h, dst, src, sizeof(src), &ss, &why), RDMAPS_EINVAL);
 	cr_assert_str_eq(why, "non-finite gradient");
-	cr_assert_eq(srv_slot_take(clipped, &h, dst, src, &ss, &why), RDMAPS_EINVAL);
+	cr_assert_eq(srv_slot_take(clipped, &h, dst, src, sizeof(src), &ss, &why), RDMAPS_EINVAL);
 }
 
 Test(grad, slot_take_rows, .fini = store_fini)
@@ -169,16 +169,16 @@ Test(grad, slot_take_rows, .fini = store_fini)
 	in[2] = 4;
 	for (int i = 0; i < ROWS * DIM; i++)
 		v[i] = (float)i;
-	cr_assert_eq(srv_slot_take(t, &h, out, in, &ss, &why), 0);
+	cr_assert_eq(srv_slot_take(t, &h, out, in, sizeof(in), &ss, &why), 0);
 	cr_assert_eq(memcmp(out, in, sizeof(in)), 0, "ids and values copied");
 	cr_assert_eq(srv_slot_values(t, &h, out, &n), (float *)(out + ROWS));
 	cr_assert_eq(n, ROWS * DIM);
 	in[1] = 10; /* one past the last row */
-	cr_assert_eq(srv_slot_take(t, &h, out, in, &ss, &why), RDMAPS_ERANGE);
+	cr_assert_eq(srv_slot_take(t, &h, out, in, sizeof(in), &ss, &why), RDMAPS_ERANGE);
 	cr_assert_str_eq(why, "row id out of range");
 	in[1] = 1;
 	v[ROWS * DIM - 1] = INFINITY;
-	cr_assert_eq(srv_slot_take(t, &h, out, in, &ss, &why), RDMAPS_EINVAL);
+	cr_assert_eq(srv_slot_take(t, &h, out, in, sizeof(in), &ss, &why), RDMAPS_EINVAL);
 }
 
 /*
@@ -226,7 +226,7 @@ static void take_race(float poison, float clip)
 		const char *why;
 		double ss = 0.0, want = 0.0;
 		bool finite = true;
-		int rc = srv_slot_take(t, &h, race_dst, race_src, &ss, &why);
+		int rc = srv_slot_take(t, &h, race_dst, race_src, sizeof(race_src), &ss, &why);
 
 		for (uint32_t i = 0; i < h.count; i++) {
 			finite &= isfinite(race_dst[i]);

@@ -233,17 +233,15 @@ static uint64_t path_pass(void *ctx, uint64_t step)
 		for (uint32_t k = 0; k < g; k++) {
 			struct rdmaps_slot_hdr h = {
 				.chunk = c0 + k, .scale = 1.0f,
-				.count = rdmaps__chunk_count(t->length, t->chunk_elems, c0 + k) };
+				.count = rdmaps__chunk_count(t->length, t->chunk_elems, c0 + k),
+				.flags = (uint16_t)(p->fmt << RDMAPS_SLOT_FMT_SHIFT) };
 			const char *why;
 			double ss = 0;
 			void *dst = srv_stage_slot(p->stage, &p->cfg, k);
 			const uint8_t *src = p->staging + (size_t)(c0 + k) * path_slot_size() +
 					     RDMAPS_SLOT_HDR;
-			if (p->fmt == RDMAPS__GRAD_F32 ? srv_slot_take(t, &h, dst, src, &ss, &why)
-						       : srv_grad_decode(p->fmt, dst, h.count, src,
-									 p->lens[c0 + k],
-									 t->cons.clip_norm > 0 ? &ss : NULL,
-									 &why))
+			/* the fold thread's own take, format and all */
+			if (srv_slot_take(t, &h, dst, src, p->lens[c0 + k], &ss, &why))
 				return UINT64_MAX; /* the gradients are well formed: never */
 			sink += (uint64_t)ss;
 		}

@@ -1,0 +1,291 @@
+/*
+ * Compressed pushes end to end against a real rdmaps-server: each format
+ * folds what its scalar reference says, bit for bit; error feedback sends
+ * everything in the end; a gradient a format cannot carry is refused on
+ * the worker and changes nothing; a malformed compressed slot from a
+ * raw-verbs peer is dropped whole, counted, and the server serves on.
+ */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "gradfmt.h"
+#include "half.h"
+#include "harness.h"
+#include "rawclient.h"
+
+static struct th_server srv;
+
+static void stop_server(void)
+{
+	th_server_stop(&srv);
+}
+
+#define CHUNK 1024
+#define LEN (3 * CHUNK + 200) /* three full chunks and a partial one */
+
+static float model[LEN], grad[LEN], want[LEN];
+
+/* A gradient whose magnitudes are all distinct (top-k has one answer),
+ * of both signs, some past bf16's and fp16's precision. */
+static void make_grad(unsigned seed)
+{
+	for (uint64_t i = 0; i < LEN; i++) {
+		float m = 0.001f * (float)((i * 7919u + seed * 104729u) % 100003u + 1) + 1e-7f * (float)i;
+		grad[i] = (i * 31u + seed) % 3 ? m : -m;
+	}
+}
+
+static rdmaps_tensor *declare_zero(rdmaps_client *c, const char *name)
+{
+	return th_declare(c, name, LEN, 0.0f, 1.0f); /* SGD lr 1: model = -sum */
+}
+
+static void pull_model(rdmaps_client *c, rdmaps_tensor *t)
+{
+	cr_assert_eq(rdmaps_flush(c, 30000), 0);
+	cr_assert_eq(rdmaps_pull(c, t, model, 0), 0);
+}
+
+static void assert_model(const char *what)
+{
+	for (uint64_t i = 0; i < LEN; i++)
+		cr_assert_eq(model[i], want[i], "%s: model[%lu] = %.9g, want %.9g", what,
+			     (unsigned long)i, model[i], want[i]);
+}
+
+Test(wire, half_formats_fold_the_rounded_gradient, .fini = stop_server, .timeout = 300)
+{
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	rdmaps_client *c = th_connect(&srv);
+	rdmaps_tensor *tb = declare_zero(c, "bf16"), *th = declare_zero(c, "fp16");
+	float wb[LEN] = { 0 }, wh[LEN] = { 0 };
+	struct rdmaps_client_stats s0, s1;
+
+	cr_assert_eq(rdmaps_set_push_format(c, tb, RDMAPS_FMT_BF16, 0), 0);
+	cr_assert_eq(rdmaps_set_push_format(c, th, RDMAPS_FMT_FP16, 0), 0);
+	cr_assert_eq(rdmaps_push_format(tb), RDMAPS_FMT_BF16);
+	for (unsigned r = 0; r < 3; r++) {
+		make_grad(r);
+		rdmaps_client_stats(c, &s0);
+		cr_assert_eq(rdmaps_push(c, tb, grad, 0), 0);
+		rdmaps_client_stats(c, &s1);
+		/* half the bytes of float32 */
+		cr_assert_eq(s1.push_bytes - s0.push_bytes, (uint64_t)LEN * 2);
+		cr_assert_eq(rdmaps_push(c, th, grad, r == 2 ? RDMAPS_PUSH_FOLDED : 0), 0);
+		for (uint64_t i = 0; i < LEN; i++) {
+			wb[i] -= rdmaps__bf16_to_f32(rdmaps__f32_to_bf16(grad[i]));
+			wh[i] -= rdmaps__f16_to_f32(rdmaps__f32_to_f16(grad[i]));
+		}
+	}
+	pull_model(c, tb);
+	memcpy(want, wb, sizeof(want));
+	assert_model("bf16");
+	pull_model(c, th);
+	memcpy(want, wh, sizeof(want));
+	assert_model("fp16");
+	/* the rounding really happened: fp16 keeps more than bf16 */
+	cr_assert_neq(memcmp(wb, wh, sizeof(wb)), 0);
+	rdmaps_close(c);
+}
+
+Test(wire, topk_error_feedback_sends_everything_in_the_end, .fini = stop_server, .timeout = 300)
+{
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	rdmaps_client *c = th_connect(&srv);
+	rdmaps_tensor *t = declare_zero(c, "topk");
+	static float zero[LEN];
+	struct rdmaps_client_stats s0, s1;
+	const double frac = 0.1;
+
+	cr_assert_eq(rdmaps_set_push_format(c, t, RDMAPS_FMT_TOPK, frac), 0);
+	make_grad(5);
+	rdmaps_client_stats(c, &s0);
+	cr_assert_eq(rdmaps_push(c, t, grad, RDMAPS_PUSH_FOLDED), 0);
+	rdmaps_client_stats(c, &s1);
+	/* per chunk ceil(0.1 x count) values, 8 B each, and a count */
+	uint64_t k_full = (uint64_t)ceil(frac * CHUNK), k_last = (uint64_t)ceil(frac * 200);
+	cr_assert_eq(s1.push_bytes - s0.push_bytes, 3 * (4 + 8 * k_full) + 4 + 8 * k_last);
+
+	/* after one push: exactly the k largest magnitudes of each chunk */
+	pull_model(c, t);
+	for (uint64_t ch = 0; ch * CHUNK < LEN; ch++) {
+		uint64_t lo = ch * CHUNK, n = LEN - lo < CHUNK ? LEN - lo : CHUNK, sent = 0;
+		uint64_t k = n == CHUNK ? k_full : k_last;
+		for (uint64_t i = lo; i < lo + n; i++) {
+			uint64_t above = 0; /* the magnitudes are distinct */
+			for (uint64_t j = lo; j < lo + n; j++)
+				above += fabsf(grad[j]) > fabsf(grad[i]);
+			want[i] = above < k ? -grad[i] : 0.0f;
+			sent += above < k;
+			cr_assert_eq(model[i], want[i], "chunk %lu: model[%lu] = %g, want %g",
+				     (unsigned long)ch, (unsigned long)i, model[i], want[i]);
+		}
+		cr_assert_eq(sent, k);
+	}
+	/* zero gradients from now on: the residual goes out, k per chunk per
+	 * push, each value once and unchanged, so the model ends at -grad */
+	for (int r = 0; r < 10; r++)
+		cr_assert_eq(rdmaps_push(c, t, zero, 0), 0);
+	pull_model(c, t);
+	for (uint64_t i = 0; i < LEN; i++)
+		want[i] = -grad[i];
+	assert_model("top-k after the residual went out");
+	rdmaps_close(c);
+}
+
+Test(wire, sign_folds_scale_and_signs_per_chunk, .fini = stop_server, .timeout = 300)
+{
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	rdmaps_client *c = th_connect(&srv);
+	rdmaps_tensor *t = declare_zero(c, "sign");
+	struct rdmaps_client_stats s0, s1;
+
+	cr_assert_eq(rdmaps_set_push_format(c, t, RDMAPS_FMT_SIGN, 0), 0);
+	make_grad(9);
+	rdmaps_client_stats(c, &s0);
+	cr_assert_eq(rdmaps_push(c, t, grad, RDMAPS_PUSH_FOLDED), 0);
+	rdmaps_client_stats(c, &s1);
+	cr_assert_eq(s1.push_bytes - s0.push_bytes,
+		     3 * rdmaps__gradfmt_size(RDMAPS__GRAD_SIGN, CHUNK, 0) +
+			     rdmaps__gradfmt_size(RDMAPS__GRAD_SIGN, 200, 0));
+	pull_model(c, t);
+	for (uint64_t lo = 0; lo < LEN; lo += CHUNK) {
+		uint64_t n = LEN - lo < CHUNK ? LEN - lo : CHUNK;
+		double l1 = 0.0;
+		for (uint64_t i = lo; i < lo + n; i++)
+			l1 += fabs((double)grad[i]);
+		float scale = (float)(l1 / (double)n);
+		for (uint64_t i = lo; i < lo + n; i++)
+			want[i] = grad[i] < 0.0f ? scale : -scale;
+	}
+	assert_model("sign");
+	rdmaps_close(c);
+}
+
+Test(wire, values_a_format_cannot_carry_are_refused_on_the_worker, .fini = stop_server,
+     .timeout = 300)
+{
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	rdmaps_client *c = th_connect(&srv);
+	rdmaps_tensor *th = declare_zero(c, "fp16"), *tk = declare_zero(c, "topk");
+	static float zero[LEN];
+	rdmaps_op *op1, *op2;
+
+	cr_assert_eq(rdmaps_set_push_format(c, th, RDMAPS_FMT_FP16, 0), 0);
+	cr_assert_eq(rdmaps_set_push_format(c, tk, RDMAPS_FMT_TOPK, 0.5), 0);
+	cr_assert_eq(rdmaps_set_push_format(c, tk, RDMAPS_FMT_TOPK, 0.6), RDMAPS_EINVAL);
+	cr_assert_eq(rdmaps_set_push_format(c, tk, (enum rdmaps_format)9, 0), RDMAPS_EINVAL);
+	cr_assert_eq(rdmaps_push_format(tk), RDMAPS_FMT_TOPK, "a refused format changes nothing");
+	cr_assert_eq(rdmaps_set_push_format(c, tk, RDMAPS_FMT_TOPK, 0.5), 0);
+	make_grad(3);
+	grad[LEN - 1] = 70000.0f; /* past fp16 */
+	cr_assert_eq(rdmaps_push(c, th, grad, 0), RDMAPS_EINVAL);
+	grad[LEN - 1] = NAN;
+	cr_assert_eq(rdmaps_push(c, tk, grad, 0), RDMAPS_EINVAL);
+	/* refused pushes changed nothing, the residual included: after a few
+	 * pushes at k = half a chunk, everything of one good gradient is in */
+	make_grad(3);
+	cr_assert_eq(rdmaps_push(c, tk, grad, 0), 0);
+	/* one compressed push of a tensor in flight at a time */
+	cr_assert_eq(rdmaps_push_async(c, tk, zero, 0, &op1), 0);
+	cr_assert_eq(rdmaps_push_async(c, tk, zero, 0, &op2), RDMAPS_EBUSY);
+	cr_assert_eq(rdmaps_wait(op1, 30000), 0);
+	/* a slot holds 511 top-k values of a 1024-float chunk, not 512: the
+	 * last two go out with a third push */
+	cr_assert_eq(rdmaps_push(c, tk, zero, 0), 0);
+	pull_model(c, tk);
+	for (uint64_t i = 0; i < LEN; i++)
+		want[i] = -grad[i];
+	assert_model("top-k after refused pushes");
+	pull_model(c, th);
+	memset(want, 0, sizeof(want));
+	assert_model("fp16 after a refused push");
+	rdmaps_close(c);
+}
+
+/* Write one compressed slot by hand: header, then len payload bytes. */
+static int raw_wire_slot(struct raw *r, uint32_t tensor, uint64_t seq, uint32_t count,
+			 unsigned fmt, const void *payload, uint32_t len)
+{
+	struct rdmaps_slot_hdr h = { .seq = (uint32_t)seq, .tensor_id = (uint16_t)tensor,
+				     .count = count, .scale = 1.0f,
+				     .flags = (uint16_t)(RDMAPS_SLOT_LAST | RDMAPS_SLOT_END |
+							 fmt << RDMAPS_SLOT_FMT_SHIFT) };
+	uint32_t slot = (uint32_t)((seq - 1) % r->w.slot_count);
+
+	memcpy(r->buf + RAW_DATA_OFF, &h, sizeof(h));
+	memcpy(r->buf + RAW_DATA_OFF + RDMAPS_SLOT_HDR, payload, len);
+	return raw_rdma(r, IBV_WR_RDMA_WRITE_WITH_IMM,
+			r->w.staging_addr + (uint64_t)slot * r->w.slot_size, r->w.staging_rkey,
+			RDMAPS_SLOT_HDR + len, rdmaps__imm_make(slot, seq));
+}
+
+Test(wire, malformed_compressed_slots_are_dropped_whole, .fini = stop_server, .timeout = 300)
+{
+	enum { N = 1024 };
+	struct rdmaps_server_stats before, after;
+	struct rdmaps_msg_tensor_reply rep;
+	static uint8_t p[8 + 8 * N];
+	uint32_t u, seq = 1;
+	float f;
+	struct raw r;
+
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	rdmaps_client *good = th_connect(&srv);
+	rdmaps_tensor *t = th_declare(good, "m", N, 10.0f, 1.0f);
+	struct rdmaps_wire_hello hello = raw_hello(TH_TOKEN);
+	cr_assert_eq(raw_connect(&r, srv.addr, srv.port, &hello, sizeof(hello)), 0);
+	cr_assert_eq(raw_declare(&r, "m", N, &rep), 0);
+	cr_assert_eq(rdmaps_server_stats(good, &before), 0);
+
+#define TOPK2(i0, i1, len)                                                                  \
+	do {                                                                                \
+		u = 2;                                                                      \
+		memcpy(p, &u, 4);                                                           \
+		u = (i0);                                                                   \
+		memcpy(p + 4, &u, 4);                                                       \
+		u = (i1);                                                                   \
+		memcpy(p + 8, &u, 4);                                                       \
+		f = 1.0f;                                                                   \
+		memcpy(p + 12, &f, 4);                                                      \
+		memcpy(p + 16, &f, 4);                                                      \
+		cr_assert_eq(raw_wire_slot(&r, rep.tensor_id, seq++, N, RDMAPS__GRAD_TOPK, p, \
+					   (len)),                                          \
+			     IBV_WC_SUCCESS);                                               \
+	} while (0)
+	TOPK2(3, N, 20);  /* index out of range */
+	TOPK2(7, 7, 20);  /* repeated */
+	TOPK2(9, 8, 20);  /* not ascending */
+	TOPK2(1, 2, 28);  /* longer than its count says */
+	TOPK2(1, 2, 12);  /* shorter */
+	/* sign: a NaN scale; bf16 one byte short; an unknown format */
+	f = NAN;
+	memcpy(p, &f, 4);
+	memset(p + 4, 0, N / 8);
+	cr_assert_eq(raw_wire_slot(&r, rep.tensor_id, seq++, N, RDMAPS__GRAD_SIGN, p, 4 + N / 8),
+		     IBV_WC_SUCCESS);
+	memset(p, 0, 2 * N);
+	cr_assert_eq(raw_wire_slot(&r, rep.tensor_id, seq++, N, RDMAPS__GRAD_BF16, p, 2 * N - 2),
+		     IBV_WC_SUCCESS);
+	cr_assert_eq(raw_wire_slot(&r, rep.tensor_id, seq++, N, 9, p, 2 * N), IBV_WC_SUCCESS);
+	/* and a good one after all that: indices 1 and 2 get 10 - 1 */
+	TOPK2(1, 2, 20);
+#undef TOPK2
+	for (int i = 0; i < 300 && __atomic_load_n(&r.credit[1], __ATOMIC_ACQUIRE) < seq; i++)
+		usleep(10000);
+	cr_assert_eq(r.credit[1], seq, "credit: every slot consumed (got %lu)",
+		     (unsigned long)r.credit[1]);
+	raw_close(&r);
+
+	cr_assert_eq(rdmaps_pull(good, t, model, 0), 0);
+	for (uint64_t i = 0; i < N; i++)
+		cr_assert_eq(model[i], i == 1 || i == 2 ? 9.0f : 10.0f, "model[%lu] = %g",
+			     (unsigned long)i, model[i]);
+	cr_assert_eq(rdmaps_server_stats(good, &after), 0);
+	cr_assert_eq(after.folds - before.folds, 1);
+	cr_assert_eq(after.dropped - before.dropped, 8);
+	rdmaps_close(good);
+}
