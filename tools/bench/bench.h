@@ -5,6 +5,7 @@
  *   spawn.c     start/stop an rdmaps-server child
  *   workload.c  rdmaps pull/push/push-then-pull: latency, throughput, torn reads
  *   paired.c    raw and rdmaps ops interleaved (robust ratios on a noisy VM)
+ *   wire.c      pushes in each wire format, interleaved
  *   clients.c   the workload's connections, tensors and buffers
  *   raw*.c      the raw-verbs baseline (connection, client loops, responder)
  *   fold.c      optimizer fold and the fold thread's whole path vs STREAM triad (native)
@@ -44,6 +45,7 @@ enum {
 	PART_BW = 1u << 1,
 	PART_TORN = 1u << 2,
 	PART_FOLD = 1u << 3,
+	PART_WIRE = 1u << 4,
 };
 
 /*
@@ -154,6 +156,8 @@ int wl_paired(struct wl *w, struct raw_bench *rb, unsigned si);
 /* Paired bandwidth at o->sizes[si]: slices of rdmaps pulls (--depth in
  * flight) and of raw READs alternate, in one thread. */
 int wl_paired_bw(struct wl *w, struct raw_bench *rb, unsigned si);
+/* Pushes of each wire format at o->sizes[si], interleaved (wire.c). */
+int wl_wire(struct wl *w, unsigned si);
 void wl_close(struct wl *w);
 
 /* ---- rawverbs.c / responder.c -------------------------------------------- */

@@ -18,7 +18,7 @@ static const uint64_t sweep[] = { 8, 64, 512, 4 << 10, 32 << 10, 256 << 10, 2 <<
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: rdmaps-bench lat|bw|torn|fold|all [options]\n"
+		"usage: rdmaps-bench lat|bw|torn|fold|wire|all [options]\n"
 		"       rdmaps-bench raw-server [--addr ADDR] [--raw-port P]\n"
 		"\n"
 		"  lat   latency of pull, pull-relaxed, push, push-folded, pushpull (one op in flight\n"
@@ -26,6 +26,8 @@ static void usage(FILE *f)
 		"  bw    throughput with --depth ops in flight, beside raw READ/WRITE bandwidth\n"
 		"  torn  torn-read retries of checked pulls while another client pushes flat out\n"
 		"  fold  optimizer fold and checksum throughput vs STREAM triad (no RDMA needed)\n"
+		"  wire  push in each wire format (f32, bf16, fp16, top-k 1 %%, sign) in turn:\n"
+		"        time and payload bytes against float32's (default size 4M)\n"
 		"  all   lat + bw + torn + fold\n"
 		"\n"
 		"Connection (lat, bw, torn):\n"
@@ -288,6 +290,9 @@ skip_raw:
 	if (o->parts & PART_TORN)
 		for (unsigned i = 0; i < o->nsizes; i++)
 			rc |= wl_measure(wl, PART_TORN, i);
+	if ((o->parts & PART_WIRE) && o->access == ACCESS_DENSE)
+		for (unsigned i = 0; i < o->nsizes; i++)
+			rc |= wl_wire(wl, i);
 out:
 	wl_close(wl);
 	raw_close(raw);
@@ -314,6 +319,7 @@ int main(int argc, char **argv)
 		  : !strcmp(cmd, "bw")	? PART_BW
 		  : !strcmp(cmd, "torn") ? PART_TORN
 		  : !strcmp(cmd, "fold") ? PART_FOLD
+		  : !strcmp(cmd, "wire") ? PART_WIRE
 		  : !strcmp(cmd, "all")	? PART_LAT | PART_BW | PART_TORN | PART_FOLD
 					: 0;
 	if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help")) {
@@ -339,7 +345,9 @@ int main(int argc, char **argv)
 		return raw_server_main(o.addr, o.raw_port);
 	}
 	if (!o.nsizes) {
-		o.sizes[o.nsizes++] = (o.parts & ~PART_FOLD) == PART_BW ? 4u << 20 : 64;
+		o.sizes[o.nsizes++] = (o.parts & ~PART_FOLD) == PART_BW || o.parts == PART_WIRE
+					      ? 4u << 20
+					      : 64;
 		if ((o.parts & PART_TORN) && o.sizes[0] == 64)
 			o.sizes[o.nsizes++] = 4u << 20;
 	}
@@ -355,7 +363,7 @@ int main(int argc, char **argv)
 		       : "native",
 	       o.iters ? "fixed count" : "fixed duration", o.iters ? "" : " (>= 3 ops)", o.workers,
 	       wl_access_modes[o.access].name);
-	if (o.parts & (PART_LAT | PART_BW | PART_TORN))
+	if (o.parts & (PART_LAT | PART_BW | PART_TORN | PART_WIRE))
 		rc |= run_rdma(&o, argv[0]);
 	if (o.parts & PART_FOLD) {
 		rc |= fold_run(&o);

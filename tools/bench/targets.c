@@ -108,6 +108,16 @@ static void fold_target(const char *name, const char *op, bool info, bool in_vm,
 		how);
 }
 
+/* A 4 MiB push in a wire format against float32's, from the interleaved
+ * wire rows (rdmaps-bench wire). */
+static void wire_target(const char *name, const char *op, double limit)
+{
+	const struct bench_row *a = report_find("wire", op, SZ_4M);
+
+	verdict(name, a, a, a ? a->ratio : 0, limit, true, false,
+		"wire rows 4 MiB, interleaved with push-f32 (staged, encoding included)");
+}
+
 int targets_eval(const struct bench_opts *o)
 {
 	const struct bench_row *a;
@@ -135,6 +145,9 @@ int targets_eval(const struct bench_opts *o)
 	fold_target("(info) fold path, Adam, two copies / triad", "path-adam-2copies", true,
 		    o->in_vm, "ASP from 4 KiB");
 
+	wire_target("4 MiB push, bf16 / float32 time", "push-bf16", 0.55);
+	wire_target("4 MiB push, top-k 1 % / float32 time", "push-topk1%", 0.10);
+	wire_target("4 MiB push, sign / float32 time", "push-sign", 0.10);
 	a = report_find("torn", "pull-vs-writer", SZ_64);
 	verdict("torn-read retries / pulls at 64 B (writer flat out)", a, a,
 		a ? a->retries_frac : 0, 0.01, true, false, "torn pull-vs-writer 64 B");
