@@ -682,7 +682,7 @@ static PyObject *Client_stats(ClientObject *self, PyObject *unused)
 		return NULL;
 	rdmaps_client_stats(self->c, &s);
 	client_leave(self);
-	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}", "pulls", (unsigned long long)s.pulls,
+	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}", "pulls", (unsigned long long)s.pulls,
 			     "pushes", (unsigned long long)s.pushes,
 			     "pull_retries", (unsigned long long)s.pull_retries,
 			     "bounce_copies", (unsigned long long)s.bounce_copies,
@@ -691,7 +691,39 @@ static PyObject *Client_stats(ClientObject *self, PyObject *unused)
 			     "lost_pushes", (unsigned long long)s.lost_pushes,
 			     "reads", (unsigned long long)s.reads,
 			     "server_restarts", (unsigned long long)s.server_restarts,
-			     "resent_slots", (unsigned long long)s.resent_slots);
+			     "resent_slots", (unsigned long long)s.resent_slots,
+			     "push_bytes", (unsigned long long)s.push_bytes);
+}
+
+/* Wire formats by name, as rdmaps-ctl and the trainers spell them. */
+static const char *const format_names[] = { "f32", "bf16", "fp16", "topk", "sign" };
+
+static PyObject *Client_set_push_format(ClientObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "tensor", "format", "fraction", NULL };
+	TensorObject *t;
+	const char *name;
+	double fraction = 0.0;
+	int rc, fmt = -1;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!s|d:set_push_format", kwlist, &TensorType,
+					 &t, &name, &fraction))
+		return NULL;
+	for (int i = 0; i < (int)(sizeof(format_names) / sizeof(format_names[0])); i++)
+		if (!strcmp(name, format_names[i]))
+			fmt = i;
+	if (fmt < 0) {
+		PyErr_Format(PyExc_ValueError,
+			     "set_push_format: unknown format '%s' (f32, bf16, fp16, topk, sign)", name);
+		return NULL;
+	}
+	if (client_enter(self))
+		return NULL;
+	rc = rdmaps_set_push_format(self->c, t->t, (enum rdmaps_format)fmt, fraction);
+	client_leave(self);
+	if (rc)
+		return raise_rdmaps(rc, "set_push_format");
+	Py_RETURN_NONE;
 }
 
 static PyObject *Client_checkpoint(ClientObject *self, PyObject *args, PyObject *kw)
@@ -751,13 +783,22 @@ static PyMethodDef Client_methods[] = {
 	  "pull_async(tensor, out, relaxed=False) -> Op (do not touch out until it completes)" },
 	{ "push_async", (PyCFunction)(void (*)(void))Client_push_async, METH_VARARGS | METH_KEYWORDS,
 	  "push_async(tensor, grad, folded=False) -> Op (do not modify grad until it completes)" },
+	{ "set_push_format", (PyCFunction)(void (*)(void))Client_set_push_format,
+	  METH_VARARGS | METH_KEYWORDS,
+	  "set_push_format(tensor, format, fraction=0.0): the wire format of the tensor's pushes\n"
+	  "from now on: 'f32' (default), 'bf16', 'fp16' (half the bytes), 'topk' (the `fraction`\n"
+	  "of each chunk's values of largest magnitude, 0 < fraction <= 0.5) or 'sign' (a bit per\n"
+	  "value and a scale). topk and sign keep error feedback: what a push did not send goes\n"
+	  "with the next. The gradient is encoded when the push is posted; one compressed push of\n"
+	  "a tensor in flight at a time (rdmaps.Error EBUSY). docs/protocol.md, 'Gradient formats'." },
 	{ "flush", (PyCFunction)(void (*)(void))Client_flush, METH_VARARGS | METH_KEYWORDS,
 	  "flush(timeout_ms=-1): wait until the server has folded every push posted so far." },
 	{ "server_stats", (PyCFunction)Client_server_stats, METH_NOARGS,
 	  "server_stats() -> dict of the server's counters" },
 	{ "stats", (PyCFunction)Client_stats, METH_NOARGS,
 	  "stats() -> dict: pulls, pushes, pull_retries, bounce_copies (0 = all zero-copy), "
-	  "stale_retries, reconnects, lost_pushes, reads (pull READs posted), server_restarts, resent_slots" },
+	  "stale_retries, reconnects, lost_pushes, reads (pull READs posted), server_restarts, resent_slots,\n"
+	  "push_bytes (payload bytes of dense pushes, in their wire format)" },
 	{ "checkpoint", (PyCFunction)(void (*)(void))Client_checkpoint, METH_VARARGS | METH_KEYWORDS,
 	  "checkpoint(timeout_ms=60000): ask every server to write a checkpoint now." },
 	{ "close", (PyCFunction)Client_close, METH_NOARGS,

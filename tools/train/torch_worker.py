@@ -118,6 +118,9 @@ def main():
     ap.add_argument("--loader-workers", type=int, default=1,
                     help="DataLoader processes (forked after the connection exists)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    ap.add_argument("--wire", default="f32",
+                    help="format of gradient pushes: f32 (default), bf16, fp16, sign, "
+                         "topk:FRACTION (docs/protocol.md)")
     ap.add_argument("--subset", type=int, default=0)
     ap.add_argument("--test-subset", type=int, default=0)
     ap.add_argument("--data", default=MNIST_DEFAULT_DIR)
@@ -155,7 +158,7 @@ def main():
     opt = rt.DistributedOptimizer(make_optimizer(args.optimizer, model.parameters(), args.lr),
                                   model.named_parameters(), client=client, model=model,
                                   prefix=f"{args.name}.", consistency=args.consistency,
-                                  workers=args.workers)
+                                  workers=args.workers, wire=args.wire)
     done = finish.counter(client, args.name)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{tag} {hi - lo} train samples (slice {lo}..{hi}), {n_params} params, batch "

@@ -41,7 +41,30 @@ struct opts {
 	unsigned long long seed;
 	int timeout_ms, wait_s;
 	int quiet;
+	enum rdmaps_format wire; /* the format of gradient pushes */
+	double wire_fraction;    /* top-k */
 };
+
+/* "f32", "bf16", "fp16", "sign" or "topk:FRACTION"; 0 or -1. */
+static int parse_wire(const char *s, struct opts *o)
+{
+	static const char *const names[] = { "f32", "bf16", "fp16", "topk", "sign" };
+	char *end;
+
+	for (unsigned i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+		size_t n = strlen(names[i]);
+		if (strncmp(s, names[i], n))
+			continue;
+		o->wire = (enum rdmaps_format)i;
+		if (o->wire != RDMAPS_FMT_TOPK)
+			return s[n] ? -1 : 0;
+		if (s[n] != ':')
+			return -1;
+		o->wire_fraction = strtod(s + n + 1, &end);
+		return !*end && o->wire_fraction > 0 && o->wire_fraction <= 0.5 ? 0 : -1;
+	}
+	return -1;
+}
 
 static void usage(FILE *f)
 {
@@ -71,6 +94,8 @@ static void usage(FILE *f)
 		"  --timeout-ms MS    connect and control timeout (default 20000)\n"
 		"  --wait S           rank 0: wait at most S seconds for the others (default 1800)\n"
 		"  --quiet            no per-epoch lines (rank 0 still prints the final ones)\n"
+		"  --wire FMT         format of gradient pushes: f32 (default), bf16, fp16, sign,\n"
+		"                     topk:FRACTION (0 < FRACTION <= 0.5); docs/protocol.md\n"
 		"The server's SGD learning rate is LR * min(1, sqrt(2 / W)): see docs/training.md.\n");
 }
 
@@ -92,7 +117,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 {
 	enum { O_SERVER = 256, O_SERVERS, O_CONFIG, O_PORT, O_SRC, O_TOKEN, O_RANK, O_WORKERS, O_EPOCHS, O_BATCH,
 	       O_HIDDEN, O_LR, O_LR_END, O_SUBSET, O_TSUBSET, O_DATA, O_NAME, O_SEED, O_TARGET, O_TIMEOUT,
-	       O_WAIT, O_QUIET, O_HELP };
+	       O_WAIT, O_QUIET, O_WIRE, O_HELP };
 	static const struct option lo[] = {
 		{ "server", required_argument, NULL, O_SERVER },
 		{ "servers", required_argument, NULL, O_SERVERS },
@@ -116,6 +141,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		{ "timeout-ms", required_argument, NULL, O_TIMEOUT },
 		{ "wait", required_argument, NULL, O_WAIT },
 		{ "quiet", no_argument, NULL, O_QUIET },
+		{ "wire", required_argument, NULL, O_WIRE },
 		{ "help", no_argument, NULL, O_HELP },
 		{ 0 },
 	};
@@ -158,6 +184,7 @@ static int parse_opts(int argc, char **argv, struct opts *o)
 		case O_DATA: o->data = optarg; continue;
 		case O_NAME: o->name = optarg; continue;
 		case O_QUIET: o->quiet = 1; continue;
+		case O_WIRE: if (parse_wire(optarg, o)) goto bad; continue;
 		case O_LR: o->lr = (float)d; if (!(d > 0 && d < 100)) goto bad; continue;
 		case O_LR_END: o->lr_end = (float)d; if (!(d >= 0 && d <= 1)) goto bad; continue;
 		case O_TARGET: o->target = (float)d; if (!(d >= 0 && d <= 1)) goto bad; continue;
@@ -370,6 +397,10 @@ int main(int argc, char **argv)
 		goto out;
 	}
 	rdmaps_deregister(mr_init);
+	if ((rc = rdmaps_set_push_format(c, tp, o.wire, o.wire_fraction))) {
+		fail("set_push_format", rc);
+		goto out;
+	}
 	if ((rc = rdmaps_declare(c, &dd, &tdone))) {
 		fail("declare done counter", rc);
 		goto out;
@@ -442,9 +473,10 @@ int main(int argc, char **argv)
 	rdmaps_client_stats(c, &cs);
 	if (!o.quiet || o.rank == 0)
 		printf("[w%d] done in %.1f s: %llu pulls, %llu pushes, %llu torn-read retries, "
-		       "%llu bounce copies\n", o.rank, now_s() - t_start,
+		       "%llu bounce copies, %.1f MB pushed\n", o.rank, now_s() - t_start,
 		       (unsigned long long)cs.pulls, (unsigned long long)cs.pushes,
-		       (unsigned long long)cs.pull_retries, (unsigned long long)cs.bounce_copies);
+		       (unsigned long long)cs.pull_retries, (unsigned long long)cs.bounce_copies,
+		       (double)cs.push_bytes / 1e6);
 
 	if (o.rank == 0) {
 		double give_up = now_s() + o.wait_s;

@@ -199,6 +199,9 @@ def main():
     ap.add_argument("--timeout-ms", type=int, default=20000)
     ap.add_argument("--wait", type=int, default=1800)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--wire", default="f32", type=rdmaps.parse_wire,
+                    help="format of gradient pushes: f32 (default), bf16, fp16, sign, "
+                         "topk:FRACTION (docs/protocol.md)")
     ap.add_argument("--fork-loader", action="store_true",
                     help="prepare minibatches in a forked child process")
     args = ap.parse_args()
@@ -237,6 +240,7 @@ def main():
                         optimizer="sgd", lr=server_lr(args.lr, args.workers))
     client.deregister(init)
     del init
+    client.set_push_format(tp, *args.wire)
     tdone = finish.counter(client, args.name)
     # page-aligned buffers of their own, registered once: every pull and push
     # below is zero-copy (client.stats()['bounce_copies'] stays 0)
@@ -295,7 +299,8 @@ def main():
     if not args.quiet or args.rank == 0:
         print(f"{tag} done in {time.monotonic() - t_start:.1f} s: {st['pulls']} pulls, "
               f"{st['pushes']} pushes, {st['pull_retries']} torn-read retries, "
-              f"{st['bounce_copies']} bounce copies", flush=True)
+              f"{st['bounce_copies']} bounce copies, {st['push_bytes'] / 1e6:.1f} MB pushed",
+              flush=True)
     status = 0
     if args.rank == 0:
         if not finish.wait_all(client, tdone, aux, args.workers, args.wait, tag):

@@ -188,6 +188,10 @@ class DistributedOptimizer:
         prefix: put before every tensor name (several models on one server).
         overlap: push from backward hooks and pull behind forward (default);
             False pushes everything in ``step()`` and waits for the pulls.
+        wire: the format gradients travel in: ``'f32'`` (default), ``'bf16'``
+            or ``'fp16'`` (half the bytes), ``'sign'`` (a bit per value) or
+            ``'topk:FRACTION'``; sign and top-k keep error feedback on the
+            worker (``Client.set_push_format``, docs/protocol.md).
 
     Thread-safety: use it from the thread that runs forward and backward.
     """
@@ -198,11 +202,12 @@ class DistributedOptimizer:
                  model: Optional[torch.nn.Module] = None,
                  consistency: str = "asp", workers: Optional[int] = None,
                  staleness: int = 0, aggregate: str = "mean", clip_norm: float = 0.0,
-                 prefix: str = "", overlap: bool = True) -> None:
+                 prefix: str = "", overlap: bool = True, wire: str = "f32") -> None:
         if consistency not in ("asp", "bsp", "ssp"):
             raise ValueError(f"rdmaps.torch: consistency '{consistency}' (asp, bsp, ssp)")
         if aggregate not in ("mean", "sum"):
             raise ValueError(f"rdmaps.torch: aggregate '{aggregate}' (mean, sum)")
+        wire_fmt, wire_frac = rdmaps.parse_wire(wire)
         self.optimizer = optimizer
         self.client = client if client is not None else init()
         self._overlap = overlap
@@ -254,6 +259,7 @@ class DistributedOptimizer:
                             f"tensor '{tname}' was declared with another size or other "
                             "optimizer settings") from e
                     raise
+                self.client.set_push_format(t, wire_fmt, wire_frac)
                 p.data = torch.from_numpy(pv).view(p.shape)
                 p.grad = torch.from_numpy(gv).view(p.shape)
                 self._entries.append(_Entry(n, p, t, pv, gv))
