@@ -17,6 +17,7 @@
  * that writes indices in ascending order, as the format wants. No
  * allocation after cl_ef_init.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -46,66 +47,111 @@ static uint32_t mag(float f)
 
 /*
  * The k-th largest magnitude of a[0..n) (1 <= k <= n) and, in *ties, how
- * many elements of exactly that magnitude the top k holds.
+ * many elements of exactly that magnitude the top k holds. hist0 is the
+ * first pass's histogram (the top 11 bits of each magnitude), which the
+ * caller builds while it writes a: one pass over memory fewer.
  */
-static uint32_t kth_largest(const float *a, size_t n, size_t k, size_t *ties)
+static uint32_t kth_largest(const float *a, size_t n, size_t k, const uint32_t *hist0,
+			    size_t *ties)
 {
+	enum { CAND_MAX = 4096 };
 	static const unsigned shift[3] = { 21, 10, 0 };
 	static const uint32_t width[3] = { 0x7ffu, 0x7ffu, 0x3ffu };
-	uint32_t prefix = 0, mask = 0;
-	size_t need = k;
+	uint32_t prefix = 0, mask = 0, cand[CAND_MAX];
+	size_t need = k, ncand = 0;
 
 	for (int p = 0; p < 3; p++) {
 		uint32_t hist[2048] = { 0 };
+		const uint32_t *h = p ? hist : hist0;
 		uint32_t b = width[p] + 1;
 
-		for (size_t i = 0; i < n; i++) {
-			uint32_t m = mag(a[i]);
-			if ((m & mask) == prefix)
-				hist[(m >> shift[p]) & width[p]]++;
+		if (p && ncand) {
+			/* the few in the first pass's bucket: no pass over all n */
+			for (size_t c = 0; c < ncand; c++) {
+				uint32_t m = cand[c];
+				if ((m & mask) == prefix)
+					hist[(m >> shift[p]) & width[p]]++;
+			}
+		} else {
+			for (size_t i = 0; p && i < n; i++) {
+				uint32_t m = mag(a[i]);
+				if ((m & mask) == prefix)
+					hist[(m >> shift[p]) & width[p]]++;
+			}
 		}
 		/* from the largest bucket down, to the one holding the k-th */
-		while (b-- > 0 && hist[b] < need)
-			need -= hist[b];
+		while (b-- > 0 && h[b] < need)
+			need -= h[b];
 		prefix |= b << shift[p];
 		mask |= width[p] << shift[p];
+		if (!p && h[b] <= CAND_MAX)
+			for (size_t i = 0; i < n; i++) {
+				uint32_t m = mag(a[i]);
+				if ((m >> 21) == b)
+					cand[ncand++] = m;
+			}
 	}
 	*ties = need;
 	return prefix;
 }
 
-/* Whether residual + g is finite everywhere, and its l1 norm: a
- * non-finite value would poison the residual for every later push. */
-static bool sum_finite(const float *r, const float *g, size_t n, double *l1)
+/* Whether residual + g is finite everywhere: a non-finite value would
+ * poison the residual for every later push. An integer OR of the all-ones
+ * exponent test, so it vectorises. */
+static bool sum_finite(const float *r, const float *g, size_t n)
 {
-	double s = 0.0;
+	uint32_t bad = 0;
 
-	for (size_t i = 0; i < n; i++) {
-		float a = r[i] + g[i];
-		s += a < 0.0f ? -(double)a : (double)a;
-	}
-	*l1 = s;
-	return __builtin_isfinite(s);
+	for (size_t i = 0; i < n; i++)
+		bad |= (rdmaps__f32_bits(r[i] + g[i]) & 0x7f800000u) == 0x7f800000u;
+	return !bad;
+}
+
+/* The l1 norm of residual + g in double, eight chains (one chain waits on
+ * each add's latency); inf or NaN when a value is not finite. The order of
+ * the sums is part of the format's reference (tests/rdma/test_wire.c). */
+static double sum_l1(const float *r, const float *g, size_t n)
+{
+	double s[8] = { 0 };
+	size_t i = 0;
+
+	for (; i + 8 <= n; i += 8)
+		for (size_t j = 0; j < 8; j++)
+			s[j] += fabs((double)(r[i + j] + g[i + j]));
+	for (; i < n; i++)
+		s[0] += fabs((double)(r[i] + g[i]));
+	return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
 }
 
 size_t cl_encode_topk(struct cl_ef *ef, const float *g, size_t k, void *out)
 {
 	float *r = ef->residual;
 	size_t n = ef->n, ties = 0, j = 0;
-	uint32_t t = 0, kk;
+	uint32_t t = 0, kk, hist0[2048], h4[4][2048] = { { 0 } };
 	uint8_t *idx = (uint8_t *)out + 4, *val;
-	double l1;
+	size_t i = 0;
 
-	if (!sum_finite(r, g, n, &l1))
+	if (!sum_finite(r, g, n))
 		return 0;
 	if (k > n)
 		k = n;
-	for (size_t i = 0; i < n; i++)
+	/* four histograms in turn: gradients crowd a few buckets, and one
+	 * histogram would make each increment wait for the last */
+	for (; i + 4 <= n; i += 4)
+		for (unsigned q = 0; q < 4; q++) {
+			r[i + q] += g[i + q];
+			h4[q][mag(r[i + q]) >> 21]++;
+		}
+	for (; i < n; i++) {
 		r[i] += g[i];
+		h4[0][mag(r[i]) >> 21]++;
+	}
+	for (unsigned b = 0; b < 2048; b++)
+		hist0[b] = h4[0][b] + h4[1][b] + h4[2][b] + h4[3][b];
 	if (k)
-		t = kth_largest(r, n, k, &ties);
+		t = kth_largest(r, n, k, hist0, &ties);
 	val = idx + 4 * k;
-	for (size_t i = 0; i < n && j < k; i++) {
+	for (i = 0; i < n && j < k; i++) {
 		uint32_t m = mag(r[i]), i32 = (uint32_t)i;
 		if (m > t || (m == t && ties && ties--)) {
 			memcpy(idx + 4 * j, &i32, 4);
@@ -122,23 +168,33 @@ size_t cl_encode_topk(struct cl_ef *ef, const float *g, size_t k, void *out)
 size_t cl_encode_sign(struct cl_ef *ef, const float *g, void *out)
 {
 	float *r = ef->residual;
-	size_t n = ef->n, len = rdmaps__gradfmt_size(RDMAPS__GRAD_SIGN, n, 0);
+	size_t n = ef->n, len = rdmaps__gradfmt_size(RDMAPS__GRAD_SIGN, n, 0), i = 0;
 	uint8_t *bits = (uint8_t *)out + 4;
-	double l1;
+	double l1 = sum_l1(r, g, n);
 	float scale;
 
-	if (!sum_finite(r, g, n, &l1))
+	if (!__builtin_isfinite(l1))
 		return 0;
-	for (size_t i = 0; i < n; i++)
-		r[i] += g[i];
 	/* the mean magnitude: the scale that keeps the l1 norm */
 	scale = n ? (float)(l1 / (double)n) : 0.0f;
 	memcpy(out, &scale, 4);
 	memset(bits, 0, len - 4);
-	for (size_t i = 0; i < n; i++) {
-		bool neg = r[i] < 0.0f;
+	/* one pass: residual + g, its sign bit, and what is left of it */
+	for (; i + 8 <= n; i += 8) {
+		uint32_t b = 0;
+		for (unsigned t = 0; t < 8; t++) {
+			float a = r[i + t] + g[i + t];
+			uint32_t neg = a < 0.0f;
+			b |= neg << t;
+			r[i + t] = a - (neg ? -scale : scale);
+		}
+		bits[i / 8] = (uint8_t)b;
+	}
+	for (; i < n; i++) {
+		float a = r[i] + g[i];
+		bool neg = a < 0.0f;
 		bits[i / 8] |= (uint8_t)(neg << (i % 8));
-		r[i] -= neg ? -scale : scale;
+		r[i] = a - (neg ? -scale : scale);
 	}
 	return len;
 }

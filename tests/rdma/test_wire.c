@@ -154,9 +154,16 @@ Test(wire, sign_folds_scale_and_signs_per_chunk, .fini = stop_server, .timeout =
 	pull_model(c, t);
 	for (uint64_t lo = 0; lo < LEN; lo += CHUNK) {
 		uint64_t n = LEN - lo < CHUNK ? LEN - lo : CHUNK;
-		double l1 = 0.0;
-		for (uint64_t i = lo; i < lo + n; i++)
-			l1 += fabs((double)grad[i]);
+		/* the mean magnitude, summed in double as the encoder does: eight
+		 * chains, combined pairwise (client/compress.c, sum_l1) */
+		double c8[8] = { 0 }, l1;
+		uint64_t q = 0;
+		for (; q + 8 <= n; q += 8)
+			for (int j = 0; j < 8; j++)
+				c8[j] += fabs((double)grad[lo + q + j]);
+		for (; q < n; q++)
+			c8[0] += fabs((double)grad[lo + q]);
+		l1 = ((c8[0] + c8[1]) + (c8[2] + c8[3])) + ((c8[4] + c8[5]) + (c8[6] + c8[7]));
 		float scale = (float)(l1 / (double)n);
 		for (uint64_t i = lo; i < lo + n; i++)
 			want[i] = grad[i] < 0.0f ? scale : -scale;
