@@ -282,7 +282,9 @@ struct rdmaps_wire_tensor_info {
 	uint64_t length;
 	uint64_t clock;
 	uint64_t folds;    /* sum of per-chunk fold counts */
-	uint32_t mode, row_dim;
+	uint16_t mode;
+	uint16_t push_formats; /* bit f: a push in gradient format f was folded */
+	uint32_t row_dim;
 	char optimizer[RDMAPS_OPT_NAME_MAX];
 	char name[RDMAPS_NAME_MAX + 1];
 };

@@ -243,7 +243,8 @@ static void on_catalog(struct srv_conn *c, const struct rdmaps_msg_page *m)
 		e->clock = t->cons.mode == RDMAPS_BSP ? t->chunk_clock_done[0] : t->clock;
 		for (uint32_t k = 0; k < t->nchunks; k++)
 			e->folds += __atomic_load_n(&t->steps[k], __ATOMIC_RELAXED);
-		e->mode = t->cons.mode;
+		e->mode = (uint16_t)t->cons.mode;
+		e->push_formats = (uint16_t)atomic_load_explicit(&t->push_formats, memory_order_relaxed);
 		e->row_dim = t->cons.row_dim;
 		snprintf(e->optimizer, sizeof(e->optimizer), "%s", t->opt->name);
 		memcpy(e->name, t->name, sizeof(e->name));

@@ -276,6 +276,12 @@ static void group_fold(struct srv_conn *c)
 			srv_clock_fold(t, c, h, g);
 		atomic_fetch_add_explicit(&c->folds, 1, memory_order_relaxed);
 		atomic_fetch_add_explicit(&c->ft->folds, 1, memory_order_relaxed);
+		/* which formats a tensor's pushes came in (rdmaps-ctl tensors); a
+		 * load first: the bit is set once, not written by every fold */
+		uint32_t bit = 1u << rdmaps__slot_fmt(h->flags);
+		if (!(h->flags & RDMAPS_SLOT_ASSIGN) &&
+		    !(atomic_load_explicit(&t->push_formats, memory_order_relaxed) & bit))
+			atomic_fetch_or_explicit(&t->push_formats, bit, memory_order_relaxed);
 	}
 	c->group_seq = c->next_seq;
 	c->credit.folded_seq = c->next_seq;

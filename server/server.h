@@ -118,6 +118,7 @@ struct srv_tensor {
 	 * once sealed, or when it left before sealing (srv_store_orphan) */
 	_Atomic(const void *) creator;
 	uint64_t *steps;              /* folds applied per chunk, under the chunk's seqlock */
+	_Atomic uint32_t push_formats; /* bit f: a push in gradient format f was folded */
 
 	/* consistency (clock.c); clock_lock is taken once per push end, never per chunk */
 	struct rdmaps_wire_consistency cons;

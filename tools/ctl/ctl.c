@@ -16,6 +16,8 @@
 #include "log.h"
 
 static const char *const mode_names[] = { "asp", "bsp", "ssp" };
+/* gradient formats, by their value on the wire (common/gradfmt.h) */
+static const char *const format_names[] = { "f32", "bf16", "fp16", "topk", "sign" };
 
 static void usage(FILE *f)
 {
@@ -23,7 +25,8 @@ static void usage(FILE *f)
 		   "                  [--timeout MS] COMMAND\n"
 		   "commands:\n"
 		   "  servers       each server's counters\n"
-		   "  tensors       the catalog: tensors, parts, optimizer, clock, folds\n"
+		   "  tensors       the catalog: tensors, parts, optimizer, clock, folds, and the\n"
+		   "                formats pushes came in (f32, bf16, fp16, topk, sign)\n"
 		   "  chunks NAME   chunk versions of a tensor on each server\n"
 		   "  workers       connected workers and their counters, per server\n"
 		   "  device        this host's RDMA port state and hardware counters (sysfs)\n"
@@ -94,9 +97,15 @@ static void print_tensors(void *ctx, const void *reply, uint32_t start, uint32_t
 		struct rdmaps_wire_tensor_info e = r->t[k];
 		e.name[RDMAPS_NAME_MAX] = '\0';
 		e.optimizer[RDMAPS_OPT_NAME_MAX - 1] = '\0';
-		printf("%-6u %-24s %4u %12" PRIu64 " %8u %-9s %-4s %8" PRIu64 " %10" PRIu64 "%s\n",
+		char fmts[64] = "-";
+		size_t used = 0;
+		for (unsigned f = 0; f < sizeof(format_names) / sizeof(format_names[0]); f++)
+			if (e.push_formats & (1u << f))
+				used += (size_t)snprintf(fmts + used, sizeof(fmts) - used, "%s%s",
+							 used ? "," : "", format_names[f]);
+		printf("%-6u %-24s %4u %12" PRIu64 " %8u %-9s %-4s %8" PRIu64 " %10" PRIu64 " %-8s%s\n",
 		       server, e.name, e.id, e.length, e.nchunks, e.optimizer,
-		       e.mode < 3 ? mode_names[e.mode] : "?", e.clock, e.folds,
+		       e.mode < 3 ? mode_names[e.mode] : "?", e.clock, e.folds, fmts,
 		       e.row_dim ? "  (sparse rows)" : "");
 	}
 }
@@ -105,8 +114,8 @@ static int cmd_tensors(rdmaps_client *c)
 {
 	static struct rdmaps_msg_catalog_reply r;
 
-	printf("%-6s %-24s %4s %12s %8s %-9s %-4s %8s %10s\n", "server", "tensor", "id", "floats",
-	       "chunks", "optimizer", "mode", "clock", "folds");
+	printf("%-6s %-24s %4s %12s %8s %-9s %-4s %8s %10s %s\n", "server", "tensor", "id", "floats",
+	       "chunks", "optimizer", "mode", "clock", "folds", "pushed as");
 	for (uint32_t i = 0; i < c->nconn; i++)
 		if (page_all(&c->conn[i], RDMAPS_MSG_CATALOG, 0, RDMAPS_MSG_CATALOG_REPLY, &r,
 			     sizeof(r), RDMAPS_CATALOG_PAGE, print_tensors, &i))
