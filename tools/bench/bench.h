@@ -85,6 +85,7 @@ struct bench_opts {
 	const char *json, *csv;
 	bool targets;
 	bool in_vm;
+	const char *netdev;          /* wire: count this interface's tx_bytes per push */
 	char cmdline[1024];
 };
 

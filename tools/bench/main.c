@@ -60,6 +60,8 @@ static void usage(FILE *f)
 		"  --raw-port P        its port (raw-server: port to listen on)\n"
 		"  --raw-depth D       raw bw: work requests in flight (default 16)\n"
 		"  --fold-size LIST    fold/checksum array sizes (default 64K,64M)\n"
+		"  --netdev IFACE      wire: also count the bytes IFACE sends per push (its\n"
+		"                      tx_bytes; the RoCE netdev, with the server on another host)\n"
 		"Output:\n"
 		"  --json FILE, --csv FILE   machine-readable results (rows and targets)\n"
 		"  --targets           check the targets (latency and bandwidth against raw verbs,\n"
@@ -116,7 +118,8 @@ static int parse_args(int argc, char **argv, struct bench_opts *o)
 {
 	enum { O_SERVER = 256, O_PORT, O_TOKEN, O_SRC, O_ADDR, O_SBIN, O_SARG, O_SIZE, O_OP,
 	       O_ACCESS, O_WORKERS, O_DEPTH, O_ITERS, O_DURATION, O_WARMUP, O_UNREG, O_NORAW,
-	       O_RAWPEER, O_RAWPORT, O_RAWDEPTH, O_FOLDSIZE, O_JSON, O_CSV, O_TARGETS, O_NOPAIR };
+	       O_RAWPEER, O_RAWPORT, O_RAWDEPTH, O_FOLDSIZE, O_JSON, O_CSV, O_TARGETS, O_NOPAIR,
+	       O_NETDEV };
 	static const struct option lo[] = {
 		{ "server", 1, NULL, O_SERVER }, { "port", 1, NULL, O_PORT },
 		{ "token", 1, NULL, O_TOKEN }, { "src", 1, NULL, O_SRC },
@@ -130,6 +133,7 @@ static int parse_args(int argc, char **argv, struct bench_opts *o)
 		{ "raw-port", 1, NULL, O_RAWPORT }, { "raw-depth", 1, NULL, O_RAWDEPTH },
 		{ "fold-size", 1, NULL, O_FOLDSIZE }, { "json", 1, NULL, O_JSON },
 		{ "csv", 1, NULL, O_CSV }, { "targets", 0, NULL, O_TARGETS },
+		{ "netdev", 1, NULL, O_NETDEV },
 		{ "help", 0, NULL, 'h' }, { 0 },
 	};
 	int c;
@@ -190,6 +194,7 @@ static int parse_args(int argc, char **argv, struct bench_opts *o)
 		case O_JSON: o->json = optarg; break;
 		case O_CSV: o->csv = optarg; break;
 		case O_TARGETS: o->targets = true; break;
+		case O_NETDEV: o->netdev = optarg; break;
 		case 'h': usage(stdout); exit(0);
 		default: return -1;
 		}

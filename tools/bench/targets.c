@@ -118,6 +118,20 @@ static void wire_target(const char *name, const char *op, double limit)
 		"wire rows 4 MiB, interleaved with push-f32 (staged, encoding included)");
 }
 
+/* The bytes a format's pushes put on the wire against what its payload
+ * should put there as RoCE packets: within 5 %. */
+static void wire_bytes_target(const char *fmt)
+{
+	char name[80], op[32];
+	const struct bench_row *a;
+
+	snprintf(op, sizeof(op), "push-%s", fmt);
+	snprintf(name, sizeof(name), "4 MiB push, %s: |wire bytes / format's - 1|", fmt);
+	a = report_find("wire-bytes", op, SZ_4M);
+	verdict(name, a, a, a ? __builtin_fabs(a->ratio - 1.0) : 0, 0.05, true, false,
+		"wire-bytes rows 4 MiB (--netdev: tx_bytes of the RoCE netdev)");
+}
+
 int targets_eval(const struct bench_opts *o)
 {
 	const struct bench_row *a;
@@ -148,6 +162,11 @@ int targets_eval(const struct bench_opts *o)
 	wire_target("4 MiB push, bf16 / float32 time", "push-bf16", 0.55);
 	wire_target("4 MiB push, top-k 1 % / float32 time", "push-topk1%", 0.10);
 	wire_target("4 MiB push, sign / float32 time", "push-sign", 0.10);
+	wire_bytes_target("f32");
+	wire_bytes_target("bf16");
+	wire_bytes_target("fp16");
+	wire_bytes_target("topk1%");
+	wire_bytes_target("sign");
 	a = report_find("torn", "pull-vs-writer", SZ_64);
 	verdict("torn-read retries / pulls at 64 B (writer flat out)", a, a,
 		a ? a->retries_frac : 0, 0.01, true, false, "torn pull-vs-writer 64 B");

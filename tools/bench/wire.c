@@ -8,6 +8,11 @@
  * compressed format includes encoding it on the worker. The ratio of each
  * row is its p50 over float32's; the note gives the payload bytes a push
  * posted (the client's push_bytes), the bytes the format should move.
+ * With --netdev, the bytes that interface sent per push too (its tx_bytes,
+ * read outside the timed part: the RoCE packets, headers and all), and a
+ * "wire-bytes" row per format: those bytes over what the format's payload
+ * should put on the wire (wire_expect), 1 when the wire carries exactly
+ * what the format says.
  */
 #include <math.h>
 #include <stdio.h>
@@ -29,6 +34,56 @@ static const struct wire_fmt fmts[] = {
 };
 #define NFMT (sizeof(fmts) / sizeof(fmts[0]))
 
+/* The interface's tx_bytes, or 0 when there is none to read. */
+static uint64_t tx_bytes(const char *netdev)
+{
+	char path[256], buf[32] = "";
+	unsigned long long v = 0;
+	FILE *f;
+
+	if (!netdev)
+		return 0;
+	snprintf(path, sizeof(path), "/sys/class/net/%s/statistics/tx_bytes", netdev);
+	f = fopen(path, "r");
+	if (!f)
+		return 0;
+	if (fgets(buf, sizeof(buf), f))
+		v = strtoull(buf, NULL, 10);
+	fclose(f);
+	return v;
+}
+
+/*
+ * Bytes a push of `payload` bytes in `slots` equal slots puts on an
+ * Ethernet wire as RoCE v2: per slot one WRITE-with-immediate of the 24 B
+ * slot header and its share of the payload, cut into packets of the path
+ * MTU, each with Ethernet (14), IPv4 (20), UDP (8), BTH (12) headers and an
+ * ICRC (4); the first packet of a WRITE carries a RETH (16) and the last
+ * the immediate (4). The path MTU is rxe's: the largest IB MTU that fits
+ * the netdev's MTU less rxe's headers (kernel 6.1, eth_mtu_int_to_enum).
+ */
+static double wire_expect(const char *netdev, uint64_t payload, uint64_t slots)
+{
+	char path[256], buf[32] = "";
+	unsigned long mtu = 1500, ib = 256;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/sys/class/net/%s/mtu", netdev);
+	if ((f = fopen(path, "r"))) {
+		if (fgets(buf, sizeof(buf), f))
+			mtu = strtoul(buf, NULL, 10);
+		fclose(f);
+	}
+	for (unsigned long m = 4096; m >= 256; m /= 2)
+		if (m + 80 <= mtu) { /* RXE_MAX_HDR_LENGTH */
+			ib = m;
+			break;
+		}
+	double per_slot = 24.0 + (double)payload / (double)slots;
+	double packets = __builtin_ceil(per_slot / (double)ib);
+	return (double)slots * (per_slot + packets * (14 + 20 + 8 + 12 + 4) + 16 + 4);
+}
+
 int wl_wire(struct wl *wl, unsigned si)
 {
 	const struct bench_opts *o = wl->o;
@@ -36,7 +91,7 @@ int wl_wire(struct wl *wl, unsigned si)
 	uint64_t size = o->sizes[si], n = size / sizeof(float), start, end = 0;
 	rdmaps_tensor *t[NFMT] = { 0 };
 	static struct rdmaps_hist hist[NFMT]; /* 58 KiB each: not on the stack */
-	uint64_t bytes[NFMT] = { 0 };
+	uint64_t bytes[NFMT] = { 0 }, wire[NFMT] = { 0 };
 	float *g = NULL;
 	rdmaps_mr *mr = NULL;
 	struct bench_loop l;
@@ -44,6 +99,10 @@ int wl_wire(struct wl *wl, unsigned si)
 
 	if (!n)
 		return 0;
+	if (o->netdev && !tx_bytes(o->netdev)) {
+		fprintf(stderr, "rdmaps-bench: --netdev %s: no tx_bytes to read\n", o->netdev);
+		return -1;
+	}
 	g = aligned_alloc(4096, (n * sizeof(float) + 4095) & ~(size_t)4095);
 	if (!g)
 		return -1;
@@ -76,9 +135,12 @@ int wl_wire(struct wl *wl, unsigned si)
 			unsigned f = (unsigned)((k + l.n) % NFMT);
 			struct rdmaps_client_stats s0, s1;
 			rdmaps_client_stats(w->c, &s0);
+			uint64_t x0 = tx_bytes(o->netdev);
 			uint64_t a = rdmaps__now_ns();
 			rc = rdmaps_push(w->c, t[f], g, 0);
 			uint64_t b = rdmaps__now_ns();
+			/* staged: the WRITEs are acknowledged, so they have left */
+			wire[f] += tx_bytes(o->netdev) - x0;
 			rdmaps_client_stats(w->c, &s1);
 			rdmaps__hist_record(&hist[f], b - a);
 			bytes[f] += s1.push_bytes - s0.push_bytes;
@@ -113,6 +175,29 @@ int wl_wire(struct wl *wl, unsigned si)
 			snprintf(r.note, sizeof(r.note), "%.0f payload B/push (%.4f of float32)",
 				 (double)bytes[f] / (double)l.n,
 				 bytes[0] ? (double)bytes[f] / (double)bytes[0] : 0.0);
+			if (o->netdev)
+				snprintf(r.note + strlen(r.note), sizeof(r.note) - strlen(r.note),
+					 "; %.0f B/push sent by %s", (double)wire[f] / (double)l.n,
+					 o->netdev);
+			report_add(&r);
+		}
+		/* the server's default chunk: 16384 floats, a slot per chunk */
+		uint64_t slots = (n + 16383) / 16384;
+		for (unsigned f = 0; o->netdev && f < NFMT; f++) {
+			struct bench_row r = { 0 };
+			double got = (double)wire[f] / (double)l.n;
+			double want = wire_expect(o->netdev, bytes[f] / l.n, slots);
+			snprintf(r.group, sizeof(r.group), "wire-bytes");
+			snprintf(r.op, sizeof(r.op), "%s", fmts[f].op);
+			r.size = size;
+			r.workers = r.depth = 1;
+			r.ops = l.n;
+			r.seconds = (double)(end - start) / 1e9;
+			r.ratio = want > 0 ? got / want : 0;
+			snprintf(r.base_op, sizeof(r.base_op), "expected");
+			r.base_val = want;
+			snprintf(r.note, sizeof(r.note), "%s sent %.0f B/push; its format says %.0f",
+				 o->netdev, got, want);
 			report_add(&r);
 		}
 	}
