@@ -65,6 +65,9 @@ struct cl_part {
 	uint64_t copy_off;   /* two copies: copy 1 is this far from copy 0; 0: one copy */
 	uint32_t skip;       /* header bytes its READs leave out (chunk.h) */
 	uint64_t index_addr; /* two copies: the server's index, a u64 per chunk */
+	unsigned pull_fmt;   /* RDMAPS_FMT_BF16/FP16: the 16-bit copy; else 0 */
+	uint64_t half_addr;  /* its chunk 0 header */
+	uint32_t half_stride;
 };
 
 struct rdmaps_tensor {
@@ -78,6 +81,7 @@ struct rdmaps_tensor {
 	uint64_t clock;       /* this worker's pushes so far (BSP/SSP) */
 	bool bsp_pushed;      /* BSP: pushed since the last checked pull */
 	struct cl_wire *wire; /* compressed pushes (compress.c), or NULL: float32 */
+	unsigned pull_fmt;    /* as declared: RDMAPS_FMT_F32, BF16 or FP16 */
 	uint32_t nparts;
 	struct cl_part part[]; /* non-empty parts, in chunk order */
 };
@@ -90,6 +94,10 @@ struct rdmaps_op {
 	unsigned flags;
 	bool assign;          /* push of initial values (creator only) */
 	bool wire;            /* push: sends t->wire's encoded chunks */
+	/* pull of a tensor with a 16-bit copy: READs that copy, then converts
+	 * into buf (CL_HALF_FLOAT) or keeps its values (CL_HALF_RAW: buf holds
+	 * uint16_t); 0: the float32 chunks */
+	enum { CL_HALF_NONE = 0, CL_HALF_FLOAT, CL_HALF_RAW } half;
 	int status;           /* RDMAPS_EAGAIN while pending */
 	uint32_t gen;         /* bumped on every allocation of this slot */
 	rdmaps_tensor *t;

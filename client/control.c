@@ -124,6 +124,15 @@ static int part_from_reply(struct cl_part *p, const struct rdmaps_msg_tensor_rep
 	    (!r->copy_offset || !r->index_addr || r->cons.mode != RDMAPS_ASP ||
 	     r->copy_offset % RDMAPS_CHUNK_ALIGN || r->index_addr % sizeof(uint64_t)))
 		return RDMAPS_EPROTO;
+	/* a 16-bit copy: its chunks 64 B apart, each holding a full chunk */
+	if (r->pull_format > RDMAPS_FMT_FP16 ||
+	    (r->pull_format && (!r->half_addr || r->half_addr % RDMAPS_CHUNK_ALIGN ||
+				r->half_stride % RDMAPS_CHUNK_ALIGN ||
+				r->half_stride < RDMAPS_CHUNK_HDR + 2 * (uint64_t)ce)))
+		return RDMAPS_EPROTO;
+	p->pull_fmt = r->pull_format;
+	p->half_addr = r->half_addr;
+	p->half_stride = r->half_stride;
 	p->raddr = r->remote_addr;
 	p->rkey = r->rkey;
 	p->copy_off = r->copy_offset;
@@ -168,6 +177,16 @@ static int seal(struct cl_conn *k, uint32_t tensor_id)
 	m.tensor_id = tensor_id;
 	m.last_seq = k->next_seq - 1;
 	return cl_rpc(k, &m, sizeof(m), RDMAPS_MSG_STATUS_REPLY, &r, sizeof(r));
+}
+
+/* The tensor's pull format: every server's part must have the same. */
+static int tensor_pull_fmt(rdmaps_tensor *t)
+{
+	for (uint32_t p = 1; p < t->nparts; p++)
+		if (t->part[p].pull_fmt != t->part[0].pull_fmt)
+			return RDMAPS_EPROTO;
+	t->pull_fmt = t->nparts ? t->part[0].pull_fmt : 0;
+	return 0;
 }
 
 static void tensor_keep(rdmaps_client *c, rdmaps_tensor *t)
@@ -233,6 +252,9 @@ int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_
 	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_DECLARE, sizeof(m), 0);
 	m.init_value = d->init_value;
 	m.flags = d->init ? RDMAPS_DECLARE_INIT_DATA : 0;
+	if ((unsigned)d->pull_format > RDMAPS_FMT_FP16 || (d->pull_format && d->row_dim))
+		return RDMAPS_EINVAL;
+	m.flags |= (uint32_t)d->pull_format << RDMAPS_DECLARE_PULL_SHIFT;
 	m.hyper = (struct rdmaps_wire_hyper){
 		.lr = d->lr,
 		.momentum = d->momentum,
@@ -263,6 +285,8 @@ int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_
 		return RDMAPS_ENOMEM;
 	for (uint32_t p = 0; p < t->nparts && !rc; p++)
 		rc = declare_part(t, p, &m, d->init);
+	if (!rc)
+		rc = tensor_pull_fmt(t);
 	if (rc) {
 		free(t);
 		return rc;
@@ -319,6 +343,10 @@ int rdmaps_lookup(rdmaps_client *c, const char *name, rdmaps_tensor **out)
 	}
 	t->cons = rep[t->part[0].conn].cons;
 	t->clock = rep[t->part[0].conn].clock;
+	if ((rc = tensor_pull_fmt(t))) {
+		free(t);
+		return rc;
+	}
 	tensor_keep(c, t);
 	*out = t;
 	return 0;

@@ -17,6 +17,7 @@
 
 #include "client.h"
 #include "error.h"
+#include "half.h"
 #include "log.h"
 
 uint64_t cl_folded_seq(const struct cl_conn *k)
@@ -109,9 +110,51 @@ static int post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint3
 	return 0;
 }
 
+/*
+ * One READ of chunk rs->local of the part's 16-bit copy: its header to the
+ * slot's scratch, its values to the slot's bounce (converted when checked),
+ * or straight into the caller's registered uint16_t buffer (CL_HALF_RAW).
+ * A chunk per READ: the copy is one copy, and a READ that spanned several
+ * would be retried whole for one torn chunk.
+ */
+static int post_half_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
+{
+	rdmaps_tensor *t = op->t;
+	struct read_slot *rs = &k->rs[s];
+	const struct cl_part *pt = &t->part[rs->part];
+	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
+	bool direct = op->half == CL_HALF_RAW && op->mr;
+	struct ibv_sge sge[2] = {
+		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR,
+		  .lkey = k->ctl_mr->lkey },
+		{ .addr = direct ? (uintptr_t)((uint16_t *)(void *)op->buf + rs->dst_off)
+				 : (uintptr_t)rs->bounce,
+		  .length = count * 2u,
+		  .lkey = direct ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey },
+	};
+	struct ibv_send_wr wr = {
+		.wr_id = WR_ID(WR_READ, k->idx, s),
+		.sg_list = sge,
+		.num_sge = 2,
+		.opcode = IBV_WR_RDMA_READ,
+		.send_flags = IBV_SEND_SIGNALED,
+		.wr.rdma = { .remote_addr = pt->half_addr + (uint64_t)rs->local * pt->half_stride,
+			     .rkey = pt->rkey },
+	}, *bad;
+	int rc;
+
+	rs->next = CL_RS_NONE;
+	rc = ibv_post_send(k->qp, &wr, &bad);
+	if (rc)
+		return rdmaps__from_errno(rc);
+	k->sq_outstanding++;
+	op->c->stats.reads++;
+	return 0;
+}
+
 int cl_post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 {
-	return post_reads(k, op, &s, 1);
+	return op->half ? post_half_read(k, op, s) : post_reads(k, op, &s, 1);
 }
 
 static int post_push(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t local)
@@ -247,7 +290,17 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 	}
 	/* the batch being gathered holds a send queue entry of its own */
 	while (op->next[p] < pt->nchunks && k->sq_outstanding + (b.n > 0) < CL_SQ_DEPTH) {
-		if (op->kind == OP_PULL) {
+		if (op->kind == OP_PULL && op->half) {
+			/* the 16-bit copy: a READ per chunk, no index */
+			if (!k->nrs_free)
+				break;
+			uint32_t s = cl_rs_take(k, op, p, op->next[p],
+						(uint64_t)(pt->first + op->next[p]) * op->t->chunk_elems);
+			if ((rc = post_half_read(k, op, s))) {
+				k->rs_free[k->nrs_free++] = s;
+				break;
+			}
+		} else if (op->kind == OP_PULL) {
 			uint64_t word = 0;
 			if (!k->nrs_free)
 				break;
@@ -333,6 +386,77 @@ void cl_op_post(rdmaps_op *op)
 	}
 }
 
+/*
+ * A READ of slot s brought a torn chunk, or one older than the worker's
+ * clock allows: read it again with the same slot, within the op's budget
+ * (tries, or the clock's deadline), else finish the op. Two copies: the
+ * one read is being rewritten, so two folds came since the index was
+ * read; the other holds the newer, and a retry is checked on arrival.
+ * True when posted again: the slot stays with the op.
+ */
+static bool read_again(struct cl_conn *k, rdmaps_op *op, uint32_t s, bool stale, bool two)
+{
+	struct read_slot *rs = &k->rs[s];
+	bool again;
+	int rc;
+
+	if (stale) {
+		k->c->stats.stale_retries++;
+		again = rdmaps__now_ns() < op->deadline;
+	} else {
+		k->c->stats.pull_retries++;
+		again = ++rs->tries < CL_MAX_TRIES;
+	}
+	if (again && op->status == RDMAPS_EAGAIN) {
+		if (two) {
+			rs->copy ^= 1u;
+			rs->verify = true;
+		}
+		rc = cl_post_read(k, op, s);
+		if (!rc)
+			return true;
+		cl_fail(k, rc, "ibv_post_send failed");
+		op_finish(op, rc);
+	} else {
+		op_finish(op, stale ? RDMAPS_ETIMEDOUT : RDMAPS_ETORN);
+	}
+	return false;
+}
+
+/* A READ of the 16-bit copy is in (post_half_read): check it as a float32
+ * chunk is checked, over its 2-byte values, then convert or keep them. */
+static void half_done(struct cl_conn *k, uint32_t s)
+{
+	struct read_slot *rs = &k->rs[s];
+	rdmaps_op *op = &k->c->ops[rs->op];
+	rdmaps_tensor *t = op->t;
+	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems,
+					     t->part[rs->part].first + rs->local);
+	const struct rdmaps_chunk_hdr *h = (const void *)rs->scratch;
+	uint16_t *dst16 = (uint16_t *)(void *)op->buf + rs->dst_off;
+	const uint16_t *got = op->half == CL_HALF_RAW && op->mr ? dst16
+								 : (const uint16_t *)(void *)rs->bounce;
+	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
+	bool whole = relaxed || (!(h->version & 1u) && h->count == count &&
+				 rdmaps__checksum(got, (size_t)count * 2) == h->checksum);
+	bool stale = whole && !relaxed && h->clock < op->min_clock;
+
+	if (!whole || stale) {
+		if (read_again(k, op, s, stale, false))
+			return;
+	} else {
+		if (op->half == CL_HALF_FLOAT)
+			(t->pull_fmt == RDMAPS_FMT_BF16 ? rdmaps__bf16_to_f32_n
+							: rdmaps__f16_to_f32_n)(op->buf + rs->dst_off,
+										got, count);
+		else if (got != dst16)
+			memcpy(dst16, got, (size_t)count * 2);
+		op->done_chunks++;
+	}
+	op->inflight--;
+	k->rs_free[k->nrs_free++] = s;
+}
+
 static void read_done(struct cl_conn *k, uint32_t s)
 {
 	struct read_slot *rs = &k->rs[s];
@@ -346,6 +470,10 @@ static void read_done(struct cl_conn *k, uint32_t s)
 				 : op->mr ? dst : rs->bounce;
 	struct rdmaps_chunk_hdr *h = (void *)rs->scratch;
 
+	if (op->half) {
+		half_done(k, s);
+		return;
+	}
 	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
 	bool two = t->part[rs->part].copy_off != 0;
 
@@ -367,33 +495,9 @@ static void read_done(struct cl_conn *k, uint32_t s)
 	bool stale = whole && !relaxed && h->clock < op->min_clock;
 
 	if (!whole || stale) {
-		/* raced a fold, or older than this worker's clock allows: read
-		 * this chunk again with the same slot, within the op's budget */
-		bool again;
-		if (stale) {
-			k->c->stats.stale_retries++;
-			again = rdmaps__now_ns() < op->deadline;
-		} else {
-			k->c->stats.pull_retries++;
-			again = ++rs->tries < CL_MAX_TRIES;
-		}
-		if (again && op->status == RDMAPS_EAGAIN) {
-			int rc;
-			/* two copies: the one read is being rewritten, so two folds
-			 * came since the index was read; the other holds the newer.
-			 * A retry is checked on arrival. */
-			if (two) {
-				rs->copy ^= 1u;
-				rs->verify = true;
-			}
-			rc = cl_post_read(k, op, s);
-			if (!rc)
-				return;
-			cl_fail(k, rc, "ibv_post_send failed");
-			op_finish(op, rc);
-		} else {
-			op_finish(op, stale ? RDMAPS_ETIMEDOUT : RDMAPS_ETORN);
-		}
+		/* raced a fold, or older than this worker's clock allows */
+		if (read_again(k, op, s, stale, two))
+			return;
 	} else {
 		if (got != dst)
 			memcpy(dst, got, (size_t)count * sizeof(float));
@@ -616,10 +720,12 @@ int cl_op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *bu
 		op->flags = flags;
 		op->assign = assign;
 		op->wire = false;
+		/* a tensor with a 16-bit copy is pulled from it, into floats */
+		op->half = kind == OP_PULL && t->pull_fmt ? CL_HALF_FLOAT : CL_HALF_NONE;
 		op->status = RDMAPS_EAGAIN;
 		op->t = t;
 		op->buf = buf;
-		op->mr = cl_find_mr(c, buf, bytes);
+		op->mr = op->half ? NULL : cl_find_mr(c, buf, bytes);
 		op->part_lo = lo;
 		op->part_hi = hi;
 		op->clock = 0;
@@ -762,6 +868,35 @@ int rdmaps_pull_async(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned f
 	if (flags & RDMAPS_PUSH_FOLDED)
 		return RDMAPS_EINVAL;
 	return cl_op_start(c, OP_PULL, t, dst, flags, false, op);
+}
+
+int rdmaps_pull_half_async(rdmaps_client *c, rdmaps_tensor *t, uint16_t *dst, unsigned flags,
+			   rdmaps_op **op)
+{
+	int rc;
+
+	if ((flags & RDMAPS_PUSH_FOLDED) || !t || !t->pull_fmt || !dst)
+		return RDMAPS_EINVAL;
+	/* the op holds float *buf: the 16-bit values go where it points */
+	if ((rc = cl_op_alloc(c, OP_PULL, t, (float *)(void *)dst, flags, false, 0, t->nparts, op)))
+		return rc;
+	(*op)->half = CL_HALF_RAW;
+	(*op)->mr = cl_find_mr(c, dst, (size_t)t->length * 2);
+	cl_op_post(*op);
+	return 0;
+}
+
+int rdmaps_pull_half(rdmaps_client *c, rdmaps_tensor *t, uint16_t *dst, unsigned flags)
+{
+	rdmaps_op *op;
+	int rc = rdmaps_pull_half_async(c, t, dst, flags, &op);
+
+	return rc ? rc : cl_op_wait(op, -1);
+}
+
+enum rdmaps_format rdmaps_pull_format(const rdmaps_tensor *t)
+{
+	return t ? (enum rdmaps_format)t->pull_fmt : RDMAPS_FMT_F32;
 }
 
 int rdmaps_push_async(rdmaps_client *c, rdmaps_tensor *t, const float *grad, unsigned flags,

@@ -164,6 +164,34 @@ enum rdmaps_optimizer {
 	RDMAPS_OPT_ADAMW = 5,    /* Adam with decoupled weight decay: p -= lr * wd * p */
 };
 
+/*
+ * Wire formats: fewer bytes on the wire for a bandwidth-bound model.
+ * Pushes (rdmaps_set_push_format): the server decodes each push (refusing
+ * any that is malformed, whole) and folds it into its float32 master as it
+ * folds a float32 push; the optimizer is unchanged (docs/protocol.md,
+ * "Gradient formats"). Pulls (rdmaps_tensor_desc.pull_format): BF16 and
+ * FP16 only, from a 16-bit copy the server keeps beside the master.
+ *  RDMAPS_FMT_F32   float32, the default.
+ *  RDMAPS_FMT_BF16  bfloat16: half the bytes, float32's range, 8 bits of
+ *                   mantissa; rounded to nearest even.
+ *  RDMAPS_FMT_FP16  IEEE binary16: half the bytes, 11 bits of mantissa,
+ *                   values up to 65504 (a push past that is refused).
+ *  RDMAPS_FMT_TOPK  per chunk, the ceil(fraction x count) values of the
+ *                   largest magnitude and their indices, 8 bytes each.
+ *  RDMAPS_FMT_SIGN  per chunk, one bit per element and one scale (the
+ *                   mean magnitude, EF-signSGD): about 1/32 of the bytes.
+ * TOPK and SIGN keep error feedback on the worker: what a push did not
+ * send is added to the tensor's next push, so nothing is lost, only
+ * delayed. The values match common/gradfmt.h's.
+ */
+enum rdmaps_format {
+	RDMAPS_FMT_F32 = 0,
+	RDMAPS_FMT_BF16 = 1,
+	RDMAPS_FMT_FP16 = 2,
+	RDMAPS_FMT_TOPK = 3,
+	RDMAPS_FMT_SIGN = 4,
+};
+
 #define RDMAPS_NAME_MAX 63
 
 struct rdmaps_tensor_desc {
@@ -203,6 +231,17 @@ struct rdmaps_tensor_desc {
 	 * length and fit the server's chunk size. Row pushes need ASP.
 	 */
 	uint32_t row_dim;
+
+	/*
+	 * The format pulls READ: RDMAPS_FMT_F32 (default), or RDMAPS_FMT_BF16 /
+	 * RDMAPS_FMT_FP16: the server keeps the float32 master and the
+	 * optimizer state, and publishes a 16-bit copy of each chunk with every
+	 * fold, never torn as the master; a pull READs half the bytes and
+	 * rdmaps_pull converts them to float (rdmaps_pull_half keeps them as
+	 * they are). Part of the declaration (another format is a conflict).
+	 * Dense tensors only.
+	 */
+	enum rdmaps_format pull_format;
 };
 
 /*
@@ -257,6 +296,18 @@ enum rdmaps_flags {
  * "What a pull returns").
  */
 int rdmaps_pull(rdmaps_client *c, rdmaps_tensor *t, float *dst, unsigned flags);
+
+/*
+ * A tensor declared with a 16-bit pull format: pull its 16-bit copy as it
+ * is, length values (bfloat16 or IEEE half, as declared) into dst. Same
+ * guarantees and flags as rdmaps_pull; RDMAPS_EINVAL for a float32 tensor.
+ * Zero-copy when dst is registered (length * 2 bytes).
+ */
+int rdmaps_pull_half(rdmaps_client *c, rdmaps_tensor *t, uint16_t *dst, unsigned flags);
+int rdmaps_pull_half_async(rdmaps_client *c, rdmaps_tensor *t, uint16_t *dst, unsigned flags,
+			   rdmaps_op **op);
+/* t's pull format (declared). */
+enum rdmaps_format rdmaps_pull_format(const rdmaps_tensor *t);
 
 /*
  * Push a gradient (length floats) for the tensor. Blocking. Returns once the
@@ -325,32 +376,6 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms);
 
 /* ---- wire formats of pushes ------------------------------------------- */
 
-/*
- * The format a tensor's pushes travel in: fewer bytes on the wire for a
- * bandwidth-bound model. The server decodes each push (refusing any that
- * is malformed, whole) and folds it into its float32 master as it folds a
- * float32 push; the optimizer and pulls are unchanged (docs/protocol.md,
- * "Gradient formats").
- *  RDMAPS_FMT_F32   float32, the default.
- *  RDMAPS_FMT_BF16  bfloat16: half the bytes, float32's range, 8 bits of
- *                   mantissa; rounded to nearest even.
- *  RDMAPS_FMT_FP16  IEEE binary16: half the bytes, 11 bits of mantissa,
- *                   values up to 65504 (a push past that is refused).
- *  RDMAPS_FMT_TOPK  per chunk, the ceil(fraction x count) values of the
- *                   largest magnitude and their indices, 8 bytes each.
- *  RDMAPS_FMT_SIGN  per chunk, one bit per element and one scale (the
- *                   mean magnitude, EF-signSGD): about 1/32 of the bytes.
- * TOPK and SIGN keep error feedback on the worker: what a push did not
- * send is added to the tensor's next push, so nothing is lost, only
- * delayed. The values match common/gradfmt.h's.
- */
-enum rdmaps_format {
-	RDMAPS_FMT_F32 = 0,
-	RDMAPS_FMT_BF16 = 1,
-	RDMAPS_FMT_FP16 = 2,
-	RDMAPS_FMT_TOPK = 3,
-	RDMAPS_FMT_SIGN = 4,
-};
 
 /*
  * Set the format of t's dense pushes from now on; initial values and

@@ -202,6 +202,11 @@ struct rdmaps_msg_declare {
 	char name[RDMAPS_NAME_MAX + 1];      /* NUL-padded */
 };
 #define RDMAPS_DECLARE_INIT_DATA 1u
+/* bits 8-11: the format pulls READ (common/gradfmt.h: F32, BF16 or F16).
+ * Not F32: the server keeps a 16-bit copy of every chunk beside the float32
+ * master, written at every publish (TENSOR_REPLY's half_addr). */
+#define RDMAPS_DECLARE_PULL_SHIFT 8u
+#define RDMAPS_DECLARE_PULL_MASK (0xfu << RDMAPS_DECLARE_PULL_SHIFT)
 
 struct rdmaps_msg_lookup {
 	struct rdmaps_msg_hdr hdr;
@@ -246,7 +251,7 @@ struct rdmaps_msg_tensor_reply {
 	uint32_t nchunks;
 	uint32_t created; /* 1: this worker created it and must seal it */
 	uint32_t ready;   /* 0: creator still initialising, or a clock in progress; retry */
-	uint32_t reserved;
+	uint32_t pull_format; /* as declared: F32 (0), BF16 (1) or F16 (2) */
 	struct rdmaps_wire_consistency cons;
 	uint64_t clock;   /* the joining worker's first clock */
 	/* two copies (chunk.h): copy 1 is copy_offset bytes after copy 0, and
@@ -254,6 +259,12 @@ struct rdmaps_msg_tensor_reply {
 	 * one copy. Same rkey. */
 	uint64_t copy_offset;
 	uint64_t index_addr;
+	/* pull_format BF16/F16: the 16-bit copy, chunk i's header (as chunk.h,
+	 * count 16-bit values, checksum over their bytes) at half_addr + i *
+	 * half_stride; one copy, its header's version the seqlock. Same rkey. */
+	uint64_t half_addr;
+	uint32_t half_stride;
+	uint32_t reserved;
 };
 
 struct rdmaps_msg_stats_reply {
@@ -282,7 +293,8 @@ struct rdmaps_wire_tensor_info {
 	uint64_t length;
 	uint64_t clock;
 	uint64_t folds;    /* sum of per-chunk fold counts */
-	uint16_t mode;
+	uint8_t mode;
+	uint8_t pull_format;   /* the format pulls READ */
 	uint16_t push_formats; /* bit f: a push in gradient format f was folded */
 	uint32_t row_dim;
 	char optimizer[RDMAPS_OPT_NAME_MAX];

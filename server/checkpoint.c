@@ -52,7 +52,8 @@ struct ckpt_tensor {
 	struct rdmaps_wire_hyper hyper;
 	struct rdmaps_wire_consistency cons;
 	uint64_t clock;
-	uint32_t state_per_param, reserved;
+	uint32_t state_per_param;
+	uint32_t pull_format; /* 0 (float32) in files of servers without 16-bit pulls */
 };
 
 struct writer {
@@ -84,6 +85,7 @@ static void put_tensor(struct writer *w, struct srv_tensor *t)
 	ct.cons = t->cons;
 	ct.clock = t->clock;
 	ct.state_per_param = spp;
+	ct.pull_format = t->pull_fmt;
 	put(w, &ct, sizeof(ct));
 	put(w, t->steps, t->nchunks * sizeof(uint64_t));
 	for (uint32_t i = 0; i < t->nchunks; i++) {
@@ -282,6 +284,7 @@ static int restore_tensor(struct srv_store *st, struct reader *r, char *why, siz
 	m.length = ct->length;
 	m.hyper = ct->hyper;
 	m.cons = ct->cons;
+	m.flags = (ct->pull_format & 0xfu) << RDMAPS_DECLARE_PULL_SHIFT;
 	if ((rc = srv_store_declare(st, &m, NULL, &t, &created)) || !created ||
 	    t->nchunks != ct->nchunks || t->chunk_elems != ct->chunk_elems ||
 	    t->opt->state_per_param != ct->state_per_param) {
@@ -307,6 +310,7 @@ static int restore_tensor(struct srv_store *st, struct reader *r, char *why, siz
 		memcpy(h + 1, d, (size_t)h->count * sizeof(float));
 		h->clock = (uint32_t)clocks[i];
 		h->checksum = srv_checksum(h + 1, (size_t)h->count * sizeof(float));
+		srv_half_publish(t, i, h, true);
 		if (t->chunk_clock_done)
 			t->chunk_clock_done[i] = clocks[i];
 	}

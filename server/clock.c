@@ -40,6 +40,10 @@ static void ssp_publish(struct srv_tensor *t, uint64_t clock)
 	for (uint32_t i = 0; i < t->nchunks; i++) {
 		struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
 		__atomic_store_n(&h->clock, (uint32_t)clock, __ATOMIC_RELEASE); /* u32 on the wire */
+		if (t->pull_fmt) {
+			h = (struct rdmaps_chunk_hdr *)srv_half_chunk(t, i);
+			__atomic_store_n(&h->clock, (uint32_t)clock, __ATOMIC_RELEASE);
+		}
 	}
 }
 

@@ -102,6 +102,9 @@ static void reply_tensor(struct srv_conn *c, uint32_t req_id, struct srv_tensor 
 	r.clock = clock;
 	r.copy_offset = t->copy_off;
 	r.index_addr = t->index ? (uintptr_t)t->index : 0;
+	r.pull_format = t->pull_fmt;
+	r.half_addr = t->pull_fmt ? (uintptr_t)srv_half_chunk(t, 0) : 0;
+	r.half_stride = (uint32_t)t->half_stride;
 	reply_send(c, &r, sizeof(r));
 }
 
@@ -243,7 +246,8 @@ static void on_catalog(struct srv_conn *c, const struct rdmaps_msg_page *m)
 		e->clock = t->cons.mode == RDMAPS_BSP ? t->chunk_clock_done[0] : t->clock;
 		for (uint32_t k = 0; k < t->nchunks; k++)
 			e->folds += __atomic_load_n(&t->steps[k], __ATOMIC_RELAXED);
-		e->mode = (uint16_t)t->cons.mode;
+		e->mode = (uint8_t)t->cons.mode;
+		e->pull_format = (uint8_t)t->pull_fmt;
 		e->push_formats = (uint16_t)atomic_load_explicit(&t->push_formats, memory_order_relaxed);
 		e->row_dim = t->cons.row_dim;
 		snprintf(e->optimizer, sizeof(e->optimizer), "%s", t->opt->name);

@@ -110,6 +110,11 @@ struct srv_tensor {
 	 */
 	size_t copy_off;
 	uint64_t *index;
+	/* pull format BF16/F16 (else 0): a 16-bit copy of every chunk, chunk i
+	 * at mem + half_off + i * half_stride, written whenever the master's
+	 * chunk is published (srv_half_publish), under the master's lock */
+	unsigned pull_fmt;
+	size_t half_off, half_stride;
 	float *state;    /* optimizer state, never registered */
 	const struct srv_optimizer *opt;
 	struct rdmaps_wire_hyper hyper;
@@ -342,6 +347,20 @@ static inline uint8_t *srv_chunk(const struct srv_tensor *t, uint32_t i)
 				      (unsigned)(__atomic_load_n(&t->index[i], __ATOMIC_ACQUIRE) >> 1) & 1u);
 	return srv_chunk_copy(t, i, 0);
 }
+/* The 16-bit copy of chunk i (pull_fmt set): header, then count values. */
+static inline uint8_t *srv_half_chunk(const struct srv_tensor *t, uint32_t i)
+{
+	return t->mem + t->half_off + (size_t)i * t->half_stride;
+}
+/*
+ * Write the 16-bit copy of chunk i from src, the master's chunk as it is
+ * being published (header: count, clock; then its floats): odd version,
+ * converted values, checksum, even version. The caller holds the master's
+ * chunk (one writer). publish false leaves the version odd (a tensor still
+ * initialising: srv_store_settle makes it even). No-op without pull_fmt.
+ */
+void srv_half_publish(struct srv_tensor *t, uint32_t i, const struct rdmaps_chunk_hdr *src,
+		      bool publish);
 /* Chunk i's version: 2 x its versions published, odd while one is being
  * written (one copy: one per fold; two: one per fold thread batch). */
 static inline uint64_t srv_chunk_version(const struct srv_tensor *t, uint32_t i)

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gradfmt.h"
+#include "half.h"
 #include "log.h"
 #include "optimizer.h"
 #include "server.h"
@@ -124,6 +126,7 @@ static void chunk_init(struct srv_tensor *t, uint32_t i, float value)
 	h->checksum = srv_checksum(data, (size_t)count * sizeof(float));
 	/* a tensor waiting for its creator's values reads as "being written" */
 	h->version = atomic_load(&t->state_flag) == TENSOR_READY ? 0 : 1;
+	srv_half_publish(t, i, h, !(h->version & 1u));
 	if (t->index) {
 		/* copy 1 holds nothing yet: odd, so a reader sent there retries */
 		struct rdmaps_chunk_hdr *h1 = (struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, 1);
@@ -159,6 +162,16 @@ static int tensor_new(struct srv_store *s, const struct rdmaps_msg_declare *m,
 	if (wants_two_copies(s, m)) {
 		t->copy_off = rdmaps__round_up(t->mem_len, RDMAPS_CHUNK_ALIGN);
 		t->mem_len = 2 * t->copy_off + (size_t)t->nchunks * sizeof(uint64_t);
+	}
+	t->pull_fmt = (m->flags & RDMAPS_DECLARE_PULL_MASK) >> RDMAPS_DECLARE_PULL_SHIFT;
+	if (t->pull_fmt) {
+		/* after the rest, in the same registration: READ-only as the master */
+		t->half_off = rdmaps__round_up(t->mem_len, RDMAPS_CHUNK_ALIGN);
+		t->half_stride = rdmaps__round_up(RDMAPS_CHUNK_HDR + (size_t)t->chunk_elems * 2,
+						  RDMAPS_CHUNK_ALIGN);
+		t->mem_len = t->half_off + (size_t)(t->nchunks - 1) * t->half_stride +
+			     RDMAPS_CHUNK_HDR +
+			     2 * (size_t)rdmaps__chunk_count(t->length, t->chunk_elems, t->nchunks - 1);
 	}
 	t->opt = opt;
 	t->hyper = m->hyper;
@@ -199,6 +212,7 @@ static bool same_declaration(const struct srv_tensor *t, const struct rdmaps_msg
 			     const struct srv_optimizer *opt)
 {
 	return t->length == m->length && t->opt == opt &&
+	       t->pull_fmt == (m->flags & RDMAPS_DECLARE_PULL_MASK) >> RDMAPS_DECLARE_PULL_SHIFT &&
 	       !memcmp(&t->hyper, &m->hyper, sizeof(t->hyper)) &&
 	       !memcmp(&t->cons, &m->cons, sizeof(t->cons));
 }
@@ -209,6 +223,11 @@ void srv_store_settle(struct srv_tensor *t)
 		struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
 		if (h->version & 1u)
 			__atomic_store_n(&h->version, h->version + 1, __ATOMIC_RELEASE);
+		if (t->pull_fmt) {
+			h = (struct rdmaps_chunk_hdr *)srv_half_chunk(t, i);
+			if (h->version & 1u)
+				__atomic_store_n(&h->version, h->version + 1, __ATOMIC_RELEASE);
+		}
 	}
 }
 
@@ -284,7 +303,13 @@ int srv_store_declare(struct srv_store *s, const struct rdmaps_msg_declare *m, c
 		return RDMAPS_EINVAL;
 	if (m->length == 0 || m->length > UINT64_MAX / 8)
 		return RDMAPS_ERANGE;
-	if (m->flags & ~RDMAPS_DECLARE_INIT_DATA)
+	if (m->flags & ~(RDMAPS_DECLARE_INIT_DATA | RDMAPS_DECLARE_PULL_MASK))
+		return RDMAPS_EINVAL;
+	/* a 16-bit copy: bf16 or fp16, of a dense tensor (rows are pulled one
+	 * by one, in float32) */
+	if ((m->flags & RDMAPS_DECLARE_PULL_MASK) &&
+	    ((m->flags & RDMAPS_DECLARE_PULL_MASK) >> RDMAPS_DECLARE_PULL_SHIFT > RDMAPS__GRAD_F16 ||
+	     m->cons.row_dim))
 		return RDMAPS_EINVAL;
 	if (m->cons.mode > RDMAPS_SSP || m->cons.staleness > 1000000 ||
 	    m->cons.workers > SRV_MAX_MEMBERS || m->cons.mean > 1 ||
@@ -415,8 +440,33 @@ void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool cha
 		return;
 	}
 	h->checksum = srv_checksum(h + 1, (size_t)h->count * sizeof(float));
+	srv_half_publish(t, chunk, h, true);
 	/* release: the body and its checksum before the even version */
 	__atomic_store_n(&h->version, v + 2, __ATOMIC_RELEASE);
+}
+
+void srv_half_publish(struct srv_tensor *t, uint32_t i, const struct rdmaps_chunk_hdr *src,
+		      bool publish)
+{
+	struct rdmaps_chunk_hdr *h;
+	uint16_t *data;
+	uint64_t v;
+
+	if (!t->pull_fmt)
+		return;
+	h = (struct rdmaps_chunk_hdr *)srv_half_chunk(t, i);
+	data = (uint16_t *)(h + 1);
+	v = __atomic_load_n(&h->version, __ATOMIC_RELAXED) | 1u;
+	/* odd before any data store, as the master's seqlock */
+	__atomic_store_n(&h->version, v, __ATOMIC_RELAXED);
+	__atomic_thread_fence(__ATOMIC_RELEASE);
+	(t->pull_fmt == RDMAPS__GRAD_BF16 ? rdmaps__f32_to_bf16_n : rdmaps__f32_to_f16_n)(
+		data, (const float *)(src + 1), src->count);
+	h->count = src->count;
+	h->clock = src->clock;
+	h->checksum = srv_checksum(data, (size_t)src->count * 2);
+	if (publish)
+		__atomic_store_n(&h->version, v + 1, __ATOMIC_RELEASE);
 }
 
 /*
@@ -460,6 +510,8 @@ static void open_publish_one(const struct srv_open *o)
 	dst->count = o->count;
 	dst->clock = src->clock;
 	dst->checksum = srv_checksum(o->data, (size_t)o->count * sizeof(float));
+	/* the index is still odd: this fold thread alone holds the chunk */
+	srv_half_publish(o->t, o->chunk, dst, true);
 	/* release: body and checksum before the even version, and the copy
 	 * before the index that names it */
 	__atomic_store_n(&dst->version, o->v + 2, __ATOMIC_RELEASE);
@@ -525,6 +577,7 @@ void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, ui
 		 * until the creator seals it; only its fold thread writes them */
 		memcpy(data, grad, (size_t)count * sizeof(float));
 		h->checksum = srv_checksum(data, (size_t)count * sizeof(float));
+		srv_half_publish(t, chunk, h, false);
 		return;
 	}
 	if (t->index) {

@@ -95,20 +95,27 @@ static PyObject *raise_rdmaps(int rc, const char *what)
  * elements (length 0: any size). Returns its data pointer, or NULL with
  * TypeError/ValueError set.
  */
-static float *array_data(PyObject *obj, int writable, uint64_t length, const char *what)
+/* The data of a C-contiguous, aligned array of `length` elements whose
+ * dtype is one of types[0..ntypes) (named `tname` in errors), or NULL with
+ * a Python error set. */
+static void *array_data_of(PyObject *obj, int writable, uint64_t length, const char *what,
+			   const int *types, int ntypes, const char *tname)
 {
 	PyArrayObject *a;
+	int ok = 0;
 
 	if (!PyArray_Check(obj)) {
-		PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of float32, not %.100s",
-			     what, Py_TYPE(obj)->tp_name);
+		PyErr_Format(PyExc_TypeError, "%s must be a numpy.ndarray of %s, not %.100s", what,
+			     tname, Py_TYPE(obj)->tp_name);
 		return NULL;
 	}
 	a = (PyArrayObject *)obj;
-	if (PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_ISNOTSWAPPED(a)) {
+	for (int i = 0; i < ntypes; i++)
+		ok |= PyArray_TYPE(a) == types[i];
+	if (!ok || !PyArray_ISNOTSWAPPED(a)) {
 		PyObject *r = PyObject_Repr((PyObject *)PyArray_DESCR(a));
-		PyErr_Format(PyExc_TypeError, "%s must have dtype float32 in native byte order, not %U",
-			     what, r);
+		PyErr_Format(PyExc_TypeError, "%s must have dtype %s in native byte order, not %U",
+			     what, tname, r);
 		Py_XDECREF(r);
 		return NULL;
 	}
@@ -135,6 +142,13 @@ static float *array_data(PyObject *obj, int writable, uint64_t length, const cha
 		return NULL;
 	}
 	return PyArray_DATA(a);
+}
+
+static float *array_data(PyObject *obj, int writable, uint64_t length, const char *what)
+{
+	static const int f32[] = { NPY_FLOAT32 };
+
+	return array_data_of(obj, writable, length, what, f32, 1, "float32");
 }
 
 /* ---- Client ----------------------------------------------------------- */
@@ -375,24 +389,33 @@ static PyObject *Client_declare(ClientObject *self, PyObject *args, PyObject *kw
 {
 	static char *kwlist[] = { "name", "length", "init", "init_value", "optimizer", "lr",
 				  "momentum", "beta1", "beta2", "eps", "weight_decay", "consistency",
-				  "staleness", "workers", "aggregate_mean", "clip_norm", NULL };
+				  "staleness", "workers", "aggregate_mean", "clip_norm", "pull_format",
+				  NULL };
 	static const char *const cons_names[] = { "asp", "bsp", "ssp" };
-	const char *name, *opt = "sgd", *cons = "asp";
+	static const char *const pull_names[] = { "f32", "bf16", "fp16" };
+	const char *name, *opt = "sgd", *cons = "asp", *pull = "f32";
 	long long length;
 	PyObject *init = Py_None;
 	float init_value = 0.0f, lr = 0.01f, momentum = 0.0f, beta1 = 0.0f, beta2 = 0.0f,
 	      eps = 0.0f, wd = 0.0f, clip = 0.0f;
 	unsigned int staleness = 0, members = 0;
-	int agg_mean = 0, cn = -1;
+	int agg_mean = 0, cn = -1, pf = -1;
 	const float *init_data = NULL;
 	rdmaps_tensor *t = NULL;
 	int o = -1, rc;
 
-	if (!PyArg_ParseTupleAndKeywords(args, kw, "sL|Ofsffffff$sIIpf:declare", kwlist, &name,
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "sL|Ofsffffff$sIIpfs:declare", kwlist, &name,
 					 &length, &init, &init_value, &opt, &lr, &momentum, &beta1,
 					 &beta2, &eps, &wd, &cons, &staleness, &members, &agg_mean,
-					 &clip))
+					 &clip, &pull))
 		return NULL;
+	for (int i = 0; i < 3; i++)
+		if (!strcmp(pull, pull_names[i]))
+			pf = i;
+	if (pf < 0) {
+		PyErr_Format(PyExc_ValueError, "unknown pull_format '%s' (f32, bf16, fp16)", pull);
+		return NULL;
+	}
 	for (size_t i = 0; i < sizeof(cons_names) / sizeof(cons_names[0]); i++)
 		if (!strcmp(cons, cons_names[i]))
 			cn = (int)i;
@@ -421,6 +444,7 @@ static PyObject *Client_declare(ClientObject *self, PyObject *args, PyObject *kw
 		.beta1 = beta1, .beta2 = beta2, .eps = eps, .weight_decay = wd,
 		.consistency = (enum rdmaps_consistency)cn, .staleness = staleness, .workers = members,
 		.aggregate_mean = agg_mean, .clip_norm = clip,
+		.pull_format = (enum rdmaps_format)pf,
 	};
 	if (client_enter(self))
 		return NULL;
@@ -549,6 +573,35 @@ static PyObject *Client_pull(ClientObject *self, PyObject *args, PyObject *kw)
 	client_leave(self);
 	if (rc)
 		return raise_rdmaps(rc, "pull");
+	Py_INCREF(arr);
+	return arr;
+}
+
+static PyObject *Client_pull_half(ClientObject *self, PyObject *args, PyObject *kw)
+{
+	static char *kwlist[] = { "tensor", "out", "relaxed", NULL };
+	static const int h16[] = { NPY_UINT16, NPY_FLOAT16 };
+	TensorObject *t;
+	PyObject *arr;
+	int relaxed = 0, rc;
+	uint16_t *p;
+
+	if (!PyArg_ParseTupleAndKeywords(args, kw, "O!O|p:pull_half", kwlist, &TensorType, &t,
+					 &arr, &relaxed))
+		return NULL;
+	if (t->client != self) {
+		PyErr_SetString(PyExc_ValueError, "tensor belongs to another Client");
+		return NULL;
+	}
+	p = array_data_of(arr, 1, t->length, "out", h16, 2, "uint16 or float16");
+	if (!p || client_enter(self))
+		return NULL;
+	Py_BEGIN_ALLOW_THREADS
+	rc = rdmaps_pull_half(self->c, t->t, p, relaxed ? RDMAPS_PULL_RELAXED : 0);
+	Py_END_ALLOW_THREADS
+	client_leave(self);
+	if (rc)
+		return raise_rdmaps(rc, "pull_half");
 	Py_INCREF(arr);
 	return arr;
 }
@@ -760,11 +813,14 @@ static PyMethodDef Client_methods[] = {
 	{ "declare", (PyCFunction)(void (*)(void))Client_declare, METH_VARARGS | METH_KEYWORDS,
 	  "declare(name, length, init=None, init_value=0.0, optimizer='sgd', lr=0.01, momentum=0.0,\n"
 	  "        beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0, *, consistency='asp',\n"
-	  "        staleness=0, workers=0, aggregate_mean=False, clip_norm=0.0) -> Tensor\n"
+	  "        staleness=0, workers=0, aggregate_mean=False, clip_norm=0.0,\n"
+	  "        pull_format='f32') -> Tensor\n"
 	  "Declare a float32 tensor, or attach to it if it exists with the same settings.\n"
 	  "init: float32 array of `length` values; the first declaration's values win.\n"
 	  "optimizer: sgd, momentum, nesterov, adagrad, adam, adamw (state lives on the server);\n"
-	  "consistency: asp, bsp, ssp (docs/consistency.md)." },
+	  "consistency: asp, bsp, ssp (docs/consistency.md).\n"
+	  "pull_format: 'bf16' or 'fp16': the server keeps a 16-bit copy that pulls read (half\n"
+	  "the bytes; pull() converts to float32, pull_half() keeps the 16-bit values)." },
 	{ "lookup", (PyCFunction)Client_lookup, METH_VARARGS,
 	  "lookup(name) -> Tensor: attach to an existing tensor (rdmaps.Error ENOENT if unknown)." },
 	{ "register", (PyCFunction)Client_register, METH_O,
@@ -776,6 +832,10 @@ static PyMethodDef Client_methods[] = {
 	{ "pull", (PyCFunction)(void (*)(void))Client_pull, METH_VARARGS | METH_KEYWORDS,
 	  "pull(tensor, out, relaxed=False) -> out: read the whole tensor into out (blocking).\n"
 	  "relaxed skips the torn-read check (Hogwild)." },
+	{ "pull_half", (PyCFunction)(void (*)(void))Client_pull_half, METH_VARARGS | METH_KEYWORDS,
+	  "pull_half(tensor, out, relaxed=False) -> out: a tensor declared with pull_format 'bf16'\n"
+	  "or 'fp16': its 16-bit values as they are, into a uint16 (bfloat16 bits) or float16\n"
+	  "array of the tensor's length." },
 	{ "push", (PyCFunction)(void (*)(void))Client_push, METH_VARARGS | METH_KEYWORDS,
 	  "push(tensor, grad, folded=False): send a gradient; returns once it is staged on the\n"
 	  "server, or with folded=True once the server has applied it." },

@@ -7,6 +7,8 @@
  */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -295,4 +297,210 @@ Test(wire, malformed_compressed_slots_are_dropped_whole, .fini = stop_server, .t
 	cr_assert_eq(after.folds - before.folds, 1);
 	cr_assert_eq(after.dropped - before.dropped, 8);
 	rdmaps_close(good);
+}
+
+/* ---- 16-bit pulls ------------------------------------------------------- */
+
+static rdmaps_tensor *declare_pull(rdmaps_client *c, const char *name, uint64_t len,
+				   const float *init, enum rdmaps_format pf, enum rdmaps_consistency cm)
+{
+	struct rdmaps_tensor_desc d = { .name = name, .length = len, .init = init,
+					.optimizer = RDMAPS_OPT_SGD, .lr = 1.0f, .pull_format = pf,
+					.consistency = cm, .workers = cm == RDMAPS_ASP ? 0 : 1 };
+	rdmaps_tensor *t = NULL;
+	int rc = rdmaps_declare(c, &d, &t);
+
+	cr_assert_eq(rc, 0, "declare %s: %s", name, rdmaps_strerror(rc));
+	return t;
+}
+
+static uint16_t to_half(enum rdmaps_format pf, float f)
+{
+	return pf == RDMAPS_FMT_BF16 ? rdmaps__f32_to_bf16(f) : rdmaps__f32_to_f16(f);
+}
+
+static float from_half(enum rdmaps_format pf, uint16_t h)
+{
+	return pf == RDMAPS_FMT_BF16 ? rdmaps__bf16_to_f32(h) : rdmaps__f16_to_f32(h);
+}
+
+Test(wire, half_pulls_are_the_master_rounded, .fini = stop_server, .timeout = 300)
+{
+	static float init[LEN], master[LEN];
+	static uint16_t raw[LEN], raw_reg[LEN];
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	rdmaps_client *c = th_connect(&srv);
+	enum rdmaps_format pfs[2] = { RDMAPS_FMT_BF16, RDMAPS_FMT_FP16 };
+	struct rdmaps_client_stats s0, s1;
+	rdmaps_tensor *t32, *th[2], *bad = NULL;
+	rdmaps_mr *mr;
+
+	make_grad(11);
+	memcpy(init, grad, sizeof(init));
+	t32 = declare_pull(c, "m32", LEN, init, RDMAPS_FMT_F32, RDMAPS_ASP);
+	th[0] = declare_pull(c, "mbf16", LEN, init, RDMAPS_FMT_BF16, RDMAPS_ASP);
+	th[1] = declare_pull(c, "mfp16", LEN, init, RDMAPS_FMT_FP16, RDMAPS_ASP);
+	cr_assert_eq(rdmaps_pull_format(th[0]), RDMAPS_FMT_BF16);
+	cr_assert_eq(rdmaps_pull_format(t32), RDMAPS_FMT_F32);
+	cr_assert_eq(rdmaps_register(c, raw_reg, sizeof(raw_reg), &mr), 0);
+	for (unsigned r = 0; r < 3; r++) {
+		if (r) { /* the initial values first, then after folds */
+			make_grad(r);
+			for (int k = 0; k < 3; k++)
+				cr_assert_eq(rdmaps_push(c, k ? th[k - 1] : t32, grad, RDMAPS_PUSH_FOLDED),
+					     0);
+		}
+		cr_assert_eq(rdmaps_pull(c, t32, master, 0), 0);
+		for (int k = 0; k < 2; k++) {
+			rdmaps_client_stats(c, &s0);
+			cr_assert_eq(rdmaps_pull(c, th[k], model, 0), 0);
+			rdmaps_client_stats(c, &s1);
+			/* a READ per chunk of the 16-bit copy */
+			cr_assert_eq(s1.reads - s0.reads, 4);
+			cr_assert_eq(rdmaps_pull_half(c, th[k], raw, 0), 0);
+			cr_assert_eq(rdmaps_pull_half(c, th[k], raw_reg, 0), 0, "zero-copy");
+			for (uint64_t i = 0; i < LEN; i++) {
+				uint16_t h = to_half(pfs[k], master[i]);
+				cr_assert_eq(raw[i], h, "%s round %u: [%lu] = 0x%04x, want 0x%04x of %.9g",
+					     k ? "fp16" : "bf16", r, (unsigned long)i, raw[i], h, master[i]);
+				cr_assert_eq(raw_reg[i], h);
+				cr_assert_eq(model[i], from_half(pfs[k], h), "%s round %u: float [%lu]",
+					     k ? "fp16" : "bf16", r, (unsigned long)i);
+			}
+		}
+	}
+	/* the copy really is rounded: not the master itself */
+	cr_assert_neq(memcmp(model, master, sizeof(model)), 0);
+	/* bad declarations change nothing */
+	cr_assert_eq(rdmaps_pull_half(c, t32, raw, 0), RDMAPS_EINVAL);
+	struct rdmaps_tensor_desc d = { .name = "mbf16", .length = LEN, .optimizer = RDMAPS_OPT_SGD,
+					.lr = 1.0f, .pull_format = RDMAPS_FMT_FP16 };
+	cr_assert_eq(rdmaps_declare(c, &d, &bad), RDMAPS_EEXIST, "another pull format");
+	d.name = "topk-pulls";
+	d.pull_format = RDMAPS_FMT_TOPK;
+	cr_assert_eq(rdmaps_declare(c, &d, &bad), RDMAPS_EINVAL);
+	d.pull_format = RDMAPS_FMT_BF16;
+	d.row_dim = 8;
+	cr_assert_eq(rdmaps_declare(c, &d, &bad), RDMAPS_EINVAL, "rows are pulled in float32");
+	rdmaps_deregister(mr);
+	rdmaps_close(c);
+}
+
+/* ---- 16-bit copies under a writer flat out ------------------------------- */
+
+#define TORN16_CHUNKS 8
+#define TORN16_LEN (TORN16_CHUNKS * CHUNK)
+static volatile int torn16_stop;
+static long torn16_pushes;
+
+static void *torn16_pusher(void *arg)
+{
+	static float g[TORN16_LEN];
+	int *rc = arg;
+	rdmaps_client *c = NULL;
+	rdmaps_tensor *t;
+
+	for (int i = 0; i < TORN16_LEN; i++)
+		g[i] = -1.0f; /* lr 1: every fold adds exactly 1 to a whole chunk */
+	if ((*rc = th_connect_token(&srv, TH_TOKEN, &c)))
+		return NULL;
+	if (!(*rc = rdmaps_lookup(c, "torn16", &t)))
+		while (!torn16_stop && !(*rc = rdmaps_push(c, t, g, 0)))
+			torn16_pushes++;
+	if (!*rc)
+		*rc = rdmaps_flush(c, 30000);
+	rdmaps_close(c);
+	return NULL;
+}
+
+static void half_torn_race(const char *two_copies_from)
+{
+	static float v[TORN16_LEN], prev[TORN16_CHUNKS];
+	static uint16_t raw[TORN16_LEN];
+	struct rdmaps_client_stats cs;
+	pthread_t pusher;
+	int prc = 0;
+
+	memset(prev, 0, sizeof(prev));
+	th_server_start(&srv, "--chunk-elems", "1024", "--fold-threads", "2", "--two-copies-from",
+			two_copies_from, NULL);
+	rdmaps_client *c = th_connect(&srv);
+	rdmaps_tensor *t = declare_pull(c, "torn16", TORN16_LEN, NULL, RDMAPS_FMT_BF16, RDMAPS_ASP);
+	torn16_stop = 0;
+	torn16_pushes = 0;
+	pthread_create(&pusher, NULL, torn16_pusher, &prc);
+	for (int n = 0; n < 300; n++) {
+		cr_assert_eq(rdmaps_pull(c, t, v, 0), 0, "pull %d", n);
+		for (int k = 0; k < TORN16_CHUNKS; k++) {
+			const float *ch = v + k * CHUNK;
+			for (int i = 1; i < CHUNK; i++)
+				cr_assert_eq(ch[i], ch[0], "pull %d chunk %d torn: [0]=%g [%d]=%g", n, k,
+					     ch[0], i, ch[i]);
+			cr_assert_geq(ch[0], prev[k], "pull %d chunk %d went back in time", n, k);
+			prev[k] = ch[0];
+		}
+	}
+	torn16_stop = 1;
+	pthread_join(pusher, NULL);
+	cr_assert_eq(prc, 0, "pusher: %s", rdmaps_strerror(prc));
+	rdmaps_client_stats(c, &cs);
+	printf("16-bit copy, torn (two copies from %s B): 300 pulls raced %ld pushes; %lu chunk "
+	       "re-reads (%.3f%% of chunk reads)\n", two_copies_from, torn16_pushes,
+	       (unsigned long)cs.pull_retries, 100.0 * (double)cs.pull_retries / (300 * TORN16_CHUNKS));
+	cr_assert_gt(torn16_pushes, 0, "the folds must actually race the pulls");
+	/* settled: the master is exactly the pushes, the copy its rounding */
+	cr_assert_eq(rdmaps_pull_half(c, t, raw, 0), 0);
+	for (int i = 0; i < TORN16_LEN; i++)
+		cr_assert_eq(raw[i], rdmaps__f32_to_bf16((float)torn16_pushes), "final [%d] = 0x%04x, "
+			     "pushes %ld", i, raw[i], torn16_pushes);
+	rdmaps_close(c);
+}
+
+Test(wire, half_pulls_never_see_a_torn_chunk, .fini = stop_server, .timeout = 600)
+{
+	half_torn_race("0");
+}
+
+Test(wire, half_pulls_never_see_a_torn_chunk_two_copies, .fini = stop_server, .timeout = 600)
+{
+	half_torn_race("4096");
+}
+
+Test(wire, half_pulls_wait_for_bsp_clocks_and_survive_a_restart, .fini = stop_server,
+     .timeout = 300)
+{
+	static float v[LEN];
+	char dir[64];
+	float expect = 0.0f;
+	int rc;
+
+	th_mkdtemp(dir, sizeof(dir), "half");
+	th_server_start(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
+	rdmaps_client *c = th_connect(&srv);
+	rdmaps_tensor *t = declare_pull(c, "bsp16", LEN, NULL, RDMAPS_FMT_FP16, RDMAPS_BSP);
+	make_grad(4);
+	for (int r = 0; r < 3; r++) {
+		/* a BSP pull after a push sees that clock folded, in the copy too */
+		cr_assert_eq(rdmaps_push(c, t, grad, 0), 0);
+		cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+		expect -= grad[7];
+		cr_assert_eq(v[7], rdmaps__f16_to_f32(rdmaps__f32_to_f16(expect)), "round %d: %g, expect %g",
+			     r, v[7], expect);
+	}
+	cr_assert_eq(rdmaps_checkpoint(c, 10000), 0);
+	th_server_kill9(&srv);
+	th_server_restart(&srv, "--chunk-elems", "1024", "--checkpoint-dir", dir, NULL);
+	/* the restored tensor keeps its pull format, and its copy is written
+	 * from the restored master: no pull finds it empty or half made */
+	/* the first call after the crash finds the connection lost; the next
+	 * reconnects to the restarted server */
+	rc = rdmaps_pull(c, t, v, 0);
+	if (rc == RDMAPS_EDISCONNECTED)
+		rc = rdmaps_pull(c, t, v, 0);
+	cr_assert_eq(rc, 0, "pull after the restart: %s", rdmaps_strerror(rc));
+	cr_assert_eq(v[7], rdmaps__f16_to_f32(rdmaps__f32_to_f16(expect)));
+	cr_assert_eq(rdmaps_pull_format(t), RDMAPS_FMT_FP16);
+	rdmaps_close(c);
+	th_server_stop(&srv); /* its last checkpoint first, then the directory */
+	th_rmdir(dir);
 }
