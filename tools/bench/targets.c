@@ -115,7 +115,7 @@ static void wire_target(const char *name, const char *op, double limit)
 	const struct bench_row *a = report_find("wire", op, SZ_4M);
 
 	verdict(name, a, a, a ? a->ratio : 0, limit, true, false,
-		"wire rows 4 MiB, interleaved with push-f32 (staged, encoding included)");
+		"wire rows 4 MiB, interleaved with the float32 row (a push: staged, encoding included)");
 }
 
 /* The bytes a format's pushes put on the wire against what its payload
@@ -159,6 +159,7 @@ int targets_eval(const struct bench_opts *o)
 	fold_target("(info) fold path, Adam, two copies / triad", "path-adam-2copies", true,
 		    o->in_vm, "ASP from 4 KiB");
 
+	wire_target("4 MiB pull, bf16 / float32 time", "pull-bf16", 0.55);
 	wire_target("4 MiB push, bf16 / float32 time", "push-bf16", 0.55);
 	wire_target("4 MiB push, top-k 1 % / float32 time", "push-topk1%", 0.10);
 	wire_target("4 MiB push, sign / float32 time", "push-sign", 0.10);

@@ -34,8 +34,9 @@ static const struct wire_fmt fmts[] = {
 };
 #define NFMT (sizeof(fmts) / sizeof(fmts[0]))
 
-/* The interface's tx_bytes, or 0 when there is none to read. */
-static uint64_t tx_bytes(const char *netdev)
+/* A counter of the interface (tx_bytes, rx_bytes), or 0 when there is
+ * none to read. */
+static uint64_t net_stat(const char *netdev, const char *what)
 {
 	char path[256], buf[32] = "";
 	unsigned long long v = 0;
@@ -43,7 +44,7 @@ static uint64_t tx_bytes(const char *netdev)
 
 	if (!netdev)
 		return 0;
-	snprintf(path, sizeof(path), "/sys/class/net/%s/statistics/tx_bytes", netdev);
+	snprintf(path, sizeof(path), "/sys/class/net/%s/statistics/%s", netdev, what);
 	f = fopen(path, "r");
 	if (!f)
 		return 0;
@@ -84,6 +85,85 @@ static double wire_expect(const char *netdev, uint64_t payload, uint64_t slots)
 	return (double)slots * (per_slot + packets * (14 + 20 + 8 + 12 + 4) + 16 + 4);
 }
 
+/* Pulls of the same tensor as float32, from a bf16 copy and from an fp16
+ * copy, in turn; rows pull-<format> with their ratio to float32's, and with
+ * --netdev the bytes received per pull (the READ responses). */
+static const struct { const char *op; enum rdmaps_format fmt; } pulls[] = {
+	{ "pull-f32", RDMAPS_FMT_F32 }, { "pull-bf16", RDMAPS_FMT_BF16 },
+	{ "pull-fp16", RDMAPS_FMT_FP16 },
+};
+#define NPULL (sizeof(pulls) / sizeof(pulls[0]))
+
+static int wire_pulls(struct wl *wl, unsigned si, float *dst)
+{
+	const struct bench_opts *o = wl->o;
+	struct wl_worker *w = &wl->w[0];
+	uint64_t size = o->sizes[si], start, end = 0, rx[NPULL] = { 0 };
+	static struct rdmaps_hist hist[NPULL];
+	rdmaps_tensor *t[NPULL] = { 0 };
+	struct bench_loop l;
+	int rc = 0;
+
+	for (unsigned f = 0; f < NPULL && !rc; f++) {
+		struct rdmaps_tensor_desc d = { 0 };
+		char name[64];
+		wl->acc->describe(wl, size, &d);
+		snprintf(name, sizeof(name), "bench-wire-pull-%u-%llu", f, (unsigned long long)size);
+		d.name = name;
+		d.pull_format = pulls[f].fmt;
+		rc = rdmaps_declare(w->c, &d, &t[f]);
+		rdmaps__hist_reset(&hist[f]);
+	}
+	for (uint64_t i = 0; !rc && i < 3; i++)
+		for (unsigned f = 0; f < NPULL && !rc; f++)
+			rc = rdmaps_pull(w->c, t[f], dst, 0);
+	start = rdmaps__now_ns();
+	loop_start_bw(&l, o, start, size);
+	while (!rc) {
+		for (unsigned k = 0; k < NPULL && !rc; k++) {
+			unsigned f = (unsigned)((k + l.n) % NPULL);
+			uint64_t x0 = net_stat(o->netdev, "rx_bytes");
+			uint64_t a = rdmaps__now_ns();
+			rc = rdmaps_pull(w->c, t[f], dst, 0);
+			uint64_t b = rdmaps__now_ns();
+			rx[f] += net_stat(o->netdev, "rx_bytes") - x0;
+			rdmaps__hist_record(&hist[f], b - a);
+		}
+		end = rdmaps__now_ns();
+		if (!rc && !loop_more(&l, end))
+			break;
+	}
+	if (rc) {
+		fprintf(stderr, "rdmaps-bench: wire pulls at %llu B: %s\n", (unsigned long long)size,
+			rdmaps_strerror(rc));
+		return -1;
+	}
+	double base = 0;
+	for (unsigned f = 0; f < NPULL; f++) {
+		struct bench_row r = { 0 };
+		snprintf(r.group, sizeof(r.group), "wire");
+		snprintf(r.op, sizeof(r.op), "%s", pulls[f].op);
+		r.size = size;
+		r.workers = r.depth = 1;
+		r.ops = l.n;
+		r.seconds = (double)(end - start) / 1e9;
+		report_lat(&r, &hist[f]);
+		if (f == 0) {
+			base = r.p50;
+		} else {
+			snprintf(r.base_op, sizeof(r.base_op), "%s", pulls[0].op);
+			r.base_val = base;
+			r.ratio = base > 0 ? r.p50 / base : 0;
+		}
+		if (o->netdev)
+			snprintf(r.note, sizeof(r.note), "%.0f B/pull received by %s (%.4f of float32)",
+				 (double)rx[f] / (double)l.n, o->netdev,
+				 rx[0] ? (double)rx[f] / (double)rx[0] : 0.0);
+		report_add(&r);
+	}
+	return 0;
+}
+
 int wl_wire(struct wl *wl, unsigned si)
 {
 	const struct bench_opts *o = wl->o;
@@ -99,7 +179,7 @@ int wl_wire(struct wl *wl, unsigned si)
 
 	if (!n)
 		return 0;
-	if (o->netdev && !tx_bytes(o->netdev)) {
+	if (o->netdev && !net_stat(o->netdev, "tx_bytes")) {
 		fprintf(stderr, "rdmaps-bench: --netdev %s: no tx_bytes to read\n", o->netdev);
 		return -1;
 	}
@@ -135,12 +215,12 @@ int wl_wire(struct wl *wl, unsigned si)
 			unsigned f = (unsigned)((k + l.n) % NFMT);
 			struct rdmaps_client_stats s0, s1;
 			rdmaps_client_stats(w->c, &s0);
-			uint64_t x0 = tx_bytes(o->netdev);
+			uint64_t x0 = net_stat(o->netdev, "tx_bytes");
 			uint64_t a = rdmaps__now_ns();
 			rc = rdmaps_push(w->c, t[f], g, 0);
 			uint64_t b = rdmaps__now_ns();
 			/* staged: the WRITEs are acknowledged, so they have left */
-			wire[f] += tx_bytes(o->netdev) - x0;
+			wire[f] += net_stat(o->netdev, "tx_bytes") - x0;
 			rdmaps_client_stats(w->c, &s1);
 			rdmaps__hist_record(&hist[f], b - a);
 			bytes[f] += s1.push_bytes - s0.push_bytes;
@@ -151,6 +231,8 @@ int wl_wire(struct wl *wl, unsigned si)
 	}
 	if (!rc)
 		rc = rdmaps_flush(w->c, WL_TIMEOUT_MS);
+	if (!rc && wire_pulls(wl, si, g))
+		rc = -1;
 	if (rc) {
 		fprintf(stderr, "rdmaps-bench: wire pushes at %llu B: %s\n", (unsigned long long)size,
 			rdmaps_strerror(rc));

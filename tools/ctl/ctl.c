@@ -25,8 +25,9 @@ static void usage(FILE *f)
 		   "                  [--timeout MS] COMMAND\n"
 		   "commands:\n"
 		   "  servers       each server's counters\n"
-		   "  tensors       the catalog: tensors, parts, optimizer, clock, folds, and the\n"
-		   "                formats pushes came in (f32, bf16, fp16, topk, sign)\n"
+		   "  tensors       the catalog: tensors, parts, optimizer, clock, folds, the format\n"
+		   "                pulls read (f32, bf16, fp16) and the formats pushes came in\n"
+		   "                (f32, bf16, fp16, topk, sign)\n"
 		   "  chunks NAME   chunk versions of a tensor on each server\n"
 		   "  workers       connected workers and their counters, per server\n"
 		   "  device        this host's RDMA port state and hardware counters (sysfs)\n"
@@ -103,9 +104,11 @@ static void print_tensors(void *ctx, const void *reply, uint32_t start, uint32_t
 			if (e.push_formats & (1u << f))
 				used += (size_t)snprintf(fmts + used, sizeof(fmts) - used, "%s%s",
 							 used ? "," : "", format_names[f]);
-		printf("%-6u %-24s %4u %12" PRIu64 " %8u %-9s %-4s %8" PRIu64 " %10" PRIu64 " %-8s%s\n",
+		printf("%-6u %-24s %4u %12" PRIu64 " %8u %-9s %-4s %8" PRIu64 " %10" PRIu64
+		       " %-5s %-8s%s\n",
 		       server, e.name, e.id, e.length, e.nchunks, e.optimizer,
-		       e.mode < 3 ? mode_names[e.mode] : "?", e.clock, e.folds, fmts,
+		       e.mode < 3 ? mode_names[e.mode] : "?", e.clock, e.folds,
+		       e.pull_format < 3 ? format_names[e.pull_format] : "?", fmts,
 		       e.row_dim ? "  (sparse rows)" : "");
 	}
 }
@@ -114,8 +117,8 @@ static int cmd_tensors(rdmaps_client *c)
 {
 	static struct rdmaps_msg_catalog_reply r;
 
-	printf("%-6s %-24s %4s %12s %8s %-9s %-4s %8s %10s %s\n", "server", "tensor", "id", "floats",
-	       "chunks", "optimizer", "mode", "clock", "folds", "pushed as");
+	printf("%-6s %-24s %4s %12s %8s %-9s %-4s %8s %10s %-5s %s\n", "server", "tensor", "id",
+	       "floats", "chunks", "optimizer", "mode", "clock", "folds", "pull", "pushed as");
 	for (uint32_t i = 0; i < c->nconn; i++)
 		if (page_all(&c->conn[i], RDMAPS_MSG_CATALOG, 0, RDMAPS_MSG_CATALOG_REPLY, &r,
 			     sizeof(r), RDMAPS_CATALOG_PAGE, print_tensors, &i))
