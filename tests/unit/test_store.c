@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "gradfmt.h"
+#include "half.h"
 #include "optimizer.h"
 #include "server.h"
 
@@ -118,4 +120,61 @@ Test(store, orphan_opens_with_next_declaration_value)
 	srv_store_orphan(&s, &b);
 	assert_open_with(t, 3.0f);
 	srv_store_fini(&s);
+}
+
+/* The 16-bit copy of chunk c: stable, checksummed, and the master's floats
+ * rounded (bf16) -- what a 16-bit pull accepts. */
+static void assert_half_matches(struct srv_tensor *t, bool stable)
+{
+	for (uint32_t c = 0; c < t->nchunks; c++) {
+		const struct rdmaps_chunk_hdr *m = (const void *)srv_chunk(t, c);
+		const struct rdmaps_chunk_hdr *h = (const void *)srv_half_chunk(t, c);
+		const float *md = (const float *)(m + 1);
+		const uint16_t *hd = (const uint16_t *)(h + 1);
+		cr_assert_eq(h->version & 1u, stable ? 0u : 1u, "copy of chunk %u: version %lu", c,
+			     (unsigned long)h->version);
+		cr_assert_eq(h->count, m->count);
+		cr_assert_eq(h->clock, m->clock);
+		cr_assert_eq(rdmaps__checksum(hd, (size_t)h->count * 2), h->checksum, "chunk %u", c);
+		for (uint32_t i = 0; i < h->count; i++)
+			cr_assert_eq(hd[i], rdmaps__f32_to_bf16(md[i]), "chunk %u [%u]", c, i);
+	}
+}
+
+Test(store, half_copy_follows_every_publish)
+{
+	struct rdmaps_msg_declare m = decl(true, 0.0f);
+	struct srv_store st;
+	struct srv_tensor *t, *again;
+	bool created;
+	static float g[256];
+
+	cr_assert_eq(srv_store_init(&st, &cfg), 0);
+	m.flags |= (uint32_t)RDMAPS__GRAD_BF16 << RDMAPS_DECLARE_PULL_SHIFT;
+	cr_assert_eq(srv_store_declare(&st, &m, (void *)1, &t, &created), 0);
+	cr_assert(created);
+	cr_assert_eq(t->pull_fmt, RDMAPS__GRAD_BF16);
+	/* inside the registration, after the master */
+	cr_assert_geq(t->half_off, (size_t)t->nchunks * t->stride - t->stride);
+	cr_assert_leq(t->half_off + (size_t)(t->nchunks - 1) * t->half_stride + RDMAPS_CHUNK_HDR +
+			      2 * rdmaps__chunk_count(t->length, t->chunk_elems, t->nchunks - 1),
+		      t->mem_len);
+	/* initial values: written, odd until the seal like the master */
+	stage(t, 1.0f / 3.0f);
+	assert_half_matches(t, false);
+	srv_store_seal(t);
+	assert_half_matches(t, true);
+	/* a fold publishes the copy with the master */
+	for (uint32_t i = 0; i < 256; i++)
+		g[i] = (float)i * 1e-3f;
+	for (uint32_t c = 0; c < t->nchunks; c++)
+		srv_chunk_apply(t, c, g, rdmaps__chunk_count(t->length, t->chunk_elems, c), false);
+	assert_half_matches(t, true);
+	/* the pull format is part of the declaration */
+	m.flags = (uint32_t)RDMAPS__GRAD_F16 << RDMAPS_DECLARE_PULL_SHIFT;
+	cr_assert_eq(srv_store_declare(&st, &m, (void *)2, &again, &created), RDMAPS_EEXIST);
+	m.flags = (uint32_t)RDMAPS__GRAD_TOPK << RDMAPS_DECLARE_PULL_SHIFT;
+	snprintf(m.name, sizeof(m.name), "topk");
+	cr_assert_eq(srv_store_declare(&st, &m, (void *)2, &again, &created), RDMAPS_EINVAL);
+	srv_store_fini(&st);
 }
