@@ -1,18 +1,18 @@
 /*
- * wire.c -- pushes in each wire format (rdmaps_set_push_format), paired:
- * one push of each format in turn, in one thread (worker 0's client), so a
- * VM that slows down for a second slows every format alike. Each format has
- * its own tensor of the same size; the gradient is the same registered
- * buffer of varied values (top-k's select and sign's scale see a real
- * spread, not a constant). A push here is rdmaps_push: staged, which for a
- * compressed format includes encoding it on the worker. The ratio of each
- * row is its p50 over float32's; the note gives the payload bytes a push
- * posted (the client's push_bytes), the bytes the format should move.
- * With --netdev, the bytes that interface sent per push too (its tx_bytes,
- * read outside the timed part: the RoCE packets, headers and all), and a
- * "wire-bytes" row per format: those bytes over what the format's payload
- * should put on the wire (wire_expect), 1 when the wire carries exactly
- * what the format says.
+ * wire.c -- pushes in each wire format (rdmaps_set_push_format), then pulls
+ * as float32 and from each 16-bit copy (pull_format), interleaved: one op of
+ * each format in turn, in one thread (worker 0's client), so a VM that
+ * slows down for a second slows every format alike. Each format has its own
+ * tensor of the same size; the gradient is one registered buffer of varied
+ * values (top-k's select and sign's scale see a real spread, not a
+ * constant). A push here is rdmaps_push: staged, which for a compressed
+ * format includes encoding it on the worker. The ratio of each row is its
+ * p50 over float32's; a push's note gives the payload bytes it posted (the
+ * client's push_bytes). With --netdev, the bytes that interface sent per
+ * push or received per pull too (read outside the timed part: the RoCE
+ * packets, headers and all), and a "wire-bytes" row per push format: those
+ * bytes over what the format's payload should put on the wire
+ * (wire_expect), 1 when the wire carries exactly what the format says.
  */
 #include <math.h>
 #include <stdio.h>
@@ -21,18 +21,32 @@
 
 #include "workload.h"
 
-struct wire_fmt {
+struct wire_case {
 	const char *op;
-	enum rdmaps_format fmt;
+	enum rdmaps_format fmt; /* a push's format, or a pull's copy */
 	double fraction;
+	bool pull;
 };
 
-static const struct wire_fmt fmts[] = {
-	{ "push-f32", RDMAPS_FMT_F32, 0 },   { "push-bf16", RDMAPS_FMT_BF16, 0 },
-	{ "push-fp16", RDMAPS_FMT_FP16, 0 }, { "push-topk1%", RDMAPS_FMT_TOPK, 0.01 },
-	{ "push-sign", RDMAPS_FMT_SIGN, 0 },
+static const struct wire_case push_cases[] = {
+	{ "push-f32", RDMAPS_FMT_F32, 0, false },   { "push-bf16", RDMAPS_FMT_BF16, 0, false },
+	{ "push-fp16", RDMAPS_FMT_FP16, 0, false }, { "push-topk1%", RDMAPS_FMT_TOPK, 0.01, false },
+	{ "push-sign", RDMAPS_FMT_SIGN, 0, false },
 };
-#define NFMT (sizeof(fmts) / sizeof(fmts[0]))
+static const struct wire_case pull_cases[] = {
+	{ "pull-f32", RDMAPS_FMT_F32, 0, true },
+	{ "pull-bf16", RDMAPS_FMT_BF16, 0, true },
+	{ "pull-fp16", RDMAPS_FMT_FP16, 0, true },
+};
+#define MAX_CASES 5
+
+/* What the interleaved rounds of a set of cases measured, per case. */
+struct wire_result {
+	struct rdmaps_hist hist[MAX_CASES];
+	uint64_t payload[MAX_CASES]; /* push_bytes */
+	uint64_t net[MAX_CASES];     /* the netdev's tx (push) or rx (pull) bytes */
+	uint64_t rounds, ns;
+};
 
 /* A counter of the interface (tx_bytes, rx_bytes), or 0 when there is
  * none to read. */
@@ -85,80 +99,96 @@ static double wire_expect(const char *netdev, uint64_t payload, uint64_t slots)
 	return (double)slots * (per_slot + packets * (14 + 20 + 8 + 12 + 4) + 16 + 4);
 }
 
-/* Pulls of the same tensor as float32, from a bf16 copy and from an fp16
- * copy, in turn; rows pull-<format> with their ratio to float32's, and with
- * --netdev the bytes received per pull (the READ responses). */
-static const struct { const char *op; enum rdmaps_format fmt; } pulls[] = {
-	{ "pull-f32", RDMAPS_FMT_F32 }, { "pull-bf16", RDMAPS_FMT_BF16 },
-	{ "pull-fp16", RDMAPS_FMT_FP16 },
-};
-#define NPULL (sizeof(pulls) / sizeof(pulls[0]))
-
-static int wire_pulls(struct wl *wl, unsigned si, float *dst)
+/*
+ * Declare a tensor per case (a pull case with its pull format, a push case
+ * with its push format), warm each up, then rounds of one op per case, the
+ * order turning every round (no case always follows another), until the
+ * loop says stop; rows "wire <op>" with their ratio to cs[0]'s p50.
+ */
+static int run_cases(struct wl *wl, unsigned si, const struct wire_case *cs, unsigned n,
+		     float *buf, struct wire_result *res)
 {
 	const struct bench_opts *o = wl->o;
 	struct wl_worker *w = &wl->w[0];
-	uint64_t size = o->sizes[si], start, end = 0, rx[NPULL] = { 0 };
-	static struct rdmaps_hist hist[NPULL];
-	rdmaps_tensor *t[NPULL] = { 0 };
+	uint64_t size = o->sizes[si], start;
+	rdmaps_tensor *t[MAX_CASES] = { 0 };
 	struct bench_loop l;
 	int rc = 0;
 
-	for (unsigned f = 0; f < NPULL && !rc; f++) {
+	memset(res, 0, sizeof(*res));
+	for (unsigned f = 0; f < n && !rc; f++) {
 		struct rdmaps_tensor_desc d = { 0 };
 		char name[64];
 		wl->acc->describe(wl, size, &d);
-		snprintf(name, sizeof(name), "bench-wire-pull-%u-%llu", f, (unsigned long long)size);
+		snprintf(name, sizeof(name), "bench-wire-%s-%llu", cs[f].op, (unsigned long long)size);
 		d.name = name;
-		d.pull_format = pulls[f].fmt;
+		d.pull_format = cs[f].pull ? cs[f].fmt : RDMAPS_FMT_F32;
 		rc = rdmaps_declare(w->c, &d, &t[f]);
-		rdmaps__hist_reset(&hist[f]);
+		if (!rc && !cs[f].pull)
+			rc = rdmaps_set_push_format(w->c, t[f], cs[f].fmt, cs[f].fraction);
+		rdmaps__hist_reset(&res->hist[f]);
 	}
+	/* warm-up: each case a few times (registration, first faults) */
 	for (uint64_t i = 0; !rc && i < 3; i++)
-		for (unsigned f = 0; f < NPULL && !rc; f++)
-			rc = rdmaps_pull(w->c, t[f], dst, 0);
+		for (unsigned f = 0; f < n && !rc; f++)
+			rc = cs[f].pull ? rdmaps_pull(w->c, t[f], buf, 0) : rdmaps_push(w->c, t[f], buf, 0);
+	if (!rc)
+		rc = rdmaps_flush(w->c, WL_TIMEOUT_MS);
 	start = rdmaps__now_ns();
 	loop_start_bw(&l, o, start, size);
 	while (!rc) {
-		for (unsigned k = 0; k < NPULL && !rc; k++) {
-			unsigned f = (unsigned)((k + l.n) % NPULL);
-			uint64_t x0 = net_stat(o->netdev, "rx_bytes");
+		for (unsigned k = 0; k < n && !rc; k++) {
+			unsigned f = (unsigned)((k + l.n) % n);
+			const char *dir = cs[f].pull ? "rx_bytes" : "tx_bytes";
+			struct rdmaps_client_stats s0, s1;
+			rdmaps_client_stats(w->c, &s0);
+			uint64_t x0 = net_stat(o->netdev, dir);
 			uint64_t a = rdmaps__now_ns();
-			rc = rdmaps_pull(w->c, t[f], dst, 0);
+			rc = cs[f].pull ? rdmaps_pull(w->c, t[f], buf, 0) : rdmaps_push(w->c, t[f], buf, 0);
 			uint64_t b = rdmaps__now_ns();
-			rx[f] += net_stat(o->netdev, "rx_bytes") - x0;
-			rdmaps__hist_record(&hist[f], b - a);
+			/* a staged push's WRITEs are acknowledged: they have left */
+			res->net[f] += net_stat(o->netdev, dir) - x0;
+			rdmaps_client_stats(w->c, &s1);
+			rdmaps__hist_record(&res->hist[f], b - a);
+			res->payload[f] += s1.push_bytes - s0.push_bytes;
 		}
-		end = rdmaps__now_ns();
-		if (!rc && !loop_more(&l, end))
+		if (!rc && !loop_more(&l, rdmaps__now_ns()))
 			break;
 	}
+	if (!rc)
+		rc = rdmaps_flush(w->c, WL_TIMEOUT_MS);
 	if (rc) {
-		fprintf(stderr, "rdmaps-bench: wire pulls at %llu B: %s\n", (unsigned long long)size,
-			rdmaps_strerror(rc));
+		fprintf(stderr, "rdmaps-bench: wire %s at %llu B: %s\n", cs[0].pull ? "pulls" : "pushes",
+			(unsigned long long)size, rdmaps_strerror(rc));
 		return -1;
 	}
-	double base = 0;
-	for (unsigned f = 0; f < NPULL; f++) {
+	res->rounds = l.n;
+	res->ns = rdmaps__now_ns() - start;
+	for (unsigned f = 0; f < n; f++) {
 		struct bench_row r = { 0 };
+		double per = 1.0 / (double)res->rounds;
 		snprintf(r.group, sizeof(r.group), "wire");
-		snprintf(r.op, sizeof(r.op), "%s", pulls[f].op);
+		snprintf(r.op, sizeof(r.op), "%s", cs[f].op);
 		r.size = size;
 		r.workers = r.depth = 1;
-		r.ops = l.n;
-		r.seconds = (double)(end - start) / 1e9;
-		report_lat(&r, &hist[f]);
-		if (f == 0) {
-			base = r.p50;
-		} else {
-			snprintf(r.base_op, sizeof(r.base_op), "%s", pulls[0].op);
-			r.base_val = base;
-			r.ratio = base > 0 ? r.p50 / base : 0;
+		r.ops = res->rounds;
+		r.seconds = (double)res->ns / 1e9;
+		report_lat(&r, &res->hist[f]);
+		if (f) {
+			const struct bench_row *b0 = report_find("wire", cs[0].op, size);
+			snprintf(r.base_op, sizeof(r.base_op), "%s", cs[0].op);
+			r.base_val = b0 ? b0->p50 : 0;
+			r.ratio = r.base_val > 0 ? r.p50 / r.base_val : 0;
 		}
+		if (!cs[f].pull)
+			snprintf(r.note, sizeof(r.note), "%.0f payload B/push (%.4f of float32)",
+				 (double)res->payload[f] * per,
+				 res->payload[0] ? (double)res->payload[f] / (double)res->payload[0] : 0.0);
 		if (o->netdev)
-			snprintf(r.note, sizeof(r.note), "%.0f B/pull received by %s (%.4f of float32)",
-				 (double)rx[f] / (double)l.n, o->netdev,
-				 rx[0] ? (double)rx[f] / (double)rx[0] : 0.0);
+			snprintf(r.note + strlen(r.note), sizeof(r.note) - strlen(r.note),
+				 "%s%.0f B/op %s %s (%.4f of float32)", r.note[0] ? "; " : "",
+				 (double)res->net[f] * per, cs[f].pull ? "received by" : "sent by",
+				 o->netdev, res->net[0] ? (double)res->net[f] / (double)res->net[0] : 0.0);
 		report_add(&r);
 	}
 	return 0;
@@ -167,15 +197,11 @@ static int wire_pulls(struct wl *wl, unsigned si, float *dst)
 int wl_wire(struct wl *wl, unsigned si)
 {
 	const struct bench_opts *o = wl->o;
-	struct wl_worker *w = &wl->w[0];
-	uint64_t size = o->sizes[si], n = size / sizeof(float), start, end = 0;
-	rdmaps_tensor *t[NFMT] = { 0 };
-	static struct rdmaps_hist hist[NFMT]; /* 58 KiB each: not on the stack */
-	uint64_t bytes[NFMT] = { 0 }, wire[NFMT] = { 0 };
-	float *g = NULL;
+	uint64_t size = o->sizes[si], n = size / sizeof(float);
+	static struct wire_result res; /* histograms: 58 KiB each, not on the stack */
 	rdmaps_mr *mr = NULL;
-	struct bench_loop l;
-	int rc = 0;
+	float *g;
+	int rc;
 
 	if (!n)
 		return 0;
@@ -189,100 +215,29 @@ int wl_wire(struct wl *wl, unsigned si)
 	/* a spread of magnitudes and signs, as a gradient has */
 	for (uint64_t i = 0; i < n; i++)
 		g[i] = (float)(1e-3 * sin((double)i * 0.7) * (1.0 + (double)(i * 2654435761u % 1000) / 100.0));
-	rc = rdmaps_register(w->c, g, n * sizeof(float), &mr);
-	for (unsigned f = 0; f < NFMT && !rc; f++) {
-		struct rdmaps_tensor_desc d = { 0 };
-		char name[64];
-		wl->acc->describe(wl, size, &d);
-		snprintf(name, sizeof(name), "bench-wire-%u-%llu", f, (unsigned long long)size);
-		d.name = name;
-		rc = rdmaps_declare(w->c, &d, &t[f]);
-		if (!rc)
-			rc = rdmaps_set_push_format(w->c, t[f], fmts[f].fmt, fmts[f].fraction);
-		rdmaps__hist_reset(&hist[f]);
-	}
-	/* warm-up: each format a few times (registration, first faults) */
-	for (uint64_t i = 0; !rc && i < 3; i++)
-		for (unsigned f = 0; f < NFMT && !rc; f++)
-			rc = rdmaps_push(w->c, t[f], g, 0);
+	rc = rdmaps_register(wl->w[0].c, g, n * sizeof(float), &mr);
 	if (!rc)
-		rc = rdmaps_flush(w->c, WL_TIMEOUT_MS);
-	start = rdmaps__now_ns();
-	loop_start_bw(&l, o, start, size);
-	while (!rc) {
-		for (unsigned k = 0; k < NFMT && !rc; k++) {
-			/* the order turns every round: no format always follows another */
-			unsigned f = (unsigned)((k + l.n) % NFMT);
-			struct rdmaps_client_stats s0, s1;
-			rdmaps_client_stats(w->c, &s0);
-			uint64_t x0 = net_stat(o->netdev, "tx_bytes");
-			uint64_t a = rdmaps__now_ns();
-			rc = rdmaps_push(w->c, t[f], g, 0);
-			uint64_t b = rdmaps__now_ns();
-			/* staged: the WRITEs are acknowledged, so they have left */
-			wire[f] += net_stat(o->netdev, "tx_bytes") - x0;
-			rdmaps_client_stats(w->c, &s1);
-			rdmaps__hist_record(&hist[f], b - a);
-			bytes[f] += s1.push_bytes - s0.push_bytes;
-		}
-		end = rdmaps__now_ns();
-		if (!rc && !loop_more(&l, end))
-			break;
+		rc = run_cases(wl, si, push_cases, 5, g, &res);
+	/* the server's default chunk: 16384 floats, a slot per chunk */
+	for (unsigned f = 0; !rc && o->netdev && f < 5; f++) {
+		struct bench_row r = { 0 };
+		double got = (double)res.net[f] / (double)res.rounds;
+		double want = wire_expect(o->netdev, res.payload[f] / res.rounds, (n + 16383) / 16384);
+		snprintf(r.group, sizeof(r.group), "wire-bytes");
+		snprintf(r.op, sizeof(r.op), "%s", push_cases[f].op);
+		r.size = size;
+		r.workers = r.depth = 1;
+		r.ops = res.rounds;
+		r.seconds = (double)res.ns / 1e9;
+		r.ratio = want > 0 ? got / want : 0;
+		snprintf(r.base_op, sizeof(r.base_op), "expected");
+		r.base_val = want;
+		snprintf(r.note, sizeof(r.note), "%s sent %.0f B/push; its format says %.0f", o->netdev,
+			 got, want);
+		report_add(&r);
 	}
 	if (!rc)
-		rc = rdmaps_flush(w->c, WL_TIMEOUT_MS);
-	if (!rc && wire_pulls(wl, si, g))
-		rc = -1;
-	if (rc) {
-		fprintf(stderr, "rdmaps-bench: wire pushes at %llu B: %s\n", (unsigned long long)size,
-			rdmaps_strerror(rc));
-	} else {
-		double base = 0;
-		for (unsigned f = 0; f < NFMT; f++) {
-			struct bench_row r = { 0 };
-			snprintf(r.group, sizeof(r.group), "wire");
-			snprintf(r.op, sizeof(r.op), "%s", fmts[f].op);
-			r.size = size;
-			r.workers = r.depth = 1;
-			r.ops = l.n;
-			r.seconds = (double)(end - start) / 1e9;
-			report_lat(&r, &hist[f]);
-			if (f == 0) {
-				base = r.p50;
-			} else {
-				snprintf(r.base_op, sizeof(r.base_op), "%s", fmts[0].op);
-				r.base_val = base;
-				r.ratio = base > 0 ? r.p50 / base : 0;
-			}
-			snprintf(r.note, sizeof(r.note), "%.0f payload B/push (%.4f of float32)",
-				 (double)bytes[f] / (double)l.n,
-				 bytes[0] ? (double)bytes[f] / (double)bytes[0] : 0.0);
-			if (o->netdev)
-				snprintf(r.note + strlen(r.note), sizeof(r.note) - strlen(r.note),
-					 "; %.0f B/push sent by %s", (double)wire[f] / (double)l.n,
-					 o->netdev);
-			report_add(&r);
-		}
-		/* the server's default chunk: 16384 floats, a slot per chunk */
-		uint64_t slots = (n + 16383) / 16384;
-		for (unsigned f = 0; o->netdev && f < NFMT; f++) {
-			struct bench_row r = { 0 };
-			double got = (double)wire[f] / (double)l.n;
-			double want = wire_expect(o->netdev, bytes[f] / l.n, slots);
-			snprintf(r.group, sizeof(r.group), "wire-bytes");
-			snprintf(r.op, sizeof(r.op), "%s", fmts[f].op);
-			r.size = size;
-			r.workers = r.depth = 1;
-			r.ops = l.n;
-			r.seconds = (double)(end - start) / 1e9;
-			r.ratio = want > 0 ? got / want : 0;
-			snprintf(r.base_op, sizeof(r.base_op), "expected");
-			r.base_val = want;
-			snprintf(r.note, sizeof(r.note), "%s sent %.0f B/push; its format says %.0f",
-				 o->netdev, got, want);
-			report_add(&r);
-		}
-	}
+		rc = run_cases(wl, si, pull_cases, 3, g, &res);
 	rdmaps_deregister(mr);
 	free(g);
 	return rc ? -1 : 0;
