@@ -21,7 +21,7 @@ struct target_rec {
 static struct {
 	struct bench_row *rows;
 	size_t n, cap;
-	struct target_rec targets[16];
+	struct target_rec targets[48];
 	unsigned ntargets;
 	char last_group[12];
 	char started[32];
@@ -196,8 +196,11 @@ void report_target(const char *name, double measured, double limit, bool upper, 
 {
 	struct target_rec *t;
 
-	if (R.ntargets == sizeof(R.targets) / sizeof(R.targets[0]))
+	if (R.ntargets == sizeof(R.targets) / sizeof(R.targets[0])) {
+		/* never silently: a target missing from the JSON reads as unmeasured */
+		fprintf(stderr, "rdmaps-bench: no room for target '%s' in the report\n", name);
 		return;
+	}
 	t = &R.targets[R.ntargets++];
 	snprintf(t->name, sizeof(t->name), "%s", name);
 	snprintf(t->status, sizeof(t->status), "%s", status);
