@@ -228,10 +228,8 @@ static size_t topk_k(const rdmaps_tensor *t, double fraction, uint32_t count)
 	return k < count ? k : count;
 }
 
-void cl_wire_free(rdmaps_tensor *t)
+static void wire_free(struct cl_wire *w)
 {
-	struct cl_wire *w = t->wire;
-
 	if (!w)
 		return;
 	rdmaps_deregister(w->mr);
@@ -239,6 +237,11 @@ void cl_wire_free(rdmaps_tensor *t)
 	free(w->buf);
 	free(w->len);
 	free(w);
+}
+
+void cl_wire_free(rdmaps_tensor *t)
+{
+	wire_free(t->wire);
 	t->wire = NULL;
 }
 
@@ -259,9 +262,12 @@ int rdmaps_set_push_format(rdmaps_client *c, rdmaps_tensor *t, enum rdmaps_forma
 		return RDMAPS_EINVAL;
 	if (wire_busy(t->wire))
 		return RDMAPS_EBUSY;
-	cl_wire_free(t);
-	if (fmt == RDMAPS_FMT_F32)
+	if (fmt == RDMAPS_FMT_F32) {
+		cl_wire_free(t);
 		return 0;
+	}
+	/* the new state made whole before the old one goes: a failure here
+	 * leaves the tensor's format as it was */
 	w = calloc(1, sizeof(*w));
 	if (!w)
 		return RDMAPS_ENOMEM;
@@ -276,10 +282,13 @@ int rdmaps_set_push_format(rdmaps_client *c, rdmaps_tensor *t, enum rdmaps_forma
 		rc = cl_ef_init(&w->ef, t->length);
 	if (!rc)
 		rc = rdmaps_register(c, w->buf, t->nchunks * w->stride, &w->mr);
+	if (rc) {
+		wire_free(w);
+		return rc;
+	}
+	cl_wire_free(t);
 	t->wire = w;
-	if (rc)
-		cl_wire_free(t);
-	return rc;
+	return 0;
 }
 
 enum rdmaps_format rdmaps_push_format(const rdmaps_tensor *t)
@@ -301,14 +310,17 @@ int cl_wire_check(const rdmaps_tensor *t, const float *g)
 		for (uint64_t i = 0; i < t->length; i++)
 			bad |= (rdmaps__f32_bits(r[i] + g[i]) & 0x7f800000u) == 0x7f800000u;
 	} else {
-		/* fp16: past 65520 rounds to inf, which the server refuses */
-		uint32_t lim = w->fmt == RDMAPS__GRAD_F16 ? 0x477ff000u : 0x7f800000u;
+		/* what rounds to inf, which the server refuses: fp16 from 65520,
+		 * bf16 from halfway past its largest finite value (0x7f7f) */
+		uint32_t lim = w->fmt == RDMAPS__GRAD_F16 ? 0x477ff000u : 0x7f7f8000u;
 		for (uint64_t i = 0; i < t->length; i++)
 			bad |= (rdmaps__f32_bits(g[i]) & 0x7fffffffu) >= lim;
 	}
 	if (bad) {
 		log_error("tensor '%s': push refused: a value its format cannot carry (NaN, inf%s)",
-			  t->name, w->fmt == RDMAPS__GRAD_F16 ? ", or past fp16's 65504" : "");
+			  t->name, w->fmt == RDMAPS__GRAD_F16	 ? ", or past fp16's 65504"
+				   : w->fmt == RDMAPS__GRAD_BF16 ? ", or past bf16's 3.39e38"
+								 : "");
 		return RDMAPS_EINVAL;
 	}
 	return 0;

@@ -594,7 +594,16 @@ static PyObject *Client_pull_half(ClientObject *self, PyObject *args, PyObject *
 		return NULL;
 	}
 	p = array_data_of(arr, 1, t->length, "out", h16, 2, "uint16 or float16");
-	if (!p || client_enter(self))
+	if (!p)
+		return NULL;
+	/* float16 is IEEE half: a bf16 copy's bits would read as other numbers */
+	if (PyArray_TYPE((PyArrayObject *)arr) == NPY_FLOAT16 &&
+	    rdmaps_pull_format(t->t) != RDMAPS_FMT_FP16) {
+		PyErr_SetString(PyExc_TypeError, "pull_half: out is float16 but the tensor's copy is "
+						 "not fp16 (bfloat16 goes into uint16)");
+		return NULL;
+	}
+	if (client_enter(self))
 		return NULL;
 	Py_BEGIN_ALLOW_THREADS
 	rc = rdmaps_pull_half(self->c, t->t, p, relaxed ? RDMAPS_PULL_RELAXED : 0);

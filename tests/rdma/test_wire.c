@@ -192,6 +192,11 @@ Test(wire, values_a_format_cannot_carry_are_refused_on_the_worker, .fini = stop_
 	make_grad(3);
 	grad[LEN - 1] = 70000.0f; /* past fp16 */
 	cr_assert_eq(rdmaps_push(c, th, grad, 0), RDMAPS_EINVAL);
+	/* bf16 carries 70000, not a value that rounds past its largest */
+	rdmaps_tensor *tb = declare_zero(c, "bf16");
+	cr_assert_eq(rdmaps_set_push_format(c, tb, RDMAPS_FMT_BF16, 0), 0);
+	grad[LEN - 1] = 3.4e38f;
+	cr_assert_eq(rdmaps_push(c, tb, grad, 0), RDMAPS_EINVAL);
 	grad[LEN - 1] = NAN;
 	cr_assert_eq(rdmaps_push(c, tk, grad, 0), RDMAPS_EINVAL);
 	/* refused pushes changed nothing, the residual included: after a few
