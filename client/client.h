@@ -265,6 +265,8 @@ uint64_t cl_folded_seq(const struct cl_conn *k);
  * its READ; a free op set up and not posted; the clipping scale of a whole
  * push; posting what op may post now. All on the client's own thread. */
 uint32_t cl_op_index(const rdmaps_op *op);
+/* Give op its result, unless it has one already. */
+void cl_op_finish(rdmaps_op *op, int status);
 rdmaps_mr *cl_find_mr(rdmaps_client *c, const void *p, size_t len);
 uint32_t cl_rs_take(struct cl_conn *k, rdmaps_op *op, uint32_t p, uint32_t local,
 		    uint64_t dst_off);
@@ -273,6 +275,21 @@ int cl_op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *bu
 		unsigned flags, bool assign, uint32_t lo, uint32_t hi, rdmaps_op **out);
 float cl_clip_scale(const float *g, uint64_t n, float clip);
 void cl_op_post(rdmaps_op *op);
+
+/* reads.c: a pull's READs. One READ for the float32 chunks of slots
+ * s[0..n) (consecutive chunks of one part and copy), or for slot s alone
+ * (either kind, 16-bit copies too); 0 or an rdmaps_err, nothing posted.
+ * cl_read_done checks what slot s's READ brought, and reads it again or
+ * counts it done. */
+int cl_post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n);
+void cl_read_done(struct cl_conn *k, uint32_t s);
+/* A chunk of count floats is read whole into its slot's scratch, with one
+ * SGE, and copied out (rxe pays per SGE more than copying ~200 B costs);
+ * such a READ is always alone. */
+static inline bool cl_read_whole(uint32_t count)
+{
+	return rdmaps__chunk_read_len(count) <= CL_SCRATCH;
+}
 
 /* rows.c: posting a sparse pull, or part p of a sparse push; < 0 on failure */
 int cl_rows_post_pull(rdmaps_op *op);

@@ -1,0 +1,240 @@
+/*
+ * reads.c -- the READs of a pull: posting them (a run of float32 chunks per
+ * READ, or one chunk of a 16-bit copy) and checking what each brought back
+ * (version, count, checksum, clock), with a re-read of a torn or stale
+ * chunk in the same slot. Two-copy windows are copies.c's; the op
+ * machinery is ops.c's. Work requests on the stack; nothing allocates.
+ */
+#include <string.h>
+#include <arpa/inet.h>
+
+#include "client.h"
+#include "error.h"
+#include "half.h"
+
+/*
+ * One READ for the chunks of slots s[0..n) (consecutive chunks of one part,
+ * from the same copy; n <= k->read_span, and n == 1 for a small chunk).
+ * Each chunk's header goes to its slot's scratch and its floats straight to
+ * the caller (or its bounce). Between two chunks the READ also brings the
+ * pad after the first one's floats: it lands in the second's scratch lead.
+ */
+int cl_post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n)
+{
+	rdmaps_tensor *t = op->t;
+	const struct read_slot *rs0 = &k->rs[s[0]];
+	const struct cl_part *pt = &t->part[rs0->part];
+	struct ibv_sge sge[2 * RDMAPS_READ_SPAN];
+	struct ibv_send_wr wr = {
+		.wr_id = WR_ID(WR_READ, k->idx, s[0]),
+		.sg_list = sge,
+		.num_sge = (int)(2 * n),
+		.opcode = IBV_WR_RDMA_READ,
+		.send_flags = IBV_SEND_SIGNALED,
+		.wr.rdma = { .remote_addr = pt->raddr + rs0->copy * pt->copy_off +
+					    (uint64_t)rs0->local * t->stride + pt->skip,
+			     .rkey = pt->rkey },
+	}, *bad;
+	uint32_t pad = 0; /* bytes between the last chunk's floats and this header */
+	int rc;
+
+	for (uint32_t i = 0; i < n; i++) {
+		struct read_slot *rs = &k->rs[s[i]];
+		uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
+		uint32_t from = i ? 0 : pt->skip; /* header bytes this chunk's READ leaves out */
+
+		sge[2 * i] = (struct ibv_sge){ .addr = (uintptr_t)rs->scratch + from - pad,
+					       .length = pad + RDMAPS_CHUNK_HDR - from,
+					       .lkey = k->ctl_mr->lkey };
+		sge[2 * i + 1] = (struct ibv_sge){
+			.addr = op->mr ? (uintptr_t)(op->buf + rs->dst_off) : (uintptr_t)rs->bounce,
+			.length = count * (uint32_t)sizeof(float),
+			.lkey = op->mr ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey,
+		};
+		rs->next = i + 1 < n ? s[i + 1] : CL_RS_NONE;
+		pad = (uint32_t)(t->stride - rdmaps__chunk_read_len(count));
+	}
+	if (cl_read_whole(sge[1].length / (uint32_t)sizeof(float))) { /* n == 1 */
+		sge[0].length += sge[1].length;
+		wr.num_sge = 1;
+	}
+	rc = ibv_post_send(k->qp, &wr, &bad);
+	if (rc)
+		return rdmaps__from_errno(rc);
+	k->sq_outstanding++;
+	op->c->stats.reads++;
+	return 0;
+}
+
+/*
+ * One READ of chunk rs->local of the part's 16-bit copy: its header to the
+ * slot's scratch, its values to the slot's bounce (converted when checked),
+ * or straight into the caller's registered uint16_t buffer (CL_HALF_RAW).
+ * A chunk per READ: the copy is one copy, and a READ that spanned several
+ * would be retried whole for one torn chunk.
+ */
+static int post_half_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
+{
+	rdmaps_tensor *t = op->t;
+	struct read_slot *rs = &k->rs[s];
+	const struct cl_part *pt = &t->part[rs->part];
+	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
+	bool direct = op->half == CL_HALF_RAW && op->mr;
+	struct ibv_sge sge[2] = {
+		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR,
+		  .lkey = k->ctl_mr->lkey },
+		{ .addr = direct ? (uintptr_t)((uint16_t *)(void *)op->buf + rs->dst_off)
+				 : (uintptr_t)rs->bounce,
+		  .length = count * 2u,
+		  .lkey = direct ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey },
+	};
+	struct ibv_send_wr wr = {
+		.wr_id = WR_ID(WR_READ, k->idx, s),
+		.sg_list = sge,
+		.num_sge = 2,
+		.opcode = IBV_WR_RDMA_READ,
+		.send_flags = IBV_SEND_SIGNALED,
+		.wr.rdma = { .remote_addr = pt->half_addr + (uint64_t)rs->local * pt->half_stride,
+			     .rkey = pt->rkey },
+	}, *bad;
+	int rc;
+
+	rs->next = CL_RS_NONE;
+	rc = ibv_post_send(k->qp, &wr, &bad);
+	if (rc)
+		return rdmaps__from_errno(rc);
+	k->sq_outstanding++;
+	op->c->stats.reads++;
+	return 0;
+}
+
+int cl_post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
+{
+	return op->half ? post_half_read(k, op, s) : cl_post_reads(k, op, &s, 1);
+}
+
+/*
+ * A READ of slot s brought a torn chunk, or one older than the worker's
+ * clock allows: read it again with the same slot, within the op's budget
+ * (tries, or the clock's deadline), else finish the op. Two copies: the
+ * one read is being rewritten, so two folds came since the index was
+ * read; the other holds the newer, and a retry is checked on arrival.
+ * True when posted again: the slot stays with the op.
+ */
+static bool read_again(struct cl_conn *k, rdmaps_op *op, uint32_t s, bool stale, bool two)
+{
+	struct read_slot *rs = &k->rs[s];
+	bool again;
+	int rc;
+
+	if (stale) {
+		k->c->stats.stale_retries++;
+		again = rdmaps__now_ns() < op->deadline;
+	} else {
+		k->c->stats.pull_retries++;
+		again = ++rs->tries < CL_MAX_TRIES;
+	}
+	if (again && op->status == RDMAPS_EAGAIN) {
+		if (two) {
+			rs->copy ^= 1u;
+			rs->verify = true;
+		}
+		rc = cl_post_read(k, op, s);
+		if (!rc)
+			return true;
+		cl_fail(k, rc, "ibv_post_send failed");
+		cl_op_finish(op, rc);
+	} else {
+		cl_op_finish(op, stale ? RDMAPS_ETIMEDOUT : RDMAPS_ETORN);
+	}
+	return false;
+}
+
+/* A READ of the 16-bit copy is in (post_half_read): check it as a float32
+ * chunk is checked, over its 2-byte values, then convert or keep them. */
+static void half_done(struct cl_conn *k, uint32_t s)
+{
+	struct read_slot *rs = &k->rs[s];
+	rdmaps_op *op = &k->c->ops[rs->op];
+	rdmaps_tensor *t = op->t;
+	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems,
+					     t->part[rs->part].first + rs->local);
+	const struct rdmaps_chunk_hdr *h = (const void *)rs->scratch;
+	uint16_t *dst16 = (uint16_t *)(void *)op->buf + rs->dst_off;
+	const uint16_t *got = op->half == CL_HALF_RAW && op->mr ? dst16
+								 : (const uint16_t *)(void *)rs->bounce;
+	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
+	bool whole = relaxed || (!(h->version & 1u) && h->count == count &&
+				 rdmaps__checksum(got, (size_t)count * 2) == h->checksum);
+	bool stale = whole && !relaxed && h->clock < op->min_clock;
+
+	if (!whole || stale) {
+		if (read_again(k, op, s, stale, false))
+			return;
+	} else {
+		if (op->half == CL_HALF_FLOAT)
+			(t->pull_fmt == RDMAPS_FMT_BF16 ? rdmaps__bf16_to_f32_n
+							: rdmaps__f16_to_f32_n)(op->buf + rs->dst_off,
+										got, count);
+		else if (got != dst16)
+			memcpy(dst16, got, (size_t)count * 2);
+		op->done_chunks++;
+	}
+	op->inflight--;
+	k->rs_free[k->nrs_free++] = s;
+}
+
+void cl_read_done(struct cl_conn *k, uint32_t s)
+{
+	struct read_slot *rs = &k->rs[s];
+	rdmaps_op *op = &k->c->ops[rs->op];
+	rdmaps_tensor *t = op->t;
+	uint32_t chunk = t->part[rs->part].first + rs->local;
+	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, chunk);
+	float *dst = op->buf + rs->dst_off;
+	bool small = cl_read_whole(count); /* as post_reads chose */
+	const float *got = small ? (const float *)(rs->scratch + RDMAPS_CHUNK_HDR)
+				 : op->mr ? dst : rs->bounce;
+	struct rdmaps_chunk_hdr *h = (void *)rs->scratch;
+
+	if (op->half) {
+		half_done(k, s);
+		return;
+	}
+	bool relaxed = op->flags & RDMAPS_PULL_RELAXED;
+	bool two = t->part[rs->part].copy_off != 0;
+
+	if (t->part[rs->part].skip) {
+		/* not read (ASP, one copy): nothing to wait for, the layout is
+		 * known, and the checksum alone is the guard (chunk.h) */
+		h->clock = 0;
+		h->count = count;
+		h->version = 0;
+	}
+	/* two copies, first READ of a window's chunk: the checksum waits for
+	 * the window's validation (copies.c), which mostly makes it needless */
+	bool deferred = two && !relaxed && !rs->verify;
+	/* whole (not torn), and fresh enough? With two copies, also no older
+	 * than the index promised: a retry's other copy may hold the fold before */
+	bool whole = relaxed || (h->version >= rs->want &&
+				 (deferred ? !(h->version & 1u) && h->count == count
+					   : rdmaps__chunk_consistent(h, got, count)));
+	bool stale = whole && !relaxed && h->clock < op->min_clock;
+
+	if (!whole || stale) {
+		/* raced a fold, or older than this worker's clock allows */
+		if (read_again(k, op, s, stale, two))
+			return;
+	} else {
+		if (got != dst)
+			memcpy(dst, got, (size_t)count * sizeof(float));
+		if (deferred)
+			cl_ix_defer(k, op, s, h);
+		else if (two && !relaxed)
+			cl_ix_done(k, op, s);
+		else
+			op->done_chunks++;
+	}
+	op->inflight--;
+	k->rs_free[k->nrs_free++] = s;
+}
