@@ -195,7 +195,13 @@ static void tensor_keep(rdmaps_client *c, rdmaps_tensor *t)
 	c->tensors = t;
 }
 
-/* Declare part p on its server; stage initial values if we created it. */
+/*
+ * Declare part p on its server; stage initial values if we created it.
+ * While another worker initialises it, declare again (not LOOKUP) until it
+ * is ready: if that creator dies before sealing, the server hands the
+ * tensor to the next DECLARE, and a worker that only looked would wait for
+ * a creator that is gone.
+ */
 static int declare_part(rdmaps_tensor *t, uint32_t p, struct rdmaps_msg_declare *m,
 			const float *init)
 {
@@ -203,32 +209,34 @@ static int declare_part(rdmaps_tensor *t, uint32_t p, struct rdmaps_msg_declare 
 	struct cl_part *pt = &t->part[p];
 	struct cl_conn *k = &c->conn[pt->conn];
 	uint64_t len = run_elems(t->length, t->chunk_elems, pt->first, pt->nchunks);
+	uint64_t deadline = rdmaps__now_ns() + (uint64_t)c->timeout_ms * 1000000u;
 	struct rdmaps_msg_tensor_reply r;
 	int rc;
 
 	m->length = len;
-	if ((rc = cl_rpc(k, m, sizeof(*m), RDMAPS_MSG_TENSOR_REPLY, &r, sizeof(r))))
-		return rc;
-	if ((rc = part_from_reply(pt, &r, len, t->chunk_elems)))
-		return rc;
-	t->cons = r.cons;
-	t->clock = r.clock;
-	if (r.created && init) {
-		rdmaps_op *op;
-		if ((rc = cl_op_start_parts(c, OP_PUSH, t, (float *)(uintptr_t)init,
-					    RDMAPS_PUSH_FOLDED, true, p, p + 1, &op)))
+	for (;;) {
+		struct timespec ts = { 0, 1000000 };
+		if ((rc = cl_rpc(k, m, sizeof(*m), RDMAPS_MSG_TENSOR_REPLY, &r, sizeof(r))))
 			return rc;
-		if ((rc = cl_op_wait(op, c->timeout_ms)))
+		if ((rc = part_from_reply(pt, &r, len, t->chunk_elems)))
 			return rc;
-		return seal(k, pt->tensor_id);
-	}
-	if (!r.ready) {
-		if ((rc = wait_ready(k, t->name, &r)))
-			return rc;
-		rc = part_from_reply(pt, &r, len, t->chunk_elems);
+		t->cons = r.cons;
 		t->clock = r.clock;
+		if (r.created && init) {
+			rdmaps_op *op;
+			if ((rc = cl_op_start_parts(c, OP_PUSH, t, (float *)(uintptr_t)init,
+						    RDMAPS_PUSH_FOLDED, true, p, p + 1, &op)))
+				return rc;
+			if ((rc = cl_op_wait(op, c->timeout_ms)))
+				return rc;
+			return seal(k, pt->tensor_id);
+		}
+		if (r.ready)
+			return 0;
+		if (rdmaps__now_ns() > deadline)
+			return RDMAPS_ETIMEDOUT;
+		nanosleep(&ts, NULL);
 	}
-	return rc;
 }
 
 int rdmaps_declare(rdmaps_client *c, const struct rdmaps_tensor_desc *d, rdmaps_tensor **out)

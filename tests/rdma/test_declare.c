@@ -8,6 +8,7 @@
  */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -295,4 +296,46 @@ Test(declare, ssp_workers_rejoin_a_restored_clock, .fini = cleanup, .timeout = 3
 		cr_assert_eq(v[i], 20.0f, "[%u] = %g: 10 pushes of 1 before, 10 after", i, (double)v[i]);
 	for (int k = 0; k < 2; k++)
 		rdmaps_close(w[k]);
+}
+
+/* A declarer that arrives while the creator is alive, and is still waiting
+ * when the creator dies: the server hands the tensor to its next DECLARE,
+ * so the waiting declarer must keep declaring, not only look. */
+struct waiter {
+	rdmaps_client *c;
+	const float *init;
+	rdmaps_tensor *t;
+	int rc;
+};
+
+static void *declare_waiting(void *arg)
+{
+	struct waiter *w = arg;
+	struct rdmaps_tensor_desc d = { .name = "waited", .length = LEN, .init = w->init,
+					.lr = 1.0f };
+
+	w->rc = rdmaps_declare(w->c, &d, &w->t);
+	return NULL;
+}
+
+Test(declare, a_declarer_waiting_when_the_creator_dies_takes_over, .fini = cleanup,
+     .timeout = 300)
+{
+	static float init[LEN];
+	struct waiter w = { .init = init };
+	pthread_t th;
+
+	th_mkdtemp(dir, sizeof(dir), "declare");
+	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	w.c = th_connect(&srv);
+	for (uint32_t i = 0; i < LEN; i++)
+		init[i] = init_of(i);
+	child = creator_child("waited", 7.0f);
+	cr_assert_eq(pthread_create(&th, NULL, declare_waiting, &w), 0);
+	usleep(500000); /* the declarer is waiting for the live creator */
+	kill_child();
+	pthread_join(th, NULL);
+	cr_assert_eq(w.rc, 0, "declare while the creator died: %s", rdmaps_strerror(w.rc));
+	assert_values(w.c, w.t, init, 0);
+	rdmaps_close(w.c);
 }
