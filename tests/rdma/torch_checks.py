@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 import rdmaps
@@ -163,6 +164,27 @@ check(f"both workers equal one on the combined batch: max relative difference {e
       err <= 1e-5)
 d0.close()
 d1.close()
+
+print("-- fewer bytes: bf16 pushes and pulls")
+local, remote = net(7), net(7)
+train_local(local, torch.optim.SGD(local.parameters(), lr=0.1), data)
+p0 = c.stats()["push_bytes"]
+dopt = rt.DistributedOptimizer(torch.optim.SGD(remote.parameters(), lr=0.1),
+                               remote.named_parameters(), client=c, model=remote, prefix="wire.",
+                               wire="bf16", pull="bf16")
+train_rdmaps(remote, dopt, data)
+nparams = sum(p.numel() for p in remote.parameters())
+sent = c.stats()["push_bytes"] - p0
+check(f"bf16 pushes: {sent} payload bytes for {STEPS} steps of {nparams} parameters "
+      f"(2 each, chunks padded to 4; float32 would be {STEPS * 4 * nparams})",
+      STEPS * 2 * nparams <= sent <= STEPS * (2 * nparams + 64))
+bits = [p.detach().numpy().view(np.uint32) & 0xffff for p in remote.parameters()]
+check("parameters pulled from the bf16 copy: every value is a bfloat16",
+      all(not b.any() for b in bits))
+err = max_rel(remote, local)
+check(f"and training follows local float32 SGD: max relative difference {err:.2e} <= 0.05",
+      err <= 0.05)
+dopt.close()
 
 print("-- refused, naming what")
 

@@ -192,6 +192,12 @@ class DistributedOptimizer:
             or ``'fp16'`` (half the bytes), ``'sign'`` (a bit per value) or
             ``'topk:FRACTION'``; sign and top-k keep error feedback on the
             worker (``Client.set_push_format``, docs/protocol.md).
+        pull: the format parameters are pulled in: ``'f32'`` (default), or
+            ``'bf16'`` / ``'fp16'``: half the bytes, from a 16-bit copy the
+            servers keep beside their float32 master (the optimizer runs on
+            the master); the worker's parameters are then that copy, widened
+            to float32. Part of each tensor's declaration: every worker of a
+            model must give the same.
 
     Thread-safety: use it from the thread that runs forward and backward.
     """
@@ -202,12 +208,15 @@ class DistributedOptimizer:
                  model: Optional[torch.nn.Module] = None,
                  consistency: str = "asp", workers: Optional[int] = None,
                  staleness: int = 0, aggregate: str = "mean", clip_norm: float = 0.0,
-                 prefix: str = "", overlap: bool = True, wire: str = "f32") -> None:
+                 prefix: str = "", overlap: bool = True, wire: str = "f32",
+                 pull: str = "f32") -> None:
         if consistency not in ("asp", "bsp", "ssp"):
             raise ValueError(f"rdmaps.torch: consistency '{consistency}' (asp, bsp, ssp)")
         if aggregate not in ("mean", "sum"):
             raise ValueError(f"rdmaps.torch: aggregate '{aggregate}' (mean, sum)")
         wire_fmt, wire_frac = rdmaps.parse_wire(wire)
+        if pull not in ("f32", "bf16", "fp16"):
+            raise ValueError(f"rdmaps.torch: pull '{pull}' (f32, bf16, fp16)")
         self.optimizer = optimizer
         self.client = client if client is not None else init()
         self._overlap = overlap
@@ -249,6 +258,8 @@ class DistributedOptimizer:
                     kw.update(aggregate_mean=True)
                 if clip_norm > 0.0:
                     kw.update(clip_norm=clip_norm)
+                if pull != "f32":
+                    kw.update(pull_format=pull)
                 tname = _tensor_name(prefix, n)
                 try:
                     t = self.client.declare(tname, k, init=pv, **kw)
