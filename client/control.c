@@ -427,6 +427,10 @@ int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
 		out->checkpoint_failures += st.checkpoint_failures;
 		if (st.restored_seq > out->restored_seq)
 			out->restored_seq = st.restored_seq;
+		out->shared_devices += st.shared_devices;
+		out->memory_regions += st.memory_regions;
+		out->memory_windows += st.memory_windows;
+		out->registered_bytes += st.registered_bytes;
 	}
 	return 0;
 }

@@ -429,6 +429,11 @@ struct rdmaps_server_stats {
 	uint64_t checkpoints;    /* checkpoints written since start */
 	uint64_t checkpoint_failures;
 	uint64_t restored_seq;   /* checkpoint restored at start (0: none) */
+	/* registration (docs/design.md, "Memory and access rights") */
+	uint64_t shared_devices;   /* devices where the model is registered once */
+	uint64_t memory_regions;   /* MRs the server holds */
+	uint64_t memory_windows;   /* staging windows bound to workers' QPs */
+	uint64_t registered_bytes; /* bytes under all those MRs (what the NIC pins) */
 };
 
 /*

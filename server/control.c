@@ -66,20 +66,12 @@ static void bad_message(struct srv_conn *c, uint32_t req_id, int err, const char
 	reply_status(c, req_id, err);
 }
 
-/* Make t readable by this worker: one READ-only registration in its PD. */
-static int conn_expose(struct srv_conn *c, struct srv_tensor *t)
-{
-	if (c->tensor_mr[t->id])
-		return 0;
-	return rdmaps__reg_mr(c->pd, t->mem, t->mem_len, IBV_ACCESS_REMOTE_READ, &c->tensor_mr[t->id]);
-}
-
 static void reply_tensor(struct srv_conn *c, uint32_t req_id, struct srv_tensor *t, bool created)
 {
 	struct rdmaps_msg_tensor_reply r = { 0 };
 	uint64_t clock = 0;
 	bool ready = true;
-	int rc = conn_expose(c, t);
+	int rc = srv_reg_expose(c, t);
 
 	/* a worker that can read a BSP/SSP tensor takes part in its clocks */
 	if (!rc && atomic_load(&t->state_flag) == TENSOR_READY)
@@ -220,6 +212,7 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 	out->checkpoints = atomic_load(&s->checkpoints);
 	out->checkpoint_failures = atomic_load(&s->checkpoint_failures);
 	out->restored_seq = atomic_load(&s->restored_seq);
+	srv_reg_stats(s, out);
 	for (unsigned i = 0; s->ft && i < s->cfg.fold_threads; i++) {
 		out->folds += atomic_load(&s->ft[i].folds);
 		out->dropped += atomic_load(&s->ft[i].dropped);

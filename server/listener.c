@@ -34,30 +34,26 @@ uint8_t *srv_conn_credit_buf(struct srv_conn *c)
 
 static void conn_free(struct srv_conn *c)
 {
-	struct srv *s;
-
 	if (!c)
 		return;
-	s = c->srv;
+	/* registrations first: a window bound to the QP holds a reference on
+	 * it, and rxe's destroy_qp waits for that forever */
+	srv_reg_conn_free(c);
 	if (c->qp)
 		rdma_destroy_qp(c->id);
 	if (c->cq)
 		ibv_destroy_cq(c->cq);
-	for (uint32_t i = 0; c->tensor_mr && i < s->store.max; i++)
-		if (c->tensor_mr[i])
-			ibv_dereg_mr(c->tensor_mr[i]);
 	free(c->tensor_mr);
 	free(c->member_of);
 	free(c->group_hdr);
 	free(c->group_len);
-	if (c->staging_mr)
-		ibv_dereg_mr(c->staging_mr);
-	if (c->bufs_mr)
+	if (c->bufs_mr) {
+		atomic_fetch_sub(&c->srv->reg_bytes, c->bufs_mr->length);
 		ibv_dereg_mr(c->bufs_mr);
+	}
 	free(c->staging);
 	free(c->bufs);
-	if (c->pd)
-		ibv_dealloc_pd(c->pd);
+	srv_reg_conn_free_pd(c);
 	free(c);
 }
 
@@ -128,20 +124,13 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 		goto fail;
 	memset(c->staging, 0, (size_t)c->slots * c->slot_size);
 
-	/* a PD of its own: rkeys it learns or forges for other workers' rings
-	 * are meaningless on its QP, and the model is only READ-registered */
-	c->pd = ibv_alloc_pd(id->verbs);
-	if (!c->pd) {
-		rc = RDMAPS_EVERBS;
-		goto fail;
-	}
-	rc = rdmaps__reg_mr(c->pd, c->staging, (size_t)c->slots * c->slot_size,
-			    IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE, &c->staging_mr);
-	if (rc)
+	/* its PD and ring registration: shared or its own (registration.c) */
+	if ((rc = srv_reg_conn(s, c, id->verbs)))
 		goto fail;
 	rc = rdmaps__reg_mr(c->pd, c->bufs, bufs_len, IBV_ACCESS_LOCAL_WRITE, &c->bufs_mr);
 	if (rc)
 		goto fail;
+	atomic_fetch_add(&s->reg_bytes, bufs_len);
 	rc = RDMAPS_EVERBS;
 	c->cq = ibv_create_cq(id->verbs, (int)(c->recv_depth + c->sq_depth), c,
 			      srv_fold_channel(s, ft, id->verbs), 0);
@@ -149,7 +138,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 		goto fail;
 	qa.send_cq = qa.recv_cq = c->cq;
 	qa.qp_type = IBV_QPT_RC;
-	qa.cap.max_send_wr = c->sq_depth;
+	qa.cap.max_send_wr = c->sq_depth + (c->staging_mw != NULL); /* + the window's bind */
 	qa.cap.max_recv_wr = c->recv_depth;
 	qa.cap.max_send_sge = 1;
 	qa.cap.max_recv_sge = 1;
@@ -210,7 +199,7 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 	w.magic = RDMAPS_PROTO_MAGIC;
 	w.version = RDMAPS_PROTO_VERSION;
 	w.staging_addr = (uintptr_t)c->staging;
-	w.staging_rkey = c->staging_mr->rkey;
+	w.staging_rkey = srv_reg_staging_rkey(c);
 	w.slot_count = c->slots;
 	w.slot_size = c->slot_size;
 	w.chunk_elems = s->cfg.chunk_elems;
@@ -342,6 +331,15 @@ static void on_event(struct srv *s, struct rdma_cm_event *ev)
 			 * would stall that long. 12 (0.64 ms), as the verbs notes
 			 * advise for rxe; allowed on an RTS queue pair. */
 			struct ibv_qp_attr qa = { .min_rnr_timer = 12 };
+			/* the ring's window, bound before the fold thread can send
+			 * anything: the worker learns nothing it could push to
+			 * before that bind has been done (the SQ keeps order) */
+			if (srv_reg_bind(c)) {
+				rdma_ack_cm_event(ev);
+				rdma_disconnect(c->id);
+				conn_teardown(s, c);
+				return;
+			}
 			if (ibv_modify_qp(c->qp, &qa, IBV_QP_MIN_RNR_TIMER))
 				log_warn("worker " SRV_CONN_FMT ": cannot set the RNR timer: %s", SRV_CONN_ARGS(c),
 					 strerror(errno));
@@ -585,6 +583,7 @@ void srv_close(struct srv *s)
 		srv_checkpoint_now(s, "shutdown");
 	srv_fold_join(s);
 	srv_fold_stop(s);
+	srv_reg_fini(s);
 	if (s->listen_id)
 		rdma_destroy_id(s->listen_id);
 	if (s->cm_channel)

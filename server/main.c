@@ -51,6 +51,12 @@ static void usage(FILE *f)
 		"      --spin-us N          busy-poll this long before sleeping (default 200)\n"
 		"      --max-inline B       inline send bytes asked of each queue pair (default\n"
 		"                           128; 0: never inline, as on providers without it)\n"
+		"      --registration M     how workers reach this server's memory: shared (one\n"
+		"                           protection domain per device, each tensor registered\n"
+		"                           once, each ring through a memory window bound to its\n"
+		"                           worker), per-worker (a PD and registrations per\n"
+		"                           worker), or auto (default: shared where the device\n"
+		"                           has type-2 memory windows; docs/design.md)\n"
 		"      --checkpoint-dir DIR write checkpoints there; restore the newest good one\n"
 		"                           at start (docs/durability.md)\n"
 		"      --checkpoint-every S also write one every S seconds\n"
@@ -124,6 +130,7 @@ int main(int argc, char **argv)
 		{ "max-total-mb", required_argument, NULL, 'G' },
 		{ "spin-us", required_argument, NULL, 'S' },
 		{ "max-inline", required_argument, NULL, 'I' },
+		{ "registration", required_argument, NULL, 'R' },
 		{ "two-copies-from", required_argument, NULL, '2' },
 		{ "evict-ms", required_argument, NULL, 'E' },
 		{ "checkpoint-dir", required_argument, NULL, 'D' },
@@ -176,6 +183,16 @@ int main(int argc, char **argv)
 		case 'S': bad = parse_u(optarg, 0, 1000000, &v); cfg->spin_us = (unsigned)v; break;
 		case 'I': bad = parse_u(optarg, 0, 1024, &v); cfg->max_inline = (uint32_t)v; break;
 		case 'E': bad = parse_u(optarg, 10, 86400000, &v); cfg->evict_ms = (unsigned)v; break;
+		case 'R':
+			if (!strcmp(optarg, "auto"))
+				cfg->registration = SRV_REG_AUTO;
+			else if (!strcmp(optarg, "shared"))
+				cfg->registration = SRV_REG_SHARED;
+			else if (!strcmp(optarg, "per-worker"))
+				cfg->registration = SRV_REG_PER_WORKER;
+			else
+				bad = 1;
+			break;
 		case 'D': cfg->ckpt_dir = optarg; break;
 		case 'K': bad = parse_u(optarg, 1, 86400 * 365, &v); cfg->ckpt_every_s = (unsigned)v; break;
 		case 'h': usage(stdout); return 0;
@@ -222,8 +239,8 @@ int main(int argc, char **argv)
 	}
 	if (load_token(cfg, token_file))
 		return 2;
-	/* per worker: its staging ring, plus each tensor it reads (registered
-	 * in its own PD); fail now, with advice, rather than at the first worker */
+	/* per worker: its staging ring (plus, registered per worker, each
+	 * tensor it reads); fail now, with advice, rather than at the first worker */
 	if (rdmaps__memlock_check((size_t)cfg->slots * (cfg->chunk_elems * 4 + 64) + (1u << 20),
 				  "rdmaps-server"))
 		return 1;

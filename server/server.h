@@ -22,6 +22,9 @@
 
 struct srv_optimizer;
 
+/* registration.c: one PD per device with memory windows, or a PD per worker */
+enum srv_reg_mode { SRV_REG_AUTO, SRV_REG_SHARED, SRV_REG_PER_WORKER };
+
 struct srv_config {
 	const char *listen_addr; /* NULL/"0.0.0.0": every RDMA device */
 	const char *port;
@@ -42,6 +45,7 @@ struct srv_config {
 	const char *ckpt_dir;   /* checkpoints: written here, restored from here at start */
 	unsigned ckpt_every_s;  /* periodic checkpoint (0: only on request and at exit) */
 	uint32_t max_inline;    /* inline send bytes asked of each QP (0: never inline) */
+	enum srv_reg_mode registration; /* registration.c: how workers reach memory */
 };
 
 /* Bytes of payload a staging slot holds after its header: one chunk. */
@@ -174,6 +178,7 @@ enum srv_send_kind {
 	SRV_SEND_PLAIN = 0,  /* inline, or no data: nothing to give back */
 	SRV_SEND_REPLY = 1,  /* a reply buffer */
 	SRV_SEND_CREDIT = 2, /* the credit buffer */
+	SRV_SEND_BIND = 3,   /* the staging window's bind (unsignaled; errors only) */
 };
 #define SRV_WR_SEND (1ull << 63)
 #define SRV_WR(kind, idx) (SRV_WR_SEND | ((uint64_t)(kind) << 8) | (uint64_t)(idx))
@@ -186,7 +191,9 @@ enum srv_send_kind {
 struct srv_conn {
 	struct srv *srv;
 	struct rdma_cm_id *id;
-	struct ibv_pd *pd;     /* per connection: rkeys of other workers mean nothing here */
+	struct ibv_pd *pd;     /* its device's (shared), or its own (per-worker) */
+	struct srv_dev *dev;   /* the device it came through (registration.c) */
+	bool own_pd;           /* per-worker registration: pd and tensor_mr are its own */
 	struct ibv_cq *cq;     /* send and receive completions */
 	struct ibv_qp *qp;
 	struct srv_fold_thread *ft;
@@ -199,8 +206,10 @@ struct srv_conn {
 	uint32_t sq_depth, sq_outstanding;
 	uint32_t max_inline;
 
-	uint8_t *staging;      /* slots * slot_size, REMOTE_WRITE for this PD only */
-	struct ibv_mr *staging_mr;
+	uint8_t *staging;      /* slots * slot_size, REMOTE_WRITE for this QP only */
+	struct ibv_mr *staging_mr; /* shared: no remote access; the window grants it */
+	struct ibv_mw *staging_mw; /* shared: type 2, bound to this QP over the ring */
+	uint32_t staging_rkey;     /* the window's rkey once bound */
 	uint32_t slots, slot_size;
 
 	/* registered: recv_depth receive buffers, SRV_REPLY_BUFS reply buffers,
@@ -214,7 +223,8 @@ struct srv_conn {
 	bool credit_busy;
 	struct rdmaps__ratelimit log_rl; /* what this worker can make us log */
 
-	struct ibv_mr **tensor_mr; /* per tensor id, registered on first use */
+	struct ibv_mr **tensor_mr; /* per tensor id, set on first use; borrowed from the
+				    * device when shared (then not deregistered here) */
 	uint8_t *member_of;        /* per tensor id: member index + 1, or 0 */
 
 	uint64_t credit_addr;
@@ -284,6 +294,16 @@ struct srv_fold_thread {
 	uint8_t *stage;
 };
 
+/* A device workers connect through, and what is registered on it once. */
+#define SRV_MAX_DEVS 16
+struct srv_dev {
+	struct ibv_context *verbs;
+	bool shared;               /* one PD, the model registered once, rings via MWs */
+	struct ibv_pd *pd;         /* shared only */
+	struct ibv_mr **tensor_mr; /* shared only: per tensor id, REMOTE_READ, under lock */
+	pthread_mutex_t lock;
+};
+
 struct srv {
 	struct srv_config cfg;
 	struct srv_store store;
@@ -313,6 +333,11 @@ struct srv {
 	_Atomic uint64_t checkpoints, checkpoint_failures, restored_seq;
 	pthread_mutex_t conns_lock;  /* the conns list, for rdmaps-ctl's listing */
 	_Atomic bool evict_req;      /* some connection has its evict flag set */
+	/* registration.c: devices seen (the listener appends; others read
+	 * nregdev with acquire), and what all registrations hold */
+	struct srv_dev regdev[SRV_MAX_DEVS];
+	unsigned nregdev;
+	_Atomic uint64_t reg_bytes, reg_mws;
 };
 
 /* ---- store.c ---- */
@@ -504,6 +529,25 @@ void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len);
 int srv_conn_post_send(struct srv_conn *c, const void *buf, uint32_t len, enum ibv_wr_opcode op,
 		       uint64_t raddr, uint32_t rkey, uint64_t wr_id);
 void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out);
+
+/* ---- registration.c: PDs, MRs and memory windows ---- */
+/* Listener thread: c's PD and staging registration on its device (after
+ * c->staging, c->slots, c->slot_size are set). */
+int srv_reg_conn(struct srv *s, struct srv_conn *c, struct ibv_context *verbs);
+/* The rkey the worker writes its ring with (told in the welcome). */
+uint32_t srv_reg_staging_rkey(const struct srv_conn *c);
+/* Listener thread, QP in RTS, before the fold thread sends anything on it:
+ * bind the staging window (shared; a no-op per-worker). */
+int srv_reg_bind(struct srv_conn *c);
+/* Fold thread (control): make t readable by c; registers it on first need. */
+int srv_reg_expose(struct srv_conn *c, struct srv_tensor *t);
+/* Teardown, after the QP is gone: c's window and registrations, then its PD. */
+void srv_reg_conn_free(struct srv_conn *c);
+void srv_reg_conn_free_pd(struct srv_conn *c);
+/* After every connection and fold thread is gone. */
+void srv_reg_fini(struct srv *s);
+/* Any thread: registration counters for the stats reply. */
+void srv_reg_stats(struct srv *s, struct rdmaps_server_stats *out);
 
 /* ---- listener.c ---- */
 int srv_listen(struct srv *s);

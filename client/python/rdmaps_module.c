@@ -719,7 +719,7 @@ static PyObject *Client_server_stats(ClientObject *self, PyObject *unused)
 	client_leave(self);
 	if (rc)
 		return raise_rdmaps(rc, "server_stats");
-	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsK}",
+	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}",
 			     "connections", (unsigned long long)s.connections,
 			     "tensors", (unsigned long long)s.tensors,
 			     "folds", (unsigned long long)s.folds,
@@ -732,7 +732,11 @@ static PyObject *Client_server_stats(ClientObject *self, PyObject *unused)
 			     "evictions", (unsigned long long)s.evictions,
 			     "checkpoints", (unsigned long long)s.checkpoints,
 			     "checkpoint_failures", (unsigned long long)s.checkpoint_failures,
-			     "restored_seq", (unsigned long long)s.restored_seq);
+			     "restored_seq", (unsigned long long)s.restored_seq,
+			     "shared_devices", (unsigned long long)s.shared_devices,
+			     "memory_regions", (unsigned long long)s.memory_regions,
+			     "memory_windows", (unsigned long long)s.memory_windows,
+			     "registered_bytes", (unsigned long long)s.registered_bytes);
 }
 
 static PyObject *Client_stats(ClientObject *self, PyObject *unused)

@@ -7,6 +7,7 @@
  */
 #include <dirent.h>
 #include <getopt.h>
+#include <infiniband/verbs.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,7 +31,8 @@ static void usage(FILE *f)
 		   "                (f32, bf16, fp16, topk, sign)\n"
 		   "  chunks NAME   chunk versions of a tensor on each server\n"
 		   "  workers       connected workers and their counters, per server\n"
-		   "  device        this host's RDMA port state and hardware counters (sysfs)\n"
+		   "  device        this host's RDMA devices: the registration scheme a server\n"
+		   "                would use on each, port state and hardware counters\n"
 		   "  prometheus    servers, workers and device counters as Prometheus text\n"
 		   "  checkpoint    ask every server for a checkpoint and wait for it\n"
 		   "Servers, token and local address also come from RDMAPS_* and the config file\n"
@@ -68,7 +70,8 @@ static int page_all(struct cl_conn *k, uint16_t type, uint32_t id, uint16_t rtyp
 #define STATS_FIELDS(X)                                                                      \
 	X(connections) X(tensors) X(folds) X(dropped) X(bad_messages) X(auth_failures)        \
 	X(disconnects) X(nonfinite) X(clipped) X(evictions) X(checkpoints)                    \
-	X(checkpoint_failures) X(restored_seq)
+	X(checkpoint_failures) X(restored_seq) X(shared_devices) X(memory_regions)                \
+	X(memory_windows) X(registered_bytes)
 
 static int cmd_servers(rdmaps_client *c)
 {
@@ -273,10 +276,51 @@ static void prom_worker(uint32_t server, const struct rdmaps_wire_worker_info *w
 	       w->bad_messages);
 }
 
+/*
+ * What registration scheme a server on each local device would use by
+ * default (rdmaps-server --registration auto): shared needs type-2 memory
+ * windows. The server's own choice is in `rdmaps-ctl servers`
+ * (shared_devices) and its log.
+ */
+static void device_registration(void)
+{
+	int n = 0;
+	struct ibv_device **list = ibv_get_device_list(&n);
+
+	for (int i = 0; list && i < n; i++) {
+		struct ibv_context *ctx = ibv_open_device(list[i]);
+		struct ibv_device_attr da;
+		bool mw2;
+		if (!ctx)
+			continue;
+		if (!ibv_query_device(ctx, &da)) {
+			mw2 = da.max_mw > 0 && (da.device_cap_flags & (IBV_DEVICE_MEM_WINDOW_TYPE_2A |
+								       IBV_DEVICE_MEM_WINDOW_TYPE_2B));
+			printf("%s registration: %s (type-2 memory windows: %s, max_mw %d, max_mr %d)\n",
+			       ibv_get_device_name(list[i]), mw2 ? "shared" : "per-worker",
+			       mw2 ? "yes" : "no", da.max_mw, da.max_mr);
+		}
+		ibv_close_device(ctx);
+	}
+	if (list)
+		ibv_free_device_list(list);
+}
+
+/* A level that goes up and down, not a count since start. */
+static bool stat_is_gauge(const char *f)
+{
+	static const char *const gauges[] = { "connections", "tensors", "restored_seq",
+					      "shared_devices", "memory_regions", "memory_windows",
+					      "registered_bytes" };
+	for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++)
+		if (!strcmp(f, gauges[i]))
+			return true;
+	return false;
+}
+
 static int cmd_prometheus(rdmaps_client *c)
 {
-#define HELP(f) printf("# TYPE rdmaps_server_" #f " %s\n", !strcmp(#f, "connections") || \
-				!strcmp(#f, "tensors") || !strcmp(#f, "restored_seq") ? "gauge" : "counter");
+#define HELP(f) printf("# TYPE rdmaps_server_" #f " %s\n", stat_is_gauge(#f) ? "gauge" : "counter");
 	STATS_FIELDS(HELP)
 #undef HELP
 	for (uint32_t i = 0; i < c->nconn; i++) {
@@ -329,6 +373,7 @@ int main(int argc, char **argv)
 	}
 	cmd = argv[optind];
 	if (!strcmp(cmd, "device")) { /* local only: no server needed */
+		device_registration();
 		sysfs_counters(print_counter);
 		return 0;
 	}
