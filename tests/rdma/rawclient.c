@@ -199,6 +199,21 @@ int raw_rdma(struct raw *r, enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey
 	return raw_wait(r, 2);
 }
 
+int raw_atomic(struct raw *r, uint64_t raddr, uint32_t rkey)
+{
+	struct ibv_sge sge = { .addr = (uintptr_t)(r->buf + RAW_DATA_OFF), .length = 8,
+			       .lkey = r->mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = 3, .sg_list = &sge, .num_sge = 1,
+				  .opcode = IBV_WR_ATOMIC_FETCH_AND_ADD,
+				  .send_flags = IBV_SEND_SIGNALED,
+				  .wr.atomic = { .remote_addr = raddr, .compare_add = 1, .rkey = rkey } },
+			  *bad;
+
+	if (ibv_post_send(r->id->qp, &wr, &bad))
+		return -1;
+	return raw_wait(r, 3);
+}
+
 struct rdmaps_msg_declare raw_declare_msg(const char *name, uint64_t length)
 {
 	struct rdmaps_msg_declare m = { 0 };

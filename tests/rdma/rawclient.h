@@ -41,6 +41,8 @@ void raw_close(struct raw *r);
 int raw_send(struct raw *r, const void *msg, size_t len);
 /* Wait for one received message; copies it to out, returns its length or -1. */
 int raw_recv(struct raw *r, void *out, size_t max, int timeout_ms);
+/* An 8-byte fetch-and-add at raddr; the completion status, or -1. */
+int raw_atomic(struct raw *r, uint64_t raddr, uint32_t rkey);
 /* One RDMA op on [buf+RAW_DATA_OFF, +len); returns the completion status. */
 int raw_rdma(struct raw *r, enum ibv_wr_opcode op, uint64_t raddr, uint32_t rkey, uint32_t len,
 	     uint32_t imm_host);

@@ -49,31 +49,82 @@ static void assert_write_refused(uint64_t addr, uint32_t rkey, const char *what)
 	raw_close(&r);
 }
 
-Test(security, model_and_other_rings_are_not_writable, .fini = stop_server, .timeout = 300)
+/*
+ * The isolation checks, against a server started with --registration mode:
+ * shared (one PD, the ring through a type-2 window bound to its QP) or
+ * per-worker (a PD per connection). shared_want: what the server must
+ * report it runs, so a silent fallback fails the test.
+ */
+static void isolation(const char *mode, uint64_t shared_want)
 {
 	struct rdmaps_msg_tensor_reply rep;
+	struct rdmaps_server_stats st;
 	struct raw a, b;
 	rdmaps_client *good;
 	rdmaps_tensor *t;
+	uint64_t ring_a, ring_b;
 
-	th_server_start(&srv, "--chunk-elems", "1024", NULL);
+	th_server_start(&srv, "--chunk-elems", "1024", "--registration", mode, NULL);
 	good = th_connect(&srv);
 	t = th_declare(good, "model", 2048, 5.0f, 1.0f);
+	cr_assert_eq(rdmaps_server_stats(good, &st), 0);
+	cr_assert_eq(st.shared_devices, shared_want, "--registration %s: %lu devices shared", mode,
+		     (unsigned long)st.shared_devices);
+	cr_assert_eq(st.memory_windows, shared_want, "one window per connection when shared");
 
 	raw_open(&a);
 	cr_assert_eq(raw_declare(&a, "model", 2048, &rep), 0);
-	/* positive control: the raw client can READ the model and WRITE its own ring */
+	/* positive controls: the raw client can READ the model and WRITE its own
+	 * ring, up to its last byte */
+	ring_a = (uint64_t)a.w.slot_count * a.w.slot_size;
 	cr_assert_eq(raw_rdma(&a, IBV_WR_RDMA_READ, rep.remote_addr, rep.rkey, 256, 0), IBV_WC_SUCCESS);
 	cr_assert_eq(raw_rdma(&a, IBV_WR_RDMA_WRITE, a.w.staging_addr, a.w.staging_rkey, 64, 0),
 		     IBV_WC_SUCCESS, "own staging ring must be writable");
+	cr_assert_eq(raw_rdma(&a, IBV_WR_RDMA_WRITE, a.w.staging_addr + ring_a - 64, a.w.staging_rkey,
+			      64, 0),
+		     IBV_WC_SUCCESS, "the end of its own ring must be writable");
 	raw_open(&b);
+	ring_b = (uint64_t)b.w.slot_count * b.w.slot_size;
 
 	assert_write_refused(rep.remote_addr, rep.rkey, "write model with its read rkey");
 	assert_write_refused(rep.remote_addr + 64, rep.rkey, "write model data with its read rkey");
 	assert_write_refused(b.w.staging_addr, b.w.staging_rkey, "write another worker's ring");
+	assert_write_refused(b.w.staging_addr + ring_b - 64, b.w.staging_rkey,
+			     "write the end of another worker's ring");
 	assert_write_refused(rep.remote_addr, a.w.staging_rkey, "write model with own ring's rkey");
+	{
+		/* a's own QP: b's key on b's ring, b's key on a's ring, and a's
+		 * key just past a's ring (each refusal breaks that QP: fresh ones) */
+		struct raw x;
+		raw_open(&x);
+		memset(x.buf + RAW_DATA_OFF, 0x7f, 64);
+		int st1 = raw_rdma(&x, IBV_WR_RDMA_WRITE, x.w.staging_addr, b.w.staging_rkey, 64, 0);
+		cr_assert_neq(st1, IBV_WC_SUCCESS, "another worker's ring rkey on its own ring");
+		raw_close(&x);
+		raw_open(&x);
+		uint64_t ring_x = (uint64_t)x.w.slot_count * x.w.slot_size;
+		int st2 = raw_rdma(&x, IBV_WR_RDMA_WRITE, x.w.staging_addr + ring_x - 32,
+				   x.w.staging_rkey, 64, 0);
+		cr_assert_neq(st2, IBV_WC_SUCCESS, "a write across the end of its own ring");
+		raw_close(&x);
+		raw_open(&x);
+		int st3 = raw_rdma(&x, IBV_WR_RDMA_WRITE, x.w.staging_addr + ring_x, x.w.staging_rkey,
+				   64, 0);
+		cr_assert_neq(st3, IBV_WC_SUCCESS, "a write just past its own ring");
+		raw_close(&x);
+		raw_open(&x);
+		int st4 = raw_atomic(&x, rep.remote_addr + 64, rep.rkey);
+		cr_assert_neq(st4, IBV_WC_SUCCESS, "an atomic on the model with its read rkey");
+		raw_close(&x);
+		printf("isolation (%s): foreign rkey %s, across the end %s, past the end %s, atomic %s\n",
+		       mode, ibv_wc_status_str((enum ibv_wc_status)st1),
+		       ibv_wc_status_str((enum ibv_wc_status)st2),
+		       ibv_wc_status_str((enum ibv_wc_status)st3),
+		       ibv_wc_status_str((enum ibv_wc_status)st4));
+	}
 	const uint32_t forged[] = { rep.rkey + 1, rep.rkey - 1, rep.rkey ^ 0x100, b.w.staging_rkey + 1,
-				    b.w.staging_rkey ^ 0xff, 0 };
+				    b.w.staging_rkey - 1, b.w.staging_rkey ^ 0xff,
+				    b.w.staging_rkey ^ 0x100, a.w.staging_rkey - 1, 0 };
 	for (unsigned i = 0; i < sizeof(forged) / sizeof(forged[0]); i++) {
 		char what[64];
 		snprintf(what, sizeof(what), "forged rkey %#x on the model", forged[i]);
@@ -81,6 +132,9 @@ Test(security, model_and_other_rings_are_not_writable, .fini = stop_server, .tim
 		snprintf(what, sizeof(what), "forged rkey %#x on another ring", forged[i]);
 		assert_write_refused(b.w.staging_addr, forged[i], what);
 	}
+	/* b was never written to by anyone: its ring still works for b */
+	cr_assert_eq(raw_rdma(&b, IBV_WR_RDMA_WRITE, b.w.staging_addr, b.w.staging_rkey, 64, 0),
+		     IBV_WC_SUCCESS, "the attacked worker's own ring must still be writable");
 	raw_close(&a);
 	raw_close(&b);
 
@@ -92,6 +146,95 @@ Test(security, model_and_other_rings_are_not_writable, .fini = stop_server, .tim
 	cr_assert_eq(rdmaps_push(good, t, g, RDMAPS_PUSH_FOLDED), 0);
 	assert_model(good, t, 2048, 4.0f);
 	rdmaps_close(good);
+}
+
+Test(security, model_and_other_rings_are_not_writable, .fini = stop_server, .timeout = 400)
+{
+	isolation("shared", 1);
+}
+
+Test(security, model_and_other_rings_are_not_writable_per_worker, .fini = stop_server,
+     .timeout = 400)
+{
+	isolation("per-worker", 0);
+}
+
+/* The server's pinned memory (VmPin of /proc/PID/status), in KiB. */
+static uint64_t vm_pin_kib(pid_t pid)
+{
+	char path[64], line[256];
+	unsigned long long kib = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	f = fopen(path, "r");
+	cr_assert_not_null(f, "%s", path);
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "VmPin: %llu kB", &kib) == 1)
+			break;
+	fclose(f);
+	return kib;
+}
+
+/*
+ * What 9 workers reading one 16 MiB tensor cost the server in registered
+ * (pinned) memory, per scheme: shared registers the tensor once, so the
+ * eight after the first add only their rings; per-worker registers it for
+ * each of them. Both counted by the server and read from its VmPin.
+ */
+static void memory_per_worker(const char *mode, bool shared)
+{
+	enum { N = 9, LEN = 4u << 20 }; /* floats: 16 MiB */
+	rdmaps_client *c[N];
+	struct rdmaps_server_stats one = { 0 }, all;
+	uint64_t pin_one = 0, pin_all, model = (uint64_t)LEN * 4, per_conn;
+
+	th_server_start(&srv, "--registration", mode, "--two-copies-from", "0", NULL);
+	for (int i = 0; i < N; i++) {
+		c[i] = th_connect(&srv);
+		rdmaps_tensor *t = th_declare(c[i], "big", LEN, 0.5f, 1.0f);
+		(void)t;
+		if (i == 0) {
+			cr_assert_eq(rdmaps_server_stats(c[0], &one), 0);
+			pin_one = vm_pin_kib(srv.pid) * 1024;
+		}
+	}
+	cr_assert_eq(rdmaps_server_stats(c[0], &all), 0);
+	pin_all = vm_pin_kib(srv.pid) * 1024;
+	per_conn = (all.registered_bytes - one.registered_bytes) / (N - 1);
+	printf("registration %s: %d workers of a %llu MiB tensor: registered %llu -> %llu MiB, "
+	       "VmPin %llu -> %llu MiB, %llu MRs, %llu windows\n",
+	       mode, N, (unsigned long long)(model >> 20),
+	       (unsigned long long)(one.registered_bytes >> 20),
+	       (unsigned long long)(all.registered_bytes >> 20), (unsigned long long)(pin_one >> 20),
+	       (unsigned long long)(pin_all >> 20), (unsigned long long)all.memory_regions,
+	       (unsigned long long)all.memory_windows);
+	cr_assert_geq(one.registered_bytes, model, "the tensor is registered");
+	if (shared) {
+		/* a ring (16 slots of 64 KiB) and its buffers: far below the model */
+		cr_assert_lt(per_conn, model / 8, "a worker added %llu B of registrations",
+			     (unsigned long long)per_conn);
+		cr_assert_lt(pin_all - pin_one, (N - 1) * (model / 8), "VmPin grew %llu B",
+			     (unsigned long long)(pin_all - pin_one));
+		cr_assert_eq(all.memory_windows, N);
+	} else {
+		cr_assert_geq(per_conn, model, "per worker: the tensor again for each");
+		cr_assert_geq(pin_all - pin_one, (N - 1) * model * 9 / 10, "VmPin grew %llu B",
+			      (unsigned long long)(pin_all - pin_one));
+		cr_assert_eq(all.memory_windows, 0);
+	}
+	for (int i = 0; i < N; i++)
+		rdmaps_close(c[i]);
+}
+
+Test(security, shared_registration_pins_the_model_once, .fini = stop_server, .timeout = 300)
+{
+	memory_per_worker("shared", true);
+}
+
+Test(security, per_worker_registration_pins_it_per_worker, .fini = stop_server, .timeout = 300)
+{
+	memory_per_worker("per-worker", false);
 }
 
 static int expect_status(struct raw *r, const void *msg, size_t len)
