@@ -431,6 +431,8 @@ int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
 		out->memory_regions += st.memory_regions;
 		out->memory_windows += st.memory_windows;
 		out->registered_bytes += st.registered_bytes;
+		out->staging_bytes += st.staging_bytes;
+		out->staging_budget += st.staging_budget;
 	}
 	return 0;
 }

@@ -434,6 +434,8 @@ struct rdmaps_server_stats {
 	uint64_t memory_regions;   /* MRs the server holds */
 	uint64_t memory_windows;   /* staging windows bound to workers' QPs */
 	uint64_t registered_bytes; /* bytes under all those MRs (what the NIC pins) */
+	uint64_t staging_bytes;    /* workers' staging rings, together */
+	uint64_t staging_budget;   /* what they may take (--staging-mb) */
 };
 
 /*

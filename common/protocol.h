@@ -315,10 +315,16 @@ struct rdmaps_msg_chunks_reply {
 	uint64_t version[RDMAPS_CHUNKS_PAGE];
 };
 
-#define RDMAPS_WORKERS_PAGE 40
+#define RDMAPS_WORKERS_PAGE 36
 struct rdmaps_wire_worker_info {
 	char addr[48];
 	uint64_t folds, dropped, bad_messages, next_seq;
+	uint32_t slots;         /* its staging ring's slots (fewer than --slots when
+				 * the server's staging budget was short) */
+	uint32_t reserved;
+	uint64_t memory;        /* server memory it holds: ring, buffers, queues' buffers */
+	uint64_t pinned;        /* bytes registered for it alone (per-worker scheme:
+				 * with the tensors it reads) */
 };
 struct rdmaps_msg_workers_reply {
 	struct rdmaps_msg_hdr hdr;

@@ -287,6 +287,9 @@ static void on_workers(struct srv_conn *c, const struct rdmaps_msg_page *m)
 		e->dropped = atomic_load(&w->dropped);
 		e->bad_messages = atomic_load(&w->bad_msgs);
 		e->next_seq = __atomic_load_n(&w->next_seq, __ATOMIC_RELAXED);
+		e->slots = w->slots;
+		e->memory = w->staging_bytes + w->bufs_bytes;
+		e->pinned = srv_reg_conn_pinned(w);
 	}
 	pthread_mutex_unlock(&s->conns_lock);
 	reply_send(c, &r, sizeof(r));

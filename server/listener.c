@@ -52,6 +52,7 @@ static void conn_free(struct srv_conn *c)
 		ibv_dereg_mr(c->bufs_mr);
 	}
 	free(c->staging);
+	atomic_fetch_sub(&c->srv->staging_used, c->staging_bytes);
 	free(c->bufs);
 	srv_reg_conn_free_pd(c);
 	free(c);
@@ -84,8 +85,34 @@ static uint64_t new_conn_id(void)
 	return id ? id : 1;
 }
 
+/* A ring of n slots, as allocated (aligned_alloc wants whole pages). */
+static size_t ring_bytes(const struct srv *s, uint32_t n)
+{
+	return rdmaps__round_up((size_t)n * (RDMAPS_SLOT_HDR + srv_slot_payload(&s->cfg)), 4096);
+}
+
+/*
+ * The slots a new worker's ring gets within the server-wide staging budget:
+ * --slots while it lasts, then what is left, down to SRV_MIN_SLOTS (a ring
+ * of fewer would serialise each push on its credit); 0 when not even that
+ * fits, and the worker is refused. Listener thread only.
+ */
+#define SRV_MIN_SLOTS 2u
+static uint32_t ring_slots(const struct srv *s)
+{
+	uint64_t used = atomic_load(&s->staging_used);
+	uint64_t left = s->cfg.staging_budget > used ? s->cfg.staging_budget - used : 0;
+	size_t slot = RDMAPS_SLOT_HDR + srv_slot_payload(&s->cfg);
+	uint64_t n;
+
+	if (ring_bytes(s, s->cfg.slots) <= left)
+		return s->cfg.slots;
+	n = (left & ~(uint64_t)4095) / slot;
+	return n >= SRV_MIN_SLOTS ? (uint32_t)n : 0;
+}
+
 static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_wire_hello *hello,
-		      struct srv_conn **out)
+		      uint32_t slots, struct srv_conn **out)
 {
 	struct srv_fold_thread *ft = &s->ft[s->next_ft++ % s->cfg.fold_threads];
 	struct ibv_qp_init_attr qa = { 0 };
@@ -99,7 +126,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->id = id;
 	c->ft = ft;
 	c->conn_id = new_conn_id();
-	c->slots = s->cfg.slots;
+	c->slots = slots;
 	c->slot_size = RDMAPS_SLOT_HDR + (uint32_t)srv_slot_payload(&s->cfg);
 	c->recv_depth = c->slots + CTRL_RECVS;
 	c->sq_depth = SQ_DEPTH;
@@ -112,13 +139,18 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->credit_rkey = hello->credit_rkey;
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
 	c->member_of = calloc(s->store.max, sizeof(*c->member_of));
-	c->staging = aligned_alloc(4096, rdmaps__round_up((size_t)c->slots * c->slot_size, 4096));
+	c->staging = aligned_alloc(4096, ring_bytes(s, c->slots));
+	if (c->staging) {
+		c->staging_bytes = ring_bytes(s, c->slots);
+		atomic_fetch_add(&s->staging_used, c->staging_bytes);
+	}
 	/* aligned_alloc wants a whole number of alignments (C17 7.22.3.1;
 	 * ASan enforces it) */
 	bufs_len = rdmaps__round_up((size_t)(c->recv_depth + SRV_REPLY_BUFS) * RDMAPS_MSG_MAX +
 					    RDMAPS_CHUNK_ALIGN,
 				    4096);
 	c->bufs = aligned_alloc(4096, bufs_len);
+	c->bufs_bytes = bufs_len;
 	if (!c->tensor_mr || !c->member_of || !c->staging || !c->bufs || !c->group_hdr ||
 	    !c->group_len)
 		goto fail;
@@ -174,6 +206,7 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 	struct rdma_conn_param p = { 0 };
 	struct ibv_device_attr da;
 	struct srv_conn *c;
+	uint32_t slots;
 	int rc = rdmaps__hello_check(ev->param.conn.private_data, ev->param.conn.private_data_len);
 
 	if (rc) {
@@ -191,7 +224,20 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 		reject(s, id, RDMAPS_ELIMIT, "max-workers reached");
 		goto destroy;
 	}
-	rc = conn_build(s, id, &hello, &c);
+	slots = ring_slots(s);
+	if (!slots) {
+		char why[160];
+		snprintf(why, sizeof(why),
+			 "the staging budget is spent (%.1f of --staging-mb %llu MiB held by %u workers)",
+			 (double)atomic_load(&s->staging_used) / (1 << 20),
+			 (unsigned long long)(s->cfg.staging_budget >> 20), s->nconns);
+		reject(s, id, RDMAPS_ELIMIT, why);
+		goto destroy;
+	}
+	if (slots < s->cfg.slots)
+		log_info("staging budget (--staging-mb) nearly spent: the next worker gets %u of %u slots",
+			 slots, s->cfg.slots);
+	rc = conn_build(s, id, &hello, slots, &c);
 	if (rc) {
 		reject(s, id, rc, rdmaps_strerror(rc));
 		goto destroy;

@@ -42,6 +42,11 @@ static void usage(FILE *f)
 		"      --chunk-elems N      floats per chunk (default 16384 = 64 KiB)\n"
 		"      --slots N            staging slots per worker (default 16, at most 256)\n"
 		"      --max-workers N      (default 256)\n"
+		"      --staging-mb N       staging rings of all workers together: each worker\n"
+		"                           gets --slots slots while this lasts, then fewer\n"
+		"                           (at least 2); past it a worker is refused with\n"
+		"                           RDMAPS_ELIMIT (default: max-workers full rings, at\n"
+		"                           most a quarter of this machine's memory)\n"
 		"      --max-tensors N      (default 1024, at most 65535)\n"
 		"      --max-tensor-mb N    largest tensor incl. optimizer state (default 4096)\n"
 		"      --max-total-mb N     all tensors together (default 16384)\n"
@@ -64,6 +69,27 @@ static void usage(FILE *f)
 		"                           while others wait (default 10000)\n"
 		"  -v, --verbose            log connections and declarations\n"
 		"  -h, --help\n");
+}
+
+/*
+ * Without --staging-mb: every worker up to --max-workers gets a full ring,
+ * unless that is more than a quarter of this machine's memory, which then
+ * bounds it (an OOM kill of the server is never the answer to a crowd).
+ */
+static void staging_budget_default(struct srv_config *cfg)
+{
+	uint64_t ring = rdmaps__round_up((size_t)cfg->slots *
+						 (RDMAPS_SLOT_HDR + srv_slot_payload(cfg)), 4096);
+	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+	uint64_t quarter = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz / 4 : UINT64_MAX;
+
+	if (cfg->staging_budget)
+		return;
+	cfg->staging_budget = ring * cfg->max_workers;
+	if (cfg->staging_budget > quarter)
+		cfg->staging_budget = quarter > ring ? quarter : ring;
+	log_info("staging budget: %llu MiB (--staging-mb)",
+		 (unsigned long long)(cfg->staging_budget >> 20));
 }
 
 static int parse_u(const char *s, unsigned long long lo, unsigned long long hi,
@@ -125,6 +151,7 @@ int main(int argc, char **argv)
 		{ "chunk-elems", required_argument, NULL, 'c' },
 		{ "slots", required_argument, NULL, 's' },
 		{ "max-workers", required_argument, NULL, 'W' },
+		{ "staging-mb", required_argument, NULL, 'B' },
 		{ "max-tensors", required_argument, NULL, 'T' },
 		{ "max-tensor-mb", required_argument, NULL, 'M' },
 		{ "max-total-mb", required_argument, NULL, 'G' },
@@ -178,6 +205,7 @@ int main(int argc, char **argv)
 		/* a slot header names its tensor in 16 bits */
 		case 'T': bad = parse_u(optarg, 1, 65535, &v); cfg->max_tensors = (uint32_t)v; break;
 		case 'M': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_tensor_bytes = v << 20; break;
+		case 'B': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->staging_budget = v << 20; break;
 		case 'G': bad = parse_u(optarg, 1, 1u << 24, &v); cfg->max_total_bytes = v << 20; break;
 		case '2': bad = parse_u(optarg, 0, UINT64_MAX, &v); cfg->two_copies_min = v; break;
 		case 'S': bad = parse_u(optarg, 0, 1000000, &v); cfg->spin_us = (unsigned)v; break;
@@ -217,6 +245,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	rdmaps__log_init(verbose ? RDMAPS_LOG_INFO : RDMAPS_LOG_WARN);
+	staging_budget_default(cfg);
 	if (config || rank >= 0 || getenv("RDMAPS_CONFIG")) {
 		/* one description for the whole cluster: find our own entry */
 		char err[256];

@@ -238,6 +238,17 @@ void srv_reg_fini(struct srv *s)
 	s->nregdev = 0;
 }
 
+uint64_t srv_reg_conn_pinned(const struct srv_conn *c)
+{
+	uint64_t b = (c->staging_mr ? c->staging_mr->length : 0) + (c->bufs_mr ? c->bufs_mr->length : 0);
+
+	/* tensors registered in its own PD; shared ones belong to the device */
+	for (uint32_t i = 0; c->own_pd && c->tensor_mr && i < c->srv->store.max; i++)
+		if (c->tensor_mr[i])
+			b += c->tensor_mr[i]->length;
+	return b;
+}
+
 void srv_reg_stats(struct srv *s, struct rdmaps_server_stats *out)
 {
 	uint64_t mrs = 0, shared = 0;
@@ -264,4 +275,6 @@ void srv_reg_stats(struct srv *s, struct rdmaps_server_stats *out)
 	out->memory_regions = mrs;
 	out->memory_windows = atomic_load(&s->reg_mws);
 	out->registered_bytes = atomic_load(&s->reg_bytes);
+	out->staging_bytes = atomic_load(&s->staging_used);
+	out->staging_budget = s->cfg.staging_budget;
 }

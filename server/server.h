@@ -35,6 +35,7 @@ struct srv_config {
 	uint32_t chunk_elems;
 	uint32_t slots;         /* staging slots per worker */
 	uint32_t max_workers;
+	uint64_t staging_budget; /* bytes of staging rings, all workers together */
 	uint32_t max_tensors;
 	uint64_t max_tensor_bytes;
 	uint64_t max_total_bytes;
@@ -210,7 +211,8 @@ struct srv_conn {
 	struct ibv_mr *staging_mr; /* shared: no remote access; the window grants it */
 	struct ibv_mw *staging_mw; /* shared: type 2, bound to this QP over the ring */
 	uint32_t staging_rkey;     /* the window's rkey once bound */
-	uint32_t slots, slot_size;
+	uint32_t slots, slot_size; /* slots: --slots, or fewer within the staging budget */
+	size_t staging_bytes, bufs_bytes; /* as allocated: the budget's account */
 
 	/* registered: recv_depth receive buffers, SRV_REPLY_BUFS reply buffers,
 	 * then the credit a WRITE that is not inline is sent from. A buffer the
@@ -338,6 +340,9 @@ struct srv {
 	struct srv_dev regdev[SRV_MAX_DEVS];
 	unsigned nregdev;
 	_Atomic uint64_t reg_bytes, reg_mws;
+	/* staging ring bytes held by connections (the listener changes it;
+	 * stats read it) against cfg.staging_budget */
+	_Atomic uint64_t staging_used;
 };
 
 /* ---- store.c ---- */
@@ -546,6 +551,9 @@ void srv_reg_conn_free(struct srv_conn *c);
 void srv_reg_conn_free_pd(struct srv_conn *c);
 /* After every connection and fold thread is gone. */
 void srv_reg_fini(struct srv *s);
+/* Under conns_lock: bytes registered for c alone (its ring, its buffers,
+ * and per-worker the tensors it reads). */
+uint64_t srv_reg_conn_pinned(const struct srv_conn *c);
 /* Any thread: registration counters for the stats reply. */
 void srv_reg_stats(struct srv *s, struct rdmaps_server_stats *out);
 

@@ -719,7 +719,7 @@ static PyObject *Client_server_stats(ClientObject *self, PyObject *unused)
 	client_leave(self);
 	if (rc)
 		return raise_rdmaps(rc, "server_stats");
-	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}",
+	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}",
 			     "connections", (unsigned long long)s.connections,
 			     "tensors", (unsigned long long)s.tensors,
 			     "folds", (unsigned long long)s.folds,
@@ -736,7 +736,9 @@ static PyObject *Client_server_stats(ClientObject *self, PyObject *unused)
 			     "shared_devices", (unsigned long long)s.shared_devices,
 			     "memory_regions", (unsigned long long)s.memory_regions,
 			     "memory_windows", (unsigned long long)s.memory_windows,
-			     "registered_bytes", (unsigned long long)s.registered_bytes);
+			     "registered_bytes", (unsigned long long)s.registered_bytes,
+			     "staging_bytes", (unsigned long long)s.staging_bytes,
+			     "staging_budget", (unsigned long long)s.staging_budget);
 }
 
 static PyObject *Client_stats(ClientObject *self, PyObject *unused)

@@ -420,6 +420,62 @@ Test(security, limits_are_clear_errors, .fini = stop_server, .timeout = 120)
 }
 
 /*
+ * The server-wide staging budget (--staging-mb): full rings while it lasts,
+ * then a smaller ring, then a clear RDMAPS_ELIMIT; a worker leaving gives
+ * its ring back. Default chunks: a slot is 24 + 65536 B, a 16-slot ring 257
+ * pages; 3 MiB hold two full rings and 15 slots of a third.
+ */
+Test(security, staging_budget_shrinks_then_refuses, .fini = stop_server, .timeout = 120)
+{
+	struct rdmaps_server_stats st;
+	rdmaps_client *good, *c = NULL;
+	rdmaps_tensor *t;
+	struct raw a, b, x;
+	static float g[40000];
+
+	th_server_start(&srv, "--slots", "16", "--staging-mb", "3", NULL);
+	raw_open(&a);
+	raw_open(&b);
+	cr_assert_eq(a.w.slot_count, 16);
+	cr_assert_eq(b.w.slot_count, 16);
+	/* the third gets what is left: 15 slots, and works with them */
+	good = th_connect(&srv);
+	t = th_declare(good, "w", 40000, 0.0f, 1.0f);
+	for (int i = 0; i < 40000; i++)
+		g[i] = -1.0f;
+	for (int k = 0; k < 40; k++) /* 40 pushes of 3 chunks through 15 slots */
+		cr_assert_eq(rdmaps_push(good, t, g, 0), 0);
+	cr_assert_eq(rdmaps_flush(good, 10000), 0);
+	{
+		static float v[40000];
+		cr_assert_eq(rdmaps_pull(good, t, v, 0), 0);
+		for (int i = 0; i < 40000; i++)
+			cr_assert_eq(v[i], 40.0f, "w[%d] = %f after 40 pushes on a 15-slot ring", i, v[i]);
+	}
+	cr_assert_eq(rdmaps_server_stats(good, &st), 0);
+	cr_assert_eq(st.staging_budget, 3u << 20);
+	cr_assert_eq(st.staging_bytes, 2 * 257 * 4096 + 241 * 4096,
+		     "two 16-slot rings and one of 15: %lu bytes", (unsigned long)st.staging_bytes);
+	/* nothing left for a fourth: refused with a clear error, others unharmed */
+	cr_assert_eq(th_connect_token(&srv, TH_TOKEN, &c), RDMAPS_ELIMIT, "past the staging budget");
+	cr_assert_null(c);
+	struct rdmaps_wire_hello h = raw_hello(TH_TOKEN);
+	cr_assert_eq(raw_connect(&x, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_ELIMIT);
+	raw_close(&x);
+	cr_assert_eq(raw_rdma(&a, IBV_WR_RDMA_WRITE, a.w.staging_addr, a.w.staging_rkey, 64, 0),
+		     IBV_WC_SUCCESS, "a worker inside the budget still writes its ring");
+	cr_assert_eq(rdmaps_push(good, t, g, RDMAPS_PUSH_FOLDED), 0);
+	/* a worker leaving gives its ring back */
+	raw_close(&a);
+	for (int i = 0; i < 100 && th_connect_token(&srv, TH_TOKEN, &c); i++)
+		usleep(20000);
+	cr_assert_not_null(c, "a ring given back is granted again");
+	rdmaps_close(c);
+	raw_close(&b);
+	rdmaps_close(good);
+}
+
+/*
  * Pending pushes per worker: the server's ring (--slots) makes pushes past
  * it wait, in order; the client's own bound (RDMAPS_MAX_OPS in flight) is a
  * clear RDMAPS_EBUSY that posts nothing. Either way, no push is lost or

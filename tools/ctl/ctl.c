@@ -71,7 +71,7 @@ static int page_all(struct cl_conn *k, uint16_t type, uint32_t id, uint16_t rtyp
 	X(connections) X(tensors) X(folds) X(dropped) X(bad_messages) X(auth_failures)        \
 	X(disconnects) X(nonfinite) X(clipped) X(evictions) X(checkpoints)                    \
 	X(checkpoint_failures) X(restored_seq) X(shared_devices) X(memory_regions)                \
-	X(memory_windows) X(registered_bytes)
+	X(memory_windows) X(registered_bytes) X(staging_bytes) X(staging_budget)
 
 static int cmd_servers(rdmaps_client *c)
 {
@@ -193,14 +193,16 @@ static int for_workers(rdmaps_client *c, void (*fn)(uint32_t server, const struc
 
 static void print_worker(uint32_t server, const struct rdmaps_wire_worker_info *w)
 {
-	printf("%-6u %-16s %12" PRIu64 " %10" PRIu64 " %10" PRIu64 " %12" PRIu64 "\n", server,
-	       w->addr[0] ? w->addr : "?", w->folds, w->dropped, w->bad_messages, w->next_seq);
+	printf("%-6u %-16s %12" PRIu64 " %10" PRIu64 " %10" PRIu64 " %12" PRIu64 " %5u %10" PRIu64
+	       " %10" PRIu64 "\n",
+	       server, w->addr[0] ? w->addr : "?", w->folds, w->dropped, w->bad_messages, w->next_seq,
+	       w->slots, w->memory, w->pinned);
 }
 
 static int cmd_workers(rdmaps_client *c)
 {
-	printf("%-6s %-16s %12s %10s %10s %12s\n", "server", "worker", "folds", "dropped",
-	       "bad_msgs", "next_seq");
+	printf("%-6s %-16s %12s %10s %10s %12s %5s %10s %10s\n", "server", "worker", "folds", "dropped",
+	       "bad_msgs", "next_seq", "slots", "memory", "pinned");
 	return for_workers(c, print_worker);
 }
 
@@ -274,6 +276,10 @@ static void prom_worker(uint32_t server, const struct rdmaps_wire_worker_info *w
 	       w->dropped);
 	printf("rdmaps_worker_bad_messages{server=\"%u\",worker=\"%s\"} %" PRIu64 "\n", server, w->addr,
 	       w->bad_messages);
+	printf("rdmaps_worker_memory_bytes{server=\"%u\",worker=\"%s\"} %" PRIu64 "\n", server, w->addr,
+	       w->memory);
+	printf("rdmaps_worker_pinned_bytes{server=\"%u\",worker=\"%s\"} %" PRIu64 "\n", server, w->addr,
+	       w->pinned);
 }
 
 /*
@@ -311,7 +317,7 @@ static bool stat_is_gauge(const char *f)
 {
 	static const char *const gauges[] = { "connections", "tensors", "restored_seq",
 					      "shared_devices", "memory_regions", "memory_windows",
-					      "registered_bytes" };
+					      "registered_bytes", "staging_bytes", "staging_budget" };
 	for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++)
 		if (!strcmp(f, gauges[i]))
 			return true;
@@ -335,7 +341,8 @@ static int cmd_prometheus(rdmaps_client *c)
 #undef PROM
 	}
 	printf("# TYPE rdmaps_worker_folds counter\n# TYPE rdmaps_worker_dropped counter\n"
-	       "# TYPE rdmaps_worker_bad_messages counter\n");
+	       "# TYPE rdmaps_worker_bad_messages counter\n# TYPE rdmaps_worker_memory_bytes gauge\n"
+	       "# TYPE rdmaps_worker_pinned_bytes gauge\n");
 	if (for_workers(c, prom_worker))
 		return 1;
 	printf("# TYPE rdmaps_device_counter counter\n# TYPE rdmaps_device_hw_counter counter\n");
