@@ -75,8 +75,15 @@ static void conn_fail(struct srv_conn *c, const char *why, int status)
 	if (c->broken)
 		return;
 	c->broken = true;
-	log_warn("worker " SRV_CONN_FMT ": %s (%s); dropping the connection", SRV_CONN_ARGS(c), why,
-		 ibv_wc_status_str((enum ibv_wc_status)status));
+	/* flushed work means the QP already went to error, which a worker's
+	 * own disconnect does too: with hundreds of workers leaving at the end
+	 * of a job that is no warning; the listener logs the departure */
+	if (status == IBV_WC_WR_FLUSH_ERR)
+		log_info("worker " SRV_CONN_FMT ": queue pair flushed (%s); dropping the connection",
+			 SRV_CONN_ARGS(c), why);
+	else
+		log_warn("worker " SRV_CONN_FMT ": %s (%s); dropping the connection", SRV_CONN_ARGS(c),
+			 why, ibv_wc_status_str((enum ibv_wc_status)status));
 	/* the listener sees DISCONNECTED and frees everything */
 	rdma_disconnect(c->id);
 }

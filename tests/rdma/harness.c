@@ -173,6 +173,22 @@ int th_connect_token(const struct th_server *s, const char *token, rdmaps_client
 	return rdmaps_connect(&o, out);
 }
 
+unsigned long long th_server_pinned_kib(const struct th_server *s)
+{
+	char path[64], line[256];
+	unsigned long long kib = 0;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)s->pid);
+	f = fopen(path, "r");
+	cr_assert_not_null(f, "%s", path);
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "VmPin: %llu kB", &kib) == 1)
+			break;
+	fclose(f);
+	return kib;
+}
+
 rdmaps_client *th_connect(const struct th_server *s)
 {
 	rdmaps_client *c = NULL;

@@ -33,6 +33,8 @@ unsigned th_hosts(const char **out, unsigned n);
 /* SIGTERM, wait; asserts the server was still alive and exits cleanly. */
 void th_server_stop(struct th_server *s);
 int th_server_alive(const struct th_server *s);
+/* The server's pinned memory (VmPin of /proc/PID/status), in KiB. */
+unsigned long long th_server_pinned_kib(const struct th_server *s);
 /* kill -9, as a crash would. */
 void th_server_kill9(struct th_server *s);
 /* Start again on the same address and port, with these args. */

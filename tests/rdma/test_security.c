@@ -159,23 +159,6 @@ Test(security, model_and_other_rings_are_not_writable_per_worker, .fini = stop_s
 	isolation("per-worker", 0);
 }
 
-/* The server's pinned memory (VmPin of /proc/PID/status), in KiB. */
-static uint64_t vm_pin_kib(pid_t pid)
-{
-	char path[64], line[256];
-	unsigned long long kib = 0;
-	FILE *f;
-
-	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
-	f = fopen(path, "r");
-	cr_assert_not_null(f, "%s", path);
-	while (fgets(line, sizeof(line), f))
-		if (sscanf(line, "VmPin: %llu kB", &kib) == 1)
-			break;
-	fclose(f);
-	return kib;
-}
-
 /*
  * What 9 workers reading one 16 MiB tensor cost the server in registered
  * (pinned) memory, per scheme: shared registers the tensor once, so the
@@ -196,11 +179,11 @@ static void memory_per_worker(const char *mode, bool shared)
 		(void)t;
 		if (i == 0) {
 			cr_assert_eq(rdmaps_server_stats(c[0], &one), 0);
-			pin_one = vm_pin_kib(srv.pid) * 1024;
+			pin_one = th_server_pinned_kib(&srv) * 1024;
 		}
 	}
 	cr_assert_eq(rdmaps_server_stats(c[0], &all), 0);
-	pin_all = vm_pin_kib(srv.pid) * 1024;
+	pin_all = th_server_pinned_kib(&srv) * 1024;
 	per_conn = (all.registered_bytes - one.registered_bytes) / (N - 1);
 	printf("registration %s: %d workers of a %llu MiB tensor: registered %llu -> %llu MiB, "
 	       "VmPin %llu -> %llu MiB, %llu MRs, %llu windows\n",
