@@ -433,6 +433,7 @@ int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
 		out->registered_bytes += st.registered_bytes;
 		out->staging_bytes += st.staging_bytes;
 		out->staging_budget += st.staging_budget;
+		out->huge_page_bytes += st.huge_page_bytes;
 	}
 	return 0;
 }

@@ -436,6 +436,8 @@ struct rdmaps_server_stats {
 	uint64_t registered_bytes; /* bytes under all those MRs (what the NIC pins) */
 	uint64_t staging_bytes;    /* workers' staging rings, together */
 	uint64_t staging_budget;   /* what they may take (--staging-mb) */
+	uint64_t huge_page_bytes;  /* server memory in transparent huge pages (tensors
+				    * of 2 MiB or more ask for them) */
 };
 
 /*

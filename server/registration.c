@@ -26,6 +26,7 @@
  * control handling, under the device's lock (never on the data path).
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -238,6 +239,23 @@ void srv_reg_fini(struct srv *s)
 	s->nregdev = 0;
 }
 
+/* The process's memory in transparent huge pages (smaps_rollup: the kernel
+ * sums it; a stats request is rare, never on the data path). */
+static uint64_t anon_huge_bytes(void)
+{
+	char line[128];
+	unsigned long long kib = 0;
+	FILE *f = fopen("/proc/self/smaps_rollup", "r");
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "AnonHugePages: %llu kB", &kib) == 1)
+			break;
+	fclose(f);
+	return (uint64_t)kib << 10;
+}
+
 uint64_t srv_reg_conn_pinned(const struct srv_conn *c)
 {
 	uint64_t b = (c->staging_mr ? c->staging_mr->length : 0) + (c->bufs_mr ? c->bufs_mr->length : 0);
@@ -277,4 +295,5 @@ void srv_reg_stats(struct srv *s, struct rdmaps_server_stats *out)
 	out->registered_bytes = atomic_load(&s->reg_bytes);
 	out->staging_bytes = atomic_load(&s->staging_used);
 	out->staging_budget = s->cfg.staging_budget;
+	out->huge_page_bytes = anon_huge_bytes();
 }

@@ -719,7 +719,7 @@ static PyObject *Client_server_stats(ClientObject *self, PyObject *unused)
 	client_leave(self);
 	if (rc)
 		return raise_rdmaps(rc, "server_stats");
-	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}",
+	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}",
 			     "connections", (unsigned long long)s.connections,
 			     "tensors", (unsigned long long)s.tensors,
 			     "folds", (unsigned long long)s.folds,
@@ -738,7 +738,8 @@ static PyObject *Client_server_stats(ClientObject *self, PyObject *unused)
 			     "memory_windows", (unsigned long long)s.memory_windows,
 			     "registered_bytes", (unsigned long long)s.registered_bytes,
 			     "staging_bytes", (unsigned long long)s.staging_bytes,
-			     "staging_budget", (unsigned long long)s.staging_budget);
+			     "staging_budget", (unsigned long long)s.staging_budget,
+			     "huge_page_bytes", (unsigned long long)s.huge_page_bytes);
 }
 
 static PyObject *Client_stats(ClientObject *self, PyObject *unused)

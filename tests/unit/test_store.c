@@ -178,3 +178,54 @@ Test(store, half_copy_follows_every_publish)
 	cr_assert_eq(srv_store_declare(&st, &m, (void *)2, &again, &created), RDMAPS_EINVAL);
 	srv_store_fini(&st);
 }
+
+/* AnonHugePages (KiB) of the mapping of this process that holds p. */
+static unsigned long long huge_kib_at(const void *p)
+{
+	char line[256];
+	unsigned long long kib = 0, lo, hi;
+	bool in = false;
+	FILE *f = fopen("/proc/self/smaps", "r");
+
+	cr_assert_not_null(f);
+	while (fgets(line, sizeof(line), f)) {
+		if (sscanf(line, "%llx-%llx ", &lo, &hi) == 2)
+			in = (uintptr_t)p >= lo && (uintptr_t)p < hi;
+		else if (in && sscanf(line, "AnonHugePages: %llu kB", &kib) == 1)
+			break;
+	}
+	fclose(f);
+	return kib;
+}
+
+/*
+ * A large tensor's memory, the one the NIC translates, is in transparent
+ * huge pages wherever the kernel allows them: with THP "madvise" (Debian's
+ * default) only because the store asked for them.
+ */
+Test(store, large_tensors_ask_for_huge_pages)
+{
+	struct srv_store s;
+	struct srv_tensor *t;
+	struct rdmaps_msg_declare m = decl(false, 1.0f);
+	char mode[128] = "";
+	bool created;
+	FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+
+	if (f) {
+		if (!fgets(mode, sizeof(mode), f))
+			mode[0] = '\0';
+		fclose(f);
+	}
+	m.length = 8u << 20; /* 32 MiB */
+	cr_assert_eq(srv_store_init(&s, &cfg), 0);
+	cr_assert_eq(srv_store_declare(&s, &m, NULL, &t, &created), 0);
+	unsigned long long kib = huge_kib_at(t->mem);
+	printf("store: 32 MiB tensor, transparent huge pages %s: %llu KiB of its mapping in them\n",
+	       mode[0] ? strtok(mode, "\n") : "(none)", kib);
+	if (mode[0] && !strstr(mode, "[never]"))
+		cr_assert_geq(kib, 16u << 10, "a 32 MiB tensor in small pages (%llu KiB huge)", kib);
+	else
+		cr_assert_eq(kib, 0);
+	srv_store_fini(&s);
+}

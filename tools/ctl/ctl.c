@@ -71,7 +71,8 @@ static int page_all(struct cl_conn *k, uint16_t type, uint32_t id, uint16_t rtyp
 	X(connections) X(tensors) X(folds) X(dropped) X(bad_messages) X(auth_failures)        \
 	X(disconnects) X(nonfinite) X(clipped) X(evictions) X(checkpoints)                    \
 	X(checkpoint_failures) X(restored_seq) X(shared_devices) X(memory_regions)                \
-	X(memory_windows) X(registered_bytes) X(staging_bytes) X(staging_budget)
+	X(memory_windows) X(registered_bytes) X(staging_bytes) X(staging_budget) \
+	X(huge_page_bytes)
 
 static int cmd_servers(rdmaps_client *c)
 {
@@ -288,6 +289,33 @@ static void prom_worker(uint32_t server, const struct rdmaps_wire_worker_info *w
  * windows. The server's own choice is in `rdmaps-ctl servers`
  * (shared_devices) and its log.
  */
+/* Pages a server here would put tensors in (store.c): the NIC needs one
+ * translation entry per page. */
+static void huge_pages(void)
+{
+	char mode[128] = "never", size[32] = "";
+	FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+	char *a, *b;
+
+	if (f) {
+		if (fgets(mode, sizeof(mode), f) && (a = strchr(mode, '[')) && (b = strchr(a, ']'))) {
+			*b = '\0';
+			memmove(mode, a + 1, strlen(a + 1) + 1);
+		}
+		fclose(f);
+	}
+	f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
+	if (f) {
+		if (!fgets(size, sizeof(size), f))
+			size[0] = '\0';
+		size[strcspn(size, "\n")] = '\0';
+		fclose(f);
+	}
+	printf("tensor pages: %s (transparent huge pages: %s; tensors of 2 MiB or more ask for "
+	       "them)\n",
+	       strcmp(mode, "never") && size[0] ? size : "4096", mode);
+}
+
 static void device_registration(void)
 {
 	int n = 0;
@@ -310,6 +338,7 @@ static void device_registration(void)
 	}
 	if (list)
 		ibv_free_device_list(list);
+	huge_pages();
 }
 
 /* A level that goes up and down, not a count since start. */
@@ -317,7 +346,8 @@ static bool stat_is_gauge(const char *f)
 {
 	static const char *const gauges[] = { "connections", "tensors", "restored_seq",
 					      "shared_devices", "memory_regions", "memory_windows",
-					      "registered_bytes", "staging_bytes", "staging_budget" };
+					      "registered_bytes", "staging_bytes", "staging_budget",
+					      "huge_page_bytes" };
 	for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++)
 		if (!strcmp(f, gauges[i]))
 			return true;
