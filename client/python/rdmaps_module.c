@@ -705,6 +705,54 @@ static PyObject *Client_flush(ClientObject *self, PyObject *args, PyObject *kw)
 	Py_RETURN_NONE;
 }
 
+/* A stats struct of uint64_t fields as a dict, field by field by name. */
+struct u64_field {
+	const char *name;
+	size_t off;
+};
+#define U64_FIELD(T, f) { #f, offsetof(struct T, f) }
+#define SERVER_FIELD(f) U64_FIELD(rdmaps_server_stats, f)
+#define CLIENT_FIELD(f) U64_FIELD(rdmaps_client_stats, f)
+
+static const struct u64_field server_fields[] = {
+	SERVER_FIELD(connections), SERVER_FIELD(tensors), SERVER_FIELD(folds),
+	SERVER_FIELD(dropped), SERVER_FIELD(bad_messages), SERVER_FIELD(auth_failures),
+	SERVER_FIELD(disconnects), SERVER_FIELD(nonfinite), SERVER_FIELD(clipped),
+	SERVER_FIELD(evictions), SERVER_FIELD(checkpoints), SERVER_FIELD(checkpoint_failures),
+	SERVER_FIELD(restored_seq), SERVER_FIELD(shared_devices), SERVER_FIELD(memory_regions),
+	SERVER_FIELD(memory_windows), SERVER_FIELD(registered_bytes), SERVER_FIELD(staging_bytes),
+	SERVER_FIELD(staging_budget), SERVER_FIELD(huge_page_bytes),
+};
+static const struct u64_field client_fields[] = {
+	CLIENT_FIELD(pulls), CLIENT_FIELD(pushes), CLIENT_FIELD(pull_retries),
+	CLIENT_FIELD(bounce_copies), CLIENT_FIELD(stale_retries), CLIENT_FIELD(reconnects),
+	CLIENT_FIELD(lost_pushes), CLIENT_FIELD(reads), CLIENT_FIELD(server_restarts),
+	CLIENT_FIELD(resent_slots), CLIENT_FIELD(push_bytes),
+};
+/* every field named: a field added to rdmaps.h must be added here */
+_Static_assert(sizeof(server_fields) / sizeof(server_fields[0]) * sizeof(uint64_t) ==
+		       sizeof(struct rdmaps_server_stats), "server stats fields");
+_Static_assert(sizeof(client_fields) / sizeof(client_fields[0]) * sizeof(uint64_t) ==
+		       sizeof(struct rdmaps_client_stats), "client stats fields");
+
+static PyObject *u64_dict(const struct u64_field *f, size_t n, const void *st)
+{
+	PyObject *d = PyDict_New();
+
+	for (size_t i = 0; d && i < n; i++) {
+		uint64_t v;
+		memcpy(&v, (const char *)st + f[i].off, sizeof(v));
+		PyObject *x = PyLong_FromUnsignedLongLong(v);
+		if (!x || PyDict_SetItemString(d, f[i].name, x)) {
+			Py_XDECREF(x);
+			Py_CLEAR(d);
+			break;
+		}
+		Py_DECREF(x);
+	}
+	return d;
+}
+
 static PyObject *Client_server_stats(ClientObject *self, PyObject *unused)
 {
 	struct rdmaps_server_stats s;
@@ -719,27 +767,7 @@ static PyObject *Client_server_stats(ClientObject *self, PyObject *unused)
 	client_leave(self);
 	if (rc)
 		return raise_rdmaps(rc, "server_stats");
-	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}",
-			     "connections", (unsigned long long)s.connections,
-			     "tensors", (unsigned long long)s.tensors,
-			     "folds", (unsigned long long)s.folds,
-			     "dropped", (unsigned long long)s.dropped,
-			     "bad_messages", (unsigned long long)s.bad_messages,
-			     "auth_failures", (unsigned long long)s.auth_failures,
-			     "disconnects", (unsigned long long)s.disconnects,
-			     "nonfinite", (unsigned long long)s.nonfinite,
-			     "clipped", (unsigned long long)s.clipped,
-			     "evictions", (unsigned long long)s.evictions,
-			     "checkpoints", (unsigned long long)s.checkpoints,
-			     "checkpoint_failures", (unsigned long long)s.checkpoint_failures,
-			     "restored_seq", (unsigned long long)s.restored_seq,
-			     "shared_devices", (unsigned long long)s.shared_devices,
-			     "memory_regions", (unsigned long long)s.memory_regions,
-			     "memory_windows", (unsigned long long)s.memory_windows,
-			     "registered_bytes", (unsigned long long)s.registered_bytes,
-			     "staging_bytes", (unsigned long long)s.staging_bytes,
-			     "staging_budget", (unsigned long long)s.staging_budget,
-			     "huge_page_bytes", (unsigned long long)s.huge_page_bytes);
+	return u64_dict(server_fields, sizeof(server_fields) / sizeof(server_fields[0]), &s);
 }
 
 static PyObject *Client_stats(ClientObject *self, PyObject *unused)
@@ -751,17 +779,7 @@ static PyObject *Client_stats(ClientObject *self, PyObject *unused)
 		return NULL;
 	rdmaps_client_stats(self->c, &s);
 	client_leave(self);
-	return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}", "pulls", (unsigned long long)s.pulls,
-			     "pushes", (unsigned long long)s.pushes,
-			     "pull_retries", (unsigned long long)s.pull_retries,
-			     "bounce_copies", (unsigned long long)s.bounce_copies,
-			     "stale_retries", (unsigned long long)s.stale_retries,
-			     "reconnects", (unsigned long long)s.reconnects,
-			     "lost_pushes", (unsigned long long)s.lost_pushes,
-			     "reads", (unsigned long long)s.reads,
-			     "server_restarts", (unsigned long long)s.server_restarts,
-			     "resent_slots", (unsigned long long)s.resent_slots,
-			     "push_bytes", (unsigned long long)s.push_bytes);
+	return u64_dict(client_fields, sizeof(client_fields) / sizeof(client_fields[0]), &s);
 }
 
 /* Wire formats by name, as rdmaps-ctl and the trainers spell them. */
