@@ -6,6 +6,7 @@
  *   workload.c  rdmaps pull/push/push-then-pull: latency, throughput, torn reads
  *   paired.c    raw and rdmaps ops interleaved (robust ratios on a noisy VM)
  *   wire.c      pushes in each wire format, interleaved
+ *   scale.c     one server, 1..256+ workers: connect, memory, idle and loaded pulls, folds
  *   clients.c   the workload's connections, tensors and buffers
  *   raw*.c      the raw-verbs baseline (connection, client loops, responder)
  *   fold.c      optimizer fold and the fold thread's whole path vs STREAM triad (native)
@@ -46,6 +47,7 @@ enum {
 	PART_TORN = 1u << 2,
 	PART_FOLD = 1u << 3,
 	PART_WIRE = 1u << 4,
+	PART_SCALE = 1u << 5,
 };
 
 /*
@@ -86,6 +88,8 @@ struct bench_opts {
 	bool targets;
 	bool in_vm;
 	const char *netdev;          /* wire: count this interface's tx_bytes per push */
+	unsigned scale[BENCH_MAX_SIZES]; /* scale: worker counts, rising */
+	unsigned nscale;
 	char cmdline[1024];
 };
 
@@ -160,6 +164,10 @@ int wl_paired_bw(struct wl *w, struct raw_bench *rb, unsigned si);
 /* Pushes of each wire format at o->sizes[si], interleaved (wire.c). */
 int wl_wire(struct wl *w, unsigned si);
 void wl_close(struct wl *w);
+
+/* ---- scale.c ------------------------------------------------------------- */
+/* The scale steps against t; server_pid: a server this run started (0: none). */
+int scale_run(const struct bench_opts *o, const struct bench_target *t, int server_pid);
 
 /* ---- rawverbs.c / responder.c -------------------------------------------- */
 /* Connect to the responder at peer:port (bound to src). */

@@ -18,7 +18,7 @@ static const uint64_t sweep[] = { 8, 64, 512, 4 << 10, 32 << 10, 256 << 10, 2 <<
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: rdmaps-bench lat|bw|torn|fold|wire|all [options]\n"
+		"usage: rdmaps-bench lat|bw|torn|fold|wire|scale|all [options]\n"
 		"       rdmaps-bench raw-server [--addr ADDR] [--raw-port P]\n"
 		"\n"
 		"  lat   latency of pull, pull-relaxed, push, push-folded, pushpull (one op in flight\n"
@@ -28,6 +28,9 @@ static void usage(FILE *f)
 		"  fold  optimizer fold and checksum throughput vs STREAM triad (no RDMA needed)\n"
 		"  wire  push in each wire format (f32, bf16, fp16, top-k 1 %%, sign) in turn, then\n"
 		"        pull as f32, bf16, fp16: time and bytes against float32's (default 4M)\n"
+		"  scale one server, W workers for each W of --scale: connect time, the server's\n"
+		"        registered and locked memory, idle 64 B and 64 KiB pulls, and with\n"
+		"        min(W, 32) workers pushing flat out: folds/s and loaded pulls\n"
 		"  all   lat + bw + torn + fold\n"
 		"\n"
 		"Connection (lat, bw, torn):\n"
@@ -60,6 +63,8 @@ static void usage(FILE *f)
 		"  --raw-port P        its port (raw-server: port to listen on)\n"
 		"  --raw-depth D       raw bw: work requests in flight (default 16)\n"
 		"  --fold-size LIST    fold/checksum array sizes (default 64K,64M)\n"
+		"  --scale LIST        scale: rising worker counts (default 1,4,16,64,256; a\n"
+		"                      started server gets --max-workers 1100)\n"
 		"  --netdev IFACE      wire: also count the bytes IFACE sends per push (its\n"
 		"                      tx_bytes; the RoCE netdev, with the server on another host)\n"
 		"Output:\n"
@@ -119,7 +124,7 @@ static int parse_args(int argc, char **argv, struct bench_opts *o)
 	enum { O_SERVER = 256, O_PORT, O_TOKEN, O_SRC, O_ADDR, O_SBIN, O_SARG, O_SIZE, O_OP,
 	       O_ACCESS, O_WORKERS, O_DEPTH, O_ITERS, O_DURATION, O_WARMUP, O_UNREG, O_NORAW,
 	       O_RAWPEER, O_RAWPORT, O_RAWDEPTH, O_FOLDSIZE, O_JSON, O_CSV, O_TARGETS, O_NOPAIR,
-	       O_NETDEV };
+	       O_NETDEV, O_SCALE };
 	static const struct option lo[] = {
 		{ "server", 1, NULL, O_SERVER }, { "port", 1, NULL, O_PORT },
 		{ "token", 1, NULL, O_TOKEN }, { "src", 1, NULL, O_SRC },
@@ -133,7 +138,7 @@ static int parse_args(int argc, char **argv, struct bench_opts *o)
 		{ "raw-port", 1, NULL, O_RAWPORT }, { "raw-depth", 1, NULL, O_RAWDEPTH },
 		{ "fold-size", 1, NULL, O_FOLDSIZE }, { "json", 1, NULL, O_JSON },
 		{ "csv", 1, NULL, O_CSV }, { "targets", 0, NULL, O_TARGETS },
-		{ "netdev", 1, NULL, O_NETDEV },
+		{ "netdev", 1, NULL, O_NETDEV }, { "scale", 1, NULL, O_SCALE },
 		{ "help", 0, NULL, 'h' }, { 0 },
 	};
 	int c;
@@ -195,6 +200,26 @@ static int parse_args(int argc, char **argv, struct bench_opts *o)
 		case O_CSV: o->csv = optarg; break;
 		case O_TARGETS: o->targets = true; break;
 		case O_NETDEV: o->netdev = optarg; break;
+		case O_SCALE: {
+			uint64_t v[BENCH_MAX_SIZES];
+			unsigned n;
+			/* counts, not sizes: parse_list's units would mislead, so digits only */
+			char buf[256], *save = NULL;
+			snprintf(buf, sizeof(buf), "%s", optarg);
+			n = 0;
+			for (char *t = strtok_r(buf, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+				char *e;
+				if (n == BENCH_MAX_SIZES || !(v[n] = strtoull(t, &e, 10)) || *e ||
+				    v[n] > 1024)
+					return -1;
+				o->scale[n] = (unsigned)v[n];
+				n++;
+			}
+			o->nscale = n;
+			if (!n)
+				return -1;
+			break;
+		}
 		case 'h': usage(stdout); exit(0);
 		default: return -1;
 		}
@@ -251,6 +276,10 @@ static int run_rdma(struct bench_opts *o, const char *argv0)
 			return -1;
 		tg = (struct bench_target){ .host = o->addr, .port = srv.port, .src = local,
 					    .token = srv.token };
+	}
+	if (o->parts & PART_SCALE) {
+		rc = scale_run(o, &tg, o->server ? 0 : srv.pid);
+		goto out;
 	}
 	if (!o->no_raw && (o->parts & (PART_LAT | PART_BW))) {
 		const char *peer = o->raw_peer;
@@ -325,6 +354,7 @@ int main(int argc, char **argv)
 		  : !strcmp(cmd, "torn") ? PART_TORN
 		  : !strcmp(cmd, "fold") ? PART_FOLD
 		  : !strcmp(cmd, "wire") ? PART_WIRE
+		  : !strcmp(cmd, "scale") ? PART_SCALE
 		  : !strcmp(cmd, "all")	? PART_LAT | PART_BW | PART_TORN | PART_FOLD
 					: 0;
 	if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help")) {
@@ -368,7 +398,17 @@ int main(int argc, char **argv)
 		       : "native",
 	       o.iters ? "fixed count" : "fixed duration", o.iters ? "" : " (>= 3 ops)", o.workers,
 	       wl_access_modes[o.access].name);
-	if (o.parts & (PART_LAT | PART_BW | PART_TORN | PART_WIRE))
+	if (o.parts & PART_SCALE && !o.nscale) {
+		static const unsigned def[] = { 1, 4, 16, 64, 256 };
+		for (o.nscale = 0; o.nscale < sizeof(def) / sizeof(def[0]); o.nscale++)
+			o.scale[o.nscale] = def[o.nscale];
+	}
+	/* 256 workers and the observer: past the server's default of 256 */
+	if (o.parts & PART_SCALE && !o.server && o.nserver_args + 2 <= BENCH_MAX_SERVER_ARGS) {
+		o.server_args[o.nserver_args++] = "--max-workers";
+		o.server_args[o.nserver_args++] = "1100";
+	}
+	if (o.parts & (PART_LAT | PART_BW | PART_TORN | PART_WIRE | PART_SCALE))
 		rc |= run_rdma(&o, argv[0]);
 	if (o.parts & PART_FOLD) {
 		rc |= fold_run(&o);

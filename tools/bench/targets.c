@@ -132,6 +132,56 @@ static void wire_bytes_target(const char *fmt)
 		"wire-bytes rows 4 MiB (--netdev: tx_bytes of the RoCE netdev)");
 }
 
+/* rdmaps-bench scale: a row of the step with W workers (scale.c names them
+ * op-wW); size picks the 64 B or 64 KiB pull rows. */
+static const struct bench_row *scale_row(const char *op, unsigned W, uint64_t size)
+{
+	char name[32];
+
+	snprintf(name, sizeof(name), "%s-w%u", op, W);
+	return report_find("scale", name, size);
+}
+
+static void scale_targets(void)
+{
+	const struct bench_row *a, *b;
+	char how[160];
+
+	a = scale_row("idle-pull", 256, SZ_64);
+	b = scale_row("idle-pull", 1, SZ_64);
+	verdict("64 B pull p50, 256 workers idle / 1 worker", a, b, a && b ? ratio(a->p50, b->p50) : 0,
+		1.10, true, false, "scale idle-pull-w256 vs idle-pull-w1, 64 B, the observer's pulls");
+	a = scale_row("folds", 64, 64u << 10);
+	b = scale_row("folds", 4, 64u << 10);
+	verdict("aggregate folds/s, 64 workers (32 pushing) / 4", a, b,
+		a && b ? ratio(a->ops_s, b->ops_s) : 0, 0.90, false, false,
+		"scale folds-w64 vs folds-w4 (the server's fold count; 64 KiB pushes)");
+	a = scale_row("loaded-pull", 64, 64u << 10);
+	b = scale_row("idle-pull", 64, 64u << 10);
+	verdict("64 KiB pull p99, 32 workers pushing / idle", a, b, a && b ? ratio(a->p99, b->p99) : 0,
+		3.0, true, false, "scale loaded-pull-w64 vs idle-pull-w64 (that tensor pushed flat out)");
+	a = scale_row("loaded-pull", 64, 64u << 10);
+	/* no bound by design yet (a torn chunk is re-read until it is whole):
+	 * shown against "one READ and one re-read", not judged */
+	verdict("(info) most READs one 64 KiB pull needed, 32 pushing", a, a, a ? a->base_val : 0,
+		2.0, true, true, "scale loaded-pull-w64: the client's reads counter per pull");
+	a = scale_row("connect", 256, 0);
+	snprintf(how, sizeof(how), "scale connect rows: wall time of every step up to 256 workers");
+	{
+		double total = 0;
+		for (unsigned w = 1; w <= 256; w++) {
+			const struct bench_row *r = scale_row("connect", w, 0);
+			if (r)
+				total += r->seconds;
+		}
+		verdict("seconds to accept 256 workers", a, a, total, 30.0, true, false, how);
+	}
+	a = scale_row("memory", 256, 64u << 20);
+	verdict("server VmPin, 256 workers / (model + 256 rings + 64 MiB)", a && a->ratio > 0 ? a : NULL,
+		a, a ? a->ratio : 0, 1.0, true, false,
+		"scale memory-w256 (a server this run started; two-copy tensors count twice)");
+}
+
 int targets_eval(const struct bench_opts *o)
 {
 	const struct bench_row *a;
@@ -176,6 +226,8 @@ int targets_eval(const struct bench_opts *o)
 	verdict("torn-read retries / pulls at 4 MiB (writer flat out)", a, a,
 		a ? a->retries_frac : 0, 0.01, true, false, "torn pull-vs-writer 4 MiB");
 
+	if (o->parts & PART_SCALE)
+		scale_targets();
 	printf("## targets: %d missed\n", missed);
 	return missed;
 }
