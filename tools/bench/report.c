@@ -303,10 +303,16 @@ static int write_csv(const char *path)
 	}
 	for (unsigned i = 0; i < R.ntargets; i++) {
 		const struct target_rec *t = &R.targets[i];
+		char name[sizeof(t->name)];
+		/* a bare column, read by field number (tools/bench-compare's awk
+		 * -F,): a comma of the target's name becomes a semicolon */
+		snprintf(name, sizeof(name), "%s", t->name);
+		for (char *p = name; (p = strchr(p, ',')); p++)
+			*p = ';';
 		/* the same columns: op = status, rtt = kind (max/min), vs = target,
 		 * vs_value = limit, ratio = measured, note = the rows it compares */
 		fprintf(f, "target,%s,0,0,0,0,0,0,0,0,0,0,0,%s,0,0,0,%s,%.4f,%.4f,0,\"%s\"\n",
-			t->status, t->upper ? "max" : "min", t->name, t->limit, t->measured, t->how);
+			t->status, t->upper ? "max" : "min", name, t->limit, t->measured, t->how);
 	}
 	return fclose(f) ? -1 : 0;
 }
