@@ -170,7 +170,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 		goto fail;
 	qa.send_cq = qa.recv_cq = c->cq;
 	qa.qp_type = IBV_QPT_RC;
-	qa.cap.max_send_wr = c->sq_depth + (c->staging_mw != NULL); /* + the window's bind */
+	qa.cap.max_send_wr = c->sq_depth + c->dev->shared; /* + the window's bind */
 	qa.cap.max_recv_wr = c->recv_depth;
 	qa.cap.max_send_sge = 1;
 	qa.cap.max_recv_sge = 1;
@@ -183,6 +183,8 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 		}
 	}
 	c->qp = id->qp;
+	if ((rc = srv_reg_window(s, c)))
+		goto fail;
 	/* a provider may grant more than asked (rxe rounds up to its WQE
 	 * size); --max-inline is what we use */
 	c->max_inline = qa.cap.max_inline_data < s->cfg.max_inline ? qa.cap.max_inline_data

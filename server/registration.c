@@ -126,6 +126,16 @@ int srv_reg_conn(struct srv *s, struct srv_conn *c, struct ibv_context *verbs)
 	if (rc)
 		return rc;
 	atomic_fetch_add(&s->reg_bytes, ring);
+	return 0;
+}
+
+int srv_reg_window(struct srv *s, struct srv_conn *c)
+{
+	if (!c->dev->shared)
+		return 0;
+	/* after the QP: at a process's exit (kill -9 included) the kernel
+	 * frees verbs objects newest first, and rxe's destroy_qp waits forever
+	 * for a window still bound to it */
 	c->staging_mw = ibv_alloc_mw(c->pd, IBV_MW_TYPE_2);
 	if (!c->staging_mw) {
 		log_error("ibv_alloc_mw: %s", strerror(errno));

@@ -539,6 +539,9 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out);
 /* Listener thread: c's PD and staging registration on its device (after
  * c->staging, c->slots, c->slot_size are set). */
 int srv_reg_conn(struct srv *s, struct srv_conn *c, struct ibv_context *verbs);
+/* Listener thread, right after c's QP is created: its staging window
+ * (shared; a no-op per-worker). */
+int srv_reg_window(struct srv *s, struct srv_conn *c);
 /* The rkey the worker writes its ring with (told in the welcome). */
 uint32_t srv_reg_staging_rkey(const struct srv_conn *c);
 /* Listener thread, QP in RTS, before the fold thread sends anything on it:
