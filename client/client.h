@@ -171,6 +171,8 @@ struct cl_conn {
 	struct ibv_pd *pd;    /* shared by connections on the same device */
 	uint32_t pd_idx;
 	struct ibv_cq *cq;
+	struct ibv_comp_channel *cc; /* the CQ's events, for a waiter that sleeps; may be NULL */
+	bool armed;                  /* cq asked for an event that has not come yet */
 	struct ibv_qp *qp;
 
 	/* from the server's welcome */

@@ -305,7 +305,12 @@ static int build(struct cl_conn *k)
 		return rc;
 	if ((rc = rdmaps__reg_mr(k->pd, k->ctl, CTL_LEN, IBV_ACCESS_LOCAL_WRITE, &k->ctl_mr)))
 		return rc;
-	k->cq = ibv_create_cq(k->id->verbs, (int)(CL_SQ_DEPTH + CL_RECVS), k, NULL, 0);
+	/* a waiter that has spun long enough sleeps on this (ops.c); without
+	 * one it sleeps on a timer */
+	k->cc = ibv_create_comp_channel(k->id->verbs);
+	if (k->cc)
+		fcntl(k->cc->fd, F_SETFL, fcntl(k->cc->fd, F_GETFL) | O_NONBLOCK);
+	k->cq = ibv_create_cq(k->id->verbs, (int)(CL_SQ_DEPTH + CL_RECVS), k, k->cc, 0);
 	if (!k->cq)
 		return RDMAPS_EVERBS;
 	qa.send_cq = qa.recv_cq = k->cq;
@@ -437,7 +442,9 @@ static void conn_release(struct cl_conn *k)
 	if (k->qp)
 		rdma_destroy_qp(k->id);
 	if (k->cq)
-		ibv_destroy_cq(k->cq);
+		ibv_destroy_cq(k->cq); /* every event it raised was acknowledged */
+	if (k->cc)
+		ibv_destroy_comp_channel(k->cc);
 	if (k->data_mr)
 		ibv_dereg_mr(k->data_mr);
 	if (k->ctl_mr)
@@ -453,6 +460,8 @@ static void conn_release(struct cl_conn *k)
 	free(k->credit);
 	k->qp = NULL;
 	k->cq = NULL;
+	k->cc = NULL;
+	k->armed = false;
 	k->data_mr = k->ctl_mr = k->credit_mr = NULL;
 	k->id = NULL;
 	k->ch = NULL;

@@ -14,6 +14,8 @@
  * parts before anything is waited on, so the servers work in parallel. Work
  * requests live on the stack; nothing here allocates.
  */
+#include <poll.h>
+#include <signal.h>
 #include <string.h>
 #include <arpa/inet.h>
 
@@ -584,6 +586,94 @@ static int settle(rdmaps_client *c)
 	return rc;
 }
 
+/*
+ * A waiting caller busy-polls while completions come, and for CL_SPIN_NS
+ * after the last one; past that it sleeps until a completion event or a
+ * timeout of an eighth of the wait so far (at most CL_SLEEP_MAX_NS), then
+ * polls again. With more worker threads than cores (many workers on one
+ * host, or a VM), pure spinning took the cores the server's fold thread and
+ * the NIC's software needed: folds/s fell fivefold from 4 to 32 pushing
+ * workers in one VM, and yielding instead of sleeping changed nothing
+ * (a yielding thread stays runnable). A completion wakes the sleeper at
+ * once; what raises none (a credit the server WRITEs, a fold it reports)
+ * is seen within the timeout, which stays a small share of the wait.
+ */
+#define CL_SPIN_NS 50000u
+#define CL_SLEEP_MAX_NS 1000000u
+
+struct idle {
+	uint64_t cqes;  /* completions seen at the last look */
+	uint64_t since; /* when they stopped coming, or 0 */
+	unsigned polls;
+};
+
+/* Sleep up to ns, or until a CQ that was armed before the last poll raises
+ * an event; arm those that are not, so the next call can sleep on them. */
+static void sleep_on_cqs(rdmaps_client *c, uint64_t ns)
+{
+	struct pollfd pf[RDMAPS_MAX_SERVERS];
+	struct cl_conn *of[RDMAPS_MAX_SERVERS];
+	struct timespec ts = { 0, (long)ns };
+	nfds_t n = 0;
+	bool fresh = false;
+
+	for (uint32_t i = 0; i < c->nconn && n < RDMAPS_MAX_SERVERS; i++) {
+		struct cl_conn *k = &c->conn[i];
+		if (!k->cq || !k->cc)
+			continue;
+		if (!k->armed) {
+			/* a completion that came before this raises no event:
+			 * the caller polls once more before it sleeps on it */
+			if (ibv_req_notify_cq(k->cq, 0))
+				continue;
+			k->armed = fresh = true;
+		}
+		pf[n].fd = k->cc->fd;
+		pf[n].events = POLLIN;
+		of[n++] = k;
+	}
+	if (fresh)
+		return;
+	if (ppoll(n ? pf : NULL, n, &ts, NULL) <= 0)
+		return;
+	for (nfds_t j = 0; j < n; j++) {
+		struct ibv_cq *cq;
+		void *ctx;
+		if (!(pf[j].revents & POLLIN))
+			continue;
+		while (!ibv_get_cq_event(of[j]->cc, &cq, &ctx)) {
+			ibv_ack_cq_events(cq, 1);
+			of[j]->armed = false;
+		}
+	}
+}
+
+static void backoff(rdmaps_client *c, struct idle *w)
+{
+	uint64_t cqes = 0, waited;
+
+	for (uint32_t i = 0; i < c->nconn; i++)
+		cqes += c->conn[i].cqes;
+	if (cqes != w->cqes) {
+		w->cqes = cqes;
+		w->since = 0;
+		w->polls = 0;
+		return;
+	}
+	/* the clock only every 64 empty polls: spinning stays syscall-free */
+	if (!w->since) {
+		if ((++w->polls & 63u) == 0)
+			w->since = rdmaps__now_ns();
+		rdmaps__cpu_relax();
+		return;
+	}
+	waited = rdmaps__now_ns() - w->since;
+	if (waited < CL_SPIN_NS)
+		rdmaps__cpu_relax();
+	else
+		sleep_on_cqs(c, waited / 8 < CL_SLEEP_MAX_NS ? waited / 8 : CL_SLEEP_MAX_NS);
+}
+
 int rdmaps_test(rdmaps_op *op)
 {
 	if (!op || op->kind == OP_FREE)
@@ -603,6 +693,7 @@ int cl_op_wait(rdmaps_op *op, int timeout_ms)
 	rdmaps_client *c;
 	uint64_t deadline;
 	unsigned spins = 0;
+	struct idle idle = { 0 };
 
 	if (!op || op->kind == OP_FREE)
 		return RDMAPS_EINVAL;
@@ -621,6 +712,7 @@ int cl_op_wait(rdmaps_op *op, int timeout_ms)
 			if (rdmaps__now_ns() > deadline)
 				return RDMAPS_ETIMEDOUT;
 		}
+		backoff(c, &idle);
 	}
 }
 
@@ -708,6 +800,7 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms)
 {
 	uint64_t deadline;
 	unsigned spins = 0;
+	struct idle idle = { 0 };
 	int rc = 0;
 
 	if (!c)
@@ -733,6 +826,7 @@ int rdmaps_flush(rdmaps_client *c, int timeout_ms)
 			if (rdmaps__now_ns() > deadline)
 				return RDMAPS_ETIMEDOUT;
 		}
+		backoff(c, &idle);
 	}
 	if (c->lost) {
 		/* reported once: pushes a failure lost (lost_pushes counts them) */

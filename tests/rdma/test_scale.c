@@ -6,9 +6,11 @@
  */
 #include <criterion/criterion.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "harness.h"
 #include "verbs.h" /* rdmaps__now_ns */
@@ -240,4 +242,49 @@ Test(scale, workers_256_pin_one_model_plus_their_rings, .fini = stop_server, .ti
 	for (unsigned i = 0; i < W; i++)
 		rdmaps_close(sh[i / (W / THREADS)].c[i]);
 	rdmaps_close(obs);
+}
+
+/*
+ * Many workers per core only work if a waiting worker leaves the core to
+ * others: a flush that waits on a server which folds nothing (stopped)
+ * must sleep, not spin, and must still see the folds at once when they
+ * come.
+ */
+Test(scale, a_waiting_worker_sleeps, .fini = stop_server, .timeout = 120)
+{
+	enum { N = 4096 };
+	static float g[N], v[N];
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+	struct timespec c0, c1;
+	uint64_t t0, wall;
+	double cpu;
+	int rc;
+
+	th_server_start(&srv, NULL);
+	c = th_connect(&srv);
+	t = th_declare(c, "sleeper", N, 0.0f, 1.0f);
+	for (int i = 0; i < N; i++)
+		g[i] = 1.0f;
+	cr_assert_eq(rdmaps_push(c, t, g, RDMAPS_PUSH_FOLDED), 0);
+
+	cr_assert_eq(kill(srv.pid, SIGSTOP), 0);
+	cr_assert_eq(rdmaps_push(c, t, g, 0), 0, "staged while the server is stopped");
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
+	t0 = rdmaps__now_ns();
+	rc = rdmaps_flush(c, 1500);
+	wall = rdmaps__now_ns() - t0;
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+	cr_assert_eq(kill(srv.pid, SIGCONT), 0);
+	cpu = (double)(c1.tv_sec - c0.tv_sec) + (c1.tv_nsec - c0.tv_nsec) / 1e9;
+	cr_assert_eq(rc, RDMAPS_ETIMEDOUT, "flush: %s", rdmaps_strerror(rc));
+	cr_assert_geq(wall, 1400000000u);
+	/* a spinning wait uses the whole of it */
+	cr_assert_leq(cpu, 0.25 * (double)wall / 1e9, "a 1.5 s wait used %.3f s of CPU", cpu);
+
+	cr_assert_eq(rdmaps_flush(c, 10000), 0);
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	for (int i = 0; i < N; i++)
+		cr_assert_float_eq(v[i], -2.0f, 0.0f, "element %d: %g", i, v[i]);
+	rdmaps_close(c);
 }
