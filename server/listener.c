@@ -85,12 +85,6 @@ static uint64_t new_conn_id(void)
 	return id ? id : 1;
 }
 
-/* A ring of n slots, as allocated (aligned_alloc wants whole pages). */
-static size_t ring_bytes(const struct srv *s, uint32_t n)
-{
-	return rdmaps__round_up((size_t)n * (RDMAPS_SLOT_HDR + srv_slot_payload(&s->cfg)), 4096);
-}
-
 /*
  * The slots a new worker's ring gets within the server-wide staging budget:
  * --slots while it lasts, then what is left, down to SRV_MIN_SLOTS (a ring
@@ -102,12 +96,11 @@ static uint32_t ring_slots(const struct srv *s)
 {
 	uint64_t used = atomic_load(&s->staging_used);
 	uint64_t left = s->cfg.staging_budget > used ? s->cfg.staging_budget - used : 0;
-	size_t slot = RDMAPS_SLOT_HDR + srv_slot_payload(&s->cfg);
 	uint64_t n;
 
-	if (ring_bytes(s, s->cfg.slots) <= left)
+	if (srv_ring_bytes(&s->cfg, s->cfg.slots) <= left)
 		return s->cfg.slots;
-	n = (left & ~(uint64_t)4095) / slot;
+	n = (left & ~(uint64_t)4095) / srv_slot_bytes(&s->cfg);
 	return n >= SRV_MIN_SLOTS ? (uint32_t)n : 0;
 }
 
@@ -127,7 +120,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->ft = ft;
 	c->conn_id = new_conn_id();
 	c->slots = slots;
-	c->slot_size = RDMAPS_SLOT_HDR + (uint32_t)srv_slot_payload(&s->cfg);
+	c->slot_size = (uint32_t)srv_slot_bytes(&s->cfg);
 	c->recv_depth = c->slots + CTRL_RECVS;
 	c->sq_depth = SQ_DEPTH;
 	c->next_seq = 1;
@@ -139,9 +132,9 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->credit_rkey = hello->credit_rkey;
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
 	c->member_of = calloc(s->store.max, sizeof(*c->member_of));
-	c->staging = aligned_alloc(4096, ring_bytes(s, c->slots));
-	if (c->staging) {
-		c->staging_bytes = ring_bytes(s, c->slots);
+	c->staging = aligned_alloc(4096, srv_ring_bytes(&s->cfg, c->slots));
+	if (c->staging) { /* counted only once held: teardown gives back what it took */
+		c->staging_bytes = srv_ring_bytes(&s->cfg, c->slots);
 		atomic_fetch_add(&s->staging_used, c->staging_bytes);
 	}
 	/* aligned_alloc wants a whole number of alignments (C17 7.22.3.1;

@@ -78,8 +78,7 @@ static void usage(FILE *f)
  */
 static void staging_budget_default(struct srv_config *cfg)
 {
-	uint64_t ring = rdmaps__round_up((size_t)cfg->slots *
-						 (RDMAPS_SLOT_HDR + srv_slot_payload(cfg)), 4096);
+	uint64_t ring = srv_ring_bytes(cfg, cfg->slots);
 	long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
 	uint64_t quarter = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz / 4 : UINT64_MAX;
 

@@ -55,6 +55,19 @@ static inline size_t srv_slot_payload(const struct srv_config *cfg)
 	return (size_t)cfg->chunk_elems * sizeof(float);
 }
 
+/* One staging slot: its header and a chunk's floats. */
+static inline size_t srv_slot_bytes(const struct srv_config *cfg)
+{
+	return RDMAPS_SLOT_HDR + srv_slot_payload(cfg);
+}
+
+/* A ring of n slots as allocated (aligned_alloc wants whole pages), which
+ * the staging budget counts. */
+static inline size_t srv_ring_bytes(const struct srv_config *cfg, uint32_t n)
+{
+	return rdmaps__round_up((size_t)n * srv_slot_bytes(cfg), 4096);
+}
+
 /*
  * Where a chunk's floats start within a 64 B line: after its 24 B header.
  * Arrays a fold streams beside them (optimizer state, BSP sums, the fold
