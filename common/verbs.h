@@ -5,6 +5,7 @@
 #ifndef RDMAPS_COMMON_VERBS_H
 #define RDMAPS_COMMON_VERBS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <time.h>
@@ -55,6 +56,14 @@ const char *rdmaps__cm_event_str(enum rdma_cm_event_type t);
  */
 #define RDMAPS_READ_SPAN 8u
 unsigned rdmaps__read_span(struct ibv_context *v);
+
+/* Whether a device of these attributes has type-2 memory windows, which
+ * the server's shared registration needs (bound to one QP each). */
+static inline bool rdmaps__has_mw2(const struct ibv_device_attr *da)
+{
+	return da->max_mw > 0 &&
+	       (da->device_cap_flags & (IBV_DEVICE_MEM_WINDOW_TYPE_2A | IBV_DEVICE_MEM_WINDOW_TYPE_2B));
+}
 
 /* Convert a failed work completion into an rdmaps_err. */
 int rdmaps__wc_err(const struct ibv_wc *wc);

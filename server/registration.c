@@ -60,8 +60,7 @@ static struct srv_dev *dev_get(struct srv *s, struct ibv_context *verbs, int *rc
 		*rc = RDMAPS_EVERBS;
 		return NULL;
 	}
-	mw2 = da.max_mw > 0 && (da.device_cap_flags & (IBV_DEVICE_MEM_WINDOW_TYPE_2A |
-							IBV_DEVICE_MEM_WINDOW_TYPE_2B));
+	mw2 = rdmaps__has_mw2(&da);
 	d = &s->regdev[s->nregdev];
 	memset(d, 0, sizeof(*d));
 	d->verbs = verbs;

@@ -328,8 +328,7 @@ static void device_registration(void)
 		if (!ctx)
 			continue;
 		if (!ibv_query_device(ctx, &da)) {
-			mw2 = da.max_mw > 0 && (da.device_cap_flags & (IBV_DEVICE_MEM_WINDOW_TYPE_2A |
-								       IBV_DEVICE_MEM_WINDOW_TYPE_2B));
+			mw2 = rdmaps__has_mw2(&da);
 			printf("%s registration: %s (type-2 memory windows: %s, max_mw %d, max_mr %d)\n",
 			       ibv_get_device_name(list[i]), mw2 ? "shared" : "per-worker",
 			       mw2 ? "yes" : "no", da.max_mw, da.max_mr);
