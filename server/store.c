@@ -14,6 +14,7 @@
 #include "half.h"
 #include "log.h"
 #include "optimizer.h"
+#include "pages.h"
 #include "server.h"
 
 int srv_store_init(struct srv_store *s, const struct srv_config *cfg)
@@ -73,18 +74,9 @@ static void lane_free(float *p)
 static bool thp_usable(void)
 {
 	static int usable = -1; /* declarations hold the store's lock */
-	char mode[128] = "";
-	FILE *f;
 
-	if (usable >= 0)
-		return usable;
-	f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
-	if (f) {
-		if (!fgets(mode, sizeof(mode), f))
-			mode[0] = '\0';
-		fclose(f);
-	}
-	usable = mode[0] && !strstr(mode, "[never]");
+	if (usable < 0)
+		usable = rdmaps__thp_size() > 0;
 	return usable;
 }
 

@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "harness.h"
+#include "pages.h"
 #include "verbs.h" /* rdmaps__now_ns */
 
 static struct th_server srv;
@@ -223,16 +224,11 @@ Test(scale, workers_256_pin_one_model_plus_their_rings, .fini = stop_server, .ti
 	/* 16 MiB tensors ask for transparent huge pages (store.c): where the
 	 * kernel allows them most of the model must be in them */
 	{
-		char mode[128] = "";
-		FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
-		if (f) {
-			if (!fgets(mode, sizeof(mode), f))
-				mode[0] = '\0';
-			fclose(f);
-		}
+		char mode[16];
+		rdmaps__thp_mode(mode, sizeof(mode));
 		printf("scale: transparent huge pages %s; server memory in them %.1f MiB\n",
-		       mode[0] ? strtok(mode, "\n") : "(none)", st.huge_page_bytes / 1048576.0);
-		if (mode[0] && !strstr(mode, "[never]"))
+		       mode[0] ? mode : "(none)", st.huge_page_bytes / 1048576.0);
+		if (mode[0] && strcmp(mode, "never"))
 			cr_assert_geq(st.huge_page_bytes, 48ull << 20,
 				      "a 64 MiB model asked for huge pages: %.1f MiB in them",
 				      st.huge_page_bytes / 1048576.0);

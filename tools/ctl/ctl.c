@@ -15,6 +15,7 @@
 
 #include "client.h"
 #include "log.h"
+#include "pages.h"
 
 static const char *const mode_names[] = { "asp", "bsp", "ssp" };
 /* gradient formats, by their value on the wire (common/gradfmt.h) */
@@ -293,27 +294,13 @@ static void prom_worker(uint32_t server, const struct rdmaps_wire_worker_info *w
  * translation entry per page. */
 static void huge_pages(void)
 {
-	char mode[128] = "never", size[32] = "";
-	FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
-	char *a, *b;
+	char mode[16];
+	size_t size = rdmaps__thp_size();
 
-	if (f) {
-		if (fgets(mode, sizeof(mode), f) && (a = strchr(mode, '[')) && (b = strchr(a, ']'))) {
-			*b = '\0';
-			memmove(mode, a + 1, strlen(a + 1) + 1);
-		}
-		fclose(f);
-	}
-	f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
-	if (f) {
-		if (!fgets(size, sizeof(size), f))
-			size[0] = '\0';
-		size[strcspn(size, "\n")] = '\0';
-		fclose(f);
-	}
-	printf("tensor pages: %s (transparent huge pages: %s; tensors of 2 MiB or more ask for "
+	rdmaps__thp_mode(mode, sizeof(mode));
+	printf("tensor pages: %zu (transparent huge pages: %s; tensors of 2 MiB or more ask for "
 	       "them)\n",
-	       strcmp(mode, "never") && size[0] ? size : "4096", mode);
+	       size ? size : 4096, mode[0] ? mode : "none");
 }
 
 static void device_registration(void)
