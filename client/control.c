@@ -413,27 +413,12 @@ int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
 	for (uint32_t i = 0; i < c->nconn; i++) {
 		if ((rc = cl_server_stats(&c->conn[i], &st)))
 			return rc;
-		out->connections += st.connections;
-		out->tensors += st.tensors;
-		out->folds += st.folds;
-		out->dropped += st.dropped;
-		out->bad_messages += st.bad_messages;
-		out->auth_failures += st.auth_failures;
-		out->disconnects += st.disconnects;
-		out->nonfinite += st.nonfinite;
-		out->clipped += st.clipped;
-		out->evictions += st.evictions;
-		out->checkpoints += st.checkpoints;
-		out->checkpoint_failures += st.checkpoint_failures;
-		if (st.restored_seq > out->restored_seq)
-			out->restored_seq = st.restored_seq;
-		out->shared_devices += st.shared_devices;
-		out->memory_regions += st.memory_regions;
-		out->memory_windows += st.memory_windows;
-		out->registered_bytes += st.registered_bytes;
-		out->staging_bytes += st.staging_bytes;
-		out->staging_budget += st.staging_budget;
-		out->huge_page_bytes += st.huge_page_bytes;
+		uint64_t restored = out->restored_seq;
+#define SUM(f) out->f += st.f;
+		RDMAPS_SERVER_STATS_MAP(SUM)
+#undef SUM
+		/* the newest restore, not a sum */
+		out->restored_seq = restored > st.restored_seq ? restored : st.restored_seq;
 	}
 	return 0;
 }

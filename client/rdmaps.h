@@ -441,6 +441,19 @@ struct rdmaps_server_stats {
 };
 
 /*
+ * Every field of struct rdmaps_server_stats, in order, for code that prints
+ * or sums them (rdmaps-ctl, the Python module): XX(name). A cluster's
+ * rdmaps_server_stats sums each over the servers, but restored_seq, the
+ * largest.
+ */
+#define RDMAPS_SERVER_STATS_MAP(XX)                                                           \
+	XX(connections) XX(tensors) XX(folds) XX(dropped) XX(bad_messages) XX(auth_failures)  \
+	XX(disconnects) XX(nonfinite) XX(clipped) XX(evictions) XX(checkpoints)               \
+	XX(checkpoint_failures) XX(restored_seq) XX(shared_devices) XX(memory_regions)        \
+	XX(memory_windows) XX(registered_bytes) XX(staging_bytes) XX(staging_budget)          \
+	XX(huge_page_bytes)
+
+/*
  * Ask every server to write a checkpoint now (servers started with
  * --checkpoint-dir) and wait until each has. RDMAPS_ENOTSUP from a server
  * without one; RDMAPS_EREMOTE if a server's write failed (its log says why).

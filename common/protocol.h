@@ -267,6 +267,13 @@ struct rdmaps_msg_tensor_reply {
 	uint32_t reserved;
 };
 
+/* the map names every field: printing and summing miss none */
+#define RDMAPS__STAT_ONE(f) +1
+_Static_assert(sizeof(struct rdmaps_server_stats) ==
+		       sizeof(uint64_t) * (0 RDMAPS_SERVER_STATS_MAP(RDMAPS__STAT_ONE)),
+	       "RDMAPS_SERVER_STATS_MAP lists every field");
+#undef RDMAPS__STAT_ONE
+
 struct rdmaps_msg_stats_reply {
 	struct rdmaps_msg_hdr hdr;
 	int32_t status;

@@ -715,13 +715,9 @@ struct u64_field {
 #define CLIENT_FIELD(f) U64_FIELD(rdmaps_client_stats, f)
 
 static const struct u64_field server_fields[] = {
-	SERVER_FIELD(connections), SERVER_FIELD(tensors), SERVER_FIELD(folds),
-	SERVER_FIELD(dropped), SERVER_FIELD(bad_messages), SERVER_FIELD(auth_failures),
-	SERVER_FIELD(disconnects), SERVER_FIELD(nonfinite), SERVER_FIELD(clipped),
-	SERVER_FIELD(evictions), SERVER_FIELD(checkpoints), SERVER_FIELD(checkpoint_failures),
-	SERVER_FIELD(restored_seq), SERVER_FIELD(shared_devices), SERVER_FIELD(memory_regions),
-	SERVER_FIELD(memory_windows), SERVER_FIELD(registered_bytes), SERVER_FIELD(staging_bytes),
-	SERVER_FIELD(staging_budget), SERVER_FIELD(huge_page_bytes),
+#define SERVER_ENTRY(f) SERVER_FIELD(f),
+	RDMAPS_SERVER_STATS_MAP(SERVER_ENTRY)
+#undef SERVER_ENTRY
 };
 static const struct u64_field client_fields[] = {
 	CLIENT_FIELD(pulls), CLIENT_FIELD(pushes), CLIENT_FIELD(pull_retries),

@@ -68,13 +68,6 @@ static int page_all(struct cl_conn *k, uint16_t type, uint32_t id, uint16_t rtyp
 	}
 }
 
-#define STATS_FIELDS(X)                                                                      \
-	X(connections) X(tensors) X(folds) X(dropped) X(bad_messages) X(auth_failures)        \
-	X(disconnects) X(nonfinite) X(clipped) X(evictions) X(checkpoints)                    \
-	X(checkpoint_failures) X(restored_seq) X(shared_devices) X(memory_regions)                \
-	X(memory_windows) X(registered_bytes) X(staging_bytes) X(staging_budget) \
-	X(huge_page_bytes)
-
 static int cmd_servers(rdmaps_client *c)
 {
 	for (uint32_t i = 0; i < c->nconn; i++) {
@@ -87,7 +80,7 @@ static int cmd_servers(rdmaps_client *c)
 		printf("server %u  %s  chunk %u floats, %u staging slots per worker\n", i,
 		       c->conn[i].name, c->conn[i].chunk_elems, c->conn[i].slots);
 #define PRINT(f) printf("  %-20s %" PRIu64 "\n", #f, (uint64_t)st.f);
-		STATS_FIELDS(PRINT)
+		RDMAPS_SERVER_STATS_MAP(PRINT)
 #undef PRINT
 	}
 	return 0;
@@ -343,7 +336,7 @@ static bool stat_is_gauge(const char *f)
 static int cmd_prometheus(rdmaps_client *c)
 {
 #define HELP(f) printf("# TYPE rdmaps_server_" #f " %s\n", stat_is_gauge(#f) ? "gauge" : "counter");
-	STATS_FIELDS(HELP)
+	RDMAPS_SERVER_STATS_MAP(HELP)
 #undef HELP
 	for (uint32_t i = 0; i < c->nconn; i++) {
 		struct rdmaps_server_stats st;
@@ -353,7 +346,7 @@ static int cmd_prometheus(rdmaps_client *c)
 			return 1;
 		}
 #define PROM(f) printf("rdmaps_server_" #f "{server=\"%s\"} %" PRIu64 "\n", c->conn[i].name, (uint64_t)st.f);
-		STATS_FIELDS(PROM)
+		RDMAPS_SERVER_STATS_MAP(PROM)
 #undef PROM
 	}
 	printf("# TYPE rdmaps_worker_folds counter\n# TYPE rdmaps_worker_dropped counter\n"
