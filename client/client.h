@@ -234,6 +234,7 @@ struct rdmaps_client {
 	uint32_t npd;
 	bool rescanned; /* librdmacm may hold other devices: rescan on failures */
 	int timeout_ms;
+	int64_t spin_ns; /* a waiter busy-polls this long, then sleeps; < 0: never (ops.c) */
 	int broken; /* first connection failure, until cl_reconnect mends it */
 	bool lost;  /* pushes a failure lost: the next flush says so, once */
 	bool dropped_unseen; /* a broken connection's server refused slots: flush says so */

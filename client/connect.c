@@ -557,6 +557,7 @@ static int connect_cfg(const struct rdmaps__config *cfg, const char *src, const 
 		return RDMAPS_ENOMEM;
 	}
 	c->timeout_ms = cfg->timeout_ms;
+	c->spin_ns = cfg->spin_us < 0 ? -1 : (int64_t)cfg->spin_us * 1000;
 	for (uint32_t i = 0; i < CL_MAX_OPS; i++)
 		c->ops[i].c = c;
 	for (uint32_t i = 0; i < cfg->nservers; i++) {
@@ -726,11 +727,19 @@ int rdmaps_connect_cluster(const struct rdmaps_cluster_opts *o, rdmaps_client **
 
 int rdmaps_connect(const struct rdmaps_connect_opts *o, rdmaps_client **out)
 {
-	struct rdmaps__config cfg = { .nservers = 1, .gid_index = -1 };
+	struct rdmaps__config cfg = { .nservers = 1, .gid_index = -1, .spin_us = RDMAPS__SPIN_US };
+	const char *spin = getenv("RDMAPS_SPIN_US");
+	char err[128] = "";
 
 	if (!o || !o->host || !out)
 		return RDMAPS_EINVAL;
 	*out = NULL;
+	/* the one setting of the process's environment a single connection
+	 * takes too: how its waits treat the CPU (docs/cluster.md) */
+	if (spin && rdmaps__config_set(&cfg, "spin_us", spin, err, sizeof(err))) {
+		log_error("RDMAPS_SPIN_US=%s: %s", spin, err[0] ? err : "bad value");
+		return RDMAPS_EINVAL;
+	}
 	if (strlen(o->host) >= sizeof(cfg.servers[0].host) ||
 	    (o->token && strlen(o->token) > RDMAPS_TOKEN_MAX))
 		return RDMAPS_EINVAL;

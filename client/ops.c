@@ -587,8 +587,8 @@ static int settle(rdmaps_client *c)
 }
 
 /*
- * A waiting caller busy-polls while completions come, and for CL_SPIN_NS
- * after the last one; past that it sleeps until a completion event or a
+ * A waiting caller busy-polls while completions come, and for spin_us
+ * (default 50 us; RDMAPS_SPIN_US, -1: never sleep) after the last one; past that it sleeps until a completion event or a
  * timeout of an eighth of the wait so far (at most CL_SLEEP_MAX_NS), then
  * polls again. With more worker threads than cores (many workers on one
  * host, or a VM), pure spinning took the cores the server's fold thread and
@@ -598,7 +598,6 @@ static int settle(rdmaps_client *c)
  * once; what raises none (a credit the server WRITEs, a fold it reports)
  * is seen within the timeout, which stays a small share of the wait.
  */
-#define CL_SPIN_NS 50000u
 #define CL_SLEEP_MAX_NS 1000000u
 
 struct idle {
@@ -668,7 +667,7 @@ static void backoff(rdmaps_client *c, struct idle *w)
 		return;
 	}
 	waited = rdmaps__now_ns() - w->since;
-	if (waited < CL_SPIN_NS)
+	if (c->spin_ns < 0 || waited < (uint64_t)c->spin_ns)
 		rdmaps__cpu_relax();
 	else
 		sleep_on_cqs(c, waited / 8 < CL_SLEEP_MAX_NS ? waited / 8 : CL_SLEEP_MAX_NS);

@@ -97,8 +97,8 @@ struct ini_ctx {
 };
 
 /* One key of the INI file; see docs/cluster.md. */
-static int set_key(struct rdmaps__config *cfg, const char *key, const char *val, char *err,
-		   size_t errlen)
+int rdmaps__config_set(struct rdmaps__config *cfg, const char *key, const char *val, char *err,
+		       size_t errlen)
 {
 	if (!strcmp(key, "servers"))
 		return rdmaps__config_set_servers(cfg, val, err, errlen);
@@ -128,6 +128,8 @@ static int set_key(struct rdmaps__config *cfg, const char *key, const char *val,
 		return parse_int(val, -1, 255, &cfg->gid_index) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "timeout_ms"))
 		return parse_int(val, 1, 3600000, &cfg->timeout_ms) ? RDMAPS_EINVAL : 0;
+	if (!strcmp(key, "spin_us"))
+		return parse_int(val, -1, 1000000, &cfg->spin_us) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "role")) {
 		copy(cfg->role, sizeof(cfg->role), val);
 		return 0;
@@ -148,7 +150,7 @@ static int ini_cb(void *user, const char *section, const char *name, const char 
 	(void)section; /* [cluster], [server] and [worker] all share one key space */
 	if (x->rc)
 		return 0;
-	if ((x->rc = set_key(x->cfg, name, value, sub, sizeof(sub))))
+	if ((x->rc = rdmaps__config_set(x->cfg, name, value, sub, sizeof(sub))))
 		snprintf(x->err, x->errlen, "[%s] %s = %s: %s", section, name, value,
 			 *sub ? sub : "bad value");
 	return x->rc == 0;
@@ -202,7 +204,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 		{ "RDMAPS_SRC", "src" },         { "RDMAPS_DEVICE", "device" },
 		{ "RDMAPS_GID_INDEX", "gid_index" }, { "RDMAPS_TIMEOUT_MS", "timeout_ms" },
 		{ "RDMAPS_ROLE", "role" },       { "RDMAPS_RANK", "rank" },
-		{ "RDMAPS_SIZE", "size" },
+		{ "RDMAPS_SIZE", "size" },       { "RDMAPS_SPIN_US", "spin_us" },
 	};
 	int rc;
 
@@ -210,6 +212,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 	copy(cfg->port, sizeof(cfg->port), RDMAPS_DEFAULT_PORT);
 	cfg->gid_index = -1;
 	cfg->timeout_ms = 10000;
+	cfg->spin_us = RDMAPS__SPIN_US;
 	cfg->rank = cfg->size = -1;
 	err[0] = '\0';
 	from_launcher(cfg);
@@ -235,7 +238,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 		char sub[200] = "";
 		if (!v)
 			continue;
-		if ((rc = set_key(cfg, env_keys[i][1], v, sub, sizeof(sub)))) {
+		if ((rc = rdmaps__config_set(cfg, env_keys[i][1], v, sub, sizeof(sub)))) {
 			snprintf(err, errlen, "%s=%s: %s", env_keys[i][0], v, *sub ? sub : "bad value");
 			return rc;
 		}

@@ -14,6 +14,7 @@
 
 #define RDMAPS_MAX_SERVERS 64
 #define RDMAPS_ADDR_MAX 64
+#define RDMAPS__SPIN_US 50 /* spin_us's default: a 64 B pull on real hardware never sleeps */
 
 struct rdmaps__server_addr {
 	char host[RDMAPS_ADDR_MAX];
@@ -29,6 +30,7 @@ struct rdmaps__config {
 	char device[64];             /* or: device name (+ ":port") to take it from */
 	int gid_index;               /* or: GID index on that device (-1: none) */
 	int timeout_ms;              /* connect, with retries, per server */
+	int spin_us;                 /* a waiter busy-polls this long, then sleeps; -1: never */
 	int rank, size;              /* from the launcher; -1 when unknown */
 	char role[16];               /* "server", "worker" or "" */
 	char launcher[16];           /* which variables gave rank/size */
@@ -40,6 +42,11 @@ struct rdmaps__config {
  * variables. On error *err_msg says what (static or in cfg-owned storage).
  */
 int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err, size_t errlen);
+
+/* Set one key as the INI file would (docs/cluster.md); 0 or RDMAPS_EINVAL
+ * with err saying why. */
+int rdmaps__config_set(struct rdmaps__config *cfg, const char *key, const char *val, char *err,
+		       size_t errlen);
 
 /* Parse "h1[:p1],h2[:p2] ..." (commas or spaces) into cfg->servers. */
 int rdmaps__config_set_servers(struct rdmaps__config *cfg, const char *list, char *err,

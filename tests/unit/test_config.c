@@ -64,6 +64,23 @@ Test(config, env_overrides_file_and_errors_are_clear)
 	cr_assert_not_null(strstr(err, "cannot open"), "%s", err);
 }
 
+Test(config, spin_us_defaults_and_bounds)
+{
+	const char *p = write_ini("servers = a\nspin_us = 200\n");
+
+	cr_assert_eq(rdmaps__config_load(&cfg, NULL, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.spin_us, 50, "waiters sleep after 50 us unless told");
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.spin_us, 200);
+	setenv("RDMAPS_SPIN_US", "-1", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.spin_us, -1, "-1: never sleep, the variable over the file");
+	setenv("RDMAPS_SPIN_US", "-2", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL);
+	cr_assert_not_null(strstr(err, "RDMAPS_SPIN_US"), "%s", err);
+	unlink(p);
+}
+
 Test(config, launchers)
 {
 	setenv("SLURM_PROCID", "3", 1);
