@@ -257,6 +257,7 @@ Test(scale, a_waiting_worker_sleeps, .fini = stop_server, .timeout = 120)
 	double cpu;
 	int rc;
 
+	unsetenv("RDMAPS_SPIN_US"); /* the default: sleep after 50 us */
 	th_server_start(&srv, NULL);
 	c = th_connect(&srv);
 	t = th_declare(c, "sleeper", N, 0.0f, 1.0f);
