@@ -16,7 +16,7 @@
  * NIC still sends it. */
 static void reply_send(struct srv_conn *c, const void *msg, uint32_t len)
 {
-	uint64_t wr_id = SRV_WR(SRV_SEND_PLAIN, 0);
+	uint64_t wr_id = SRV_WR(c, SRV_SEND_PLAIN, 0);
 	const void *from = msg;
 	uint32_t sup;
 	const char *why = "send queue full or broken";
@@ -33,11 +33,11 @@ static void reply_send(struct srv_conn *c, const void *msg, uint32_t len)
 		}
 		from = srv_conn_reply_buf(c, i);
 		memcpy(srv_conn_reply_buf(c, i), msg, len);
-		wr_id = SRV_WR(SRV_SEND_REPLY, i);
+		wr_id = SRV_WR(c, SRV_SEND_REPLY, i);
 	}
 	if (!srv_conn_post_send(c, from, len, IBV_WR_SEND, 0, 0, wr_id)) {
-		if (wr_id != SRV_WR(SRV_SEND_PLAIN, 0))
-			c->reply_busy |= (uint8_t)(1u << (wr_id & 0xffu));
+		if (SRV_WR_KIND(wr_id) == SRV_SEND_REPLY)
+			c->reply_busy |= (uint8_t)(1u << SRV_WR_IDX(wr_id));
 		return;
 	}
 dropped:

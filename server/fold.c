@@ -31,7 +31,7 @@ int srv_conn_post_recv(struct srv_conn *c, uint32_t i)
 		.length = RDMAPS_MSG_MAX,
 		.lkey = c->bufs_mr->lkey,
 	};
-	struct ibv_recv_wr wr = { .wr_id = i, .sg_list = &sge, .num_sge = 1 }, *bad;
+	struct ibv_recv_wr wr = { .wr_id = c->wr_tag | i, .sg_list = &sge, .num_sge = 1 }, *bad;
 	int rc = ibv_post_recv(c->qp, &wr, &bad);
 
 	return rc ? rdmaps__from_errno(rc) : 0;
@@ -92,9 +92,9 @@ static void conn_fail(struct srv_conn *c, const char *why, int status)
 static void send_done(struct srv_conn *c, uint64_t wr_id)
 {
 	c->sq_outstanding--;
-	if (((wr_id >> 8) & 0xffu) == SRV_SEND_REPLY)
-		c->reply_busy &= (uint8_t)~(1u << (wr_id & 0xffu));
-	else if (((wr_id >> 8) & 0xffu) == SRV_SEND_CREDIT)
+	if (SRV_WR_KIND(wr_id) == SRV_SEND_REPLY)
+		c->reply_busy &= (uint8_t)~(1u << SRV_WR_IDX(wr_id));
+	else if (SRV_WR_KIND(wr_id) == SRV_SEND_CREDIT)
 		c->credit_busy = false;
 }
 
@@ -361,17 +361,17 @@ static void credit_flush(struct srv_conn *c)
 	 * goes out with the next batch.
 	 */
 	const void *from = &c->credit;
-	uint64_t wr_id = SRV_WR(SRV_SEND_PLAIN, 0);
+	uint64_t wr_id = SRV_WR(c, SRV_SEND_PLAIN, 0);
 
 	if (sizeof(c->credit) > c->max_inline) {
 		if (c->credit_busy)
 			return;
 		from = memcpy(srv_conn_credit_buf(c), &c->credit, sizeof(c->credit));
-		wr_id = SRV_WR(SRV_SEND_CREDIT, 0);
+		wr_id = SRV_WR(c, SRV_SEND_CREDIT, 0);
 	}
 	if (srv_conn_post_send(c, from, sizeof(c->credit), IBV_WR_RDMA_WRITE, c->credit_addr,
 			       c->credit_rkey, wr_id) == 0) {
-		c->credit_busy = wr_id != SRV_WR(SRV_SEND_PLAIN, 0);
+		c->credit_busy = SRV_WR_KIND(wr_id) == SRV_SEND_CREDIT;
 		c->credit_dirty = false;
 		c->credit_urgent = false;
 		c->credited_seq = c->credit.folded_seq;
@@ -405,94 +405,187 @@ static void credits_flush_all(struct srv_fold_thread *ft)
 		credit_flush(ft->conns[i]);
 }
 
-/* Returns the number of completions handled. */
-static int conn_poll(struct srv_conn *c)
+/*
+ * One completion of connection c. A broken connection (its QP failed, or it
+ * is leaving) only has its staged slots folded: a push whose WRITE the
+ * worker saw acknowledged has its completion in the CQ ahead of the
+ * disconnect, and "staged" must not mean "lost because the worker closed
+ * right after" (a BSP member leaving after its last push, say). Each slot
+ * is still checked as ever; a group cut short is never folded, so no
+ * partial gradient gets in. Nothing more is posted on it.
+ */
+static void conn_wc(struct srv_conn *c, const struct ibv_wc *wc)
+{
+	uint32_t idx = SRV_WR_IDX(wc->wr_id);
+
+	c->cqes++;
+	if (c->broken) {
+		if (wc->status == IBV_WC_SUCCESS && !(wc->wr_id & SRV_WR_SEND) &&
+		    wc->opcode == IBV_WC_RECV_RDMA_WITH_IMM)
+			slot_handle(c, ntohl(wc->imm_data), wc->byte_len);
+		return;
+	}
+	if (wc->status != IBV_WC_SUCCESS) {
+		if (wc->wr_id & SRV_WR_SEND)
+			send_done(c, wc->wr_id);
+		conn_fail(c, "work completion error", wc->status);
+		return;
+	}
+	if (wc->wr_id & SRV_WR_SEND) {
+		send_done(c, wc->wr_id);
+		return;
+	}
+	if (wc->opcode == IBV_WC_RECV_RDMA_WITH_IMM)
+		slot_handle(c, ntohl(wc->imm_data), wc->byte_len);
+	else if (wc->opcode == IBV_WC_RECV)
+		srv_control_handle(c, c->bufs + (size_t)idx * RDMAPS_MSG_MAX, wc->byte_len);
+	/* every receive is given back at once: WRITE-with-immediate consumes
+	 * one too, and rxe NAK-storms when they run out */
+	if (!c->broken && srv_conn_post_recv(c, idx))
+		conn_fail(c, "cannot repost a receive", IBV_WC_GENERAL_ERR);
+}
+
+/* The registered connection a completion is for, or NULL for one gone. */
+static struct srv_conn *wc_conn(const struct srv_fold_thread *ft, uint64_t wr_id)
+{
+	uint32_t place = SRV_WR_PLACE(wr_id);
+	struct srv_conn *c = place < ft->nplaces ? ft->place_conn[place] : NULL;
+
+	return c && (wr_id & SRV_WR_TAG_MASK) == c->wr_tag ? c : NULL;
+}
+
+/* Poll one shared CQ; returns the number of completions taken. */
+static int cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
 {
 	struct ibv_wc wc[FOLD_BATCH];
-	int n;
+	struct srv_conn *touched[FOLD_BATCH];
+	uint32_t nt = 0;
+	int n = ibv_poll_cq(q->cq, FOLD_BATCH, wc);
 
-	if (c->broken)
-		return 0;
-	n = ibv_poll_cq(c->cq, FOLD_BATCH, wc);
-	if (n <= 0)
-		return 0;
-	c->cqes += (unsigned)n;
 	for (int i = 0; i < n; i++) {
-		if (wc[i].status != IBV_WC_SUCCESS) {
-			if (wc[i].wr_id & SRV_WR_SEND)
-				send_done(c, wc[i].wr_id);
-			conn_fail(c, "work completion error", wc[i].status);
+		struct srv_conn *c = wc_conn(ft, wc[i].wr_id);
+		if (!c)
+			continue; /* a late flush of a connection already gone */
+		if (!c->live) {
+			/* before its attach: kept, in order, for it */
+			if (c->nearly < c->early_cap)
+				c->early[c->nearly++] = wc[i];
 			continue;
 		}
-		if (wc[i].wr_id & SRV_WR_SEND) {
-			send_done(c, wc[i].wr_id);
-			continue;
-		}
-		if (wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM)
-			slot_handle(c, ntohl(wc[i].imm_data), wc[i].byte_len);
-		else if (wc[i].opcode == IBV_WC_RECV)
-			srv_control_handle(c, c->bufs + wc[i].wr_id * RDMAPS_MSG_MAX, wc[i].byte_len);
-		/* every receive is given back at once: WRITE-with-immediate
-		 * consumes one too, and rxe NAK-storms when they run out */
-		if (!c->broken && srv_conn_post_recv(c, (uint32_t)wc[i].wr_id))
-			conn_fail(c, "cannot repost a receive", IBV_WC_GENERAL_ERR);
+		conn_wc(c, &wc[i]);
+		if (!nt || touched[nt - 1] != c)
+			touched[nt++] = c;
 	}
 	/* what this batch folded becomes visible before any credit says so */
-	srv_open_publish(&c->ft->open);
-	credit_maybe(c);
-	return n;
+	if (n > 0)
+		srv_open_publish(&ft->open);
+	for (uint32_t i = 0; i < nt; i++)
+		if (!touched[i]->broken)
+			credit_maybe(touched[i]);
+	return n > 0 ? n : 0;
+}
+
+/* Poll every CQ of the thread; returns the completions taken. */
+static int cqs_poll(struct srv_fold_thread *ft)
+{
+	uint32_t n = atomic_load_explicit(&ft->ncqs, memory_order_acquire);
+	int work = 0;
+
+	for (uint32_t i = 0; i < n; i++)
+		work += cq_poll(ft, &ft->cqs[i]);
+	return work;
 }
 
 /*
- * A connection leaving (its worker closed, or it failed): fold what it staged
- * before it went. A push whose WRITE the worker saw acknowledged has its
- * completion in the CQ ahead of the disconnect, and "staged" must not mean
- * "lost because the worker closed right after" (a BSP member leaving after
- * its last push, say). Each slot is still checked as ever; a group cut short
- * is never folded, so no partial gradient gets in. Nothing more is posted.
+ * A connection leaving (its worker closed, or it failed): fold what it
+ * staged before it went (conn_wc, broken). Its completions are in the
+ * thread's CQs among everyone's: take them all until the CQs are empty.
  */
 static void conn_drain(struct srv_conn *c)
 {
-	struct ibv_wc wc[FOLD_BATCH];
-	int n;
+	struct srv_fold_thread *ft = c->ft;
+	uint32_t n = atomic_load_explicit(&ft->ncqs, memory_order_acquire);
 
 	c->broken = true;
-	while ((n = ibv_poll_cq(c->cq, FOLD_BATCH, wc)) > 0)
-		for (int i = 0; i < n; i++)
-			if (wc[i].status == IBV_WC_SUCCESS && !(wc[i].wr_id & SRV_WR_SEND) &&
-			    wc[i].opcode == IBV_WC_RECV_RDMA_WITH_IMM)
-				slot_handle(c, ntohl(wc[i].imm_data), wc[i].byte_len);
-	srv_open_publish(&c->ft->open);
+	/* a CQ holds at most cap completions: once that many are taken (or
+	 * it is empty), every one that was there is, though others go on
+	 * pushing */
+	for (uint32_t i = 0; i < n; i++) {
+		uint32_t taken = 0;
+		int k;
+		while ((k = cq_poll(ft, &ft->cqs[i])) > 0 && (taken += (uint32_t)k) < ft->cqs[i].cap)
+			;
+	}
+	srv_open_publish(&ft->open);
+}
+
+/* Give c a place in the table and its tag; none left leaves wr_tag 0. */
+static void place_take(struct srv_fold_thread *ft, struct srv_conn *c)
+{
+	for (uint32_t k = 0; k < ft->nplaces; k++) {
+		uint32_t p = (ft->place_next + k) % ft->nplaces;
+		if (ft->place_conn[p])
+			continue;
+		ft->place_next = p + 1;
+		ft->place_conn[p] = c;
+		c->place = p;
+		/* a generation of 0 is skipped: a tag is never 0, which stands
+		 * for a connection not registered */
+		if (!++ft->place_gen[p])
+			ft->place_gen[p] = 1;
+		c->wr_tag = SRV_WR_TAG(p, ft->place_gen[p]);
+		return;
+	}
+}
+
+/* Make c live: into the polled set, and what came before, handled now. */
+static void conn_live(struct srv_fold_thread *ft, struct srv_conn *c)
+{
+	if (ft->nconns == ft->cap) {
+		uint32_t cap = ft->cap ? ft->cap * 2 : 16;
+		struct srv_conn **n = realloc(ft->conns, cap * sizeof(*n));
+		if (n) {
+			ft->conns = n;
+			ft->cap = cap;
+		}
+	}
+	if (ft->nconns == ft->cap) {
+		conn_fail(c, "out of memory attaching", IBV_WC_GENERAL_ERR);
+		return;
+	}
+	c->index = ft->nconns;
+	ft->conns[ft->nconns++] = c;
+	c->live = true;
+	for (uint32_t i = 0; i < c->nearly; i++)
+		conn_wc(c, &c->early[i]);
+	c->nearly = 0;
+	srv_open_publish(&ft->open);
+	if (!c->broken)
+		credit_maybe(c);
 }
 
 static void mail_handle(struct srv_fold_thread *ft)
 {
 	pthread_mutex_lock(&ft->mail_lock);
+	if (ft->mail_reg) {
+		place_take(ft, ft->mail_reg);
+		ft->mail_reg = NULL;
+	}
 	if (ft->mail_add) {
-		struct srv_conn *c = ft->mail_add;
-		if (ft->nconns == ft->cap) {
-			uint32_t cap = ft->cap ? ft->cap * 2 : 16;
-			struct srv_conn **n = realloc(ft->conns, cap * sizeof(*n));
-			if (n) {
-				ft->conns = n;
-				ft->cap = cap;
-			}
-		}
-		if (ft->nconns < ft->cap) {
-			c->index = ft->nconns;
-			ft->conns[ft->nconns++] = c;
-		} else {
-			conn_fail(c, "out of memory attaching", IBV_WC_GENERAL_ERR);
-		}
+		conn_live(ft, ft->mail_add);
 		ft->mail_add = NULL;
 	}
 	if (ft->mail_del) {
 		struct srv_conn *c = ft->mail_del;
-		if (c->index < ft->nconns && ft->conns[c->index] == c) {
+		if (c->live) {
 			conn_drain(c);
 			ft->conns[c->index] = ft->conns[--ft->nconns];
 			ft->conns[c->index]->index = c->index;
+			c->live = false;
 		}
+		/* from here its late completions match no connection */
+		if (c->wr_tag && ft->place_conn[c->place] == c)
+			ft->place_conn[c->place] = NULL;
 		ft->mail_del = NULL;
 	}
 	ft->mail_done = true;
@@ -501,11 +594,13 @@ static void mail_handle(struct srv_fold_thread *ft)
 	pthread_mutex_unlock(&ft->mail_lock);
 }
 
-static void mail_post(struct srv_fold_thread *ft, struct srv_conn *add, struct srv_conn *del)
+static void mail_post(struct srv_fold_thread *ft, struct srv_conn *reg, struct srv_conn *add,
+		      struct srv_conn *del)
 {
 	uint64_t one = 1;
 
 	pthread_mutex_lock(&ft->mail_lock);
+	ft->mail_reg = reg;
 	ft->mail_add = add;
 	ft->mail_del = del;
 	ft->mail_done = false;
@@ -517,14 +612,19 @@ static void mail_post(struct srv_fold_thread *ft, struct srv_conn *add, struct s
 	pthread_mutex_unlock(&ft->mail_lock);
 }
 
+void srv_fold_register(struct srv_fold_thread *ft, struct srv_conn *c)
+{
+	mail_post(ft, c, NULL, NULL);
+}
+
 void srv_fold_attach(struct srv_fold_thread *ft, struct srv_conn *c)
 {
-	mail_post(ft, c, NULL);
+	mail_post(ft, NULL, c, NULL);
 }
 
 void srv_fold_detach(struct srv_fold_thread *ft, struct srv_conn *c)
 {
-	mail_post(ft, NULL, c);
+	mail_post(ft, NULL, NULL, c);
 }
 
 /*
@@ -548,7 +648,7 @@ static void keepalive(struct srv_fold_thread *ft)
 		if (c->broken)
 			continue;
 		if (!c->sq_outstanding) {
-			struct ibv_send_wr wr = { .wr_id = SRV_WR(SRV_SEND_PLAIN, 0),
+			struct ibv_send_wr wr = { .wr_id = SRV_WR(c, SRV_SEND_PLAIN, 0),
 						  .opcode = IBV_WR_RDMA_WRITE,
 						  .send_flags = IBV_SEND_SIGNALED };
 			struct ibv_send_wr *bad;
@@ -578,12 +678,12 @@ static void fold_sleep(struct srv_fold_thread *ft)
 	void *ctx;
 	uint64_t v;
 
-	for (uint32_t i = 0; i < ft->nconns; i++)
-		if (!ft->conns[i]->broken)
-			ibv_req_notify_cq(ft->conns[i]->cq, 0);
-	for (uint32_t i = 0; i < ft->nconns; i++)
-		if (conn_poll(ft->conns[i]))
-			return;
+	uint32_t ncqs = atomic_load_explicit(&ft->ncqs, memory_order_acquire);
+
+	for (uint32_t i = 0; i < ncqs; i++)
+		ibv_req_notify_cq(ft->cqs[i].cq, 0);
+	if (cqs_poll(ft))
+		return;
 	if (atomic_load(&ft->mail_pending) || atomic_load(&s->stop) || atomic_load(&s->pause_req))
 		return;
 	atomic_fetch_add_explicit(&ft->sleeps, 1, memory_order_relaxed);
@@ -666,8 +766,7 @@ static void *fold_main(void *arg)
 			mail_handle(ft);
 		if (atomic_load_explicit(&ft->srv->pause_req, memory_order_relaxed))
 			fold_park(ft);
-		for (uint32_t i = 0; i < ft->nconns; i++)
-			work += conn_poll(ft->conns[i]);
+		work += cqs_poll(ft);
 		/* busy: the clock only every 1024 rounds; an idle thread wakes at
 		 * least every second (fold_sleep), so no tick is late by more */
 		if (work && (++ft->loops & 1023u)) {
@@ -718,7 +817,13 @@ int srv_fold_start(struct srv *s)
 		/* once, here: a group is at most the ring, and the fold path
 		 * allocates nothing */
 		ft->stage = aligned_alloc(RDMAPS_CHUNK_ALIGN, srv_stage_bytes(&s->cfg));
-		if (ft->wake_fd < 0 || !ft->channels || !ft->stage)
+		/* a place per connection it could ever hold at once (16-bit in
+		 * a wr_id, and --max-workers is at most 65536) */
+		ft->nplaces = s->cfg.max_workers;
+		ft->place_conn = calloc(ft->nplaces, sizeof(*ft->place_conn));
+		ft->place_gen = calloc(ft->nplaces, sizeof(*ft->place_gen));
+		if (ft->wake_fd < 0 || !ft->channels || !ft->stage || !ft->place_conn ||
+		    !ft->place_gen)
 			return RDMAPS_ENOMEM;
 		for (int d = 0; d < s->ndev; d++) {
 			ft->channels[d] = ibv_create_comp_channel(s->devs[d]);
@@ -761,6 +866,9 @@ void srv_fold_stop(struct srv *s)
 	srv_fold_join(s);
 	for (unsigned i = 0; i < s->cfg.fold_threads; i++) {
 		struct srv_fold_thread *ft = &s->ft[i];
+		srv_cq_fini(ft); /* before the channels their events go to */
+		free(ft->place_conn);
+		free(ft->place_gen);
 		for (int d = 0; ft->channels && d < s->ndev; d++)
 			if (ft->channels[d])
 				ibv_destroy_comp_channel(ft->channels[d]);

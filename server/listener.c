@@ -41,8 +41,11 @@ static void conn_free(struct srv_conn *c)
 	srv_reg_conn_free(c);
 	if (c->qp)
 		rdma_destroy_qp(c->id);
-	if (c->cq)
-		ibv_destroy_cq(c->cq);
+	/* its late flushes may still be in the CQ: they match no tag now
+	 * (detached), and the CQ keeps room for them (cq.c) */
+	if (c->scq)
+		srv_cq_release(c->scq, c->cq_need);
+	free(c->early);
 	free(c->tensor_mr);
 	free(c->member_of);
 	free(c->group_hdr);
@@ -156,12 +159,19 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	if (rc)
 		goto fail;
 	atomic_fetch_add(&s->reg_bytes, bufs_len);
-	rc = RDMAPS_EVERBS;
-	c->cq = ibv_create_cq(id->verbs, (int)(c->recv_depth + c->sq_depth), c,
-			      srv_fold_channel(s, ft, id->verbs), 0);
-	if (!c->cq)
+	/* what its queues can complete at once: its share of the fold
+	 * thread's CQ, and what may come before the listener attaches it */
+	c->cq_need = c->recv_depth + c->sq_depth + c->dev->shared;
+	c->early = calloc(c->cq_need, sizeof(*c->early));
+	c->early_cap = c->cq_need;
+	if (!c->early) {
+		rc = RDMAPS_ENOMEM;
 		goto fail;
-	qa.send_cq = qa.recv_cq = c->cq;
+	}
+	if ((rc = srv_cq_reserve(s, ft, id->verbs, c->cq_need, &c->scq)))
+		goto fail;
+	rc = RDMAPS_EVERBS;
+	qa.send_cq = qa.recv_cq = c->scq->cq;
 	qa.qp_type = IBV_QPT_RC;
 	qa.cap.max_send_wr = c->sq_depth + c->dev->shared; /* + the window's bind */
 	qa.cap.max_recv_wr = c->recv_depth;
@@ -182,12 +192,22 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	 * size); --max-inline is what we use */
 	c->max_inline = qa.cap.max_inline_data < s->cfg.max_inline ? qa.cap.max_inline_data
 								   : s->cfg.max_inline;
+	/* its tag first: every work request carries it */
+	srv_fold_register(ft, c);
+	if (!c->wr_tag) {
+		log_error("fold thread %u: no place left for a connection", ft->idx);
+		rc = RDMAPS_ELIMIT;
+		goto fail;
+	}
+	c->registered = true;
 	for (uint32_t i = 0; i < c->recv_depth; i++)
 		if ((rc = srv_conn_post_recv(c, i)))
 			goto fail;
 	*out = c;
 	return 0;
 fail:
+	if (c->registered)
+		srv_fold_detach(ft, c);
 	conn_free(c);
 	return rc;
 }
@@ -288,8 +308,8 @@ static void conn_teardown(struct srv *s, struct srv_conn *c)
 {
 	struct rdma_cm_id *id = c->id;
 
-	if (c->attached)
-		srv_fold_detach(c->ft, c);
+	if (c->registered)
+		srv_fold_detach(c->ft, c); /* folds what it staged, if it was attached */
 	/* after detach nobody folds for it: its account is final, its clocks
 	 * can stop waiting, and tensors it never sealed go to the next declarer */
 	if (c->attached)
@@ -617,7 +637,7 @@ void srv_close(struct srv *s)
 		rdma_disconnect(c->id);
 	while (s->conns) {
 		if (!s->ft)
-			s->conns->attached = false; /* no fold thread to hand it back */
+			s->conns->attached = s->conns->registered = false; /* no fold thread */
 		conn_teardown(s, s->conns);
 	}
 	if (s->ft && s->cfg.ckpt_dir)

@@ -159,7 +159,7 @@ int srv_reg_bind(struct srv_conn *c)
 		return 0;
 	/* unsignaled: it takes an SQ entry of its own (conn_build asks one more),
 	 * and a failure still completes, with an error, and fails the QP */
-	wr.wr_id = SRV_WR(SRV_SEND_BIND, 0);
+	wr.wr_id = SRV_WR(c, SRV_SEND_BIND, 0);
 	wr.opcode = IBV_WR_BIND_MW;
 	wr.bind_mw.mw = c->staging_mw;
 	wr.bind_mw.rkey = c->staging_rkey;

@@ -184,8 +184,14 @@ struct srv_fold_thread;
 struct srv;
 
 /*
- * What a send work request's completion gives back: wr_id =
- * SRV_WR(kind, buffer index). Receives use their buffer index alone.
+ * What a work request's completion gives back. A fold thread's connections
+ * share its completion queues, so every wr_id names its connection: the
+ * connection's tag (its place in the thread's table and that place's
+ * generation, c->wr_tag), then for a send SRV_WR_SEND, its kind and buffer
+ * index (SRV_WR(c, kind, idx)); for a receive its buffer index alone.
+ *   bits 0-15 buffer index | 16-23 kind | 24-39 place | 40-55 generation | 63 send
+ * A completion whose tag is not its place's current one is of a connection
+ * that has gone (a late flush): it is ignored.
  */
 #define SRV_REPLY_BUFS 4u
 enum srv_send_kind {
@@ -195,7 +201,26 @@ enum srv_send_kind {
 	SRV_SEND_BIND = 3,   /* the staging window's bind (unsignaled; errors only) */
 };
 #define SRV_WR_SEND (1ull << 63)
-#define SRV_WR(kind, idx) (SRV_WR_SEND | ((uint64_t)(kind) << 8) | (uint64_t)(idx))
+#define SRV_WR(c, kind, idx) ((c)->wr_tag | SRV_WR_SEND | ((uint64_t)(kind) << 16) | (uint64_t)(idx))
+#define SRV_WR_IDX(w) ((uint32_t)((w) & 0xffffu))
+#define SRV_WR_KIND(w) ((unsigned)(((w) >> 16) & 0xffu))
+#define SRV_WR_PLACE(w) ((uint32_t)(((w) >> 24) & 0xffffu))
+#define SRV_WR_TAG(place, gen) (((uint64_t)(place) << 24) | ((uint64_t)((gen) & 0xffffu) << 40))
+#define SRV_WR_TAG_MASK SRV_WR_TAG(0xffffu, 0xffffu)
+
+/*
+ * A completion queue of a fold thread, shared by its connections on one
+ * device: polling costs the same whatever the number of idle connections.
+ * Sized from the device's limit; a connection reserves what its queues can
+ * complete at once (receives + sends), so the CQ can never overflow.
+ */
+#define SRV_CQS_MAX 64u
+struct srv_cq {
+	struct ibv_cq *cq;
+	struct ibv_context *verbs;
+	uint32_t cap;      /* CQEs */
+	uint32_t reserved; /* by its connections (listener-owned) */
+};
 
 /* One worker connection. Owned by the listener; polled by one fold thread. */
 /* how logs name a worker's connection: its address and queue pair */
@@ -208,10 +233,19 @@ struct srv_conn {
 	struct ibv_pd *pd;     /* its device's (shared), or its own (per-worker) */
 	struct srv_dev *dev;   /* the device it came through (registration.c) */
 	bool own_pd;           /* per-worker registration: pd and tensor_mr are its own */
-	struct ibv_cq *cq;     /* send and receive completions */
+	struct srv_cq *scq;    /* its fold thread's CQ it completes on, and its reservation */
+	uint32_t cq_need;      /* CQEs reserved there */
 	struct ibv_qp *qp;
 	struct srv_fold_thread *ft;
 	uint32_t index;        /* position in the fold thread's array */
+	uint32_t place;        /* in the fold thread's table of tags (srv_fold_register) */
+	uint64_t wr_tag;       /* its tag in every wr_id (SRV_WR); 0 until registered */
+	bool registered;       /* its fold thread knows its tag (listener-owned flag) */
+	bool live;             /* attached: its completions are handled (fold thread) */
+	/* completions that came before the listener attached it (a worker may
+	 * send as soon as its own side is up): handled at attach, in order */
+	struct ibv_wc *early;
+	uint32_t nearly, early_cap;
 	struct srv_conn *prev, *next; /* listener's list of live connections */
 	char peer[48];         /* the worker's address, for logs and rdmaps-ctl */
 	uint64_t conn_id;      /* random, never 0: the worker's name for it (RESUME) */
@@ -292,9 +326,19 @@ struct srv_fold_thread {
 	pthread_mutex_t mail_lock;
 	pthread_cond_t mail_cond;
 	_Atomic bool mail_pending;
-	struct srv_conn *mail_add;   /* hand-over from the listener */
+	struct srv_conn *mail_reg;   /* hand-over from the listener */
+	struct srv_conn *mail_add;
 	struct srv_conn *mail_del;
 	bool mail_done;
+
+	/* shared CQs: [0, ncqs) polled; the listener adds one (release) */
+	struct srv_cq cqs[SRV_CQS_MAX];
+	_Atomic uint32_t ncqs;
+	/* each registered connection by place (fold thread only), and each
+	 * place's generation: a late completion of a gone one matches none */
+	struct srv_conn **place_conn;
+	uint16_t *place_gen;
+	uint32_t nplaces, place_next;
 
 	struct srv_conn **conns;     /* owned by this thread alone */
 	uint32_t nconns, cap;
@@ -530,9 +574,29 @@ int srv_fold_start(struct srv *s);
 /* Stop and join the fold threads (their channels stay until srv_fold_stop). */
 void srv_fold_join(struct srv *s);
 void srv_fold_stop(struct srv *s);
-/* Listener -> fold thread hand-over; blocks until the thread took it. */
+/*
+ * Listener -> fold thread hand-over; each blocks until the thread took it.
+ * Register gives a built connection its tag (c->wr_tag) before anything is
+ * posted on it; attach makes it live (its completions handled, keepalives,
+ * credits); detach folds what it staged if it was live and forgets its tag.
+ */
+void srv_fold_register(struct srv_fold_thread *ft, struct srv_conn *c);
 void srv_fold_attach(struct srv_fold_thread *ft, struct srv_conn *c);
 void srv_fold_detach(struct srv_fold_thread *ft, struct srv_conn *c);
+
+/* ---- cq.c ---- */
+/*
+ * Listener: a completion queue of fold thread ft on device verbs with room
+ * for need more completions (made, and published to the thread, when none
+ * has it), with need reserved on it. RDMAPS_ELIMIT when ft already has
+ * SRV_CQS_MAX; RDMAPS_EVERBS when the device will not make one.
+ */
+int srv_cq_reserve(struct srv *s, struct srv_fold_thread *ft, struct ibv_context *verbs,
+		   uint32_t need, struct srv_cq **out);
+/* Listener: give a reservation back (its QP is destroyed). */
+void srv_cq_release(struct srv_cq *scq, uint32_t need);
+/* Shutdown, fold thread joined and every QP gone: destroy ft's CQs. */
+void srv_cq_fini(struct srv_fold_thread *ft);
 
 /* The completion channel of fold thread ft for device context ctx. */
 struct ibv_comp_channel *srv_fold_channel(struct srv *s, struct srv_fold_thread *ft,
