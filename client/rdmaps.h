@@ -438,6 +438,8 @@ struct rdmaps_server_stats {
 	uint64_t staging_budget;   /* what they may take (--staging-mb) */
 	uint64_t huge_page_bytes;  /* server memory in transparent huge pages (tensors
 				    * of 2 MiB or more ask for them) */
+	uint64_t completion_queues; /* CQs the fold threads poll: one per thread and
+				     * device, whatever the workers, more only when full */
 };
 
 /*
@@ -451,7 +453,7 @@ struct rdmaps_server_stats {
 	XX(disconnects) XX(nonfinite) XX(clipped) XX(evictions) XX(checkpoints)               \
 	XX(checkpoint_failures) XX(restored_seq) XX(shared_devices) XX(memory_regions)        \
 	XX(memory_windows) XX(registered_bytes) XX(staging_bytes) XX(staging_budget)          \
-	XX(huge_page_bytes)
+	XX(huge_page_bytes) XX(completion_queues)
 
 /*
  * Ask every server to write a checkpoint now (servers started with

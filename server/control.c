@@ -218,6 +218,7 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 		out->dropped += atomic_load(&s->ft[i].dropped);
 		out->nonfinite += atomic_load(&s->ft[i].nonfinite);
 		out->clipped += atomic_load(&s->ft[i].clipped);
+		out->completion_queues += atomic_load(&s->ft[i].ncqs);
 	}
 }
 

@@ -114,7 +114,8 @@ Test(scale, workers_256_push_and_pull_exactly, .fini = stop_server, .timeout = 6
 	uint64_t t0, took, ring_and_bufs;
 	unsigned long long pin;
 
-	th_server_start(&srv, "--chunk-elems", "1024", "--max-workers", "300", NULL);
+	th_server_start(&srv, "--chunk-elems", "1024", "--max-workers", "300", "--fold-threads", "2",
+			NULL);
 	obs = th_connect(&srv);
 	t = th_declare(obs, "scale", LEN, 0.0f, 1.0f);
 
@@ -151,6 +152,10 @@ Test(scale, workers_256_push_and_pull_exactly, .fini = stop_server, .timeout = 6
 	       st.staging_bytes / 1048576.0);
 	cr_assert_eq(st.shared_devices, 1);
 	cr_assert_eq(st.memory_windows, W + 1);
+	/* what the fold threads poll: a CQ each on the one device, not one
+	 * per worker */
+	cr_assert_eq(st.completion_queues, 2, "%lu completion queues for %d workers",
+		     (unsigned long)st.completion_queues, W + 1);
 	/* per worker: its ring and its buffers (2 MRs); plus the model's one */
 	cr_assert_eq(st.memory_regions, 2 * (W + 1) + 1);
 	/* the rings (counted apart), each worker's message buffers ((16 + 8
