@@ -200,6 +200,33 @@ static int observe_pulls(struct sc *s, rdmaps_tensor *t, uint64_t elems, struct 
 	return rc;
 }
 
+/* The observer's 64 B push-folded round trips: what the server's fold
+ * thread takes to see a push among W connections (the polling's cost). */
+static int observe_pushes(struct sc *s, struct rdmaps_hist *h, struct bench_row *r)
+{
+	static const float g[SC_PROBE_ELEMS]; /* zeros: the probe stays put */
+	struct bench_loop l;
+	uint64_t t0, t1;
+	int rc = 0;
+
+	rdmaps__hist_reset(h);
+	loop_start(&l, s->o, rdmaps__now_ns());
+	t0 = rdmaps__now_ns();
+	do {
+		uint64_t s0 = rdmaps__now_ns();
+		if ((rc = rdmaps_push(s->obs, s->probe, g, RDMAPS_PUSH_FOLDED)))
+			break;
+		t1 = rdmaps__now_ns();
+		rdmaps__hist_record(h, t1 - s0);
+	} while (loop_more(&l, t1));
+	r->ops = l.n;
+	r->seconds = (rdmaps__now_ns() - t0) / 1e9;
+	report_lat(r, h);
+	r->ops_s = r->ops / r->seconds;
+	snprintf(r->note, sizeof(r->note), "push-folded round trips, the other connections idle");
+	return rc;
+}
+
 static int step(struct sc *s, unsigned W)
 {
 	static struct rdmaps_hist h;
@@ -246,9 +273,10 @@ static int step(struct sc *s, unsigned W)
 	row_init(&r, "memory", W, (uint64_t)SC_MODEL_TENSORS * SC_MODEL_ELEMS * 4);
 	r.base_val = (double)r.size + (double)W * (double)ring + (64u << 20);
 	r.ratio = pin ? (double)pin / r.base_val : 0;
-	snprintf(r.note, sizeof(r.note), "pin %.0f rss %.0f reg %.0f MiB; %llu MRs %llu MWs",
+	snprintf(r.note, sizeof(r.note), "pin %.0f rss %.0f reg %.0f MiB; %llu MRs %llu MWs %llu CQs",
 		 pin / 1048576.0, rss / 1048576.0, st0.registered_bytes / 1048576.0,
-		 (unsigned long long)st0.memory_regions, (unsigned long long)st0.memory_windows);
+		 (unsigned long long)st0.memory_regions, (unsigned long long)st0.memory_windows,
+		 (unsigned long long)st0.completion_queues);
 	report_add(&r);
 
 	/* idle: W workers connected, none busy */
@@ -257,6 +285,9 @@ static int step(struct sc *s, unsigned W)
 	report_add(&r);
 	row_init(&r, "idle-pull", W, SC_HOT_ELEMS * 4);
 	rc |= observe_pulls(s, s->hot, SC_HOT_ELEMS, &h, &r);
+	report_add(&r);
+	row_init(&r, "idle-push", W, SC_PROBE_ELEMS * 4);
+	rc |= observe_pushes(s, &h, &r);
 	report_add(&r);
 
 	/* load: P workers push flat out; the observer pulls that tensor */

@@ -151,6 +151,13 @@ static void scale_targets(void)
 	b = scale_row("idle-pull", 1, SZ_64);
 	verdict("64 B pull p50, 256 workers idle / 1 worker", a, b, a && b ? ratio(a->p50, b->p50) : 0,
 		1.10, true, false, "scale idle-pull-w256 vs idle-pull-w1, 64 B, the observer's pulls");
+	/* not a target of its own: what idle connections cost the fold
+	 * thread's polling, which the pull rows never see (one-sided) */
+	a = scale_row("idle-push", 256, SZ_64);
+	b = scale_row("idle-push", 1, SZ_64);
+	verdict("(info) 64 B push-folded p50, 256 workers idle / 1", a, b,
+		a && b ? ratio(a->p50, b->p50) : 0, 1.10, true, true,
+		"scale idle-push-w256 vs idle-push-w1: the fold thread's polling");
 	a = scale_row("folds", 64, 64u << 10);
 	b = scale_row("folds", 4, 64u << 10);
 	verdict("aggregate folds/s, 64 workers (32 pushing) / 4", a, b,
