@@ -17,8 +17,15 @@
 #include "log.h"
 #include "server.h"
 
-/* a CQ this large holds a few hundred connections' worth; small enough for
- * any device's limit to be the only bound that matters */
+/*
+ * A new CQ is sized for CQ_CONNS connections like the one asking (with
+ * the default 16 slots a connection reserves 89 entries; with the eighth
+ * kept free a CQ takes 56 of them), so CQ memory grows
+ * with the workers, as a CQ per connection did, rather than a fixed large
+ * CQ per thread from the first worker on (a NIC pins CQ memory like an
+ * MR): 256 default workers on one thread poll five CQs, not 256.
+ */
+#define CQ_CONNS 64u
 #define CQ_CAP_MAX 65536u
 
 int srv_cq_reserve(struct srv *s, struct srv_fold_thread *ft, struct ibv_context *verbs,
@@ -27,7 +34,8 @@ int srv_cq_reserve(struct srv *s, struct srv_fold_thread *ft, struct ibv_context
 	uint32_t n = atomic_load_explicit(&ft->ncqs, memory_order_relaxed);
 	struct ibv_device_attr da;
 	struct srv_cq *q;
-	uint32_t cap = CQ_CAP_MAX;
+	uint64_t want = (uint64_t)need * CQ_CONNS;
+	uint32_t cap = want < CQ_CAP_MAX ? (uint32_t)want : CQ_CAP_MAX;
 
 	for (uint32_t i = 0; i < n; i++) {
 		q = &ft->cqs[i];

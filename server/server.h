@@ -214,7 +214,7 @@ enum srv_send_kind {
  * Sized from the device's limit; a connection reserves what its queues can
  * complete at once (receives + sends), so the CQ can never overflow.
  */
-#define SRV_CQS_MAX 64u
+#define SRV_CQS_MAX 256u
 struct srv_cq {
 	struct ibv_cq *cq;
 	struct ibv_context *verbs;
