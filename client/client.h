@@ -138,6 +138,7 @@ struct read_slot {
 	uint64_t want;        /* two copies: the version the index promised, at least */
 	bool verify;          /* two copies: checksum this READ now (a retry, or a
 			       * window that failed validation), not at window end */
+	bool snapped;         /* a snapshot was asked for it (snapshot.c): no second */
 	uint64_t dst_off;     /* float offset in the op's buffer */
 	uint8_t *scratch;     /* CL_SCRATCH bytes in the control region, after
 			       * CL_SCRATCH_LEAD bytes of its own */
@@ -225,6 +226,16 @@ struct cl_conn {
 	/* index windows (two-copy pulls, copies.c): two, so the next window's
 	 * READs start while the last one waits for its validation */
 	struct cl_window win[CL_WINDOWS];
+
+	/* snapshots (snapshot.c): read slots waiting for one, oldest first,
+	 * and the one being served (asked; or its READ posted) */
+	uint32_t snap_q[CL_READ_SLOTS];
+	uint32_t snap_n;
+	uint32_t snap_s;        /* CL_RS_NONE: none */
+	enum { CL_SNAP_IDLE, CL_SNAP_ASKED, CL_SNAP_REPLIED, CL_SNAP_READING } snap_phase;
+	uint32_t snap_req;      /* the request id it was asked with */
+	uint64_t snap_addr;     /* REPLIED: where to READ it */
+	uint32_t snap_rkey, snap_len;
 };
 
 struct rdmaps_client {
@@ -235,6 +246,7 @@ struct rdmaps_client {
 	bool rescanned; /* librdmacm may hold other devices: rescan on failures */
 	int timeout_ms;
 	int64_t spin_ns; /* a waiter busy-polls this long, then sleeps; < 0: never (ops.c) */
+	uint32_t snap_after; /* torn READs of a chunk before a snapshot (snapshot.c) */
 	int broken; /* first connection failure, until cl_reconnect mends it */
 	bool lost;  /* pushes a failure lost: the next flush says so, once */
 	bool dropped_unseen; /* a broken connection's server refused slots: flush says so */
@@ -293,6 +305,19 @@ static inline bool cl_read_whole(uint32_t count)
 {
 	return rdmaps__chunk_read_len(count) <= CL_SCRATCH;
 }
+
+/* snapshot.c: slot s's READs tore snap_after times: queue it for a
+ * snapshot (it stays in flight with its op); a SNAPSHOT_REPLY received; a
+ * READ of slot s completed (frees the server's buffer if it was the
+ * snapshot's); the connection failed (slots waiting are given back failed
+ * with err); a fresh connection. */
+void cl_snap_ask(struct cl_conn *k, uint32_t s);
+/* Post what a snapshot waits to post, when the send queue has room. */
+void cl_snap_kick(struct cl_conn *k);
+void cl_snap_reply(struct cl_conn *k, const void *msg, uint32_t len);
+void cl_snap_read_done(struct cl_conn *k, uint32_t s);
+void cl_snap_fail(struct cl_conn *k, int err);
+void cl_snap_reset(struct cl_conn *k);
 
 /* rows.c: posting a sparse pull, or part p of a sparse push; < 0 on failure */
 int cl_rows_post_pull(rdmaps_op *op);
@@ -380,6 +405,7 @@ int cl_refresh_parts(rdmaps_client *c, struct cl_conn *k);
 /* Connect again every broken connection and refresh the catalog; 0 if none broken. */
 int cl_reconnect(rdmaps_client *c);
 uint8_t *cl_send_buf(struct cl_conn *k);
+uint8_t *cl_snap_buf(struct cl_conn *k); /* a SNAPSHOT request's own send buffer */
 uint8_t *cl_recv_buf(struct cl_conn *k, uint32_t i);
 uint8_t *cl_slot_hdr(struct cl_conn *k, uint32_t slot);
 int cl_post_recv(struct cl_conn *k, uint32_t i);

@@ -21,12 +21,19 @@
 #define CTL_SCRATCH_OFF (CTL_HDR_OFF + (size_t)RDMAPS_MAX_SLOTS * RDMAPS_SLOT_HDR)
 #define CTL_SCRATCH_STRIDE ((size_t)CL_SCRATCH_LEAD + CL_SCRATCH)
 #define CTL_INDEX_OFF (CTL_SCRATCH_OFF + (size_t)CL_READ_SLOTS * CTL_SCRATCH_STRIDE)
-#define CTL_LEN (CTL_INDEX_OFF + 2 * (size_t)CL_WINDOWS * CL_INDEX_WORDS * sizeof(uint64_t))
+#define CTL_SNAP_OFF (CTL_INDEX_OFF + 2 * (size_t)CL_WINDOWS * CL_INDEX_WORDS * sizeof(uint64_t))
+#define CTL_LEN (CTL_SNAP_OFF + 64u)
+_Static_assert(sizeof(struct rdmaps_msg_snapshot) <= 64u, "snapshot request buffer");
 _Static_assert(CTL_INDEX_OFF % sizeof(uint64_t) == 0, "index area alignment");
 
 uint8_t *cl_send_buf(struct cl_conn *k)
 {
 	return k->ctl + CTL_SEND_OFF;
+}
+
+uint8_t *cl_snap_buf(struct cl_conn *k)
+{
+	return k->ctl + CTL_SNAP_OFF;
 }
 
 uint8_t *cl_recv_buf(struct cl_conn *k, uint32_t i)
@@ -72,6 +79,8 @@ void cl_fail(struct cl_conn *k, int err, const char *why)
 		if (k->resume_dropped != k->dropped_seen)
 			k->c->dropped_unseen = true;
 	}
+	/* slots waiting for a snapshot have no request to flush */
+	cl_snap_fail(k, err);
 	/* error state flushes every outstanding request, so waits end */
 	if (k->qp) {
 		struct ibv_qp_attr a = { .qp_state = IBV_QPS_ERR };
@@ -422,6 +431,7 @@ static int carve(struct cl_conn *k)
 		k->rs_free[i] = CL_READ_SLOTS - 1 - i;
 	}
 	k->nrs_free = CL_READ_SLOTS;
+	cl_snap_reset(k);
 	for (uint32_t w = 0; w < CL_WINDOWS; w++) {
 		k->win[w].ix = (uint64_t *)(k->ctl + CTL_INDEX_OFF) + 2 * w * CL_INDEX_WORDS;
 		k->win[w].ix2 = k->win[w].ix + CL_INDEX_WORDS;
@@ -558,6 +568,7 @@ static int connect_cfg(const struct rdmaps__config *cfg, const char *src, const 
 	}
 	c->timeout_ms = cfg->timeout_ms;
 	c->spin_ns = cfg->spin_us < 0 ? -1 : (int64_t)cfg->spin_us * 1000;
+	c->snap_after = (uint32_t)cfg->snapshot_after;
 	for (uint32_t i = 0; i < CL_MAX_OPS; i++)
 		c->ops[i].c = c;
 	for (uint32_t i = 0; i < cfg->nservers; i++) {
@@ -727,17 +738,22 @@ int rdmaps_connect_cluster(const struct rdmaps_cluster_opts *o, rdmaps_client **
 
 int rdmaps_connect(const struct rdmaps_connect_opts *o, rdmaps_client **out)
 {
-	struct rdmaps__config cfg = { .nservers = 1, .gid_index = -1, .spin_us = RDMAPS__SPIN_US };
-	const char *spin = getenv("RDMAPS_SPIN_US");
+	struct rdmaps__config cfg = { .nservers = 1, .gid_index = -1, .spin_us = RDMAPS__SPIN_US,
+				      .snapshot_after = RDMAPS__SNAPSHOT_AFTER };
+	const char *spin = getenv("RDMAPS_SPIN_US"), *snap = getenv("RDMAPS_SNAPSHOT_AFTER");
 	char err[128] = "";
 
 	if (!o || !o->host || !out)
 		return RDMAPS_EINVAL;
 	*out = NULL;
-	/* the one setting of the process's environment a single connection
-	 * takes too: how its waits treat the CPU (docs/cluster.md) */
+	/* the settings of the process's environment a single connection takes
+	 * too: how its waits treat the CPU, and its READs' bound (docs/cluster.md) */
 	if (spin && rdmaps__config_set(&cfg, "spin_us", spin, err, sizeof(err))) {
 		log_error("RDMAPS_SPIN_US=%s: %s", spin, err[0] ? err : "bad value");
+		return RDMAPS_EINVAL;
+	}
+	if (snap && rdmaps__config_set(&cfg, "snapshot_after", snap, err, sizeof(err))) {
+		log_error("RDMAPS_SNAPSHOT_AFTER=%s: %s", snap, err[0] ? err : "bad value");
 		return RDMAPS_EINVAL;
 	}
 	if (strlen(o->host) >= sizeof(cfg.servers[0].host) ||

@@ -290,6 +290,8 @@ static void conn_poll(struct cl_conn *k)
 		return; /* released, and a reconnect did not make it again */
 	/* polled even when broken: flushed requests still return their slots */
 	n = ibv_poll_cq(k->cq, 16, wc);
+	if (k->snap_s != CL_RS_NONE || k->snap_n)
+		cl_snap_kick(k); /* it may have waited for send queue room */
 
 	k->cqes += n > 0 ? (unsigned)n : 0u;
 	for (int i = 0; i < n; i++) {
@@ -338,8 +340,13 @@ static void conn_poll(struct cl_conn *k)
 		case WR_INDEX:
 			cl_ix_complete(k, idx);
 			break;
-		case WR_RECV:
-			if (wc[i].byte_len <= sizeof(k->reply)) {
+		case WR_RECV: {
+			uint16_t type = 0;
+			if (!rdmaps__msg_check(cl_recv_buf(k, idx), wc[i].byte_len, &type) &&
+			    type == RDMAPS_MSG_SNAPSHOT_REPLY) {
+				/* a pull's, not the control call's (snapshot.c) */
+				cl_snap_reply(k, cl_recv_buf(k, idx), wc[i].byte_len);
+			} else if (wc[i].byte_len <= sizeof(k->reply)) {
 				memcpy(k->reply, cl_recv_buf(k, idx), wc[i].byte_len);
 				k->reply_len = wc[i].byte_len;
 				k->reply_ready = true;
@@ -347,6 +354,7 @@ static void conn_poll(struct cl_conn *k)
 			if (cl_post_recv(k, idx))
 				cl_fail(k, RDMAPS_EVERBS, "cannot repost a receive");
 			break;
+		}
 		default:
 			break;
 		}

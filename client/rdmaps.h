@@ -413,6 +413,8 @@ struct rdmaps_client_stats {
 				 * posted again after the reconnect (exactly once) */
 	uint64_t push_bytes;    /* payload bytes of dense pushes posted, in their
 				 * wire format (headers not counted) */
+	uint64_t snapshots;     /* chunks a pull READ from a server's snapshot after
+				 * its READs of them tore RDMAPS_SNAPSHOT_AFTER times */
 };
 
 struct rdmaps_server_stats {
@@ -439,7 +441,9 @@ struct rdmaps_server_stats {
 	uint64_t huge_page_bytes;  /* server memory in transparent huge pages (tensors
 				    * of 2 MiB or more ask for them) */
 	uint64_t completion_queues; /* CQs the fold threads poll: one per thread and
-				     * device, whatever the workers, more only when full */
+				     * device for each 56 workers (default slots) */
+	uint64_t snapshots;         /* chunks copied whole for a pull whose READs of
+				     * them kept tearing (RDMAPS_SNAPSHOT_AFTER) */
 };
 
 /*
@@ -453,7 +457,7 @@ struct rdmaps_server_stats {
 	XX(disconnects) XX(nonfinite) XX(clipped) XX(evictions) XX(checkpoints)               \
 	XX(checkpoint_failures) XX(restored_seq) XX(shared_devices) XX(memory_regions)        \
 	XX(memory_windows) XX(registered_bytes) XX(staging_bytes) XX(staging_budget)          \
-	XX(huge_page_bytes) XX(completion_queues)
+	XX(huge_page_bytes) XX(completion_queues) XX(snapshots)
 
 /*
  * Ask every server to write a checkpoint now (servers started with

@@ -139,6 +139,11 @@ static bool read_again(struct cl_conn *k, rdmaps_op *op, uint32_t s, bool stale,
 			rs->copy ^= 1u;
 			rs->verify = true;
 		}
+		/* torn again and again: a snapshot, not one more race */
+		if (!stale && !rs->snapped && rs->tries >= k->c->snap_after) {
+			cl_snap_ask(k, s);
+			return true;
+		}
 		rc = cl_post_read(k, op, s);
 		if (!rc)
 			return true;
@@ -197,6 +202,7 @@ void cl_read_done(struct cl_conn *k, uint32_t s)
 				 : op->mr ? dst : rs->bounce;
 	struct rdmaps_chunk_hdr *h = (void *)rs->scratch;
 
+	cl_snap_read_done(k, s);
 	if (op->half) {
 		half_done(k, s);
 		return;

@@ -130,6 +130,8 @@ int rdmaps__config_set(struct rdmaps__config *cfg, const char *key, const char *
 		return parse_int(val, 1, 3600000, &cfg->timeout_ms) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "spin_us"))
 		return parse_int(val, -1, 1000000, &cfg->spin_us) ? RDMAPS_EINVAL : 0;
+	if (!strcmp(key, "snapshot_after"))
+		return parse_int(val, 1, 1000, &cfg->snapshot_after) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "role")) {
 		copy(cfg->role, sizeof(cfg->role), val);
 		return 0;
@@ -205,6 +207,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 		{ "RDMAPS_GID_INDEX", "gid_index" }, { "RDMAPS_TIMEOUT_MS", "timeout_ms" },
 		{ "RDMAPS_ROLE", "role" },       { "RDMAPS_RANK", "rank" },
 		{ "RDMAPS_SIZE", "size" },       { "RDMAPS_SPIN_US", "spin_us" },
+		{ "RDMAPS_SNAPSHOT_AFTER", "snapshot_after" },
 	};
 	int rc;
 
@@ -213,6 +216,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 	cfg->gid_index = -1;
 	cfg->timeout_ms = 10000;
 	cfg->spin_us = RDMAPS__SPIN_US;
+	cfg->snapshot_after = RDMAPS__SNAPSHOT_AFTER;
 	cfg->rank = cfg->size = -1;
 	err[0] = '\0';
 	from_launcher(cfg);

@@ -15,6 +15,7 @@
 #define RDMAPS_MAX_SERVERS 64
 #define RDMAPS_ADDR_MAX 64
 #define RDMAPS__SPIN_US 50 /* spin_us's default: a 64 B pull on real hardware never sleeps */
+#define RDMAPS__SNAPSHOT_AFTER 2 /* snapshot_after's default: 3 READs of a chunk at most */
 
 struct rdmaps__server_addr {
 	char host[RDMAPS_ADDR_MAX];
@@ -31,6 +32,7 @@ struct rdmaps__config {
 	int gid_index;               /* or: GID index on that device (-1: none) */
 	int timeout_ms;              /* connect, with retries, per server */
 	int spin_us;                 /* a waiter busy-polls this long, then sleeps; -1: never */
+	int snapshot_after;          /* torn READs of a chunk in one pull before a snapshot */
 	int rank, size;              /* from the launcher; -1 when unknown */
 	char role[16];               /* "server", "worker" or "" */
 	char launcher[16];           /* which variables gave rank/size */

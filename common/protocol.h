@@ -20,7 +20,7 @@
 #include "rdmaps.h"
 
 #define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
-#define RDMAPS_PROTO_VERSION 10u /* 10: completion_queues in the stats reply (docs/protocol.md) */
+#define RDMAPS_PROTO_VERSION 11u /* 11: SNAPSHOT, a torn chunk copied whole (docs/protocol.md) */
 #define RDMAPS_DEFAULT_PORT "7471"
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u
@@ -158,6 +158,7 @@ enum rdmaps_msg_type {
 	RDMAPS_MSG_CHUNKS = 7,     /* versions of one tensor's chunks */
 	RDMAPS_MSG_WORKERS = 8,    /* connected workers and their counters */
 	RDMAPS_MSG_RESUME = 9,     /* what a closed connection of this worker folded */
+	RDMAPS_MSG_SNAPSHOT = 10,  /* copy a chunk whole where the worker can READ it */
 	RDMAPS_MSG_TENSOR_REPLY = 0x81,
 	RDMAPS_MSG_STATS_REPLY = 0x83,
 	RDMAPS_MSG_STATUS_REPLY = 0x84,
@@ -165,6 +166,7 @@ enum rdmaps_msg_type {
 	RDMAPS_MSG_CHUNKS_REPLY = 0x87,
 	RDMAPS_MSG_WORKERS_REPLY = 0x88,
 	RDMAPS_MSG_RESUME_REPLY = 0x89,
+	RDMAPS_MSG_SNAPSHOT_REPLY = 0x8a,
 };
 
 struct rdmaps_msg_hdr {
@@ -279,6 +281,33 @@ struct rdmaps_msg_stats_reply {
 	int32_t status;
 	uint32_t reserved;
 	struct rdmaps_server_stats stats;
+};
+
+/*
+ * A pull whose READs of one chunk kept tearing (a fold landed in each) asks
+ * for a snapshot: the server copies the chunk, header and values, under the
+ * chunk's lock into a buffer of this connection's that nothing else writes,
+ * and the worker READs it there, whole by construction (docs/design.md,
+ * "What a pull returns"). One at a time per connection: the next request
+ * reuses the buffer. chunk counts within the server's part of the tensor.
+ */
+struct rdmaps_msg_snapshot {
+	struct rdmaps_msg_hdr hdr;
+	uint32_t tensor_id;
+	uint32_t chunk;
+	uint32_t half;     /* 1: the tensor's 16-bit copy of the chunk */
+	uint32_t reserved;
+};
+
+/* status 0: READ len bytes at addr with rkey (a chunk header, then its
+ * values: header.count floats, or 16-bit values with half) */
+struct rdmaps_msg_snapshot_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t rkey;
+	uint64_t addr;
+	uint32_t len;
+	uint32_t reserved;
 };
 
 struct rdmaps_msg_status_reply {

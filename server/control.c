@@ -212,6 +212,7 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 	out->checkpoints = atomic_load(&s->checkpoints);
 	out->checkpoint_failures = atomic_load(&s->checkpoint_failures);
 	out->restored_seq = atomic_load(&s->restored_seq);
+	out->snapshots = atomic_load(&s->snapshots);
 	srv_reg_stats(s, out);
 	for (unsigned i = 0; s->ft && i < s->cfg.fold_threads; i++) {
 		out->folds += atomic_load(&s->ft[i].folds);
@@ -296,6 +297,47 @@ static void on_workers(struct srv_conn *c, const struct rdmaps_msg_page *m)
 	reply_send(c, &r, sizeof(r));
 }
 
+/*
+ * A pull's READs of this chunk kept tearing: copy it whole, under its lock,
+ * into c's snapshot buffer for the worker to READ (protocol.h). Errors go
+ * back in a SNAPSHOT_REPLY too: the worker waits for that type alone.
+ */
+static void on_snapshot(struct srv_conn *c, const struct rdmaps_msg_snapshot *m)
+{
+	struct rdmaps_msg_snapshot_reply r = { 0 };
+	struct srv_tensor *t = srv_store_get(&c->srv->store, m->tensor_id);
+	const char *why = NULL;
+	int rc = 0;
+
+	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_SNAPSHOT_REPLY, sizeof(r), m->hdr.req_id);
+	if (!t || !c->tensor_mr[m->tensor_id]) {
+		rc = RDMAPS_ENOENT;
+		why = "snapshot of an unknown tensor";
+	} else if (m->chunk >= t->nchunks || m->half > 1 || (m->half && !t->pull_fmt)) {
+		rc = RDMAPS_EINVAL;
+		why = "snapshot of no such chunk";
+	} else if (atomic_load(&t->state_flag) != TENSOR_READY) {
+		rc = RDMAPS_EAGAIN; /* its chunks are being written until sealed */
+	} else if (!(rc = srv_reg_snapshot(c, RDMAPS_CHUNK_HDR + (size_t)c->srv->cfg.chunk_elems *
+							  sizeof(float)))) {
+		/* sized for the server's chunks: every tensor's (rows too) fit */
+		r.len = (uint32_t)srv_chunk_snapshot(t, m->chunk, m->half, c->snap, &c->ft->open);
+		r.addr = (uintptr_t)c->snap;
+		r.rkey = c->snap_mr->rkey;
+		atomic_fetch_add_explicit(&c->srv->snapshots, 1, memory_order_relaxed);
+	}
+	if (why) {
+		uint32_t sup;
+		atomic_fetch_add_explicit(&c->bad_msgs, 1, memory_order_relaxed);
+		atomic_fetch_add_explicit(&c->srv->bad_messages, 1, memory_order_relaxed);
+		if (rdmaps__ratelimit_ok(&c->log_rl, &sup))
+			log_warn("worker " SRV_CONN_FMT ": control message refused: %s; %u more not logged",
+				 SRV_CONN_ARGS(c), why, sup);
+	}
+	r.status = rc;
+	reply_send(c, &r, sizeof(r));
+}
+
 void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len)
 {
 	struct rdmaps_msg_hdr h = { 0 };
@@ -331,6 +373,12 @@ void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len)
 		struct rdmaps_msg_resume m;
 		memcpy(&m, msg, sizeof(m));
 		on_resume(c, &m);
+		break;
+	}
+	case RDMAPS_MSG_SNAPSHOT: {
+		struct rdmaps_msg_snapshot m;
+		memcpy(&m, msg, sizeof(m));
+		on_snapshot(c, &m);
 		break;
 	}
 	case RDMAPS_MSG_STATS: {

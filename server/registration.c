@@ -203,9 +203,37 @@ int srv_reg_expose(struct srv_conn *c, struct srv_tensor *t)
 	return rc;
 }
 
+int srv_reg_snapshot(struct srv_conn *c, size_t len)
+{
+	int rc;
+
+	if (c->snap)
+		return 0;
+	len = rdmaps__round_up(len, 4096);
+	/* in c's PD, as its tensors are: with the shared scheme any worker on
+	 * the device could READ it with a forged key, as it could the model
+	 * it copies; never written remotely */
+	c->snap = aligned_alloc(4096, len);
+	if (!c->snap)
+		return RDMAPS_ENOMEM;
+	if ((rc = rdmaps__reg_mr(c->pd, c->snap, len, IBV_ACCESS_REMOTE_READ, &c->snap_mr))) {
+		free(c->snap);
+		c->snap = NULL;
+		return rc;
+	}
+	atomic_fetch_add(&c->srv->reg_bytes, len);
+	return 0;
+}
+
 void srv_reg_conn_free(struct srv_conn *c)
 {
 	struct srv *s = c->srv;
+
+	if (c->snap_mr) {
+		atomic_fetch_sub(&s->reg_bytes, c->snap_mr->length);
+		ibv_dereg_mr(c->snap_mr);
+	}
+	free(c->snap);
 
 	/* a window must go before the MR it is bound to can be deregistered */
 	if (c->staging_mw) {
@@ -267,7 +295,8 @@ static uint64_t anon_huge_bytes(void)
 
 uint64_t srv_reg_conn_pinned(const struct srv_conn *c)
 {
-	uint64_t b = (c->staging_mr ? c->staging_mr->length : 0) + (c->bufs_mr ? c->bufs_mr->length : 0);
+	uint64_t b = (c->staging_mr ? c->staging_mr->length : 0) + (c->bufs_mr ? c->bufs_mr->length : 0) +
+		     (c->snap_mr ? c->snap_mr->length : 0);
 
 	/* tensors registered in its own PD; shared ones belong to the device */
 	for (uint32_t i = 0; c->own_pd && c->tensor_mr && i < c->srv->store.max; i++)
@@ -282,7 +311,7 @@ void srv_reg_stats(struct srv *s, struct rdmaps_server_stats *out)
 
 	pthread_mutex_lock(&s->conns_lock);
 	for (struct srv_conn *c = s->conns; c; c = c->next) {
-		mrs += (c->staging_mr != NULL) + (c->bufs_mr != NULL);
+		mrs += (c->staging_mr != NULL) + (c->bufs_mr != NULL) + (c->snap_mr != NULL);
 		for (uint32_t i = 0; c->own_pd && c->tensor_mr && i < s->store.max; i++)
 			mrs += c->tensor_mr[i] != NULL;
 	}

@@ -272,6 +272,11 @@ struct srv_conn {
 	bool credit_busy;
 	struct rdmaps__ratelimit log_rl; /* what this worker can make us log */
 
+	/* a chunk copied whole for this worker's pull (SNAPSHOT): READ-only,
+	 * made on its first request (registration.c) */
+	uint8_t *snap;
+	struct ibv_mr *snap_mr;
+
 	struct ibv_mr **tensor_mr; /* per tensor id, set on first use; borrowed from the
 				    * device when shared (then not deregistered here) */
 	uint8_t *member_of;        /* per tensor id: member index + 1, or 0 */
@@ -390,6 +395,7 @@ struct srv {
 	uint64_t ckpt_next_ok;       /* a requested checkpoint waits until then */
 	uint64_t instance; /* random per process: tells workers this is a restart */
 	_Atomic uint64_t checkpoints, checkpoint_failures, restored_seq;
+	_Atomic uint64_t snapshots;  /* chunks copied whole for torn pulls (SNAPSHOT) */
 	pthread_mutex_t conns_lock;  /* the conns list, for rdmaps-ctl's listing */
 	_Atomic bool evict_req;      /* some connection has its evict flag set */
 	/* registration.c: devices seen (the listener appends; others read
@@ -471,6 +477,16 @@ void srv_chunk_apply(struct srv_tensor *t, uint32_t chunk, const float *grad, ui
 void srv_chunk_fold(struct srv_tensor *t, uint32_t chunk, const float *grad, uint32_t count,
 		    struct srv_open_set *os);
 void srv_open_publish(struct srv_open_set *os);
+/*
+ * A whole copy of chunk i of t into dst (its header, then its floats, or
+ * with half the 16-bit copy's), for a worker whose READs of it kept
+ * tearing: taken under the chunk's lock as a fold is, so it waits only for
+ * a fold in progress. os: the calling fold thread's open folds, published
+ * first (never wait while holding them; NULL: none). Returns the bytes copied (at most
+ * RDMAPS_CHUNK_HDR + chunk_elems floats). The tensor must be ready.
+ */
+size_t srv_chunk_snapshot(struct srv_tensor *t, uint32_t i, bool half, void *dst,
+			  struct srv_open_set *os);
 /* Take / release a chunk's seqlock: version even -> odd; release publishes
  * (new checksum, version + 2) when changed, else restores the old version. */
 uint64_t srv_chunk_lock(struct srv_tensor *t, uint32_t chunk);
@@ -626,6 +642,9 @@ uint32_t srv_reg_staging_rkey(const struct srv_conn *c);
 int srv_reg_bind(struct srv_conn *c);
 /* Fold thread (control): make t readable by c; registers it on first need. */
 int srv_reg_expose(struct srv_conn *c, struct srv_tensor *t);
+/* Fold thread (control): c's snapshot buffer (len bytes), made and
+ * registered READ-only on the first SNAPSHOT request; then kept. */
+int srv_reg_snapshot(struct srv_conn *c, size_t len);
 /* Teardown, after the QP is gone: c's window and registrations, then its PD. */
 void srv_reg_conn_free(struct srv_conn *c);
 void srv_reg_conn_free_pd(struct srv_conn *c);

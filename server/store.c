@@ -485,6 +485,36 @@ void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool cha
 	__atomic_store_n(&h->version, v + 2, __ATOMIC_RELEASE);
 }
 
+size_t srv_chunk_snapshot(struct srv_tensor *t, uint32_t i, bool half, void *dst,
+			  struct srv_open_set *os)
+{
+	struct rdmaps_chunk_hdr *master = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
+	/* two copies: the index word is the chunk's lock; one copy: the
+	 * header's version. The 16-bit copy is written under the same. */
+	uint64_t *word = t->index ? &t->index[i] : &master->version;
+	const struct rdmaps_chunk_hdr *src;
+	struct rdmaps_chunk_hdr *out = dst;
+	uint64_t v;
+	size_t len;
+
+	if (os)
+		srv_open_publish(os);
+	v = seq_take(word);
+	if (half)
+		src = (const struct rdmaps_chunk_hdr *)srv_half_chunk(t, i);
+	else if (t->index)
+		src = (const struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, (unsigned)(v >> 1) & 1u);
+	else
+		src = master;
+	len = RDMAPS_CHUNK_HDR + (size_t)src->count * (half ? 2u : sizeof(float));
+	memcpy(dst, src, len);
+	if (src == master)
+		out->version = v; /* it holds v + 1 while we have it */
+	/* nothing changed: the old version stays valid for readers */
+	__atomic_store_n(word, v, __ATOMIC_RELEASE);
+	return len;
+}
+
 void srv_half_publish(struct srv_tensor *t, uint32_t i, const struct rdmaps_chunk_hdr *src,
 		      bool publish)
 {

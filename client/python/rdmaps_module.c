@@ -723,7 +723,7 @@ static const struct u64_field client_fields[] = {
 	CLIENT_FIELD(pulls), CLIENT_FIELD(pushes), CLIENT_FIELD(pull_retries),
 	CLIENT_FIELD(bounce_copies), CLIENT_FIELD(stale_retries), CLIENT_FIELD(reconnects),
 	CLIENT_FIELD(lost_pushes), CLIENT_FIELD(reads), CLIENT_FIELD(server_restarts),
-	CLIENT_FIELD(resent_slots), CLIENT_FIELD(push_bytes),
+	CLIENT_FIELD(resent_slots), CLIENT_FIELD(push_bytes), CLIENT_FIELD(snapshots),
 };
 /* every field named: a field added to rdmaps.h must be added here */
 _Static_assert(sizeof(server_fields) / sizeof(server_fields[0]) * sizeof(uint64_t) ==

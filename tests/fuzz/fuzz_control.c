@@ -60,6 +60,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		(void)srv_store_get(&st, m.tensor_id);
 		break;
 	}
+	case RDMAPS_MSG_SNAPSHOT: {
+		/* what the server checks before it copies a chunk, then the copy */
+		static uint8_t buf[RDMAPS_CHUNK_HDR + 64 * sizeof(float)];
+		struct rdmaps_msg_snapshot m;
+		memcpy(&m, data, sizeof(m));
+		t = srv_store_get(&st, m.tensor_id);
+		if (t && m.chunk < t->nchunks && m.half <= 1 && (!m.half || t->pull_fmt) &&
+		    atomic_load(&t->state_flag) == TENSOR_READY)
+			(void)srv_chunk_snapshot(t, m.chunk, m.half, buf, NULL);
+		break;
+	}
 	case RDMAPS_MSG_RESUME: {
 		/* the account a peer asks about; every other one asked leaves a
 		 * record, so lookups meet full and empty rings alike */

@@ -162,26 +162,36 @@ static void *torn_pusher(void *p)
 }
 
 /* two_copies_from: the server's --two-copies-from; "0" keeps one copy, so
- * the checksum alone stands between the READs and the folds */
-static void torn_race(const char *two_copies_from)
+ * the checksum alone stands between the READs and the folds. snap_after:
+ * RDMAPS_SNAPSHOT_AFTER for the puller (NULL: the default) */
+static void torn_race(const char *two_copies_from, const char *snap_after)
 {
 	static float v[TORN_LEN], prev[TORN_CHUNKS];
 	rdmaps_client *c;
 	rdmaps_tensor *t;
 	pthread_t pusher;
 	int prc = 0;
-	struct rdmaps_client_stats cs;
+	struct rdmaps_client_stats cs, cs0;
+	struct rdmaps_server_stats ss;
+	uint64_t most = 0;
 
 	memset(prev, 0, sizeof(prev));
+	if (snap_after)
+		setenv("RDMAPS_SNAPSHOT_AFTER", snap_after, 1);
 	th_server_start(&srv, "--chunk-elems", "1024", "--fold-threads", "2", "--two-copies-from",
 			two_copies_from, NULL);
 	c = th_connect(&srv);
+	unsetenv("RDMAPS_SNAPSHOT_AFTER"); /* the pusher pulls nothing */
 	t = th_declare(c, "torn", TORN_LEN, 0.0f, 1.0f);
 	torn_stop = 0;
 	pushes_done = 0;
 	pthread_create(&pusher, NULL, torn_pusher, &prc);
 	for (int n = 0; n < PULLS; n++) {
+		rdmaps_client_stats(c, &cs0);
 		cr_assert_eq(rdmaps_pull(c, t, v, 0), 0, "pull %d", n);
+		rdmaps_client_stats(c, &cs);
+		if (cs.reads - cs0.reads > most)
+			most = cs.reads - cs0.reads;
 		for (int k = 0; k < TORN_CHUNKS; k++) {
 			const float *ch = v + k * TORN_CHUNK;
 			for (int i = 1; i < TORN_CHUNK; i++)
@@ -195,11 +205,28 @@ static void torn_race(const char *two_copies_from)
 	pthread_join(pusher, NULL);
 	cr_assert_eq(prc, 0, "pusher: %s", rdmaps_strerror(prc));
 	rdmaps_client_stats(c, &cs);
-	printf("torn (two copies from %s B): %d pulls raced %ld pushes; %lu chunk re-reads "
-	       "(%.3f%% of chunk reads)\n", two_copies_from, PULLS, pushes_done,
+	cr_assert_eq(rdmaps_server_stats(c, &ss), 0);
+	printf("torn (two copies from %s B, snapshot after %s): %d pulls raced %ld pushes; %lu "
+	       "chunk re-reads (%.3f%% of chunk reads), %lu snapshots (server: %lu), at most %lu "
+	       "READs in one pull of %d chunks\n",
+	       two_copies_from, snap_after ? snap_after : "2", PULLS, pushes_done,
 	       (unsigned long)cs.pull_retries,
-	       100.0 * (double)cs.pull_retries / (PULLS * TORN_CHUNKS));
+	       100.0 * (double)cs.pull_retries / (PULLS * TORN_CHUNKS), (unsigned long)cs.snapshots,
+	       (unsigned long)ss.snapshots, (unsigned long)most, TORN_CHUNKS);
 	cr_assert_gt(pushes_done, 0, "the folds must actually race the pulls");
+	cr_assert_eq(cs.snapshots, ss.snapshots, "every snapshot asked was READ");
+	if (snap_after) {
+		/* the bound: a chunk is READ at most snap_after times from the
+		 * model (here once, within a READ of up to 8 chunks), then once
+		 * from its snapshot */
+		/* each torn READ went to a snapshot, and no snapshot tore */
+		cr_assert_eq(cs.snapshots, cs.pull_retries, "%lu torn READs, %lu snapshots",
+			     (unsigned long)cs.pull_retries, (unsigned long)cs.snapshots);
+		if (!strcmp(two_copies_from, "0"))
+			cr_assert_gt(cs.snapshots, 0, "one copy raced flat out and no READ tore");
+		cr_assert_leq(most, 2 * TORN_CHUNKS, "a pull of %d chunks took %lu READs", TORN_CHUNKS,
+			      (unsigned long)most);
+	}
 	/* and after the dust settles, the model is exactly the number of pushes */
 	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
 	for (int i = 0; i < TORN_LEN; i++)
@@ -209,12 +236,25 @@ static void torn_race(const char *two_copies_from)
 
 Test(datapath, pulls_never_see_a_torn_chunk, .fini = stop_server, .timeout = 600)
 {
-	torn_race("0");
+	torn_race("0", NULL);
+}
+
+/* Every torn READ goes to a snapshot at once: the snapshots are whole, the
+ * pulls bounded, and the model still exactly the pushes. */
+Test(datapath, torn_chunks_are_read_from_a_snapshot, .fini = stop_server, .timeout = 600)
+{
+	torn_race("0", "1");
+}
+
+Test(datapath, torn_chunks_are_read_from_a_snapshot_two_copies, .fini = stop_server,
+     .timeout = 600)
+{
+	torn_race("4096", "1");
 }
 
 Test(datapath, pulls_never_see_a_torn_chunk_two_copies, .fini = stop_server, .timeout = 600)
 {
-	torn_race("4096");
+	torn_race("4096", NULL);
 }
 
 /* ---- READs that span chunks ------------------------------------------- */

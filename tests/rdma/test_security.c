@@ -11,6 +11,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "checksum.h"
+#include "chunk.h"
+#include "half.h"
 #include "harness.h"
 #include "rawclient.h"
 #include "verbs.h" /* rdmaps__now_ns */
@@ -648,4 +651,121 @@ Test(security, slots_rewritten_while_folded_fold_only_checked_values, .fini = st
 	cr_assert_leq(norm, rounds * (double)REW_CLIP * 1.001, "the clip norm was bypassed");
 	raw_close(&r);
 	rdmaps_close(good);
+}
+
+/* ---- snapshots ------------------------------------------------------- */
+
+/* SNAPSHOT by hand; the reply's status, with the reply in *rep. */
+static int raw_snapshot(struct raw *r, uint32_t tensor, uint32_t chunk, uint32_t half,
+			struct rdmaps_msg_snapshot_reply *rep)
+{
+	struct rdmaps_msg_snapshot m = { .tensor_id = tensor, .chunk = chunk, .half = half };
+	int n;
+
+	rdmaps__msg_init(&m.hdr, RDMAPS_MSG_SNAPSHOT, sizeof(m), 77);
+	cr_assert_eq(raw_send(r, &m, sizeof(m)), IBV_WC_SUCCESS);
+	n = raw_recv(r, rep, sizeof(*rep), 5000);
+	cr_assert_eq(n, (int)sizeof(*rep), "snapshot reply of %d bytes", n);
+	cr_assert_eq(rep->hdr.type, RDMAPS_MSG_SNAPSHOT_REPLY);
+	cr_assert_eq(rep->hdr.req_id, 77u);
+	return rep->status;
+}
+
+/* READ a snapshot and check it is chunk `chunk` of a tensor whose element i
+ * holds i % 7 (count values; 16-bit with half) */
+static void snapshot_is(struct raw *r, const struct rdmaps_msg_snapshot_reply *rep,
+			uint32_t chunk, uint32_t count, bool half)
+{
+	const struct rdmaps_chunk_hdr *h = (const void *)(r->buf + RAW_DATA_OFF);
+	const uint8_t *vals = r->buf + RAW_DATA_OFF + RDMAPS_CHUNK_HDR;
+
+	cr_assert_eq(rep->len, RDMAPS_CHUNK_HDR + count * (half ? 2u : 4u));
+	cr_assert_eq(raw_rdma(r, IBV_WR_RDMA_READ, rep->addr, rep->rkey, rep->len, 0), IBV_WC_SUCCESS);
+	cr_assert_eq(h->version & 1u, 0u, "a snapshot taken mid-fold");
+	cr_assert_eq(h->count, count);
+	cr_assert_eq(h->checksum, rdmaps__checksum(vals, rep->len - RDMAPS_CHUNK_HDR),
+		     "chunk %u: checksum", chunk);
+	for (uint32_t i = 0; i < count; i++) {
+		float want = (float)((chunk * 1024u + i) % 7u), got;
+		if (half) {
+			uint16_t b;
+			memcpy(&b, vals + 2 * i, 2);
+			got = rdmaps__bf16_to_f32(b);
+		} else {
+			memcpy(&got, vals + 4 * i, 4);
+		}
+		cr_assert_eq(got, want, "chunk %u [%u] = %f, want %f", chunk, i, got, want);
+	}
+}
+
+/*
+ * A snapshot is the chunk, whole, in each layout (one copy, two copies,
+ * the 16-bit copy); a request for a tensor the connection never looked
+ * up, a chunk or copy that does not exist, is refused with a clear status
+ * and changes nothing; the snapshot buffer cannot be written remotely.
+ */
+Test(security, snapshots_are_the_chunk_and_bad_requests_are_refused, .fini = stop_server,
+     .timeout = 120)
+{
+	enum { LEN = 4096 }; /* 4 chunks of 1024 */
+	static float g[LEN];
+	static const char *const names[] = { "snap-one", "snap-two", "snap-half" };
+	struct rdmaps_msg_tensor_reply tr[3];
+	struct rdmaps_msg_snapshot_reply rep;
+	struct rdmaps_server_stats st0, st1;
+	rdmaps_client *c;
+	rdmaps_tensor *t[3];
+	struct raw r;
+
+	/* tensors of 64 KiB or more keep two copies: 4096 floats of "snap-two" */
+	th_server_start(&srv, "--chunk-elems", "1024", "--two-copies-from", "16384", NULL);
+	c = th_connect(&srv);
+	for (int i = 0; i < LEN; i++)
+		g[i] = -(float)(i % 7); /* SGD, lr 1, from 0: element i holds i % 7 */
+	for (int k = 0; k < 3; k++) {
+		struct rdmaps_tensor_desc d = { .name = names[k], .length = k == 1 ? LEN : 2048,
+						.optimizer = RDMAPS_OPT_SGD, .lr = 1.0f,
+						.pull_format = k == 2 ? RDMAPS_FMT_BF16 : RDMAPS_FMT_F32 };
+		cr_assert_eq(rdmaps_declare(c, &d, &t[k]), 0, "%s", names[k]);
+		cr_assert_eq(rdmaps_push(c, t[k], g, RDMAPS_PUSH_FOLDED), 0);
+	}
+	cr_assert_eq(rdmaps_server_stats(c, &st0), 0);
+
+	raw_open(&r);
+	/* not looked up on this connection: unknown to it */
+	cr_assert_eq(raw_snapshot(&r, 0, 0, 0, &rep), RDMAPS_ENOENT);
+	cr_assert_eq(raw_snapshot(&r, 999, 0, 0, &rep), RDMAPS_ENOENT);
+	for (int k = 0; k < 3; k++)
+		cr_assert_eq(raw_lookup(&r, names[k], &tr[k]), 0, "%s", names[k]);
+	cr_assert_eq(raw_snapshot(&r, tr[0].tensor_id, 2, 0, &rep), RDMAPS_EINVAL, "chunk 2 of 2");
+	cr_assert_eq(raw_snapshot(&r, tr[0].tensor_id, 0, 1, &rep), RDMAPS_EINVAL,
+		     "a 16-bit copy of a float32-only tensor");
+	cr_assert_eq(raw_snapshot(&r, tr[2].tensor_id, 0, 2, &rep), RDMAPS_EINVAL, "half = 2");
+
+	/* each layout, each chunk */
+	for (uint32_t ch = 0; ch < 2; ch++) {
+		cr_assert_eq(raw_snapshot(&r, tr[0].tensor_id, ch, 0, &rep), 0);
+		snapshot_is(&r, &rep, ch, 1024, false);
+		cr_assert_eq(raw_snapshot(&r, tr[2].tensor_id, ch, 1, &rep), 0);
+		snapshot_is(&r, &rep, ch, 1024, true);
+	}
+	for (uint32_t ch = 0; ch < 4; ch++) {
+		cr_assert_eq(raw_snapshot(&r, tr[1].tensor_id, ch, 0, &rep), 0);
+		snapshot_is(&r, &rep, ch, 1024, false);
+	}
+	cr_assert_eq(rdmaps_server_stats(c, &st1), 0);
+	cr_assert_eq(st1.snapshots - st0.snapshots, 8);
+	cr_assert_eq(st1.bad_messages - st0.bad_messages, 5, "the refused requests are counted");
+	/* the model never moved, and others are served as ever */
+	cr_assert_eq(rdmaps_pull(c, t[1], g, 0), 0);
+	for (int i = 0; i < LEN; i++)
+		cr_assert_eq(g[i], (float)(i % 7));
+
+	/* READ-only: a WRITE with its rkey breaks only this connection */
+	cr_assert_neq(raw_rdma(&r, IBV_WR_RDMA_WRITE, rep.addr, rep.rkey, 64, 0), IBV_WC_SUCCESS);
+	raw_close(&r);
+	cr_assert_eq(rdmaps_pull(c, t[1], g, 0), 0);
+	for (int i = 0; i < LEN; i++)
+		cr_assert_eq(g[i], (float)(i % 7));
+	rdmaps_close(c);
 }

@@ -78,6 +78,22 @@ Test(config, spin_us_defaults_and_bounds)
 	setenv("RDMAPS_SPIN_US", "-2", 1);
 	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL);
 	cr_assert_not_null(strstr(err, "RDMAPS_SPIN_US"), "%s", err);
+	unsetenv("RDMAPS_SPIN_US");
+	unlink(p);
+}
+
+Test(config, snapshot_after_defaults_and_bounds)
+{
+	const char *p = write_ini("servers = a\nsnapshot_after = 5\n");
+
+	cr_assert_eq(rdmaps__config_load(&cfg, NULL, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.snapshot_after, 2, "a snapshot after two torn READs unless told");
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.snapshot_after, 5);
+	setenv("RDMAPS_SNAPSHOT_AFTER", "0", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL,
+		     "0 would never READ the model");
+	cr_assert_not_null(strstr(err, "RDMAPS_SNAPSHOT_AFTER"), "%s", err);
 	unlink(p);
 }
 
