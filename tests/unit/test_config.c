@@ -4,6 +4,7 @@
  * process, so setenv() here does not leak between tests.
  */
 #include <criterion/criterion.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,37 +65,46 @@ Test(config, env_overrides_file_and_errors_are_clear)
 	cr_assert_not_null(strstr(err, "cannot open"), "%s", err);
 }
 
-Test(config, spin_us_defaults_and_bounds)
+/* The tuning keys of a worker: default, from the file, the variable over
+ * the file, and a value out of range refused naming the variable. */
+Test(config, tuning_keys_defaults_and_bounds)
 {
-	const char *p = write_ini("servers = a\nspin_us = 200\n");
+	static const struct {
+		const char *key, *var, *file_val, *env_val, *bad;
+		int def, file_want, env_want;
+		size_t off;
+	} k[] = {
+		/* waiters sleep after 50 us unless told; -1 never sleeps */
+		{ "spin_us", "RDMAPS_SPIN_US", "200", "-1", "-2", 50, 200, -1,
+		  offsetof(struct rdmaps__config, spin_us) },
+		/* a snapshot after two torn READs; 0 would never READ the model */
+		{ "snapshot_after", "RDMAPS_SNAPSHOT_AFTER", "5", "1", "0", 2, 5, 1,
+		  offsetof(struct rdmaps__config, snapshot_after) },
+	};
 
-	cr_assert_eq(rdmaps__config_load(&cfg, NULL, err, sizeof(err)), 0, "%s", err);
-	cr_assert_eq(cfg.spin_us, 50, "waiters sleep after 50 us unless told");
-	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
-	cr_assert_eq(cfg.spin_us, 200);
-	setenv("RDMAPS_SPIN_US", "-1", 1);
-	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
-	cr_assert_eq(cfg.spin_us, -1, "-1: never sleep, the variable over the file");
-	setenv("RDMAPS_SPIN_US", "-2", 1);
-	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL);
-	cr_assert_not_null(strstr(err, "RDMAPS_SPIN_US"), "%s", err);
-	unsetenv("RDMAPS_SPIN_US");
-	unlink(p);
-}
-
-Test(config, snapshot_after_defaults_and_bounds)
-{
-	const char *p = write_ini("servers = a\nsnapshot_after = 5\n");
-
-	cr_assert_eq(rdmaps__config_load(&cfg, NULL, err, sizeof(err)), 0, "%s", err);
-	cr_assert_eq(cfg.snapshot_after, 2, "a snapshot after two torn READs unless told");
-	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
-	cr_assert_eq(cfg.snapshot_after, 5);
-	setenv("RDMAPS_SNAPSHOT_AFTER", "0", 1);
-	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL,
-		     "0 would never READ the model");
-	cr_assert_not_null(strstr(err, "RDMAPS_SNAPSHOT_AFTER"), "%s", err);
-	unlink(p);
+	for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++) {
+		char ini[96];
+		const char *p;
+		int got;
+		snprintf(ini, sizeof(ini), "servers = a\n%s = %s\n", k[i].key, k[i].file_val);
+		p = write_ini(ini);
+		cr_assert_eq(rdmaps__config_load(&cfg, NULL, err, sizeof(err)), 0, "%s", err);
+		memcpy(&got, (const char *)&cfg + k[i].off, sizeof(got));
+		cr_assert_eq(got, k[i].def, "%s default", k[i].key);
+		cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+		memcpy(&got, (const char *)&cfg + k[i].off, sizeof(got));
+		cr_assert_eq(got, k[i].file_want, "%s from the file", k[i].key);
+		setenv(k[i].var, k[i].env_val, 1);
+		cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+		memcpy(&got, (const char *)&cfg + k[i].off, sizeof(got));
+		cr_assert_eq(got, k[i].env_want, "%s: the variable over the file", k[i].var);
+		setenv(k[i].var, k[i].bad, 1);
+		cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL, "%s=%s",
+			     k[i].var, k[i].bad);
+		cr_assert_not_null(strstr(err, k[i].var), "%s", err);
+		unsetenv(k[i].var);
+		unlink(p);
+	}
 }
 
 Test(config, launchers)
