@@ -297,6 +297,10 @@ void cl_op_post(rdmaps_op *op);
  * cl_read_done checks what slot s's READ brought, and reads it again or
  * counts it done. */
 int cl_post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n);
+/* Where a READ for slot rs puts its len bytes of values: the caller's
+ * registered buffer, or the slot's bounce (cl_read_done copies out). */
+struct ibv_sge cl_read_values(const struct cl_conn *k, const rdmaps_op *op,
+			      const struct read_slot *rs, uint32_t len);
 void cl_read_done(struct cl_conn *k, uint32_t s);
 /* A chunk of count floats is read whole into its slot's scratch, with one
  * SGE, and copied out (rxe pays per SGE more than copying ~200 B costs);

@@ -65,10 +65,8 @@ int cl_rpc(struct cl_conn *k, void *msg, uint32_t len, uint16_t want_type, void 
 	if (type == RDMAPS_MSG_STATUS_REPLY) {
 		struct rdmaps_msg_status_reply sr;
 		memcpy(&sr, k->reply, sizeof(sr));
-		if (sr.status > 0 || sr.status < -1000)
-			return RDMAPS_EPROTO;
-		if (sr.status || want_type != RDMAPS_MSG_STATUS_REPLY)
-			return sr.status ? sr.status : RDMAPS_EPROTO;
+		if ((rc = rdmaps__wire_status(sr.status)) || want_type != RDMAPS_MSG_STATUS_REPLY)
+			return rc ? rc : RDMAPS_EPROTO;
 		return 0;
 	}
 	if (type != want_type || k->reply_len != reply_len)

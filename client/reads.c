@@ -12,6 +12,20 @@
 #include "error.h"
 #include "half.h"
 
+struct ibv_sge cl_read_values(const struct cl_conn *k, const rdmaps_op *op,
+			      const struct read_slot *rs, uint32_t len)
+{
+	/* straight into the caller's buffer when it is registered (a 16-bit
+	 * pull converted to float never is: it goes through the bounce) */
+	bool direct = op->half ? op->half == CL_HALF_RAW && op->mr : op->mr != NULL;
+	uintptr_t dst = op->half ? (uintptr_t)((uint16_t *)(void *)op->buf + rs->dst_off)
+				 : (uintptr_t)(op->buf + rs->dst_off);
+
+	return (struct ibv_sge){ .addr = direct ? dst : (uintptr_t)rs->bounce,
+				 .length = len,
+				 .lkey = direct ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey };
+}
+
 /*
  * One READ for the chunks of slots s[0..n) (consecutive chunks of one part,
  * from the same copy; n <= k->read_span, and n == 1 for a small chunk).
@@ -46,11 +60,7 @@ int cl_post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t 
 		sge[2 * i] = (struct ibv_sge){ .addr = (uintptr_t)rs->scratch + from - pad,
 					       .length = pad + RDMAPS_CHUNK_HDR - from,
 					       .lkey = k->ctl_mr->lkey };
-		sge[2 * i + 1] = (struct ibv_sge){
-			.addr = op->mr ? (uintptr_t)(op->buf + rs->dst_off) : (uintptr_t)rs->bounce,
-			.length = count * (uint32_t)sizeof(float),
-			.lkey = op->mr ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey,
-		};
+		sge[2 * i + 1] = cl_read_values(k, op, rs, count * (uint32_t)sizeof(float));
 		rs->next = i + 1 < n ? s[i + 1] : CL_RS_NONE;
 		pad = (uint32_t)(t->stride - rdmaps__chunk_read_len(count));
 	}
@@ -79,14 +89,10 @@ static int post_half_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 	struct read_slot *rs = &k->rs[s];
 	const struct cl_part *pt = &t->part[rs->part];
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
-	bool direct = op->half == CL_HALF_RAW && op->mr;
 	struct ibv_sge sge[2] = {
 		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR,
 		  .lkey = k->ctl_mr->lkey },
-		{ .addr = direct ? (uintptr_t)((uint16_t *)(void *)op->buf + rs->dst_off)
-				 : (uintptr_t)rs->bounce,
-		  .length = count * 2u,
-		  .lkey = direct ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey },
+		cl_read_values(k, op, rs, count * 2u),
 	};
 	struct ibv_send_wr wr = {
 		.wr_id = WR_ID(WR_READ, k->idx, s),

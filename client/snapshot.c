@@ -58,7 +58,37 @@ static void slot_fail(struct cl_conn *k, uint32_t s, int err)
 	k->rs_free[k->nrs_free++] = s;
 }
 
-static int post_read(struct cl_conn *k, uint32_t s, uint64_t addr, uint32_t rkey, uint32_t len);
+/* The snapshot READ: header to the slot's scratch, values where a READ of
+ * the model would have put them (cl_read_done then checks it as any). */
+static int post_read(struct cl_conn *k, uint32_t s, uint64_t addr, uint32_t rkey, uint32_t len)
+{
+	struct read_slot *rs = &k->rs[s];
+	rdmaps_op *op = &k->c->ops[rs->op];
+	uint32_t vals = len - RDMAPS_CHUNK_HDR;
+	struct ibv_sge sge[2] = {
+		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR,
+		  .lkey = k->ctl_mr->lkey },
+		cl_read_values(k, op, rs, vals),
+	};
+	struct ibv_send_wr wr = { .wr_id = WR_ID(WR_READ, k->idx, s), .sg_list = sge,
+				  .num_sge = 2, .opcode = IBV_WR_RDMA_READ,
+				  .send_flags = IBV_SEND_SIGNALED,
+				  .wr.rdma = { .remote_addr = addr, .rkey = rkey } }, *bad;
+	int rc;
+
+	if (!op->half && cl_read_whole(vals / (uint32_t)sizeof(float))) {
+		/* small: header and floats into the scratch, as cl_post_reads */
+		sge[0].length = len;
+		wr.num_sge = 1;
+	}
+	rs->next = CL_RS_NONE;
+	if ((rc = ibv_post_send(k->qp, &wr, &bad)))
+		return rdmaps__from_errno(rc);
+	k->sq_outstanding++;
+	k->c->stats.reads++;
+	k->c->stats.snapshots++;
+	return 0;
+}
 
 /*
  * Move the snapshot being served on, or start the oldest waiting one:
@@ -95,42 +125,6 @@ void cl_snap_ask(struct cl_conn *k, uint32_t s)
 	cl_snap_kick(k);
 }
 
-/* The snapshot READ: header to the slot's scratch, values where a READ of
- * the model would have put them (cl_read_done then checks it as any). */
-static int post_read(struct cl_conn *k, uint32_t s, uint64_t addr, uint32_t rkey, uint32_t len)
-{
-	struct read_slot *rs = &k->rs[s];
-	rdmaps_op *op = &k->c->ops[rs->op];
-	uint32_t vals = len - RDMAPS_CHUNK_HDR;
-	bool direct = op->half ? op->half == CL_HALF_RAW && op->mr : op->mr != NULL;
-	uint8_t *dst = op->half ? (uint8_t *)((uint16_t *)(void *)op->buf + rs->dst_off)
-				: (uint8_t *)(op->buf + rs->dst_off);
-	struct ibv_sge sge[2] = {
-		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR,
-		  .lkey = k->ctl_mr->lkey },
-		{ .addr = direct ? (uintptr_t)dst : (uintptr_t)rs->bounce, .length = vals,
-		  .lkey = direct ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey },
-	};
-	struct ibv_send_wr wr = { .wr_id = WR_ID(WR_READ, k->idx, s), .sg_list = sge,
-				  .num_sge = 2, .opcode = IBV_WR_RDMA_READ,
-				  .send_flags = IBV_SEND_SIGNALED,
-				  .wr.rdma = { .remote_addr = addr, .rkey = rkey } }, *bad;
-	int rc;
-
-	if (!op->half && cl_read_whole(vals / (uint32_t)sizeof(float))) {
-		/* small: header and floats into the scratch, as cl_post_reads */
-		sge[0].length = len;
-		wr.num_sge = 1;
-	}
-	rs->next = CL_RS_NONE;
-	if ((rc = ibv_post_send(k->qp, &wr, &bad)))
-		return rdmaps__from_errno(rc);
-	k->sq_outstanding++;
-	k->c->stats.reads++;
-	k->c->stats.snapshots++;
-	return 0;
-}
-
 void cl_snap_reply(struct cl_conn *k, const void *msg, uint32_t len)
 {
 	struct rdmaps_msg_snapshot_reply r;
@@ -152,7 +146,7 @@ void cl_snap_reply(struct cl_conn *k, const void *msg, uint32_t len)
 						     op->t->part[rs->part].first + rs->local);
 		want += count * (op->half ? 2u : (uint32_t)sizeof(float));
 	}
-	rc = r.status > 0 || r.status < -1000 ? RDMAPS_EPROTO : r.status;
+	rc = rdmaps__wire_status(r.status);
 	if (!rc && r.len != want)
 		rc = RDMAPS_EPROTO; /* not the chunk this slot reads */
 	if (rc) {

@@ -310,6 +310,13 @@ struct rdmaps_msg_snapshot_reply {
 	uint32_t reserved;
 };
 
+/* A status from the wire as an rdmaps_err: 0, a known error, or
+ * RDMAPS_EPROTO for a value no server sends. */
+static inline int rdmaps__wire_status(int32_t status)
+{
+	return status > 0 || status < -1000 ? RDMAPS_EPROTO : status;
+}
+
 struct rdmaps_msg_status_reply {
 	struct rdmaps_msg_hdr hdr;
 	int32_t status;
