@@ -180,29 +180,37 @@ Test(store, half_copy_follows_every_publish)
 	srv_store_fini(&st);
 }
 
-/* AnonHugePages (KiB) of the mapping of this process that holds p. */
-static unsigned long long huge_kib_at(const void *p)
+/* AnonHugePages (KiB) of the mapping of this process that holds p, and
+ * whether the kernel may back it with huge pages at all (THPeligible). */
+static unsigned long long huge_kib_at(const void *p, int *eligible)
 {
 	char line[256];
 	unsigned long long kib = 0, lo, hi;
 	bool in = false;
 	FILE *f = fopen("/proc/self/smaps", "r");
 
+	*eligible = -1;
 	cr_assert_not_null(f);
 	while (fgets(line, sizeof(line), f)) {
-		if (sscanf(line, "%llx-%llx ", &lo, &hi) == 2)
+		if (sscanf(line, "%llx-%llx ", &lo, &hi) == 2) {
+			if (in)
+				break; /* past the mapping */
 			in = (uintptr_t)p >= lo && (uintptr_t)p < hi;
-		else if (in && sscanf(line, "AnonHugePages: %llu kB", &kib) == 1)
-			break;
+		} else if (in) {
+			sscanf(line, "AnonHugePages: %llu kB", &kib);
+			sscanf(line, "THPeligible: %d", eligible);
+		}
 	}
 	fclose(f);
 	return kib;
 }
 
 /*
- * A large tensor's memory, the one the NIC translates, is in transparent
+ * A large tensor's memory, the one the NIC translates, may be in transparent
  * huge pages wherever the kernel allows them: with THP "madvise" (Debian's
- * default) only because the store asked for them.
+ * default) only because the store asked for them. Whether a fault then gets
+ * a huge page depends on the host's free memory (fragmentation): that is
+ * printed, not asserted; the ask, THPeligible, is.
  */
 Test(store, large_tensors_ask_for_huge_pages)
 {
@@ -211,17 +219,21 @@ Test(store, large_tensors_ask_for_huge_pages)
 	struct rdmaps_msg_declare m = decl(false, 1.0f);
 	char mode[16];
 	bool created;
+	int eligible;
 
 	rdmaps__thp_mode(mode, sizeof(mode));
 	m.length = 8u << 20; /* 32 MiB */
 	cr_assert_eq(srv_store_init(&s, &cfg), 0);
 	cr_assert_eq(srv_store_declare(&s, &m, NULL, &t, &created), 0);
-	unsigned long long kib = huge_kib_at(t->mem);
-	printf("store: 32 MiB tensor, transparent huge pages %s: %llu KiB of its mapping in them\n",
-	       mode[0] ? mode : "(none)", kib);
-	if (mode[0] && strcmp(mode, "never"))
-		cr_assert_geq(kib, 16u << 10, "a 32 MiB tensor in small pages (%llu KiB huge)", kib);
-	else
+	unsigned long long kib = huge_kib_at(t->mem, &eligible);
+	printf("store: 32 MiB tensor, transparent huge pages %s: eligible %d, %llu KiB of its "
+	       "mapping in them\n",
+	       mode[0] ? mode : "(none)", eligible, kib);
+	if (mode[0] && strcmp(mode, "never")) {
+		cr_assert_eq(eligible, 1, "a 32 MiB tensor's mapping not eligible for huge pages");
+	} else {
+		cr_assert_neq(eligible, 1);
 		cr_assert_eq(kib, 0);
+	}
 	srv_store_fini(&s);
 }
