@@ -347,8 +347,8 @@ uint32_t cl_op_part_on(const rdmaps_op *op, uint32_t k);
  * send); it belongs to one caller, not thread-safe. The encoders write the
  * payload to out (rdmaps__gradfmt_size bytes at most for their format:
  * TOPK with k, SIGN, BF16/F16 with n) and return its length; they do not
- * allocate. TOPK and SIGN return 0 and change nothing when residual + g
- * holds a value that is not finite (it would stay in the residual).
+ * allocate. TOPK and SIGN return 0 and change nothing unless cl_ef_fits
+ * (a value that is not finite would stay in the residual).
  */
 struct cl_ef {
 	float *residual; /* n floats, zero to start */
@@ -356,6 +356,9 @@ struct cl_ef {
 };
 int cl_ef_init(struct cl_ef *ef, size_t n); /* 0 or RDMAPS_ENOMEM */
 void cl_ef_close(struct cl_ef *ef);
+/* Whether residual r + g is sure to be finite: every magnitude on both
+ * sides below 2^127 (an integer test of the bits). */
+bool cl_ef_fits(const float *r, const float *g, size_t n);
 /* The k largest magnitudes of residual + g (indices ascending); the rest
  * stays in the residual. k above n means n. */
 size_t cl_encode_topk(struct cl_ef *ef, const float *g, size_t k, void *out);

@@ -13,9 +13,19 @@
  *
  * Top-k picks the k largest magnitudes without sorting: a radix select on
  * the float bits (magnitude order is integer order of the bits without the
- * sign), three passes of an 11-bit histogram on the stack, then one pass
- * that writes indices in ascending order, as the format wants. No
- * allocation after cl_ef_init.
+ * sign). The pass that adds the gradient into the residual also counts
+ * the top 10 bits of each sum's magnitude (its exponent and 2 bits of
+ * mantissa); one more pass gathers, in ascending order, every element of
+ * the bucket holding the k-th largest or above, usually a few times k,
+ * and the select and the output work on those alone. Only when they are
+ * too many for the stack does it fall back to passes over the whole
+ * chunk. No allocation after cl_ef_init.
+ *
+ * Floating-point work is kept to the one add per element that error
+ * feedback needs: the checks are integer tests of the bits (no value of
+ * 2^127 or more in the residual or the gradient, so their sum is finite),
+ * which also run where a CPU is emulated without float hardware (qemu's
+ * TCG spends 9 ns per float add, 4 per integer test).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -45,18 +55,22 @@ static uint32_t mag(float f)
 	return rdmaps__f32_bits(f) & 0x7fffffffu;
 }
 
+/* The top bits of a magnitude: the first pass's bucket. */
+#define TOP_SHIFT 21
+#define TOP_BUCKETS (1u << (31 - TOP_SHIFT))
+
 /*
  * The k-th largest magnitude of a[0..n) (1 <= k <= n) and, in *ties, how
  * many elements of exactly that magnitude the top k holds. hist0 is the
- * first pass's histogram (the top 11 bits of each magnitude), which the
+ * first pass's histogram (the top 10 bits of each magnitude), which the
  * caller builds while it writes a: one pass over memory fewer.
  */
 static uint32_t kth_largest(const float *a, size_t n, size_t k, const uint32_t *hist0,
 			    size_t *ties)
 {
 	enum { CAND_MAX = 4096 };
-	static const unsigned shift[3] = { 21, 10, 0 };
-	static const uint32_t width[3] = { 0x7ffu, 0x7ffu, 0x3ffu };
+	static const unsigned shift[3] = { TOP_SHIFT, 10, 0 };
+	static const uint32_t width[3] = { TOP_BUCKETS - 1, 0x7ffu, 0x3ffu };
 	uint32_t prefix = 0, mask = 0, cand[CAND_MAX];
 	size_t need = k, ncand = 0;
 
@@ -87,7 +101,7 @@ static uint32_t kth_largest(const float *a, size_t n, size_t k, const uint32_t *
 		if (!p && h[b] <= CAND_MAX)
 			for (size_t i = 0; i < n; i++) {
 				uint32_t m = mag(a[i]);
-				if ((m >> 21) == b)
+				if ((m >> TOP_SHIFT) == b)
 					cand[ncand++] = m;
 			}
 	}
@@ -95,69 +109,88 @@ static uint32_t kth_largest(const float *a, size_t n, size_t k, const uint32_t *
 	return prefix;
 }
 
-/* Whether residual + g is finite everywhere: a non-finite value would
- * poison the residual for every later push. An integer OR of the all-ones
- * exponent test, so it vectorises. */
-static bool sum_finite(const float *r, const float *g, size_t n)
+/*
+ * Whether residual + g is finite everywhere, by a bound on the bits: no
+ * magnitude of 2^127 or more on either side, so that the sum stays below
+ * FLT_MAX (a non-finite value would poison the residual for every later
+ * push). Integer work only; refuses the few finite sums from 2^127 up,
+ * which no gradient reaches.
+ */
+bool cl_ef_fits(const float *r, const float *g, size_t n)
 {
 	uint32_t bad = 0;
 
 	for (size_t i = 0; i < n; i++)
-		bad |= (rdmaps__f32_bits(r[i] + g[i]) & 0x7f800000u) == 0x7f800000u;
+		bad |= ((rdmaps__f32_bits(r[i]) & 0x7fffffffu) >= 0x7f000000u) |
+		       ((rdmaps__f32_bits(g[i]) & 0x7fffffffu) >= 0x7f000000u);
 	return !bad;
 }
 
-/* The l1 norm of residual + g in double, eight chains (one chain waits on
- * each add's latency); inf or NaN when a value is not finite. The order of
- * the sums is part of the format's reference (tests/rdma/test_wire.c). */
-static double sum_l1(const float *r, const float *g, size_t n)
+/* Write entry j of a top-k payload: index i, the value r[i], which is sent
+ * and so leaves the residual. */
+static void topk_put(uint8_t *idx, uint8_t *val, size_t j, float *r, uint32_t i)
 {
-	double s[8] = { 0 };
-	size_t i = 0;
-
-	for (; i + 8 <= n; i += 8)
-		for (size_t j = 0; j < 8; j++)
-			s[j] += fabs((double)(r[i + j] + g[i + j]));
-	for (; i < n; i++)
-		s[0] += fabs((double)(r[i] + g[i]));
-	return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+	memcpy(idx + 4 * j, &i, 4);
+	memcpy(val + 4 * j, &r[i], 4);
+	r[i] = 0.0f;
 }
 
-size_t cl_encode_topk(struct cl_ef *ef, const float *g, size_t k, void *out)
+/* cl_encode_topk once cl_ef_fits said yes */
+static size_t topk_run(struct cl_ef *ef, const float *g, size_t k, void *out)
 {
+	enum { GATHER_MAX = 2048 };
 	float *r = ef->residual;
-	size_t n = ef->n, ties = 0, j = 0;
-	uint32_t t = 0, kk, hist0[2048], h4[4][2048] = { { 0 } };
+	size_t n = ef->n, ties = 0, j = 0, above = 0, ng = 0;
+	uint32_t t = 0, b = TOP_BUCKETS, kk, hist0[TOP_BUCKETS], h4[4][TOP_BUCKETS] = { { 0 } };
+	uint32_t gi[GATHER_MAX];
+	float gv[GATHER_MAX];
 	uint8_t *idx = (uint8_t *)out + 4, *val;
 	size_t i = 0;
 
-	if (!sum_finite(r, g, n))
-		return 0;
 	if (k > n)
 		k = n;
-	/* four histograms in turn: gradients crowd a few buckets, and one
-	 * histogram would make each increment wait for the last */
+	/* the one float pass: four histograms in turn, since gradients crowd
+	 * a few buckets and one histogram would make each increment wait for
+	 * the last */
 	for (; i + 4 <= n; i += 4)
 		for (unsigned q = 0; q < 4; q++) {
 			r[i + q] += g[i + q];
-			h4[q][mag(r[i + q]) >> 21]++;
+			h4[q][mag(r[i + q]) >> TOP_SHIFT]++;
 		}
 	for (; i < n; i++) {
 		r[i] += g[i];
-		h4[0][mag(r[i]) >> 21]++;
+		h4[0][mag(r[i]) >> TOP_SHIFT]++;
 	}
-	for (unsigned b = 0; b < 2048; b++)
-		hist0[b] = h4[0][b] + h4[1][b] + h4[2][b] + h4[3][b];
-	if (k)
-		t = kth_largest(r, n, k, hist0, &ties);
+	for (unsigned q = 0; q < TOP_BUCKETS; q++)
+		hist0[q] = h4[0][q] + h4[1][q] + h4[2][q] + h4[3][q];
 	val = idx + 4 * k;
-	for (i = 0; i < n && j < k; i++) {
-		uint32_t m = mag(r[i]), i32 = (uint32_t)i;
-		if (m > t || (m == t && ties && ties--)) {
-			memcpy(idx + 4 * j, &i32, 4);
-			memcpy(val + 4 * j, &r[i], 4);
-			r[i] = 0.0f; /* sent: nothing of it stays behind */
-			j++;
+	if (k) {
+		/* the bucket holding the k-th largest, and how many lie above */
+		while (b-- > 0 && above + hist0[b] < k)
+			above += hist0[b];
+		if (above + hist0[b] <= GATHER_MAX) {
+			/* every candidate, ascending: the rest is below the cut */
+			for (i = 0; i < n; i++)
+				if ((mag(r[i]) >> TOP_SHIFT) >= b) {
+					gi[ng] = (uint32_t)i;
+					gv[ng++] = r[i];
+				}
+			memset(hist0, 0, sizeof(hist0));
+			for (i = 0; i < ng; i++)
+				hist0[mag(gv[i]) >> TOP_SHIFT]++;
+			t = kth_largest(gv, ng, k, hist0, &ties);
+			for (i = 0; i < ng && j < k; i++) {
+				uint32_t m = mag(gv[i]);
+				if (m > t || (m == t && ties && ties--))
+					topk_put(idx, val, j++, r, gi[i]);
+			}
+		} else {
+			t = kth_largest(r, n, k, hist0, &ties);
+			for (i = 0; i < n && j < k; i++) {
+				uint32_t m = mag(r[i]);
+				if (m > t || (m == t && ties && ties--))
+					topk_put(idx, val, j++, r, (uint32_t)i);
+			}
 		}
 	}
 	kk = (uint32_t)j;
@@ -165,38 +198,77 @@ size_t cl_encode_topk(struct cl_ef *ef, const float *g, size_t k, void *out)
 	return rdmaps__gradfmt_size(RDMAPS__GRAD_TOPK, n, j);
 }
 
-size_t cl_encode_sign(struct cl_ef *ef, const float *g, void *out)
+size_t cl_encode_topk(struct cl_ef *ef, const float *g, size_t k, void *out)
+{
+	return cl_ef_fits(ef->residual, g, ef->n) ? topk_run(ef, g, k, out) : 0;
+}
+
+/* residual += g, and the l1 norm of the sums in double, eight chains (one
+ * chain waits on each add's latency). The order of the sums is part of the
+ * format's reference (tests/rdma/test_wire.c). */
+static double add_l1(float *restrict r, const float *restrict g, size_t n)
+{
+	double s[8] = { 0 };
+	size_t i = 0;
+
+	for (; i + 8 <= n; i += 8)
+		for (size_t j = 0; j < 8; j++) {
+			r[i + j] += g[i + j];
+			s[j] += fabs((double)r[i + j]);
+		}
+	for (; i < n; i++) {
+		r[i] += g[i];
+		s[0] += fabs((double)r[i]);
+	}
+	return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* x < 0 for a number (-0 is not), as an integer test of its bits */
+static uint32_t below_zero(float x)
+{
+	uint32_t u = rdmaps__f32_bits(x);
+
+	return (u >> 31) & ((u & 0x7fffffffu) != 0);
+}
+
+/* cl_encode_sign once cl_ef_fits said yes */
+static size_t sign_run(struct cl_ef *ef, const float *g, void *out)
 {
 	float *r = ef->residual;
 	size_t n = ef->n, len = rdmaps__gradfmt_size(RDMAPS__GRAD_SIGN, n, 0), i = 0;
 	uint8_t *bits = (uint8_t *)out + 4;
-	double l1 = sum_l1(r, g, n);
-	float scale;
-
-	if (!__builtin_isfinite(l1))
-		return 0;
+	/* finite: each sum is below FLT_MAX, and so is n of them in double */
+	double l1 = add_l1(r, g, n);
 	/* the mean magnitude: the scale that keeps the l1 norm */
-	scale = n ? (float)(l1 / (double)n) : 0.0f;
+	float scale = n ? (float)(l1 / (double)n) : 0.0f;
+
+	uint32_t sbits = rdmaps__f32_bits(scale);
+
 	memcpy(out, &scale, 4);
 	memset(bits, 0, len - 4);
-	/* one pass: residual + g, its sign bit, and what is left of it */
+	/* the sign bits of the sums, and what is left of each: minus the
+	 * scale with the sum's sign, made by bits (a branch on random signs
+	 * costs more than the rest of the loop) */
 	for (; i + 8 <= n; i += 8) {
 		uint32_t b = 0;
 		for (unsigned t = 0; t < 8; t++) {
-			float a = r[i + t] + g[i + t];
-			uint32_t neg = a < 0.0f;
+			uint32_t neg = below_zero(r[i + t]);
 			b |= neg << t;
-			r[i + t] = a - (neg ? -scale : scale);
+			r[i + t] -= rdmaps__bits_f32(sbits ^ (neg << 31));
 		}
 		bits[i / 8] = (uint8_t)b;
 	}
 	for (; i < n; i++) {
-		float a = r[i] + g[i];
-		bool neg = a < 0.0f;
+		uint32_t neg = below_zero(r[i]);
 		bits[i / 8] |= (uint8_t)(neg << (i % 8));
-		r[i] = a - (neg ? -scale : scale);
+		r[i] -= rdmaps__bits_f32(sbits ^ (neg << 31));
 	}
 	return len;
+}
+
+size_t cl_encode_sign(struct cl_ef *ef, const float *g, void *out)
+{
+	return cl_ef_fits(ef->residual, g, ef->n) ? sign_run(ef, g, out) : 0;
 }
 
 size_t cl_encode_half(bool bf16, const float *g, size_t n, void *out)
@@ -307,8 +379,7 @@ int cl_wire_check(const rdmaps_tensor *t, const float *g)
 	/* one pass before anything moves: the residual is only touched once
 	 * the whole push is known to encode */
 	if (r) {
-		for (uint64_t i = 0; i < t->length; i++)
-			bad |= (rdmaps__f32_bits(r[i] + g[i]) & 0x7f800000u) == 0x7f800000u;
+		bad = !cl_ef_fits(r, g, t->length);
 	} else {
 		/* what rounds to inf, which the server refuses: fp16 from 65520,
 		 * bf16 from halfway past its largest finite value (0x7f7f) */
@@ -320,7 +391,8 @@ int cl_wire_check(const rdmaps_tensor *t, const float *g)
 		log_error("tensor '%s': push refused: a value its format cannot carry (NaN, inf%s)",
 			  t->name, w->fmt == RDMAPS__GRAD_F16	 ? ", or past fp16's 65504"
 				   : w->fmt == RDMAPS__GRAD_BF16 ? ", or past bf16's 3.39e38"
-								 : "");
+								 : ", or 2^127 and past in the gradient or "
+								   "the residual");
 		return RDMAPS_EINVAL;
 	}
 	return 0;
@@ -340,10 +412,10 @@ void cl_wire_encode(rdmaps_tensor *t, const float *g, rdmaps_op *op)
 
 		switch (w->fmt) {
 		case RDMAPS__GRAD_TOPK:
-			len = cl_encode_topk(&part, g + off, topk_k(t, w->fraction, count), out);
+			len = topk_run(&part, g + off, topk_k(t, w->fraction, count), out);
 			break;
 		case RDMAPS__GRAD_SIGN:
-			len = cl_encode_sign(&part, g + off, out);
+			len = sign_run(&part, g + off, out);
 			break;
 		default:
 			len = cl_encode_half(w->fmt == RDMAPS__GRAD_BF16, g + off, count, out);

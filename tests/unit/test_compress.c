@@ -286,12 +286,16 @@ Test(compress, a_non_finite_gradient_leaves_the_residual_as_it_was)
 	random_grad(g, N);
 	cr_assert_gt(cl_encode_sign(&ef, g, p), 0);
 	memcpy(before, ef.residual, sizeof(before));
-	for (int bad = 0; bad < 2; bad++) {
-		g[37] = bad ? INFINITY : NAN;
+	/* NaN, inf, and a finite value whose sum with a residual could
+	 * overflow: all refused before anything moves */
+	for (int bad = 0; bad < 3; bad++) {
+		g[37] = bad == 2 ? 0x1p127f : bad ? INFINITY : NAN;
 		cr_assert_eq(cl_encode_sign(&ef, g, p), 0, "sign refuses");
 		cr_assert_eq(cl_encode_topk(&ef, g, 5, p), 0, "top-k refuses");
 		cr_assert_arr_eq(ef.residual, before, sizeof(before), "residual untouched");
 	}
+	g[37] = 0x1.fffffep126f; /* the largest that fits */
+	cr_assert(cl_ef_fits(ef.residual, g, N));
 	g[37] = 0.5f;
 	cr_assert_gt(cl_encode_sign(&ef, g, p), 0, "and the next finite one goes");
 	for (size_t i = 0; i < N; i++)
