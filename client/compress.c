@@ -121,8 +121,8 @@ bool cl_ef_fits(const float *r, const float *g, size_t n)
 	uint32_t bad = 0;
 
 	for (size_t i = 0; i < n; i++)
-		bad |= ((rdmaps__f32_bits(r[i]) & 0x7fffffffu) >= 0x7f000000u) |
-		       ((rdmaps__f32_bits(g[i]) & 0x7fffffffu) >= 0x7f000000u);
+		bad |= (uint32_t)((rdmaps__f32_bits(r[i]) & 0x7fffffffu) >= 0x7f000000u) |
+		       (uint32_t)((rdmaps__f32_bits(g[i]) & 0x7fffffffu) >= 0x7f000000u);
 	return !bad;
 }
 
