@@ -293,8 +293,10 @@ _Static_assert((int)RDMAPS_FMT_BF16 == (int)RDMAPS__GRAD_BF16 &&
  * never more than its slot holds (4 + 8k bytes in chunk_elems x 4). */
 static size_t topk_k(const rdmaps_tensor *t, double fraction, uint32_t count)
 {
-	size_t k = (size_t)__builtin_ceil(fraction * count), cap = ((size_t)t->chunk_elems * 4 - 4) / 8;
+	double want = fraction * count; /* in (0, count / 2] */
+	size_t k = (size_t)want, cap = ((size_t)t->chunk_elems * 4 - 4) / 8;
 
+	k += (double)k < want; /* rounded up, without libm's ceil */
 	k = k ? k : 1;
 	k = k < cap ? k : cap;
 	return k < count ? k : count;
