@@ -344,6 +344,93 @@ Test(faults, push_folded_across_a_cut_link_counts_once, .fini = link_up, .timeou
 	rdmaps_close(watch);
 }
 
+/*
+ * A compressed push wider than the ring (12 chunks, 4 slots) across two
+ * link cuts. The worker encodes the push once, when it is posted, and
+ * sends those bytes again where a broken connection did not fold them:
+ * each chunk must be encoded once (its residual moved once) and folded
+ * once. Top-k
+ * with a quarter of each chunk and every magnitude equal makes the model
+ * say so exactly: ties go to the lower indices and the residual grows
+ * where nothing was sent, so push p sends quarter p - 1 of each chunk and
+ * after four pushes quarter q holds q + 1.
+ */
+#define WLEN (12 * 1024)
+
+static void *push_topk_main(void *p)
+{
+	struct push_arg *a = p;
+	static float g[WLEN];
+
+	for (int i = 0; i < WLEN; i++)
+		g[i] = -1.0f;
+	a->rc = rdmaps_push(a->c, a->t, g, RDMAPS_PUSH_FOLDED);
+	return NULL;
+}
+
+Test(faults, compressed_push_across_a_cut_link_encodes_each_chunk_once, .fini = link_up,
+     .timeout = 300)
+{
+	static float v[WLEN];
+	struct rdmaps_client_stats cs;
+	struct push_arg a = { 0 };
+	rdmaps_client *watch;
+	rdmaps_tensor *wt;
+	const char *h[3];
+	char servers[64];
+	pthread_t th;
+
+	if (system("command -v rxe-link >/dev/null 2>&1") != 0 || !getenv("RDMAPS_HOSTS")) {
+		cr_assert_null(getenv("RDMAPS_IN_VM"), "the VM must have its emulated hosts");
+		cr_skip_test("needs tools/rxe-vm --hosts 3 or more: rxe-link cuts an emulated cable");
+	}
+	th_hosts(h, 3);
+	th_server_start_at(&srv, h[0], "--chunk-elems", "1024", "--slots", "4", NULL);
+	snprintf(servers, sizeof(servers), "%s:%s", srv.addr, srv.port);
+	cr_assert_eq(th_connect_cluster(servers, h[1], &a.c), 0);    /* the worker, host 2 */
+	cr_assert_eq(th_connect_cluster(servers, h[2], &watch), 0); /* an observer, host 3 */
+	a.t = th_declare(a.c, "wk", WLEN, 0.0f, 1.0f);
+	cr_assert_eq(rdmaps_set_push_format(a.c, a.t, RDMAPS_FMT_TOPK, 0.25), 0);
+	push_topk_main(&a);
+	cr_assert_eq(a.rc, 0);
+
+	/* cut 1: the server's kernel takes the first four slots and the
+	 * stopped process folds nothing, so the push waits for credits when
+	 * the link goes; the server folds those four meanwhile, and the
+	 * worker posts the other eight after its reconnect */
+	kill(srv.pid, SIGSTOP);
+	cr_assert_eq(pthread_create(&th, NULL, push_topk_main, &a), 0);
+	usleep(500000);
+	rxe_link(2, "down");
+	kill(srv.pid, SIGCONT);
+	sleep(6); /* the worker's connection fails (its probe finds the link dead) */
+	rxe_link(2, "up");
+	pthread_join(th, NULL);
+	cr_assert_eq(a.rc, 0, "the push goes on after the reconnect: %s", rdmaps_strerror(a.rc));
+
+	/* cut 2: the link down before the push, so its first four slots are
+	 * posted and never arrive: sent again after the reconnect */
+	rxe_link(2, "down");
+	cr_assert_eq(pthread_create(&th, NULL, push_topk_main, &a), 0);
+	sleep(6);
+	rxe_link(2, "up");
+	pthread_join(th, NULL);
+	cr_assert_eq(a.rc, 0, "the push goes on after the reconnect: %s", rdmaps_strerror(a.rc));
+	rdmaps_client_stats(a.c, &cs);
+	cr_assert_geq(cs.reconnects, 2, "both cuts were felt");
+	cr_assert_geq(cs.resent_slots, 1, "the second cut had slots sent again");
+	push_topk_main(&a);
+	cr_assert_eq(a.rc, 0);
+
+	cr_assert_eq(rdmaps_lookup(watch, "wk", &wt), 0);
+	cr_assert_eq(rdmaps_pull(watch, wt, v, 0), 0);
+	for (int i = 0; i < WLEN; i++)
+		cr_assert_eq(v[i], (float)(i % 1024 / 256 + 1),
+			     "[%d] = %g: each chunk encoded once and folded once", i, (double)v[i]);
+	rdmaps_close(a.c);
+	rdmaps_close(watch);
+}
+
 /* ---- one shard of three killed under load ------------------------------ */
 
 #define NS 3
