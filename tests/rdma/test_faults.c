@@ -287,6 +287,27 @@ static void link_up(void)
 	cleanup();
 }
 
+/* A server on host 1 (with --slots slots, unless NULL), the worker a->c on
+ * host 2 and an observer on host 3; the test is skipped, saying why, where
+ * there are no emulated cables to cut (never in the VM). */
+static void cut_link_setup(const char *slots, struct push_arg *a, rdmaps_client **watch)
+{
+	const char *h[3];
+	char servers[64];
+
+	if (system("command -v rxe-link >/dev/null 2>&1") != 0 || !getenv("RDMAPS_HOSTS")) {
+		cr_assert_null(getenv("RDMAPS_IN_VM"), "the VM must have its emulated hosts");
+		cr_skip_test("needs tools/rxe-vm --hosts 3 or more: rxe-link cuts an emulated cable");
+	}
+	th_hosts(h, 3);
+	/* a NULL slots ends the arguments there */
+	th_server_start_at(&srv, h[0], "--chunk-elems", "1024", slots ? "--slots" : NULL, slots,
+			   NULL);
+	snprintf(servers, sizeof(servers), "%s:%s", srv.addr, srv.port);
+	cr_assert_eq(th_connect_cluster(servers, h[1], &a->c), 0);
+	cr_assert_eq(th_connect_cluster(servers, h[2], watch), 0);
+}
+
 Test(faults, push_folded_across_a_cut_link_counts_once, .fini = link_up, .timeout = 300)
 {
 	static float v[LEN];
@@ -294,19 +315,9 @@ Test(faults, push_folded_across_a_cut_link_counts_once, .fini = link_up, .timeou
 	struct rdmaps_client_stats cs;
 	struct push_arg a = { 0 };
 	rdmaps_client *watch;
-	const char *h[3];
-	char servers[64];
 	pthread_t th;
 
-	if (system("command -v rxe-link >/dev/null 2>&1") != 0 || !getenv("RDMAPS_HOSTS")) {
-		cr_assert_null(getenv("RDMAPS_IN_VM"), "the VM must have its emulated hosts");
-		cr_skip_test("needs tools/rxe-vm --hosts 3 or more: rxe-link cuts an emulated cable");
-	}
-	th_hosts(h, 3);
-	th_server_start_at(&srv, h[0], "--chunk-elems", "1024", NULL);
-	snprintf(servers, sizeof(servers), "%s:%s", srv.addr, srv.port);
-	cr_assert_eq(th_connect_cluster(servers, h[1], &a.c), 0);    /* the worker, host 2 */
-	cr_assert_eq(th_connect_cluster(servers, h[2], &watch), 0); /* an observer, host 3 */
+	cut_link_setup(NULL, &a, &watch);
 	a.t = th_declare(a.c, "w", LEN, 0.0f, 1.0f);
 	push_folded_main(&a);
 	cr_assert_eq(a.rc, 0);
@@ -376,19 +387,9 @@ Test(faults, compressed_push_across_a_cut_link_encodes_each_chunk_once, .fini = 
 	struct push_arg a = { 0 };
 	rdmaps_client *watch;
 	rdmaps_tensor *wt;
-	const char *h[3];
-	char servers[64];
 	pthread_t th;
 
-	if (system("command -v rxe-link >/dev/null 2>&1") != 0 || !getenv("RDMAPS_HOSTS")) {
-		cr_assert_null(getenv("RDMAPS_IN_VM"), "the VM must have its emulated hosts");
-		cr_skip_test("needs tools/rxe-vm --hosts 3 or more: rxe-link cuts an emulated cable");
-	}
-	th_hosts(h, 3);
-	th_server_start_at(&srv, h[0], "--chunk-elems", "1024", "--slots", "4", NULL);
-	snprintf(servers, sizeof(servers), "%s:%s", srv.addr, srv.port);
-	cr_assert_eq(th_connect_cluster(servers, h[1], &a.c), 0);    /* the worker, host 2 */
-	cr_assert_eq(th_connect_cluster(servers, h[2], &watch), 0); /* an observer, host 3 */
+	cut_link_setup("4", &a, &watch);
 	a.t = th_declare(a.c, "wk", WLEN, 0.0f, 1.0f);
 	cr_assert_eq(rdmaps_set_push_format(a.c, a.t, RDMAPS_FMT_TOPK, 0.25), 0);
 	push_topk_main(&a);
