@@ -54,7 +54,9 @@ static void reply_status(struct srv_conn *c, uint32_t req_id, int status)
 	reply_send(c, &r, sizeof(r));
 }
 
-static void bad_message(struct srv_conn *c, uint32_t req_id, int err, const char *why)
+/* A control message refused: counted, and logged within c's rate limit;
+ * the caller replies (with the status, in the reply its request expects). */
+static void refused(struct srv_conn *c, int err, const char *why)
 {
 	uint32_t sup;
 
@@ -63,6 +65,11 @@ static void bad_message(struct srv_conn *c, uint32_t req_id, int err, const char
 	if (rdmaps__ratelimit_ok(&c->log_rl, &sup))
 		log_warn("worker " SRV_CONN_FMT ": control message refused: %s (%s); %u more not "
 			 "logged", SRV_CONN_ARGS(c), why, rdmaps_strerror(err), sup);
+}
+
+static void bad_message(struct srv_conn *c, uint32_t req_id, int err, const char *why)
+{
+	refused(c, err, why);
 	reply_status(c, req_id, err);
 }
 
@@ -326,14 +333,8 @@ static void on_snapshot(struct srv_conn *c, const struct rdmaps_msg_snapshot *m)
 		r.rkey = c->snap_mr->rkey;
 		atomic_fetch_add_explicit(&c->srv->snapshots, 1, memory_order_relaxed);
 	}
-	if (why) {
-		uint32_t sup;
-		atomic_fetch_add_explicit(&c->bad_msgs, 1, memory_order_relaxed);
-		atomic_fetch_add_explicit(&c->srv->bad_messages, 1, memory_order_relaxed);
-		if (rdmaps__ratelimit_ok(&c->log_rl, &sup))
-			log_warn("worker " SRV_CONN_FMT ": control message refused: %s; %u more not logged",
-				 SRV_CONN_ARGS(c), why, sup);
-	}
+	if (why)
+		refused(c, rc, why);
 	r.status = rc;
 	reply_send(c, &r, sizeof(r));
 }
