@@ -126,13 +126,27 @@ bool cl_ef_fits(const float *r, const float *g, size_t n)
 	return !bad;
 }
 
-/* Write entry j of a top-k payload: index i, the value r[i], which is sent
- * and so leaves the residual. */
-static void topk_put(uint8_t *idx, uint8_t *val, size_t j, float *r, uint32_t i)
+/*
+ * Write the top-k payload's entries from the candidates v[0..n), whose
+ * elements are ix[i] (NULL: i), ascending: every magnitude above t, and
+ * the first `ties` at t, k at most. What is sent leaves the residual r.
+ * Returns how many were written.
+ */
+static size_t topk_emit(float *r, const float *v, const uint32_t *ix, size_t n, uint32_t t,
+			size_t ties, size_t k, uint8_t *idx, uint8_t *val)
 {
-	memcpy(idx + 4 * j, &i, 4);
-	memcpy(val + 4 * j, &r[i], 4);
-	r[i] = 0.0f;
+	size_t j = 0;
+
+	for (size_t i = 0; i < n && j < k; i++) {
+		uint32_t m = mag(v[i]), e = ix ? ix[i] : (uint32_t)i;
+		if (m > t || (m == t && ties && ties--)) {
+			memcpy(idx + 4 * j, &e, 4);
+			memcpy(val + 4 * j, &r[e], 4);
+			r[e] = 0.0f; /* sent: nothing of it stays behind */
+			j++;
+		}
+	}
+	return j;
 }
 
 /* cl_encode_topk once cl_ef_fits said yes */
@@ -144,7 +158,7 @@ static size_t topk_run(struct cl_ef *ef, const float *g, size_t k, void *out)
 	uint32_t t = 0, b = TOP_BUCKETS, kk, hist0[TOP_BUCKETS], h4[4][TOP_BUCKETS] = { { 0 } };
 	uint32_t gi[GATHER_MAX];
 	float gv[GATHER_MAX];
-	uint8_t *idx = (uint8_t *)out + 4, *val;
+	uint8_t *idx = (uint8_t *)out + 4;
 	size_t i = 0;
 
 	if (k > n)
@@ -163,13 +177,17 @@ static size_t topk_run(struct cl_ef *ef, const float *g, size_t k, void *out)
 	}
 	for (unsigned q = 0; q < TOP_BUCKETS; q++)
 		hist0[q] = h4[0][q] + h4[1][q] + h4[2][q] + h4[3][q];
-	val = idx + 4 * k;
 	if (k) {
-		/* the bucket holding the k-th largest, and how many lie above */
+		/* the candidates: the whole chunk, or where they fit on the
+		 * stack, those in the bucket of the k-th largest or above,
+		 * gathered ascending (the rest is below the cut) */
+		const float *v = r;
+		const uint32_t *ix = NULL;
+		size_t nv = n;
+
 		while (b-- > 0 && above + hist0[b] < k)
 			above += hist0[b];
 		if (above + hist0[b] <= GATHER_MAX) {
-			/* every candidate, ascending: the rest is below the cut */
 			for (i = 0; i < n; i++)
 				if ((mag(r[i]) >> TOP_SHIFT) >= b) {
 					gi[ng] = (uint32_t)i;
@@ -178,20 +196,12 @@ static size_t topk_run(struct cl_ef *ef, const float *g, size_t k, void *out)
 			memset(hist0, 0, sizeof(hist0));
 			for (i = 0; i < ng; i++)
 				hist0[mag(gv[i]) >> TOP_SHIFT]++;
-			t = kth_largest(gv, ng, k, hist0, &ties);
-			for (i = 0; i < ng && j < k; i++) {
-				uint32_t m = mag(gv[i]);
-				if (m > t || (m == t && ties && ties--))
-					topk_put(idx, val, j++, r, gi[i]);
-			}
-		} else {
-			t = kth_largest(r, n, k, hist0, &ties);
-			for (i = 0; i < n && j < k; i++) {
-				uint32_t m = mag(r[i]);
-				if (m > t || (m == t && ties && ties--))
-					topk_put(idx, val, j++, r, (uint32_t)i);
-			}
+			v = gv;
+			ix = gi;
+			nv = ng;
 		}
+		t = kth_largest(v, nv, k, hist0, &ties);
+		j = topk_emit(r, v, ix, nv, t, ties, k, idx, idx + 4 * k);
 	}
 	kk = (uint32_t)j;
 	memcpy(out, &kk, 4);
