@@ -130,6 +130,7 @@ void cl_snap_reply(struct cl_conn *k, const void *msg, uint32_t len)
 	struct rdmaps_msg_snapshot_reply r;
 	uint32_t s = k->snap_s;
 	const struct read_slot *rs;
+	const rdmaps_op *op;
 	uint32_t want;
 	int rc;
 
@@ -139,13 +140,12 @@ void cl_snap_reply(struct cl_conn *k, const void *msg, uint32_t len)
 	if (r.hdr.req_id != k->snap_req)
 		return;
 	rs = &k->rs[s];
-	want = RDMAPS_CHUNK_HDR;
-	{
-		const rdmaps_op *op = &k->c->ops[rs->op];
-		uint32_t count = rdmaps__chunk_count(op->t->length, op->t->chunk_elems,
-						     op->t->part[rs->part].first + rs->local);
-		want += count * (op->half ? 2u : (uint32_t)sizeof(float));
-	}
+	op = &k->c->ops[rs->op];
+	/* the chunk's header and values, as this slot reads them */
+	want = RDMAPS_CHUNK_HDR +
+	       rdmaps__chunk_count(op->t->length, op->t->chunk_elems,
+				   op->t->part[rs->part].first + rs->local) *
+		       (op->half ? 2u : (uint32_t)sizeof(float));
 	rc = rdmaps__wire_status(r.status);
 	if (!rc && r.len != want)
 		rc = RDMAPS_EPROTO; /* not the chunk this slot reads */
