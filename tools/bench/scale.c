@@ -163,6 +163,17 @@ static void row_init(struct bench_row *r, const char *op, unsigned W, uint64_t s
 	r->depth = 1;
 }
 
+/* End of one of the observer's timed loops (started at t0): its ops, time,
+ * rate and latency percentiles into r. */
+static void timed_done(struct bench_row *r, const struct bench_loop *l, uint64_t t0,
+		       const struct rdmaps_hist *h)
+{
+	r->ops = l->n;
+	r->seconds = (rdmaps__now_ns() - t0) / 1e9;
+	report_lat(r, h);
+	r->ops_s = r->ops / r->seconds;
+}
+
 /* The observer's pulls of t for one row's time; the most READs one pull took. */
 static int observe_pulls(struct sc *s, rdmaps_tensor *t, uint64_t elems, struct rdmaps_hist *h,
 			 struct bench_row *r)
@@ -189,10 +200,7 @@ static int observe_pulls(struct sc *s, rdmaps_tensor *t, uint64_t elems, struct 
 			most = b.reads - a.reads;
 		a = b;
 	} while (loop_more(&l, t1));
-	r->ops = l.n;
-	r->seconds = (rdmaps__now_ns() - t0) / 1e9;
-	report_lat(r, h);
-	r->ops_s = r->ops / r->seconds;
+	timed_done(r, &l, t0, h);
 	r->retries_frac = r->ops ? (double)(a.pull_retries - retries0) / (double)r->ops : 0;
 	snprintf(r->note, sizeof(r->note), "most READs in one pull %llu; %.0f B",
 		 (unsigned long long)most, (double)elems * 4);
@@ -219,10 +227,7 @@ static int observe_pushes(struct sc *s, struct rdmaps_hist *h, struct bench_row 
 		t1 = rdmaps__now_ns();
 		rdmaps__hist_record(h, t1 - s0);
 	} while (loop_more(&l, t1));
-	r->ops = l.n;
-	r->seconds = (rdmaps__now_ns() - t0) / 1e9;
-	report_lat(r, h);
-	r->ops_s = r->ops / r->seconds;
+	timed_done(r, &l, t0, h);
 	snprintf(r->note, sizeof(r->note), "push-folded round trips, the other connections idle");
 	return rc;
 }
