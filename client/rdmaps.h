@@ -444,6 +444,11 @@ struct rdmaps_server_stats {
 				     * device for each 56 workers (default slots) */
 	uint64_t snapshots;         /* chunks copied whole for a pull whose READs of
 				     * them kept tearing (RDMAPS_SNAPSHOT_AFTER) */
+	/* replicas (cluster key replicas > 1; docs/durability.md) */
+	uint64_t backups;           /* backups of this server's parts connected now */
+	uint64_t replicated_chunks; /* chunks written to backups */
+	uint64_t backup_failures;   /* backups lost (their writes failed, or no answer) */
+	uint64_t unreplicated_acks; /* pushes acknowledged folded while a backup was missing */
 };
 
 /*
@@ -457,7 +462,8 @@ struct rdmaps_server_stats {
 	XX(disconnects) XX(nonfinite) XX(clipped) XX(evictions) XX(checkpoints)               \
 	XX(checkpoint_failures) XX(restored_seq) XX(shared_devices) XX(memory_regions)        \
 	XX(memory_windows) XX(registered_bytes) XX(staging_bytes) XX(staging_budget)          \
-	XX(huge_page_bytes) XX(completion_queues) XX(snapshots)
+	XX(huge_page_bytes) XX(completion_queues) XX(snapshots) XX(backups)                   \
+	XX(replicated_chunks) XX(backup_failures) XX(unreplicated_acks)
 
 /*
  * Ask every server to write a checkpoint now (servers started with

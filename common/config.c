@@ -66,7 +66,8 @@ int rdmaps__config_set_servers(struct rdmaps__config *cfg, const char *list, cha
 	return 0;
 }
 
-static int read_token_file(struct rdmaps__config *cfg, const char *path, char *err, size_t errlen)
+/* A token from a file (one line; its newline dropped) into dst. */
+static int read_token_file(char *dst, const char *path, char *err, size_t errlen)
 {
 	char buf[RDMAPS_TOKEN_MAX + 2];
 	FILE *f = fopen(path, "r");
@@ -85,7 +86,7 @@ static int read_token_file(struct rdmaps__config *cfg, const char *path, char *e
 		return RDMAPS_EINVAL;
 	}
 	buf[n] = '\0';
-	copy(cfg->token, sizeof(cfg->token), buf);
+	copy(dst, RDMAPS_TOKEN_MAX + 1, buf);
 	return 0;
 }
 
@@ -106,16 +107,20 @@ int rdmaps__config_set(struct rdmaps__config *cfg, const char *key, const char *
 		copy(cfg->port, sizeof(cfg->port), val);
 		return 0;
 	}
-	if (!strcmp(key, "token")) {
+	if (!strcmp(key, "token") || !strcmp(key, "peer_token")) {
 		if (strlen(val) > RDMAPS_TOKEN_MAX) {
 			snprintf(err, errlen, "token longer than %u bytes", RDMAPS_TOKEN_MAX);
 			return RDMAPS_EINVAL;
 		}
-		copy(cfg->token, sizeof(cfg->token), val);
+		copy(key[0] == 'p' ? cfg->peer_token : cfg->token, RDMAPS_TOKEN_MAX + 1, val);
 		return 0;
 	}
 	if (!strcmp(key, "token_file"))
-		return read_token_file(cfg, val, err, errlen);
+		return read_token_file(cfg->token, val, err, errlen);
+	if (!strcmp(key, "peer_token_file"))
+		return read_token_file(cfg->peer_token, val, err, errlen);
+	if (!strcmp(key, "replicas"))
+		return parse_int(val, 1, RDMAPS_MAX_REPLICAS, &cfg->replicas) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "src")) {
 		copy(cfg->src, sizeof(cfg->src), val);
 		return 0;
@@ -208,6 +213,8 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 		{ "RDMAPS_ROLE", "role" },       { "RDMAPS_RANK", "rank" },
 		{ "RDMAPS_SIZE", "size" },       { "RDMAPS_SPIN_US", "spin_us" },
 		{ "RDMAPS_SNAPSHOT_AFTER", "snapshot_after" },
+		{ "RDMAPS_REPLICAS", "replicas" }, { "RDMAPS_PEER_TOKEN", "peer_token" },
+		{ "RDMAPS_PEER_TOKEN_FILE", "peer_token_file" },
 	};
 	int rc;
 
@@ -217,6 +224,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 	cfg->timeout_ms = 10000;
 	cfg->spin_us = RDMAPS__SPIN_US;
 	cfg->snapshot_after = RDMAPS__SNAPSHOT_AFTER;
+	cfg->replicas = 1;
 	cfg->rank = cfg->size = -1;
 	err[0] = '\0';
 	from_launcher(cfg);

@@ -14,6 +14,7 @@
 
 #define RDMAPS_MAX_SERVERS 64
 #define RDMAPS_ADDR_MAX 64
+#define RDMAPS_MAX_REPLICAS 4 /* copies of a part: its primary and up to three backups */
 #define RDMAPS__SPIN_US 50 /* spin_us's default: a 64 B pull on real hardware never sleeps */
 #define RDMAPS__SNAPSHOT_AFTER 2 /* snapshot_after's default: 3 READs of a chunk at most */
 
@@ -27,6 +28,8 @@ struct rdmaps__config {
 	uint32_t nservers;
 	char port[16];               /* default port */
 	char token[RDMAPS_TOKEN_MAX + 1];
+	char peer_token[RDMAPS_TOKEN_MAX + 1]; /* servers' own, for replica connections */
+	int replicas;                /* copies of each part (1: no backups) */
 	char src[RDMAPS_ADDR_MAX];   /* this process's local address, if chosen */
 	char device[64];             /* or: device name (+ ":port") to take it from */
 	int gid_index;               /* or: GID index on that device (-1: none) */

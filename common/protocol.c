@@ -48,6 +48,10 @@ static size_t msg_size(uint16_t type)
 		return sizeof(struct rdmaps_msg_snapshot);
 	case RDMAPS_MSG_SNAPSHOT_REPLY:
 		return sizeof(struct rdmaps_msg_snapshot_reply);
+	case RDMAPS_MSG_REPLICA_OPEN:
+		return sizeof(struct rdmaps_msg_declare);
+	case RDMAPS_MSG_REPLICA_REPLY:
+		return sizeof(struct rdmaps_msg_replica_reply);
 	case RDMAPS_MSG_CATALOG_REPLY:
 		return sizeof(struct rdmaps_msg_catalog_reply);
 	case RDMAPS_MSG_CHUNKS_REPLY:

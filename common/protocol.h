@@ -20,7 +20,7 @@
 #include "rdmaps.h"
 
 #define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
-#define RDMAPS_PROTO_VERSION 11u /* 11: SNAPSHOT, a torn chunk copied whole (docs/protocol.md) */
+#define RDMAPS_PROTO_VERSION 12u /* 12: replica connections between servers (docs/protocol.md) */
 #define RDMAPS_DEFAULT_PORT "7471"
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u
@@ -38,9 +38,17 @@ struct rdmaps_wire_hello {
 	uint16_t token_len;
 	uint64_t credit_addr; /* worker's credit word (struct rdmaps_wire_credit) */
 	uint32_t credit_rkey;
-	uint32_t reserved;
+	uint16_t flags;       /* RDMAPS_HELLO_* */
+	uint16_t replica_of;  /* RDMAPS_HELLO_REPLICA: the rank whose parts this server backs up */
 	uint8_t token[RDMAPS_TOKEN_MAX];
 };
+/*
+ * The connecting process is the server of rank replica_of, which keeps its
+ * backup copies on this one (docs/durability.md, "Replicated shards"): its
+ * token is the servers' own (peer_token), never the workers', and the
+ * connection may only open replicas (REPLICA_OPEN) and write into them.
+ */
+#define RDMAPS_HELLO_REPLICA 1u
 _Static_assert(sizeof(struct rdmaps_wire_hello) == 56, "hello must fit IB CM private data");
 
 /* Server -> client in the accept. */
@@ -159,6 +167,7 @@ enum rdmaps_msg_type {
 	RDMAPS_MSG_WORKERS = 8,    /* connected workers and their counters */
 	RDMAPS_MSG_RESUME = 9,     /* what a closed connection of this worker folded */
 	RDMAPS_MSG_SNAPSHOT = 10,  /* copy a chunk whole where the worker can READ it */
+	RDMAPS_MSG_REPLICA_OPEN = 11, /* a primary server: open the backup of one of its tensors */
 	RDMAPS_MSG_TENSOR_REPLY = 0x81,
 	RDMAPS_MSG_STATS_REPLY = 0x83,
 	RDMAPS_MSG_STATUS_REPLY = 0x84,
@@ -167,6 +176,7 @@ enum rdmaps_msg_type {
 	RDMAPS_MSG_WORKERS_REPLY = 0x88,
 	RDMAPS_MSG_RESUME_REPLY = 0x89,
 	RDMAPS_MSG_SNAPSHOT_REPLY = 0x8a,
+	RDMAPS_MSG_REPLICA_REPLY = 0x8b,
 };
 
 struct rdmaps_msg_hdr {
@@ -267,6 +277,30 @@ struct rdmaps_msg_tensor_reply {
 	uint64_t half_addr;
 	uint32_t half_stride;
 	uint32_t reserved;
+};
+
+/*
+ * REPLICA_OPEN is a struct rdmaps_msg_declare (its type aside) of the
+ * primary's tensor; the backup declares the same tensor in its store of
+ * that primary's replicas (one copy, no 16-bit copy: it is written, not
+ * pulled) and answers where the primary WRITEs a chunk (header, then
+ * values) after each fold: mem_addr + i * stride; its optimizer state at
+ * state_addr + i * chunk_elems * state_per_param * 4 (count * spp floats),
+ * and its fold count at steps_addr + 8 * i. The keys work on this QP only,
+ * REMOTE_WRITE, in a protection domain of its own.
+ */
+struct rdmaps_msg_replica_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t tensor_id;
+	uint64_t mem_addr;
+	uint64_t stride;
+	uint64_t state_addr;
+	uint64_t steps_addr;
+	uint32_t mem_rkey, state_rkey, steps_rkey;
+	uint32_t nchunks;
+	uint32_t chunk_elems;
+	uint32_t state_per_param;
 };
 
 /* the map names every field: printing and summing miss none */

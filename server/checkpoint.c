@@ -14,6 +14,12 @@
  * version and checksum are right, saying why it skipped the others.
  * The caller pauses the fold threads, so the snapshot is one instant: every
  * push acknowledged as folded before it is in it.
+ *
+ * A backup writes the parts it holds for the server of rank p beside its
+ * own, as DIR/replica-<p>/ckpt-*.rdmaps with p's server id: a server
+ * started as rank p from that directory restores them. Their primary may
+ * still be writing them (one-sided: pausing our fold threads does not stop
+ * it), so each chunk is copied until its checksum agrees with its values.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -22,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -57,6 +64,7 @@ struct ckpt_tensor {
 };
 
 struct writer {
+	uint8_t *chunk; /* a replica's chunks are copied here and checked first */
 	FILE *f;
 	XXH3_state_t *h;
 	int err;
@@ -69,6 +77,30 @@ static void put(struct writer *w, const void *p, size_t n)
 	if (fwrite(p, 1, n, w->f) != n)
 		w->err = errno ? errno : EIO;
 	XXH3_64bits_update(w->h, p, n);
+}
+
+/* A replica's chunk i as a whole: copied until its header's checksum
+ * agrees with its values (its primary's write may be landing), or NULL
+ * with w->err set when that does not happen within a second. */
+static const struct rdmaps_chunk_hdr *replica_chunk(struct writer *w, struct srv_tensor *t,
+						   uint32_t i)
+{
+	const uint8_t *src = srv_chunk(t, i);
+	struct rdmaps_chunk_hdr *h = (void *)w->chunk;
+
+	for (int tries = 0; tries < 1000; tries++) {
+		memcpy(h, src, RDMAPS_CHUNK_HDR);
+		if (h->count <= t->chunk_elems) {
+			memcpy(h + 1, src + RDMAPS_CHUNK_HDR, (size_t)h->count * sizeof(float));
+			if (h->count == rdmaps__chunk_count(t->length, t->chunk_elems, i) &&
+			    srv_checksum(h + 1, (size_t)h->count * sizeof(float)) == h->checksum)
+				return h;
+		}
+		usleep(1000);
+	}
+	if (!w->err)
+		w->err = EAGAIN;
+	return NULL;
 }
 
 static void put_tensor(struct writer *w, struct srv_tensor *t)
@@ -95,7 +127,10 @@ static void put_tensor(struct writer *w, struct srv_tensor *t)
 	}
 	for (uint32_t i = 0; i < t->nchunks; i++) {
 		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, i);
-		put(w, h + 1, (size_t)h->count * sizeof(float));
+		if (w->chunk)
+			h = replica_chunk(w, t, i);
+		if (h)
+			put(w, h + 1, (size_t)h->count * sizeof(float));
 	}
 	if (spp)
 		put(w, t->state, (size_t)t->length * spp * sizeof(float));
@@ -178,6 +213,12 @@ int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_
 	int nold;
 
 	memcpy(h.magic, CKPT_MAGIC, 8);
+	if (st->replica &&
+	    !(w.chunk = aligned_alloc(64, rdmaps__round_up(RDMAPS_CHUNK_HDR +
+							      (size_t)st->chunk_elems * 4, 64)))) {
+		snprintf(err, errlen, "out of memory");
+		return RDMAPS_ENOMEM;
+	}
 	/* a tensor still waiting for its creator's values holds nothing worth
 	 * keeping, and restored it would open as ready with partial values */
 	for (uint32_t i = 0; i < n; i++)
@@ -191,6 +232,7 @@ int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_
 		if (w.f)
 			fclose(w.f);
 		XXH3_freeState(w.h);
+		free(w.chunk);
 		return RDMAPS_ESYS;
 	}
 	put(&w, &h, sizeof(h));
@@ -206,6 +248,7 @@ int srv_checkpoint_write(struct srv_store *st, const char *dir, unsigned server_
 	if (fclose(w.f) && !w.err)
 		w.err = errno;
 	XXH3_freeState(w.h);
+	free(w.chunk);
 	if (!w.err && rename(tmp, fin))
 		w.err = errno;
 	if (!w.err && fsync_dir(dir))
@@ -433,6 +476,31 @@ int srv_checkpoint_restore(struct srv_store *st, const char *dir, unsigned serve
 	return 0;
 }
 
+/* The parts this server backs up, each rank's in a directory of its own,
+ * numbered past what is there. */
+static void replicas_checkpoint(struct srv *s)
+{
+	for (unsigned p = 0; p < RDMAPS_MAX_SERVERS; p++) {
+		struct srv_store *st = s->replica[p];
+		char dir[4096], err[512];
+		uint64_t seqs[1], top;
+		if (!st || !atomic_load(&st->count))
+			continue;
+		snprintf(dir, sizeof(dir), "%s/replica-%u", s->cfg.ckpt_dir, p);
+		if (mkdir(dir, 0700) && errno != EEXIST) {
+			log_error("checkpoint of rank %u's backups: cannot make %s: %s", p, dir,
+				  strerror(errno));
+			atomic_fetch_add(&s->checkpoint_failures, 1);
+			continue;
+		}
+		scan_ckpts(dir, seqs, 1, &top);
+		if (srv_checkpoint_write(st, dir, p, top + 1, err, sizeof(err))) {
+			log_error("checkpoint of rank %u's backups failed: %s", p, err);
+			atomic_fetch_add(&s->checkpoint_failures, 1);
+		}
+	}
+}
+
 void srv_checkpoint_now(struct srv *s, const char *why)
 {
 	char err[512];
@@ -458,6 +526,7 @@ void srv_checkpoint_now(struct srv *s, const char *why)
 	}
 	s->ckpt_seq++;
 	atomic_fetch_add(&s->checkpoints, 1);
+	replicas_checkpoint(s);
 	log_info("checkpoint %llu (%s) written in %.1f ms", (unsigned long long)s->ckpt_seq, why,
 		 (double)(s->last_ckpt_ns - t0) / 1e6);
 }

@@ -171,6 +171,8 @@ static void on_seal(struct srv_conn *c, const struct rdmaps_msg_seal *m)
 		return;
 	}
 	srv_store_seal(t);
+	if (c->ft->repl)
+		srv_repl_touch_all(c->ft, t); /* the backups' chunks even too */
 	reply_status(c, m->hdr.req_id, 0);
 }
 
@@ -220,6 +222,10 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 	out->checkpoint_failures = atomic_load(&s->checkpoint_failures);
 	out->restored_seq = atomic_load(&s->restored_seq);
 	out->snapshots = atomic_load(&s->snapshots);
+	out->backups = atomic_load(&s->backups_up);
+	out->replicated_chunks = atomic_load(&s->replicated_chunks);
+	out->backup_failures = atomic_load(&s->backup_failures);
+	out->unreplicated_acks = atomic_load(&s->unreplicated_acks);
 	srv_reg_stats(s, out);
 	for (unsigned i = 0; s->ft && i < s->cfg.fold_threads; i++) {
 		out->folds += atomic_load(&s->ft[i].folds);
@@ -339,6 +345,44 @@ static void on_snapshot(struct srv_conn *c, const struct rdmaps_msg_snapshot *m)
 	reply_send(c, &r, sizeof(r));
 }
 
+/*
+ * The primary of c->replica_of opens the backup of one of its tensors:
+ * declared here as it was there (in the store of that primary's replicas,
+ * ready at once: the primary writes every chunk next), then registered
+ * for c alone, REMOTE_WRITE (srv_reg_replica).
+ */
+static void on_replica_open(struct srv_conn *c, const struct rdmaps_msg_declare *m)
+{
+	struct rdmaps_msg_replica_reply r = { 0 };
+	struct rdmaps_msg_declare d = *m;
+	struct srv_tensor *t;
+	bool created;
+	int rc;
+
+	d.flags &= ~RDMAPS_DECLARE_INIT_DATA;
+	rc = srv_store_declare(c->rstore, &d, c, &t, &created);
+	if (!rc)
+		rc = srv_reg_replica(c, t);
+	if (rc) {
+		refused(c, rc, "replica open");
+		reply_status(c, m->hdr.req_id, rc);
+		return;
+	}
+	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_REPLICA_REPLY, sizeof(r), m->hdr.req_id);
+	r.tensor_id = t->id;
+	r.mem_addr = (uintptr_t)t->mem;
+	r.stride = t->stride;
+	r.mem_rkey = c->tensor_mr[t->id]->rkey;
+	r.state_addr = (uintptr_t)t->state;
+	r.state_rkey = c->repl_mr[2 * t->id] ? c->repl_mr[2 * t->id]->rkey : 0;
+	r.steps_addr = (uintptr_t)t->steps;
+	r.steps_rkey = c->repl_mr[2 * t->id + 1]->rkey;
+	r.nchunks = t->nchunks;
+	r.chunk_elems = t->chunk_elems;
+	r.state_per_param = t->opt->state_per_param;
+	reply_send(c, &r, sizeof(r));
+}
+
 void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len)
 {
 	struct rdmaps_msg_hdr h = { 0 };
@@ -351,7 +395,21 @@ void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len)
 		bad_message(c, h.req_id, rc, "malformed message");
 		return;
 	}
+	/* a replica connection opens replicas and nothing else; a worker
+	 * never opens one */
+	if (!c->rstore != (type != RDMAPS_MSG_REPLICA_OPEN)) {
+		bad_message(c, h.req_id, RDMAPS_EPROTO,
+			    c->rstore ? "a replica connection's request is not REPLICA_OPEN"
+				      : "REPLICA_OPEN from a worker");
+		return;
+	}
 	switch (type) {
+	case RDMAPS_MSG_REPLICA_OPEN: {
+		struct rdmaps_msg_declare m;
+		memcpy(&m, msg, sizeof(m));
+		on_replica_open(c, &m);
+		break;
+	}
 	case RDMAPS_MSG_DECLARE: {
 		struct rdmaps_msg_declare m;
 		memcpy(&m, msg, sizeof(m));

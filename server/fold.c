@@ -123,6 +123,11 @@ static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, co
 {
 	struct srv_tensor *t = srv_store_get(&c->srv->store, h->tensor_id);
 
+	if (c->rstore) {
+		/* its tensor_mr are its replicas': ids of another store */
+		*why = "a push on a replica connection";
+		return RDMAPS_EPROTO;
+	}
 	if (!t || !c->tensor_mr[h->tensor_id]) {
 		*why = "unknown tensor";
 		return RDMAPS_ENOENT;
@@ -177,15 +182,19 @@ static void *slot_copy(const struct srv_conn *c, uint64_t seq)
 
 /* Fold the rows of a sparse slot from its private copy, whose ids were
  * checked when it was taken. */
-static void rows_fold(struct srv_tensor *t, const struct rdmaps_slot_hdr *h, void *p)
+static void rows_fold(struct srv_fold_thread *ft, struct srv_tensor *t,
+		      const struct rdmaps_slot_hdr *h, void *p)
 {
 	const uint64_t *ids = p;
 	uint32_t dim = t->cons.row_dim;
 	size_t n;
 	const float *v = srv_slot_values(t, h, p, &n);
 
-	for (uint32_t k = 0; k < h->count; k++)
+	for (uint32_t k = 0; k < h->count; k++) {
 		srv_chunk_apply(t, (uint32_t)ids[k], v + (size_t)k * dim, dim, false);
+		if (ft->repl)
+			srv_repl_touch(ft, t, (uint32_t)ids[k]);
+	}
 }
 
 /*
@@ -274,13 +283,15 @@ static void group_fold(struct srv_conn *c)
 			srv_grad_scale(vals, nv, scale);
 		}
 		if (h->flags & RDMAPS_SLOT_ROWS)
-			rows_fold(t, h, g);
+			rows_fold(c->ft, t, h, g);
 		else if (h->flags & RDMAPS_SLOT_ASSIGN)
 			srv_chunk_apply(t, h->chunk, g, h->count, true);
 		else if (t->cons.mode == RDMAPS_ASP)
 			srv_chunk_fold(t, h->chunk, g, h->count, &c->ft->open);
 		else
 			srv_clock_fold(t, c, h, g);
+		if (c->ft->repl && !(h->flags & RDMAPS_SLOT_ROWS))
+			srv_repl_touch(c->ft, t, h->chunk);
 		atomic_fetch_add_explicit(&c->folds, 1, memory_order_relaxed);
 		atomic_fetch_add_explicit(&c->ft->folds, 1, memory_order_relaxed);
 		/* which formats a tensor's pushes came in (rdmaps-ctl tensors); a
@@ -291,10 +302,10 @@ static void group_fold(struct srv_conn *c)
 			atomic_fetch_or_explicit(&t->push_formats, bit, memory_order_relaxed);
 	}
 	c->group_seq = c->next_seq;
-	c->credit.folded_seq = c->next_seq;
-	c->credit_dirty = true;
-	if (first->flags & RDMAPS_SLOT_ACK)
-		c->credit_urgent = true;
+	if (c->ft->repl)
+		srv_repl_credit(c->ft, c, c->next_seq, first->flags & RDMAPS_SLOT_ACK);
+	else
+		srv_conn_credit(c, c->next_seq, first->flags & RDMAPS_SLOT_ACK);
 }
 
 /*
@@ -399,6 +410,18 @@ static void credit_maybe(struct srv_conn *c)
 		credit_flush(c);
 }
 
+void srv_conn_credit(struct srv_conn *c, uint64_t seq, bool urgent)
+{
+	c->credit.folded_seq = seq;
+	c->credit_dirty = true;
+	if (urgent)
+		c->credit_urgent = true;
+	/* group_fold's caller sends it (cq_poll); a credit the backups
+	 * released later goes from here */
+	if (c->ft->repl && c->live && !c->broken)
+		credit_maybe(c);
+}
+
 static void credits_flush_all(struct srv_fold_thread *ft)
 {
 	for (uint32_t i = 0; i < ft->nconns; i++)
@@ -476,9 +499,13 @@ static int cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
 		if (!nt || touched[nt - 1] != c)
 			touched[nt++] = c;
 	}
-	/* what this batch folded becomes visible before any credit says so */
-	if (n > 0)
+	/* what this batch folded becomes visible before any credit says so,
+	 * and goes to the backups */
+	if (n > 0) {
 		srv_open_publish(&ft->open);
+		if (ft->repl)
+			srv_repl_flush(ft);
+	}
 	for (uint32_t i = 0; i < nt; i++)
 		if (!touched[i]->broken)
 			credit_maybe(touched[i]);
@@ -493,6 +520,8 @@ static int cqs_poll(struct srv_fold_thread *ft)
 
 	for (uint32_t i = 0; i < n; i++)
 		work += cq_poll(ft, &ft->cqs[i]);
+	if (ft->repl)
+		work += srv_repl_poll(ft);
 	return work;
 }
 
@@ -517,6 +546,8 @@ static void conn_drain(struct srv_conn *c)
 			;
 	}
 	srv_open_publish(&ft->open);
+	if (ft->repl)
+		srv_repl_flush(ft);
 }
 
 /* Give c a place in the table and its tag; none left leaves wr_tag 0. */
@@ -560,6 +591,8 @@ static void conn_live(struct srv_fold_thread *ft, struct srv_conn *c)
 		conn_wc(c, &c->early[i]);
 	c->nearly = 0;
 	srv_open_publish(&ft->open);
+	if (ft->repl)
+		srv_repl_flush(ft);
 	if (!c->broken)
 		credit_maybe(c);
 }
@@ -579,6 +612,8 @@ static void mail_handle(struct srv_fold_thread *ft)
 		struct srv_conn *c = ft->mail_del;
 		if (c->live) {
 			conn_drain(c);
+			if (ft->repl)
+				srv_repl_settle(ft, c); /* its account final */
 			ft->conns[c->index] = ft->conns[--ft->nconns];
 			ft->conns[c->index]->index = c->index;
 			c->live = false;
@@ -682,7 +717,7 @@ static void fold_sleep(struct srv_fold_thread *ft)
 
 	for (uint32_t i = 0; i < ncqs; i++)
 		ibv_req_notify_cq(ft->cqs[i].cq, 0);
-	if (cqs_poll(ft))
+	if (cqs_poll(ft) || (ft->repl && srv_repl_pending(ft)))
 		return;
 	if (atomic_load(&ft->mail_pending) || atomic_load(&s->stop) || atomic_load(&s->pause_req))
 		return;

@@ -47,6 +47,7 @@ static void conn_free(struct srv_conn *c)
 		srv_cq_release(c->scq, c->cq_need);
 	free(c->early);
 	free(c->tensor_mr);
+	free(c->repl_mr);
 	free(c->member_of);
 	free(c->group_hdr);
 	free(c->group_len);
@@ -133,6 +134,13 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->group_len = calloc(c->slots, sizeof(*c->group_len));
 	c->credit_addr = hello->credit_addr;
 	c->credit_rkey = hello->credit_rkey;
+	if (hello->flags & RDMAPS_HELLO_REPLICA) {
+		c->rstore = s->replica[hello->replica_of];
+		c->replica_of = hello->replica_of;
+		c->repl_mr = calloc(2 * (size_t)s->store.max, sizeof(*c->repl_mr));
+		if (!c->repl_mr)
+			goto fail;
+	}
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
 	c->member_of = calloc(s->store.max, sizeof(*c->member_of));
 	c->staging = aligned_alloc(4096, srv_ring_bytes(&s->cfg, c->slots));
@@ -230,7 +238,30 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 		goto destroy;
 	}
 	memcpy(&hello, ev->param.conn.private_data, sizeof(hello));
-	if (!rdmaps__token_equal(hello.token, hello.token_len, s->cfg.token, s->cfg.token_len)) {
+	if (hello.flags & ~RDMAPS_HELLO_REPLICA) {
+		atomic_fetch_add(&s->bad_messages, 1);
+		reject(s, id, RDMAPS_EPROTO, "unknown hello flags");
+		goto destroy;
+	}
+	if (hello.flags & RDMAPS_HELLO_REPLICA) {
+		/* another server, to write its backups here: the servers' own
+		 * token, never the workers' (a worker knows that one) */
+		if (!s->cfg.peer_token_len ||
+		    !rdmaps__token_equal(hello.token, hello.token_len, s->cfg.peer_token,
+					 s->cfg.peer_token_len)) {
+			atomic_fetch_add(&s->auth_failures, 1);
+			reject(s, id, RDMAPS_EAUTH,
+			       s->cfg.peer_token_len ? "replica connection with a wrong peer token"
+						     : "replica connection, and no peer token set here");
+			goto destroy;
+		}
+		if (hello.replica_of >= RDMAPS_MAX_SERVERS || hello.replica_of == s->cfg.server_id ||
+		    !srv_repl_store(s, hello.replica_of)) {
+			atomic_fetch_add(&s->bad_messages, 1);
+			reject(s, id, RDMAPS_EINVAL, "replica connection from no other server's rank");
+			goto destroy;
+		}
+	} else if (!rdmaps__token_equal(hello.token, hello.token_len, s->cfg.token, s->cfg.token_len)) {
 		atomic_fetch_add(&s->auth_failures, 1);
 		reject(s, id, RDMAPS_EAUTH, "wrong or missing token");
 		goto destroy;
@@ -537,6 +568,8 @@ int srv_listen(struct srv *s)
 	}
 	if ((rc = srv_fold_start(s)))
 		return rc;
+	if (s->cfg.replicas > 1 && (rc = srv_repl_start(s)))
+		return rc;
 	announce(s);
 	return 0;
 }
@@ -643,6 +676,7 @@ void srv_close(struct srv *s)
 	if (s->ft && s->cfg.ckpt_dir)
 		srv_checkpoint_now(s, "shutdown");
 	srv_fold_join(s);
+	srv_repl_stop(s); /* its fold threads' backups, and ours of others */
 	srv_fold_stop(s);
 	srv_reg_fini(s);
 	if (s->listen_id)

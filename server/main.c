@@ -65,6 +65,12 @@ static void usage(FILE *f)
 		"      --checkpoint-dir DIR write checkpoints there; restore the newest good one\n"
 		"                           at start (docs/durability.md)\n"
 		"      --checkpoint-every S also write one every S seconds\n"
+		"      --replicas R         keep each part on R servers: this one and the R - 1\n"
+		"                           after it in --config's list, written before a push\n"
+		"                           is acknowledged folded (default 1, at most 4; one\n"
+		"                           fold thread; docs/durability.md)\n"
+		"      --peer-token-file F  the servers' own secret for replica connections\n"
+		"                           (or RDMAPS_PEER_TOKEN, or peer_token in --config)\n"
 		"      --evict-ms N         BSP/SSP: evict a worker stalling a clock this long\n"
 		"                           while others wait (default 10000)\n"
 		"  -v, --verbose            log connections and declarations\n"
@@ -159,6 +165,8 @@ int main(int argc, char **argv)
 		{ "registration", required_argument, NULL, 'R' },
 		{ "two-copies-from", required_argument, NULL, '2' },
 		{ "evict-ms", required_argument, NULL, 'E' },
+		{ "replicas", required_argument, NULL, 'Q' },
+		{ "peer-token-file", required_argument, NULL, 'k' },
 		{ "checkpoint-dir", required_argument, NULL, 'D' },
 		{ "checkpoint-every", required_argument, NULL, 'K' },
 		{ "verbose", no_argument, NULL, 'v' },
@@ -167,7 +175,9 @@ int main(int argc, char **argv)
 	};
 	static struct srv s;
 	struct srv_config *cfg = &s.cfg;
-	const char *token_file = NULL, *config = NULL;
+	const char *token_file = NULL, *config = NULL, *peer_token_file = NULL;
+	static struct rdmaps__server_addr servers[RDMAPS_MAX_SERVERS];
+	int replicas = 0;
 	int rank = -1;
 	static struct rdmaps__config cc;
 	unsigned long long v;
@@ -210,6 +220,8 @@ int main(int argc, char **argv)
 		case 'S': bad = parse_u(optarg, 0, 1000000, &v); cfg->spin_us = (unsigned)v; break;
 		case 'I': bad = parse_u(optarg, 0, 1024, &v); cfg->max_inline = (uint32_t)v; break;
 		case 'E': bad = parse_u(optarg, 10, 86400000, &v); cfg->evict_ms = (unsigned)v; break;
+		case 'Q': bad = parse_u(optarg, 1, RDMAPS_MAX_REPLICAS, &v); replicas = (int)v; break;
+		case 'k': peer_token_file = optarg; break;
 		case 'R':
 			if (!strcmp(optarg, "auto"))
 				cfg->registration = SRV_REG_AUTO;
@@ -264,6 +276,52 @@ int main(int argc, char **argv)
 		cfg->server_id = (unsigned)rank;
 		if (!token_file && cc.token[0])
 			setenv("RDMAPS_TOKEN", cc.token, 0);
+		if (!replicas)
+			replicas = cc.replicas;
+		for (uint32_t i = 0; i < cc.nservers; i++) {
+			servers[i] = cc.servers[i];
+			if (!servers[i].port[0])
+				snprintf(servers[i].port, sizeof(servers[i].port), "%s", cc.port);
+		}
+		cfg->servers = servers;
+		cfg->nservers = cc.nservers;
+		if (!peer_token_file && cc.peer_token[0]) {
+			cfg->peer_token_len = (uint16_t)strlen(cc.peer_token);
+			memcpy(cfg->peer_token, cc.peer_token, cfg->peer_token_len);
+		}
+	}
+	if (peer_token_file) {
+		char perr[256];
+		struct rdmaps__config pc = { 0 };
+		if (rdmaps__config_set(&pc, "peer_token_file", peer_token_file, perr, sizeof(perr))) {
+			fprintf(stderr, "rdmaps-server: %s\n", perr);
+			return 2;
+		}
+		cfg->peer_token_len = (uint16_t)strlen(pc.peer_token);
+		memcpy(cfg->peer_token, pc.peer_token, cfg->peer_token_len);
+	} else if (!cfg->peer_token_len && getenv("RDMAPS_PEER_TOKEN")) {
+		size_t n = strlen(getenv("RDMAPS_PEER_TOKEN"));
+		if (n > RDMAPS_TOKEN_MAX) {
+			fprintf(stderr, "rdmaps-server: RDMAPS_PEER_TOKEN longer than %u bytes\n",
+				RDMAPS_TOKEN_MAX);
+			return 2;
+		}
+		cfg->peer_token_len = (uint16_t)n;
+		memcpy(cfg->peer_token, getenv("RDMAPS_PEER_TOKEN"), n);
+	}
+	cfg->replicas = replicas ? (unsigned)replicas : 1;
+	if (cfg->replicas > 1) {
+		const char *why = !cfg->nservers ? "needs the cluster's server list (--config)"
+				  : cfg->replicas > cfg->nservers ? "is more than the servers in the list"
+				  : !cfg->peer_token_len ? "needs the servers' own token (--peer-token-file, "
+							   "RDMAPS_PEER_TOKEN or peer_token)"
+				  : cfg->fold_threads > 1 ? "runs with one fold thread for now "
+							    "(writes of one chunk must keep their order)"
+							  : NULL;
+		if (why) {
+			fprintf(stderr, "rdmaps-server: --replicas %u %s\n", cfg->replicas, why);
+			return 2;
+		}
 	}
 	if (load_token(cfg, token_file))
 		return 2;

@@ -32,6 +32,7 @@
 
 #include "error.h"
 #include "log.h"
+#include "optimizer.h"
 #include "server.h"
 
 #define MW_ACCESS IBV_ACCESS_REMOTE_WRITE
@@ -105,7 +106,9 @@ int srv_reg_conn(struct srv *s, struct srv_conn *c, struct ibv_context *verbs)
 	if (!d)
 		return rc;
 	c->dev = d;
-	if (!d->shared) {
+	/* a primary replicating into this server writes where no worker may:
+	 * its registrations live in a PD of its own, whatever the scheme */
+	if (!d->shared || c->rstore) {
 		/* a PD of its own: rkeys it learns or forges for other workers'
 		 * rings mean nothing on its QP */
 		c->pd = ibv_alloc_pd(verbs);
@@ -130,7 +133,7 @@ int srv_reg_conn(struct srv *s, struct srv_conn *c, struct ibv_context *verbs)
 
 int srv_reg_window(struct srv *s, struct srv_conn *c)
 {
-	if (!c->dev->shared)
+	if (c->own_pd)
 		return 0;
 	/* after the QP: at a process's exit (kill -9 included) the kernel
 	 * frees verbs objects newest first, and rxe's destroy_qp waits forever
@@ -203,6 +206,28 @@ int srv_reg_expose(struct srv_conn *c, struct srv_tensor *t)
 	return rc;
 }
 
+int srv_reg_replica(struct srv_conn *c, struct srv_tensor *t)
+{
+	const int acc = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
+	size_t state_len = (size_t)t->length * t->opt->state_per_param * sizeof(float);
+	int rc = 0;
+
+	/* c->pd is c's own (srv_reg_conn): the keys mean nothing on any
+	 * worker's QP, and nothing but these three ranges is writable */
+	if (!c->tensor_mr[t->id] &&
+	    !(rc = rdmaps__reg_mr(c->pd, t->mem, t->mem_len, acc | IBV_ACCESS_REMOTE_READ,
+				  &c->tensor_mr[t->id])))
+		atomic_fetch_add(&c->srv->reg_bytes, t->mem_len);
+	if (!rc && state_len && !c->repl_mr[2 * t->id] &&
+	    !(rc = rdmaps__reg_mr(c->pd, t->state, state_len, acc, &c->repl_mr[2 * t->id])))
+		atomic_fetch_add(&c->srv->reg_bytes, state_len);
+	if (!rc && !c->repl_mr[2 * t->id + 1] &&
+	    !(rc = rdmaps__reg_mr(c->pd, t->steps, t->nchunks * sizeof(uint64_t), acc,
+				  &c->repl_mr[2 * t->id + 1])))
+		atomic_fetch_add(&c->srv->reg_bytes, t->nchunks * sizeof(uint64_t));
+	return rc;
+}
+
 int srv_reg_snapshot(struct srv_conn *c, size_t len)
 {
 	int rc;
@@ -246,6 +271,11 @@ void srv_reg_conn_free(struct srv_conn *c)
 				atomic_fetch_sub(&s->reg_bytes, c->tensor_mr[i]->length);
 				ibv_dereg_mr(c->tensor_mr[i]);
 			}
+	for (uint32_t i = 0; c->repl_mr && i < 2 * s->store.max; i++)
+		if (c->repl_mr[i]) {
+			atomic_fetch_sub(&s->reg_bytes, c->repl_mr[i]->length);
+			ibv_dereg_mr(c->repl_mr[i]);
+		}
 	if (c->staging_mr) {
 		atomic_fetch_sub(&s->reg_bytes, c->staging_mr->length);
 		ibv_dereg_mr(c->staging_mr);

@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "chunk.h"
+#include "config.h"
 #include "log.h"
 #include "protocol.h"
 #include "verbs.h"
@@ -47,6 +48,13 @@ struct srv_config {
 	unsigned ckpt_every_s;  /* periodic checkpoint (0: only on request and at exit) */
 	uint32_t max_inline;    /* inline send bytes asked of each QP (0: never inline) */
 	enum srv_reg_mode registration; /* registration.c: how workers reach memory */
+	/* replica.c: each part on `replicas` servers, this one and its
+	 * replicas - 1 successors in the cluster's list (1: no backups) */
+	unsigned replicas;
+	const struct rdmaps__server_addr *servers; /* the cluster's list (replicas > 1) */
+	uint32_t nservers;
+	uint8_t peer_token[RDMAPS_TOKEN_MAX]; /* servers' own: replica connections */
+	uint16_t peer_token_len;
 };
 
 /* Bytes of payload a staging slot holds after its header: one chunk. */
@@ -178,6 +186,7 @@ struct srv_store {
 	uint64_t max_tensor_bytes, max_total_bytes;
 	uint64_t two_copies_min;
 	uint32_t chunk_elems;
+	bool replica; /* another server's parts, written by it (replica.c) */
 };
 
 struct srv_fold_thread;
@@ -299,6 +308,14 @@ struct srv_conn {
 
 	/* per-connection counters, read by stats */
 	_Atomic uint64_t folds, dropped, bad_msgs;
+
+	/* a replica connection (RDMAPS_HELLO_REPLICA): the primary of rank
+	 * replica_of writing its backups into rstore; NULL for a worker. Its
+	 * PD is its own; tensor_mr[id] is rstore's tensor id, REMOTE_WRITE,
+	 * and repl_mr[2 id], [2 id + 1] that tensor's state and fold counts. */
+	struct srv_store *rstore;
+	unsigned replica_of;
+	struct ibv_mr **repl_mr;
 };
 
 struct srv_tensor;
@@ -356,6 +373,9 @@ struct srv_fold_thread {
 	 * ring (its worker can still write there): checked and folded from
 	 * here. srv_stage_bytes, slot i's at srv_stage_slot (grad.c) */
 	uint8_t *stage;
+	/* replica.c: this thread's backups and the folds they have yet to
+	 * confirm; NULL without backups */
+	struct srv_repl *repl;
 };
 
 /* A device workers connect through, and what is registered on it once. */
@@ -406,6 +426,15 @@ struct srv {
 	/* staging ring bytes held by connections (the listener changes it;
 	 * stats read it) against cfg.staging_budget */
 	_Atomic uint64_t staging_used;
+
+	/* replica.c. As a backup: the parts of the server of rank p, in
+	 * replica[p] (made by the listener on p's first replica connection;
+	 * written by p alone, one-sided). As a primary: the thread that
+	 * connects this server to its backups. */
+	struct srv_store *replica[RDMAPS_MAX_SERVERS];
+	pthread_t repl_thread;
+	bool repl_started;
+	_Atomic uint64_t backups_up, replicated_chunks, backup_failures, unreplicated_acks;
 };
 
 /* ---- store.c ---- */
@@ -655,6 +684,56 @@ void srv_reg_fini(struct srv *s);
 uint64_t srv_reg_conn_pinned(const struct srv_conn *c);
 /* Any thread: registration counters for the stats reply. */
 void srv_reg_stats(struct srv *s, struct rdmaps_server_stats *out);
+
+/* ---- replica.c: backups of this server's parts (docs/durability.md) ---- */
+/*
+ * A primary keeps each backup current with one-sided WRITEs: after a batch
+ * of folds is published, every chunk it changed (header and values, its
+ * optimizer state, its fold count) is copied under the chunk's lock into a
+ * registered bounce slot and written to each backup, in fold order on one
+ * queue pair per backup. A push's credit (what "folded" means to its
+ * worker) waits until every connected backup has completed those writes.
+ * Fold thread functions take the thread's srv_repl; none allocates.
+ */
+/* Listener, at start (replicas > 1): the connector thread and each fold
+ * thread's srv_repl. */
+int srv_repl_start(struct srv *s);
+/* Shutdown, fold threads joined: the connector and every backup connection. */
+void srv_repl_stop(struct srv *s);
+/* Fold thread: chunk `chunk` of t changed; written to the backups at the
+ * next srv_repl_flush (early, with the open folds published, when full). */
+void srv_repl_touch(struct srv_fold_thread *ft, struct srv_tensor *t, uint32_t chunk);
+/* Fold thread: every chunk of t changed (its creator sealed it). */
+void srv_repl_touch_all(struct srv_fold_thread *ft, struct srv_tensor *t);
+/* Fold thread: c's slots below seq are folded (or refused); its credit says
+ * so once the backups have what those folds changed. urgent: the worker
+ * waits (RDMAPS_SLOT_ACK) or a slot was refused. */
+void srv_repl_credit(struct srv_fold_thread *ft, struct srv_conn *c, uint64_t seq, bool urgent);
+/* Fold thread, open folds published: write what was touched. */
+void srv_repl_flush(struct srv_fold_thread *ft);
+/* Fold thread: completions of the backups, credits they release, backups
+ * newly connected (caught up here) or lost. Returns work done. */
+int srv_repl_poll(struct srv_fold_thread *ft);
+/* Fold thread: credits still wait for the backups (do not sleep). */
+bool srv_repl_pending(const struct srv_fold_thread *ft);
+/* Fold thread, c leaving: wait until its credits are settled (or the
+ * backups are lost), so its account is final. */
+void srv_repl_settle(struct srv_fold_thread *ft, struct srv_conn *c);
+/* Fold thread (replica.c calls it): c's folded seq and its credit. */
+void srv_conn_credit(struct srv_conn *c, uint64_t seq, bool urgent);
+/* Backup side, listener: the store for rank p's replicas (made on first use). */
+struct srv_store *srv_repl_store(struct srv *s, unsigned p);
+/*
+ * Primary side, store.c: a copy of chunk i for a backup, under its lock:
+ * header and values at dst, count * state_per_param floats of state at
+ * dst + state_off, the fold count (u64) at dst + steps_off. Returns the
+ * header and values' bytes. os: the caller's open folds (published first).
+ */
+size_t srv_chunk_replica_copy(struct srv_tensor *t, uint32_t i, uint8_t *dst, size_t state_off,
+			      size_t steps_off, struct srv_open_set *os);
+/* Registration of a replica tensor for its primary's connection c:
+ * values, state and fold counts REMOTE_WRITE in c's own PD. */
+int srv_reg_replica(struct srv_conn *c, struct srv_tensor *t);
 
 /* ---- listener.c ---- */
 int srv_listen(struct srv *s);

@@ -515,6 +515,37 @@ size_t srv_chunk_snapshot(struct srv_tensor *t, uint32_t i, bool half, void *dst
 	return len;
 }
 
+size_t srv_chunk_replica_copy(struct srv_tensor *t, uint32_t i, uint8_t *dst, size_t state_off,
+			      size_t steps_off, struct srv_open_set *os)
+{
+	struct rdmaps_chunk_hdr *master = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
+	uint64_t *word = t->index ? &t->index[i] : &master->version;
+	/* initialising: its chunks stay odd until sealed, and only the
+	 * creator's fold thread (the caller) writes them */
+	bool ready = atomic_load(&t->state_flag) == TENSOR_READY;
+	const struct rdmaps_chunk_hdr *src;
+	struct rdmaps_chunk_hdr *out = (void *)dst;
+	uint32_t spp = t->opt->state_per_param;
+	uint64_t v = 0;
+	size_t len;
+
+	if (os)
+		srv_open_publish(os);
+	if (ready)
+		v = seq_take(word);
+	src = t->index ? (const void *)srv_chunk_copy(t, i, (unsigned)(v >> 1) & 1u) : master;
+	len = RDMAPS_CHUNK_HDR + (size_t)src->count * sizeof(float);
+	memcpy(dst, src, len);
+	if (ready && src == master)
+		out->version = v; /* it holds v + 1 while we have it */
+	if (spp)
+		memcpy(dst + state_off, chunk_state(t, i), (size_t)src->count * spp * sizeof(float));
+	memcpy(dst + steps_off, &t->steps[i], sizeof(uint64_t));
+	if (ready)
+		__atomic_store_n(word, v, __ATOMIC_RELEASE);
+	return len;
+}
+
 void srv_half_publish(struct srv_tensor *t, uint32_t i, const struct rdmaps_chunk_hdr *src,
 		      bool publish)
 {

@@ -1,0 +1,174 @@
+/*
+ * Replicated shards (docs/durability.md): two servers with --replicas 2 on
+ * hosts 1-2, each the other's backup, a worker on host 3, and a plain
+ * server on host 4 folding the same pushes as a reference. A push
+ * acknowledged folded is on the backup before the worker hears of it: kill
+ * -9 the primary, checkpoint the backup's copy of its parts, start the
+ * primary again from that copy, and the model is exactly what the
+ * acknowledged pushes made it, optimizer state and step counts included
+ * (the next push lands bit for bit where the reference's does).
+ */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "harness.h"
+
+#define PEER_TOKEN "servers-own-secret-42"
+#define CE 1024
+#define LEN (4 * CE + 100) /* five chunks over two servers */
+#define PUSHES 6
+
+static struct th_server srv[2], ref;
+static const char *host[5];
+static char servers[256], config[64], ckdir[2][128];
+
+static void start_server(int i, const char *ckpt_dir)
+{
+	char rank[4];
+
+	snprintf(rank, sizeof(rank), "%d", i);
+	th_server_restart(&srv[i], "--chunk-elems", "1024", "--config", config, "--rank", rank,
+			  "--checkpoint-dir", ckpt_dir, NULL);
+}
+
+static void start_pair(void)
+{
+	FILE *f;
+	int fd;
+
+	th_hosts(host, 5);
+	for (int i = 0; i < 2; i++) {
+		srv[i].addr = host[i];
+		snprintf(srv[i].port, sizeof(srv[i].port), "%u",
+			 21000u + ((unsigned)getpid() * 11u + (unsigned)i) % 20000u);
+		th_mkdtemp(ckdir[i], sizeof(ckdir[i]), "replica-ckpt");
+	}
+	snprintf(servers, sizeof(servers), "%s:%s,%s:%s", host[0], srv[0].port, host[1],
+		 srv[1].port);
+	snprintf(config, sizeof(config), "/tmp/rdmaps-replicas-XXXXXX");
+	fd = mkstemp(config);
+	cr_assert_geq(fd, 0);
+	f = fdopen(fd, "w");
+	fprintf(f, "[cluster]\nservers = %s\ntoken = %s\npeer_token = %s\nreplicas = 2\n", servers,
+		TH_TOKEN, PEER_TOKEN);
+	fclose(f);
+	for (int i = 0; i < 2; i++)
+		start_server(i, ckdir[i]);
+	th_server_start_at(&ref, host[3], "--chunk-elems", "1024", NULL);
+}
+
+static void stop_pair(void)
+{
+	for (int i = 0; i < 2; i++)
+		if (srv[i].pid)
+			th_server_stop(&srv[i]);
+	th_server_stop(&ref);
+	unlink(config);
+	th_rmdir(ckdir[0]);
+	th_rmdir(ckdir[1]);
+}
+
+/* Sum of a stat over the pair, through a client of the cluster. */
+static uint64_t pair_stat(rdmaps_client *c, size_t off)
+{
+	struct rdmaps_server_stats st;
+
+	cr_assert_eq(rdmaps_server_stats(c, &st), 0);
+	return *(const uint64_t *)((const char *)&st + off);
+}
+
+/* Both servers have their backup connected (each counts its own). */
+static void wait_backups(rdmaps_client *c, uint64_t want)
+{
+	for (int i = 0; i < 200; i++) {
+		if (pair_stat(c, offsetof(struct rdmaps_server_stats, backups)) == want)
+			return;
+		usleep(100000);
+	}
+	cr_assert_fail("backups connected: %llu, want %llu after 20 s",
+		       (unsigned long long)pair_stat(c, offsetof(struct rdmaps_server_stats, backups)),
+		       (unsigned long long)want);
+}
+
+static float grad(int k, int i)
+{
+	return 0.125f * (float)((k + 1) * ((i % 7) - 3)) + 0.001f * (float)(i % 13);
+}
+
+static rdmaps_tensor *declare(rdmaps_client *c)
+{
+	struct rdmaps_tensor_desc d = { .name = "w", .length = LEN, .init_value = 0.5f,
+					.optimizer = RDMAPS_OPT_ADAM, .lr = 0.01f };
+	rdmaps_tensor *t;
+
+	cr_assert_eq(rdmaps_declare(c, &d, &t), 0);
+	return t;
+}
+
+/* One push of clock k into both, acknowledged once folded. */
+static void push_both(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdmaps_tensor *rt,
+		      int k)
+{
+	static float g[LEN];
+
+	for (int i = 0; i < LEN; i++)
+		g[i] = grad(k, i);
+	cr_assert_eq(rdmaps_push(c, t, g, RDMAPS_PUSH_FOLDED), 0, "push %d", k);
+	cr_assert_eq(rdmaps_push(rc, rt, g, RDMAPS_PUSH_FOLDED), 0, "reference push %d", k);
+}
+
+static void assert_same(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdmaps_tensor *rt,
+			const char *when)
+{
+	static float v[LEN], r[LEN];
+
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	cr_assert_eq(rdmaps_pull(rc, rt, r, 0), 0);
+	for (int i = 0; i < LEN; i++)
+		cr_assert_eq(v[i], r[i], "%s: [%d] = %.9g, the reference %.9g", when, i, (double)v[i],
+			     (double)r[i]);
+}
+
+Test(replicas, acknowledged_pushes_survive_a_killed_primary, .init = start_pair,
+     .fini = stop_pair, .timeout = 240)
+{
+	rdmaps_client *c, *rc = th_connect(&ref), *b;
+	rdmaps_tensor *t, *rt;
+	char path[256];
+
+	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	wait_backups(c, 2);
+	t = declare(c);
+	rt = declare(rc);
+	cr_assert_gt(rdmaps_tensor_server_elems(t, 0), 0, "server 0 holds part of it");
+	for (int k = 0; k < PUSHES; k++)
+		push_both(c, t, rc, rt, k);
+	assert_same(c, t, rc, rt, "before the kill");
+	cr_assert_geq(pair_stat(c, offsetof(struct rdmaps_server_stats, replicated_chunks)),
+		      (uint64_t)PUSHES * 5, "every folded chunk written to a backup");
+	cr_assert_eq(pair_stat(c, offsetof(struct rdmaps_server_stats, unreplicated_acks)), 0);
+	rdmaps_close(c);
+
+	/* the primary of part 0 dies; its backup (server 1) holds its part */
+	th_server_kill9(&srv[0]);
+	b = th_connect(&srv[1]);
+	cr_assert_eq(rdmaps_checkpoint(b, 10000), 0);
+	rdmaps_close(b);
+	snprintf(path, sizeof(path), "%s/replica-0", ckdir[1]);
+	cr_assert_eq(access(path, R_OK), 0, "the backup wrote rank 0's parts to %s", path);
+
+	/* rank 0 again, from its backup's copy: nothing acknowledged is lost */
+	start_server(0, path);
+	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	cr_assert_eq(rdmaps_lookup(c, "w", &t), 0);
+	assert_same(c, t, rc, rt, "restored from the backup");
+	/* and its Adam moments and step counts came along: the next push
+	 * lands exactly where the reference's does */
+	push_both(c, t, rc, rt, PUSHES);
+	assert_same(c, t, rc, rt, "one push after the restore");
+	rdmaps_close(c);
+	rdmaps_close(rc);
+}
