@@ -445,7 +445,8 @@ struct rdmaps_server_stats {
 	uint64_t snapshots;         /* chunks copied whole for a pull whose READs of
 				     * them kept tearing (RDMAPS_SNAPSHOT_AFTER) */
 	/* replicas (cluster key replicas > 1; docs/durability.md) */
-	uint64_t backups;           /* backups of this server's parts connected now */
+	uint64_t backups;           /* backups of this server's parts connected and
+				     * caught up: acknowledgements wait for them */
 	uint64_t replicated_chunks; /* chunks written to backups */
 	uint64_t backup_failures;   /* backups lost (their writes failed, or no answer) */
 	uint64_t unreplicated_acks; /* pushes acknowledged folded while a backup was missing */

@@ -24,6 +24,7 @@
  * accounts on the backups.
  */
 #include <errno.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -82,6 +83,7 @@ struct srv_peer {
 	uint64_t sync_from, sync_ns;
 	uint64_t last_try; /* connector: last attempt */
 	unsigned failing;  /* connector: attempts failed in a row */
+	_Atomic bool lost; /* connector -> fold thread: its connection closed */
 };
 
 struct repl_wait {
@@ -254,6 +256,31 @@ static int peer_connect(struct srv_peer *p)
 	return rc;
 }
 
+/*
+ * A backup whose process died has its connection closed by its kernel,
+ * which tells ours: the fold thread hears of it now (lost) rather than
+ * when a write has exhausted its transport retries, which on rxe took 15 s
+ * that every folded push would have waited. A backup whose host or link
+ * dies still takes the retries.
+ */
+static void peer_watch(struct srv_peer *p)
+{
+	struct pollfd pfd = { .fd = p->ch->fd, .events = POLLIN };
+	struct rdma_cm_event *ev;
+
+	while (poll(&pfd, 1, 0) > 0 && !rdma_get_cm_event(p->ch, &ev)) {
+		enum rdma_cm_event_type e = ev->event;
+		rdma_ack_cm_event(ev);
+		if (e == RDMA_CM_EVENT_DISCONNECTED || e == RDMA_CM_EVENT_DEVICE_REMOVAL ||
+		    e == RDMA_CM_EVENT_TIMEWAIT_EXIT) {
+			uint64_t one = 1;
+			atomic_store_explicit(&p->lost, true, memory_order_release);
+			if (write(p->r->ft->wake_fd, &one, sizeof(one)) < 0)
+				log_warn("fold thread %u: wake-up write failed", p->r->ft->idx);
+		}
+	}
+}
+
 static void *connector_main(void *arg)
 {
 	struct srv *s = arg;
@@ -271,6 +298,8 @@ static void *connector_main(void *arg)
 					atomic_store_explicit(&p->state, PEER_DOWN, memory_order_release);
 					st = PEER_DOWN;
 				}
+				if (st == PEER_UP)
+					peer_watch(p);
 				if (st != PEER_DOWN || now - p->last_try < PEER_RETRY_NS)
 					continue;
 				p->last_try = now;
@@ -288,6 +317,7 @@ static void *connector_main(void *arg)
 				}
 				log_info("backup rank %u connected", p->rank);
 				p->failing = 0;
+				atomic_store(&p->lost, false);
 				atomic_store_explicit(&p->state, PEER_READY, memory_order_release);
 				uint64_t one = 1;
 				if (write(s->ft[f].wake_fd, &one, sizeof(one)) < 0)
@@ -383,7 +413,8 @@ static void peer_fail(struct srv_peer *p, const char *why)
 
 	if (atomic_load_explicit(&p->state, memory_order_relaxed) != PEER_UP)
 		return;
-	atomic_fetch_sub(&s->backups_up, 1);
+	if (p->synced)
+		atomic_fetch_sub(&s->backups_up, 1);
 	atomic_fetch_add(&s->backup_failures, 1);
 	log_warn("backup rank %u lost (%s): pushes are acknowledged without it until it is back",
 		 p->rank, why);
@@ -585,6 +616,7 @@ static void open_done(struct srv_peer *p)
 		r->wait[(r->head + k) % REPL_WAIT_MAX].upto[j] = p->posted;
 	if (!--p->opening && !p->synced) {
 		p->synced = true;
+		atomic_fetch_add(&p->s->backups_up, 1);
 		log_info("backup rank %u caught up: %llu chunks in %.1f ms", p->rank,
 			 (unsigned long long)(p->posted - p->sync_from),
 			 (double)(rdmaps__now_ns() - p->sync_ns) / 1e6);
@@ -607,11 +639,11 @@ static void peer_adopt(struct srv_peer *p)
 	p->sync_from = p->posted;
 	p->sync_ns = rdmaps__now_ns();
 	atomic_store_explicit(&p->state, PEER_UP, memory_order_relaxed);
-	atomic_fetch_add(&p->s->backups_up, 1);
 	for (uint32_t i = 0; i < n; i++)
 		open_want(p, srv_store_get(st, i));
 	if (!n) {
 		p->synced = true;
+		atomic_fetch_add(&p->s->backups_up, 1);
 		log_info("backup rank %u caught up: nothing to write", p->rank);
 	}
 }
@@ -710,6 +742,8 @@ int srv_repl_poll(struct srv_fold_thread *ft)
 		if (st == PEER_READY) {
 			peer_adopt(p);
 			work++;
+		} else if (st == PEER_UP && atomic_load_explicit(&p->lost, memory_order_acquire)) {
+			peer_fail(p, "its connection closed");
 		} else if (st == PEER_UP && (p->completed < p->posted || p->asking)) {
 			if (peer_poll(p) > 0)
 				work++;

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "harness.h"
@@ -60,8 +61,19 @@ static void start_pair(void)
 	th_server_start_at(&ref, host[3], "--chunk-elems", "1024", NULL);
 }
 
+/* tc on host 2's switch port (tools/rxe-vm): what reaches the backup */
+static void backup_delay(const char *how)
+{
+	char cmd[160];
+
+	snprintf(cmd, sizeof(cmd), "tc qdisc %s dev ps2-br root%s 2>/dev/null", how[0] ? "replace" : "del",
+		 how);
+	cr_assert(system(cmd) == 0 || !how[0], "%s (tools/rxe-vm --hosts 5, as root)", cmd);
+}
+
 static void stop_pair(void)
 {
+	backup_delay("");
 	for (int i = 0; i < 2; i++)
 		if (srv[i].pid)
 			th_server_stop(&srv[i]);
@@ -132,12 +144,45 @@ static void assert_same(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, r
 			     (double)r[i]);
 }
 
+/*
+ * Rank 0 dies (kill -9); its backup, server 1, checkpoints the copy it
+ * holds, and rank 0 starts again from that copy. Returns a new client.
+ */
+static rdmaps_client *restore_rank0_from_backup(rdmaps_client *c)
+{
+	char path[256];
+	rdmaps_client *b;
+
+	rdmaps_close(c);
+	th_server_kill9(&srv[0]);
+	b = th_connect(&srv[1]);
+	cr_assert_eq(rdmaps_checkpoint(b, 10000), 0);
+	rdmaps_close(b);
+	snprintf(path, sizeof(path), "%s/replica-0", ckdir[1]);
+	cr_assert_eq(access(path, R_OK), 0, "the backup wrote rank 0's parts to %s", path);
+	start_server(0, path);
+	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	return c;
+}
+
+/* A folded push of clock k into both, and how long the cluster's took. */
+static double timed_push(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc,
+			 rdmaps_tensor *rt, int k)
+{
+	struct timespec a, b;
+
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	push_both(c, t, rc, rt, k);
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	return (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9;
+}
+
 Test(replicas, acknowledged_pushes_survive_a_killed_primary, .init = start_pair,
      .fini = stop_pair, .timeout = 240)
 {
-	rdmaps_client *c, *rc = th_connect(&ref), *b;
+	rdmaps_client *c, *rc = th_connect(&ref);
 	rdmaps_tensor *t, *rt;
-	char path[256];
+	double s;
 
 	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
 	wait_backups(c, 2);
@@ -150,25 +195,149 @@ Test(replicas, acknowledged_pushes_survive_a_killed_primary, .init = start_pair,
 	cr_assert_geq(pair_stat(c, offsetof(struct rdmaps_server_stats, replicated_chunks)),
 		      (uint64_t)PUSHES * 5, "every folded chunk written to a backup");
 	cr_assert_eq(pair_stat(c, offsetof(struct rdmaps_server_stats, unreplicated_acks)), 0);
-	rdmaps_close(c);
-
-	/* the primary of part 0 dies; its backup (server 1) holds its part */
-	th_server_kill9(&srv[0]);
-	b = th_connect(&srv[1]);
-	cr_assert_eq(rdmaps_checkpoint(b, 10000), 0);
-	rdmaps_close(b);
-	snprintf(path, sizeof(path), "%s/replica-0", ckdir[1]);
-	cr_assert_eq(access(path, R_OK), 0, "the backup wrote rank 0's parts to %s", path);
 
 	/* rank 0 again, from its backup's copy: nothing acknowledged is lost */
-	start_server(0, path);
-	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	c = restore_rank0_from_backup(c);
 	cr_assert_eq(rdmaps_lookup(c, "w", &t), 0);
 	assert_same(c, t, rc, rt, "restored from the backup");
 	/* and its Adam moments and step counts came along: the next push
-	 * lands exactly where the reference's does */
-	push_both(c, t, rc, rt, PUSHES);
+	 * lands exactly where the reference's does. Server 1 lost its own
+	 * backup (rank 0) meanwhile: it acknowledges without waiting for the
+	 * transport's retries to give up on it. */
+	s = timed_push(c, t, rc, rt, PUSHES);
+	printf("first folded push after the backup's death: %.3f s\n", s);
+	cr_assert_lt(s, 5.0, "a dead backup held a folded push %.1f s", s);
 	assert_same(c, t, rc, rt, "one push after the restore");
+	rdmaps_close(c);
+	rdmaps_close(rc);
+}
+
+/* A tensor of one chunk that lands on server 0 alone, and the same on the
+ * reference: server 1 is only its backup. */
+#define LEN1 1000
+static rdmaps_tensor *declare_on_rank0(rdmaps_client *c, rdmaps_client *rc, rdmaps_tensor **rt,
+				       char *name, int from)
+{
+	struct rdmaps_tensor_desc d = { .length = LEN1, .init_value = -0.25f,
+					.optimizer = RDMAPS_OPT_MOMENTUM, .lr = 0.05f,
+					.momentum = 0.9f };
+	rdmaps_tensor *t;
+
+	for (int i = from; i < from + 64; i++) {
+		snprintf(name, 16, "x%d", i);
+		d.name = name;
+		cr_assert_eq(rdmaps_declare(c, &d, &t), 0);
+		if (rdmaps_tensor_server_elems(t, 0) == LEN1) {
+			cr_assert_eq(rdmaps_declare(rc, &d, rt), 0);
+			return t;
+		}
+	}
+	cr_assert_fail("no name of 64 placed on server 0");
+	return NULL;
+}
+
+static void push1(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdmaps_tensor *rt, int k)
+{
+	float g[LEN1];
+
+	for (int i = 0; i < LEN1; i++)
+		g[i] = grad(k, i);
+	cr_assert_eq(rdmaps_push(c, t, g, RDMAPS_PUSH_FOLDED), 0, "push %d", k);
+	cr_assert_eq(rdmaps_push(rc, rt, g, RDMAPS_PUSH_FOLDED), 0, "reference push %d", k);
+}
+
+static void assert_same1(rdmaps_client *c, const char *name, rdmaps_client *rc,
+			 rdmaps_tensor *rt)
+{
+	rdmaps_tensor *t;
+	float v[LEN1], r[LEN1];
+
+	cr_assert_eq(rdmaps_lookup(c, name, &t), 0);
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	cr_assert_eq(rdmaps_pull(rc, rt, r, 0), 0);
+	for (int i = 0; i < LEN1; i++)
+		cr_assert_eq(v[i], r[i], "%s[%d] = %.9g, the reference %.9g", name, i, (double)v[i],
+			     (double)r[i]);
+}
+
+/*
+ * A backup killed: pushes go on with no error, acknowledged without it
+ * (and counted so). Restarted with nothing of rank 0's, it is written
+ * every part again (the catch-up): a tensor pushed only while it was
+ * down (x) as well as one pushed after (y), so that it is again a copy
+ * rank 0 can be restored from exactly.
+ */
+Test(replicas, a_restarted_backup_catches_up, .init = start_pair, .fini = stop_pair,
+     .timeout = 240)
+{
+	rdmaps_client *c, *rc = th_connect(&ref);
+	rdmaps_tensor *x, *y, *rx, *ry;
+	char nx[16], ny[16];
+	int k = 0;
+
+	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	wait_backups(c, 2);
+	x = declare_on_rank0(c, rc, &rx, nx, 0);
+	y = declare_on_rank0(c, rc, &ry, ny, 100);
+	for (; k < 2; k++) {
+		push1(c, x, rc, rx, k);
+		push1(c, y, rc, ry, k);
+	}
+	th_server_kill9(&srv[1]);
+	for (; k < 5; k++) { /* server 0 alone: no error */
+		push1(c, x, rc, rx, k);
+		push1(c, y, rc, ry, k);
+	}
+	rdmaps_close(c);
+	start_server(1, ckdir[1]);
+	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	cr_assert_gt(pair_stat(c, offsetof(struct rdmaps_server_stats, unreplicated_acks)), 0,
+		     "acknowledged without a backup, and counted");
+	wait_backups(c, 2);
+	cr_assert_eq(rdmaps_lookup(c, ny, &y), 0);
+	for (; k < 7; k++)
+		push1(c, y, rc, ry, k);
+
+	c = restore_rank0_from_backup(c);
+	assert_same1(c, nx, rc, rx);
+	assert_same1(c, ny, rc, ry);
+	rdmaps_close(c);
+	rdmaps_close(rc);
+}
+
+/*
+ * A slow backup: every packet to it 100 ms late (netem on its switch
+ * port). A folded push into rank 0's part is acknowledged only once the
+ * backup has it, so it takes the delay; and once acknowledged, it is in
+ * the copy rank 0 is restored from, though rank 0 dies at once.
+ */
+Test(replicas, acknowledgement_waits_for_a_slow_backup, .init = start_pair, .fini = stop_pair,
+     .timeout = 240)
+{
+	rdmaps_client *c, *rc = th_connect(&ref);
+	rdmaps_tensor *x, *rx;
+	char nx[16];
+	float g[LEN1];
+	struct timespec a, b;
+	double s;
+
+	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	wait_backups(c, 2);
+	x = declare_on_rank0(c, rc, &rx, nx, 200);
+	push1(c, x, rc, rx, 0);
+	backup_delay(" netem delay 100ms");
+	for (int i = 0; i < LEN1; i++)
+		g[i] = grad(1, i);
+	cr_assert_eq(rdmaps_push(rc, rx, g, RDMAPS_PUSH_FOLDED), 0);
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	cr_assert_eq(rdmaps_push(c, x, g, RDMAPS_PUSH_FOLDED), 0);
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	s = (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) / 1e9;
+	printf("folded push with a backup 100 ms away: %.3f s\n", s);
+	cr_assert_geq(s, 0.1, "acknowledged in %.3f s: before the backup could have it", s);
+	c = restore_rank0_from_backup(c); /* kills rank 0 first thing */
+	backup_delay("");
+	assert_same1(c, nx, rc, rx);
 	rdmaps_close(c);
 	rdmaps_close(rc);
 }
