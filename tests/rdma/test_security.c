@@ -769,3 +769,121 @@ Test(security, snapshots_are_the_chunk_and_bad_requests_are_refused, .fini = sto
 		cr_assert_eq(g[i], (float)(i % 7));
 	rdmaps_close(c);
 }
+
+/* The credit word's dropped count (struct rdmaps_wire_credit), waited for. */
+static uint32_t raw_dropped(struct raw *r, uint32_t want)
+{
+	struct rdmaps_wire_credit cr;
+
+	for (int i = 0; i < 500; i++) {
+		memcpy(&cr, (const void *)r->credit, sizeof(cr));
+		if (cr.dropped >= want)
+			break;
+		usleep(10000);
+	}
+	return cr.dropped;
+}
+
+/*
+ * Replica connections (another server writing its backups here): only with
+ * the servers' own peer token, never the workers'; such a connection opens
+ * replicas and does nothing else, and the only memory it can write is its
+ * replicas: the model workers read stays out of its reach, whatever key it
+ * uses, and a push on it is dropped.
+ */
+Test(security, replica_connections_write_their_replicas_only, .fini = stop_server, .timeout = 120)
+{
+	char dir[128], path[256];
+	struct raw w, p;
+	struct rdmaps_msg_tensor_reply tr, x;
+	struct rdmaps_msg_declare m;
+	struct rdmaps_msg_replica_reply rr;
+	struct rdmaps_wire_hello h;
+	struct rdmaps_server_stats st;
+	uint8_t in[RDMAPS_MSG_MAX];
+	rdmaps_client *c;
+	FILE *f;
+
+	th_mkdtemp(dir, sizeof(dir), "peer");
+	snprintf(path, sizeof(path), "%s/peer-token", dir);
+	f = fopen(path, "w");
+	cr_assert_not_null(f);
+	fputs("peer-secret-9\n", f);
+	fclose(f);
+	th_server_start(&srv, "--peer-token-file", path, NULL);
+
+	h = raw_hello(TH_TOKEN);
+	h.flags = RDMAPS_HELLO_REPLICA;
+	h.replica_of = 1;
+	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_EAUTH,
+		     "the workers' token opens no replica connection");
+	raw_close(&p);
+	h.flags = 0x80;
+	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_EPROTO, "unknown flag");
+	raw_close(&p);
+	h = raw_hello("peer-secret-9");
+	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_EAUTH,
+		     "the peer token is no worker's");
+	raw_close(&p);
+	h.flags = RDMAPS_HELLO_REPLICA;
+	h.replica_of = 0;
+	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_EINVAL,
+		     "a server is not its own backup");
+	raw_close(&p);
+
+	/* a worker with a tensor "w"; it cannot open a replica */
+	h = raw_hello(TH_TOKEN);
+	cr_assert_eq(raw_connect(&w, srv.addr, srv.port, &h, sizeof(h)), 0);
+	cr_assert_eq(raw_declare(&w, "w", 64, &tr), 0);
+	m = raw_declare_msg("w", 64);
+	m.hdr.type = RDMAPS_MSG_REPLICA_OPEN;
+	cr_assert_eq(raw_request(&w, &m, sizeof(m), &x), RDMAPS_EPROTO, "REPLICA_OPEN from a worker");
+
+	/* rank 1's replica connection: no worker request, its own "w" */
+	h = raw_hello("peer-secret-9");
+	h.flags = RDMAPS_HELLO_REPLICA;
+	h.replica_of = 1;
+	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), 0);
+	m = raw_declare_msg("w", 64);
+	cr_assert_eq(raw_request(&p, &m, sizeof(m), &x), RDMAPS_EPROTO, "a DECLARE on it");
+	m.hdr.type = RDMAPS_MSG_REPLICA_OPEN;
+	cr_assert_eq(raw_send(&p, &m, sizeof(m)), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_recv(&p, in, sizeof(in), 20000), (int)sizeof(rr));
+	memcpy(&rr, in, sizeof(rr));
+	cr_assert_eq(rr.status, 0);
+	cr_assert_eq(rr.nchunks, 1);
+	cr_assert_neq(rr.mem_addr, tr.remote_addr, "the replica is not the model");
+	for (int i = 0; i < 64; i++)
+		((float *)(p.buf + RAW_DATA_OFF))[i] = 7.0f;
+	cr_assert_eq(raw_rdma(&p, IBV_WR_RDMA_WRITE, rr.mem_addr + RDMAPS_CHUNK_HDR, rr.mem_rkey,
+			      64 * sizeof(float), 0),
+		     IBV_WC_SUCCESS, "it writes its replica");
+	/* a push on it is dropped, not folded into the model's tensor 0 */
+	cr_assert_eq(raw_slot(&p, tr.tensor_id, 1, 0, 64, 5.0f, 0), IBV_WC_SUCCESS);
+	cr_assert_eq(raw_dropped(&p, 1), 1, "the push was dropped");
+	/* the replica's key at the model's address, then the model's own key:
+	 * each a remote access error (each breaks the QP: connect again) */
+	cr_assert_neq(raw_rdma(&p, IBV_WR_RDMA_WRITE, tr.remote_addr + RDMAPS_CHUNK_HDR, rr.mem_rkey,
+			       64 * sizeof(float), 0),
+		      IBV_WC_SUCCESS, "replica key on the model");
+	raw_close(&p);
+	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), 0);
+	cr_assert_neq(raw_rdma(&p, IBV_WR_RDMA_WRITE, tr.remote_addr + RDMAPS_CHUNK_HDR, tr.rkey,
+			       64 * sizeof(float), 0),
+		      IBV_WC_SUCCESS, "model key from a replica connection");
+	raw_close(&p);
+
+	/* the model is as declared (zeros), and the server serves on */
+	cr_assert_eq(raw_rdma(&w, IBV_WR_RDMA_READ, tr.remote_addr, tr.rkey,
+			      RDMAPS_CHUNK_HDR + 64 * sizeof(float), 0),
+		     IBV_WC_SUCCESS);
+	for (int i = 0; i < 64; i++)
+		cr_assert_eq(((float *)(w.buf + RAW_DATA_OFF + RDMAPS_CHUNK_HDR))[i], 0.0f, "[%d]", i);
+	raw_close(&w);
+	c = th_connect(&srv);
+	cr_assert_eq(rdmaps_server_stats(c, &st), 0);
+	cr_assert_geq(st.bad_messages, 2);
+	cr_assert_eq(st.auth_failures, 2);
+	rdmaps_close(c);
+	th_rmdir(dir);
+}
