@@ -80,6 +80,9 @@ Test(config, tuning_keys_defaults_and_bounds)
 		/* a snapshot after two torn READs; 0 would never READ the model */
 		{ "snapshot_after", "RDMAPS_SNAPSHOT_AFTER", "5", "1", "0", 2, 5, 1,
 		  offsetof(struct rdmaps__config, snapshot_after) },
+		/* one copy of each part unless told; at most a primary and three backups */
+		{ "replicas", "RDMAPS_REPLICAS", "2", "3", "5", 1, 2, 3,
+		  offsetof(struct rdmaps__config, replicas) },
 	};
 
 	for (size_t i = 0; i < sizeof(k) / sizeof(k[0]); i++) {
@@ -105,6 +108,30 @@ Test(config, tuning_keys_defaults_and_bounds)
 		unsetenv(k[i].var);
 		unlink(p);
 	}
+}
+
+/* The servers' own token, apart from the workers': from the file, a file
+ * it names, or the variable; too long refused. */
+Test(config, peer_token_is_its_own)
+{
+	char ini[160];
+	const char *tf = write_ini("from-a-file\n"), *p;
+
+	snprintf(ini, sizeof(ini), "servers = a\ntoken = workers\npeer_token_file = %s\n", tf);
+	p = write_ini(ini);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_str_eq(cfg.token, "workers");
+	cr_assert_str_eq(cfg.peer_token, "from-a-file");
+	setenv("RDMAPS_PEER_TOKEN", "from-env", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_str_eq(cfg.peer_token, "from-env");
+	cr_assert_str_eq(cfg.token, "workers", "one does not set the other");
+	setenv("RDMAPS_PEER_TOKEN", "0123456789abcdef0123456789abcdefX", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL);
+	cr_assert_not_null(strstr(err, "RDMAPS_PEER_TOKEN"), "%s", err);
+	unsetenv("RDMAPS_PEER_TOKEN");
+	unlink(p);
+	unlink(tf);
 }
 
 Test(config, launchers)
