@@ -173,39 +173,13 @@ static void cm_events(struct cl_conn *k)
 static int resolve(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
 		   int timeout)
 {
-	struct rdma_addrinfo hints = { .ai_port_space = RDMA_PS_TCP }, *dst = NULL, *sres = NULL;
-	struct rdma_cm_event *ev;
-	int rc;
+	int rc = rdmaps__cm_resolve(k->ch, k->id, sa->host, sa->port, src, timeout);
 
-	if (rdma_getaddrinfo(sa->host, sa->port, &hints, &dst)) {
+	if (rc == RDMAPS_ECONNECT)
 		log_error("cannot resolve server %s", k->name);
-		return RDMAPS_ECONNECT;
-	}
-	if (src && *src) {
-		struct rdma_addrinfo sh = { .ai_flags = RAI_PASSIVE, .ai_port_space = RDMA_PS_TCP };
-		if (rdma_getaddrinfo(src, NULL, &sh, &sres)) {
-			log_error("cannot resolve local address %s", src);
-			rdma_freeaddrinfo(dst);
-			return RDMAPS_ENODEV;
-		}
-	}
-	/* binding the source picks the device, and on rxe it is what makes the
-	 * traffic leave through that device instead of a local shortcut */
-	rc = rdma_resolve_addr(k->id, sres ? sres->ai_src_addr : NULL, dst->ai_dst_addr, timeout);
-	rdma_freeaddrinfo(dst);
-	if (sres)
-		rdma_freeaddrinfo(sres);
-	if (rc)
-		return rdmaps__from_errno(errno);
-	if ((rc = rdmaps__cm_wait(k->ch, RDMA_CM_EVENT_ADDR_RESOLVED, timeout, &ev, NULL)))
-		return rc;
-	rdma_ack_cm_event(ev);
-	if (rdma_resolve_route(k->id, timeout))
-		return rdmaps__from_errno(errno);
-	if ((rc = rdmaps__cm_wait(k->ch, RDMA_CM_EVENT_ROUTE_RESOLVED, timeout, &ev, NULL)))
-		return rc;
-	rdma_ack_cm_event(ev);
-	return 0;
+	else if (rc == RDMAPS_ENODEV)
+		log_error("cannot resolve local address %s", src);
+	return rc;
 }
 
 /* The user's registrations on PD slot i, deregistered. */

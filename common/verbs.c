@@ -114,6 +114,39 @@ int rdmaps__cm_wait(struct rdma_event_channel *ch, enum rdma_cm_event_type want,
 	return rc;
 }
 
+int rdmaps__cm_resolve(struct rdma_event_channel *ch, struct rdma_cm_id *id, const char *host,
+		       const char *port, const char *src, int timeout_ms)
+{
+	struct rdma_addrinfo hints = { .ai_port_space = RDMA_PS_TCP }, *dst = NULL, *sres = NULL;
+	struct rdma_cm_event *ev;
+	int rc;
+
+	if (rdma_getaddrinfo(host, port, &hints, &dst))
+		return RDMAPS_ECONNECT;
+	if (src && *src) {
+		struct rdma_addrinfo sh = { .ai_flags = RAI_PASSIVE, .ai_port_space = RDMA_PS_TCP };
+		if (rdma_getaddrinfo(src, NULL, &sh, &sres)) {
+			rdma_freeaddrinfo(dst);
+			return RDMAPS_ENODEV;
+		}
+	}
+	rc = rdma_resolve_addr(id, sres ? sres->ai_src_addr : NULL, dst->ai_dst_addr, timeout_ms);
+	rdma_freeaddrinfo(dst);
+	if (sres)
+		rdma_freeaddrinfo(sres);
+	if (rc)
+		return rdmaps__from_errno(errno);
+	if ((rc = rdmaps__cm_wait(ch, RDMA_CM_EVENT_ADDR_RESOLVED, timeout_ms, &ev, NULL)))
+		return rc;
+	rdma_ack_cm_event(ev);
+	if (rdma_resolve_route(id, timeout_ms))
+		return rdmaps__from_errno(errno);
+	if ((rc = rdmaps__cm_wait(ch, RDMA_CM_EVENT_ROUTE_RESOLVED, timeout_ms, &ev, NULL)))
+		return rc;
+	rdma_ack_cm_event(ev);
+	return 0;
+}
+
 unsigned rdmaps__read_span(struct ibv_context *v)
 {
 	struct ibv_device_attr da;

@@ -45,6 +45,16 @@ void rdmaps__memlock_describe(char *buf, size_t len);
 int rdmaps__cm_wait(struct rdma_event_channel *ch, enum rdma_cm_event_type want, int timeout_ms,
 		    struct rdma_cm_event **ev, int *reject_err);
 
+/*
+ * Resolve id (its events on ch) to host:port from local address src (NULL
+ * or "": the route's), address then route, each within timeout_ms. Binding
+ * src picks the device, and on rxe it is what makes the traffic leave
+ * through that device instead of a local shortcut. 0, RDMAPS_ECONNECT
+ * (host unknown), RDMAPS_ENODEV (src unknown), or what rdma_cm said.
+ */
+int rdmaps__cm_resolve(struct rdma_event_channel *ch, struct rdma_cm_id *id, const char *host,
+		       const char *port, const char *src, int timeout_ms);
+
 /* "RDMA_CM_EVENT_x" text for logs. */
 const char *rdmaps__cm_event_str(enum rdma_cm_event_type t);
 

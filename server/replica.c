@@ -161,7 +161,6 @@ static int peer_connect(struct srv_peer *p)
 {
 	struct srv *s = p->s;
 	const struct rdmaps__server_addr *sa = &s->cfg.servers[p->rank];
-	struct rdma_addrinfo hints = { .ai_port_space = RDMA_PS_TCP }, *dst = NULL, *src = NULL;
 	struct ibv_qp_init_attr qa = { 0 };
 	struct rdmaps_wire_hello h = { 0 };
 	struct rdma_conn_param cp = { 0 };
@@ -172,29 +171,13 @@ static int peer_connect(struct srv_peer *p)
 	p->ch = rdma_create_event_channel();
 	if (!p->ch || rdma_create_id(p->ch, &p->id, p, RDMA_PS_TCP))
 		return RDMAPS_EVERBS;
-	if (rdma_getaddrinfo(sa->host, sa->port, &hints, &dst))
-		return RDMAPS_ECONNECT;
-	if (s->cfg.listen_addr && *s->cfg.listen_addr && strcmp(s->cfg.listen_addr, "0.0.0.0")) {
-		/* from the address we serve on: the device workers reach us by */
-		struct rdma_addrinfo sh = { .ai_flags = RAI_PASSIVE, .ai_port_space = RDMA_PS_TCP };
-		if (rdma_getaddrinfo(s->cfg.listen_addr, NULL, &sh, &src))
-			src = NULL;
-	}
-	rc = rdma_resolve_addr(p->id, src ? src->ai_src_addr : NULL, dst->ai_dst_addr,
-			       PEER_TIMEOUT_MS);
-	rdma_freeaddrinfo(dst);
-	if (src)
-		rdma_freeaddrinfo(src);
-	if (rc)
-		return rdmaps__from_errno(errno);
-	if ((rc = rdmaps__cm_wait(p->ch, RDMA_CM_EVENT_ADDR_RESOLVED, PEER_TIMEOUT_MS, &ev, NULL)))
+	/* from the address we serve on: the device workers reach us by */
+	if ((rc = rdmaps__cm_resolve(p->ch, p->id, sa->host, sa->port,
+				     s->cfg.listen_addr && strcmp(s->cfg.listen_addr, "0.0.0.0")
+					     ? s->cfg.listen_addr
+					     : NULL,
+				     PEER_TIMEOUT_MS)))
 		return rc;
-	rdma_ack_cm_event(ev);
-	if (rdma_resolve_route(p->id, PEER_TIMEOUT_MS))
-		return rdmaps__from_errno(errno);
-	if ((rc = rdmaps__cm_wait(p->ch, RDMA_CM_EVENT_ROUTE_RESOLVED, PEER_TIMEOUT_MS, &ev, NULL)))
-		return rc;
-	rdma_ack_cm_event(ev);
 
 	p->pd = ibv_alloc_pd(p->id->verbs);
 	/* a completion per chunk (its last write), a send, a receive */
