@@ -301,6 +301,14 @@ struct rdmaps_msg_replica_reply {
 	uint32_t nchunks;
 	uint32_t chunk_elems;
 	uint32_t state_per_param;
+	/* the primary's per-worker accounts (struct srv_closed: conn_id u64,
+	 * folded_seq u64, dropped u32, reserved u32), one per connection place
+	 * of the primary's fold thread below accounts_cap; the same in every
+	 * reply of one connection */
+	uint32_t accounts_cap;
+	uint64_t accounts_addr;
+	uint32_t accounts_rkey;
+	uint32_t reserved;
 };
 
 /* the map names every field: printing and summing miss none */

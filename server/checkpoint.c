@@ -493,6 +493,14 @@ static void replicas_checkpoint(struct srv *s)
 			atomic_fetch_add(&s->checkpoint_failures, 1);
 			continue;
 		}
+		/* its primary's accounts, as its own closed connections': a
+		 * worker of the primary restored from here settles by them */
+		srv_resume_clear(&st->resume);
+		for (uint32_t i = 0; i < st->naccounts; i++) {
+			struct srv_closed a = st->accounts[i];
+			if (a.conn_id)
+				srv_resume_record(&st->resume, &a);
+		}
 		scan_ckpts(dir, seqs, 1, &top);
 		if (srv_checkpoint_write(st, dir, p, top + 1, err, sizeof(err))) {
 			log_error("checkpoint of rank %u's backups failed: %s", p, err);

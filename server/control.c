@@ -380,6 +380,9 @@ static void on_replica_open(struct srv_conn *c, const struct rdmaps_msg_declare 
 	r.nchunks = t->nchunks;
 	r.chunk_elems = t->chunk_elems;
 	r.state_per_param = t->opt->state_per_param;
+	r.accounts_addr = (uintptr_t)c->rstore->accounts;
+	r.accounts_rkey = c->acct_mr->rkey;
+	r.accounts_cap = c->rstore->naccounts;
 	reply_send(c, &r, sizeof(r));
 }
 

@@ -225,6 +225,10 @@ int srv_reg_replica(struct srv_conn *c, struct srv_tensor *t)
 	    !(rc = rdmaps__reg_mr(c->pd, t->steps, t->nchunks * sizeof(uint64_t), acc,
 				  &c->repl_mr[2 * t->id + 1])))
 		atomic_fetch_add(&c->srv->reg_bytes, t->nchunks * sizeof(uint64_t));
+	if (!rc && !c->acct_mr &&
+	    !(rc = rdmaps__reg_mr(c->pd, c->rstore->accounts,
+				  c->rstore->naccounts * sizeof(*c->rstore->accounts), acc, &c->acct_mr)))
+		atomic_fetch_add(&c->srv->reg_bytes, c->acct_mr->length);
 	return rc;
 }
 
@@ -271,6 +275,10 @@ void srv_reg_conn_free(struct srv_conn *c)
 				atomic_fetch_sub(&s->reg_bytes, c->tensor_mr[i]->length);
 				ibv_dereg_mr(c->tensor_mr[i]);
 			}
+	if (c->acct_mr) {
+		atomic_fetch_sub(&s->reg_bytes, c->acct_mr->length);
+		ibv_dereg_mr(c->acct_mr);
+	}
 	for (uint32_t i = 0; c->repl_mr && i < 2 * s->store.max; i++)
 		if (c->repl_mr[i]) {
 			atomic_fetch_sub(&s->reg_bytes, c->repl_mr[i]->length);

@@ -81,6 +81,11 @@ struct srv_peer {
 	uint32_t opening;          /* tensors queued or asked */
 	bool synced;               /* every tensor written since it connected */
 	uint64_t sync_from, sync_ns;
+	/* the backup's table of our per-worker accounts (REPLICA_REPLY), and
+	 * what we write there from: one entry per connection place */
+	uint64_t acct_addr;
+	uint32_t acct_rkey, acct_cap;
+	struct srv_closed *acct_out;
 	uint64_t last_try; /* connector: last attempt */
 	unsigned failing;  /* connector: attempts failed in a row */
 	_Atomic bool lost; /* connector -> fold thread: its connection closed */
@@ -192,11 +197,14 @@ static int peer_connect(struct srv_peer *p)
 	if (rdma_create_qp(p->id, p->pd, &qa))
 		return RDMAPS_EVERBS;
 	p->qp = p->id->qp;
-	p->buf_len = 2 * RDMAPS_MSG_MAX + PEER_BOUNCE * p->r->slot_bytes;
+	p->buf_len = 2 * RDMAPS_MSG_MAX + PEER_BOUNCE * p->r->slot_bytes +
+		     (size_t)s->cfg.max_workers * sizeof(struct srv_closed);
 	p->buf = aligned_alloc(4096, rdmaps__round_up(p->buf_len, 4096));
 	p->credit = aligned_alloc(64, 64);
 	if (!p->buf || !p->credit)
 		return RDMAPS_ENOMEM;
+	p->acct_out = (struct srv_closed *)(p->buf + 2 * RDMAPS_MSG_MAX +
+					    PEER_BOUNCE * p->r->slot_bytes);
 	/* the bounce slots and messages: local only; the backup may write
 	 * the credit word and nothing else of ours */
 	if ((rc = rdmaps__reg_mr(p->pd, p->buf, p->buf_len, IBV_ACCESS_LOCAL_WRITE, &p->mr)) ||
@@ -322,9 +330,14 @@ struct srv_store *srv_repl_store(struct srv *s, unsigned p)
 	 * chunk's write lands where its header says */
 	c.two_copies_min = 0;
 	s->replica[p] = calloc(1, sizeof(*s->replica[p]));
-	if (s->replica[p] && !srv_store_init(s->replica[p], &c))
+	if (s->replica[p] && !srv_store_init(s->replica[p], &c)) {
 		s->replica[p]->replica = true;
-	else if (s->replica[p]) {
+		s->replica[p]->naccounts = c.max_workers;
+		s->replica[p]->accounts = calloc(c.max_workers, sizeof(struct srv_closed));
+	}
+	if (s->replica[p] && !s->replica[p]->accounts) {
+		if (s->replica[p]->replica)
+			srv_store_fini(s->replica[p]);
 		free(s->replica[p]);
 		s->replica[p] = NULL;
 	}
@@ -383,6 +396,7 @@ void srv_repl_stop(struct srv *s)
 	for (unsigned p = 0; p < RDMAPS_MAX_SERVERS; p++)
 		if (s->replica[p]) {
 			srv_store_fini(s->replica[p]);
+			free(s->replica[p]->accounts);
 			free(s->replica[p]);
 			s->replica[p] = NULL;
 		}
@@ -499,6 +513,41 @@ static void peer_post_chunk(struct srv_peer *p, struct srv_tensor *t, uint32_t i
 }
 
 /*
+ * c's account (docs/durability.md, "Exactly once") on p, after the chunks
+ * its folds changed: every seq of c below seq is folded or refused. A
+ * primary restored from p's copy answers c's RESUME with it, so its worker
+ * settles every push exactly once. Before p has answered an open, it has
+ * nothing of ours to account for.
+ */
+static void peer_post_account(struct srv_peer *p, const struct srv_conn *c, uint64_t seq)
+{
+	struct srv_closed *a;
+	struct ibv_sge sge;
+	struct ibv_send_wr wr = { .wr_id = WR_CHUNK, .sg_list = &sge, .num_sge = 1,
+				  .opcode = IBV_WR_RDMA_WRITE, .send_flags = IBV_SEND_SIGNALED },
+			   *bad;
+
+	if (!p->acct_rkey || c->place >= p->acct_cap)
+		return;
+	while (p->posted - p->completed >= PEER_BOUNCE)
+		if (peer_poll(p) < 0)
+			return;
+	/* one entry per place: a newer account of the same connection may
+	 * overwrite one still being sent, which is as good */
+	a = &p->acct_out[c->place];
+	*a = (struct srv_closed){ .conn_id = c->conn_id, .folded_seq = seq,
+				  .dropped = c->credit.dropped };
+	sge = (struct ibv_sge){ (uintptr_t)a, sizeof(*a), p->mr->lkey };
+	wr.wr.rdma.remote_addr = p->acct_addr + (uint64_t)c->place * sizeof(*a);
+	wr.wr.rdma.rkey = p->acct_rkey;
+	if (ibv_post_send(p->qp, &wr, &bad)) {
+		peer_fail(p, "cannot post a write");
+		return;
+	}
+	p->posted++;
+}
+
+/*
  * Opening t's backup on p is asynchronous: REPLICA_OPEN (t's declaration)
  * goes out, and the fold thread goes on folding. Blocking for the answer
  * would deadlock two servers that back each other up and open at once:
@@ -587,6 +636,9 @@ static void open_done(struct srv_peer *p)
 		peer_fail(p, "a replica unlike its tensor");
 		return;
 	}
+	p->acct_addr = rep.accounts_addr;
+	p->acct_rkey = rep.accounts_rkey;
+	p->acct_cap = rep.accounts_cap;
 	*pt = (struct peer_tensor){ .mem = rep.mem_addr, .stride = rep.stride,
 				    .state_addr = rep.state_addr, .steps = rep.steps_addr,
 				    .mem_rkey = rep.mem_rkey, .state_rkey = rep.state_rkey,
@@ -619,6 +671,7 @@ static void peer_adopt(struct srv_peer *p)
 	p->asking = NULL;
 	p->opening = 0;
 	p->synced = false;
+	p->acct_rkey = 0;
 	p->sync_from = p->posted;
 	p->sync_ns = rdmaps__now_ns();
 	atomic_store_explicit(&p->state, PEER_UP, memory_order_relaxed);
@@ -650,13 +703,16 @@ void srv_repl_flush(struct srv_fold_thread *ft)
 		}
 	}
 	r->ntouch = 0;
-	/* credits of folds up to here wait for what was just posted */
+	/* then each worker's account, and its credit waits for all of it */
 	for (uint32_t k = 0; k < r->count; k++) {
 		struct repl_wait *w = &r->wait[(r->head + k) % REPL_WAIT_MAX];
 		if (w->assigned)
 			continue;
-		for (unsigned j = 0; j < r->npeers; j++)
+		for (unsigned j = 0; j < r->npeers; j++) {
+			if (w->c && peer_up(&r->peer[j]))
+				peer_post_account(&r->peer[j], w->c, w->seq);
 			w->upto[j] = r->peer[j].posted;
+		}
 		w->assigned = true;
 	}
 }

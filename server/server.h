@@ -187,6 +187,11 @@ struct srv_store {
 	uint64_t two_copies_min;
 	uint32_t chunk_elems;
 	bool replica; /* another server's parts, written by it (replica.c) */
+	/* replica: its primary's per-worker accounts, written by the primary
+	 * (one per connection place, naccounts of them), made records of
+	 * resume at a checkpoint */
+	struct srv_closed *accounts;
+	uint32_t naccounts;
 };
 
 struct srv_fold_thread;
@@ -316,6 +321,7 @@ struct srv_conn {
 	struct srv_store *rstore;
 	unsigned replica_of;
 	struct ibv_mr **repl_mr;
+	struct ibv_mr *acct_mr; /* rstore's accounts, REMOTE_WRITE */
 };
 
 struct srv_tensor;
@@ -732,7 +738,8 @@ struct srv_store *srv_repl_store(struct srv *s, unsigned p);
 size_t srv_chunk_replica_copy(struct srv_tensor *t, uint32_t i, uint8_t *dst, size_t state_off,
 			      size_t steps_off, struct srv_open_set *os);
 /* Registration of a replica tensor for its primary's connection c:
- * values, state and fold counts REMOTE_WRITE in c's own PD. */
+ * values, state and fold counts REMOTE_WRITE in c's own PD, and (once)
+ * the store's accounts. */
 int srv_reg_replica(struct srv_conn *c, struct srv_tensor *t);
 
 /* ---- listener.c ---- */
