@@ -52,6 +52,10 @@ static size_t msg_size(uint16_t type)
 		return sizeof(struct rdmaps_msg_declare);
 	case RDMAPS_MSG_REPLICA_REPLY:
 		return sizeof(struct rdmaps_msg_replica_reply);
+	case RDMAPS_MSG_REPLICAS:
+		return sizeof(struct rdmaps_msg_hdr);
+	case RDMAPS_MSG_REPLICAS_REPLY:
+		return sizeof(struct rdmaps_msg_replicas_reply);
 	case RDMAPS_MSG_CATALOG_REPLY:
 		return sizeof(struct rdmaps_msg_catalog_reply);
 	case RDMAPS_MSG_CHUNKS_REPLY:

@@ -168,6 +168,7 @@ enum rdmaps_msg_type {
 	RDMAPS_MSG_RESUME = 9,     /* what a closed connection of this worker folded */
 	RDMAPS_MSG_SNAPSHOT = 10,  /* copy a chunk whole where the worker can READ it */
 	RDMAPS_MSG_REPLICA_OPEN = 11, /* a primary server: open the backup of one of its tensors */
+	RDMAPS_MSG_REPLICAS = 12,  /* this server's backups, and whose parts it backs up */
 	RDMAPS_MSG_TENSOR_REPLY = 0x81,
 	RDMAPS_MSG_STATS_REPLY = 0x83,
 	RDMAPS_MSG_STATUS_REPLY = 0x84,
@@ -177,6 +178,7 @@ enum rdmaps_msg_type {
 	RDMAPS_MSG_RESUME_REPLY = 0x89,
 	RDMAPS_MSG_SNAPSHOT_REPLY = 0x8a,
 	RDMAPS_MSG_REPLICA_REPLY = 0x8b,
+	RDMAPS_MSG_REPLICAS_REPLY = 0x8c,
 };
 
 struct rdmaps_msg_hdr {
@@ -310,6 +312,37 @@ struct rdmaps_msg_replica_reply {
 	uint32_t accounts_rkey;
 	uint32_t reserved;
 };
+
+/* REPLICAS: a backup of this server's parts, as its primary sees it. */
+enum rdmaps_backup_state {
+	RDMAPS_BACKUP_DOWN = 0,     /* not connected: being connected to, every 0.5 s */
+	RDMAPS_BACKUP_CATCHING_UP = 1, /* connected, being written every tensor */
+	RDMAPS_BACKUP_UP = 2,       /* caught up: acknowledgements wait for it */
+};
+struct rdmaps_wire_backup_info {
+	uint32_t rank, state;  /* enum rdmaps_backup_state */
+	uint64_t writes;       /* chunks and accounts written to it since start */
+	uint64_t in_flight;    /* of those, not yet completed: how far behind it is */
+	uint32_t opening;      /* tensors not yet open on it */
+	uint32_t reserved;
+};
+/* A primary whose parts this server backs up. */
+struct rdmaps_wire_held_info {
+	uint32_t primary;      /* its rank */
+	uint32_t tensors;
+	uint32_t accounts;     /* its workers' accounts held */
+	uint32_t reserved;
+};
+struct rdmaps_msg_replicas_reply {
+	struct rdmaps_msg_hdr hdr;
+	int32_t status;
+	uint32_t server_id;
+	uint32_t replicas;     /* copies of each part (1: no backups) */
+	uint32_t nbackups, nheld, reserved;
+	struct rdmaps_wire_backup_info backup[3];
+	struct rdmaps_wire_held_info held[64];
+};
+_Static_assert(sizeof(struct rdmaps_msg_replicas_reply) <= RDMAPS_MSG_MAX, "replicas reply fits");
 
 /* the map names every field: printing and summing miss none */
 #define RDMAPS__STAT_ONE(f) +1

@@ -450,6 +450,14 @@ void srv_control_handle(struct srv_conn *c, const void *msg, uint32_t len)
 		reply_send(c, &r, sizeof(r));
 		break;
 	}
+	case RDMAPS_MSG_REPLICAS: {
+		static _Thread_local struct rdmaps_msg_replicas_reply r;
+		memset(&r, 0, sizeof(r));
+		rdmaps__msg_init(&r.hdr, RDMAPS_MSG_REPLICAS_REPLY, sizeof(r), h.req_id);
+		srv_repl_describe(c->srv, c->ft, &r);
+		reply_send(c, &r, sizeof(r));
+		break;
+	}
 	case RDMAPS_MSG_CHECKPOINT:
 		if (!c->srv->cfg.ckpt_dir) {
 			reply_status(c, h.req_id, RDMAPS_ENOTSUP);

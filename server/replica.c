@@ -329,21 +329,23 @@ struct srv_store *srv_repl_store(struct srv *s, unsigned p)
 	/* one copy, whatever --two-copies-from: nobody pulls a backup, and a
 	 * chunk's write lands where its header says */
 	c.two_copies_min = 0;
-	s->replica[p] = calloc(1, sizeof(*s->replica[p]));
-	if (s->replica[p] && !srv_store_init(s->replica[p], &c)) {
-		s->replica[p]->replica = true;
-		s->replica[p]->naccounts = c.max_workers;
-		s->replica[p]->accounts = calloc(c.max_workers, sizeof(struct srv_closed));
+	struct srv_store *st = calloc(1, sizeof(*st));
+	if (st && !srv_store_init(st, &c)) {
+		st->replica = true;
+		st->naccounts = c.max_workers;
+		st->accounts = calloc(c.max_workers, sizeof(struct srv_closed));
 	}
-	if (s->replica[p] && !s->replica[p]->accounts) {
-		if (s->replica[p]->replica)
-			srv_store_fini(s->replica[p]);
-		free(s->replica[p]);
-		s->replica[p] = NULL;
+	if (st && !st->accounts) {
+		if (st->replica)
+			srv_store_fini(st);
+		free(st);
+		return NULL;
 	}
-	if (s->replica[p])
+	if (st)
 		log_info("backing up the parts of server rank %u", p);
-	return s->replica[p];
+	/* REPLICAS reads the table from fold threads */
+	__atomic_store_n(&s->replica[p], st, __ATOMIC_RELEASE);
+	return st;
 }
 
 int srv_repl_start(struct srv *s)
@@ -645,6 +647,11 @@ static void open_done(struct srv_peer *p)
 				    .steps_rkey = rep.steps_rkey, .state = PT_OPEN };
 	for (uint32_t i = 0; i < t->nchunks && peer_up(p); i++)
 		peer_post_chunk(p, t, i);
+	/* then every connected worker's account, which p may never have had
+	 * (the table was unknown before this answer, or p was not caught up) */
+	for (uint32_t k = 0; k < r->ft->nconns && peer_up(p); k++)
+		if (!r->ft->conns[k]->rstore)
+			peer_post_account(p, r->ft->conns[k], r->ft->conns[k]->group_seq);
 	if (!peer_up(p))
 		return;
 	for (uint32_t k = 0; k < r->count; k++)
@@ -845,4 +852,36 @@ void srv_repl_settle(struct srv_fold_thread *ft, struct srv_conn *c)
 	for (uint32_t k = 0; k < r->count; k++)
 		if (r->wait[(r->head + k) % REPL_WAIT_MAX].c == c)
 			r->wait[(r->head + k) % REPL_WAIT_MAX].c = NULL;
+}
+
+void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
+		       struct rdmaps_msg_replicas_reply *r)
+{
+	const struct srv_repl *rp = ft->repl;
+
+	r->server_id = s->cfg.server_id;
+	r->replicas = s->cfg.replicas;
+	/* with backups there is one fold thread (main.c): this one owns them */
+	for (unsigned j = 0; rp && j < rp->npeers && j < 3; j++) {
+		const struct srv_peer *p = &rp->peer[j];
+		struct rdmaps_wire_backup_info *b = &r->backup[r->nbackups++];
+		b->rank = p->rank;
+		b->state = !peer_up(p) ? RDMAPS_BACKUP_DOWN
+			   : p->synced ? RDMAPS_BACKUP_UP
+				       : RDMAPS_BACKUP_CATCHING_UP;
+		b->writes = p->posted;
+		b->in_flight = peer_up(p) ? p->posted - p->completed : 0;
+		b->opening = peer_up(p) ? p->opening : 0;
+	}
+	for (unsigned k = 0; k < RDMAPS_MAX_SERVERS && r->nheld < 64; k++) {
+		const struct srv_store *st = __atomic_load_n(&s->replica[k], __ATOMIC_ACQUIRE);
+		struct rdmaps_wire_held_info *h;
+		if (!st)
+			continue;
+		h = &r->held[r->nheld++];
+		h->primary = k;
+		h->tensors = atomic_load(&((struct srv_store *)st)->count);
+		for (uint32_t i = 0; i < st->naccounts; i++)
+			h->accounts += __atomic_load_n(&st->accounts[i].conn_id, __ATOMIC_RELAXED) != 0;
+	}
 }

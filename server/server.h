@@ -727,6 +727,10 @@ bool srv_repl_pending(const struct srv_fold_thread *ft);
 void srv_repl_settle(struct srv_fold_thread *ft, struct srv_conn *c);
 /* Fold thread (replica.c calls it): c's folded seq and its credit. */
 void srv_conn_credit(struct srv_conn *c, uint64_t seq, bool urgent);
+/* Fold thread ft (any, with one fold thread the owner of the backups):
+ * what REPLICAS answers. */
+void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
+		       struct rdmaps_msg_replicas_reply *r);
 /* Backup side, listener: the store for rank p's replicas (made on first use). */
 struct srv_store *srv_repl_store(struct srv *s, unsigned p);
 /*

@@ -32,6 +32,8 @@ static void usage(FILE *f)
 		   "                (f32, bf16, fp16, topk, sign)\n"
 		   "  chunks NAME   chunk versions of a tensor on each server\n"
 		   "  workers       connected workers and their counters, per server\n"
+		   "  replicas      each server's backups (connected, caught up, writes in\n"
+		   "                flight) and the servers whose parts it backs up\n"
 		   "  device        this host's RDMA devices: the registration scheme a server\n"
 		   "                would use on each, port state and hardware counters\n"
 		   "  prometheus    servers, workers and device counters as Prometheus text\n"
@@ -192,6 +194,33 @@ static void print_worker(uint32_t server, const struct rdmaps_wire_worker_info *
 	       " %10" PRIu64 "\n",
 	       server, w->addr[0] ? w->addr : "?", w->folds, w->dropped, w->bad_messages, w->next_seq,
 	       w->slots, w->memory, w->pinned);
+}
+
+static int cmd_replicas(rdmaps_client *c)
+{
+	static const char *const state[] = { "down (connecting)", "catching up", "up" };
+
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		static struct rdmaps_msg_replicas_reply r;
+		struct rdmaps_msg_hdr m;
+		int rc;
+		rdmaps__msg_init(&m, RDMAPS_MSG_REPLICAS, sizeof(m), 0);
+		if ((rc = cl_rpc(&c->conn[i], &m, sizeof(m), RDMAPS_MSG_REPLICAS_REPLY, &r, sizeof(r)))) {
+			fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name, rdmaps_strerror(rc));
+			return 1;
+		}
+		printf("server %u  %s  rank %u, replicas %u\n", i, c->conn[i].name, r.server_id,
+		       r.replicas);
+		for (uint32_t k = 0; k < r.nbackups && k < 3; k++)
+			printf("  backup rank %u: %s, %" PRIu64 " writes, %" PRIu64
+			       " in flight, %u tensors to open\n",
+			       r.backup[k].rank, r.backup[k].state < 3 ? state[r.backup[k].state] : "?",
+			       r.backup[k].writes, r.backup[k].in_flight, r.backup[k].opening);
+		for (uint32_t k = 0; k < r.nheld && k < 64; k++)
+			printf("  holds rank %u's parts: %u tensors, %u worker accounts\n",
+			       r.held[k].primary, r.held[k].tensors, r.held[k].accounts);
+	}
+	return 0;
 }
 
 static int cmd_workers(rdmaps_client *c)
@@ -394,6 +423,7 @@ int main(int argc, char **argv)
 		return 0;
 	}
 	if (strcmp(cmd, "servers") && strcmp(cmd, "tensors") && strcmp(cmd, "workers") &&
+	    strcmp(cmd, "replicas") &&
 	    strcmp(cmd, "prometheus") && strcmp(cmd, "checkpoint") &&
 	    (strcmp(cmd, "chunks") || optind + 1 >= argc)) {
 		fprintf(stderr, "rdmaps-ctl: unknown command or missing argument: %s\n", cmd);
@@ -412,6 +442,8 @@ int main(int argc, char **argv)
 		rc = cmd_tensors(c);
 	else if (!strcmp(cmd, "chunks"))
 		rc = cmd_chunks(c, argv[optind + 1]);
+	else if (!strcmp(cmd, "replicas"))
+		rc = cmd_replicas(c);
 	else if (!strcmp(cmd, "workers"))
 		rc = cmd_workers(c);
 	else if (!strcmp(cmd, "prometheus"))
