@@ -20,12 +20,13 @@
 
 #define PEER_TOKEN "servers-own-secret-42"
 #define CE 1024
-#define LEN (4 * CE + 100) /* five chunks over two servers */
+#define LEN (4 * CE + 100) /* five chunks: every server holds some */
 #define PUSHES 6
 
-static struct th_server srv[2], ref;
-static const char *host[5];
-static char servers[256], config[64], ckdir[2][128];
+static struct th_server srv[3], ref;
+static const char *host[5]; /* servers on 1-3, the reference on 4, the worker on 5 */
+static char servers[256], config[64], ckdir[3][128];
+static int nsrv;
 
 static void start_server(int i, const char *ckpt_dir)
 {
@@ -36,30 +37,43 @@ static void start_server(int i, const char *ckpt_dir)
 			  "--checkpoint-dir", ckpt_dir, NULL);
 }
 
-static void start_pair(void)
+/* n servers, each part on all of them (replicas n), and the reference */
+static void start_cluster(int n)
 {
+	size_t len = 0;
 	FILE *f;
 	int fd;
 
 	th_hosts(host, 5);
-	for (int i = 0; i < 2; i++) {
+	nsrv = n;
+	for (int i = 0; i < n; i++) {
 		srv[i].addr = host[i];
 		snprintf(srv[i].port, sizeof(srv[i].port), "%u",
 			 21000u + ((unsigned)getpid() * 11u + (unsigned)i) % 20000u);
 		th_mkdtemp(ckdir[i], sizeof(ckdir[i]), "replica-ckpt");
+		len += (size_t)snprintf(servers + len, sizeof(servers) - len, "%s%s:%s", i ? "," : "",
+					host[i], srv[i].port);
 	}
-	snprintf(servers, sizeof(servers), "%s:%s,%s:%s", host[0], srv[0].port, host[1],
-		 srv[1].port);
 	snprintf(config, sizeof(config), "/tmp/rdmaps-replicas-XXXXXX");
 	fd = mkstemp(config);
 	cr_assert_geq(fd, 0);
 	f = fdopen(fd, "w");
-	fprintf(f, "[cluster]\nservers = %s\ntoken = %s\npeer_token = %s\nreplicas = 2\n", servers,
-		TH_TOKEN, PEER_TOKEN);
+	fprintf(f, "[cluster]\nservers = %s\ntoken = %s\npeer_token = %s\nreplicas = %d\n", servers,
+		TH_TOKEN, PEER_TOKEN, n);
 	fclose(f);
-	for (int i = 0; i < 2; i++)
+	for (int i = 0; i < n; i++)
 		start_server(i, ckdir[i]);
 	th_server_start_at(&ref, host[3], "--chunk-elems", "1024", NULL);
+}
+
+static void start_pair(void)
+{
+	start_cluster(2);
+}
+
+static void start_three(void)
+{
+	start_cluster(3);
 }
 
 /* tc on host 2's switch port (tools/rxe-vm): what reaches the backup */
@@ -75,13 +89,13 @@ static void backup_delay(const char *how)
 static void stop_pair(void)
 {
 	backup_delay("");
-	for (int i = 0; i < 2; i++)
+	for (int i = 0; i < nsrv; i++)
 		if (srv[i].pid)
 			th_server_stop(&srv[i]);
 	th_server_stop(&ref);
 	unlink(config);
-	th_rmdir(ckdir[0]);
-	th_rmdir(ckdir[1]);
+	for (int i = 0; i < nsrv; i++)
+		th_rmdir(ckdir[i]);
 }
 
 /* Sum of a stat over the pair, through a client of the cluster. */
@@ -165,7 +179,7 @@ static rdmaps_client *restore_rank0_from_backup(rdmaps_client *c, bool keep)
 	cr_assert_eq(access(path, R_OK), 0, "the backup wrote rank 0's parts to %s", path);
 	start_server(0, path);
 	if (!keep)
-		cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+		cr_assert_eq(th_connect_cluster(servers, host[4], &c), 0);
 	return c;
 }
 
@@ -188,7 +202,7 @@ Test(replicas, acknowledged_pushes_survive_a_killed_primary, .init = start_pair,
 	rdmaps_tensor *t, *rt;
 	double s;
 
-	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	cr_assert_eq(th_connect_cluster(servers, host[4], &c), 0);
 	wait_backups(c, 2);
 	t = declare(c);
 	rt = declare(rc);
@@ -293,7 +307,7 @@ Test(replicas, a_restarted_backup_catches_up, .init = start_pair, .fini = stop_p
 	char nx[16], ny[16];
 	int k = 0;
 
-	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	cr_assert_eq(th_connect_cluster(servers, host[4], &c), 0);
 	wait_backups(c, 2);
 	x = declare_on_rank0(c, rc, &rx, nx, 0);
 	y = declare_on_rank0(c, rc, &ry, ny, 100);
@@ -308,7 +322,7 @@ Test(replicas, a_restarted_backup_catches_up, .init = start_pair, .fini = stop_p
 	}
 	rdmaps_close(c);
 	start_server(1, ckdir[1]);
-	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	cr_assert_eq(th_connect_cluster(servers, host[4], &c), 0);
 	cr_assert_gt(pair_stat(c, offsetof(struct rdmaps_server_stats, unreplicated_acks)), 0,
 		     "acknowledged without a backup, and counted");
 	wait_backups(c, 2);
@@ -339,7 +353,7 @@ Test(replicas, acknowledgement_waits_for_a_slow_backup, .init = start_pair, .fin
 	struct timespec a, b;
 	double s;
 
-	cr_assert_eq(th_connect_cluster(servers, host[2], &c), 0);
+	cr_assert_eq(th_connect_cluster(servers, host[4], &c), 0);
 	wait_backups(c, 2);
 	x = declare_on_rank0(c, rc, &rx, nx, 200);
 	push1(c, x, rc, rx, 0);
@@ -356,6 +370,45 @@ Test(replicas, acknowledgement_waits_for_a_slow_backup, .init = start_pair, .fin
 	c = restore_rank0_from_backup(c, false); /* kills rank 0 first thing */
 	backup_delay("");
 	assert_same1(c, nx, rc, rx);
+	rdmaps_close(c);
+	rdmaps_close(rc);
+}
+
+/*
+ * Three copies of every part: ranks 0 and 1 killed one after the other,
+ * rank 2 holds both their parts (each primary waited for both its
+ * backups), and both start again from it, exactly where the reference is.
+ */
+Test(replicas, three_copies_survive_two_dead_servers, .init = start_three, .fini = stop_pair,
+     .timeout = 240)
+{
+	rdmaps_client *c, *rc = th_connect(&ref), *b;
+	rdmaps_tensor *t, *rt;
+	char path[2][256];
+
+	cr_assert_eq(th_connect_cluster(servers, host[4], &c), 0);
+	wait_backups(c, 6); /* two per server */
+	t = declare(c);
+	rt = declare(rc);
+	for (uint32_t s = 0; s < 3; s++)
+		cr_assert_gt(rdmaps_tensor_server_elems(t, s), 0, "server %u holds part of it", s);
+	for (int k = 0; k < PUSHES; k++)
+		push_both(c, t, rc, rt, k);
+	rdmaps_close(c);
+	th_server_kill9(&srv[0]);
+	th_server_kill9(&srv[1]);
+	b = th_connect(&srv[2]);
+	cr_assert_eq(rdmaps_checkpoint(b, 10000), 0);
+	rdmaps_close(b);
+	for (int i = 0; i < 2; i++) {
+		snprintf(path[i], sizeof(path[i]), "%s/replica-%d", ckdir[2], i);
+		start_server(i, path[i]);
+	}
+	cr_assert_eq(th_connect_cluster(servers, host[4], &c), 0);
+	cr_assert_eq(rdmaps_lookup(c, "w", &t), 0);
+	assert_same(c, t, rc, rt, "ranks 0 and 1 restored from rank 2");
+	push_both(c, t, rc, rt, PUSHES);
+	assert_same(c, t, rc, rt, "one push after");
 	rdmaps_close(c);
 	rdmaps_close(rc);
 }
