@@ -441,6 +441,7 @@ static int peer_poll(struct srv_peer *p)
 		peer_fail(p, "cannot poll its completion queue");
 		return -1;
 	}
+	bool reply = false;
 	for (int i = 0; i < n; i++) {
 		if (wc[i].status != IBV_WC_SUCCESS) {
 			peer_fail(p, ibv_wc_status_str(wc[i].status));
@@ -450,13 +451,18 @@ static int peer_poll(struct srv_peer *p)
 			p->completed++;
 		} else if (wc[i].wr_id == WR_RECV) {
 			p->reply_len = wc[i].byte_len;
-			if (p->asking)
-				open_done(p);
-			else
-				peer_fail(p, "an answer to no request");
-			if (!peer_up(p))
-				return -1;
+			reply = true;
 		}
+	}
+	/* after the whole batch is counted: open_done writes, and may wait for
+	 * bounce slots that completions of this very batch gave back */
+	if (reply) {
+		if (p->asking)
+			open_done(p);
+		else
+			peer_fail(p, "an answer to no request");
+		if (!peer_up(p))
+			return -1;
 	}
 	return n;
 }
@@ -475,6 +481,8 @@ static void peer_post_chunk(struct srv_peer *p, struct srv_tensor *t, uint32_t i
 	uint32_t count;
 	int n = 0;
 
+	if (!peer_up(p))
+		return; /* failed: the connector owns its queue pair now */
 	while (p->posted - p->completed >= PEER_BOUNCE)
 		if (peer_poll(p) < 0)
 			return;
@@ -529,7 +537,7 @@ static void peer_post_account(struct srv_peer *p, const struct srv_conn *c, uint
 				  .opcode = IBV_WR_RDMA_WRITE, .send_flags = IBV_SEND_SIGNALED },
 			   *bad;
 
-	if (!p->acct_rkey || c->place >= p->acct_cap)
+	if (!peer_up(p) || !p->acct_rkey || c->place >= p->acct_cap)
 		return;
 	while (p->posted - p->completed >= PEER_BOUNCE)
 		if (peer_poll(p) < 0)
