@@ -270,7 +270,9 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 		reject(s, id, RDMAPS_ELIMIT, "max-workers reached");
 		goto destroy;
 	}
-	slots = ring_slots(s);
+	/* a replica connection never pushes: the smallest ring, whatever the
+	 * budget (its primary is one of a few servers, not one of many workers) */
+	slots = hello.flags & RDMAPS_HELLO_REPLICA ? SRV_MIN_SLOTS : ring_slots(s);
 	if (!slots) {
 		char why[160];
 		snprintf(why, sizeof(why),

@@ -8,8 +8,9 @@
  * backup's CPU is not on the path. The writes of one backup go in fold
  * order on one queue pair, so the last one to land is the newest. A push's
  * credit, which is what "folded" means to its worker (RDMAPS_PUSH_FOLDED),
- * waits until every connected backup has completed the writes of what it
- * changed.
+ * waits until every connected, caught-up backup has completed the writes
+ * of what it changed, and of the worker's account after them (what a
+ * primary restored from the backup answers RESUME with).
  *
  * Threads: a connector thread makes each backup's connection (rdma_cm,
  * blocking, retried) and hands it over (state READY); the fold thread
@@ -20,8 +21,7 @@
  *
  * Not here yet (docs/durability.md says what each needs): more than one
  * fold thread (writes of one chunk from two threads would take two queue
- * pairs, which the NIC does not order), failover, the per-worker
- * accounts on the backups.
+ * pairs, which the NIC does not order), failover.
  */
 #include <errno.h>
 #include <poll.h>
