@@ -237,3 +237,64 @@ Test(store, large_tensors_ask_for_huge_pages)
 	}
 	srv_store_fini(&s);
 }
+
+/*
+ * What a primary writes to its backups for chunk i (replica.c): the chunk
+ * as readers see it, header and values, with a stable version (the copy is
+ * taken under the chunk's lock, and the lock's odd mark is not sent), its
+ * optimizer state, its fold count; one copy and two, initialising and
+ * ready. And the lock is let go: the chunk folds again afterwards.
+ */
+Test(store, replica_copy_is_the_chunk_its_state_and_fold_count)
+{
+	struct srv_config c2 = cfg;
+	static uint8_t buf[8192];
+	static float g[256];
+	const size_t state_off = 2048, steps_off = 6144;
+
+	for (int copies = 1; copies <= 2; copies++) {
+		struct rdmaps_msg_declare m = decl(true, 0.5f);
+		struct srv_store st;
+		struct srv_tensor *t;
+		bool created;
+		c2.two_copies_min = copies == 2 ? 4 : 0;
+		cr_assert_eq(srv_store_init(&st, &c2), 0);
+		snprintf(m.optimizer, sizeof(m.optimizer), "adam");
+		cr_assert_eq(srv_store_declare(&st, &m, (void *)1, &t, &created), 0);
+		cr_assert_eq(t->index != NULL, copies == 2);
+		/* initialising: odd chunks, copied as they are, never waited on */
+		stage(t, 2.0f);
+		srv_chunk_replica_copy(t, 0, buf, state_off, steps_off, NULL);
+		cr_assert_eq(((const float *)(buf + RDMAPS_CHUNK_HDR))[5], 2.0f);
+		srv_store_seal(t);
+		for (uint32_t i = 0; i < 256; i++)
+			g[i] = 0.25f * (float)(i % 5) - 0.5f;
+		for (int f = 0; f < 3; f++)
+			for (uint32_t k = 0; k < t->nchunks; k++)
+				srv_chunk_apply(t, k, g, rdmaps__chunk_count(t->length, t->chunk_elems, k),
+						false);
+		for (uint32_t k = 0; k < t->nchunks; k++) {
+			const struct rdmaps_chunk_hdr *h = (const void *)buf;
+			const uint8_t *cur = srv_chunk(t, k);
+			uint32_t n = rdmaps__chunk_count(t->length, t->chunk_elems, k);
+			uint64_t steps;
+			size_t len = srv_chunk_replica_copy(t, k, buf, state_off, steps_off, NULL);
+			cr_assert_eq(len, RDMAPS_CHUNK_HDR + (size_t)n * sizeof(float));
+			cr_assert_eq(h->version, srv_chunk_version(t, k), "chunk %u: the version readers see", k);
+			cr_assert_eq(h->version & 1u, 0);
+			cr_assert_eq(h->count, n);
+			cr_assert(rdmaps__chunk_consistent(h, (const float *)(h + 1), n), "chunk %u whole", k);
+			cr_assert_eq(memcmp(h + 1, cur + RDMAPS_CHUNK_HDR, (size_t)n * sizeof(float)), 0);
+			/* Adam: two arrays of count floats, chunk k's region */
+			cr_assert_eq(memcmp(buf + state_off,
+					    t->state + (size_t)k * t->chunk_elems * 2, (size_t)n * 2 * 4), 0);
+			memcpy(&steps, buf + steps_off, sizeof(steps));
+			cr_assert_eq(steps, 3, "chunk %u: three folds", k);
+		}
+		/* let go: it folds again, and the next copy has it */
+		srv_chunk_apply(t, 0, g, t->chunk_elems, false);
+		srv_chunk_replica_copy(t, 0, buf, state_off, steps_off, NULL);
+		cr_assert_eq(((const struct rdmaps_chunk_hdr *)buf)->version, srv_chunk_version(t, 0));
+		srv_store_fini(&st);
+	}
+}
