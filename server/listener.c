@@ -397,10 +397,11 @@ static void evict_some(struct srv *s)
 			continue;
 		log_info("worker " SRV_CONN_FMT ": came back on another connection; closing this one",
 			 SRV_CONN_ARGS(c));
-		if (c->attached)
-			atomic_fetch_add(&s->disconnects, 1);
+		bool counted = c->attached;
 		rdma_disconnect(c->id);
 		conn_teardown(s, c);
+		if (counted)
+			atomic_fetch_add(&s->disconnects, 1);
 	}
 }
 
@@ -448,12 +449,15 @@ static void on_event(struct srv *s, struct rdma_cm_event *ev)
 	case RDMA_CM_EVENT_UNREACHABLE:
 	case RDMA_CM_EVENT_REJECTED:
 		if (c) {
-			if (c->attached)
-				atomic_fetch_add(&s->disconnects, 1);
+			bool counted = c->attached;
 			log_info("worker " SRV_CONN_FMT " gone (%s); freeing its resources", SRV_CONN_ARGS(c),
 				 rdma_event_str(type));
 			rdma_ack_cm_event(ev);
 			conn_teardown(s, c);
+			/* counted gone once its staged slots are folded (teardown):
+			 * a worker that saw its count drop can read what it pushed */
+			if (counted)
+				atomic_fetch_add(&s->disconnects, 1);
 			return;
 		}
 		break;
