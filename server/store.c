@@ -485,64 +485,72 @@ void srv_chunk_unlock(struct srv_tensor *t, uint32_t chunk, uint64_t v, bool cha
 	__atomic_store_n(&h->version, v + 2, __ATOMIC_RELEASE);
 }
 
-size_t srv_chunk_snapshot(struct srv_tensor *t, uint32_t i, bool half, void *dst,
-			  struct srv_open_set *os)
+/*
+ * Copy chunk i (or with half its 16-bit copy) whole into dst, holding the
+ * chunk's lock unless lock is false (an initialising tensor, whose chunks
+ * stay odd and only its creator's fold thread, the caller, writes), and
+ * return with it still held: *word and *v are what chunk_let_go gives back.
+ * Two copies: the index word is the chunk's lock; one copy: the header's
+ * version. The 16-bit copy is written under the same.
+ */
+static size_t chunk_copy_held(struct srv_tensor *t, uint32_t i, bool half, void *dst, bool lock,
+			      struct srv_open_set *os, uint64_t **word, uint64_t *v)
 {
 	struct rdmaps_chunk_hdr *master = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
-	/* two copies: the index word is the chunk's lock; one copy: the
-	 * header's version. The 16-bit copy is written under the same. */
-	uint64_t *word = t->index ? &t->index[i] : &master->version;
 	const struct rdmaps_chunk_hdr *src;
 	struct rdmaps_chunk_hdr *out = dst;
-	uint64_t v;
 	size_t len;
 
+	*word = t->index ? &t->index[i] : &master->version;
+	*v = 0;
 	if (os)
 		srv_open_publish(os);
-	v = seq_take(word);
+	if (lock)
+		*v = seq_take(*word);
 	if (half)
 		src = (const struct rdmaps_chunk_hdr *)srv_half_chunk(t, i);
 	else if (t->index)
-		src = (const struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, (unsigned)(v >> 1) & 1u);
+		src = (const struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, (unsigned)(*v >> 1) & 1u);
 	else
 		src = master;
 	len = RDMAPS_CHUNK_HDR + (size_t)src->count * (half ? 2u : sizeof(float));
 	memcpy(dst, src, len);
-	if (src == master)
-		out->version = v; /* it holds v + 1 while we have it */
-	/* nothing changed: the old version stays valid for readers */
+	if (lock && src == master)
+		out->version = *v; /* it holds v + 1 while we have it */
+	return len;
+}
+
+/* Nothing changed: the old version stays valid for readers. */
+static void chunk_let_go(uint64_t *word, uint64_t v)
+{
 	__atomic_store_n(word, v, __ATOMIC_RELEASE);
+}
+
+size_t srv_chunk_snapshot(struct srv_tensor *t, uint32_t i, bool half, void *dst,
+			  struct srv_open_set *os)
+{
+	uint64_t *word, v;
+	size_t len = chunk_copy_held(t, i, half, dst, true, os, &word, &v);
+
+	chunk_let_go(word, v);
 	return len;
 }
 
 size_t srv_chunk_replica_copy(struct srv_tensor *t, uint32_t i, uint8_t *dst, size_t state_off,
 			      size_t steps_off, struct srv_open_set *os)
 {
-	struct rdmaps_chunk_hdr *master = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
-	uint64_t *word = t->index ? &t->index[i] : &master->version;
-	/* initialising: its chunks stay odd until sealed, and only the
-	 * creator's fold thread (the caller) writes them */
 	bool ready = atomic_load(&t->state_flag) == TENSOR_READY;
-	const struct rdmaps_chunk_hdr *src;
-	struct rdmaps_chunk_hdr *out = (void *)dst;
 	uint32_t spp = t->opt->state_per_param;
-	uint64_t v = 0;
-	size_t len;
+	uint64_t *word, v;
+	size_t len = chunk_copy_held(t, i, false, dst, ready, os, &word, &v);
+	uint32_t count = ((const struct rdmaps_chunk_hdr *)dst)->count;
 
-	if (os)
-		srv_open_publish(os);
-	if (ready)
-		v = seq_take(word);
-	src = t->index ? (const void *)srv_chunk_copy(t, i, (unsigned)(v >> 1) & 1u) : master;
-	len = RDMAPS_CHUNK_HDR + (size_t)src->count * sizeof(float);
-	memcpy(dst, src, len);
-	if (ready && src == master)
-		out->version = v; /* it holds v + 1 while we have it */
+	/* the state and fold count the values go with, under the same lock */
 	if (spp)
-		memcpy(dst + state_off, chunk_state(t, i), (size_t)src->count * spp * sizeof(float));
+		memcpy(dst + state_off, chunk_state(t, i), (size_t)count * spp * sizeof(float));
 	memcpy(dst + steps_off, &t->steps[i], sizeof(uint64_t));
 	if (ready)
-		__atomic_store_n(word, v, __ATOMIC_RELEASE);
+		chunk_let_go(word, v);
 	return len;
 }
 
