@@ -337,9 +337,12 @@ destroy:
 	return true;
 }
 
+/* Fold what it staged, free it, and only then count it gone: a worker
+ * that saw the connection count drop can read what it pushed. */
 static void conn_teardown(struct srv *s, struct srv_conn *c)
 {
 	struct rdma_cm_id *id = c->id;
+	bool counted = c->attached;
 
 	if (c->registered)
 		srv_fold_detach(c->ft, c); /* folds what it staged, if it was attached */
@@ -363,6 +366,8 @@ static void conn_teardown(struct srv *s, struct srv_conn *c)
 	pthread_mutex_unlock(&s->conns_lock);
 	conn_free(c);
 	rdma_destroy_id(id);
+	if (counted)
+		atomic_fetch_add(&s->disconnects, 1);
 }
 
 bool srv_conn_evict(struct srv *s, uint64_t conn_id)
@@ -397,11 +402,8 @@ static void evict_some(struct srv *s)
 			continue;
 		log_info("worker " SRV_CONN_FMT ": came back on another connection; closing this one",
 			 SRV_CONN_ARGS(c));
-		bool counted = c->attached;
 		rdma_disconnect(c->id);
 		conn_teardown(s, c);
-		if (counted)
-			atomic_fetch_add(&s->disconnects, 1);
 	}
 }
 
@@ -449,15 +451,10 @@ static void on_event(struct srv *s, struct rdma_cm_event *ev)
 	case RDMA_CM_EVENT_UNREACHABLE:
 	case RDMA_CM_EVENT_REJECTED:
 		if (c) {
-			bool counted = c->attached;
 			log_info("worker " SRV_CONN_FMT " gone (%s); freeing its resources", SRV_CONN_ARGS(c),
 				 rdma_event_str(type));
 			rdma_ack_cm_event(ev);
 			conn_teardown(s, c);
-			/* counted gone once its staged slots are folded (teardown):
-			 * a worker that saw its count drop can read what it pushed */
-			if (counted)
-				atomic_fetch_add(&s->disconnects, 1);
 			return;
 		}
 		break;
