@@ -109,9 +109,10 @@ static int parse_u(const char *s, unsigned long long lo, unsigned long long hi,
 	return 0;
 }
 
-static int load_token(struct srv_config *cfg, const char *file)
+/* A token from file, else from the variable env: into dst, *len bytes. */
+static int load_token(uint8_t *dst, uint16_t *len, const char *file, const char *env_name)
 {
-	const char *env = getenv("RDMAPS_TOKEN");
+	const char *env = getenv(env_name);
 	char buf[RDMAPS_TOKEN_MAX + 2];
 	size_t n = 0;
 
@@ -132,14 +133,12 @@ static int load_token(struct srv_config *cfg, const char *file)
 			memcpy(buf, env, n);
 	}
 	if (n > RDMAPS_TOKEN_MAX) {
-		fprintf(stderr, "rdmaps-server: token longer than %u bytes\n", RDMAPS_TOKEN_MAX);
+		fprintf(stderr, "rdmaps-server: token in %s longer than %u bytes\n",
+			file ? file : env_name, RDMAPS_TOKEN_MAX);
 		return -1;
 	}
-	memcpy(cfg->token, buf, n);
-	cfg->token_len = (uint16_t)n;
-	if (!n)
-		log_warn("no token set (--token-file or RDMAPS_TOKEN): any worker that can reach "
-			 "this port may connect");
+	memcpy(dst, buf, n);
+	*len = (uint16_t)n;
 	return 0;
 }
 
@@ -290,25 +289,10 @@ int main(int argc, char **argv)
 			memcpy(cfg->peer_token, cc.peer_token, cfg->peer_token_len);
 		}
 	}
-	if (peer_token_file) {
-		char perr[256];
-		struct rdmaps__config pc = { 0 };
-		if (rdmaps__config_set(&pc, "peer_token_file", peer_token_file, perr, sizeof(perr))) {
-			fprintf(stderr, "rdmaps-server: %s\n", perr);
-			return 2;
-		}
-		cfg->peer_token_len = (uint16_t)strlen(pc.peer_token);
-		memcpy(cfg->peer_token, pc.peer_token, cfg->peer_token_len);
-	} else if (!cfg->peer_token_len && getenv("RDMAPS_PEER_TOKEN")) {
-		size_t n = strlen(getenv("RDMAPS_PEER_TOKEN"));
-		if (n > RDMAPS_TOKEN_MAX) {
-			fprintf(stderr, "rdmaps-server: RDMAPS_PEER_TOKEN longer than %u bytes\n",
-				RDMAPS_TOKEN_MAX);
-			return 2;
-		}
-		cfg->peer_token_len = (uint16_t)n;
-		memcpy(cfg->peer_token, getenv("RDMAPS_PEER_TOKEN"), n);
-	}
+	/* the file given, else what --config gave, else the variable */
+	if ((peer_token_file || !cfg->peer_token_len) &&
+	    load_token(cfg->peer_token, &cfg->peer_token_len, peer_token_file, "RDMAPS_PEER_TOKEN"))
+		return 2;
 	cfg->replicas = replicas ? (unsigned)replicas : 1;
 	if (cfg->replicas > 1) {
 		const char *why = !cfg->nservers ? "needs the cluster's server list (--config)"
@@ -323,8 +307,11 @@ int main(int argc, char **argv)
 			return 2;
 		}
 	}
-	if (load_token(cfg, token_file))
+	if (load_token(cfg->token, &cfg->token_len, token_file, "RDMAPS_TOKEN"))
 		return 2;
+	if (!cfg->token_len)
+		log_warn("no token set (--token-file or RDMAPS_TOKEN): any worker that can reach "
+			 "this port may connect");
 	/* per worker: its staging ring (plus, registered per worker, each
 	 * tensor it reads); fail now, with advice, rather than at the first worker */
 	if (rdmaps__memlock_check((size_t)cfg->slots * (cfg->chunk_elems * 4 + 64) + (1u << 20),
