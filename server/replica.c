@@ -467,6 +467,18 @@ static int peer_poll(struct srv_peer *p)
 	return n;
 }
 
+/* Room for one more write in flight to p (a bounce slot, a completion);
+ * false once p has failed. */
+static bool peer_room(struct srv_peer *p)
+{
+	if (!peer_up(p))
+		return false; /* failed: the connector owns its queue pair now */
+	while (p->posted - p->completed >= PEER_BOUNCE)
+		if (peer_poll(p) < 0)
+			return false;
+	return true;
+}
+
 /* Write chunk i of t to p from a bounce slot: values with their header,
  * state, fold count, the last signaled. Waits for a free slot. */
 static void peer_post_chunk(struct srv_peer *p, struct srv_tensor *t, uint32_t i)
@@ -481,11 +493,8 @@ static void peer_post_chunk(struct srv_peer *p, struct srv_tensor *t, uint32_t i
 	uint32_t count;
 	int n = 0;
 
-	if (!peer_up(p))
-		return; /* failed: the connector owns its queue pair now */
-	while (p->posted - p->completed >= PEER_BOUNCE)
-		if (peer_poll(p) < 0)
-			return;
+	if (!peer_room(p))
+		return;
 	b = bounce(p, p->posted);
 	len = srv_chunk_replica_copy(t, i, b, r->state_off, r->steps_off, &r->ft->open);
 	count = ((const struct rdmaps_chunk_hdr *)b)->count;
@@ -537,11 +546,8 @@ static void peer_post_account(struct srv_peer *p, const struct srv_conn *c, uint
 				  .opcode = IBV_WR_RDMA_WRITE, .send_flags = IBV_SEND_SIGNALED },
 			   *bad;
 
-	if (!peer_up(p) || !p->acct_rkey || c->place >= p->acct_cap)
+	if (!p->acct_rkey || c->place >= p->acct_cap || !peer_room(p))
 		return;
-	while (p->posted - p->completed >= PEER_BOUNCE)
-		if (peer_poll(p) < 0)
-			return;
 	/* one entry per place: a newer account of the same connection may
 	 * overwrite one still being sent, which is as good */
 	a = &p->acct_out[c->place];
@@ -613,6 +619,16 @@ static void open_want(struct srv_peer *p, struct srv_tensor *t)
 	open_next(p);
 }
 
+/* p holds everything: acknowledgements wait for it from now on. */
+static void peer_caught_up(struct srv_peer *p)
+{
+	p->synced = true;
+	atomic_fetch_add(&p->s->backups_up, 1);
+	log_info("backup rank %u caught up: %llu chunks in %.1f ms", p->rank,
+		 (unsigned long long)(p->posted - p->sync_from),
+		 (double)(rdmaps__now_ns() - p->sync_ns) / 1e6);
+}
+
 /* p answered the open being asked: every chunk of it written, every
  * waiting credit behind those writes. */
 static void open_done(struct srv_peer *p)
@@ -664,13 +680,8 @@ static void open_done(struct srv_peer *p)
 		return;
 	for (uint32_t k = 0; k < r->count; k++)
 		r->wait[(r->head + k) % REPL_WAIT_MAX].upto[j] = p->posted;
-	if (!--p->opening && !p->synced) {
-		p->synced = true;
-		atomic_fetch_add(&p->s->backups_up, 1);
-		log_info("backup rank %u caught up: %llu chunks in %.1f ms", p->rank,
-			 (unsigned long long)(p->posted - p->sync_from),
-			 (double)(rdmaps__now_ns() - p->sync_ns) / 1e6);
-	}
+	if (!--p->opening && !p->synced)
+		peer_caught_up(p);
 	open_next(p);
 }
 
@@ -692,11 +703,8 @@ static void peer_adopt(struct srv_peer *p)
 	atomic_store_explicit(&p->state, PEER_UP, memory_order_relaxed);
 	for (uint32_t i = 0; i < n; i++)
 		open_want(p, srv_store_get(st, i));
-	if (!n) {
-		p->synced = true;
-		atomic_fetch_add(&p->s->backups_up, 1);
-		log_info("backup rank %u caught up: nothing to write", p->rank);
-	}
+	if (!n)
+		peer_caught_up(p);
 }
 
 void srv_repl_flush(struct srv_fold_thread *ft)
