@@ -411,12 +411,13 @@ int rdmaps_server_stats(rdmaps_client *c, struct rdmaps_server_stats *out)
 	for (uint32_t i = 0; i < c->nconn; i++) {
 		if ((rc = cl_server_stats(&c->conn[i], &st)))
 			return rc;
-		uint64_t restored = out->restored_seq;
+		uint64_t restored = out->restored_seq, epoch = out->epoch;
 #define SUM(f) out->f += st.f;
 		RDMAPS_SERVER_STATS_MAP(SUM)
 #undef SUM
-		/* the newest restore, not a sum */
+		/* the newest restore and epoch, not sums */
 		out->restored_seq = restored > st.restored_seq ? restored : st.restored_seq;
+		out->epoch = epoch > st.epoch ? epoch : st.epoch;
 	}
 	return 0;
 }

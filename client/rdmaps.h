@@ -450,13 +450,17 @@ struct rdmaps_server_stats {
 	uint64_t replicated_chunks; /* chunks written to backups */
 	uint64_t backup_failures;   /* backups lost (their writes failed, or no answer) */
 	uint64_t unreplicated_acks; /* pushes acknowledged folded while a backup was missing */
+	/* the authority (server --etcd; docs/durability.md, "Who is primary") */
+	uint64_t epoch;             /* the epoch of this server's claim on its rank (0: none,
+				     * or no authority); a cluster's: the largest */
+	uint64_t lease_losses;      /* times its lease ended unrenewed: folds stopped */
 };
 
 /*
  * Every field of struct rdmaps_server_stats, in order, for code that prints
  * or sums them (rdmaps-ctl, the Python module): XX(name). A cluster's
- * rdmaps_server_stats sums each over the servers, but restored_seq, the
- * largest.
+ * rdmaps_server_stats sums each over the servers, but restored_seq and
+ * epoch, the largest.
  */
 #define RDMAPS_SERVER_STATS_MAP(XX)                                                           \
 	XX(connections) XX(tensors) XX(folds) XX(dropped) XX(bad_messages) XX(auth_failures)  \
@@ -464,7 +468,8 @@ struct rdmaps_server_stats {
 	XX(checkpoint_failures) XX(restored_seq) XX(shared_devices) XX(memory_regions)        \
 	XX(memory_windows) XX(registered_bytes) XX(staging_bytes) XX(staging_budget)          \
 	XX(huge_page_bytes) XX(completion_queues) XX(snapshots) XX(backups)                   \
-	XX(replicated_chunks) XX(backup_failures) XX(unreplicated_acks)
+	XX(replicated_chunks) XX(backup_failures) XX(unreplicated_acks) XX(epoch)             \
+	XX(lease_losses)
 
 /*
  * Ask every server to write a checkpoint now (servers started with

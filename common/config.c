@@ -121,6 +121,22 @@ int rdmaps__config_set(struct rdmaps__config *cfg, const char *key, const char *
 		return read_token_file(cfg->peer_token, val, err, errlen);
 	if (!strcmp(key, "replicas"))
 		return parse_int(val, 1, RDMAPS_MAX_REPLICAS, &cfg->replicas) ? RDMAPS_EINVAL : 0;
+	if (!strcmp(key, "etcd") || !strcmp(key, "etcd_prefix")) {
+		char *dst = key[4] ? cfg->etcd_prefix : cfg->etcd;
+		size_t cap = key[4] ? sizeof(cfg->etcd_prefix) : sizeof(cfg->etcd);
+		if (strlen(val) >= cap) {
+			snprintf(err, errlen, "%s longer than %zu bytes", key, cap - 1);
+			return RDMAPS_EINVAL;
+		}
+		if (key[4] && val[0] != '/') {
+			snprintf(err, errlen, "etcd_prefix must start with '/'");
+			return RDMAPS_EINVAL;
+		}
+		copy(dst, cap, val);
+		return 0;
+	}
+	if (!strcmp(key, "lease_seconds"))
+		return parse_int(val, 1, 60, &cfg->lease_s) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "src")) {
 		copy(cfg->src, sizeof(cfg->src), val);
 		return 0;
@@ -215,6 +231,8 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 		{ "RDMAPS_SNAPSHOT_AFTER", "snapshot_after" },
 		{ "RDMAPS_REPLICAS", "replicas" }, { "RDMAPS_PEER_TOKEN", "peer_token" },
 		{ "RDMAPS_PEER_TOKEN_FILE", "peer_token_file" },
+		{ "RDMAPS_ETCD", "etcd" }, { "RDMAPS_ETCD_PREFIX", "etcd_prefix" },
+		{ "RDMAPS_LEASE_SECONDS", "lease_seconds" },
 	};
 	int rc;
 
@@ -225,6 +243,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 	cfg->spin_us = RDMAPS__SPIN_US;
 	cfg->snapshot_after = RDMAPS__SNAPSHOT_AFTER;
 	cfg->replicas = 1;
+	cfg->lease_s = 2;
 	cfg->rank = cfg->size = -1;
 	err[0] = '\0';
 	from_launcher(cfg);

@@ -30,6 +30,9 @@ struct rdmaps__config {
 	char token[RDMAPS_TOKEN_MAX + 1];
 	char peer_token[RDMAPS_TOKEN_MAX + 1]; /* servers' own, for replica connections */
 	int replicas;                /* copies of each part (1: no backups) */
+	char etcd[256];              /* servers: who is primary, from these etcd endpoints */
+	char etcd_prefix[128];       /* the cluster's keys in etcd ("": "/rdmaps") */
+	int lease_s;                 /* a primary's lease in etcd, seconds */
 	char src[RDMAPS_ADDR_MAX];   /* this process's local address, if chosen */
 	char device[64];             /* or: device name (+ ":port") to take it from */
 	int gid_index;               /* or: GID index on that device (-1: none) */

@@ -226,6 +226,8 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 	out->replicated_chunks = atomic_load(&s->replicated_chunks);
 	out->backup_failures = atomic_load(&s->backup_failures);
 	out->unreplicated_acks = atomic_load(&s->unreplicated_acks);
+	out->epoch = atomic_load(&s->epoch);
+	out->lease_losses = atomic_load(&s->lease_losses);
 	srv_reg_stats(s, out);
 	for (unsigned i = 0; s->ft && i < s->cfg.fold_threads; i++) {
 		out->folds += atomic_load(&s->ft[i].folds);

@@ -569,6 +569,17 @@ static void place_take(struct srv_fold_thread *ft, struct srv_conn *c)
 	}
 }
 
+/* What completed before c was live, in order; later without a lease
+ * (fold_fence lets them go once it is back). */
+static void conn_early(struct srv_conn *c)
+{
+	if (!c->nearly || !srv_may_fold(c->srv))
+		return;
+	for (uint32_t i = 0; i < c->nearly; i++)
+		conn_wc(c, &c->early[i]);
+	c->nearly = 0;
+}
+
 /* Make c live: into the polled set, and what came before, handled now. */
 static void conn_live(struct srv_fold_thread *ft, struct srv_conn *c)
 {
@@ -587,9 +598,7 @@ static void conn_live(struct srv_fold_thread *ft, struct srv_conn *c)
 	c->index = ft->nconns;
 	ft->conns[ft->nconns++] = c;
 	c->live = true;
-	for (uint32_t i = 0; i < c->nearly; i++)
-		conn_wc(c, &c->early[i]);
-	c->nearly = 0;
+	conn_early(c);
 	srv_open_publish(&ft->open);
 	if (ft->repl)
 		srv_repl_flush(ft);
@@ -610,8 +619,18 @@ static void mail_handle(struct srv_fold_thread *ft)
 	}
 	if (ft->mail_del) {
 		struct srv_conn *c = ft->mail_del;
-		if (c->live) {
+		if (c->live && !srv_may_fold(ft->srv)) {
+			/* no lease: what it staged stays unfolded, and its
+			 * account (folded_seq) says so: a worker resuming
+			 * elsewhere is told exactly what folded */
+			c->broken = true;
+			log_warn("connection %016llx left while this server held no lease: "
+				 "what it staged since is not folded (its account says so)",
+				 (unsigned long long)c->conn_id);
+		} else if (c->live) {
 			conn_drain(c);
+		}
+		if (c->live) {
 			if (ft->repl)
 				srv_repl_settle(ft, c); /* its account final */
 			ft->conns[c->index] = ft->conns[--ft->nconns];
@@ -744,6 +763,34 @@ struct ibv_comp_channel *srv_fold_channel(struct srv *s, struct srv_fold_thread 
 	return NULL;
 }
 
+/*
+ * No lease (authority.c): nothing is polled, so nothing folds and no
+ * credit goes out; completions wait in the CQs and slots in their rings
+ * until the lease is back. Mail is still answered and a checkpoint still
+ * parks the thread (fold_main). Woken by mail, a stop, or every 5 ms to
+ * look at the clock again.
+ */
+static void fold_fence(struct srv_fold_thread *ft)
+{
+	struct pollfd pfd = { .fd = ft->wake_fd, .events = POLLIN };
+	uint64_t v;
+
+	if (!ft->fenced)
+		log_info("fold thread %u: no lease, folding nothing", ft->idx);
+	ft->fenced = true;
+	if (poll(&pfd, 1, 5) == 1 && read(ft->wake_fd, &v, sizeof(v)) < 0)
+		log_warn("fold thread %u: wake-up read failed", ft->idx);
+}
+
+/* The lease is back: what attached meanwhile first, then polling. */
+static void fold_unfence(struct srv_fold_thread *ft)
+{
+	ft->fenced = false;
+	log_info("fold thread %u: lease held, folding", ft->idx);
+	for (uint32_t i = 0; i < ft->nconns; i++)
+		conn_early(ft->conns[i]);
+}
+
 /* Parked for a checkpoint: nothing folds until the listener lets go. */
 static void fold_park(struct srv_fold_thread *ft)
 {
@@ -801,6 +848,14 @@ static void *fold_main(void *arg)
 			mail_handle(ft);
 		if (atomic_load_explicit(&ft->srv->pause_req, memory_order_relaxed))
 			fold_park(ft);
+		/* a clock read per round, only under an authority: a fold
+		 * started here ends well before etcd could give the rank away */
+		if (!srv_may_fold(ft->srv)) {
+			fold_fence(ft);
+			continue;
+		}
+		if (ft->fenced)
+			fold_unfence(ft);
 		work += cqs_poll(ft);
 		/* busy: the clock only every 1024 rounds; an idle thread wakes at
 		 * least every second (fold_sleep), so no tick is late by more */

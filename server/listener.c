@@ -573,6 +573,8 @@ int srv_listen(struct srv *s)
 		return rc;
 	if (s->cfg.replicas > 1 && (rc = srv_repl_start(s)))
 		return rc;
+	if (s->cfg.etcd && (rc = srv_auth_start(s)))
+		return rc;
 	announce(s);
 	return 0;
 }
@@ -679,6 +681,7 @@ void srv_close(struct srv *s)
 	if (s->ft && s->cfg.ckpt_dir)
 		srv_checkpoint_now(s, "shutdown");
 	srv_fold_join(s);
+	srv_auth_stop(s); /* no fold after this: the rank is free at once */
 	srv_repl_stop(s); /* its fold threads' backups, and ours of others */
 	srv_fold_stop(s);
 	srv_reg_fini(s);

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "etcd.h"
 #include "log.h"
 #include "server.h"
 
@@ -71,6 +72,13 @@ static void usage(FILE *f)
 		"                           fold thread; docs/durability.md)\n"
 		"      --peer-token-file F  the servers' own secret for replica connections\n"
 		"                           (or RDMAPS_PEER_TOKEN, or peer_token in --config)\n"
+		"      --etcd URLS          fold only while this rank is ours in etcd (http://HOST:\n"
+		"                           PORT, comma-separated): a claim that raises the rank's\n"
+		"                           epoch, kept by a lease; without it, nothing folds\n"
+		"                           (or etcd in --config; docs/durability.md)\n"
+		"      --etcd-prefix P      the cluster's keys in etcd (default /rdmaps)\n"
+		"      --lease-seconds S    the lease (default 2): a server cut off from etcd\n"
+		"                           stops folding within S seconds\n"
 		"      --evict-ms N         BSP/SSP: evict a worker stalling a clock this long\n"
 		"                           while others wait (default 10000)\n"
 		"  -v, --verbose            log connections and declarations\n"
@@ -166,6 +174,9 @@ int main(int argc, char **argv)
 		{ "evict-ms", required_argument, NULL, 'E' },
 		{ "replicas", required_argument, NULL, 'Q' },
 		{ "peer-token-file", required_argument, NULL, 'k' },
+		{ "etcd", required_argument, NULL, 'e' },
+		{ "etcd-prefix", required_argument, NULL, 'x' },
+		{ "lease-seconds", required_argument, NULL, 'l' },
 		{ "checkpoint-dir", required_argument, NULL, 'D' },
 		{ "checkpoint-every", required_argument, NULL, 'K' },
 		{ "verbose", no_argument, NULL, 'v' },
@@ -221,6 +232,9 @@ int main(int argc, char **argv)
 		case 'E': bad = parse_u(optarg, 10, 86400000, &v); cfg->evict_ms = (unsigned)v; break;
 		case 'Q': bad = parse_u(optarg, 1, RDMAPS_MAX_REPLICAS, &v); replicas = (int)v; break;
 		case 'k': peer_token_file = optarg; break;
+		case 'e': cfg->etcd = optarg; break;
+		case 'x': cfg->etcd_prefix = optarg; bad = optarg[0] != '/'; break;
+		case 'l': bad = parse_u(optarg, 1, 60, &v); cfg->lease_s = (unsigned)v; break;
 		case 'R':
 			if (!strcmp(optarg, "auto"))
 				cfg->registration = SRV_REG_AUTO;
@@ -277,6 +291,12 @@ int main(int argc, char **argv)
 			setenv("RDMAPS_TOKEN", cc.token, 0);
 		if (!replicas)
 			replicas = cc.replicas;
+		if (!cfg->etcd && cc.etcd[0])
+			cfg->etcd = cc.etcd;
+		if (!cfg->etcd_prefix && cc.etcd_prefix[0])
+			cfg->etcd_prefix = cc.etcd_prefix;
+		if (!cfg->lease_s)
+			cfg->lease_s = (unsigned)cc.lease_s;
 		for (uint32_t i = 0; i < cc.nservers; i++) {
 			servers[i] = cc.servers[i];
 			if (!servers[i].port[0])
@@ -304,6 +324,18 @@ int main(int argc, char **argv)
 							  : NULL;
 		if (why) {
 			fprintf(stderr, "rdmaps-server: --replicas %u %s\n", cfg->replicas, why);
+			return 2;
+		}
+	}
+	if (!cfg->etcd && getenv("RDMAPS_ETCD") && *getenv("RDMAPS_ETCD"))
+		cfg->etcd = getenv("RDMAPS_ETCD");
+	if (!cfg->lease_s)
+		cfg->lease_s = 2;
+	if (cfg->etcd) {
+		struct srv_etcd e;
+		char err[256];
+		if (srv_etcd_parse(&e, cfg->etcd, err, sizeof(err))) {
+			fprintf(stderr, "rdmaps-server: --etcd: %s\n", err);
 			return 2;
 		}
 	}

@@ -55,6 +55,11 @@ struct srv_config {
 	uint32_t nservers;
 	uint8_t peer_token[RDMAPS_TOKEN_MAX]; /* servers' own: replica connections */
 	uint16_t peer_token_len;
+	/* authority.c: who may fold this rank's pushes, from etcd (NULL:
+	 * nobody asked, this server folds from the start) */
+	const char *etcd;        /* endpoints, "http://host:port,..." */
+	const char *etcd_prefix; /* the cluster's keys (default "/rdmaps") */
+	unsigned lease_s;        /* the lease's TTL, as asked of etcd */
 };
 
 /* Bytes of payload a staging slot holds after its header: one chunk. */
@@ -372,6 +377,7 @@ struct srv_fold_thread {
 	uint32_t nconns, cap;
 	uint64_t last_ka;            /* last keepalive tick */
 	uint32_t loops;
+	bool fenced;                 /* no lease (authority.c): folding nothing */
 
 	_Atomic uint64_t folds, dropped, sleeps, nonfinite, clipped;
 	struct srv_open_set open;    /* published at the end of each connection's batch */
@@ -441,7 +447,26 @@ struct srv {
 	pthread_t repl_thread;
 	bool repl_started;
 	_Atomic uint64_t backups_up, replicated_chunks, backup_failures, unreplicated_acks;
+
+	/* authority.c (cfg.etcd): folds may go on until lease_until
+	 * (monotonic ns; 0: no claim stands), in epoch (0: none) */
+	struct srv_auth *auth;
+	_Atomic uint64_t lease_until, epoch, lease_losses;
 };
+
+/* ---- authority.c ---- */
+/* Listener, at start (cfg.etcd): the thread that claims this rank and
+ * keeps its lease; until its claim stands, nothing folds. */
+int srv_auth_start(struct srv *s);
+/* Shutdown, fold threads joined: the lease given back (the rank is free). */
+void srv_auth_stop(struct srv *s);
+/* Any thread: may this server fold now? False once its lease has ended by
+ * its own clock, whether or not etcd was heard from (authority.c). */
+static inline bool srv_may_fold(struct srv *s)
+{
+	return !s->cfg.etcd ||
+	       rdmaps__now_ns() < atomic_load_explicit(&s->lease_until, memory_order_acquire);
+}
 
 /* ---- store.c ---- */
 int srv_store_init(struct srv_store *s, const struct srv_config *cfg);

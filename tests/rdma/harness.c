@@ -9,6 +9,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -279,4 +282,57 @@ void th_rmdir(char *dir)
 	if (system(cmd) != 0)
 		fprintf(stderr, "could not remove %s\n", dir);
 	dir[0] = '\0';
+}
+
+void th_etcd_start(struct th_etcd *e)
+{
+	unsigned port = 40000u + ((unsigned)getpid() * 2u) % 20000u;
+	char client[64], peer[64], cluster[96], data[160], log[160];
+
+	cr_assert(access("/usr/bin/etcd", X_OK) == 0,
+		  "no /usr/bin/etcd: tools/install-deps rdma installs Debian's etcd-server");
+	th_mkdtemp(e->dir, sizeof(e->dir), "etcd");
+	snprintf(e->url, sizeof(e->url), "http://127.0.0.1:%u", port);
+	snprintf(client, sizeof(client), "http://127.0.0.1:%u", port);
+	snprintf(peer, sizeof(peer), "http://127.0.0.1:%u", port + 1);
+	snprintf(cluster, sizeof(cluster), "t=%s", peer);
+	snprintf(data, sizeof(data), "%s/data", e->dir);
+	snprintf(log, sizeof(log), "%s/etcd.log", e->dir);
+	e->pid = fork();
+	cr_assert_geq(e->pid, 0);
+	if (e->pid == 0) {
+		FILE *f = freopen(log, "w", stderr);
+		(void)f;
+		dup2(STDERR_FILENO, STDOUT_FILENO);
+		/* short election timeouts: etcd then grants leases of 1 s */
+		execl("/usr/bin/etcd", "etcd", "--name", "t", "--data-dir", data,
+		      "--listen-client-urls", client, "--advertise-client-urls", client,
+		      "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+		      "--initial-cluster", cluster, "--heartbeat-interval", "100",
+		      "--election-timeout", "500", (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 600; i++) {
+		struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)port) };
+		int fd = socket(AF_INET, SOCK_STREAM, 0);
+		inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+		int ok = connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
+		close(fd);
+		if (ok)
+			return;
+		cr_assert(waitpid(e->pid, NULL, WNOHANG) == 0, "etcd exited at start: see %s", log);
+		usleep(50000);
+	}
+	cr_assert_fail("etcd did not listen within 30 s: see %s", log);
+}
+
+void th_etcd_stop(struct th_etcd *e)
+{
+	if (e->pid > 0) {
+		kill(e->pid, SIGCONT); /* a test may have left it stopped */
+		kill(e->pid, SIGTERM);
+		waitpid(e->pid, NULL, 0);
+		e->pid = 0;
+	}
+	th_rmdir(e->dir);
 }

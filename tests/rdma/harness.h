@@ -60,6 +60,19 @@ pid_t th_creator(const char *arg, ...);
  * th_rmdir removes it and empties dir (nothing to do when dir is ""). */
 void th_mkdtemp(char *dir, size_t len, const char *what);
 void th_rmdir(char *dir);
+/*
+ * An etcd of its own (Debian's etcd-server: /usr/bin/etcd) on 127.0.0.1,
+ * ports per test process, data in a fresh directory; th_etcd_start waits
+ * until it takes connections. url: what --etcd wants.
+ */
+struct th_etcd {
+	pid_t pid;
+	char url[64];
+	char dir[128];
+};
+void th_etcd_start(struct th_etcd *e);
+void th_etcd_stop(struct th_etcd *e);
+
 /* Declare a float tensor initialised to value (asserts success). */
 rdmaps_tensor *th_declare(rdmaps_client *c, const char *name, uint64_t len, float value, float lr);
 

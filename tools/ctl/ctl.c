@@ -355,7 +355,7 @@ static bool stat_is_gauge(const char *f)
 	static const char *const gauges[] = { "connections", "tensors", "restored_seq",
 					      "shared_devices", "memory_regions", "memory_windows",
 					      "registered_bytes", "staging_bytes", "staging_budget",
-					      "huge_page_bytes" };
+					      "huge_page_bytes", "backups", "epoch" };
 	for (size_t i = 0; i < sizeof(gauges) / sizeof(gauges[0]); i++)
 		if (!strcmp(f, gauges[i]))
 			return true;
