@@ -180,6 +180,13 @@ struct cl_conn {
 	uint64_t staging_addr;
 	uint32_t staging_rkey, slots, slot_size, chunk_elems;
 	uint64_t instance, restored_seq; /* which run of the server this is */
+	/* failover (docs/durability.md): copies of each part the cluster
+	 * keeps (the welcome says), so the servers that may take this rank
+	 * over; which of them serves it now (0: its own, j: the j-th after
+	 * it in the list), and whether the hello asks for the rank */
+	uint16_t replicas;
+	uint32_t served_by;
+	bool ask_rank;
 	uint64_t conn_id;       /* this connection, as the server names it */
 	/* the connection that broke, until its pushes are settled (resume.c):
 	 * its id, the first seq not known folded, its next seq, and the

@@ -341,6 +341,10 @@ static int establish(struct cl_conn *k, const char *token, int timeout)
 	memcpy(h.token, token ? token : "", tlen);
 	h.credit_addr = (uintptr_t)k->credit;
 	h.credit_rkey = k->credit_mr->rkey;
+	if (k->ask_rank) {
+		h.flags = RDMAPS_HELLO_RANK;
+		h.rank = (uint16_t)k->idx;
+	}
 	p.private_data = &h;
 	p.private_data_len = sizeof(h);
 	p.initiator_depth = 16;
@@ -376,7 +380,10 @@ static int establish(struct cl_conn *k, const char *token, int timeout)
 	if (!w.slot_count || w.slot_count > RDMAPS_MAX_SLOTS || !w.chunk_elems || !w.instance ||
 	    !w.conn_id || w.slot_size != RDMAPS_SLOT_HDR + w.chunk_elems * sizeof(float))
 		return RDMAPS_EPROTO;
+	if (k->ask_rank && w.server_id != k->idx)
+		return RDMAPS_EPROTO; /* a server answering for another rank */
 	k->instance = w.instance;
+	k->replicas = w.replicas;
 	k->conn_id = w.conn_id;
 	k->restored_seq = w.restored_seq;
 	k->staging_addr = w.staging_addr;
@@ -524,6 +531,59 @@ static int conn_open(struct cl_conn *k, const struct rdmaps__server_addr *sa, co
 	}
 }
 
+/*
+ * Reconnect k to its rank: its own server first, then, with replicas R,
+ * the R - 1 after it in the list, which may have taken the rank over when
+ * its server died (docs/durability.md, "Failover"); the one that served
+ * last is tried first. A server that does not serve the rank refuses at
+ * once (RDMAPS_ENOENT); the round goes on, with back-off, until one takes
+ * it or timeout_ms has passed.
+ */
+static int conn_reopen(struct cl_conn *k, int timeout_ms)
+{
+	rdmaps_client *c = k->c;
+	uint32_t R = k->replicas > 1 ? k->replicas : 1;
+	uint64_t deadline = rdmaps__now_ns() + (uint64_t)timeout_ms * 1000000u;
+	long backoff_ms = 10;
+	int rc = RDMAPS_ECONNECT;
+
+	if (R > c->nconn)
+		R = c->nconn;
+	if (R == 1)
+		return conn_open(k, &k->sa, k->src, k->token, timeout_ms);
+	for (;;) {
+		for (uint32_t n = 0; n < R; n++) {
+			uint32_t j = (k->served_by + n) % R;
+			const struct cl_conn *at = &c->conn[(k->idx + j) % c->nconn];
+			uint64_t now = rdmaps__now_ns();
+			int left = now < deadline ? (int)((deadline - now) / 1000000u) : 1;
+			k->ask_rank = j != 0;
+			/* a dead host costs a resolve's time, not the whole timeout */
+			rc = conn_try(k, &at->sa, k->src, k->token, left < 2000 ? left : 2000);
+			if (!rc) {
+				if (j != k->served_by)
+					log_warn("rank %u (%s): now served by %s:%s", k->idx, k->name,
+						 at->sa.host, at->sa.port);
+				k->served_by = j;
+				return 0;
+			}
+			conn_release(k);
+			if (k->c->rescanned)
+				rescan_devices(k->c);
+			if (!retryable(rc) && rc != RDMAPS_ENOENT && rc != RDMAPS_EPROTO)
+				return rc;
+		}
+		if (rdmaps__now_ns() + (uint64_t)backoff_ms * 1000000u >= deadline) {
+			log_error("rank %u (%s): none of its %u servers took it within %d ms: %s", k->idx,
+				  k->name, R, timeout_ms, rdmaps_strerror(rc));
+			return RDMAPS_ECONNECT;
+		}
+		struct timespec ts = { backoff_ms / 1000, (backoff_ms % 1000) * 1000000L };
+		nanosleep(&ts, NULL);
+		backoff_ms = backoff_ms * 2 > 500 ? 500 : backoff_ms * 2;
+	}
+}
+
 static int connect_cfg(const struct rdmaps__config *cfg, const char *src, const char *token,
 		       rdmaps_client **out)
 {
@@ -644,12 +704,13 @@ int cl_reconnect(rdmaps_client *c)
 			break;
 		}
 		uint64_t was = k->instance;
+		uint32_t was_at = k->served_by;
 		conn_release(k);
 		k->broken = 0;
 		k->push_owner = 0;
 		k->reply_ready = false;
 		k->sq_outstanding = 0;
-		if ((rc = conn_open(k, &k->sa, k->src, k->token, c->timeout_ms))) {
+		if ((rc = conn_reopen(k, c->timeout_ms))) {
 			k->broken = rc;
 			break;
 		}
@@ -660,7 +721,11 @@ int cl_reconnect(rdmaps_client *c)
 			break;
 		}
 		c->stats.reconnects++;
-		if (k->instance != was) {
+		if (k->served_by != was_at) {
+			/* another server, with the part as its replica had it: every
+			 * push its primary acknowledged folded is in it */
+			c->stats.failovers++;
+		} else if (k->instance != was) {
 			/* folds after its last checkpoint are gone, unless the
 			 * checkpoint still had this connection's account (a clean
 			 * stop): cl_resume told the caller what was lost */

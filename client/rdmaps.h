@@ -415,6 +415,8 @@ struct rdmaps_client_stats {
 				 * wire format (headers not counted) */
 	uint64_t snapshots;     /* chunks a pull READ from a server's snapshot after
 				 * its READs of them tore RDMAPS_SNAPSHOT_AFTER times */
+	uint64_t failovers;     /* reconnects that found a rank on another server:
+				 * its primary died and a backup took it over */
 };
 
 struct rdmaps_server_stats {
@@ -454,6 +456,7 @@ struct rdmaps_server_stats {
 	uint64_t epoch;             /* the epoch of this server's claim on its rank (0: none,
 				     * or no authority); a cluster's: the largest */
 	uint64_t lease_losses;      /* times its lease ended unrenewed: folds stopped */
+	uint64_t failovers;         /* ranks whose primary died that it took over */
 };
 
 /*
@@ -469,7 +472,7 @@ struct rdmaps_server_stats {
 	XX(memory_windows) XX(registered_bytes) XX(staging_bytes) XX(staging_budget)          \
 	XX(huge_page_bytes) XX(completion_queues) XX(snapshots) XX(backups)                   \
 	XX(replicated_chunks) XX(backup_failures) XX(unreplicated_acks) XX(epoch)             \
-	XX(lease_losses)
+	XX(lease_losses) XX(failovers)
 
 /*
  * Ask every server to write a checkpoint now (servers started with

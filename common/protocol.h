@@ -39,23 +39,30 @@ struct rdmaps_wire_hello {
 	uint64_t credit_addr; /* worker's credit word (struct rdmaps_wire_credit) */
 	uint32_t credit_rkey;
 	uint16_t flags;       /* RDMAPS_HELLO_* */
-	uint16_t replica_of;  /* RDMAPS_HELLO_REPLICA: the rank whose parts this server backs up */
+	uint16_t rank;        /* with a flag: the rank it is about (below) */
 	uint8_t token[RDMAPS_TOKEN_MAX];
 };
 /*
- * The connecting process is the server of rank replica_of, which keeps its
+ * The connecting process is the server of rank `rank`, which keeps its
  * backup copies on this one (docs/durability.md, "Replicated shards"): its
  * token is the servers' own (peer_token), never the workers', and the
  * connection may only open replicas (REPLICA_OPEN) and write into them.
  */
 #define RDMAPS_HELLO_REPLICA 1u
+/*
+ * A worker that wants rank `rank`'s part: this server's own rank, or one
+ * it took over from its replica when that rank's primary died
+ * (docs/durability.md, "Failover"). Refused with RDMAPS_ENOENT where
+ * that rank is not served now. Without the flag: this server's own part.
+ */
+#define RDMAPS_HELLO_RANK 2u
 _Static_assert(sizeof(struct rdmaps_wire_hello) == 56, "hello must fit IB CM private data");
 
 /* Server -> client in the accept. */
 struct rdmaps_wire_welcome {
 	uint32_t magic;
 	uint16_t version;
-	uint16_t reserved;
+	uint16_t replicas;     /* copies of each part: where a worker may fail over to */
 	uint64_t staging_addr; /* this worker's ring; its rkey works on this QP only */
 	uint32_t staging_rkey;
 	uint32_t slot_count;
@@ -110,6 +117,17 @@ enum rdmaps_slot_flags {
 	/* the worker waits for this push to be folded (RDMAPS_PUSH_FOLDED):
 	 * write the credit as soon as its group is, not lazily */
 	RDMAPS_SLOT_ACK = 1u << 4,
+	/*
+	 * Replica connections only (RDMAPS_HELLO_REPLICA; docs/durability.md,
+	 * "Replicated shards"): the primary's records, in push groups that the
+	 * backup applies whole or not at all. REPLICA: chunk `chunk` of the
+	 * backup's tensor tensor_id as the primary has it, payload laid out
+	 * by srv_replica_layout (count values). ACCOUNTS: count entries of
+	 * struct rdmaps_replica_account, the workers' accounts those chunks
+	 * go with. Anything else on a replica connection is dropped.
+	 */
+	RDMAPS_SLOT_REPLICA = 1u << 5,
+	RDMAPS_SLOT_ACCOUNTS = 1u << 6,
 };
 /*
  * Bits 8-11: the payload's gradient format (common/gradfmt.h; 0 = float32,
@@ -122,6 +140,17 @@ enum rdmaps_slot_flags {
 #define RDMAPS_SLOT_FLAGS_KNOWN                                                                    \
 	(RDMAPS_SLOT_ASSIGN | RDMAPS_SLOT_LAST | RDMAPS_SLOT_END | RDMAPS_SLOT_ROWS | RDMAPS_SLOT_ACK | \
 	 RDMAPS_SLOT_FMT_MASK)
+
+/* A replica record's payload: server/server.h, srv_replica_layout. */
+/* An ACCOUNTS entry: every slot seq below folded_seq of the primary's
+ * connection conn_id (in its fold thread's place `place`) is folded or
+ * refused, dropped of them refused ("Exactly once"). */
+struct rdmaps_replica_account {
+	uint64_t conn_id;
+	uint64_t folded_seq;
+	uint32_t dropped;
+	uint32_t place;
+};
 
 static inline unsigned rdmaps__slot_fmt(uint16_t flags)
 {
@@ -294,23 +323,12 @@ struct rdmaps_msg_tensor_reply {
 struct rdmaps_msg_replica_reply {
 	struct rdmaps_msg_hdr hdr;
 	int32_t status;
-	uint32_t tensor_id;
-	uint64_t mem_addr;
-	uint64_t stride;
-	uint64_t state_addr;
-	uint64_t steps_addr;
-	uint32_t mem_rkey, state_rkey, steps_rkey;
+	uint32_t tensor_id;   /* what the primary's records name it by */
 	uint32_t nchunks;
 	uint32_t chunk_elems;
 	uint32_t state_per_param;
-	/* the primary's per-worker accounts (struct srv_closed: conn_id u64,
-	 * folded_seq u64, dropped u32, reserved u32), one per connection place
-	 * of the primary's fold thread below accounts_cap; the same in every
-	 * reply of one connection */
+	/* ACCOUNTS entries name places below this (the backup's table) */
 	uint32_t accounts_cap;
-	uint64_t accounts_addr;
-	uint32_t accounts_rkey;
-	uint32_t reserved;
 };
 
 /* REPLICAS: a backup of this server's parts, as its primary sees it. */
@@ -341,6 +359,10 @@ struct rdmaps_msg_replicas_reply {
 	uint32_t nbackups, nheld, reserved;
 	struct rdmaps_wire_backup_info backup[3];
 	struct rdmaps_wire_held_info held[64];
+	/* the authority (server --etcd): the epoch of this server's claim
+	 * on its rank (0: none), the backups etcd records in sync with it,
+	 * and the ranks it took over from their replicas (masks of ranks) */
+	uint64_t epoch, in_sync, taken_over;
 };
 _Static_assert(sizeof(struct rdmaps_msg_replicas_reply) <= RDMAPS_MSG_MAX, "replicas reply fits");
 

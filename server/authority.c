@@ -34,6 +34,7 @@
 
 #define CALL_MS 1000u   /* one etcd call's deadline (at most a third of a lease of 3 s) */
 #define RETRY_NS 250000000ull /* a claim of a held rank, or etcd down: try again */
+#define WATCH_NS 100000000ull /* a backup asks whether its primaries hold their ranks */
 
 struct srv_auth {
 	struct srv *s;
@@ -46,6 +47,12 @@ struct srv_auth {
 	bool fence_noted;     /* lease_until passed: logged and counted once */
 	bool unreachable_noted;
 	char held_by[256];    /* the last holder logged, so a wait logs once */
+	uint64_t epoch_mod;   /* our epoch key's revision as we last wrote it */
+	uint64_t isr_recorded; /* the in-sync backups our epoch key names */
+	uint64_t last_ka;     /* when the last keep-alive went out */
+	bool poked;           /* the fold thread's in-sync set changed */
+	char watch_key[RDMAPS_MAX_SERVERS][256]; /* base64 keys of ranks we back up */
+	char watch_epoch[RDMAPS_MAX_SERVERS][256];
 	pthread_t thread;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
@@ -53,6 +60,15 @@ struct srv_auth {
 	char buf[16384];      /* answers */
 	char why[256];
 };
+
+/* "<prefix>/<what>/<rank>", base64 */
+static void key64(char *out, size_t outlen, const char *prefix, const char *what, unsigned r)
+{
+	char key[192];
+
+	snprintf(key, sizeof(key), "%s/%s/%u", prefix, what, r);
+	srv_b64_encode(key, strlen(key), out, outlen);
+}
 
 static int call(struct srv_auth *a, const char *path, const char *body)
 {
@@ -104,22 +120,61 @@ static int keepalive(struct srv_auth *a)
 	return 0;
 }
 
-/* The current epoch key: its value and revision (0, 0 when absent). */
-static int read_epoch(struct srv_auth *a, uint64_t *epoch, uint64_t *mod)
+/*
+ * An epoch key's value: "E isr=r1,r2" -- the epoch, and the backups its
+ * primary has recorded as holding everything it acknowledged (replica.c):
+ * the only servers that may take the rank over.
+ */
+static void epoch_value(char *out, size_t len, uint64_t epoch, uint64_t isr)
 {
-	char body[320], val[32] = "";
+	size_t n = (size_t)snprintf(out, len, "%" PRIu64 " isr=", epoch);
+
+	for (unsigned r = 0; r < 64 && n < len; r++)
+		if (isr >> r & 1u)
+			n += (size_t)snprintf(out + n, len - n, "%s%u", out[n - 1] == '=' ? "" : ",", r);
+}
+
+/* An epoch key (base64 key64): its epoch, in-sync set and revision (all 0
+ * when absent). */
+static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, uint64_t *isr,
+		      uint64_t *mod)
+{
+	char body[320], val[256] = "";
+	const char *l;
 	int rc;
 
-	snprintf(body, sizeof(body), "{\"key\":\"%s\"}", a->epoch_key);
+	snprintf(body, sizeof(body), "{\"key\":\"%s\"}", key64);
 	if ((rc = call(a, "/v3/kv/range", body)))
 		return rc;
-	*epoch = *mod = 0;
+	*epoch = *mod = *isr = 0;
 	if (!srv_json_u64(a->buf, "mod_revision", mod))
 		return 0; /* no kvs: never claimed */
 	if (!srv_json_b64(a->buf, "value", val, sizeof(val)) || sscanf(val, "%" SCNu64, epoch) != 1) {
 		snprintf(a->why, sizeof(a->why), "epoch key holds '%s'", val);
 		return RDMAPS_EPROTO;
 	}
+	for (l = strstr(val, "isr="); l && *(l += l[0] == 'i' ? 4 : 1);) {
+		char *end;
+		unsigned long r = strtoul(l, &end, 10);
+		if (end == l || r >= 64)
+			break;
+		*isr |= 1ull << r;
+		l = *end == ',' ? end : NULL;
+	}
+	return 0;
+}
+
+/* Is a primary key (base64) held? 0 with *held, or etcd's error. */
+static int primary_held(struct srv_auth *a, const char *key64, bool *held)
+{
+	char body[320];
+	uint64_t v;
+	int rc;
+
+	snprintf(body, sizeof(body), "{\"key\":\"%s\"}", key64);
+	if ((rc = call(a, "/v3/kv/range", body)))
+		return rc;
+	*held = srv_json_u64(a->buf, "mod_revision", &v);
 	return 0;
 }
 
@@ -127,18 +182,16 @@ static int read_epoch(struct srv_auth *a, uint64_t *epoch, uint64_t *mod)
  * Claim rank r for epoch + 1. 0: ours; RDMAPS_EBUSY: another holds it
  * (a->held_by says who); RDMAPS_EAGAIN: the epoch moved under us.
  */
-static int claim(struct srv_auth *a)
+static int claim_rank(struct srv_auth *a, const char *primary_key, const char *epoch_key,
+		      uint64_t epoch, uint64_t mod, unsigned rank)
 {
 	struct srv *s = a->s;
-	char body[2048], val[256], eval[32], v64[352], e64[48];
-	uint64_t epoch, mod;
+	char body[2048], val[256], eval[64], v64[352], e64[96];
 	int rc;
 
-	if ((rc = read_epoch(a, &epoch, &mod)))
-		return rc;
-	snprintf(val, sizeof(val), "epoch=%" PRIu64 " server=%s instance=%016" PRIx64, epoch + 1,
-		 a->primary_name, s->instance);
-	snprintf(eval, sizeof(eval), "%" PRIu64, epoch + 1);
+	snprintf(val, sizeof(val), "epoch=%" PRIu64 " server=%s instance=%016" PRIx64 "%s", epoch + 1,
+		 a->primary_name, s->instance, rank == s->cfg.server_id ? "" : " took-over");
+	epoch_value(eval, sizeof(eval), epoch + 1, 0);
 	srv_b64_encode(val, strlen(val), v64, sizeof(v64));
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
 	snprintf(body, sizeof(body),
@@ -147,17 +200,64 @@ static int claim(struct srv_auth *a)
 		 "\"success\":[{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\"}},"
 		 "{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\",\"lease\":\"%" PRIu64 "\"}}],"
 		 "\"failure\":[{\"request_range\":{\"key\":\"%s\"}}]}",
-		 a->primary_key, a->epoch_key, mod, a->epoch_key, e64, a->primary_key, v64,
-		 a->lease_id, a->primary_key);
+		 primary_key, epoch_key, mod, epoch_key, e64, primary_key, v64, a->lease_id,
+		 primary_key);
 	if ((rc = call(a, "/v3/kv/txn", body)))
 		return rc;
 	if (srv_json_true(a->buf, "succeeded")) {
-		atomic_store(&s->epoch, epoch + 1);
+		uint64_t rev = 0;
+		srv_json_u64(a->buf, "revision", &rev); /* the header's: our writes' */
+		if (rank == s->cfg.server_id) {
+			a->epoch_mod = rev;
+			a->isr_recorded = 0;
+			atomic_store(&s->isr_etcd, 0);
+			atomic_store(&s->epoch, epoch + 1);
+		}
 		return 0;
 	}
 	if (srv_json_b64(a->buf, "value", a->why, sizeof(a->why)))
 		return RDMAPS_EBUSY; /* why: the holder's value */
 	return RDMAPS_EAGAIN;
+}
+
+/* Claim our own rank for the epoch after the one etcd has. */
+static int claim(struct srv_auth *a)
+{
+	uint64_t epoch, isr, mod;
+	int rc = read_epoch(a, a->epoch_key, &epoch, &isr, &mod);
+
+	return rc ? rc : claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, a->s->cfg.server_id);
+}
+
+/*
+ * Write the in-sync set the fold thread published into our epoch key, if
+ * the key is still as we left it: if not, someone else's claim moved the
+ * epoch and the rank is no longer ours (RDMAPS_EBUSY).
+ */
+static int record_isr(struct srv_auth *a, uint64_t isr)
+{
+	struct srv *s = a->s;
+	char body[1024], eval[96], e64[160];
+	uint64_t rev = 0;
+	int rc;
+
+	epoch_value(eval, sizeof(eval), atomic_load(&s->epoch), isr);
+	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
+	snprintf(body, sizeof(body),
+		 "{\"compare\":[{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
+		 "\"}],\"success\":[{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\"}}]}",
+		 a->epoch_key, a->epoch_mod, a->epoch_key, e64);
+	if ((rc = call(a, "/v3/kv/txn", body)))
+		return rc;
+	if (!srv_json_true(a->buf, "succeeded"))
+		return RDMAPS_EBUSY;
+	srv_json_u64(a->buf, "revision", &rev);
+	a->epoch_mod = rev;
+	a->isr_recorded = isr;
+	/* credits count on exactly these backups from here */
+	atomic_store(&s->isr_etcd, isr);
+	log_info("authority: rank %u in sync: %s", s->cfg.server_id, eval);
+	return 0;
 }
 
 static void lease_revoke(struct srv_auth *a)
@@ -183,11 +283,62 @@ static bool nap(struct srv_auth *a, uint64_t ns)
 	ts.tv_sec += (time_t)(ns / 1000000000ull);
 	ts.tv_nsec = (long)(ns % 1000000000ull);
 	pthread_mutex_lock(&a->lock);
-	while (!a->stop && pthread_cond_timedwait(&a->cond, &a->lock, &ts) == 0)
+	while (!a->stop && !a->poked && pthread_cond_timedwait(&a->cond, &a->lock, &ts) == 0)
 		;
+	a->poked = false;
 	go = !a->stop;
 	pthread_mutex_unlock(&a->lock);
 	return go;
+}
+
+void srv_auth_poke(struct srv *s)
+{
+	struct srv_auth *a = s->auth;
+
+	if (!a)
+		return;
+	pthread_mutex_lock(&a->lock);
+	a->poked = true;
+	pthread_cond_signal(&a->cond);
+	pthread_mutex_unlock(&a->lock);
+}
+
+/*
+ * The ranks this server backs up (it holds their replicas): one whose
+ * primary key is gone (its lease ended: dead, or cut off and fenced) and
+ * whose epoch key names us in sync is claimed for the next epoch, with
+ * our lease, and the listener is asked to serve it (srv_take_over). Only
+ * while our own claim stands: our lease is what fences those folds too.
+ */
+static void watch_ranks(struct srv_auth *a)
+{
+	struct srv *s = a->s;
+
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
+		uint64_t epoch, isr, mod;
+		bool held;
+		if (p == s->cfg.server_id || srv_serves(s, p) ||
+		    !__atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE))
+			continue;
+		if (!a->watch_key[p][0]) {
+			const char *prefix = s->cfg.etcd_prefix ? s->cfg.etcd_prefix : "/rdmaps";
+			key64(a->watch_key[p], sizeof(a->watch_key[p]), prefix, "primary", p);
+			key64(a->watch_epoch[p], sizeof(a->watch_epoch[p]), prefix, "epoch", p);
+		}
+		if (primary_held(a, a->watch_key[p], &held) || held ||
+		    read_epoch(a, a->watch_epoch[p], &epoch, &isr, &mod) || !epoch)
+			continue;
+		if (!(isr >> s->cfg.server_id & 1u)) {
+			log_info("authority: rank %u has no primary, and its epoch %" PRIu64
+				 " does not count this server in sync", p, epoch);
+			continue;
+		}
+		if (claim_rank(a, a->watch_key[p], a->watch_epoch[p], epoch, mod, p))
+			continue;
+		log_warn("authority: rank %u's primary is gone: taking its part over from the "
+			 "replica here, epoch %" PRIu64, p, epoch + 1);
+		atomic_store(&s->takeover_req[p], true);
+	}
 }
 
 /* Not holding: a lease, then the rank. How long to wait before the next step. */
@@ -202,6 +353,11 @@ static uint64_t step_claim(struct srv_auth *a)
 	if (rc == RDMAPS_EBUSY && keepalive(a) == RDMAPS_ENOENT)
 		a->lease_id = 0; /* ours ran out while we waited: a new one next time */
 	if (rc == RDMAPS_EBUSY) {
+		/* a backup took the rank over (not our own earlier run, or
+		 * another server started for it): our workers go there */
+		if (strstr(a->why, " took-over") && !atomic_exchange(&s->deposed, true))
+			log_warn("authority: rank %u was taken over [%s]: sending its workers there",
+				 s->cfg.server_id, a->why);
 		if (strcmp(a->held_by, a->why)) {
 			snprintf(a->held_by, sizeof(a->held_by), "%s", a->why);
 			log_warn("authority: rank %u is held by [%s]: this server folds nothing "
@@ -219,6 +375,7 @@ static uint64_t step_claim(struct srv_auth *a)
 	if (rc)
 		goto unreachable;
 	a->holding = true;
+	atomic_store(&s->deposed, false);
 	a->held_by[0] = '\0';
 	a->unreachable_noted = false;
 	if ((rc = keepalive(a))) /* the first lease_until, from a fresh send time */
@@ -251,8 +408,22 @@ static void *auth_main(void *arg)
 			wait = step_claim(a);
 			continue;
 		}
-		int rc = keepalive(a);
-		uint64_t now = rdmaps__now_ns();
+		uint64_t now = rdmaps__now_ns(), live = atomic_load(&s->isr_live);
+		int rc = 0;
+		if (live != a->isr_recorded && record_isr(a, live) == RDMAPS_EBUSY) {
+			/* our epoch key moved: another server's claim */
+			atomic_store(&s->lease_until, 0);
+			a->holding = false;
+			log_warn("authority: rank %u's epoch moved past %" PRIu64 " elsewhere: folds "
+				 "stopped", s->cfg.server_id, atomic_load(&s->epoch));
+			atomic_store(&s->epoch, 0);
+			wait = 0;
+			continue;
+		}
+		if (now - a->last_ka >= a->ttl_ns / 3 || a->unreachable_noted) {
+			a->last_ka = now;
+			rc = keepalive(a);
+		}
 		if (rc == RDMAPS_ENOENT) {
 			/* expired at etcd: not ours any more; claim again (a new epoch) */
 			atomic_store(&s->lease_until, 0);
@@ -281,8 +452,11 @@ static void *auth_main(void *arg)
 			log_warn("authority: the lease on rank %u ended unrenewed: folds stopped",
 				 s->cfg.server_id);
 		}
-		/* unanswered: try again soon, the lease may still be saved */
-		wait = rc ? RETRY_NS : a->ttl_ns / 3;
+		if (!rc && s->cfg.replicas > 1)
+			watch_ranks(a);
+		/* unanswered: try again soon, the lease may still be saved; a
+		 * backup looks at the ranks it backs up every WATCH_NS */
+		wait = rc ? RETRY_NS : s->cfg.replicas > 1 ? WATCH_NS : a->ttl_ns / 3;
 	}
 	if (a->holding || a->lease_id) {
 		/* folds are over (the caller joined the fold threads): the rank
@@ -291,15 +465,6 @@ static void *auth_main(void *arg)
 		lease_revoke(a);
 	}
 	return NULL;
-}
-
-/* "<prefix>/<what>/<rank>", base64 */
-static void key64(char *out, size_t outlen, const char *prefix, const char *what, unsigned r)
-{
-	char key[192];
-
-	snprintf(key, sizeof(key), "%s/%s/%u", prefix, what, r);
-	srv_b64_encode(key, strlen(key), out, outlen);
 }
 
 int srv_auth_start(struct srv *s)

@@ -494,12 +494,15 @@ static void replicas_checkpoint(struct srv *s)
 			continue;
 		}
 		/* its primary's accounts, as its own closed connections': a
-		 * worker of the primary restored from here settles by them */
-		srv_resume_clear(&st->resume);
-		for (uint32_t i = 0; i < st->naccounts; i++) {
-			struct srv_closed a = st->accounts[i];
-			if (a.conn_id)
-				srv_resume_record(&st->resume, &a);
+		 * worker of the primary restored from here settles by them
+		 * (a rank taken over has its own records since: kept) */
+		if (!srv_serves(s, p)) {
+			srv_resume_clear(&st->resume);
+			for (uint32_t i = 0; i < st->naccounts; i++) {
+				struct srv_closed a = st->accounts[i];
+				if (a.conn_id)
+					srv_resume_record(&st->resume, &a);
+			}
 		}
 		scan_ckpts(dir, seqs, 1, &top);
 		if (srv_checkpoint_write(st, dir, p, top + 1, err, sizeof(err))) {
@@ -520,6 +523,11 @@ void srv_checkpoint_now(struct srv *s, const char *why)
 	srv_fold_pause(s);
 	rc = srv_checkpoint_write(&s->store, s->cfg.ckpt_dir, s->cfg.server_id, s->ckpt_seq + 1, err,
 				  sizeof(err));
+	/* the replicas too, while parked: a rank taken over here is folded
+	 * by these threads (others' replicas are written by their primaries,
+	 * which no pause stops: each chunk is copied until it checks) */
+	if (!rc)
+		replicas_checkpoint(s);
 	srv_fold_resume(s);
 	s->last_ckpt_ns = rdmaps__now_ns();
 	/* requests from workers: folds paused at most a tenth of the time,
@@ -534,7 +542,6 @@ void srv_checkpoint_now(struct srv *s, const char *why)
 	}
 	s->ckpt_seq++;
 	atomic_fetch_add(&s->checkpoints, 1);
-	replicas_checkpoint(s);
 	log_info("checkpoint %llu (%s) written in %.1f ms", (unsigned long long)s->ckpt_seq, why,
 		 (double)(s->last_ckpt_ns - t0) / 1e6);
 }

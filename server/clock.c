@@ -223,16 +223,16 @@ static void member_drop(struct srv_tensor *t, unsigned idx)
 	}
 }
 
-void srv_clock_leave(struct srv *s, struct srv_conn *c)
+void srv_clock_leave(struct srv_conn *c)
 {
-	uint32_t n = atomic_load(&s->store.count);
+	uint32_t n = atomic_load(&c->store->count);
 
 	for (uint32_t id = 0; id < n; id++) {
 		struct srv_tensor *t;
 		unsigned idx = c->member_of[id];
 		if (!idx)
 			continue;
-		t = srv_store_get(&s->store, id);
+		t = srv_store_get(c->store, id);
 		pthread_mutex_lock(&t->clock_lock);
 		member_drop(t, idx - 1);
 		t->member[idx - 1].conn = NULL; /* the slot can be reused */
@@ -243,13 +243,13 @@ void srv_clock_leave(struct srv *s, struct srv_conn *c)
 	}
 }
 
-void srv_clock_tick(struct srv *s)
+static void store_tick(struct srv *s, struct srv_store *st)
 {
-	uint32_t n = atomic_load(&s->store.count);
+	uint32_t n = atomic_load(&st->count);
 	uint64_t now = rdmaps__now_ns(), limit = (uint64_t)s->cfg.evict_ms * 1000000u;
 
 	for (uint32_t id = 0; id < n; id++) {
-		struct srv_tensor *t = srv_store_get(&s->store, id);
+		struct srv_tensor *t = srv_store_get(st, id);
 		bool dropped = false;
 		if (!t || t->cons.mode == RDMAPS_ASP)
 			continue;
@@ -275,4 +275,13 @@ void srv_clock_tick(struct srv *s)
 		if (dropped && t->cons.mode == RDMAPS_BSP)
 			bsp_recheck(t);
 	}
+}
+
+void srv_clock_tick(struct srv *s)
+{
+	store_tick(s, &s->store);
+	/* and the parts of other ranks this server took over (authority.c) */
+	for (unsigned p = 0; p < RDMAPS_MAX_SERVERS; p++)
+		if (srv_serves(s, p) && p != s->cfg.server_id)
+			store_tick(s, s->replica[p]);
 }

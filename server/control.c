@@ -111,7 +111,7 @@ static void on_declare(struct srv_conn *c, const struct rdmaps_msg_declare *m)
 {
 	struct srv_tensor *t;
 	bool created = false;
-	int rc = srv_store_declare(&c->srv->store, m, c, &t, &created);
+	int rc = srv_store_declare(c->store, m, c, &t, &created);
 
 	if (rc) {
 		if (rc == RDMAPS_EINVAL || rc == RDMAPS_ERANGE)
@@ -132,7 +132,7 @@ static void on_lookup(struct srv_conn *c, const struct rdmaps_msg_lookup *m)
 		bad_message(c, m->hdr.req_id, RDMAPS_EINVAL, "bad tensor name");
 		return;
 	}
-	rc = srv_store_lookup(&c->srv->store, m->name, &t);
+	rc = srv_store_lookup(c->store, m->name, &t);
 	if (rc)
 		reply_status(c, m->hdr.req_id, rc);
 	else
@@ -141,7 +141,7 @@ static void on_lookup(struct srv_conn *c, const struct rdmaps_msg_lookup *m)
 
 static void on_seal(struct srv_conn *c, const struct rdmaps_msg_seal *m)
 {
-	struct srv_tensor *t = srv_store_get(&c->srv->store, m->tensor_id);
+	struct srv_tensor *t = srv_store_get(c->store, m->tensor_id);
 
 	if (!t || !c->tensor_mr[m->tensor_id]) {
 		bad_message(c, m->hdr.req_id, RDMAPS_ENOENT, "seal of an unknown tensor");
@@ -193,14 +193,14 @@ static void on_resume(struct srv_conn *c, const struct rdmaps_msg_resume *m)
 	 * the list, so a connection that closes between the first two looks
 	 * is found by the third, never answered as unknown.
 	 */
-	if (srv_resume_find(&c->srv->store.resume, m->conn_id, &rec)) {
+	if (srv_resume_find(&c->store->resume, m->conn_id, &rec)) {
 		r.folded_seq = rec.folded_seq;
 		r.dropped = rec.dropped;
 	} else if (srv_conn_evict(c->srv, m->conn_id)) {
 		/* still open here (the worker saw the failure first): the
 		 * listener closes it, which settles its account */
 		r.status = RDMAPS_EAGAIN;
-	} else if (srv_resume_find(&c->srv->store.resume, m->conn_id, &rec)) {
+	} else if (srv_resume_find(&c->store->resume, m->conn_id, &rec)) {
 		r.folded_seq = rec.folded_seq;
 		r.dropped = rec.dropped;
 	} else {
@@ -228,6 +228,7 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 	out->unreplicated_acks = atomic_load(&s->unreplicated_acks);
 	out->epoch = atomic_load(&s->epoch);
 	out->lease_losses = atomic_load(&s->lease_losses);
+	out->failovers = atomic_load(&s->failovers);
 	srv_reg_stats(s, out);
 	for (unsigned i = 0; s->ft && i < s->cfg.fold_threads; i++) {
 		out->folds += atomic_load(&s->ft[i].folds);
@@ -241,7 +242,7 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 static void on_catalog(struct srv_conn *c, const struct rdmaps_msg_page *m)
 {
 	static _Thread_local struct rdmaps_msg_catalog_reply r;
-	struct srv_store *st = &c->srv->store;
+	struct srv_store *st = c->store;
 	uint32_t n = atomic_load(&st->count);
 
 	memset(&r, 0, sizeof(r));
@@ -269,7 +270,7 @@ static void on_catalog(struct srv_conn *c, const struct rdmaps_msg_page *m)
 static void on_chunks(struct srv_conn *c, const struct rdmaps_msg_page *m)
 {
 	static _Thread_local struct rdmaps_msg_chunks_reply r;
-	struct srv_tensor *t = srv_store_get(&c->srv->store, m->id);
+	struct srv_tensor *t = srv_store_get(c->store, m->id);
 
 	if (!t) {
 		bad_message(c, m->hdr.req_id, RDMAPS_ENOENT, "chunks of an unknown tensor");
@@ -320,7 +321,7 @@ static void on_workers(struct srv_conn *c, const struct rdmaps_msg_page *m)
 static void on_snapshot(struct srv_conn *c, const struct rdmaps_msg_snapshot *m)
 {
 	struct rdmaps_msg_snapshot_reply r = { 0 };
-	struct srv_tensor *t = srv_store_get(&c->srv->store, m->tensor_id);
+	struct srv_tensor *t = srv_store_get(c->store, m->tensor_id);
 	const char *why = NULL;
 	int rc = 0;
 
@@ -350,8 +351,8 @@ static void on_snapshot(struct srv_conn *c, const struct rdmaps_msg_snapshot *m)
 /*
  * The primary of c->replica_of opens the backup of one of its tensors:
  * declared here as it was there (in the store of that primary's replicas,
- * ready at once: the primary writes every chunk next), then registered
- * for c alone, REMOTE_WRITE (srv_reg_replica).
+ * ready at once: the primary's records of every chunk come next, into
+ * c's ring: backup.c).
  */
 static void on_replica_open(struct srv_conn *c, const struct rdmaps_msg_declare *m)
 {
@@ -363,8 +364,8 @@ static void on_replica_open(struct srv_conn *c, const struct rdmaps_msg_declare 
 
 	d.flags &= ~RDMAPS_DECLARE_INIT_DATA;
 	rc = srv_store_declare(c->rstore, &d, c, &t, &created);
-	if (!rc)
-		rc = srv_reg_replica(c, t);
+	if (!rc && t->opt->state_per_param > SRV_REPLICA_STATE_MAX)
+		rc = RDMAPS_ENOTSUP; /* its records would not hold the state */
 	if (rc) {
 		refused(c, rc, "replica open");
 		reply_status(c, m->hdr.req_id, rc);
@@ -372,18 +373,9 @@ static void on_replica_open(struct srv_conn *c, const struct rdmaps_msg_declare 
 	}
 	rdmaps__msg_init(&r.hdr, RDMAPS_MSG_REPLICA_REPLY, sizeof(r), m->hdr.req_id);
 	r.tensor_id = t->id;
-	r.mem_addr = (uintptr_t)t->mem;
-	r.stride = t->stride;
-	r.mem_rkey = c->tensor_mr[t->id]->rkey;
-	r.state_addr = (uintptr_t)t->state;
-	r.state_rkey = c->repl_mr[2 * t->id] ? c->repl_mr[2 * t->id]->rkey : 0;
-	r.steps_addr = (uintptr_t)t->steps;
-	r.steps_rkey = c->repl_mr[2 * t->id + 1]->rkey;
 	r.nchunks = t->nchunks;
 	r.chunk_elems = t->chunk_elems;
 	r.state_per_param = t->opt->state_per_param;
-	r.accounts_addr = (uintptr_t)c->rstore->accounts;
-	r.accounts_rkey = c->acct_mr->rkey;
 	r.accounts_cap = c->rstore->naccounts;
 	reply_send(c, &r, sizeof(r));
 }

@@ -28,7 +28,7 @@
 #define CQ_CONNS 64u
 #define CQ_CAP_MAX 65536u
 
-int srv_cq_reserve(struct srv *s, struct srv_fold_thread *ft, struct ibv_context *verbs,
+int srv_cq_reserve(struct srv *s, struct srv_fold_thread *ft, struct ibv_context *verbs, bool backups,
 		   uint32_t need, struct srv_cq **out)
 {
 	uint32_t n = atomic_load_explicit(&ft->ncqs, memory_order_relaxed);
@@ -41,7 +41,8 @@ int srv_cq_reserve(struct srv *s, struct srv_fold_thread *ft, struct ibv_context
 		q = &ft->cqs[i];
 		/* an eighth kept free: a gone connection's late flushes
 		 * may still sit in it when its reservation is given back */
-		if (q->verbs == verbs && q->cap - q->cap / 8 - q->reserved >= need) {
+		if (q->verbs == verbs && q->backups == backups &&
+		    q->cap - q->cap / 8 - q->reserved >= need) {
 			q->reserved += need;
 			*out = q;
 			return 0;
@@ -62,6 +63,7 @@ int srv_cq_reserve(struct srv *s, struct srv_fold_thread *ft, struct ibv_context
 		return RDMAPS_EVERBS;
 	}
 	q->verbs = verbs;
+	q->backups = backups;
 	q->cap = cap;
 	q->reserved = need;
 	atomic_store_explicit(&ft->ncqs, n + 1, memory_order_release);

@@ -121,13 +121,8 @@ _Static_assert(!(RDMAPS_SLOT_FLAGS_KNOWN & SLOT_REFUSED), "refused mark is a wir
 /* Checks of a slot whose seq is right: 0, or why it must not be folded. */
 static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const char **why)
 {
-	struct srv_tensor *t = srv_store_get(&c->srv->store, h->tensor_id);
+	struct srv_tensor *t = srv_store_get(c->store, h->tensor_id);
 
-	if (c->rstore) {
-		/* its tensor_mr are its replicas': ids of another store */
-		*why = "a push on a replica connection";
-		return RDMAPS_EPROTO;
-	}
 	if (!t || !c->tensor_mr[h->tensor_id]) {
 		*why = "unknown tensor";
 		return RDMAPS_ENOENT;
@@ -183,7 +178,7 @@ static void *slot_copy(const struct srv_conn *c, uint64_t seq)
 /* Fold the rows of a sparse slot from its private copy, whose ids were
  * checked when it was taken. */
 static void rows_fold(struct srv_fold_thread *ft, struct srv_tensor *t,
-		      const struct rdmaps_slot_hdr *h, void *p)
+		      const struct rdmaps_slot_hdr *h, void *p, bool replicate)
 {
 	const uint64_t *ids = p;
 	uint32_t dim = t->cons.row_dim;
@@ -192,7 +187,7 @@ static void rows_fold(struct srv_fold_thread *ft, struct srv_tensor *t,
 
 	for (uint32_t k = 0; k < h->count; k++) {
 		srv_chunk_apply(t, (uint32_t)ids[k], v + (size_t)k * dim, dim, false);
-		if (ft->repl)
+		if (replicate)
 			srv_repl_touch(ft, t, (uint32_t)ids[k]);
 	}
 }
@@ -256,13 +251,31 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 	return 0;
 }
 
+/* A replica connection's group (backup.c): every record applied, or, if
+ * one was refused, none; then the primary's credit, as a worker's. */
+static void backup_group(struct srv_conn *c)
+{
+	bool refused = false;
+
+	for (uint64_t seq = c->group_seq; seq < c->next_seq; seq++)
+		refused |= (c->group_hdr[(seq - 1) % c->slots].flags & SLOT_REFUSED) != 0;
+	for (uint64_t seq = c->group_seq; seq < c->next_seq && !refused; seq++)
+		srv_backup_apply(c, &c->group_hdr[(seq - 1) % c->slots], slot_staged(c, seq));
+	c->group_seq = c->next_seq;
+	srv_conn_credit(c, c->next_seq, false);
+}
+
 /* Fold every slot of the group that ends at next_seq - 1, or none of them,
  * from the copies group_check took and checked. */
 static void group_fold(struct srv_conn *c)
 {
+	if (c->rstore) {
+		backup_group(c);
+		return;
+	}
 	const struct rdmaps_slot_hdr *first = &c->group_hdr[(c->group_seq - 1) % c->slots];
 	struct srv_tensor *t = !(first->flags & SLOT_REFUSED)
-				       ? srv_store_get(&c->srv->store, first->tensor_id)
+				       ? srv_store_get(c->store, first->tensor_id)
 				       : NULL;
 	const char *why = "another slot of its push was refused";
 	float scale = 1.0f;
@@ -282,15 +295,18 @@ static void group_fold(struct srv_conn *c)
 			float *vals = srv_slot_values(t, h, g, &nv);
 			srv_grad_scale(vals, nv, scale);
 		}
+		/* a rank taken over here is not replicated (its replicas' store
+		 * is not what the backups hold of ours) */
+		const bool replicate = c->ft->repl && c->store == &c->srv->store;
 		if (h->flags & RDMAPS_SLOT_ROWS)
-			rows_fold(c->ft, t, h, g);
+			rows_fold(c->ft, t, h, g, replicate);
 		else if (h->flags & RDMAPS_SLOT_ASSIGN)
 			srv_chunk_apply(t, h->chunk, g, h->count, true);
 		else if (t->cons.mode == RDMAPS_ASP)
 			srv_chunk_fold(t, h->chunk, g, h->count, &c->ft->open);
 		else
 			srv_clock_fold(t, c, h, g);
-		if (c->ft->repl && !(h->flags & RDMAPS_SLOT_ROWS))
+		if (replicate && !(h->flags & RDMAPS_SLOT_ROWS))
 			srv_repl_touch(c->ft, t, h->chunk);
 		atomic_fetch_add_explicit(&c->folds, 1, memory_order_relaxed);
 		atomic_fetch_add_explicit(&c->ft->folds, 1, memory_order_relaxed);
@@ -302,7 +318,7 @@ static void group_fold(struct srv_conn *c)
 			atomic_fetch_or_explicit(&t->push_formats, bit, memory_order_relaxed);
 	}
 	c->group_seq = c->next_seq;
-	if (c->ft->repl)
+	if (c->ft->repl && c->store == &c->srv->store)
 		srv_repl_credit(c->ft, c, c->next_seq, first->flags & RDMAPS_SLOT_ACK);
 	else
 		srv_conn_credit(c, c->next_seq, first->flags & RDMAPS_SLOT_ACK);
@@ -337,7 +353,11 @@ static void slot_handle(struct srv_conn *c, uint32_t imm, uint32_t byte_len)
 		return;
 	}
 	c->next_seq++;
-	rc = slot_validate(c, &h, &why);
+	/* the payload's length as the WRITE carried it (below) */
+	uint32_t len = byte_len >= RDMAPS_SLOT_HDR && byte_len <= c->slot_size
+			       ? byte_len - RDMAPS_SLOT_HDR
+			       : 0;
+	rc = c->rstore ? srv_backup_check(c, &h, len, &why) : slot_validate(c, &h, &why);
 	if (rc) {
 		slot_drop(c, rc, why, c->next_seq - 1);
 		h.flags |= SLOT_REFUSED; /* the whole group will be refused */
@@ -346,9 +366,7 @@ static void slot_handle(struct srv_conn *c, uint32_t imm, uint32_t byte_len)
 	/* the payload's length as the WRITE carried it; one longer than its
 	 * slot spilled into the next and counts as 0, which no compressed
 	 * format's length is: the decoder never reads past the slot */
-	c->group_len[slot] = byte_len >= RDMAPS_SLOT_HDR && byte_len <= c->slot_size
-				     ? byte_len - RDMAPS_SLOT_HDR
-				     : 0;
+	c->group_len[slot] = len;
 	if (h.flags & RDMAPS_SLOT_LAST) {
 		group_fold(c);
 	} else if (c->next_seq - c->group_seq >= c->slots) {
@@ -500,8 +518,8 @@ static int cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
 			touched[nt++] = c;
 	}
 	/* what this batch folded becomes visible before any credit says so,
-	 * and goes to the backups */
-	if (n > 0) {
+	 * and goes to the backups (a backups' CQ folds nothing of ours) */
+	if (n > 0 && !q->backups) {
 		srv_open_publish(&ft->open);
 		if (ft->repl)
 			srv_repl_flush(ft);
@@ -510,6 +528,15 @@ static int cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
 		if (!touched[i]->broken)
 			credit_maybe(touched[i]);
 	return n > 0 ? n : 0;
+}
+
+void srv_fold_poll_backups(struct srv_fold_thread *ft)
+{
+	uint32_t n = atomic_load_explicit(&ft->ncqs, memory_order_acquire);
+
+	for (uint32_t i = 0; i < n; i++)
+		if (ft->cqs[i].backups)
+			cq_poll(ft, &ft->cqs[i]);
 }
 
 /* Poll every CQ of the thread; returns the completions taken. */

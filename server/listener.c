@@ -47,7 +47,6 @@ static void conn_free(struct srv_conn *c)
 		srv_cq_release(c->scq, c->cq_need);
 	free(c->early);
 	free(c->tensor_mr);
-	free(c->repl_mr);
 	free(c->member_of);
 	free(c->group_hdr);
 	free(c->group_len);
@@ -125,6 +124,8 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->conn_id = new_conn_id();
 	c->slots = slots;
 	c->slot_size = (uint32_t)srv_slot_bytes(&s->cfg);
+	if (hello->flags & RDMAPS_HELLO_REPLICA) /* a record per slot */
+		c->slot_size = (uint32_t)(RDMAPS_SLOT_HDR + srv_replica_layout(s->cfg.chunk_elems).bytes);
 	c->recv_depth = c->slots + CTRL_RECVS;
 	c->sq_depth = SQ_DEPTH;
 	c->next_seq = 1;
@@ -134,18 +135,18 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->group_len = calloc(c->slots, sizeof(*c->group_len));
 	c->credit_addr = hello->credit_addr;
 	c->credit_rkey = hello->credit_rkey;
+	c->store = &s->store;
+	if ((hello->flags & RDMAPS_HELLO_RANK) && hello->rank != s->cfg.server_id)
+		c->store = s->replica[hello->rank]; /* taken over: accept() checked */
 	if (hello->flags & RDMAPS_HELLO_REPLICA) {
-		c->rstore = s->replica[hello->replica_of];
-		c->replica_of = hello->replica_of;
-		c->repl_mr = calloc(2 * (size_t)s->store.max, sizeof(*c->repl_mr));
-		if (!c->repl_mr)
-			goto fail;
+		c->rstore = s->replica[hello->rank];
+		c->replica_of = hello->rank;
 	}
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
 	c->member_of = calloc(s->store.max, sizeof(*c->member_of));
-	c->staging = aligned_alloc(4096, srv_ring_bytes(&s->cfg, c->slots));
+	c->staging = aligned_alloc(4096, rdmaps__round_up((size_t)c->slots * c->slot_size, 4096));
 	if (c->staging) { /* counted only once held: teardown gives back what it took */
-		c->staging_bytes = srv_ring_bytes(&s->cfg, c->slots);
+		c->staging_bytes = rdmaps__round_up((size_t)c->slots * c->slot_size, 4096);
 		atomic_fetch_add(&s->staging_used, c->staging_bytes);
 	}
 	/* aligned_alloc wants a whole number of alignments (C17 7.22.3.1;
@@ -176,7 +177,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 		rc = RDMAPS_ENOMEM;
 		goto fail;
 	}
-	if ((rc = srv_cq_reserve(s, ft, id->verbs, c->cq_need, &c->scq)))
+	if ((rc = srv_cq_reserve(s, ft, id->verbs, c->rstore != NULL, c->cq_need, &c->scq)))
 		goto fail;
 	rc = RDMAPS_EVERBS;
 	qa.send_cq = qa.recv_cq = c->scq->cq;
@@ -238,7 +239,8 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 		goto destroy;
 	}
 	memcpy(&hello, ev->param.conn.private_data, sizeof(hello));
-	if (hello.flags & ~RDMAPS_HELLO_REPLICA) {
+	if ((hello.flags & ~(RDMAPS_HELLO_REPLICA | RDMAPS_HELLO_RANK)) ||
+	    hello.flags == (RDMAPS_HELLO_REPLICA | RDMAPS_HELLO_RANK)) {
 		atomic_fetch_add(&s->bad_messages, 1);
 		reject(s, id, RDMAPS_EPROTO, "unknown hello flags");
 		goto destroy;
@@ -255,24 +257,36 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 						     : "replica connection, and no peer token set here");
 			goto destroy;
 		}
-		if (hello.replica_of >= RDMAPS_MAX_SERVERS || hello.replica_of == s->cfg.server_id ||
-		    !srv_repl_store(s, hello.replica_of)) {
+		if (hello.rank >= RDMAPS_MAX_SERVERS || hello.rank == s->cfg.server_id ||
+		    !srv_repl_store(s, hello.rank)) {
 			atomic_fetch_add(&s->bad_messages, 1);
 			reject(s, id, RDMAPS_EINVAL, "replica connection from no other server's rank");
+			goto destroy;
+		}
+		if (srv_serves(s, hello.rank)) {
+			/* its parts are served from here now: nobody writes them */
+			reject(s, id, RDMAPS_ENOENT, "replica connection from a rank taken over here");
 			goto destroy;
 		}
 	} else if (!rdmaps__token_equal(hello.token, hello.token_len, s->cfg.token, s->cfg.token_len)) {
 		atomic_fetch_add(&s->auth_failures, 1);
 		reject(s, id, RDMAPS_EAUTH, "wrong or missing token");
 		goto destroy;
+	} else if ((hello.flags & RDMAPS_HELLO_RANK) && hello.rank != s->cfg.server_id
+			   ? !srv_serves(s, hello.rank)
+			   : atomic_load(&s->deposed)) {
+		/* a worker failing over asks each of the rank's servers in turn */
+		reject(s, id, RDMAPS_ENOENT, "a worker asked for a rank not served here");
+		goto destroy;
 	}
 	if (s->nconns >= s->cfg.max_workers) {
 		reject(s, id, RDMAPS_ELIMIT, "max-workers reached");
 		goto destroy;
 	}
-	/* a replica connection never pushes: the smallest ring, whatever the
-	 * budget (its primary is one of a few servers, not one of many workers) */
-	slots = hello.flags & RDMAPS_HELLO_REPLICA ? SRV_MIN_SLOTS : ring_slots(s);
+	/* a replica connection's ring holds a batch of its primary's records,
+	 * whatever the workers' budget (a primary is one of a few servers,
+	 * not one of many workers) */
+	slots = hello.flags & RDMAPS_HELLO_REPLICA ? SRV_REPL_RING : ring_slots(s);
 	if (!slots) {
 		char why[160];
 		snprintf(why, sizeof(why),
@@ -298,7 +312,8 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 	w.slot_size = c->slot_size;
 	w.chunk_elems = s->cfg.chunk_elems;
 	w.recv_depth = c->recv_depth;
-	w.server_id = s->cfg.server_id;
+	w.server_id = c->store == &s->store ? s->cfg.server_id : hello.rank;
+	w.replicas = (uint16_t)s->cfg.replicas;
 	w.instance = s->instance;
 	w.restored_seq = atomic_load(&s->restored_seq);
 	w.conn_id = c->conn_id;
@@ -349,12 +364,12 @@ static void conn_teardown(struct srv *s, struct srv_conn *c)
 	/* after detach nobody folds for it: its account is final, its clocks
 	 * can stop waiting, and tensors it never sealed go to the next declarer */
 	if (c->attached)
-		srv_resume_record(&s->store.resume,
+		srv_resume_record(&c->store->resume,
 				  &(struct srv_closed){ .conn_id = c->conn_id,
 							.folded_seq = c->credit.folded_seq,
 							.dropped = c->credit.dropped });
-	srv_clock_leave(s, c);
-	srv_store_orphan(&s->store, c);
+	srv_clock_leave(c);
+	srv_store_orphan(c->store, c);
 	pthread_mutex_lock(&s->conns_lock);
 	if (c->prev)
 		c->prev->next = c->next;
@@ -400,11 +415,61 @@ static void evict_some(struct srv *s)
 		next = c->next;
 		if (!atomic_load(&c->evict))
 			continue;
-		log_info("worker " SRV_CONN_FMT ": came back on another connection; closing this one",
-			 SRV_CONN_ARGS(c));
+		log_info("connection " SRV_CONN_FMT ": %s; closing it", SRV_CONN_ARGS(c),
+			 c->rstore ? "its primary's rank was taken over here"
+			 : atomic_load(&s->deposed) && c->store == &s->store
+				 ? "this rank was taken over elsewhere"
+				 : "its worker came back on another connection");
 		rdma_disconnect(c->id);
 		conn_teardown(s, c);
 	}
+}
+
+/*
+ * Rank p's primary is gone and the authority claimed p here (authority.c):
+ * its replica's accounts become the records RESUME answers from (workers
+ * of p settle by them), workers asking for p are accepted from now on
+ * (srv_serves), and p's replica connections are closed: nobody writes the
+ * part but this server's folds. And a rank of ours taken over elsewhere:
+ * its workers are sent away, to find it there.
+ */
+static void take_overs(struct srv *s)
+{
+	bool evict = false;
+
+	for (unsigned p = 0; p < RDMAPS_MAX_SERVERS; p++) {
+		struct srv_store *st = s->replica[p];
+		if (!atomic_exchange(&s->takeover_req[p], false) || !st)
+			continue;
+		/* its primary's connection first: leaving, it has its fold
+		 * thread apply every whole group still in its ring (backup.c) */
+		bool gone = false;
+		pthread_mutex_lock(&s->conns_lock);
+		for (struct srv_conn *c = s->conns; c; c = c->next)
+			if (c->rstore == st)
+				atomic_store(&c->evict, gone = true);
+		pthread_mutex_unlock(&s->conns_lock);
+		if (gone)
+			evict_some(s);
+		srv_resume_clear(&st->resume);
+		for (uint32_t i = 0; i < st->naccounts; i++)
+			if (st->accounts[i].conn_id)
+				srv_resume_record(&st->resume, &st->accounts[i]);
+		atomic_store(&s->took_over[p], true);
+		atomic_fetch_add(&s->failovers, 1);
+		log_warn("serving rank %u's part (%u tensors) from its replica here", p,
+			 atomic_load(&st->count));
+	}
+	if (atomic_load(&s->deposed) && !s->deposed_done) {
+		pthread_mutex_lock(&s->conns_lock);
+		for (struct srv_conn *c = s->conns; c; c = c->next)
+			if (!c->rstore && c->store == &s->store)
+				atomic_store(&c->evict, evict = true);
+		pthread_mutex_unlock(&s->conns_lock);
+	}
+	s->deposed_done = atomic_load(&s->deposed);
+	if (evict)
+		evict_some(s);
 }
 
 static void on_event(struct srv *s, struct rdma_cm_event *ev)
@@ -637,6 +702,8 @@ int srv_run(struct srv *s)
 		if (poll(pfd, (nfds_t)n, 100) < 0 && errno != EINTR)
 			return rdmaps__from_errno(errno);
 		srv_clock_tick(s);
+		if (s->cfg.etcd)
+			take_overs(s);
 		if (atomic_exchange(&s->evict_req, false))
 			evict_some(s);
 		/* requests wait for their turn (srv_checkpoint_now), and many

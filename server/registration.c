@@ -108,7 +108,9 @@ int srv_reg_conn(struct srv *s, struct srv_conn *c, struct ibv_context *verbs)
 	c->dev = d;
 	/* a primary replicating into this server writes where no worker may:
 	 * its registrations live in a PD of its own, whatever the scheme */
-	if (!d->shared || c->rstore) {
+	/* so does a worker of a rank taken over: the model it reads is a
+	 * replica store's, whose tensor ids the device's table does not know */
+	if (!d->shared || c->rstore || c->store != &s->store) {
 		/* a PD of its own: rkeys it learns or forges for other workers'
 		 * rings mean nothing on its QP */
 		c->pd = ibv_alloc_pd(verbs);
@@ -186,7 +188,7 @@ int srv_reg_expose(struct srv_conn *c, struct srv_tensor *t)
 
 	if (c->tensor_mr[t->id])
 		return 0;
-	if (!d->shared) {
+	if (c->own_pd) {
 		rc = rdmaps__reg_mr(c->pd, t->mem, t->mem_len, IBV_ACCESS_REMOTE_READ,
 				    &c->tensor_mr[t->id]);
 		if (!rc)
@@ -203,32 +205,6 @@ int srv_reg_expose(struct srv_conn *c, struct srv_tensor *t)
 	pthread_mutex_unlock(&d->lock);
 	if (!rc)
 		c->tensor_mr[t->id] = d->tensor_mr[t->id]; /* borrowed: the device owns it */
-	return rc;
-}
-
-int srv_reg_replica(struct srv_conn *c, struct srv_tensor *t)
-{
-	const int acc = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE;
-	size_t state_len = (size_t)t->length * t->opt->state_per_param * sizeof(float);
-	int rc = 0;
-
-	/* c->pd is c's own (srv_reg_conn): the keys mean nothing on any
-	 * worker's QP, and nothing but these three ranges is writable */
-	if (!c->tensor_mr[t->id] &&
-	    !(rc = rdmaps__reg_mr(c->pd, t->mem, t->mem_len, acc | IBV_ACCESS_REMOTE_READ,
-				  &c->tensor_mr[t->id])))
-		atomic_fetch_add(&c->srv->reg_bytes, t->mem_len);
-	if (!rc && state_len && !c->repl_mr[2 * t->id] &&
-	    !(rc = rdmaps__reg_mr(c->pd, t->state, state_len, acc, &c->repl_mr[2 * t->id])))
-		atomic_fetch_add(&c->srv->reg_bytes, state_len);
-	if (!rc && !c->repl_mr[2 * t->id + 1] &&
-	    !(rc = rdmaps__reg_mr(c->pd, t->steps, t->nchunks * sizeof(uint64_t), acc,
-				  &c->repl_mr[2 * t->id + 1])))
-		atomic_fetch_add(&c->srv->reg_bytes, t->nchunks * sizeof(uint64_t));
-	if (!rc && !c->acct_mr &&
-	    !(rc = rdmaps__reg_mr(c->pd, c->rstore->accounts,
-				  c->rstore->naccounts * sizeof(*c->rstore->accounts), acc, &c->acct_mr)))
-		atomic_fetch_add(&c->srv->reg_bytes, c->acct_mr->length);
 	return rc;
 }
 
@@ -275,15 +251,6 @@ void srv_reg_conn_free(struct srv_conn *c)
 				atomic_fetch_sub(&s->reg_bytes, c->tensor_mr[i]->length);
 				ibv_dereg_mr(c->tensor_mr[i]);
 			}
-	if (c->acct_mr) {
-		atomic_fetch_sub(&s->reg_bytes, c->acct_mr->length);
-		ibv_dereg_mr(c->acct_mr);
-	}
-	for (uint32_t i = 0; c->repl_mr && i < 2 * s->store.max; i++)
-		if (c->repl_mr[i]) {
-			atomic_fetch_sub(&s->reg_bytes, c->repl_mr[i]->length);
-			ibv_dereg_mr(c->repl_mr[i]);
-		}
 	if (c->staging_mr) {
 		atomic_fetch_sub(&s->reg_bytes, c->staging_mr->length);
 		ibv_dereg_mr(c->staging_mr);

@@ -34,9 +34,10 @@
 #include "optimizer.h"
 #include "server.h"
 
-#define PEER_BOUNCE 16u      /* chunks in flight to one backup, each in a slot of its own */
-#define PEER_STATE_MAX 2u    /* optimizer state floats per parameter a slot holds (Adam) */
-#define REPL_TOUCH_MAX 256u  /* chunks a batch records before they are written early */
+#define PEER_BOUNCE 16u      /* records in flight to one backup, each in a slot of its own */
+/* chunks a batch records before they are written early: a group (them,
+ * and the accounts after) fits in the backup's ring */
+#define REPL_TOUCH_MAX (SRV_REPL_RING / 2)
 #define REPL_WAIT_MAX 4096u  /* credits waiting for the backups */
 #define PEER_TIMEOUT_MS 5000 /* connect, and a REPLICA_OPEN's answer */
 #define PEER_RETRY_NS 500000000ull
@@ -48,11 +49,10 @@ enum peer_state { PEER_DOWN, PEER_READY, PEER_UP, PEER_FAILED };
 #define WR_SEND 2u
 #define WR_RECV 3u
 
-/* Where a backup keeps one of our tensors (its REPLICA_REPLY). */
+/* One of our tensors on a backup: its id there (REPLICA_REPLY). */
 enum { PT_CLOSED, PT_QUEUED, PT_ASKED, PT_OPEN };
 struct peer_tensor {
-	uint64_t mem, stride, state_addr, steps;
-	uint32_t mem_rkey, state_rkey, steps_rkey;
+	uint32_t id;
 	int state;
 };
 
@@ -69,8 +69,20 @@ struct srv_peer {
 	uint8_t *buf; /* a request, a reply, then PEER_BOUNCE slots */
 	size_t buf_len;
 	struct ibv_mr *mr;
-	uint8_t *credit; /* what the backup writes (credits, keepalives): nothing else */
+	/* what the backup writes (its credit: how far it applied our
+	 * records, as a worker's for its pushes; keepalives): nothing else */
+	struct rdmaps_wire_credit *credit;
 	struct ibv_mr *credit_mr;
+	/* its ring for our records (the welcome), and the next record's seq */
+	uint64_t ring_addr;
+	uint32_t ring_rkey, ring_slots, ring_slot;
+	uint64_t seq;
+	bool answered;  /* its answer to the open being asked is in */
+	bool in_group;  /* records posted since the last group's end */
+	/* under an authority: it began an open while etcd counted it in
+	 * sync; nothing is written to it until etcd no longer does, then it
+	 * is caught up whole (srv_repl_flush) */
+	bool hold;
 	struct peer_tensor *pt; /* per tensor id of our store */
 	/* chunks written and completed since start, never reset: a credit
 	 * waits for this backup to have completed what was posted before it */
@@ -81,11 +93,8 @@ struct srv_peer {
 	uint32_t opening;          /* tensors queued or asked */
 	bool synced;               /* every tensor written since it connected */
 	uint64_t sync_from, sync_ns;
-	/* the backup's table of our per-worker accounts (REPLICA_REPLY), and
-	 * what we write there from: one entry per connection place */
-	uint64_t acct_addr;
-	uint32_t acct_rkey, acct_cap;
-	struct srv_closed *acct_out;
+	/* places its table of our workers' accounts has (REPLICA_REPLY) */
+	uint32_t acct_cap;
 	uint64_t last_try; /* connector: last attempt */
 	unsigned failing;  /* connector: attempts failed in a row */
 	_Atomic bool lost; /* connector -> fold thread: its connection closed */
@@ -107,7 +116,8 @@ struct srv_repl {
 	struct srv_fold_thread *ft;
 	struct srv_peer peer[RDMAPS_MAX_REPLICAS - 1];
 	unsigned npeers;
-	size_t slot_bytes, state_off, steps_off;
+	struct srv_replica_layout layout;
+	size_t slot_bytes;
 	struct repl_touch touch[REPL_TOUCH_MAX];
 	uint32_t ntouch;
 	struct repl_wait wait[REPL_WAIT_MAX]; /* a ring, oldest at head */
@@ -149,7 +159,8 @@ static void peer_teardown(struct srv_peer *p)
 	p->pd = NULL;
 	p->id = NULL;
 	p->ch = NULL;
-	p->buf = p->credit = NULL;
+	p->buf = NULL;
+	p->credit = NULL;
 }
 
 static int post_recv(struct srv_peer *p)
@@ -185,26 +196,26 @@ static int peer_connect(struct srv_peer *p)
 		return rc;
 
 	p->pd = ibv_alloc_pd(p->id->verbs);
-	/* a completion per chunk (its last write), a send, a receive */
+	/* a completion per record, a send, a receive */
 	p->cq = p->pd ? ibv_create_cq(p->id->verbs, PEER_BOUNCE + 8, NULL, NULL, 0) : NULL;
 	if (!p->cq)
 		return RDMAPS_EVERBS;
 	qa.send_cq = qa.recv_cq = p->cq;
 	qa.qp_type = IBV_QPT_RC;
-	qa.cap.max_send_wr = 3 * PEER_BOUNCE + 2;
+	qa.cap.max_send_wr = PEER_BOUNCE + 2;
 	qa.cap.max_recv_wr = 2;
 	qa.cap.max_send_sge = qa.cap.max_recv_sge = 1;
 	if (rdma_create_qp(p->id, p->pd, &qa))
 		return RDMAPS_EVERBS;
 	p->qp = p->id->qp;
-	p->buf_len = 2 * RDMAPS_MSG_MAX + PEER_BOUNCE * p->r->slot_bytes +
-		     (size_t)s->cfg.max_workers * sizeof(struct srv_closed);
+	p->buf_len = 2 * RDMAPS_MSG_MAX + PEER_BOUNCE * p->r->slot_bytes;
 	p->buf = aligned_alloc(4096, rdmaps__round_up(p->buf_len, 4096));
 	p->credit = aligned_alloc(64, 64);
 	if (!p->buf || !p->credit)
 		return RDMAPS_ENOMEM;
-	p->acct_out = (struct srv_closed *)(p->buf + 2 * RDMAPS_MSG_MAX +
-					    PEER_BOUNCE * p->r->slot_bytes);
+	/* the backup's credits count from 1, as a worker's */
+	*p->credit = (struct rdmaps_wire_credit){ .folded_seq = 1 };
+	p->seq = 1;
 	/* the bounce slots and messages: local only; the backup may write
 	 * the credit word and nothing else of ours */
 	if ((rc = rdmaps__reg_mr(p->pd, p->buf, p->buf_len, IBV_ACCESS_LOCAL_WRITE, &p->mr)) ||
@@ -221,7 +232,7 @@ static int peer_connect(struct srv_peer *p)
 	h.credit_addr = (uintptr_t)p->credit;
 	h.credit_rkey = p->credit_mr->rkey;
 	h.flags = RDMAPS_HELLO_REPLICA;
-	h.replica_of = (uint16_t)s->cfg.server_id;
+	h.rank = (uint16_t)s->cfg.server_id;
 	cp.private_data = &h;
 	cp.private_data_len = sizeof(h);
 	cp.retry_count = 6; /* as a worker: 7 is "forever" on rxe */
@@ -243,6 +254,18 @@ static int peer_connect(struct srv_peer *p)
 		log_error("backup rank %u runs --chunk-elems %u, this server %u: not replicating to it",
 			  p->rank, w.chunk_elems, s->cfg.chunk_elems);
 		rc = RDMAPS_EPROTO;
+	}
+	/* a batch's records and their accounts must fit its ring */
+	if (!rc && (w.slot_size < p->r->slot_bytes || w.slot_count < REPL_TOUCH_MAX + 2)) {
+		log_error("backup rank %u offers a ring of %u slots of %u bytes: too small",
+			  p->rank, w.slot_count, w.slot_size);
+		rc = RDMAPS_EPROTO;
+	}
+	if (!rc) {
+		p->ring_addr = w.staging_addr;
+		p->ring_rkey = w.staging_rkey;
+		p->ring_slots = w.slot_count;
+		p->ring_slot = w.slot_size;
 	}
 	return rc;
 }
@@ -355,10 +378,8 @@ int srv_repl_start(struct srv *s)
 		if (!r)
 			return RDMAPS_ENOMEM;
 		r->ft = &s->ft[f];
-		r->state_off = rdmaps__round_up(RDMAPS_CHUNK_HDR + (size_t)s->cfg.chunk_elems * 4, 64);
-		r->steps_off = r->state_off +
-			       rdmaps__round_up((size_t)s->cfg.chunk_elems * PEER_STATE_MAX * 4, 64);
-		r->slot_bytes = r->steps_off + 64;
+		r->layout = srv_replica_layout(s->cfg.chunk_elems);
+		r->slot_bytes = RDMAPS_SLOT_HDR + r->layout.bytes; /* a record: header, payload */
 		r->npeers = s->cfg.replicas - 1;
 		for (unsigned k = 0; k < r->npeers; k++) {
 			struct srv_peer *p = &r->peer[k];
@@ -406,6 +427,33 @@ void srv_repl_stop(struct srv *s)
 
 /* ---- the fold thread's side -------------------------------------------- */
 
+static bool peer_up(const struct srv_peer *p);
+
+/* Under an authority (etcd): a backup counts as in sync only once it holds
+ * everything and no open is in progress on it (a tensor it does not hold
+ * yet makes its copy no state of ours: see hold). */
+static bool peer_in_sync(const struct srv_peer *p)
+{
+	return peer_up(p) && p->synced && !p->opening && !p->hold;
+}
+
+/*
+ * The backups in sync, as a mask of ranks, for the authority to record in
+ * etcd (authority.c): only a backup recorded there may take this rank
+ * over, so one must be recorded before acknowledgements count on it, and
+ * struck off before they go out without it (release).
+ */
+static void isr_publish(struct srv_repl *r)
+{
+	uint64_t mask = 0;
+
+	for (unsigned j = 0; j < r->npeers; j++)
+		if (peer_in_sync(&r->peer[j]))
+			mask |= 1ull << r->peer[j].rank;
+	if (atomic_exchange(&r->ft->srv->isr_live, mask) != mask && r->ft->srv->cfg.etcd)
+		srv_auth_poke(r->ft->srv);
+}
+
 static void peer_fail(struct srv_peer *p, const char *why)
 {
 	struct srv *s = p->s;
@@ -414,11 +462,13 @@ static void peer_fail(struct srv_peer *p, const char *why)
 		return;
 	if (p->synced)
 		atomic_fetch_sub(&s->backups_up, 1);
+	p->synced = false;
 	atomic_fetch_add(&s->backup_failures, 1);
 	log_warn("backup rank %u lost (%s): pushes are acknowledged without it until it is back",
 		 p->rank, why);
 	/* from here the connector owns it */
 	atomic_store_explicit(&p->state, PEER_FAILED, memory_order_release);
+	isr_publish(p->r);
 }
 
 static bool peer_up(const struct srv_peer *p)
@@ -426,9 +476,8 @@ static bool peer_up(const struct srv_peer *p)
 	return atomic_load_explicit(&p->state, memory_order_relaxed) == PEER_UP;
 }
 
-static void open_done(struct srv_peer *p);
-
-/* Take p's completions; -1 once it has failed. */
+/* Take p's completions; -1 once it has failed. An answer to an open is
+ * only noted: its catch-up goes out between groups (srv_repl_poll). */
 static int peer_poll(struct srv_peer *p)
 {
 	struct ibv_wc wc[16];
@@ -441,7 +490,6 @@ static int peer_poll(struct srv_peer *p)
 		peer_fail(p, "cannot poll its completion queue");
 		return -1;
 	}
-	bool reply = false;
 	for (int i = 0; i < n; i++) {
 		if (wc[i].status != IBV_WC_SUCCESS) {
 			peer_fail(p, ibv_wc_status_str(wc[i].status));
@@ -451,116 +499,165 @@ static int peer_poll(struct srv_peer *p)
 			p->completed++;
 		} else if (wc[i].wr_id == WR_RECV) {
 			p->reply_len = wc[i].byte_len;
-			reply = true;
+			if (!p->asking) {
+				peer_fail(p, "an answer to no request");
+				return -1;
+			}
+			p->answered = true;
 		}
-	}
-	/* after the whole batch is counted: open_done writes, and may wait for
-	 * bounce slots that completions of this very batch gave back */
-	if (reply) {
-		if (p->asking)
-			open_done(p);
-		else
-			peer_fail(p, "an answer to no request");
-		if (!peer_up(p))
-			return -1;
 	}
 	return n;
 }
 
-/* Room for one more write in flight to p (a bounce slot, a completion);
- * false once p has failed. */
+/*
+ * Room for one more record to p: a bounce slot (its completion: p's NIC)
+ * and a slot of its ring (its credit: p's fold thread applied what came
+ * before). Waiting for the ring, this thread applies the records of the
+ * primaries it backs up: p may be one, waiting for us. False once p has
+ * failed, or its ring stayed full for PEER_TIMEOUT_MS.
+ */
 static bool peer_room(struct srv_peer *p)
 {
-	if (!peer_up(p))
-		return false; /* failed: the connector owns its queue pair now */
-	while (p->posted - p->completed >= PEER_BOUNCE)
+	uint64_t since = 0;
+
+	for (;;) {
+		if (!peer_up(p))
+			return false; /* failed: the connector owns its queue pair now */
+		uint64_t applied = __atomic_load_n(&p->credit->folded_seq, __ATOMIC_ACQUIRE);
+		if (p->posted - p->completed < PEER_BOUNCE && p->seq - applied < p->ring_slots)
+			return true;
 		if (peer_poll(p) < 0)
 			return false;
-	return true;
+		srv_fold_poll_backups(p->r->ft);
+		uint64_t now = rdmaps__now_ns();
+		if (!since) {
+			since = now;
+		} else if (now - since > PEER_TIMEOUT_MS * 1000000ull) {
+			peer_fail(p, "its ring stayed full for 5 s");
+			return false;
+		}
+		rdmaps__cpu_relax();
+	}
 }
 
-/* Write chunk i of t to p from a bounce slot: values with their header,
- * state, fold count, the last signaled. Waits for a free slot. */
+/* The record in bounce slot b (header, payload of len bytes) into p's
+ * ring, with the next seq; last: the end of a group, which p applies. */
+static void peer_post(struct srv_peer *p, uint8_t *b, size_t len, bool last)
+{
+	struct rdmaps_slot_hdr *h = (struct rdmaps_slot_hdr *)b;
+	uint32_t slot = (uint32_t)((p->seq - 1) % p->ring_slots);
+	struct ibv_sge sge = { (uintptr_t)b, (uint32_t)(RDMAPS_SLOT_HDR + len), p->mr->lkey };
+	struct ibv_send_wr wr = { .wr_id = WR_CHUNK, .sg_list = &sge, .num_sge = 1,
+				  .opcode = IBV_WR_RDMA_WRITE_WITH_IMM,
+				  .send_flags = IBV_SEND_SIGNALED,
+				  .imm_data = htonl(rdmaps__imm_make(slot, p->seq)) },
+			   *bad;
+
+	h->seq = (uint32_t)p->seq;
+	if (last)
+		h->flags |= RDMAPS_SLOT_LAST;
+	wr.wr.rdma.remote_addr = p->ring_addr + (uint64_t)slot * p->ring_slot;
+	wr.wr.rdma.rkey = p->ring_rkey;
+	if (ibv_post_send(p->qp, &wr, &bad)) {
+		peer_fail(p, "cannot post a record");
+		return;
+	}
+	p->seq++;
+	p->posted++;
+	p->in_group = !last;
+}
+
+/* Chunk i of t as it is now (values, state, fold count, under its lock)
+ * as a record to p. */
 static void peer_post_chunk(struct srv_peer *p, struct srv_tensor *t, uint32_t i)
 {
 	struct srv_repl *r = p->r;
-	const struct peer_tensor *pt = &p->pt[t->id];
-	uint32_t spp = t->opt->state_per_param;
-	struct ibv_sge sge[3];
-	struct ibv_send_wr wr[3], *bad;
 	uint8_t *b;
-	size_t len;
-	uint32_t count;
-	int n = 0;
 
 	if (!peer_room(p))
 		return;
 	b = bounce(p, p->posted);
-	len = srv_chunk_replica_copy(t, i, b, r->state_off, r->steps_off, &r->ft->open);
-	count = ((const struct rdmaps_chunk_hdr *)b)->count;
-	memset(wr, 0, sizeof(wr));
-	sge[n] = (struct ibv_sge){ (uintptr_t)b, (uint32_t)len, p->mr->lkey };
-	wr[n].wr.rdma.remote_addr = pt->mem + (uint64_t)i * pt->stride;
-	wr[n].wr.rdma.rkey = pt->mem_rkey;
-	n++;
-	if (spp) {
-		sge[n] = (struct ibv_sge){ (uintptr_t)(b + r->state_off),
-					   (uint32_t)((size_t)count * spp * sizeof(float)), p->mr->lkey };
-		wr[n].wr.rdma.remote_addr =
-			pt->state_addr + (uint64_t)i * t->chunk_elems * spp * sizeof(float);
-		wr[n].wr.rdma.rkey = pt->state_rkey;
-		n++;
-	}
-	sge[n] = (struct ibv_sge){ (uintptr_t)(b + r->steps_off), sizeof(uint64_t), p->mr->lkey };
-	wr[n].wr.rdma.remote_addr = pt->steps + (uint64_t)i * sizeof(uint64_t);
-	wr[n].wr.rdma.rkey = pt->steps_rkey;
-	n++;
-	for (int k = 0; k < n; k++) {
-		wr[k].sg_list = &sge[k];
-		wr[k].num_sge = 1;
-		wr[k].opcode = IBV_WR_RDMA_WRITE;
-		wr[k].next = k + 1 < n ? &wr[k + 1] : NULL;
-	}
-	wr[n - 1].wr_id = WR_CHUNK;
-	wr[n - 1].send_flags = IBV_SEND_SIGNALED;
-	if (ibv_post_send(p->qp, wr, &bad)) {
-		peer_fail(p, "cannot post a write");
-		return;
-	}
-	p->posted++;
-	atomic_fetch_add_explicit(&p->s->replicated_chunks, 1, memory_order_relaxed);
+	srv_chunk_replica_copy(t, i, b + RDMAPS_SLOT_HDR, r->layout.state_off, r->layout.steps_off,
+			       &r->ft->open);
+	*(struct rdmaps_slot_hdr *)b = (struct rdmaps_slot_hdr){
+		.tensor_id = (uint16_t)p->pt[t->id].id, .flags = RDMAPS_SLOT_REPLICA, .chunk = i,
+		.count = ((const struct rdmaps_chunk_hdr *)(b + RDMAPS_SLOT_HDR))->count,
+	};
+	peer_post(p, b, r->layout.bytes, false);
+	if (peer_up(p))
+		atomic_fetch_add_explicit(&p->s->replicated_chunks, 1, memory_order_relaxed);
 }
 
 /*
- * c's account (docs/durability.md, "Exactly once") on p, after the chunks
- * its folds changed: every seq of c below seq is folded or refused. A
- * primary restored from p's copy answers c's RESUME with it, so its worker
- * settles every push exactly once. Before p has answered an open, it has
- * nothing of ours to account for.
+ * End p's group: the accounts of the workers whose pushes the records
+ * before finished (docs/durability.md, "Exactly once"), every seq of each
+ * below the one given folded or refused, as ACCOUNTS records, the last one
+ * ending the group. A primary restored from p's copy, or p taking this
+ * rank over, answers their RESUME with them. With a connection's place
+ * given, only the newest of its waits counts; all: every connection of
+ * the thread, as now (after a catch-up).
  */
-static void peer_post_account(struct srv_peer *p, const struct srv_conn *c, uint64_t seq)
+static void peer_end_group(struct srv_peer *p, bool all)
 {
-	struct srv_closed *a;
-	struct ibv_sge sge;
-	struct ibv_send_wr wr = { .wr_id = WR_CHUNK, .sg_list = &sge, .num_sge = 1,
-				  .opcode = IBV_WR_RDMA_WRITE, .send_flags = IBV_SEND_SIGNALED },
-			   *bad;
+	struct srv_repl *r = p->r;
+	const size_t per = r->layout.bytes / sizeof(struct rdmaps_replica_account);
+	uint32_t n = 0, k = 0, total = all ? r->ft->nconns : r->count;
+	uint8_t *b = NULL;
 
-	if (!p->acct_rkey || c->place >= p->acct_cap || !peer_room(p))
-		return;
-	/* one entry per place: a newer account of the same connection may
-	 * overwrite one still being sent, which is as good */
-	a = &p->acct_out[c->place];
-	*a = (struct srv_closed){ .conn_id = c->conn_id, .folded_seq = seq,
-				  .dropped = c->credit.dropped };
-	sge = (struct ibv_sge){ (uintptr_t)a, sizeof(*a), p->mr->lkey };
-	wr.wr.rdma.remote_addr = p->acct_addr + (uint64_t)c->place * sizeof(*a);
-	wr.wr.rdma.rkey = p->acct_rkey;
-	if (ibv_post_send(p->qp, &wr, &bad)) {
-		peer_fail(p, "cannot post a write");
-		return;
+	for (;;) {
+		const struct srv_conn *c = NULL;
+		uint64_t seq = 0;
+		if (k < total) {
+			if (all) {
+				c = r->ft->conns[k];
+				seq = c->group_seq;
+				if (c->rstore || c->store != &c->srv->store)
+					c = NULL;
+			} else {
+				const struct repl_wait *w = &r->wait[(r->head + k) % REPL_WAIT_MAX];
+				if (!w->assigned && w->c) {
+					c = w->c;
+					seq = w->seq;
+				}
+			}
+			k++;
+		}
+		bool done = k >= total && !c;
+		if (b && (n == per || done)) {
+			*(struct rdmaps_slot_hdr *)b = (struct rdmaps_slot_hdr){
+				.flags = RDMAPS_SLOT_ACCOUNTS, .count = n,
+			};
+			peer_post(p, b, n * sizeof(struct rdmaps_replica_account), done);
+			b = NULL;
+			n = 0;
+		}
+		if (done) {
+			if (p->in_group && peer_room(p)) { /* a group with no account */
+				b = bounce(p, p->posted);
+				*(struct rdmaps_slot_hdr *)b =
+					(struct rdmaps_slot_hdr){ .flags = RDMAPS_SLOT_ACCOUNTS };
+				peer_post(p, b, 0, true);
+			}
+			return;
+		}
+		if (!c || c->place >= p->acct_cap)
+			continue;
+		if (!b) {
+			if (!peer_room(p))
+				return;
+			b = bounce(p, p->posted);
+		}
+		/* one entry per place in a record: a newer account of the same
+		 * connection overwrites the older one */
+		struct rdmaps_replica_account *e = (void *)(b + RDMAPS_SLOT_HDR);
+		uint32_t at = 0;
+		while (at < n && e[at].place != c->place)
+			at++;
+		e[at] = (struct rdmaps_replica_account){ .conn_id = c->conn_id, .folded_seq = seq,
+							 .dropped = c->credit.dropped,
+							 .place = c->place };
+		n += at == n;
 	}
-	p->posted++;
 }
 
 /*
@@ -594,6 +691,8 @@ static void open_send(struct srv_peer *p, struct srv_tensor *t)
 }
 
 /* The next tensor waiting for its open, if none is being asked. */
+
+/* The next tensor waiting for its open, if none is being asked. */
 static void open_next(struct srv_peer *p)
 {
 	struct srv_store *st = &p->s->store;
@@ -609,13 +708,19 @@ static void open_next(struct srv_peer *p)
 		}
 }
 
-/* t's chunks are to be written to p: now, or after its open. */
+/* t's chunks are to be written to p: now, or after its open. Under an
+ * authority, p is no copy of ours meanwhile: it leaves the in-sync set,
+ * and if etcd counts it there, nothing goes to it until it no longer does
+ * (hold). */
 static void open_want(struct srv_peer *p, struct srv_tensor *t)
 {
 	if (p->pt[t->id].state != PT_CLOSED)
 		return;
 	p->pt[t->id].state = PT_QUEUED;
 	p->opening++;
+	if (p->s->cfg.etcd && (atomic_load(&p->s->isr_etcd) >> p->rank & 1u))
+		p->hold = true;
+	isr_publish(p->r);
 	open_next(p);
 }
 
@@ -624,13 +729,15 @@ static void peer_caught_up(struct srv_peer *p)
 {
 	p->synced = true;
 	atomic_fetch_add(&p->s->backups_up, 1);
-	log_info("backup rank %u caught up: %llu chunks in %.1f ms", p->rank,
+	isr_publish(p->r);
+	log_info("backup rank %u caught up: %llu records in %.1f ms", p->rank,
 		 (unsigned long long)(p->posted - p->sync_from),
 		 (double)(rdmaps__now_ns() - p->sync_ns) / 1e6);
 }
 
-/* p answered the open being asked: every chunk of it written, every
- * waiting credit behind those writes. */
+/* p answered the open being asked: every chunk of it written, in groups
+ * that fit p's ring, the last with every connected worker's account;
+ * every waiting credit behind those writes. Between groups only. */
 static void open_done(struct srv_peer *p)
 {
 	struct srv_repl *r = p->r;
@@ -641,6 +748,7 @@ static void open_done(struct srv_peer *p)
 	unsigned j = (unsigned)(p - r->peer);
 
 	p->asking = NULL;
+	p->answered = false;
 	if (post_recv(p)) {
 		peer_fail(p, "cannot post a receive");
 		return;
@@ -658,35 +766,35 @@ static void open_done(struct srv_peer *p)
 	memcpy(&rep, msg_in(p), sizeof(rep));
 	if (rep.hdr.req_id != p->req_id || rep.status || rep.nchunks != t->nchunks ||
 	    rep.chunk_elems != t->chunk_elems || rep.state_per_param != t->opt->state_per_param ||
-	    rep.state_per_param > PEER_STATE_MAX) {
+	    rep.state_per_param > SRV_REPLICA_STATE_MAX || rep.tensor_id > UINT16_MAX) {
 		peer_fail(p, "a replica unlike its tensor");
 		return;
 	}
-	p->acct_addr = rep.accounts_addr;
-	p->acct_rkey = rep.accounts_rkey;
 	p->acct_cap = rep.accounts_cap;
-	*pt = (struct peer_tensor){ .mem = rep.mem_addr, .stride = rep.stride,
-				    .state_addr = rep.state_addr, .steps = rep.steps_addr,
-				    .mem_rkey = rep.mem_rkey, .state_rkey = rep.state_rkey,
-				    .steps_rkey = rep.steps_rkey, .state = PT_OPEN };
-	for (uint32_t i = 0; i < t->nchunks && peer_up(p); i++)
+	*pt = (struct peer_tensor){ .id = rep.tensor_id, .state = PT_OPEN };
+	for (uint32_t i = 0; i < t->nchunks && peer_up(p); i++) {
 		peer_post_chunk(p, t, i);
+		if (p->in_group && (i + 1) % REPL_TOUCH_MAX == 0 && i + 1 < t->nchunks)
+			peer_end_group(p, false);
+	}
 	/* then every connected worker's account, which p may never have had
 	 * (the table was unknown before this answer, or p was not caught up) */
-	for (uint32_t k = 0; k < r->ft->nconns && peer_up(p); k++)
-		if (!r->ft->conns[k]->rstore)
-			peer_post_account(p, r->ft->conns[k], r->ft->conns[k]->group_seq);
+	if (peer_up(p))
+		peer_end_group(p, true);
 	if (!peer_up(p))
 		return;
 	for (uint32_t k = 0; k < r->count; k++)
 		r->wait[(r->head + k) % REPL_WAIT_MAX].upto[j] = p->posted;
 	if (!--p->opening && !p->synced)
 		peer_caught_up(p);
+	else if (!p->opening)
+		isr_publish(r);
 	open_next(p);
 }
 
-/* A backup the connector just connected: every tensor is opened on it and
- * written whole (the catch-up); it counts for credits once that is done. */
+/* A backup the connector just connected, or one held while etcd still
+ * counted it in sync: every tensor is opened on it and written whole (the
+ * catch-up); it counts for credits once that is done. */
 static void peer_adopt(struct srv_peer *p)
 {
 	struct srv_store *st = &p->s->store;
@@ -695,12 +803,17 @@ static void peer_adopt(struct srv_peer *p)
 	memset(p->pt, 0, st->max * sizeof(*p->pt));
 	p->completed = p->posted; /* nothing of an earlier connection is in flight */
 	p->asking = NULL;
+	p->answered = false;
 	p->opening = 0;
+	p->hold = false;
+	p->in_group = false;
+	if (p->synced)
+		atomic_fetch_sub(&p->s->backups_up, 1);
 	p->synced = false;
-	p->acct_rkey = 0;
 	p->sync_from = p->posted;
 	p->sync_ns = rdmaps__now_ns();
 	atomic_store_explicit(&p->state, PEER_UP, memory_order_relaxed);
+	isr_publish(p->r);
 	for (uint32_t i = 0; i < n; i++)
 		open_want(p, srv_store_get(st, i));
 	if (!n)
@@ -713,29 +826,37 @@ void srv_repl_flush(struct srv_fold_thread *ft)
 
 	if (r->ntouch)
 		srv_open_publish(&ft->open);
-	for (uint32_t k = 0; k < r->ntouch; k++) {
-		struct srv_tensor *t = r->touch[k].t;
-		for (unsigned j = 0; j < r->npeers; j++) {
-			struct srv_peer *p = &r->peer[j];
-			if (!peer_up(p))
+	for (unsigned j = 0; j < r->npeers; j++) {
+		struct srv_peer *p = &r->peer[j];
+		if (!peer_up(p))
+			continue;
+		if (p->hold) {
+			/* etcd still counts it in sync: not a record until it
+			 * does not; then everything again */
+			if (atomic_load(&ft->srv->isr_etcd) >> p->rank & 1u)
 				continue;
+			peer_adopt(p);
+			continue;
+		}
+		for (uint32_t k = 0; k < r->ntouch && peer_up(p); k++) {
+			struct srv_tensor *t = r->touch[k].t;
 			if (p->pt[t->id].state == PT_OPEN)
 				peer_post_chunk(p, t, r->touch[k].chunk);
 			else
 				open_want(p, t); /* its open writes every chunk */
 		}
+		/* each worker's account ends the group: its credit waits for
+		 * all of it */
+		if (peer_up(p) && !p->hold)
+			peer_end_group(p, false);
 	}
 	r->ntouch = 0;
-	/* then each worker's account, and its credit waits for all of it */
 	for (uint32_t k = 0; k < r->count; k++) {
 		struct repl_wait *w = &r->wait[(r->head + k) % REPL_WAIT_MAX];
 		if (w->assigned)
 			continue;
-		for (unsigned j = 0; j < r->npeers; j++) {
-			if (w->c && peer_up(&r->peer[j]))
-				peer_post_account(&r->peer[j], w->c, w->seq);
+		for (unsigned j = 0; j < r->npeers; j++)
 			w->upto[j] = r->peer[j].posted;
-		}
 		w->assigned = true;
 	}
 }
@@ -765,14 +886,24 @@ static int release(struct srv_repl *r)
 {
 	int n = 0;
 
+	/* under an authority, the backups etcd records as in sync: each must
+	 * have the writes, up or not (struck off first, it is waited for no
+	 * more); without one, those up and caught up */
+	const bool recorded = r->ft->srv->cfg.etcd;
+	const uint64_t isr = atomic_load(&r->ft->srv->isr_etcd);
+
 	while (r->count) {
 		struct repl_wait *w = &r->wait[r->head];
 		unsigned up = 0;
 		bool done = w->assigned;
 		for (unsigned j = 0; done && j < r->npeers; j++) {
 			const struct srv_peer *p = &r->peer[j];
+			if (recorded && (isr >> p->rank & 1u) && !peer_in_sync(p)) {
+				done = false; /* until etcd no longer counts on it */
+				break;
+			}
 			/* a backup still catching up is not one yet */
-			if (!peer_up(p) || !p->synced)
+			if (!peer_up(p) || !p->synced || (recorded && !(isr >> p->rank & 1u)))
 				continue;
 			up++;
 			/* an open in progress: its copy will move upto */
@@ -809,6 +940,8 @@ int srv_repl_poll(struct srv_fold_thread *ft)
 		} else if (st == PEER_UP && (p->completed < p->posted || p->asking)) {
 			if (peer_poll(p) > 0)
 				work++;
+			if (p->answered) /* between groups: its catch-up now */
+				open_done(p);
 			else if (p->asking && rdmaps__now_ns() - p->asked_ns >
 						      PEER_TIMEOUT_MS * 1000000ull)
 				peer_fail(p, "no answer to a replica open");
@@ -877,6 +1010,11 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 
 	r->server_id = s->cfg.server_id;
 	r->replicas = s->cfg.replicas;
+	r->epoch = atomic_load(&s->epoch);
+	r->in_sync = atomic_load(&s->isr_etcd);
+	for (unsigned k = 0; k < RDMAPS_MAX_SERVERS; k++)
+		if (srv_serves(s, k))
+			r->taken_over |= 1ull << k;
 	/* with backups there is one fold thread (main.c): this one owns them */
 	for (unsigned j = 0; rp && j < rp->npeers && j < 3; j++) {
 		const struct srv_peer *p = &rp->peer[j];

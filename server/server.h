@@ -62,6 +62,31 @@ struct srv_config {
 	unsigned lease_s;        /* the lease's TTL, as asked of etcd */
 };
 
+/*
+ * A replica record (RDMAPS_SLOT_REPLICA) after its slot header: the chunk
+ * as it is in memory (header, then count floats), the chunk's optimizer
+ * state from state_off (count * state_per_param floats, at most
+ * SRV_REPLICA_STATE_MAX per value), its fold count (u64) at steps_off.
+ * bytes: the payload a replica connection's slot holds; the primary's
+ * bounce slots and the backup's ring agree on it from --chunk-elems alone.
+ */
+#define SRV_REPLICA_STATE_MAX 2u /* Adam's two moments */
+/* A replica connection's ring: a batch's records (at most
+ * SRV_REPL_RING - 2 chunks, replica.c) and their accounts fit in it */
+#define SRV_REPL_RING 64u
+struct srv_replica_layout {
+	size_t state_off, steps_off, bytes;
+};
+static inline struct srv_replica_layout srv_replica_layout(uint32_t chunk_elems)
+{
+	struct srv_replica_layout l;
+
+	l.state_off = rdmaps__round_up(RDMAPS_CHUNK_HDR + (size_t)chunk_elems * sizeof(float), 64);
+	l.steps_off = l.state_off + (size_t)chunk_elems * SRV_REPLICA_STATE_MAX * sizeof(float);
+	l.bytes = l.steps_off + sizeof(uint64_t);
+	return l;
+}
+
 /* Bytes of payload a staging slot holds after its header: one chunk. */
 static inline size_t srv_slot_payload(const struct srv_config *cfg)
 {
@@ -239,6 +264,11 @@ struct srv_cq {
 	struct ibv_context *verbs;
 	uint32_t cap;      /* CQEs */
 	uint32_t reserved; /* by its connections (listener-owned) */
+	/* replica connections' only: a fold thread waiting for room in its
+	 * own backup's ring applies its primaries' records meanwhile
+	 * (srv_fold_poll_backups), and nothing else, so two servers that back
+	 * each other up never wait for each other */
+	bool backups;
 };
 
 /* One worker connection. Owned by the listener; polled by one fold thread. */
@@ -320,13 +350,15 @@ struct srv_conn {
 	_Atomic uint64_t folds, dropped, bad_msgs;
 
 	/* a replica connection (RDMAPS_HELLO_REPLICA): the primary of rank
-	 * replica_of writing its backups into rstore; NULL for a worker. Its
-	 * PD is its own; tensor_mr[id] is rstore's tensor id, REMOTE_WRITE,
-	 * and repl_mr[2 id], [2 id + 1] that tensor's state and fold counts. */
+	 * replica_of, whose records (RDMAPS_SLOT_REPLICA, ACCOUNTS) land in its
+	 * ring, in a PD of its own, and are applied to rstore a group at a
+	 * time (backup.c); NULL for a worker */
 	struct srv_store *rstore;
 	unsigned replica_of;
-	struct ibv_mr **repl_mr;
-	struct ibv_mr *acct_mr; /* rstore's accounts, REMOTE_WRITE */
+	/* the tensors it declares, pulls and pushes: this server's own store,
+	 * or the replicas of a rank this server took over (authority.c), whose
+	 * folds it does not replicate */
+	struct srv_store *store;
 };
 
 struct srv_tensor;
@@ -452,7 +484,26 @@ struct srv {
 	 * (monotonic ns; 0: no claim stands), in epoch (0: none) */
 	struct srv_auth *auth;
 	_Atomic uint64_t lease_until, epoch, lease_losses;
+	/* ranks whose primary died, taken over from their replicas here: set
+	 * once by the authority thread, never cleared while running */
+	_Atomic bool took_over[RDMAPS_MAX_SERVERS];
+	_Atomic bool takeover_req[RDMAPS_MAX_SERVERS]; /* claimed: the listener takes it over */
+	_Atomic uint64_t failovers; /* ranks taken over */
+	/* the rank is claimed by another server: workers are sent away */
+	_Atomic bool deposed;
+	bool deposed_done; /* listener: its workers were sent away */
+	/* backups (a mask of ranks) up and caught up (replica.c publishes),
+	 * and those etcd records as in sync with this primary (authority.c):
+	 * credits count on the latter only */
+	_Atomic uint64_t isr_live, isr_etcd;
 };
+
+/* Does this server serve rank p's part to workers as its primary, having
+ * taken it over from its replica (not its own rank)? */
+static inline bool srv_serves(struct srv *s, unsigned p)
+{
+	return p < RDMAPS_MAX_SERVERS && atomic_load_explicit(&s->took_over[p], memory_order_acquire);
+}
 
 /* ---- authority.c ---- */
 /* Listener, at start (cfg.etcd): the thread that claims this rank and
@@ -460,6 +511,8 @@ struct srv {
 int srv_auth_start(struct srv *s);
 /* Shutdown, fold threads joined: the lease given back (the rank is free). */
 void srv_auth_stop(struct srv *s);
+/* Any thread: isr_live changed; record it in etcd soon. */
+void srv_auth_poke(struct srv *s);
 /* Any thread: may this server fold now? False once its lease has ended by
  * its own clock, whether or not etcd was heard from (authority.c). */
 static inline bool srv_may_fold(struct srv *s)
@@ -572,7 +625,7 @@ int srv_clock_check(struct srv_tensor *t, struct srv_conn *c, const struct rdmap
 void srv_clock_fold(struct srv_tensor *t, struct srv_conn *c, const struct rdmaps_slot_hdr *h,
 		    const float *grad);
 /* The connection is gone: its clocks stop waiting for it. */
-void srv_clock_leave(struct srv *s, struct srv_conn *c);
+void srv_clock_leave(struct srv_conn *c);
 /* Evict members that stall a clock longer than evict_ms (listener, periodic). */
 void srv_clock_tick(struct srv *s);
 
@@ -667,7 +720,7 @@ void srv_fold_detach(struct srv_fold_thread *ft, struct srv_conn *c);
  * has it), with need reserved on it. RDMAPS_ELIMIT when ft already has
  * SRV_CQS_MAX; RDMAPS_EVERBS when the device will not make one.
  */
-int srv_cq_reserve(struct srv *s, struct srv_fold_thread *ft, struct ibv_context *verbs,
+int srv_cq_reserve(struct srv *s, struct srv_fold_thread *ft, struct ibv_context *verbs, bool backups,
 		   uint32_t need, struct srv_cq **out);
 /* Listener: give a reservation back (its QP is destroyed). */
 void srv_cq_release(struct srv_cq *scq, uint32_t need);
@@ -756,6 +809,9 @@ void srv_conn_credit(struct srv_conn *c, uint64_t seq, bool urgent);
  * what REPLICAS answers. */
 void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 		       struct rdmaps_msg_replicas_reply *r);
+/* Fold thread (replica.c, waiting for room in a backup's ring): apply the
+ * records of the primaries this server backs up, and nothing else. */
+void srv_fold_poll_backups(struct srv_fold_thread *ft);
 /* Backup side, listener: the store for rank p's replicas (made on first use). */
 struct srv_store *srv_repl_store(struct srv *s, unsigned p);
 /*
@@ -766,10 +822,17 @@ struct srv_store *srv_repl_store(struct srv *s, unsigned p);
  */
 size_t srv_chunk_replica_copy(struct srv_tensor *t, uint32_t i, uint8_t *dst, size_t state_off,
 			      size_t steps_off, struct srv_open_set *os);
-/* Registration of a replica tensor for its primary's connection c:
- * values, state and fold counts REMOTE_WRITE in c's own PD, and (once)
- * the store's accounts. */
-int srv_reg_replica(struct srv_conn *c, struct srv_tensor *t);
+/* Backup side, store.c: chunk i of a replica tensor made what the record
+ * at src says (srv_replica_layout; count values), under the chunk's lock. */
+void srv_chunk_replica_apply(struct srv_tensor *t, uint32_t i, const uint8_t *src,
+			     uint32_t count, const struct srv_replica_layout *l);
+/* ---- backup.c: a primary's records on its replica connection c ---- */
+/* Fold thread: 0, or why the record (seq right, header h, payload len
+ * bytes) must not be applied. */
+int srv_backup_check(struct srv_conn *c, const struct rdmaps_slot_hdr *h, uint32_t len,
+		     const char **why);
+/* Fold thread, a group's last record in: apply one checked record. */
+void srv_backup_apply(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const uint8_t *payload);
 
 /* ---- listener.c ---- */
 int srv_listen(struct srv *s);

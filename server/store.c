@@ -554,6 +554,25 @@ size_t srv_chunk_replica_copy(struct srv_tensor *t, uint32_t i, uint8_t *dst, si
 	return len;
 }
 
+void srv_chunk_replica_apply(struct srv_tensor *t, uint32_t i, const uint8_t *src,
+			     uint32_t count, const struct srv_replica_layout *l)
+{
+	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk(t, i);
+	const struct rdmaps_chunk_hdr *in = (const struct rdmaps_chunk_hdr *)src;
+	uint32_t spp = t->opt->state_per_param;
+	uint64_t v = seq_take(&h->version); /* one copy: a replica store's */
+
+	memcpy(h + 1, in + 1, (size_t)count * sizeof(float));
+	h->count = count;
+	h->clock = in->clock;
+	h->checksum = in->checksum; /* the primary's, of these very values */
+	if (spp)
+		memcpy(chunk_state(t, i), src + l->state_off, (size_t)count * spp * sizeof(float));
+	memcpy(&t->steps[i], src + l->steps_off, sizeof(uint64_t));
+	srv_half_publish(t, i, h, true);
+	__atomic_store_n(&h->version, v + 2, __ATOMIC_RELEASE);
+}
+
 void srv_half_publish(struct srv_tensor *t, uint32_t i, const struct rdmaps_chunk_hdr *src,
 		      bool publish)
 {

@@ -724,6 +724,7 @@ static const struct u64_field client_fields[] = {
 	CLIENT_FIELD(bounce_copies), CLIENT_FIELD(stale_retries), CLIENT_FIELD(reconnects),
 	CLIENT_FIELD(lost_pushes), CLIENT_FIELD(reads), CLIENT_FIELD(server_restarts),
 	CLIENT_FIELD(resent_slots), CLIENT_FIELD(push_bytes), CLIENT_FIELD(snapshots),
+	CLIENT_FIELD(failovers),
 };
 /* every field named: a field added to rdmaps.h must be added here */
 _Static_assert(sizeof(server_fields) / sizeof(server_fields[0]) * sizeof(uint64_t) ==
@@ -888,7 +889,8 @@ static PyMethodDef Client_methods[] = {
 	{ "stats", (PyCFunction)Client_stats, METH_NOARGS,
 	  "stats() -> dict: pulls, pushes, pull_retries, bounce_copies (0 = all zero-copy), "
 	  "stale_retries, reconnects, lost_pushes, reads (pull READs posted), server_restarts, resent_slots,\n"
-	  "push_bytes (payload bytes of dense pushes, in their wire format)" },
+	  "push_bytes (payload bytes of dense pushes, in their wire format), snapshots, failovers\n"
+	  "(reconnects that found a rank on the backup that took it over)" },
 	{ "checkpoint", (PyCFunction)(void (*)(void))Client_checkpoint, METH_VARARGS | METH_KEYWORDS,
 	  "checkpoint(timeout_ms=60000): ask every server to write a checkpoint now." },
 	{ "close", (PyCFunction)Client_close, METH_NOARGS,

@@ -8,7 +8,9 @@
  * holder lets go. A plain server folding the same pushes is the reference.
  */
 #include <criterion/criterion.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -165,4 +167,172 @@ Test(authority, a_second_server_for_a_held_rank_serves_nothing_until_it_is_given
 	cr_assert_eq(st.folds, 4 /* one push of four chunks */, "%llu folds", (unsigned long long)st.folds);
 	fprintf(stderr, "authority: the second server took the rank %.2f s after asking\n", waited);
 	rdmaps_close(c2);
+}
+
+/*
+ * Failover: two servers, each the other's backup (replicas 2), under the
+ * authority; two workers push, each push acknowledged only once folded
+ * (RDMAPS_PUSH_FOLDED); rank 0 is killed -9 midway. Rank 1 takes rank 0's
+ * part over from its replica once rank 0's lease has ended, the workers
+ * find it there by themselves, and every push returns 0: none is lost or
+ * folded twice, so the model is exactly the sum of all of them (gradients
+ * and rate are multiples of powers of two: the order of folds cannot
+ * change a bit), which a plain server folding the same pushes gives.
+ */
+#define FLEN (4 * 1024 + 100) /* five chunks: both servers hold some */
+#define FPUSHES 24
+#define PEER_TOKEN "servers-own-secret-42"
+
+static struct th_server pair[2];
+static char fo_servers[128], fo_config[64];
+static const char *fo_host[4];
+
+static void start_failover(void)
+{
+	FILE *f;
+	int fd;
+
+	th_etcd_start(&etcd);
+	snprintf(prefix, sizeof(prefix), "/rdmaps-failover-%d", (int)getpid());
+	th_hosts(fo_host, 4);
+	for (int i = 0; i < 2; i++) {
+		pair[i].addr = fo_host[i];
+		snprintf(pair[i].port, sizeof(pair[i].port), "%u",
+			 22000u + ((unsigned)getpid() * 13u + (unsigned)i) % 20000u);
+	}
+	snprintf(fo_servers, sizeof(fo_servers), "%s:%s,%s:%s", fo_host[0], pair[0].port, fo_host[1],
+		 pair[1].port);
+	snprintf(fo_config, sizeof(fo_config), "/tmp/rdmaps-failover-XXXXXX");
+	fd = mkstemp(fo_config);
+	cr_assert_geq(fd, 0);
+	f = fdopen(fd, "w");
+	fprintf(f,
+		"[cluster]\nservers = %s\ntoken = %s\npeer_token = %s\nreplicas = 2\netcd = %s\n"
+		"etcd_prefix = %s\nlease_seconds = 1\n",
+		fo_servers, TH_TOKEN, PEER_TOKEN, etcd.url, prefix);
+	fclose(f);
+	for (int i = 0; i < 2; i++) {
+		char rank[4];
+		snprintf(rank, sizeof(rank), "%d", i);
+		th_server_restart(&pair[i], "--chunk-elems", "1024", "--config", fo_config, "--rank",
+				  rank, NULL);
+	}
+	th_server_start_at(&ref, fo_host[2], "--chunk-elems", "1024", NULL);
+}
+
+static void stop_failover(void)
+{
+	for (int i = 0; i < 2; i++)
+		th_server_stop(&pair[i]);
+	th_server_stop(&ref);
+	th_etcd_stop(&etcd);
+	unlink(fo_config);
+}
+
+static float fo_grad(int w, int k, int i)
+{
+	return 0.125f * (float)(((w * 5 + k) % 9) - 4) * (float)((i % 5) + 1);
+}
+
+struct fo_worker {
+	int w;
+	rdmaps_client *c;
+	rdmaps_tensor *t;
+	_Atomic int done;   /* pushes returned */
+	int rc[FPUSHES];
+};
+
+static void *fo_main(void *arg)
+{
+	struct fo_worker *x = arg;
+	static float g[2][FLEN];
+
+	for (int k = 0; k < FPUSHES; k++) {
+		for (int i = 0; i < FLEN; i++)
+			g[x->w][i] = fo_grad(x->w, k, i);
+		x->rc[k] = rdmaps_push(x->c, x->t, g[x->w], RDMAPS_PUSH_FOLDED);
+		atomic_fetch_add(&x->done, 1);
+	}
+	return NULL;
+}
+
+Test(authority, a_killed_primary_fails_over_and_no_acknowledged_push_is_lost,
+     .init = start_failover, .fini = stop_failover, .timeout = 300)
+{
+	static struct fo_worker wk[2];
+	static float g[FLEN], a[FLEN], b[FLEN];
+	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
+					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
+	rdmaps_client *rc = th_connect(&ref), *probe;
+	rdmaps_tensor *rt, *pt;
+	pthread_t th[2];
+	struct rdmaps_server_stats st;
+
+	cr_assert_eq(rdmaps_declare(rc, &d, &rt), 0);
+	/* a third worker, idle until the kill: its push then is folded by
+	 * whoever serves rank 0 next (the failover time) */
+	cr_assert_eq(th_connect_cluster(fo_servers, fo_host[3], &probe), 0);
+	cr_assert_eq(rdmaps_declare(probe, &d, &pt), 0);
+	for (int w = 0; w < 2; w++) {
+		wk[w].w = w;
+		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[3], &wk[w].c), 0);
+		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
+	}
+	cr_assert_gt(rdmaps_tensor_server_elems(wk[0].t, 0), 0, "rank 0 holds part of it");
+	/* both backups caught up, and recorded in sync in etcd */
+	for (int i = 0; i < 200; i++) {
+		cr_assert_eq(rdmaps_server_stats(wk[0].c, &st), 0);
+		if (st.backups == 2)
+			break;
+		usleep(100000);
+	}
+	cr_assert_eq(st.backups, 2, "backups up: %llu", (unsigned long long)st.backups);
+	usleep(500000);
+
+	for (int w = 0; w < 2; w++)
+		pthread_create(&th[w], NULL, fo_main, &wk[w]);
+	while (atomic_load(&wk[0].done) < FPUSHES / 3 || atomic_load(&wk[1].done) < FPUSHES / 3)
+		usleep(2000);
+	double t_kill = now_s();
+	th_server_kill9(&pair[0]);
+	for (int i = 0; i < FLEN; i++)
+		g[i] = fo_grad(2, 0, i);
+	cr_assert_eq(rdmaps_push(probe, pt, g, RDMAPS_PUSH_FOLDED), 0);
+	double failover = now_s() - t_kill;
+	cr_assert_eq(rdmaps_push(rc, rt, g, RDMAPS_PUSH_FOLDED), 0);
+	for (int w = 0; w < 2; w++)
+		pthread_join(th[w], NULL);
+	fprintf(stderr, "failover: a push into rank 0's part posted at its kill -9 was folded by "
+		"its backup %.2f s later\n", failover);
+
+	/* every push returned 0: acknowledged, folded once */
+	for (int w = 0; w < 2; w++)
+		for (int k = 0; k < FPUSHES; k++)
+			cr_assert_eq(wk[w].rc[k], 0, "worker %d push %d: %s", w, k,
+				     rdmaps_strerror(wk[w].rc[k]));
+	for (int w = 0; w < 2; w++)
+		for (int k = 0; k < FPUSHES; k++) {
+			for (int i = 0; i < FLEN; i++)
+				g[i] = fo_grad(w, k, i);
+			cr_assert_eq(rdmaps_push(rc, rt, g, RDMAPS_PUSH_FOLDED), 0);
+		}
+	cr_assert_eq(rdmaps_pull(wk[0].c, wk[0].t, a, 0), 0);
+	cr_assert_eq(rdmaps_pull(rc, rt, b, 0), 0);
+	for (int i = 0; i < FLEN; i++)
+		cr_assert_eq(a[i], b[i], "element %d: %g, every push once gives %g", i, a[i], b[i]);
+	for (int w = 0; w < 2; w++) {
+		struct rdmaps_client_stats cs;
+		cr_assert_eq(rdmaps_flush(wk[w].c, 20000), 0);
+		rdmaps_client_stats(wk[w].c, &cs);
+		cr_assert_eq(cs.lost_pushes, 0);
+		cr_assert_geq(cs.failovers, 1, "worker %d found rank 0 elsewhere", w);
+	}
+	rdmaps_client *c1 = th_connect(&pair[1]);
+	cr_assert_eq(rdmaps_server_stats(c1, &st), 0);
+	cr_assert_eq(st.failovers, 1, "rank 1 took rank 0 over once");
+	rdmaps_close(c1);
+	for (int w = 0; w < 2; w++)
+		rdmaps_close(wk[w].c);
+	rdmaps_close(probe);
+	rdmaps_close(rc);
 }

@@ -814,7 +814,7 @@ Test(security, replica_connections_write_their_replicas_only, .fini = stop_serve
 
 	h = raw_hello(TH_TOKEN);
 	h.flags = RDMAPS_HELLO_REPLICA;
-	h.replica_of = 1;
+	h.rank = 1;
 	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_EAUTH,
 		     "the workers' token opens no replica connection");
 	raw_close(&p);
@@ -826,7 +826,7 @@ Test(security, replica_connections_write_their_replicas_only, .fini = stop_serve
 		     "the peer token is no worker's");
 	raw_close(&p);
 	h.flags = RDMAPS_HELLO_REPLICA;
-	h.replica_of = 0;
+	h.rank = 0;
 	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), RDMAPS_EINVAL,
 		     "a server is not its own backup");
 	raw_close(&p);
@@ -842,7 +842,7 @@ Test(security, replica_connections_write_their_replicas_only, .fini = stop_serve
 	/* rank 1's replica connection: no worker request, its own "w" */
 	h = raw_hello("peer-secret-9");
 	h.flags = RDMAPS_HELLO_REPLICA;
-	h.replica_of = 1;
+	h.rank = 1;
 	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), 0);
 	m = raw_declare_msg("w", 64);
 	cr_assert_eq(raw_request(&p, &m, sizeof(m), &x), RDMAPS_EPROTO, "a DECLARE on it");
@@ -852,20 +852,18 @@ Test(security, replica_connections_write_their_replicas_only, .fini = stop_serve
 	memcpy(&rr, in, sizeof(rr));
 	cr_assert_eq(rr.status, 0);
 	cr_assert_eq(rr.nchunks, 1);
-	cr_assert_neq(rr.mem_addr, tr.remote_addr, "the replica is not the model");
-	for (int i = 0; i < 64; i++)
-		((float *)(p.buf + RAW_DATA_OFF))[i] = 7.0f;
-	cr_assert_eq(raw_rdma(&p, IBV_WR_RDMA_WRITE, rr.mem_addr + RDMAPS_CHUNK_HDR, rr.mem_rkey,
-			      64 * sizeof(float), 0),
-		     IBV_WC_SUCCESS, "it writes its replica");
-	/* a push on it is dropped, not folded into the model's tensor 0 */
+	/* a push on it is dropped, not folded into the model's tensor 0; so
+	 * is a record of a tensor it never opened */
 	cr_assert_eq(raw_slot(&p, tr.tensor_id, 1, 0, 64, 5.0f, 0), IBV_WC_SUCCESS);
 	cr_assert_eq(raw_dropped(&p, 1), 1, "the push was dropped");
-	/* the replica's key at the model's address, then the model's own key:
+	cr_assert_eq(raw_slot(&p, rr.tensor_id + 5, 2, 0, 64, 5.0f, RDMAPS_SLOT_REPLICA),
+		     IBV_WC_SUCCESS);
+	cr_assert_eq(raw_dropped(&p, 2), 2, "the record of no replica was dropped");
+	/* its ring's key at the model's address, then the model's own key:
 	 * each a remote access error (each breaks the QP: connect again) */
-	cr_assert_neq(raw_rdma(&p, IBV_WR_RDMA_WRITE, tr.remote_addr + RDMAPS_CHUNK_HDR, rr.mem_rkey,
-			       64 * sizeof(float), 0),
-		      IBV_WC_SUCCESS, "replica key on the model");
+	cr_assert_neq(raw_rdma(&p, IBV_WR_RDMA_WRITE, tr.remote_addr + RDMAPS_CHUNK_HDR,
+			       p.w.staging_rkey, 64 * sizeof(float), 0),
+		      IBV_WC_SUCCESS, "its ring's key on the model");
 	raw_close(&p);
 	cr_assert_eq(raw_connect(&p, srv.addr, srv.port, &h, sizeof(h)), 0);
 	cr_assert_neq(raw_rdma(&p, IBV_WR_RDMA_WRITE, tr.remote_addr + RDMAPS_CHUNK_HDR, tr.rkey,

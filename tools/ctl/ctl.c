@@ -209,8 +209,20 @@ static int cmd_replicas(rdmaps_client *c)
 			fprintf(stderr, "rdmaps-ctl: server %s: %s\n", c->conn[i].name, rdmaps_strerror(rc));
 			return 1;
 		}
-		printf("server %u  %s  rank %u, replicas %u\n", i, c->conn[i].name, r.server_id,
+		printf("server %u  %s  rank %u, replicas %u", i, c->conn[i].name, r.server_id,
 		       r.replicas);
+		if (r.epoch) {
+			printf(", epoch %" PRIu64 " in etcd, in sync:", r.epoch);
+			for (unsigned k = 0; k < 64; k++)
+				if (r.in_sync >> k & 1u)
+					printf(" rank %u", k);
+			if (!r.in_sync)
+				printf(" none");
+		}
+		printf("\n");
+		for (unsigned k = 0; k < 64; k++)
+			if (r.taken_over >> k & 1u)
+				printf("  serves rank %u's part: taken over from its replica here\n", k);
 		for (uint32_t k = 0; k < r.nbackups && k < 3; k++)
 			printf("  backup rank %u: %s, %" PRIu64 " writes, %" PRIu64
 			       " in flight, %u tensors to open\n",
