@@ -291,16 +291,19 @@ static bool nap(struct srv_auth *a, uint64_t ns)
 	return go;
 }
 
-void srv_auth_poke(struct srv *s)
+/* Wake the thread from its nap, with *flag set (poked, or stop). */
+static void wake(struct srv_auth *a, bool *flag)
 {
-	struct srv_auth *a = s->auth;
-
-	if (!a)
-		return;
 	pthread_mutex_lock(&a->lock);
-	a->poked = true;
+	*flag = true;
 	pthread_cond_signal(&a->cond);
 	pthread_mutex_unlock(&a->lock);
+}
+
+void srv_auth_poke(struct srv *s)
+{
+	if (s->auth)
+		wake(s->auth, &s->auth->poked);
 }
 
 /*
@@ -507,10 +510,7 @@ void srv_auth_stop(struct srv *s)
 
 	if (!a)
 		return;
-	pthread_mutex_lock(&a->lock);
-	a->stop = true;
-	pthread_cond_signal(&a->cond);
-	pthread_mutex_unlock(&a->lock);
+	wake(a, &a->stop);
 	pthread_join(a->thread, NULL);
 	pthread_mutex_destroy(&a->lock);
 	pthread_cond_destroy(&a->cond);

@@ -21,9 +21,11 @@
  * in: no fold, no optimizer, a memcpy of the chunk, its state and its fold
  * count.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "error.h"
+#include "log.h"
 #include "optimizer.h"
 #include "server.h"
 
@@ -59,7 +61,7 @@ int srv_backup_check(struct srv_conn *c, const struct rdmaps_slot_hdr *h, uint32
 	return 0;
 }
 
-void srv_backup_apply(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const uint8_t *payload)
+static void apply(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const uint8_t *payload)
 {
 	struct srv_store *st = c->rstore;
 
@@ -79,4 +81,44 @@ void srv_backup_apply(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const
 								     .folded_seq = a.folded_seq,
 								     .dropped = a.dropped };
 	}
+}
+
+void srv_backup_group(struct srv_conn *c)
+{
+	bool refused = false;
+
+	for (uint64_t seq = c->group_seq; seq < c->next_seq; seq++)
+		refused |= (c->group_hdr[(seq - 1) % c->slots].flags & SLOT_REFUSED) != 0;
+	for (uint64_t seq = c->group_seq; seq < c->next_seq && !refused; seq++)
+		apply(c, &c->group_hdr[(seq - 1) % c->slots], srv_slot_staged(c, seq));
+	c->group_seq = c->next_seq;
+	srv_conn_credit(c, c->next_seq, false);
+}
+
+struct srv_store *srv_repl_store(struct srv *s, unsigned p)
+{
+	struct srv_config c = s->cfg;
+
+	if (s->replica[p])
+		return s->replica[p];
+	/* one copy, whatever --two-copies-from: nobody pulls a backup, and a
+	 * chunk's write lands where its header says */
+	c.two_copies_min = 0;
+	struct srv_store *st = calloc(1, sizeof(*st));
+	if (st && !srv_store_init(st, &c)) {
+		st->replica = true;
+		st->naccounts = c.max_workers;
+		st->accounts = calloc(c.max_workers, sizeof(struct srv_closed));
+	}
+	if (st && !st->accounts) {
+		if (st->replica)
+			srv_store_fini(st);
+		free(st);
+		return NULL;
+	}
+	if (st)
+		log_info("backing up the parts of server rank %u", p);
+	/* REPLICAS reads the table from fold threads */
+	__atomic_store_n(&s->replica[p], st, __ATOMIC_RELEASE);
+	return st;
 }

@@ -115,8 +115,6 @@ static void slot_drop(struct srv_conn *c, int err, const char *why, uint64_t seq
 
 /* Our own mark, in our copy of a header (group_hdr), never on the wire:
  * the slot was refused, so its whole group will be. */
-#define SLOT_REFUSED 0x8000u
-_Static_assert(!(RDMAPS_SLOT_FLAGS_KNOWN & SLOT_REFUSED), "refused mark is a wire flag");
 
 /* Checks of a slot whose seq is right: 0, or why it must not be folded. */
 static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const char **why)
@@ -163,11 +161,6 @@ static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, co
 	return 0;
 }
 
-/* Where slot seq's payload is staged: memory its worker can still write. */
-static const void *slot_staged(const struct srv_conn *c, uint64_t seq)
-{
-	return c->staging + (size_t)((seq - 1) % c->slots) * c->slot_size + RDMAPS_SLOT_HDR;
-}
 
 /* The fold thread's private copy of slot seq's payload (grad.c). */
 static void *slot_copy(const struct srv_conn *c, uint64_t seq)
@@ -224,7 +217,7 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 			*why = "bad gradient scale";
 			return RDMAPS_EPROTO;
 		}
-		rc = srv_slot_take(t, h, slot_copy(c, seq), slot_staged(c, seq),
+		rc = srv_slot_take(t, h, slot_copy(c, seq), srv_slot_staged(c, seq),
 				   c->group_len[(seq - 1) % c->slots], &ss, why);
 		if (rc) {
 			if (rc == RDMAPS_EINVAL)
@@ -251,26 +244,12 @@ static int group_check(struct srv_conn *c, struct srv_tensor *t, float *scale, c
 	return 0;
 }
 
-/* A replica connection's group (backup.c): every record applied, or, if
- * one was refused, none; then the primary's credit, as a worker's. */
-static void backup_group(struct srv_conn *c)
-{
-	bool refused = false;
-
-	for (uint64_t seq = c->group_seq; seq < c->next_seq; seq++)
-		refused |= (c->group_hdr[(seq - 1) % c->slots].flags & SLOT_REFUSED) != 0;
-	for (uint64_t seq = c->group_seq; seq < c->next_seq && !refused; seq++)
-		srv_backup_apply(c, &c->group_hdr[(seq - 1) % c->slots], slot_staged(c, seq));
-	c->group_seq = c->next_seq;
-	srv_conn_credit(c, c->next_seq, false);
-}
-
 /* Fold every slot of the group that ends at next_seq - 1, or none of them,
  * from the copies group_check took and checked. */
 static void group_fold(struct srv_conn *c)
 {
 	if (c->rstore) {
-		backup_group(c);
+		srv_backup_group(c);
 		return;
 	}
 	const struct rdmaps_slot_hdr *first = &c->group_hdr[(c->group_seq - 1) % c->slots];

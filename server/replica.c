@@ -1,27 +1,29 @@
 /*
- * replica.c -- a primary's backups (docs/durability.md, "Replicated
- * shards"). With --replicas R, server r keeps a copy of its parts on the
- * R - 1 servers after it in the cluster's list. After a batch of folds is
- * published, every chunk it changed is copied, under the chunk's lock, into
- * a registered bounce slot and written to each backup with one-sided
- * WRITEs (values with their header, optimizer state, fold count): the
- * backup's CPU is not on the path. The writes of one backup go in fold
- * order on one queue pair, so the last one to land is the newest. A push's
- * credit, which is what "folded" means to its worker (RDMAPS_PUSH_FOLDED),
- * waits until every connected, caught-up backup has completed the writes
- * of what it changed, and of the worker's account after them (what a
- * primary restored from the backup answers RESUME with).
+ * replica.c -- a primary's backups, the fold thread's side (docs/
+ * durability.md, "Replicated shards"). With --replicas R, server r keeps a
+ * copy of its parts on the R - 1 servers after it in the cluster's list.
+ * After a batch of folds is published, every chunk it changed is copied,
+ * under the chunk's lock, into a registered bounce slot and written to
+ * each backup's ring as a record (values with their header, optimizer
+ * state, fold count), then the accounts of the workers whose pushes the
+ * batch finished: one push group, which the backup applies whole or not at
+ * all (backup.c). The records of one backup go in fold order on one queue
+ * pair. A push's credit, which is what "folded" means to its worker
+ * (RDMAPS_PUSH_FOLDED), waits until every backup counted in sync has
+ * completed the group it is in; under an authority (authority.c) the
+ * backups counted are those etcd records in sync, which alone may take the
+ * rank over.
  *
- * Threads: a connector thread makes each backup's connection (rdma_cm,
- * blocking, retried) and hands it over (state READY); the fold thread
- * adopts it, writes it every tensor (the catch-up), and from then on owns
- * it (UP) until a write fails (FAILED), when the connector takes it back,
- * tears it down and connects again. A server without backups connected
- * acknowledges as before, and counts those acks (unreplicated_acks).
+ * Threads: the connector (peer.c) makes each backup's connection and
+ * hands it over (state READY); the fold thread adopts it, writes it every
+ * tensor (the catch-up), and from then on owns it (UP) until a write fails
+ * (FAILED), when the connector takes it back, tears it down and connects
+ * again. A server without backups connected acknowledges as before, and
+ * counts those acks (unreplicated_acks).
  *
  * Not here yet (docs/durability.md says what each needs): more than one
  * fold thread (writes of one chunk from two threads would take two queue
- * pairs, which the NIC does not order), failover.
+ * pairs, which the NIC does not order).
  */
 #include <errno.h>
 #include <poll.h>
@@ -32,344 +34,7 @@
 #include "error.h"
 #include "log.h"
 #include "optimizer.h"
-#include "server.h"
-
-#define PEER_BOUNCE 16u      /* records in flight to one backup, each in a slot of its own */
-/* chunks a batch records before they are written early: a group (them,
- * and the accounts after) fits in the backup's ring */
-#define REPL_TOUCH_MAX (SRV_REPL_RING / 2)
-#define REPL_WAIT_MAX 4096u  /* credits waiting for the backups */
-#define PEER_TIMEOUT_MS 5000 /* connect, and a REPLICA_OPEN's answer */
-#define PEER_RETRY_NS 500000000ull
-#define SETTLE_NS 10000000000ull /* a leaving worker's credits wait this long at most */
-
-enum peer_state { PEER_DOWN, PEER_READY, PEER_UP, PEER_FAILED };
-
-#define WR_CHUNK 1u
-#define WR_SEND 2u
-#define WR_RECV 3u
-
-/* One of our tensors on a backup: its id there (REPLICA_REPLY). */
-enum { PT_CLOSED, PT_QUEUED, PT_ASKED, PT_OPEN };
-struct peer_tensor {
-	uint32_t id;
-	int state;
-};
-
-struct srv_peer {
-	struct srv *s;
-	struct srv_repl *r;
-	unsigned rank;
-	_Atomic int state; /* enum peer_state: who owns the rest (top of file) */
-	struct rdma_event_channel *ch;
-	struct rdma_cm_id *id;
-	struct ibv_pd *pd;
-	struct ibv_cq *cq;
-	struct ibv_qp *qp;
-	uint8_t *buf; /* a request, a reply, then PEER_BOUNCE slots */
-	size_t buf_len;
-	struct ibv_mr *mr;
-	/* what the backup writes (its credit: how far it applied our
-	 * records, as a worker's for its pushes; keepalives): nothing else */
-	struct rdmaps_wire_credit *credit;
-	struct ibv_mr *credit_mr;
-	/* its ring for our records (the welcome), and the next record's seq */
-	uint64_t ring_addr;
-	uint32_t ring_rkey, ring_slots, ring_slot;
-	uint64_t seq;
-	bool answered;  /* its answer to the open being asked is in */
-	bool in_group;  /* records posted since the last group's end */
-	/* under an authority: it began an open while etcd counted it in
-	 * sync; nothing is written to it until etcd no longer does, then it
-	 * is caught up whole (srv_repl_flush) */
-	bool hold;
-	struct peer_tensor *pt; /* per tensor id of our store */
-	/* chunks written and completed since start, never reset: a credit
-	 * waits for this backup to have completed what was posted before it */
-	uint64_t posted, completed;
-	uint32_t req_id, reply_len;
-	struct srv_tensor *asking; /* its REPLICA_OPEN is out */
-	uint64_t asked_ns;
-	uint32_t opening;          /* tensors queued or asked */
-	bool synced;               /* every tensor written since it connected */
-	uint64_t sync_from, sync_ns;
-	/* places its table of our workers' accounts has (REPLICA_REPLY) */
-	uint32_t acct_cap;
-	uint64_t last_try; /* connector: last attempt */
-	unsigned failing;  /* connector: attempts failed in a row */
-	_Atomic bool lost; /* connector -> fold thread: its connection closed */
-};
-
-struct repl_wait {
-	struct srv_conn *c; /* NULL: its connection left */
-	uint64_t seq;
-	uint64_t upto[RDMAPS_MAX_REPLICAS - 1]; /* each backup's posted count it waits for */
-	bool assigned, urgent;
-};
-
-struct repl_touch {
-	struct srv_tensor *t;
-	uint32_t chunk;
-};
-
-struct srv_repl {
-	struct srv_fold_thread *ft;
-	struct srv_peer peer[RDMAPS_MAX_REPLICAS - 1];
-	unsigned npeers;
-	struct srv_replica_layout layout;
-	size_t slot_bytes;
-	struct repl_touch touch[REPL_TOUCH_MAX];
-	uint32_t ntouch;
-	struct repl_wait wait[REPL_WAIT_MAX]; /* a ring, oldest at head */
-	uint32_t head, count;
-};
-
-static uint8_t *msg_out(struct srv_peer *p) { return p->buf; }
-static uint8_t *msg_in(struct srv_peer *p) { return p->buf + RDMAPS_MSG_MAX; }
-static uint8_t *bounce(struct srv_peer *p, uint64_t n)
-{
-	return p->buf + 2 * RDMAPS_MSG_MAX + (size_t)(n % PEER_BOUNCE) * p->r->slot_bytes;
-}
-
-/* ---- the connector's side ---------------------------------------------- */
-
-static void peer_teardown(struct srv_peer *p)
-{
-	if (p->id && p->qp)
-		rdma_disconnect(p->id);
-	if (p->qp)
-		rdma_destroy_qp(p->id);
-	if (p->mr)
-		ibv_dereg_mr(p->mr);
-	if (p->credit_mr)
-		ibv_dereg_mr(p->credit_mr);
-	if (p->cq)
-		ibv_destroy_cq(p->cq);
-	if (p->pd)
-		ibv_dealloc_pd(p->pd);
-	if (p->id)
-		rdma_destroy_id(p->id);
-	if (p->ch)
-		rdma_destroy_event_channel(p->ch);
-	free(p->buf);
-	free(p->credit);
-	p->qp = NULL;
-	p->mr = p->credit_mr = NULL;
-	p->cq = NULL;
-	p->pd = NULL;
-	p->id = NULL;
-	p->ch = NULL;
-	p->buf = NULL;
-	p->credit = NULL;
-}
-
-static int post_recv(struct srv_peer *p)
-{
-	struct ibv_sge sge = { (uintptr_t)msg_in(p), RDMAPS_MSG_MAX, p->mr->lkey };
-	struct ibv_recv_wr wr = { .wr_id = WR_RECV, .sg_list = &sge, .num_sge = 1 }, *bad;
-
-	return ibv_post_recv(p->qp, &wr, &bad) ? RDMAPS_EVERBS : 0;
-}
-
-/* Resolve, build and connect, as a worker does, with the servers' token
- * and the replica flag; the connector's thread, blocking. */
-static int peer_connect(struct srv_peer *p)
-{
-	struct srv *s = p->s;
-	const struct rdmaps__server_addr *sa = &s->cfg.servers[p->rank];
-	struct ibv_qp_init_attr qa = { 0 };
-	struct rdmaps_wire_hello h = { 0 };
-	struct rdma_conn_param cp = { 0 };
-	struct rdmaps_wire_welcome w;
-	struct rdma_cm_event *ev;
-	int rc, reject_err = 0;
-
-	p->ch = rdma_create_event_channel();
-	if (!p->ch || rdma_create_id(p->ch, &p->id, p, RDMA_PS_TCP))
-		return RDMAPS_EVERBS;
-	/* from the address we serve on: the device workers reach us by */
-	if ((rc = rdmaps__cm_resolve(p->ch, p->id, sa->host, sa->port,
-				     s->cfg.listen_addr && strcmp(s->cfg.listen_addr, "0.0.0.0")
-					     ? s->cfg.listen_addr
-					     : NULL,
-				     PEER_TIMEOUT_MS)))
-		return rc;
-
-	p->pd = ibv_alloc_pd(p->id->verbs);
-	/* a completion per record, a send, a receive */
-	p->cq = p->pd ? ibv_create_cq(p->id->verbs, PEER_BOUNCE + 8, NULL, NULL, 0) : NULL;
-	if (!p->cq)
-		return RDMAPS_EVERBS;
-	qa.send_cq = qa.recv_cq = p->cq;
-	qa.qp_type = IBV_QPT_RC;
-	qa.cap.max_send_wr = PEER_BOUNCE + 2;
-	qa.cap.max_recv_wr = 2;
-	qa.cap.max_send_sge = qa.cap.max_recv_sge = 1;
-	if (rdma_create_qp(p->id, p->pd, &qa))
-		return RDMAPS_EVERBS;
-	p->qp = p->id->qp;
-	p->buf_len = 2 * RDMAPS_MSG_MAX + PEER_BOUNCE * p->r->slot_bytes;
-	p->buf = aligned_alloc(4096, rdmaps__round_up(p->buf_len, 4096));
-	p->credit = aligned_alloc(64, 64);
-	if (!p->buf || !p->credit)
-		return RDMAPS_ENOMEM;
-	/* the backup's credits count from 1, as a worker's */
-	*p->credit = (struct rdmaps_wire_credit){ .folded_seq = 1 };
-	p->seq = 1;
-	/* the bounce slots and messages: local only; the backup may write
-	 * the credit word and nothing else of ours */
-	if ((rc = rdmaps__reg_mr(p->pd, p->buf, p->buf_len, IBV_ACCESS_LOCAL_WRITE, &p->mr)) ||
-	    (rc = rdmaps__reg_mr(p->pd, p->credit, 64,
-				 IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE, &p->credit_mr)))
-		return rc;
-	if ((rc = post_recv(p)))
-		return rc;
-
-	h.magic = RDMAPS_PROTO_MAGIC;
-	h.version = RDMAPS_PROTO_VERSION;
-	h.token_len = s->cfg.peer_token_len;
-	memcpy(h.token, s->cfg.peer_token, s->cfg.peer_token_len);
-	h.credit_addr = (uintptr_t)p->credit;
-	h.credit_rkey = p->credit_mr->rkey;
-	h.flags = RDMAPS_HELLO_REPLICA;
-	h.rank = (uint16_t)s->cfg.server_id;
-	cp.private_data = &h;
-	cp.private_data_len = sizeof(h);
-	cp.retry_count = 6; /* as a worker: 7 is "forever" on rxe */
-	cp.rnr_retry_count = 7;
-	if (rdma_connect(p->id, &cp))
-		return rdmaps__from_errno(errno);
-	rc = rdmaps__cm_wait(p->ch, RDMA_CM_EVENT_ESTABLISHED, PEER_TIMEOUT_MS, &ev, &reject_err);
-	if (rc)
-		return rc == RDMAPS_EREJECTED && reject_err ? reject_err : rc;
-	rc = ev->param.conn.private_data && ev->param.conn.private_data_len >= sizeof(w)
-		     ? 0
-		     : RDMAPS_EPROTO;
-	if (!rc)
-		memcpy(&w, ev->param.conn.private_data, sizeof(w));
-	rdma_ack_cm_event(ev);
-	if (!rc && (w.magic != RDMAPS_PROTO_MAGIC || w.version != RDMAPS_PROTO_VERSION))
-		rc = RDMAPS_EPROTO;
-	if (!rc && w.chunk_elems != s->cfg.chunk_elems) {
-		log_error("backup rank %u runs --chunk-elems %u, this server %u: not replicating to it",
-			  p->rank, w.chunk_elems, s->cfg.chunk_elems);
-		rc = RDMAPS_EPROTO;
-	}
-	/* a batch's records and their accounts must fit its ring */
-	if (!rc && (w.slot_size < p->r->slot_bytes || w.slot_count < REPL_TOUCH_MAX + 2)) {
-		log_error("backup rank %u offers a ring of %u slots of %u bytes: too small",
-			  p->rank, w.slot_count, w.slot_size);
-		rc = RDMAPS_EPROTO;
-	}
-	if (!rc) {
-		p->ring_addr = w.staging_addr;
-		p->ring_rkey = w.staging_rkey;
-		p->ring_slots = w.slot_count;
-		p->ring_slot = w.slot_size;
-	}
-	return rc;
-}
-
-/*
- * A backup whose process died has its connection closed by its kernel,
- * which tells ours: the fold thread hears of it now (lost) rather than
- * when a write has exhausted its transport retries, which on rxe took 15 s
- * that every folded push would have waited. A backup whose host or link
- * dies still takes the retries.
- */
-static void peer_watch(struct srv_peer *p)
-{
-	struct pollfd pfd = { .fd = p->ch->fd, .events = POLLIN };
-	struct rdma_cm_event *ev;
-
-	while (poll(&pfd, 1, 0) > 0 && !rdma_get_cm_event(p->ch, &ev)) {
-		enum rdma_cm_event_type e = ev->event;
-		rdma_ack_cm_event(ev);
-		if (e == RDMA_CM_EVENT_DISCONNECTED || e == RDMA_CM_EVENT_DEVICE_REMOVAL ||
-		    e == RDMA_CM_EVENT_TIMEWAIT_EXIT) {
-			uint64_t one = 1;
-			atomic_store_explicit(&p->lost, true, memory_order_release);
-			if (write(p->r->ft->wake_fd, &one, sizeof(one)) < 0)
-				log_warn("fold thread %u: wake-up write failed", p->r->ft->idx);
-		}
-	}
-}
-
-static void *connector_main(void *arg)
-{
-	struct srv *s = arg;
-
-	while (!atomic_load(&s->stop)) {
-		for (unsigned f = 0; f < s->cfg.fold_threads; f++) {
-			struct srv_repl *r = s->ft[f].repl;
-			for (unsigned k = 0; k < r->npeers; k++) {
-				struct srv_peer *p = &r->peer[k];
-				int st = atomic_load_explicit(&p->state, memory_order_acquire);
-				uint64_t now = rdmaps__now_ns();
-				int rc;
-				if (st == PEER_FAILED) {
-					peer_teardown(p);
-					atomic_store_explicit(&p->state, PEER_DOWN, memory_order_release);
-					st = PEER_DOWN;
-				}
-				if (st == PEER_UP)
-					peer_watch(p);
-				if (st != PEER_DOWN || now - p->last_try < PEER_RETRY_NS)
-					continue;
-				p->last_try = now;
-				if ((rc = peer_connect(p))) {
-					/* the first failure of a run said once: a backup
-					 * starting later is the usual case */
-					if (!p->failing++ || p->failing % 120 == 0)
-						log_info("backup rank %u at %s:%s: not connected (%s); "
-							 "retrying every %.1f s", p->rank,
-							 s->cfg.servers[p->rank].host,
-							 s->cfg.servers[p->rank].port, rdmaps_strerror(rc),
-							 PEER_RETRY_NS / 1e9);
-					peer_teardown(p);
-					continue;
-				}
-				log_info("backup rank %u connected", p->rank);
-				p->failing = 0;
-				atomic_store(&p->lost, false);
-				atomic_store_explicit(&p->state, PEER_READY, memory_order_release);
-				uint64_t one = 1;
-				if (write(s->ft[f].wake_fd, &one, sizeof(one)) < 0)
-					log_warn("fold thread %u: wake-up write failed", f);
-			}
-		}
-		usleep(50000);
-	}
-	return NULL;
-}
-
-struct srv_store *srv_repl_store(struct srv *s, unsigned p)
-{
-	struct srv_config c = s->cfg;
-
-	if (s->replica[p])
-		return s->replica[p];
-	/* one copy, whatever --two-copies-from: nobody pulls a backup, and a
-	 * chunk's write lands where its header says */
-	c.two_copies_min = 0;
-	struct srv_store *st = calloc(1, sizeof(*st));
-	if (st && !srv_store_init(st, &c)) {
-		st->replica = true;
-		st->naccounts = c.max_workers;
-		st->accounts = calloc(c.max_workers, sizeof(struct srv_closed));
-	}
-	if (st && !st->accounts) {
-		if (st->replica)
-			srv_store_fini(st);
-		free(st);
-		return NULL;
-	}
-	if (st)
-		log_info("backing up the parts of server rank %u", p);
-	/* REPLICAS reads the table from fold threads */
-	__atomic_store_n(&s->replica[p], st, __ATOMIC_RELEASE);
-	return st;
-}
+#include "replica.h"
 
 int srv_repl_start(struct srv *s)
 {
@@ -394,7 +59,7 @@ int srv_repl_start(struct srv *s)
 		}
 		s->ft[f].repl = r;
 	}
-	if (pthread_create(&s->repl_thread, NULL, connector_main, s))
+	if (pthread_create(&s->repl_thread, NULL, srv_peer_connector, s))
 		return RDMAPS_ESYS;
 	s->repl_started = true;
 	return 0;
@@ -410,7 +75,7 @@ void srv_repl_stop(struct srv *s)
 	for (unsigned f = 0; s->ft && f < s->cfg.fold_threads; f++) {
 		struct srv_repl *r = s->ft[f].repl;
 		for (unsigned k = 0; r && k < r->npeers; k++) {
-			peer_teardown(&r->peer[k]);
+			srv_peer_teardown(&r->peer[k]);
 			free(r->peer[k].pt);
 		}
 		free(r);
@@ -749,7 +414,7 @@ static void open_done(struct srv_peer *p)
 
 	p->asking = NULL;
 	p->answered = false;
-	if (post_recv(p)) {
+	if (srv_peer_post_recv(p)) {
 		peer_fail(p, "cannot post a receive");
 		return;
 	}

@@ -87,6 +87,11 @@ static inline struct srv_replica_layout srv_replica_layout(uint32_t chunk_elems)
 	return l;
 }
 
+/* A slot's header flags, as kept by its fold thread: a slot refused at
+ * its check (fold.c), whose group is then refused whole */
+#define SLOT_REFUSED 0x8000u
+_Static_assert(!(RDMAPS_SLOT_FLAGS_KNOWN & SLOT_REFUSED), "refused mark is a wire flag");
+
 /* Bytes of payload a staging slot holds after its header: one chunk. */
 static inline size_t srv_slot_payload(const struct srv_config *cfg)
 {
@@ -360,6 +365,13 @@ struct srv_conn {
 	 * folds it does not replicate */
 	struct srv_store *store;
 };
+
+/* Where slot seq of c's ring has its payload: memory its writer can still
+ * write (a worker's checks copy it first: grad.c). */
+static inline const uint8_t *srv_slot_staged(const struct srv_conn *c, uint64_t seq)
+{
+	return c->staging + (size_t)((seq - 1) % c->slots) * c->slot_size + RDMAPS_SLOT_HDR;
+}
 
 struct srv_tensor;
 /*
@@ -831,8 +843,9 @@ void srv_chunk_replica_apply(struct srv_tensor *t, uint32_t i, const uint8_t *sr
  * bytes) must not be applied. */
 int srv_backup_check(struct srv_conn *c, const struct rdmaps_slot_hdr *h, uint32_t len,
 		     const char **why);
-/* Fold thread, a group's last record in: apply one checked record. */
-void srv_backup_apply(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const uint8_t *payload);
+/* Fold thread, a group's last record in: every record of the group
+ * applied (none if one was refused), then the primary's credit. */
+void srv_backup_group(struct srv_conn *c);
 
 /* ---- listener.c ---- */
 int srv_listen(struct srv *s);

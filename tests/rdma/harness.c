@@ -336,3 +336,18 @@ void th_etcd_stop(struct th_etcd *e)
 	}
 	th_rmdir(e->dir);
 }
+
+void th_assert_same(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdmaps_tensor *rt,
+		    size_t len, const char *when)
+{
+	float *v = calloc(len, sizeof(float)), *r = calloc(len, sizeof(float));
+
+	cr_assert(v && r);
+	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
+	cr_assert_eq(rdmaps_pull(rc, rt, r, 0), 0);
+	for (size_t i = 0; i < len; i++)
+		cr_assert_eq(v[i], r[i], "%s: [%zu] = %.9g, the reference %.9g", when, i, (double)v[i],
+			     (double)r[i]);
+	free(v);
+	free(r);
+}

@@ -73,6 +73,11 @@ struct th_etcd {
 void th_etcd_start(struct th_etcd *e);
 void th_etcd_stop(struct th_etcd *e);
 
+/* Pull t through c and rt through rc (len floats each) and assert they
+ * are equal bit for bit; when says at which step, in the message. */
+void th_assert_same(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdmaps_tensor *rt,
+		    size_t len, const char *when);
+
 /* Declare a float tensor initialised to value (asserts success). */
 rdmaps_tensor *th_declare(rdmaps_client *c, const char *name, uint64_t len, float value, float lr);
 

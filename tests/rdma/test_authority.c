@@ -74,12 +74,7 @@ static struct rdmaps_server_stats stats(rdmaps_client *c)
 static void assert_same(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdmaps_tensor *rt,
 			const char *when)
 {
-	static float a[LEN], b[LEN];
-
-	cr_assert_eq(rdmaps_pull(c, t, a, 0), 0);
-	cr_assert_eq(rdmaps_pull(rc, rt, b, 0), 0);
-	for (int i = 0; i < LEN; i++)
-		cr_assert_eq(a[i], b[i], "%s: element %d: %g, the reference %g", when, i, a[i], b[i]);
+	th_assert_same(c, t, rc, rt, LEN, when);
 }
 
 Test(authority, a_primary_cut_off_from_etcd_stops_folding_until_it_claims_again,

@@ -150,13 +150,7 @@ static void push_both(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdm
 static void assert_same(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdmaps_tensor *rt,
 			const char *when)
 {
-	static float v[LEN], r[LEN];
-
-	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
-	cr_assert_eq(rdmaps_pull(rc, rt, r, 0), 0);
-	for (int i = 0; i < LEN; i++)
-		cr_assert_eq(v[i], r[i], "%s: [%d] = %.9g, the reference %.9g", when, i, (double)v[i],
-			     (double)r[i]);
+	th_assert_same(c, t, rc, rt, LEN, when);
 }
 
 /*
@@ -282,14 +276,9 @@ static void assert_same1(rdmaps_client *c, const char *name, rdmaps_client *rc,
 			 rdmaps_tensor *rt)
 {
 	rdmaps_tensor *t;
-	float v[LEN1], r[LEN1];
 
 	cr_assert_eq(rdmaps_lookup(c, name, &t), 0);
-	cr_assert_eq(rdmaps_pull(c, t, v, 0), 0);
-	cr_assert_eq(rdmaps_pull(rc, rt, r, 0), 0);
-	for (int i = 0; i < LEN1; i++)
-		cr_assert_eq(v[i], r[i], "%s[%d] = %.9g, the reference %.9g", name, i, (double)v[i],
-			     (double)r[i]);
+	th_assert_same(c, t, rc, rt, LEN1, name);
 }
 
 /*

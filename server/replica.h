@@ -1,0 +1,117 @@
+/*
+ * replica.h -- a primary's backups, shared by the fold thread's side
+ * (replica.c: records, credits, catch-up) and the connector's
+ * (peer.c: connecting, watching, tearing down). Private to those two.
+ */
+#ifndef RDMAPS_SERVER_REPLICA_H
+#define RDMAPS_SERVER_REPLICA_H
+
+#include "server.h"
+
+#define PEER_BOUNCE 16u      /* records in flight to one backup, each in a slot of its own */
+/* chunks a batch records before they are written early: a group (them,
+ * and the accounts after) fits in the backup's ring */
+#define REPL_TOUCH_MAX (SRV_REPL_RING / 2)
+#define REPL_WAIT_MAX 4096u  /* credits waiting for the backups */
+#define PEER_TIMEOUT_MS 5000 /* connect, and a REPLICA_OPEN's answer */
+#define PEER_RETRY_NS 500000000ull
+#define SETTLE_NS 10000000000ull /* a leaving worker's credits wait this long at most */
+
+enum peer_state { PEER_DOWN, PEER_READY, PEER_UP, PEER_FAILED };
+
+#define WR_CHUNK 1u
+#define WR_SEND 2u
+#define WR_RECV 3u
+
+/* One of our tensors on a backup: its id there (REPLICA_REPLY). */
+enum { PT_CLOSED, PT_QUEUED, PT_ASKED, PT_OPEN };
+struct peer_tensor {
+	uint32_t id;
+	int state;
+};
+
+struct srv_peer {
+	struct srv *s;
+	struct srv_repl *r;
+	unsigned rank;
+	_Atomic int state; /* enum peer_state: who owns the rest (top of file) */
+	struct rdma_event_channel *ch;
+	struct rdma_cm_id *id;
+	struct ibv_pd *pd;
+	struct ibv_cq *cq;
+	struct ibv_qp *qp;
+	uint8_t *buf; /* a request, a reply, then PEER_BOUNCE slots */
+	size_t buf_len;
+	struct ibv_mr *mr;
+	/* what the backup writes (its credit: how far it applied our
+	 * records, as a worker's for its pushes; keepalives): nothing else */
+	struct rdmaps_wire_credit *credit;
+	struct ibv_mr *credit_mr;
+	/* its ring for our records (the welcome), and the next record's seq */
+	uint64_t ring_addr;
+	uint32_t ring_rkey, ring_slots, ring_slot;
+	uint64_t seq;
+	bool answered;  /* its answer to the open being asked is in */
+	bool in_group;  /* records posted since the last group's end */
+	/* under an authority: it began an open while etcd counted it in
+	 * sync; nothing is written to it until etcd no longer does, then it
+	 * is caught up whole (srv_repl_flush) */
+	bool hold;
+	struct peer_tensor *pt; /* per tensor id of our store */
+	/* chunks written and completed since start, never reset: a credit
+	 * waits for this backup to have completed what was posted before it */
+	uint64_t posted, completed;
+	uint32_t req_id, reply_len;
+	struct srv_tensor *asking; /* its REPLICA_OPEN is out */
+	uint64_t asked_ns;
+	uint32_t opening;          /* tensors queued or asked */
+	bool synced;               /* every tensor written since it connected */
+	uint64_t sync_from, sync_ns;
+	/* places its table of our workers' accounts has (REPLICA_REPLY) */
+	uint32_t acct_cap;
+	uint64_t last_try; /* connector: last attempt */
+	unsigned failing;  /* connector: attempts failed in a row */
+	_Atomic bool lost; /* connector -> fold thread: its connection closed */
+};
+
+struct repl_wait {
+	struct srv_conn *c; /* NULL: its connection left */
+	uint64_t seq;
+	uint64_t upto[RDMAPS_MAX_REPLICAS - 1]; /* each backup's posted count it waits for */
+	bool assigned, urgent;
+};
+
+struct repl_touch {
+	struct srv_tensor *t;
+	uint32_t chunk;
+};
+
+struct srv_repl {
+	struct srv_fold_thread *ft;
+	struct srv_peer peer[RDMAPS_MAX_REPLICAS - 1];
+	unsigned npeers;
+	struct srv_replica_layout layout;
+	size_t slot_bytes;
+	struct repl_touch touch[REPL_TOUCH_MAX];
+	uint32_t ntouch;
+	struct repl_wait wait[REPL_WAIT_MAX]; /* a ring, oldest at head */
+	uint32_t head, count;
+};
+
+static inline uint8_t *msg_out(struct srv_peer *p) { return p->buf; }
+static inline uint8_t *msg_in(struct srv_peer *p) { return p->buf + RDMAPS_MSG_MAX; }
+static inline uint8_t *bounce(struct srv_peer *p, uint64_t n)
+{
+	return p->buf + 2 * RDMAPS_MSG_MAX + (size_t)(n % PEER_BOUNCE) * p->r->slot_bytes;
+}
+
+/* ---- peer.c: the connector's side ---- */
+/* Everything of p's connection let go of (the connector's, or at stop). */
+void srv_peer_teardown(struct srv_peer *p);
+/* A receive for the backup's next answer. */
+int srv_peer_post_recv(struct srv_peer *p);
+/* The connector thread (arg: the server): connects each backup that is
+ * down, every PEER_RETRY_NS, and hands it to its fold thread (READY). */
+void *srv_peer_connector(void *arg);
+
+#endif
