@@ -134,6 +134,30 @@ Test(config, peer_token_is_its_own)
 	unlink(tf);
 }
 
+Test(config, authority_keys)
+{
+	const char *p = write_ini("servers = a\netcd = http://10.0.0.1:2379,http://10.0.0.2:2379\n"
+				  "etcd_prefix = /jobs/7\nlease_seconds = 3\n");
+
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_str_eq(cfg.etcd, "http://10.0.0.1:2379,http://10.0.0.2:2379");
+	cr_assert_str_eq(cfg.etcd_prefix, "/jobs/7");
+	cr_assert_eq(cfg.lease_s, 3);
+	unlink(p);
+	p = write_ini("servers = a\n");
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_str_eq(cfg.etcd, "", "no authority unless asked");
+	cr_assert_eq(cfg.lease_s, 2);
+	setenv("RDMAPS_LEASE_SECONDS", "0", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL);
+	unsetenv("RDMAPS_LEASE_SECONDS");
+	setenv("RDMAPS_ETCD_PREFIX", "jobs", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL);
+	cr_assert_not_null(strstr(err, "etcd_prefix"), "%s", err);
+	unsetenv("RDMAPS_ETCD_PREFIX");
+	unlink(p);
+}
+
 Test(config, launchers)
 {
 	setenv("SLURM_PROCID", "3", 1);
