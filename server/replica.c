@@ -188,6 +188,10 @@ static bool peer_room(struct srv_peer *p)
 	for (;;) {
 		if (!peer_up(p))
 			return false; /* failed: the connector owns its queue pair now */
+		if (atomic_load_explicit(&p->lost, memory_order_acquire)) {
+			peer_fail(p, "its connection closed"); /* not 5 s of waiting */
+			return false;
+		}
 		uint64_t applied = __atomic_load_n(&p->credit->folded_seq, __ATOMIC_ACQUIRE);
 		if (p->posted - p->completed < PEER_BOUNCE && p->seq - applied < p->ring_slots)
 			return true;
