@@ -367,7 +367,7 @@ static void open_next(struct srv_peer *p)
 	struct srv_store *st = &p->s->store;
 	uint32_t n = atomic_load(&st->count);
 
-	if (p->asking || !p->opening || !peer_up(p))
+	if (p->asking || !p->opening || !peer_up(p) || p->hold)
 		return;
 	for (uint32_t i = 0; i < n; i++)
 		if (p->pt[i].state == PT_QUEUED) {
@@ -441,6 +441,11 @@ static void open_done(struct srv_peer *p)
 	}
 	p->acct_cap = rep.accounts_cap;
 	*pt = (struct peer_tensor){ .id = rep.tensor_id, .state = PT_OPEN };
+	if (p->hold) {
+		/* nothing goes to it now; peer_resync copies it all later */
+		p->opening--;
+		return;
+	}
 	for (uint32_t i = 0; i < t->nchunks && peer_up(p); i++) {
 		peer_post_chunk(p, t, i);
 		if (p->in_group && (i + 1) % REPL_TOUCH_MAX == 0 && i + 1 < t->nchunks)
@@ -461,9 +466,8 @@ static void open_done(struct srv_peer *p)
 	open_next(p);
 }
 
-/* A backup the connector just connected, or one held while etcd still
- * counted it in sync: every tensor is opened on it and written whole (the
- * catch-up); it counts for credits once that is done. */
+/* A backup the connector just connected: every tensor is opened on it and
+ * written whole (the catch-up); it counts for credits once that is done. */
 static void peer_adopt(struct srv_peer *p)
 {
 	struct srv_store *st = &p->s->store;
@@ -489,6 +493,21 @@ static void peer_adopt(struct srv_peer *p)
 		peer_caught_up(p);
 }
 
+/* A held backup, struck off in etcd: every tensor opened on it again and
+ * written whole, on the same connection (its replies name the same ids). */
+static void peer_resync(struct srv_peer *p)
+{
+	struct srv_store *st = &p->s->store;
+	uint32_t n = atomic_load(&st->count);
+
+	p->hold = false;
+	p->opening = 0;
+	for (uint32_t i = 0; i < n; i++)
+		p->pt[i].state = PT_CLOSED;
+	for (uint32_t i = 0; i < n; i++)
+		open_want(p, srv_store_get(st, i));
+}
+
 void srv_repl_flush(struct srv_fold_thread *ft)
 {
 	struct srv_repl *r = ft->repl;
@@ -501,10 +520,11 @@ void srv_repl_flush(struct srv_fold_thread *ft)
 			continue;
 		if (p->hold) {
 			/* etcd still counts it in sync: not a record until it
-			 * does not; then everything again */
-			if (atomic_load(&ft->srv->isr_etcd) >> p->rank & 1u)
+			 * does not (and its open in flight is answered); then
+			 * everything again */
+			if ((atomic_load(&ft->srv->isr_etcd) >> p->rank & 1u) || p->asking)
 				continue;
-			peer_adopt(p);
+			peer_resync(p);
 			continue;
 		}
 		for (uint32_t k = 0; k < r->ntouch && peer_up(p); k++) {

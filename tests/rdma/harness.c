@@ -284,20 +284,18 @@ void th_rmdir(char *dir)
 	dir[0] = '\0';
 }
 
-void th_etcd_start(struct th_etcd *e)
+/* etcd on 127.0.0.1:port (peers on port + 1); true once it listens,
+ * false if it exited first (its port taken, say: see its log). */
+static bool etcd_try(struct th_etcd *e, unsigned port)
 {
-	unsigned port = 40000u + ((unsigned)getpid() * 2u) % 20000u;
 	char client[64], peer[64], cluster[96], data[160], log[160];
 
-	cr_assert(access("/usr/bin/etcd", X_OK) == 0,
-		  "no /usr/bin/etcd: tools/install-deps rdma installs Debian's etcd-server");
-	th_mkdtemp(e->dir, sizeof(e->dir), "etcd");
 	snprintf(e->url, sizeof(e->url), "http://127.0.0.1:%u", port);
 	snprintf(client, sizeof(client), "http://127.0.0.1:%u", port);
 	snprintf(peer, sizeof(peer), "http://127.0.0.1:%u", port + 1);
 	snprintf(cluster, sizeof(cluster), "t=%s", peer);
-	snprintf(data, sizeof(data), "%s/data", e->dir);
-	snprintf(log, sizeof(log), "%s/etcd.log", e->dir);
+	snprintf(data, sizeof(data), "%s/data-%u", e->dir, port);
+	snprintf(log, sizeof(log), "%s/etcd-%u.log", e->dir, port);
 	e->pid = fork();
 	cr_assert_geq(e->pid, 0);
 	if (e->pid == 0) {
@@ -319,11 +317,29 @@ void th_etcd_start(struct th_etcd *e)
 		int ok = connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0;
 		close(fd);
 		if (ok)
-			return;
-		cr_assert(waitpid(e->pid, NULL, WNOHANG) == 0, "etcd exited at start: see %s", log);
+			return true;
+		if (waitpid(e->pid, NULL, WNOHANG) == e->pid) {
+			e->pid = 0;
+			return false;
+		}
 		usleep(50000);
 	}
 	cr_assert_fail("etcd did not listen within 30 s: see %s", log);
+	return false;
+}
+
+void th_etcd_start(struct th_etcd *e)
+{
+	/* above the ports the tests' servers take (20000-50000) */
+	unsigned port = 52000u + ((unsigned)getpid() * 2u) % 8000u;
+
+	cr_assert(access("/usr/bin/etcd", X_OK) == 0,
+		  "no /usr/bin/etcd: tools/install-deps rdma installs Debian's etcd-server");
+	th_mkdtemp(e->dir, sizeof(e->dir), "etcd");
+	for (int k = 0; k < 5; k++, port = 52000u + (port - 52000u + 202u) % 8000u)
+		if (etcd_try(e, port))
+			return;
+	cr_assert_fail("etcd exited at start five times: see %s/etcd-*.log", e->dir);
 }
 
 void th_etcd_stop(struct th_etcd *e)
