@@ -48,13 +48,13 @@ int srv_backup_check(struct srv_conn *c, const struct rdmaps_slot_hdr *h, uint32
 	}
 	/* only tensors its primary opened are in its replica store */
 	struct srv_tensor *t = srv_store_get(c->rstore, h->tensor_id);
-	struct srv_replica_layout l = srv_replica_layout(c->srv->cfg.chunk_elems);
 	if (!t) {
 		*why = "a record of a tensor never opened";
 		return RDMAPS_ENOENT;
 	}
 	if (h->chunk >= t->nchunks ||
-	    h->count != rdmaps__chunk_count(t->length, t->chunk_elems, h->chunk) || len < l.bytes) {
+	    h->count != rdmaps__chunk_count(t->length, t->chunk_elems, h->chunk) ||
+	    len < srv_replica_layout(h->count, t->opt->state_per_param).bytes) {
 		*why = "a record's chunk, count or length out of range";
 		return RDMAPS_ERANGE;
 	}
@@ -66,9 +66,9 @@ static void apply(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const uin
 	struct srv_store *st = c->rstore;
 
 	if (h->flags & RDMAPS_SLOT_REPLICA) {
-		struct srv_replica_layout l = srv_replica_layout(c->srv->cfg.chunk_elems);
-		srv_chunk_replica_apply(srv_store_get(st, h->tensor_id), h->chunk, payload, h->count,
-					&l);
+		struct srv_tensor *t = srv_store_get(st, h->tensor_id);
+		struct srv_replica_layout l = srv_replica_layout(h->count, t->opt->state_per_param);
+		srv_chunk_replica_apply(t, h->chunk, payload, h->count, &l);
 		return;
 	}
 	/* a place is the primary's fold thread's table slot for one of its

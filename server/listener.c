@@ -125,7 +125,7 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->slots = slots;
 	c->slot_size = (uint32_t)srv_slot_bytes(&s->cfg);
 	if (hello->flags & RDMAPS_HELLO_REPLICA) /* a record per slot */
-		c->slot_size = (uint32_t)(RDMAPS_SLOT_HDR + srv_replica_layout(s->cfg.chunk_elems).bytes);
+		c->slot_size = (uint32_t)(RDMAPS_SLOT_HDR + srv_replica_layout(s->cfg.chunk_elems, SRV_REPLICA_STATE_MAX).bytes);
 	c->recv_depth = c->slots + CTRL_RECVS;
 	c->sq_depth = SQ_DEPTH;
 	c->next_seq = 1;

@@ -43,8 +43,9 @@ int srv_repl_start(struct srv *s)
 		if (!r)
 			return RDMAPS_ENOMEM;
 		r->ft = &s->ft[f];
-		r->layout = srv_replica_layout(s->cfg.chunk_elems);
-		r->slot_bytes = RDMAPS_SLOT_HDR + r->layout.bytes; /* a record: header, payload */
+		/* a bounce slot holds the largest record: header, payload */
+		r->slot_bytes = RDMAPS_SLOT_HDR +
+				srv_replica_layout(s->cfg.chunk_elems, SRV_REPLICA_STATE_MAX).bytes;
 		r->npeers = s->cfg.replicas - 1;
 		for (unsigned k = 0; k < r->npeers; k++) {
 			struct srv_peer *p = &r->peer[k];
@@ -241,18 +242,19 @@ static void peer_post(struct srv_peer *p, uint8_t *b, size_t len, bool last)
 static void peer_post_chunk(struct srv_peer *p, struct srv_tensor *t, uint32_t i)
 {
 	struct srv_repl *r = p->r;
+	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, i);
+	struct srv_replica_layout l = srv_replica_layout(count, t->opt->state_per_param);
 	uint8_t *b;
 
 	if (!peer_room(p))
 		return;
 	b = bounce(p, p->posted);
-	srv_chunk_replica_copy(t, i, b + RDMAPS_SLOT_HDR, r->layout.state_off, r->layout.steps_off,
-			       &r->ft->open);
+	srv_chunk_replica_copy(t, i, b + RDMAPS_SLOT_HDR, l.state_off, l.steps_off, &r->ft->open);
 	*(struct rdmaps_slot_hdr *)b = (struct rdmaps_slot_hdr){
 		.tensor_id = (uint16_t)p->pt[t->id].id, .flags = RDMAPS_SLOT_REPLICA, .chunk = i,
-		.count = ((const struct rdmaps_chunk_hdr *)(b + RDMAPS_SLOT_HDR))->count,
+		.count = count,
 	};
-	peer_post(p, b, r->layout.bytes, false);
+	peer_post(p, b, l.bytes, false);
 	if (peer_up(p))
 		atomic_fetch_add_explicit(&p->s->replicated_chunks, 1, memory_order_relaxed);
 }
@@ -269,7 +271,7 @@ static void peer_post_chunk(struct srv_peer *p, struct srv_tensor *t, uint32_t i
 static void peer_end_group(struct srv_peer *p, bool all)
 {
 	struct srv_repl *r = p->r;
-	const size_t per = r->layout.bytes / sizeof(struct rdmaps_replica_account);
+	const size_t per = (r->slot_bytes - RDMAPS_SLOT_HDR) / sizeof(struct rdmaps_replica_account);
 	uint32_t n = 0, k = 0, total = all ? r->ft->nconns : r->count;
 	uint8_t *b = NULL;
 

@@ -90,7 +90,6 @@ struct srv_repl {
 	struct srv_fold_thread *ft;
 	struct srv_peer peer[RDMAPS_MAX_REPLICAS - 1];
 	unsigned npeers;
-	struct srv_replica_layout layout;
 	size_t slot_bytes;
 	struct repl_touch touch[REPL_TOUCH_MAX];
 	uint32_t ntouch;

@@ -63,29 +63,33 @@ struct srv_config {
 };
 
 /*
- * A replica record (RDMAPS_SLOT_REPLICA) after its slot header: the chunk
- * as it is in memory (header, then count floats), the chunk's optimizer
- * state from state_off (count * state_per_param floats, at most
- * SRV_REPLICA_STATE_MAX per value), its fold count (u64) at steps_off.
- * bytes: the payload a replica connection's slot holds; the primary's
- * bounce slots and the backup's ring agree on it from --chunk-elems alone.
+ * A replica record (RDMAPS_SLOT_REPLICA) of a chunk of count values, after
+ * its slot header: the chunk as it is in memory (header, then count
+ * floats), its optimizer state from state_off (count * spp floats, spp the
+ * optimizer's state per value, at most SRV_REPLICA_STATE_MAX), its fold
+ * count (u64) at steps_off; bytes in all. A small chunk's record is small:
+ * a 64 B push sends a record of about 100 B. Both ends compute it from the
+ * record's count and the tensor's optimizer; a replica connection's slot
+ * holds the largest (a whole chunk, two state floats per value).
  */
 #define SRV_REPLICA_STATE_MAX 2u /* Adam's two moments */
-/* A replica connection's ring: a batch's records (at most
- * SRV_REPL_RING - 2 chunks, replica.c) and their accounts fit in it */
-#define SRV_REPL_RING 64u
 struct srv_replica_layout {
 	size_t state_off, steps_off, bytes;
 };
-static inline struct srv_replica_layout srv_replica_layout(uint32_t chunk_elems)
+static inline struct srv_replica_layout srv_replica_layout(uint32_t count, uint32_t spp)
 {
 	struct srv_replica_layout l;
 
-	l.state_off = rdmaps__round_up(RDMAPS_CHUNK_HDR + (size_t)chunk_elems * sizeof(float), 64);
-	l.steps_off = l.state_off + (size_t)chunk_elems * SRV_REPLICA_STATE_MAX * sizeof(float);
+	l.state_off = rdmaps__round_up(RDMAPS_CHUNK_HDR + (size_t)count * sizeof(float), 8);
+	l.steps_off = l.state_off + (size_t)count * spp * sizeof(float);
+	l.steps_off = rdmaps__round_up(l.steps_off, 8);
 	l.bytes = l.steps_off + sizeof(uint64_t);
 	return l;
 }
+
+/* A replica connection's ring: a batch's records (at most
+ * SRV_REPL_RING - 2 chunks, replica.c) and their accounts fit in it */
+#define SRV_REPL_RING 64u
 
 /* A slot's header flags, as kept by its fold thread: a slot refused at
  * its check (fold.c), whose group is then refused whole */
