@@ -334,7 +334,7 @@ void th_etcd_start(struct th_etcd *e)
 	unsigned port = 52000u + ((unsigned)getpid() * 2u) % 8000u;
 
 	cr_assert(access("/usr/bin/etcd", X_OK) == 0,
-		  "no /usr/bin/etcd: tools/install-deps rdma installs Debian's etcd-server");
+		  "no /usr/bin/etcd: tools/install-deps etcd installs Debian's etcd-server");
 	th_mkdtemp(e->dir, sizeof(e->dir), "etcd");
 	for (int k = 0; k < 5; k++, port = 52000u + (port - 52000u + 202u) % 8000u)
 		if (etcd_try(e, port))
