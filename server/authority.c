@@ -41,6 +41,7 @@ struct srv_auth {
 	struct srv_etcd etcd;
 	char primary_key[256], epoch_key[256]; /* base64, as the JSON wants them */
 	char primary_name[200];
+	const char *prefix;   /* the cluster's keys */
 	uint64_t lease_id;    /* 0: none granted */
 	uint64_t ttl_ns;      /* as granted */
 	bool holding;         /* our claim stands (until the lease is found gone) */
@@ -74,6 +75,21 @@ static int call(struct srv_auth *a, const char *path, const char *body)
 {
 	return srv_etcd_post(&a->etcd, path, body, a->buf, sizeof(a->buf), CALL_MS, a->why,
 			     sizeof(a->why));
+}
+
+/* Read one key (base64): 0 with etcd's answer in a->buf; *mod its revision
+ * (0: absent). */
+static int range(struct srv_auth *a, const char *key64, uint64_t *mod)
+{
+	char body[320];
+	int rc;
+
+	snprintf(body, sizeof(body), "{\"key\":\"%s\"}", key64);
+	if ((rc = call(a, "/v3/kv/range", body)))
+		return rc;
+	if (!srv_json_u64(a->buf, "mod_revision", mod))
+		*mod = 0; /* no kvs */
+	return 0;
 }
 
 /* etcd's answer without the lease (expired, revoked) names no TTL. */
@@ -139,16 +155,13 @@ static void epoch_value(char *out, size_t len, uint64_t epoch, uint64_t isr)
 static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, uint64_t *isr,
 		      uint64_t *mod)
 {
-	char body[320], val[256] = "";
+	char val[256] = "";
 	const char *l;
 	int rc;
 
-	snprintf(body, sizeof(body), "{\"key\":\"%s\"}", key64);
-	if ((rc = call(a, "/v3/kv/range", body)))
-		return rc;
-	*epoch = *mod = *isr = 0;
-	if (!srv_json_u64(a->buf, "mod_revision", mod))
-		return 0; /* no kvs: never claimed */
+	*epoch = *isr = 0;
+	if ((rc = range(a, key64, mod)) || !*mod)
+		return rc; /* or never claimed */
 	if (!srv_json_b64(a->buf, "value", val, sizeof(val)) || sscanf(val, "%" SCNu64, epoch) != 1) {
 		snprintf(a->why, sizeof(a->why), "epoch key holds '%s'", val);
 		return RDMAPS_EPROTO;
@@ -161,20 +174,6 @@ static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, ui
 		*isr |= 1ull << r;
 		l = *end == ',' ? end : NULL;
 	}
-	return 0;
-}
-
-/* Is a primary key (base64) held? 0 with *held, or etcd's error. */
-static int primary_held(struct srv_auth *a, const char *key64, bool *held)
-{
-	char body[320];
-	uint64_t v;
-	int rc;
-
-	snprintf(body, sizeof(body), "{\"key\":\"%s\"}", key64);
-	if ((rc = call(a, "/v3/kv/range", body)))
-		return rc;
-	*held = srv_json_u64(a->buf, "mod_revision", &v);
 	return 0;
 }
 
@@ -319,16 +318,15 @@ static void watch_ranks(struct srv_auth *a)
 
 	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
 		uint64_t epoch, isr, mod;
-		bool held;
 		if (p == s->cfg.server_id || srv_serves(s, p) ||
 		    !__atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE))
 			continue;
 		if (!a->watch_key[p][0]) {
-			const char *prefix = s->cfg.etcd_prefix ? s->cfg.etcd_prefix : "/rdmaps";
-			key64(a->watch_key[p], sizeof(a->watch_key[p]), prefix, "primary", p);
-			key64(a->watch_epoch[p], sizeof(a->watch_epoch[p]), prefix, "epoch", p);
+			key64(a->watch_key[p], sizeof(a->watch_key[p]), a->prefix, "primary", p);
+			key64(a->watch_epoch[p], sizeof(a->watch_epoch[p]), a->prefix, "epoch", p);
 		}
-		if (primary_held(a, a->watch_key[p], &held) || held ||
+		/* its primary key held (a revision): its primary is there */
+		if (range(a, a->watch_key[p], &mod) || mod ||
 		    read_epoch(a, a->watch_epoch[p], &epoch, &isr, &mod) || !epoch)
 			continue;
 		if (!(isr >> s->cfg.server_id & 1u)) {
@@ -474,7 +472,6 @@ int srv_auth_start(struct srv *s)
 {
 	struct srv_auth *a = calloc(1, sizeof(*a));
 	char err[256];
-	const char *prefix = s->cfg.etcd_prefix ? s->cfg.etcd_prefix : "/rdmaps";
 	int rc;
 
 	if (!a)
@@ -485,8 +482,9 @@ int srv_auth_start(struct srv *s)
 		return rc;
 	}
 	a->s = s;
-	key64(a->primary_key, sizeof(a->primary_key), prefix, "primary", s->cfg.server_id);
-	key64(a->epoch_key, sizeof(a->epoch_key), prefix, "epoch", s->cfg.server_id);
+	a->prefix = s->cfg.etcd_prefix ? s->cfg.etcd_prefix : "/rdmaps";
+	key64(a->primary_key, sizeof(a->primary_key), a->prefix, "primary", s->cfg.server_id);
+	key64(a->epoch_key, sizeof(a->epoch_key), a->prefix, "epoch", s->cfg.server_id);
 	snprintf(a->primary_name, sizeof(a->primary_name), "%s:%s",
 		 s->cfg.listen_addr ? s->cfg.listen_addr : "0.0.0.0", s->cfg.port);
 	pthread_mutex_init(&a->lock, NULL);
@@ -500,7 +498,8 @@ int srv_auth_start(struct srv *s)
 		return RDMAPS_ESYS;
 	}
 	s->auth = a;
-	log_info("authority: claiming rank %u under %s at %s", s->cfg.server_id, prefix, s->cfg.etcd);
+	log_info("authority: claiming rank %u under %s at %s", s->cfg.server_id, a->prefix,
+		 s->cfg.etcd);
 	return 0;
 }
 

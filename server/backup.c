@@ -122,3 +122,11 @@ struct srv_store *srv_repl_store(struct srv *s, unsigned p)
 	__atomic_store_n(&s->replica[p], st, __ATOMIC_RELEASE);
 	return st;
 }
+
+void srv_repl_accounts_to_records(struct srv_store *st)
+{
+	srv_resume_clear(&st->resume);
+	for (uint32_t i = 0; i < st->naccounts; i++)
+		if (st->accounts[i].conn_id)
+			srv_resume_record(&st->resume, &st->accounts[i]);
+}

@@ -496,14 +496,8 @@ static void replicas_checkpoint(struct srv *s)
 		/* its primary's accounts, as its own closed connections': a
 		 * worker of the primary restored from here settles by them
 		 * (a rank taken over has its own records since: kept) */
-		if (!srv_serves(s, p)) {
-			srv_resume_clear(&st->resume);
-			for (uint32_t i = 0; i < st->naccounts; i++) {
-				struct srv_closed a = st->accounts[i];
-				if (a.conn_id)
-					srv_resume_record(&st->resume, &a);
-			}
-		}
+		if (!srv_serves(s, p))
+			srv_repl_accounts_to_records(st);
 		scan_ckpts(dir, seqs, 1, &top);
 		if (srv_checkpoint_write(st, dir, p, top + 1, err, sizeof(err))) {
 			log_error("checkpoint of rank %u's backups failed: %s", p, err);

@@ -113,9 +113,6 @@ static void slot_drop(struct srv_conn *c, int err, const char *why, uint64_t seq
 			 SRV_CONN_ARGS(c), (unsigned long long)seq, why, sup);
 }
 
-/* Our own mark, in our copy of a header (group_hdr), never on the wire:
- * the slot was refused, so its whole group will be. */
-
 /* Checks of a slot whose seq is right: 0, or why it must not be folded. */
 static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, const char **why)
 {
@@ -160,7 +157,6 @@ static int slot_validate(struct srv_conn *c, const struct rdmaps_slot_hdr *h, co
 	}
 	return 0;
 }
-
 
 /* The fold thread's private copy of slot seq's payload (grad.c). */
 static void *slot_copy(const struct srv_conn *c, uint64_t seq)
@@ -257,6 +253,9 @@ static void group_fold(struct srv_conn *c)
 				       ? srv_store_get(c->store, first->tensor_id)
 				       : NULL;
 	const char *why = "another slot of its push was refused";
+	/* a rank taken over here is not replicated (its replicas' store is
+	 * not what the backups hold of ours) */
+	const bool replicate = c->ft->repl && c->store == &c->srv->store;
 	float scale = 1.0f;
 	int rc = t ? group_check(c, t, &scale, &why) : RDMAPS_EREMOTE;
 
@@ -274,9 +273,6 @@ static void group_fold(struct srv_conn *c)
 			float *vals = srv_slot_values(t, h, g, &nv);
 			srv_grad_scale(vals, nv, scale);
 		}
-		/* a rank taken over here is not replicated (its replicas' store
-		 * is not what the backups hold of ours) */
-		const bool replicate = c->ft->repl && c->store == &c->srv->store;
 		if (h->flags & RDMAPS_SLOT_ROWS)
 			rows_fold(c->ft, t, h, g, replicate);
 		else if (h->flags & RDMAPS_SLOT_ASSIGN)
@@ -297,7 +293,7 @@ static void group_fold(struct srv_conn *c)
 			atomic_fetch_or_explicit(&t->push_formats, bit, memory_order_relaxed);
 	}
 	c->group_seq = c->next_seq;
-	if (c->ft->repl && c->store == &c->srv->store)
+	if (replicate)
 		srv_repl_credit(c->ft, c, c->next_seq, first->flags & RDMAPS_SLOT_ACK);
 	else
 		srv_conn_credit(c, c->next_seq, first->flags & RDMAPS_SLOT_ACK);

@@ -124,8 +124,9 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->conn_id = new_conn_id();
 	c->slots = slots;
 	c->slot_size = (uint32_t)srv_slot_bytes(&s->cfg);
-	if (hello->flags & RDMAPS_HELLO_REPLICA) /* a record per slot */
-		c->slot_size = (uint32_t)(RDMAPS_SLOT_HDR + srv_replica_layout(s->cfg.chunk_elems, SRV_REPLICA_STATE_MAX).bytes);
+	if (hello->flags & RDMAPS_HELLO_REPLICA) /* a record per slot, the largest */
+		c->slot_size = (uint32_t)(RDMAPS_SLOT_HDR +
+					  srv_replica_layout(s->cfg.chunk_elems, SRV_REPLICA_STATE_MAX).bytes);
 	c->recv_depth = c->slots + CTRL_RECVS;
 	c->sq_depth = SQ_DEPTH;
 	c->next_seq = 1;
@@ -144,9 +145,11 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	}
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
 	c->member_of = calloc(s->store.max, sizeof(*c->member_of));
-	c->staging = aligned_alloc(4096, rdmaps__round_up((size_t)c->slots * c->slot_size, 4096));
+	/* aligned_alloc wants whole pages; the staging budget counts them */
+	size_t ring_bytes = rdmaps__round_up((size_t)c->slots * c->slot_size, 4096);
+	c->staging = aligned_alloc(4096, ring_bytes);
 	if (c->staging) { /* counted only once held: teardown gives back what it took */
-		c->staging_bytes = rdmaps__round_up((size_t)c->slots * c->slot_size, 4096);
+		c->staging_bytes = ring_bytes;
 		atomic_fetch_add(&s->staging_used, c->staging_bytes);
 	}
 	/* aligned_alloc wants a whole number of alignments (C17 7.22.3.1;
@@ -451,10 +454,7 @@ static void take_overs(struct srv *s)
 		pthread_mutex_unlock(&s->conns_lock);
 		if (gone)
 			evict_some(s);
-		srv_resume_clear(&st->resume);
-		for (uint32_t i = 0; i < st->naccounts; i++)
-			if (st->accounts[i].conn_id)
-				srv_resume_record(&st->resume, &st->accounts[i]);
+		srv_repl_accounts_to_records(st);
 		atomic_store(&s->took_over[p], true);
 		atomic_fetch_add(&s->failovers, 1);
 		log_warn("serving rank %u's part (%u tensors) from its replica here", p,

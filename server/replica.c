@@ -259,60 +259,53 @@ static void peer_post_chunk(struct srv_peer *p, struct srv_tensor *t, uint32_t i
 		atomic_fetch_add_explicit(&p->s->replicated_chunks, 1, memory_order_relaxed);
 }
 
+/* An ACCOUNTS record of n entries from bounce slot b; last ends the group. */
+static void peer_post_accounts(struct srv_peer *p, uint8_t *b, uint32_t n, bool last)
+{
+	*(struct rdmaps_slot_hdr *)b =
+		(struct rdmaps_slot_hdr){ .flags = RDMAPS_SLOT_ACCOUNTS, .count = n };
+	peer_post(p, b, n * sizeof(struct rdmaps_replica_account), last);
+}
+
 /*
  * End p's group: the accounts of the workers whose pushes the records
  * before finished (docs/durability.md, "Exactly once"), every seq of each
  * below the one given folded or refused, as ACCOUNTS records, the last one
- * ending the group. A primary restored from p's copy, or p taking this
- * rank over, answers their RESUME with them. With a connection's place
- * given, only the newest of its waits counts; all: every connection of
- * the thread, as now (after a catch-up).
+ * ending the group (an empty one if the group has records and no account).
+ * A primary restored from p's copy, or p taking this rank over, answers
+ * their RESUME with them. The accounts: those of the credits waiting to be
+ * assigned (the newest of a connection wins), or with all, every worker
+ * connection of the thread as it stands (after a catch-up).
  */
 static void peer_end_group(struct srv_peer *p, bool all)
 {
 	struct srv_repl *r = p->r;
 	const size_t per = (r->slot_bytes - RDMAPS_SLOT_HDR) / sizeof(struct rdmaps_replica_account);
-	uint32_t n = 0, k = 0, total = all ? r->ft->nconns : r->count;
+	uint32_t n = 0, total = all ? r->ft->nconns : r->count;
 	uint8_t *b = NULL;
 
-	for (;;) {
-		const struct srv_conn *c = NULL;
-		uint64_t seq = 0;
-		if (k < total) {
-			if (all) {
-				c = r->ft->conns[k];
-				seq = c->group_seq;
-				if (c->rstore || c->store != &c->srv->store)
-					c = NULL;
-			} else {
-				const struct repl_wait *w = &r->wait[(r->head + k) % REPL_WAIT_MAX];
-				if (!w->assigned && w->c) {
-					c = w->c;
-					seq = w->seq;
-				}
-			}
-			k++;
+	for (uint32_t k = 0; k < total; k++) {
+		const struct srv_conn *c;
+		uint64_t seq;
+		if (all) {
+			c = r->ft->conns[k];
+			seq = c->group_seq;
+			if (c->rstore || c->store != &c->srv->store)
+				continue;
+		} else {
+			const struct repl_wait *w = &r->wait[(r->head + k) % REPL_WAIT_MAX];
+			if (w->assigned || !w->c)
+				continue;
+			c = w->c;
+			seq = w->seq;
 		}
-		bool done = k >= total && !c;
-		if (b && (n == per || done)) {
-			*(struct rdmaps_slot_hdr *)b = (struct rdmaps_slot_hdr){
-				.flags = RDMAPS_SLOT_ACCOUNTS, .count = n,
-			};
-			peer_post(p, b, n * sizeof(struct rdmaps_replica_account), done);
+		if (c->place >= p->acct_cap)
+			continue;
+		if (b && n == per) {
+			peer_post_accounts(p, b, n, false);
 			b = NULL;
 			n = 0;
 		}
-		if (done) {
-			if (p->in_group && peer_room(p)) { /* a group with no account */
-				b = bounce(p, p->posted);
-				*(struct rdmaps_slot_hdr *)b =
-					(struct rdmaps_slot_hdr){ .flags = RDMAPS_SLOT_ACCOUNTS };
-				peer_post(p, b, 0, true);
-			}
-			return;
-		}
-		if (!c || c->place >= p->acct_cap)
-			continue;
 		if (!b) {
 			if (!peer_room(p))
 				return;
@@ -329,6 +322,13 @@ static void peer_end_group(struct srv_peer *p, bool all)
 							 .place = c->place };
 		n += at == n;
 	}
+	if (!b && p->in_group) { /* a group with no account */
+		if (!peer_room(p))
+			return;
+		b = bounce(p, p->posted);
+	}
+	if (b)
+		peer_post_accounts(p, b, n, true);
 }
 
 /*

@@ -91,8 +91,8 @@ static inline struct srv_replica_layout srv_replica_layout(uint32_t count, uint3
  * SRV_REPL_RING - 2 chunks, replica.c) and their accounts fit in it */
 #define SRV_REPL_RING 64u
 
-/* A slot's header flags, as kept by its fold thread: a slot refused at
- * its check (fold.c), whose group is then refused whole */
+/* Our own mark, in a fold thread's copy of a slot header (group_hdr),
+ * never on the wire: the slot was refused, so its whole group will be */
 #define SLOT_REFUSED 0x8000u
 _Static_assert(!(RDMAPS_SLOT_FLAGS_KNOWN & SLOT_REFUSED), "refused mark is a wire flag");
 
@@ -828,6 +828,10 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 /* Fold thread (replica.c, waiting for room in a backup's ring): apply the
  * records of the primaries this server backs up, and nothing else. */
 void srv_fold_poll_backups(struct srv_fold_thread *ft);
+/* Backup side, listener: a replica store's records of closed connections
+ * (what RESUME answers) made its primary's accounts, as the primary last
+ * wrote them (a primary restored from it, or this server taking it over). */
+void srv_repl_accounts_to_records(struct srv_store *st);
 /* Backup side, listener: the store for rank p's replicas (made on first use). */
 struct srv_store *srv_repl_store(struct srv *s, unsigned p);
 /*
