@@ -20,7 +20,7 @@
 #include "rdmaps.h"
 
 #define RDMAPS_PROTO_MAGIC 0x53504452u /* "RDPS" little-endian */
-#define RDMAPS_PROTO_VERSION 13u /* 13: STATS_REPLY's epoch and lease_losses (docs/protocol.md) */
+#define RDMAPS_PROTO_VERSION 14u /* 14: REPLICAS_REPLY's backups of parts taken over (docs/protocol.md) */
 #define RDMAPS_DEFAULT_PORT "7471"
 #define RDMAPS_TOKEN_MAX 32u
 #define RDMAPS_MSG_MAX 4096u
@@ -342,8 +342,9 @@ struct rdmaps_wire_backup_info {
 	uint64_t writes;       /* chunks and accounts written to it since start */
 	uint64_t in_flight;    /* of those, not yet completed: how far behind it is */
 	uint32_t opening;      /* tensors not yet open on it */
-	uint32_t reserved;
+	uint32_t part;         /* the rank whose part it backs up (ours, or one taken over) */
 };
+#define RDMAPS_WIRE_BACKUPS 7 /* our own three at most, and four for parts taken over */
 /* A primary whose parts this server backs up. */
 struct rdmaps_wire_held_info {
 	uint32_t primary;      /* its rank */
@@ -357,7 +358,7 @@ struct rdmaps_msg_replicas_reply {
 	uint32_t server_id;
 	uint32_t replicas;     /* copies of each part (1: no backups) */
 	uint32_t nbackups, nheld, reserved;
-	struct rdmaps_wire_backup_info backup[3];
+	struct rdmaps_wire_backup_info backup[RDMAPS_WIRE_BACKUPS];
 	struct rdmaps_wire_held_info held[64];
 	/* the authority (server --etcd): the epoch of this server's claim
 	 * on its rank (0: none), the backups etcd records in sync with it,

@@ -48,8 +48,11 @@ struct srv_auth {
 	bool fence_noted;     /* lease_until passed: logged and counted once */
 	bool unreachable_noted;
 	char held_by[256];    /* the last holder logged, so a wait logs once */
-	uint64_t epoch_mod;   /* our epoch key's revision as we last wrote it */
-	uint64_t isr_recorded; /* the in-sync backups our epoch key names */
+	/* per rank we hold (ours, and those taken over): its epoch, its
+	 * epoch key's revision as we last wrote it, and the in-sync backups
+	 * that key names */
+	uint64_t part_epoch[RDMAPS_MAX_SERVERS], epoch_mod[RDMAPS_MAX_SERVERS];
+	uint64_t isr_recorded[RDMAPS_MAX_SERVERS];
 	uint64_t last_ka;     /* when the last keep-alive went out */
 	bool poked;           /* the fold thread's in-sync set changed */
 	char watch_key[RDMAPS_MAX_SERVERS][256]; /* base64 keys of ranks we back up */
@@ -206,12 +209,12 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 	if (srv_json_true(a->buf, "succeeded")) {
 		uint64_t rev = 0;
 		srv_json_u64(a->buf, "revision", &rev); /* the header's: our writes' */
-		if (rank == s->cfg.server_id) {
-			a->epoch_mod = rev;
-			a->isr_recorded = 0;
-			atomic_store(&s->isr_etcd, 0);
+		a->epoch_mod[rank] = rev;
+		a->part_epoch[rank] = epoch + 1;
+		a->isr_recorded[rank] = 0;
+		atomic_store(&s->isr_etcd[rank], 0);
+		if (rank == s->cfg.server_id)
 			atomic_store(&s->epoch, epoch + 1);
-		}
 		return 0;
 	}
 	if (srv_json_b64(a->buf, "value", a->why, sizeof(a->why)))
@@ -219,43 +222,63 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 	return RDMAPS_EAGAIN;
 }
 
-/* Claim our own rank for the epoch after the one etcd has. */
-static int claim(struct srv_auth *a)
+/*
+ * Claim our own rank for the epoch after the one etcd has. *back: the
+ * epoch names this server in sync and it holds a replica of its own part:
+ * while the rank was held elsewhere, this server was caught up as its
+ * backup (srv_repl_serve_part there); that copy, not the store it began
+ * with, is the part now (the listener's take-over).
+ */
+static int claim(struct srv_auth *a, bool *back)
 {
+	struct srv *s = a->s;
+	const unsigned me = s->cfg.server_id;
 	uint64_t epoch, isr, mod;
 	int rc = read_epoch(a, a->epoch_key, &epoch, &isr, &mod);
 
-	return rc ? rc : claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, a->s->cfg.server_id);
+	*back = false;
+	if (rc || (rc = claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, me)))
+		return rc;
+	if (isr >> me & 1u) {
+		if (__atomic_load_n(&s->replica[me], __ATOMIC_ACQUIRE) && !srv_serves(s, me))
+			*back = true;
+		else if (!srv_serves(s, me))
+			log_warn("authority: epoch %" PRIu64 " of rank %u counted this server in "
+				 "sync, but it holds no such copy (restarted since): serving what "
+				 "it has", epoch, me);
+	}
+	return 0;
 }
 
 /*
- * Write the in-sync set the fold thread published into our epoch key, if
- * the key is still as we left it: if not, someone else's claim moved the
- * epoch and the rank is no longer ours (RDMAPS_EBUSY).
+ * Write the in-sync set the fold thread published for rank r's part into
+ * r's epoch key, if the key is still as we left it: if not, someone else's
+ * claim moved the epoch and the rank is no longer ours (RDMAPS_EBUSY).
  */
-static int record_isr(struct srv_auth *a, uint64_t isr)
+static int record_isr(struct srv_auth *a, unsigned r, uint64_t isr)
 {
 	struct srv *s = a->s;
 	char body[1024], eval[96], e64[160];
+	const char *key = r == s->cfg.server_id ? a->epoch_key : a->watch_epoch[r];
 	uint64_t rev = 0;
 	int rc;
 
-	epoch_value(eval, sizeof(eval), atomic_load(&s->epoch), isr);
+	epoch_value(eval, sizeof(eval), a->part_epoch[r], isr);
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
 	snprintf(body, sizeof(body),
 		 "{\"compare\":[{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
 		 "\"}],\"success\":[{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\"}}]}",
-		 a->epoch_key, a->epoch_mod, a->epoch_key, e64);
+		 key, a->epoch_mod[r], key, e64);
 	if ((rc = call(a, "/v3/kv/txn", body)))
 		return rc;
 	if (!srv_json_true(a->buf, "succeeded"))
 		return RDMAPS_EBUSY;
 	srv_json_u64(a->buf, "revision", &rev);
-	a->epoch_mod = rev;
-	a->isr_recorded = isr;
+	a->epoch_mod[r] = rev;
+	a->isr_recorded[r] = isr;
 	/* credits count on exactly these backups from here */
-	atomic_store(&s->isr_etcd, isr);
-	log_info("authority: rank %u in sync: %s", s->cfg.server_id, eval);
+	atomic_store(&s->isr_etcd[r], isr);
+	log_info("authority: rank %u in sync: %s", r, eval);
 	return 0;
 }
 
@@ -342,15 +365,38 @@ static void watch_ranks(struct srv_auth *a)
 	}
 }
 
+/* The in-sync backups of the parts taken over here (their old primaries,
+ * caught up: srv_repl_serve_part), into their epoch keys: only a server
+ * named there may take such a part back. */
+static void record_taken_over(struct srv_auth *a)
+{
+	struct srv *s = a->s;
+
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
+		uint64_t live = atomic_load(&s->isr_live[p]);
+		if (p == s->cfg.server_id || !srv_serves(s, p) || live == a->isr_recorded[p])
+			continue;
+		if (record_isr(a, p, live) == RDMAPS_EBUSY) {
+			/* someone else's claim moved its epoch: only past our
+			 * lease, which fences these folds too */
+			log_warn("authority: rank %u's epoch moved past %" PRIu64 " elsewhere", p,
+				 a->part_epoch[p]);
+			a->isr_recorded[p] = live;
+		}
+	}
+}
+
 /* Not holding: a lease, then the rank. How long to wait before the next step. */
 static uint64_t step_claim(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 	int rc;
 
+	bool back = false;
+
 	if (!a->lease_id && (rc = grant(a)))
 		goto unreachable;
-	rc = claim(a);
+	rc = claim(a, &back);
 	if (rc == RDMAPS_EBUSY && keepalive(a) == RDMAPS_ENOENT)
 		a->lease_id = 0; /* ours ran out while we waited: a new one next time */
 	if (rc == RDMAPS_EBUSY) {
@@ -376,7 +422,15 @@ static uint64_t step_claim(struct srv_auth *a)
 	if (rc)
 		goto unreachable;
 	a->holding = true;
-	atomic_store(&s->deposed, false);
+	if (back) {
+		/* workers stay away (deposed) until the listener serves the
+		 * copy: none may reach the store this server began with */
+		log_warn("authority: rank %u comes back here, from the copy kept here while "
+			 "it was held elsewhere", s->cfg.server_id);
+		atomic_store(&s->takeover_req[s->cfg.server_id], true);
+	} else {
+		atomic_store(&s->deposed, false);
+	}
 	a->held_by[0] = '\0';
 	a->unreachable_noted = false;
 	if ((rc = keepalive(a))) /* the first lease_until, from a fresh send time */
@@ -409,9 +463,11 @@ static void *auth_main(void *arg)
 			wait = step_claim(a);
 			continue;
 		}
-		uint64_t now = rdmaps__now_ns(), live = atomic_load(&s->isr_live);
+		uint64_t now = rdmaps__now_ns(), live = atomic_load(&s->isr_live[s->cfg.server_id]);
 		int rc = 0;
-		if (live != a->isr_recorded && record_isr(a, live) == RDMAPS_EBUSY) {
+		record_taken_over(a);
+		if (live != a->isr_recorded[s->cfg.server_id] &&
+		    record_isr(a, s->cfg.server_id, live) == RDMAPS_EBUSY) {
 			/* our epoch key moved: another server's claim */
 			atomic_store(&s->lease_until, 0);
 			a->holding = false;

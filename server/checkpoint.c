@@ -484,8 +484,8 @@ static void replicas_checkpoint(struct srv *s)
 		struct srv_store *st = s->replica[p];
 		char dir[4096], err[512];
 		uint64_t seqs[1], top;
-		if (!st || !atomic_load(&st->count))
-			continue;
+		if (!st || !atomic_load(&st->count) || (p == s->cfg.server_id && srv_serves(s, p)))
+			continue; /* (our own part, come back: written as ours) */
 		snprintf(dir, sizeof(dir), "%s/replica-%u", s->cfg.ckpt_dir, p);
 		if (mkdir(dir, 0700) && errno != EEXIST) {
 			log_error("checkpoint of rank %u's backups: cannot make %s: %s", p, dir,
@@ -514,9 +514,19 @@ void srv_checkpoint_now(struct srv *s, const char *why)
 
 	if (!s->cfg.ckpt_dir)
 		return;
+	if (atomic_load(&s->deposed)) {
+		/* our rank is held elsewhere: what we have of it is no newer
+		 * than what we restored, and must not pass for the newest */
+		srv_fold_pause(s);
+		replicas_checkpoint(s);
+		srv_fold_resume(s);
+		s->last_ckpt_ns = rdmaps__now_ns();
+		s->ckpt_next_ok = s->last_ckpt_ns + CKPT_REQUEST_GAP_NS;
+		return;
+	}
 	srv_fold_pause(s);
-	rc = srv_checkpoint_write(&s->store, s->cfg.ckpt_dir, s->cfg.server_id, s->ckpt_seq + 1, err,
-				  sizeof(err));
+	rc = srv_checkpoint_write(srv_own_store(s), s->cfg.ckpt_dir, s->cfg.server_id,
+				  s->ckpt_seq + 1, err, sizeof(err));
 	/* the replicas too, while parked: a rank taken over here is folded
 	 * by these threads (others' replicas are written by their primaries,
 	 * which no pause stops: each chunk is copied until it checks) */

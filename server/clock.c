@@ -280,8 +280,8 @@ static void store_tick(struct srv *s, struct srv_store *st)
 void srv_clock_tick(struct srv *s)
 {
 	store_tick(s, &s->store);
-	/* and the parts of other ranks this server took over (authority.c) */
+	/* and the parts taken over here from their replicas (authority.c) */
 	for (unsigned p = 0; p < RDMAPS_MAX_SERVERS; p++)
-		if (srv_serves(s, p) && p != s->cfg.server_id)
+		if (srv_serves(s, p))
 			store_tick(s, s->replica[p]);
 }

@@ -213,7 +213,7 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 {
 	memset(out, 0, sizeof(*out));
 	out->connections = atomic_load(&s->connections) - atomic_load(&s->disconnects);
-	out->tensors = atomic_load(&s->store.count);
+	out->tensors = atomic_load(&srv_own_store(s)->count);
 	out->bad_messages = atomic_load(&s->bad_messages);
 	out->auth_failures = atomic_load(&s->auth_failures);
 	out->disconnects = atomic_load(&s->disconnects);

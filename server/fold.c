@@ -253,9 +253,9 @@ static void group_fold(struct srv_conn *c)
 				       ? srv_store_get(c->store, first->tensor_id)
 				       : NULL;
 	const char *why = "another slot of its push was refused";
-	/* a rank taken over here is not replicated (its replicas' store is
-	 * not what the backups hold of ours) */
-	const bool replicate = c->ft->repl && c->store == &c->srv->store;
+	/* every part folded here: ours, and those taken over (replicated to
+	 * their old primaries once back: srv_repl_serve_part) */
+	const bool replicate = c->ft->repl && !c->rstore;
 	float scale = 1.0f;
 	int rc = t ? group_check(c, t, &scale, &why) : RDMAPS_EREMOTE;
 
@@ -505,13 +505,15 @@ static int cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
 	return n > 0 ? n : 0;
 }
 
-void srv_fold_poll_backups(struct srv_fold_thread *ft)
+int srv_fold_poll_backups(struct srv_fold_thread *ft)
 {
 	uint32_t n = atomic_load_explicit(&ft->ncqs, memory_order_acquire);
+	int work = 0;
 
 	for (uint32_t i = 0; i < n; i++)
 		if (ft->cqs[i].backups)
-			cq_poll(ft, &ft->cqs[i]);
+			work += cq_poll(ft, &ft->cqs[i]);
+	return work;
 }
 
 /* Poll every CQ of the thread; returns the completions taken. */
@@ -571,11 +573,12 @@ static void place_take(struct srv_fold_thread *ft, struct srv_conn *c)
 	}
 }
 
-/* What completed before c was live, in order; later without a lease
- * (fold_fence lets them go once it is back). */
+/* What completed before c was live, in order; a worker's later without a
+ * lease (fold_fence lets them go once it is back); a primary's records
+ * and opens now, as fold_fence applies them (its lease fences them). */
 static void conn_early(struct srv_conn *c)
 {
-	if (!c->nearly || !srv_may_fold(c->srv))
+	if (!c->nearly || (!c->rstore && !srv_may_fold(c->srv)))
 		return;
 	for (uint32_t i = 0; i < c->nearly; i++)
 		conn_wc(c, &c->early[i]);
@@ -621,7 +624,7 @@ static void mail_handle(struct srv_fold_thread *ft)
 	}
 	if (ft->mail_del) {
 		struct srv_conn *c = ft->mail_del;
-		if (c->live && !srv_may_fold(ft->srv)) {
+		if (c->live && !c->rstore && !srv_may_fold(ft->srv)) {
 			/* no lease: what it staged stays unfolded, and its
 			 * account (folded_seq) says so: a worker resuming
 			 * elsewhere is told exactly what folded */
@@ -780,6 +783,11 @@ static void fold_fence(struct srv_fold_thread *ft)
 	if (!ft->fenced)
 		log_info("fold thread %u: no lease, folding nothing", ft->idx);
 	ft->fenced = true;
+	/* but the records of the primaries backed up here are applied: they
+	 * are their folds, fenced by their leases (and a server whose own
+	 * rank is held elsewhere catches up as that rank's backup) */
+	if (srv_fold_poll_backups(ft))
+		return;
 	if (poll(&pfd, 1, 5) == 1 && read(ft->wake_fd, &v, sizeof(v)) < 0)
 		log_warn("fold thread %u: wake-up read failed", ft->idx);
 }

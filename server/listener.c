@@ -137,8 +137,12 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->credit_addr = hello->credit_addr;
 	c->credit_rkey = hello->credit_rkey;
 	c->store = &s->store;
-	if ((hello->flags & RDMAPS_HELLO_RANK) && hello->rank != s->cfg.server_id)
+	if (hello->flags & RDMAPS_HELLO_REPLICA)
+		;
+	else if ((hello->flags & RDMAPS_HELLO_RANK) && hello->rank != s->cfg.server_id)
 		c->store = s->replica[hello->rank]; /* taken over: accept() checked */
+	else
+		c->store = srv_own_store(s);
 	if (hello->flags & RDMAPS_HELLO_REPLICA) {
 		c->rstore = s->replica[hello->rank];
 		c->replica_of = hello->rank;
@@ -260,7 +264,10 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 						     : "replica connection, and no peer token set here");
 			goto destroy;
 		}
-		if (hello.rank >= RDMAPS_MAX_SERVERS || hello.rank == s->cfg.server_id ||
+		/* our own rank's part only while another server holds the
+		 * rank: it makes this server the part's backup (re-replication) */
+		if (hello.rank >= RDMAPS_MAX_SERVERS ||
+		    (hello.rank == s->cfg.server_id && !atomic_load(&s->deposed)) ||
 		    !srv_repl_store(s, hello.rank)) {
 			atomic_fetch_add(&s->bad_messages, 1);
 			reject(s, id, RDMAPS_EINVAL, "replica connection from no other server's rank");
@@ -315,7 +322,9 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 	w.slot_size = c->slot_size;
 	w.chunk_elems = s->cfg.chunk_elems;
 	w.recv_depth = c->recv_depth;
-	w.server_id = c->store == &s->store ? s->cfg.server_id : hello.rank;
+	w.server_id = (hello.flags & RDMAPS_HELLO_RANK) && !(hello.flags & RDMAPS_HELLO_REPLICA)
+			      ? hello.rank
+			      : s->cfg.server_id;
 	w.replicas = (uint16_t)s->cfg.replicas;
 	w.instance = s->instance;
 	w.restored_seq = atomic_load(&s->restored_seq);
@@ -420,7 +429,7 @@ static void evict_some(struct srv *s)
 			continue;
 		log_info("connection " SRV_CONN_FMT ": %s; closing it", SRV_CONN_ARGS(c),
 			 c->rstore ? "its primary's rank was taken over here"
-			 : atomic_load(&s->deposed) && c->store == &s->store
+			 : atomic_load(&s->deposed) && c->store == srv_own_store(s)
 				 ? "this rank was taken over elsewhere"
 				 : "its worker came back on another connection");
 		rdma_disconnect(c->id);
@@ -456,14 +465,21 @@ static void take_overs(struct srv *s)
 			evict_some(s);
 		srv_repl_accounts_to_records(st);
 		atomic_store(&s->took_over[p], true);
+		if (s->cfg.replicas > 1)
+			srv_repl_serve_part(s, p);
 		atomic_fetch_add(&s->failovers, 1);
 		log_warn("serving rank %u's part (%u tensors) from its replica here", p,
 			 atomic_load(&st->count));
+		if (p == s->cfg.server_id) {
+			/* our rank back: its workers are welcome, to this copy */
+			atomic_store(&s->deposed, false);
+			s->deposed_done = false;
+		}
 	}
 	if (atomic_load(&s->deposed) && !s->deposed_done) {
 		pthread_mutex_lock(&s->conns_lock);
 		for (struct srv_conn *c = s->conns; c; c = c->next)
-			if (!c->rstore && c->store == &s->store)
+			if (!c->rstore && c->store == srv_own_store(s))
 				atomic_store(&c->evict, evict = true);
 		pthread_mutex_unlock(&s->conns_lock);
 	}

@@ -114,7 +114,7 @@ static int peer_connect(struct srv_peer *p)
 	h.credit_addr = (uintptr_t)p->credit;
 	h.credit_rkey = p->credit_mr->rkey;
 	h.flags = RDMAPS_HELLO_REPLICA;
-	h.rank = (uint16_t)s->cfg.server_id;
+	h.rank = (uint16_t)p->part; /* whose part it is to hold */
 	cp.private_data = &h;
 	cp.private_data_len = sizeof(h);
 	cp.retry_count = 6; /* as a worker: 7 is "forever" on rxe */
@@ -198,6 +198,10 @@ void *srv_peer_connector(void *arg)
 					peer_watch(p);
 				if (st != PEER_DOWN || now - p->last_try < PEER_RETRY_NS)
 					continue;
+				/* our rank held elsewhere: what we have of our part
+				 * is nobody's copy to keep */
+				if (p->part == s->cfg.server_id && atomic_load(&s->deposed))
+					continue;
 				p->last_try = now;
 				if ((rc = peer_connect(p))) {
 					/* the first failure of a run said once: a backup
@@ -211,7 +215,7 @@ void *srv_peer_connector(void *arg)
 					srv_peer_teardown(p);
 					continue;
 				}
-				log_info("backup rank %u connected", p->rank);
+				log_info("backup rank %u connected, for rank %u's part", p->rank, p->part);
 				p->failing = 0;
 				atomic_store(&p->lost, false);
 				atomic_store_explicit(&p->state, PEER_READY, memory_order_release);

@@ -52,6 +52,8 @@ int srv_repl_start(struct srv *s)
 			p->s = s;
 			p->r = r;
 			p->rank = (s->cfg.server_id + 1 + k) % s->cfg.nservers;
+			p->part = s->cfg.server_id;
+			p->store = &s->store;
 			p->pt = calloc(s->store.max, sizeof(*p->pt));
 			if (!p->pt) {
 				free(r);
@@ -104,20 +106,21 @@ static bool peer_in_sync(const struct srv_peer *p)
 }
 
 /*
- * The backups in sync, as a mask of ranks, for the authority to record in
- * etcd (authority.c): only a backup recorded there may take this rank
- * over, so one must be recorded before acknowledgements count on it, and
- * struck off before they go out without it (release).
+ * The backups of p's part in sync, as a mask of ranks, for the authority
+ * to record in etcd (authority.c): only a backup recorded there may take
+ * the part over, so one must be recorded before acknowledgements count on
+ * it, and struck off before they go out without it (release).
  */
-static void isr_publish(struct srv_repl *r)
+static void isr_publish(struct srv_peer *p)
 {
+	struct srv_repl *r = p->r;
 	uint64_t mask = 0;
 
 	for (unsigned j = 0; j < r->npeers; j++)
-		if (peer_in_sync(&r->peer[j]))
+		if (r->peer[j].part == p->part && peer_in_sync(&r->peer[j]))
 			mask |= 1ull << r->peer[j].rank;
-	if (atomic_exchange(&r->ft->srv->isr_live, mask) != mask && r->ft->srv->cfg.etcd)
-		srv_auth_poke(r->ft->srv);
+	if (atomic_exchange(&p->s->isr_live[p->part], mask) != mask && p->s->cfg.etcd)
+		srv_auth_poke(p->s);
 }
 
 static void peer_fail(struct srv_peer *p, const char *why)
@@ -134,7 +137,7 @@ static void peer_fail(struct srv_peer *p, const char *why)
 		 p->rank, why);
 	/* from here the connector owns it */
 	atomic_store_explicit(&p->state, PEER_FAILED, memory_order_release);
-	isr_publish(p->r);
+	isr_publish(p);
 }
 
 static bool peer_up(const struct srv_peer *p)
@@ -290,11 +293,11 @@ static void peer_end_group(struct srv_peer *p, bool all)
 		if (all) {
 			c = r->ft->conns[k];
 			seq = c->group_seq;
-			if (c->rstore || c->store != &c->srv->store)
+			if (c->rstore || c->store != p->store)
 				continue;
 		} else {
 			const struct repl_wait *w = &r->wait[(r->head + k) % REPL_WAIT_MAX];
-			if (w->assigned || !w->c)
+			if (w->assigned || !w->c || w->store != p->store)
 				continue;
 			c = w->c;
 			seq = w->seq;
@@ -366,7 +369,7 @@ static void open_send(struct srv_peer *p, struct srv_tensor *t)
 /* The next tensor waiting for its open, if none is being asked. */
 static void open_next(struct srv_peer *p)
 {
-	struct srv_store *st = &p->s->store;
+	struct srv_store *st = p->store;
 	uint32_t n = atomic_load(&st->count);
 
 	if (p->asking || !p->opening || !peer_up(p) || p->hold)
@@ -389,9 +392,9 @@ static void open_want(struct srv_peer *p, struct srv_tensor *t)
 		return;
 	p->pt[t->id].state = PT_QUEUED;
 	p->opening++;
-	if (p->s->cfg.etcd && (atomic_load(&p->s->isr_etcd) >> p->rank & 1u))
+	if (p->s->cfg.etcd && (atomic_load(&p->s->isr_etcd[p->part]) >> p->rank & 1u))
 		p->hold = true;
-	isr_publish(p->r);
+	isr_publish(p);
 	open_next(p);
 }
 
@@ -400,7 +403,7 @@ static void peer_caught_up(struct srv_peer *p)
 {
 	p->synced = true;
 	atomic_fetch_add(&p->s->backups_up, 1);
-	isr_publish(p->r);
+	isr_publish(p);
 	log_info("backup rank %u caught up: %llu records in %.1f ms", p->rank,
 		 (unsigned long long)(p->posted - p->sync_from),
 		 (double)(rdmaps__now_ns() - p->sync_ns) / 1e6);
@@ -464,7 +467,7 @@ static void open_done(struct srv_peer *p)
 	if (!--p->opening && !p->synced)
 		peer_caught_up(p);
 	else if (!p->opening)
-		isr_publish(r);
+		isr_publish(p);
 	open_next(p);
 }
 
@@ -472,7 +475,7 @@ static void open_done(struct srv_peer *p)
  * written whole (the catch-up); it counts for credits once that is done. */
 static void peer_adopt(struct srv_peer *p)
 {
-	struct srv_store *st = &p->s->store;
+	struct srv_store *st = p->store;
 	uint32_t n = atomic_load(&st->count);
 
 	memset(p->pt, 0, st->max * sizeof(*p->pt));
@@ -488,7 +491,7 @@ static void peer_adopt(struct srv_peer *p)
 	p->sync_from = p->posted;
 	p->sync_ns = rdmaps__now_ns();
 	atomic_store_explicit(&p->state, PEER_UP, memory_order_relaxed);
-	isr_publish(p->r);
+	isr_publish(p);
 	for (uint32_t i = 0; i < n; i++)
 		open_want(p, srv_store_get(st, i));
 	if (!n)
@@ -499,7 +502,7 @@ static void peer_adopt(struct srv_peer *p)
  * written whole, on the same connection (its replies name the same ids). */
 static void peer_resync(struct srv_peer *p)
 {
-	struct srv_store *st = &p->s->store;
+	struct srv_store *st = p->store;
 	uint32_t n = atomic_load(&st->count);
 
 	p->hold = false;
@@ -508,6 +511,13 @@ static void peer_resync(struct srv_peer *p)
 		p->pt[i].state = PT_CLOSED;
 	for (uint32_t i = 0; i < n; i++)
 		open_want(p, srv_store_get(st, i));
+}
+
+/* Is t one of st's tensors (the part a peer backs up)? */
+static bool in_store(struct srv_store *st, const struct srv_tensor *t)
+{
+	return t->id < atomic_load_explicit(&st->count, memory_order_acquire) &&
+	       srv_store_get(st, t->id) == t;
 }
 
 void srv_repl_flush(struct srv_fold_thread *ft)
@@ -524,13 +534,15 @@ void srv_repl_flush(struct srv_fold_thread *ft)
 			/* etcd still counts it in sync: not a record until it
 			 * does not (and its open in flight is answered); then
 			 * everything again */
-			if ((atomic_load(&ft->srv->isr_etcd) >> p->rank & 1u) || p->asking)
+			if ((atomic_load(&ft->srv->isr_etcd[p->part]) >> p->rank & 1u) || p->asking)
 				continue;
 			peer_resync(p);
 			continue;
 		}
 		for (uint32_t k = 0; k < r->ntouch && peer_up(p); k++) {
 			struct srv_tensor *t = r->touch[k].t;
+			if (!in_store(p->store, t))
+				continue; /* another part's */
 			if (p->pt[t->id].state == PT_OPEN)
 				peer_post_chunk(p, t, r->touch[k].chunk);
 			else
@@ -581,14 +593,17 @@ static int release(struct srv_repl *r)
 	 * have the writes, up or not (struck off first, it is waited for no
 	 * more); without one, those up and caught up */
 	const bool recorded = r->ft->srv->cfg.etcd;
-	const uint64_t isr = atomic_load(&r->ft->srv->isr_etcd);
 
 	while (r->count) {
 		struct repl_wait *w = &r->wait[r->head];
-		unsigned up = 0;
+		unsigned up = 0, peers = 0;
 		bool done = w->assigned;
 		for (unsigned j = 0; done && j < r->npeers; j++) {
 			const struct srv_peer *p = &r->peer[j];
+			if (p->store != w->store)
+				continue; /* another part's backup */
+			const uint64_t isr = atomic_load(&r->ft->srv->isr_etcd[p->part]);
+			peers++;
 			if (recorded && (isr >> p->rank & 1u) && !peer_in_sync(p)) {
 				done = false; /* until etcd no longer counts on it */
 				break;
@@ -603,7 +618,7 @@ static int release(struct srv_repl *r)
 		if (!done)
 			break;
 		if (w->c) {
-			if (up < r->npeers)
+			if (up < peers || !peers)
 				atomic_fetch_add_explicit(&r->ft->srv->unreplicated_acks, 1,
 							  memory_order_relaxed);
 			srv_conn_credit(w->c, w->seq, w->urgent);
@@ -622,6 +637,14 @@ int srv_repl_poll(struct srv_fold_thread *ft)
 
 	for (unsigned j = 0; j < r->npeers; j++) {
 		struct srv_peer *p = &r->peer[j];
+		struct srv_store *moved = atomic_exchange(&p->move_to, NULL);
+		if (moved) {
+			/* our rank's part is served from its replica now: what
+			 * the backup holds is of the other store; it connects
+			 * again and is caught up from this one */
+			peer_fail(p, "this rank's part moved to the copy taken back");
+			p->store = moved;
+		}
 		int st = atomic_load_explicit(&p->state, memory_order_acquire);
 		if (st == PEER_READY) {
 			peer_adopt(p);
@@ -652,7 +675,7 @@ void srv_repl_credit(struct srv_fold_thread *ft, struct srv_conn *c, uint64_t se
 		srv_repl_poll(ft);
 	}
 	r->wait[(r->head + r->count) % REPL_WAIT_MAX] =
-		(struct repl_wait){ .c = c, .seq = seq, .urgent = urgent };
+		(struct repl_wait){ .c = c, .store = c->store, .seq = seq, .urgent = urgent };
 	r->count++;
 }
 
@@ -694,6 +717,40 @@ void srv_repl_settle(struct srv_fold_thread *ft, struct srv_conn *c)
 			r->wait[(r->head + k) % REPL_WAIT_MAX].c = NULL;
 }
 
+void srv_repl_serve_part(struct srv *s, unsigned part)
+{
+	struct srv_store *st = s->replica[part];
+
+	for (unsigned f = 0; st && f < s->cfg.fold_threads; f++) {
+		struct srv_repl *r = s->ft[f].repl;
+		unsigned n = atomic_load(&r->npeers);
+		if (part == s->cfg.server_id) {
+			for (unsigned j = 0; j < n; j++)
+				if (r->peer[j].part == part)
+					atomic_store(&r->peer[j].move_to, st);
+			continue;
+		}
+		if (n == REPL_PEERS) {
+			log_warn("rank %u's part is not replicated: already backing up %u parts "
+				 "taken over here", part, REPL_PART_PEERS);
+			continue;
+		}
+		/* its old primary, once it is back, catches up and is its
+		 * backup (peer.c connects it when it listens again) */
+		struct srv_peer *p = &r->peer[n];
+		p->s = s;
+		p->r = r;
+		p->rank = p->part = part;
+		p->store = st;
+		p->pt = calloc(st->max, sizeof(*p->pt));
+		if (!p->pt) {
+			log_error("rank %u's part is not replicated: out of memory", part);
+			continue;
+		}
+		atomic_store_explicit(&r->npeers, n + 1, memory_order_release);
+	}
+}
+
 void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 		       struct rdmaps_msg_replicas_reply *r)
 {
@@ -702,15 +759,16 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 	r->server_id = s->cfg.server_id;
 	r->replicas = s->cfg.replicas;
 	r->epoch = atomic_load(&s->epoch);
-	r->in_sync = atomic_load(&s->isr_etcd);
+	r->in_sync = atomic_load(&s->isr_etcd[s->cfg.server_id]);
 	for (unsigned k = 0; k < RDMAPS_MAX_SERVERS; k++)
 		if (srv_serves(s, k))
 			r->taken_over |= 1ull << k;
 	/* with backups there is one fold thread (main.c): this one owns them */
-	for (unsigned j = 0; rp && j < rp->npeers && j < 3; j++) {
+	for (unsigned j = 0; rp && j < rp->npeers && j < RDMAPS_WIRE_BACKUPS; j++) {
 		const struct srv_peer *p = &rp->peer[j];
 		struct rdmaps_wire_backup_info *b = &r->backup[r->nbackups++];
 		b->rank = p->rank;
+		b->part = p->part;
 		b->state = !peer_up(p) ? RDMAPS_BACKUP_DOWN
 			   : p->synced ? RDMAPS_BACKUP_UP
 				       : RDMAPS_BACKUP_CATCHING_UP;

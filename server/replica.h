@@ -16,6 +16,9 @@
 #define PEER_TIMEOUT_MS 5000 /* connect, and a REPLICA_OPEN's answer */
 #define PEER_RETRY_NS 500000000ull
 #define SETTLE_NS 10000000000ull /* a leaving worker's credits wait this long at most */
+/* backups of parts taken over here (their old primaries), beyond our own */
+#define REPL_PART_PEERS 4u
+#define REPL_PEERS (RDMAPS_MAX_REPLICAS - 1 + REPL_PART_PEERS)
 
 enum peer_state { PEER_DOWN, PEER_READY, PEER_UP, PEER_FAILED };
 
@@ -33,7 +36,14 @@ struct peer_tensor {
 struct srv_peer {
 	struct srv *s;
 	struct srv_repl *r;
-	unsigned rank;
+	unsigned rank; /* the server it is */
+	/* the rank whose part it backs up (our own, or one taken over here:
+	 * then rank == part), and the store that part is in; the fold thread
+	 * alone changes store, on move_to from the listener (our rank's part
+	 * back here in its replica: srv_repl_serve_part) */
+	unsigned part;
+	struct srv_store *store;
+	_Atomic(struct srv_store *) move_to;
 	_Atomic int state; /* enum peer_state: who owns the rest (top of file) */
 	struct rdma_event_channel *ch;
 	struct rdma_cm_id *id;
@@ -77,7 +87,8 @@ struct srv_peer {
 struct repl_wait {
 	struct srv_conn *c; /* NULL: its connection left */
 	uint64_t seq;
-	uint64_t upto[RDMAPS_MAX_REPLICAS - 1]; /* each backup's posted count it waits for */
+	const struct srv_store *store;   /* the part it is of: its backups count */
+	uint64_t upto[REPL_PEERS]; /* each backup's posted count it waits for */
 	bool assigned, urgent;
 };
 
@@ -88,8 +99,10 @@ struct repl_touch {
 
 struct srv_repl {
 	struct srv_fold_thread *ft;
-	struct srv_peer peer[RDMAPS_MAX_REPLICAS - 1];
-	unsigned npeers;
+	/* our own backups first; peers are added (the listener: release),
+	 * never removed while running */
+	struct srv_peer peer[REPL_PEERS];
+	_Atomic unsigned npeers;
 	size_t slot_bytes;
 	struct repl_touch touch[REPL_TOUCH_MAX];
 	uint32_t ntouch;

@@ -508,17 +508,27 @@ struct srv {
 	/* the rank is claimed by another server: workers are sent away */
 	_Atomic bool deposed;
 	bool deposed_done; /* listener: its workers were sent away */
-	/* backups (a mask of ranks) up and caught up (replica.c publishes),
-	 * and those etcd records as in sync with this primary (authority.c):
+	/* per part this server folds (its own rank's, and each it took
+	 * over): backups (a mask of ranks) up and caught up (replica.c
+	 * publishes), and those etcd records as in sync (authority.c):
 	 * credits count on the latter only */
-	_Atomic uint64_t isr_live, isr_etcd;
+	_Atomic uint64_t isr_live[RDMAPS_MAX_SERVERS], isr_etcd[RDMAPS_MAX_SERVERS];
 };
 
 /* Does this server serve rank p's part to workers as its primary, having
- * taken it over from its replica (not its own rank)? */
+ * taken it over from its replica (another rank's, or its own rank's come
+ * back to it from the replica another server kept current meanwhile)? */
 static inline bool srv_serves(struct srv *s, unsigned p)
 {
 	return p < RDMAPS_MAX_SERVERS && atomic_load_explicit(&s->took_over[p], memory_order_acquire);
+}
+
+/* The store workers of this server's own rank use: its own, or, once the
+ * rank came back here from the replica another server kept current while
+ * it held the rank (authority.c), that replica. */
+static inline struct srv_store *srv_own_store(struct srv *s)
+{
+	return srv_serves(s, s->cfg.server_id) ? s->replica[s->cfg.server_id] : &s->store;
 }
 
 /* ---- authority.c ---- */
@@ -800,6 +810,12 @@ void srv_reg_stats(struct srv *s, struct rdmaps_server_stats *out);
 int srv_repl_start(struct srv *s);
 /* Shutdown, fold threads joined: the connector and every backup connection. */
 void srv_repl_stop(struct srv *s);
+/* Listener, rank p just taken over from replica[p] (p == our own rank:
+ * come back): from now on that store is replicated, to server p (another
+ * rank's part: its old primary, which catches up and becomes its backup)
+ * or to our own backups (our rank's part, instead of the store we began
+ * with). The fold threads pick it up at their next poll. */
+void srv_repl_serve_part(struct srv *s, unsigned p);
 /* Fold thread: chunk `chunk` of t changed; written to the backups at the
  * next srv_repl_flush (early, with the open folds published, when full). */
 void srv_repl_touch(struct srv_fold_thread *ft, struct srv_tensor *t, uint32_t chunk);
@@ -827,7 +843,7 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 		       struct rdmaps_msg_replicas_reply *r);
 /* Fold thread (replica.c, waiting for room in a backup's ring): apply the
  * records of the primaries this server backs up, and nothing else. */
-void srv_fold_poll_backups(struct srv_fold_thread *ft);
+int srv_fold_poll_backups(struct srv_fold_thread *ft);
 /* Backup side, listener: a replica store's records of closed connections
  * (what RESUME answers) made its primary's accounts, as the primary last
  * wrote them (a primary restored from it, or this server taking it over). */

@@ -230,7 +230,7 @@ static float fo_grad(int w, int k, int i)
 }
 
 struct fo_worker {
-	int w;
+	int w, round;
 	rdmaps_client *c;
 	rdmaps_tensor *t;
 	_Atomic int done;   /* pushes returned */
@@ -244,7 +244,7 @@ static void *fo_main(void *arg)
 
 	for (int k = 0; k < FPUSHES; k++) {
 		for (int i = 0; i < FLEN; i++)
-			g[x->w][i] = fo_grad(x->w, k, i);
+			g[x->w][i] = fo_grad(x->w, x->round * FPUSHES + k, i);
 		x->rc[k] = rdmaps_push(x->c, x->t, g[x->w], RDMAPS_PUSH_FOLDED);
 		atomic_fetch_add(&x->done, 1);
 	}
@@ -329,5 +329,121 @@ Test(authority, a_killed_primary_fails_over_and_no_acknowledged_push_is_lost,
 	for (int w = 0; w < 2; w++)
 		rdmaps_close(wk[w].c);
 	rdmaps_close(probe);
+	rdmaps_close(rc);
+}
+
+/*
+ * Re-replication: rank 0's server killed, rank 1 takes its part over;
+ * rank 0's server started again finds its rank held, and becomes the
+ * backup of its own part there (caught up while pushes go on). Then rank
+ * 1's server is killed: rank 0's takes its own part back from that copy,
+ * and rank 1's part from its replica. Every acknowledged push of the
+ * three rounds is in the model, exactly once.
+ */
+static void fo_round(struct fo_worker *wk, int round, void (*mid)(void))
+{
+	pthread_t th[2];
+
+	for (int w = 0; w < 2; w++) {
+		wk[w].round = round;
+		atomic_store(&wk[w].done, 0);
+		pthread_create(&th[w], NULL, fo_main, &wk[w]);
+	}
+	if (mid) {
+		while (atomic_load(&wk[0].done) < FPUSHES / 3 ||
+		       atomic_load(&wk[1].done) < FPUSHES / 3)
+			usleep(2000);
+		mid();
+	}
+	for (int w = 0; w < 2; w++)
+		pthread_join(th[w], NULL);
+	for (int k = 0; k < FPUSHES; k++)
+		for (int w = 0; w < 2; w++)
+			cr_assert_eq(wk[w].rc[k], 0, "round %d, worker %d push %d: %s", round, w, k,
+				     rdmaps_strerror(wk[w].rc[k]));
+}
+
+static void kill_rank0(void) { th_server_kill9(&pair[0]); }
+
+static void restart_rank0(void)
+{
+	th_server_restart(&pair[0], "--chunk-elems", "1024", "--config", fo_config, "--rank", "0",
+			  NULL);
+}
+
+static void kill_rank1(void) { th_server_kill9(&pair[1]); }
+
+/* Server s's backups caught up (its own part's and those of parts it took
+ * over), waited for up to 20 s. */
+static void wait_backups(struct th_server *s, uint64_t want)
+{
+	rdmaps_client *c = th_connect(s);
+	struct rdmaps_server_stats st = { 0 };
+
+	for (int i = 0; i < 200; i++) {
+		cr_assert_eq(rdmaps_server_stats(c, &st), 0);
+		if (st.backups == want)
+			break;
+		usleep(100000);
+	}
+	cr_assert_eq(st.backups, want, "backups up: %llu", (unsigned long long)st.backups);
+	rdmaps_close(c);
+	usleep(500000); /* and recorded in sync in etcd (a tenth of a second) */
+}
+
+Test(authority, a_restarted_primary_catches_up_as_its_parts_backup_and_takes_it_back,
+     .init = start_failover, .fini = stop_failover, .timeout = 300)
+{
+	static struct fo_worker wk[2];
+	static float g[FLEN], a[FLEN], b[FLEN];
+	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
+					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
+	rdmaps_client *rc = th_connect(&ref);
+	rdmaps_tensor *rt;
+	struct rdmaps_server_stats st;
+
+	cr_assert_eq(rdmaps_declare(rc, &d, &rt), 0);
+	for (int w = 0; w < 2; w++) {
+		wk[w].w = w;
+		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[3], &wk[w].c), 0);
+		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
+	}
+	cr_assert_gt(rdmaps_tensor_server_elems(wk[0].t, 0), 0, "rank 0 holds part of it");
+	wait_backups(&pair[0], 1);
+	wait_backups(&pair[1], 1);
+
+	fo_round(wk, 0, kill_rank0);   /* rank 1 takes rank 0's part over */
+	fo_round(wk, 1, restart_rank0); /* rank 0 back: the backup of both parts */
+	/* rank 1's backups: rank 0 for its own part, and for rank 0's */
+	wait_backups(&pair[1], 2);
+	rdmaps_client *c1 = th_connect(&pair[1]);
+	cr_assert_eq(rdmaps_server_stats(c1, &st), 0);
+	cr_assert_eq(st.failovers, 1, "rank 1 took rank 0 over once");
+	rdmaps_close(c1);
+	fo_round(wk, 2, kill_rank1);   /* rank 0 serves both parts */
+
+	rdmaps_client *c0 = th_connect(&pair[0]);
+	cr_assert_eq(rdmaps_server_stats(c0, &st), 0);
+	cr_assert_eq(st.failovers, 2, "rank 0 took its own part back and rank 1's over");
+	rdmaps_close(c0);
+	for (int r = 0; r < 3; r++)
+		for (int w = 0; w < 2; w++)
+			for (int k = 0; k < FPUSHES; k++) {
+				for (int i = 0; i < FLEN; i++)
+					g[i] = fo_grad(w, r * FPUSHES + k, i);
+				cr_assert_eq(rdmaps_push(rc, rt, g, RDMAPS_PUSH_FOLDED), 0);
+			}
+	cr_assert_eq(rdmaps_pull(wk[0].c, wk[0].t, a, 0), 0);
+	cr_assert_eq(rdmaps_pull(rc, rt, b, 0), 0);
+	for (int i = 0; i < FLEN; i++)
+		cr_assert_eq(a[i], b[i], "element %d: %g, every push once gives %g", i, a[i], b[i]);
+	for (int w = 0; w < 2; w++) {
+		struct rdmaps_client_stats cs;
+		cr_assert_eq(rdmaps_flush(wk[w].c, 20000), 0);
+		rdmaps_client_stats(wk[w].c, &cs);
+		cr_assert_eq(cs.lost_pushes, 0);
+		cr_assert_geq(cs.failovers, 2, "worker %d failed over twice", w);
+		rdmaps_close(wk[w].c);
+	}
 	rdmaps_close(rc);
 }

@@ -222,11 +222,16 @@ static int cmd_replicas(rdmaps_client *c)
 		printf("\n");
 		for (unsigned k = 0; k < 64; k++)
 			if (r.taken_over >> k & 1u)
-				printf("  serves rank %u's part: taken over from its replica here\n", k);
-		for (uint32_t k = 0; k < r.nbackups && k < 3; k++)
-			printf("  backup rank %u: %s, %" PRIu64 " writes, %" PRIu64
+				printf(k == r.server_id
+					       ? "  serves rank %u's part from the copy it kept as its "
+						 "backup while another server held it\n"
+					       : "  serves rank %u's part: taken over from its replica here\n",
+				       k);
+		for (uint32_t k = 0; k < r.nbackups && k < RDMAPS_WIRE_BACKUPS; k++)
+			printf("  backup rank %u of rank %u's part: %s, %" PRIu64 " writes, %" PRIu64
 			       " in flight, %u tensors to open\n",
-			       r.backup[k].rank, r.backup[k].state < 3 ? state[r.backup[k].state] : "?",
+			       r.backup[k].rank, r.backup[k].part,
+			       r.backup[k].state < 3 ? state[r.backup[k].state] : "?",
 			       r.backup[k].writes, r.backup[k].in_flight, r.backup[k].opening);
 		for (uint32_t k = 0; k < r.nheld && k < 64; k++)
 			printf("  holds rank %u's parts: %u tensors, %u worker accounts\n",
