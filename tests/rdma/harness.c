@@ -353,6 +353,65 @@ void th_etcd_stop(struct th_etcd *e)
 	th_rmdir(e->dir);
 }
 
+/* Copy what one side sends to the other until either closes. */
+static void relay(int a, int b)
+{
+	struct pollfd pfd[2] = { { .fd = a, .events = POLLIN }, { .fd = b, .events = POLLIN } };
+	char buf[16384];
+
+	while (poll(pfd, 2, -1) > 0) {
+		for (int i = 0; i < 2; i++) {
+			if (!(pfd[i].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			ssize_t n = read(pfd[i].fd, buf, sizeof(buf));
+			if (n <= 0 || write(pfd[1 - i].fd, buf, (size_t)n) != n)
+				return;
+		}
+	}
+}
+
+void th_proxy_start(struct th_proxy *p, const char *etcd_url)
+{
+	struct sockaddr_in l = { .sin_family = AF_INET }, t = { .sin_family = AF_INET };
+	socklen_t len = sizeof(l);
+	unsigned port = 0;
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+	cr_assert(sscanf(etcd_url, "http://127.0.0.1:%u", &port) == 1, "etcd at %s", etcd_url);
+	t.sin_port = htons((uint16_t)port);
+	inet_pton(AF_INET, "127.0.0.1", &t.sin_addr);
+	inet_pton(AF_INET, "127.0.0.1", &l.sin_addr);
+	cr_assert(fd >= 0 && bind(fd, (struct sockaddr *)&l, sizeof(l)) == 0 && listen(fd, 16) == 0 &&
+		  getsockname(fd, (struct sockaddr *)&l, &len) == 0);
+	snprintf(p->url, sizeof(p->url), "http://127.0.0.1:%u", ntohs(l.sin_port));
+	p->pid = fork();
+	cr_assert_geq(p->pid, 0);
+	if (p->pid == 0) {
+		for (;;) {
+			int c = accept(fd, NULL, NULL), e;
+			if (c < 0)
+				continue;
+			e = socket(AF_INET, SOCK_STREAM, 0);
+			if (e >= 0 && connect(e, (struct sockaddr *)&t, sizeof(t)) == 0)
+				relay(c, e);
+			close(c);
+			if (e >= 0)
+				close(e);
+		}
+	}
+	close(fd);
+}
+
+void th_proxy_stop(struct th_proxy *p)
+{
+	if (p->pid > 0) {
+		kill(p->pid, SIGCONT);
+		kill(p->pid, SIGKILL);
+		waitpid(p->pid, NULL, 0);
+		p->pid = 0;
+	}
+}
+
 void th_assert_same(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdmaps_tensor *rt,
 		    size_t len, const char *when)
 {

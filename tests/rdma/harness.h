@@ -73,6 +73,20 @@ struct th_etcd {
 void th_etcd_start(struct th_etcd *e);
 void th_etcd_stop(struct th_etcd *e);
 
+/*
+ * A TCP relay to etcd in a process of its own: a server given its url
+ * reaches etcd only through it, so SIGSTOP on pid cuts that server off
+ * from etcd alone (everything in the VM talks over loopback, which no
+ * rxe-link cuts), and SIGCONT heals it. One connection at a time: the
+ * servers' etcd calls are one request per connection.
+ */
+struct th_proxy {
+	pid_t pid;
+	char url[64];
+};
+void th_proxy_start(struct th_proxy *p, const char *etcd_url);
+void th_proxy_stop(struct th_proxy *p);
+
 /* Pull t through c and rt through rc (len floats each) and assert they
  * are equal bit for bit; when says at which step, in the message. */
 void th_assert_same(rdmaps_client *c, rdmaps_tensor *t, rdmaps_client *rc, rdmaps_tensor *rt,

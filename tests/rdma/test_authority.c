@@ -181,13 +181,26 @@ Test(authority, a_second_server_for_a_held_rank_serves_nothing_until_it_is_given
 static struct th_server pair[2];
 static char fo_servers[128], fo_config[64];
 static const char *fo_host[4];
+static struct th_proxy fo_proxy; /* rank 0's way to etcd, in the partition test */
+
+/* Rank 0's server (again), through the relay when there is one. */
+static void start_rank0(void)
+{
+	if (fo_proxy.pid > 0)
+		th_server_restart(&pair[0], "--chunk-elems", "1024", "--config", fo_config, "--rank",
+				  "0", "--etcd", fo_proxy.url, NULL);
+	else
+		th_server_restart(&pair[0], "--chunk-elems", "1024", "--config", fo_config, "--rank",
+				  "0", NULL);
+}
 
 static void start_failover(void)
 {
 	FILE *f;
 	int fd;
 
-	th_etcd_start(&etcd);
+	if (etcd.pid <= 0)
+		th_etcd_start(&etcd);
 	snprintf(prefix, sizeof(prefix), "/rdmaps-failover-%d", (int)getpid());
 	th_hosts(fo_host, 4);
 	for (int i = 0; i < 2; i++) {
@@ -206,17 +219,24 @@ static void start_failover(void)
 		"etcd_prefix = %s\nlease_seconds = 1\n",
 		fo_servers, TH_TOKEN, PEER_TOKEN, etcd.url, prefix);
 	fclose(f);
-	for (int i = 0; i < 2; i++) {
-		char rank[4];
-		snprintf(rank, sizeof(rank), "%d", i);
-		th_server_restart(&pair[i], "--chunk-elems", "1024", "--config", fo_config, "--rank",
-				  rank, NULL);
-	}
+	start_rank0();
+	th_server_restart(&pair[1], "--chunk-elems", "1024", "--config", fo_config, "--rank", "1",
+			  NULL);
 	th_server_start_at(&ref, fo_host[2], "--chunk-elems", "1024", NULL);
+}
+
+static void start_partition(void)
+{
+	th_etcd_start(&etcd);
+	th_proxy_start(&fo_proxy, etcd.url);
+	start_failover(); /* (etcd already up: it is started once) */
 }
 
 static void stop_failover(void)
 {
+	if (system("command -v rxe-link >/dev/null && rxe-link 1 up >/dev/null 2>&1") != 0)
+		fprintf(stderr, "rxe-link 1 up failed\n");
+	th_proxy_stop(&fo_proxy);
 	for (int i = 0; i < 2; i++)
 		th_server_stop(&pair[i]);
 	th_server_stop(&ref);
@@ -231,6 +251,7 @@ static float fo_grad(int w, int k, int i)
 
 struct fo_worker {
 	int w, round;
+	_Atomic int *gate; /* non-NULL: the pushes past the first third wait for it */
 	rdmaps_client *c;
 	rdmaps_tensor *t;
 	_Atomic int done;   /* pushes returned */
@@ -243,6 +264,8 @@ static void *fo_main(void *arg)
 	static float g[2][FLEN];
 
 	for (int k = 0; k < FPUSHES; k++) {
+		while (x->gate && k == FPUSHES / 3 && !atomic_load(x->gate))
+			usleep(1000);
 		for (int i = 0; i < FLEN; i++)
 			g[x->w][i] = fo_grad(x->w, x->round * FPUSHES + k, i);
 		x->rc[k] = rdmaps_push(x->c, x->t, g[x->w], RDMAPS_PUSH_FOLDED);
@@ -340,23 +363,29 @@ Test(authority, a_killed_primary_fails_over_and_no_acknowledged_push_is_lost,
  * and rank 1's part from its replica. Every acknowledged push of the
  * three rounds is in the model, exactly once.
  */
-static void fo_round(struct fo_worker *wk, int round, void (*mid)(void))
+static void fo_round(struct fo_worker *wk, int round, void (*mid)(void), const char *what)
 {
+	static _Atomic int gate;
 	pthread_t th[2];
 
+	atomic_store(&gate, 0);
 	for (int w = 0; w < 2; w++) {
 		wk[w].round = round;
+		wk[w].gate = &gate;
 		atomic_store(&wk[w].done, 0);
 		pthread_create(&th[w], NULL, fo_main, &wk[w]);
 	}
-	if (mid) {
-		while (atomic_load(&wk[0].done) < FPUSHES / 3 ||
-		       atomic_load(&wk[1].done) < FPUSHES / 3)
-			usleep(2000);
-		mid();
-	}
+	/* a third of the pushes, mid() (each push before it acknowledged),
+	 * then the rest */
+	while (atomic_load(&wk[0].done) < FPUSHES / 3 || atomic_load(&wk[1].done) < FPUSHES / 3)
+		usleep(2000);
+	mid();
+	double t0 = now_s();
+	atomic_store(&gate, 1);
 	for (int w = 0; w < 2; w++)
 		pthread_join(th[w], NULL);
+	fprintf(stderr, "round %d: %d pushes of two workers after %s took %.2f s\n", round,
+		2 * (FPUSHES - FPUSHES / 3), what, now_s() - t0);
 	for (int k = 0; k < FPUSHES; k++)
 		for (int w = 0; w < 2; w++)
 			cr_assert_eq(wk[w].rc[k], 0, "round %d, worker %d push %d: %s", round, w, k,
@@ -365,11 +394,7 @@ static void fo_round(struct fo_worker *wk, int round, void (*mid)(void))
 
 static void kill_rank0(void) { th_server_kill9(&pair[0]); }
 
-static void restart_rank0(void)
-{
-	th_server_restart(&pair[0], "--chunk-elems", "1024", "--config", fo_config, "--rank", "0",
-			  NULL);
-}
+static void restart_rank0(void) { start_rank0(); }
 
 static void kill_rank1(void) { th_server_kill9(&pair[1]); }
 
@@ -391,8 +416,11 @@ static void wait_backups(struct th_server *s, uint64_t want)
 	usleep(500000); /* and recorded in sync in etcd (a tenth of a second) */
 }
 
-Test(authority, a_restarted_primary_catches_up_as_its_parts_backup_and_takes_it_back,
-     .init = start_failover, .fini = stop_failover, .timeout = 300)
+/* Three rounds of pushes from two workers: rank 0's server lost in the
+ * first (lose), back in the second (back: the backup of its own part on
+ * rank 1, then), rank 1's server killed in the third; the model is then
+ * what every push explains, once each. */
+static void lose_rejoin_and_take_back(void (*lose)(void), void (*back)(void))
 {
 	static struct fo_worker wk[2];
 	static float g[FLEN], a[FLEN], b[FLEN];
@@ -412,15 +440,15 @@ Test(authority, a_restarted_primary_catches_up_as_its_parts_backup_and_takes_it_
 	wait_backups(&pair[0], 1);
 	wait_backups(&pair[1], 1);
 
-	fo_round(wk, 0, kill_rank0);   /* rank 1 takes rank 0's part over */
-	fo_round(wk, 1, restart_rank0); /* rank 0 back: the backup of both parts */
+	fo_round(wk, 0, lose, "rank 0 was lost"); /* rank 1 takes rank 0's part over */
+	fo_round(wk, 1, back, "rank 0 came back"); /* the backup of both parts */
 	/* rank 1's backups: rank 0 for its own part, and for rank 0's */
 	wait_backups(&pair[1], 2);
 	rdmaps_client *c1 = th_connect(&pair[1]);
 	cr_assert_eq(rdmaps_server_stats(c1, &st), 0);
 	cr_assert_eq(st.failovers, 1, "rank 1 took rank 0 over once");
 	rdmaps_close(c1);
-	fo_round(wk, 2, kill_rank1);   /* rank 0 serves both parts */
+	fo_round(wk, 2, kill_rank1, "rank 1 was killed"); /* rank 0 serves both parts */
 
 	rdmaps_client *c0 = th_connect(&pair[0]);
 	cr_assert_eq(rdmaps_server_stats(c0, &st), 0);
@@ -446,4 +474,38 @@ Test(authority, a_restarted_primary_catches_up_as_its_parts_backup_and_takes_it_
 		rdmaps_close(wk[w].c);
 	}
 	rdmaps_close(rc);
+}
+
+Test(authority, a_restarted_primary_catches_up_as_its_parts_backup_and_takes_it_back,
+     .init = start_failover, .fini = stop_failover, .timeout = 300)
+{
+	lose_rejoin_and_take_back(kill_rank0, restart_rank0);
+}
+
+/*
+ * A partition instead of a kill: rank 0's server, alive, cut from the
+ * workers and rank 1 (its RoCE cable pulled: rxe-link) and from etcd (its
+ * relay stopped). Its lease ends by its own clock and it folds nothing
+ * more; rank 1 takes its part over and the workers go there. Healed, the
+ * old primary finds its rank held and becomes the backup of its own part
+ * on rank 1, without a restart; rank 1 killed, it takes the part back.
+ */
+static void cut_rank0(void)
+{
+	cr_assert_eq(system("rxe-link 1 down"), 0);
+	kill(fo_proxy.pid, SIGSTOP);
+}
+
+static void heal_rank0(void)
+{
+	kill(fo_proxy.pid, SIGCONT);
+	cr_assert_eq(system("rxe-link 1 up"), 0);
+}
+
+Test(authority, a_primary_cut_off_rejoins_as_its_parts_backup_when_healed,
+     .init = start_partition, .fini = stop_failover, .timeout = 300)
+{
+	if (system("command -v rxe-link >/dev/null 2>&1") != 0)
+		cr_skip_test("needs tools/rxe-vm --hosts: rxe-link cuts an emulated cable");
+	lose_rejoin_and_take_back(cut_rank0, heal_rank0);
 }
