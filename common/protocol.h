@@ -343,6 +343,7 @@ struct rdmaps_wire_backup_info {
 	uint64_t in_flight;    /* of those, not yet completed: how far behind it is */
 	uint32_t opening;      /* tensors not yet open on it */
 	uint32_t part;         /* the rank whose part it backs up (ours, or one taken over) */
+	uint64_t behind;       /* records written to it that it has not applied yet */
 };
 #define RDMAPS_WIRE_BACKUPS 7 /* our own three at most, and four for parts taken over */
 /* A primary whose parts this server backs up. */

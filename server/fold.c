@@ -788,6 +788,7 @@ static void fold_fence(struct srv_fold_thread *ft)
 	 * rank is held elsewhere catches up as that rank's backup) */
 	if (srv_fold_poll_backups(ft))
 		return;
+	credits_flush_all(ft); /* what was applied, told to its primary */
 	if (poll(&pfd, 1, 5) == 1 && read(ft->wake_fd, &v, sizeof(v)) < 0)
 		log_warn("fold thread %u: wake-up read failed", ft->idx);
 }

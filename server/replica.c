@@ -774,6 +774,10 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 				       : RDMAPS_BACKUP_CATCHING_UP;
 		b->writes = p->posted;
 		b->in_flight = peer_up(p) ? p->posted - p->completed : 0;
+		/* its credit: the next record it will apply */
+		b->behind = peer_up(p) ? p->seq - __atomic_load_n(&p->credit->folded_seq,
+								 __ATOMIC_ACQUIRE)
+				       : 0;
 		b->opening = peer_up(p) ? p->opening : 0;
 	}
 	for (unsigned k = 0; k < RDMAPS_MAX_SERVERS && r->nheld < 64; k++) {

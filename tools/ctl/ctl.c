@@ -229,10 +229,11 @@ static int cmd_replicas(rdmaps_client *c)
 				       k);
 		for (uint32_t k = 0; k < r.nbackups && k < RDMAPS_WIRE_BACKUPS; k++)
 			printf("  backup rank %u of rank %u's part: %s, %" PRIu64 " writes, %" PRIu64
-			       " in flight, %u tensors to open\n",
+			       " in flight, %" PRIu64 " not applied, %u tensors to open\n",
 			       r.backup[k].rank, r.backup[k].part,
 			       r.backup[k].state < 3 ? state[r.backup[k].state] : "?",
-			       r.backup[k].writes, r.backup[k].in_flight, r.backup[k].opening);
+			       r.backup[k].writes, r.backup[k].in_flight, r.backup[k].behind,
+			       r.backup[k].opening);
 		for (uint32_t k = 0; k < r.nheld && k < 64; k++)
 			printf("  holds rank %u's parts: %u tensors, %u worker accounts\n",
 			       r.held[k].primary, r.held[k].tensors, r.held[k].accounts);
