@@ -456,7 +456,9 @@ struct rdmaps_server_stats {
 	uint64_t epoch;             /* the epoch of this server's claim on its rank (0: none,
 				     * or no authority); a cluster's: the largest */
 	uint64_t lease_losses;      /* times its lease ended unrenewed: folds stopped */
-	uint64_t failovers;         /* ranks whose primary died that it took over */
+	uint64_t failovers;         /* ranks whose primary died that it took over (its own
+				     * among them when it took its rank back from its copy) */
+	uint64_t handbacks;         /* ranks taken over and given back to their own server */
 };
 
 /*
@@ -472,7 +474,7 @@ struct rdmaps_server_stats {
 	XX(memory_windows) XX(registered_bytes) XX(staging_bytes) XX(staging_budget)          \
 	XX(huge_page_bytes) XX(completion_queues) XX(snapshots) XX(backups)                   \
 	XX(replicated_chunks) XX(backup_failures) XX(unreplicated_acks) XX(epoch)             \
-	XX(lease_losses) XX(failovers)
+	XX(lease_losses) XX(failovers) XX(handbacks)
 
 /*
  * Ask every server to write a checkpoint now (servers started with

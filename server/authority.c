@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "error.h"
 #include "etcd.h"
@@ -53,6 +54,8 @@ struct srv_auth {
 	 * that key names */
 	uint64_t part_epoch[RDMAPS_MAX_SERVERS], epoch_mod[RDMAPS_MAX_SERVERS];
 	uint64_t isr_recorded[RDMAPS_MAX_SERVERS];
+	uint64_t claim_rev[RDMAPS_MAX_SERVERS]; /* our claim's revision: its primary key's creation */
+	uint64_t handback_since[RDMAPS_MAX_SERVERS], handback_next[RDMAPS_MAX_SERVERS];
 	uint64_t last_ka;     /* when the last keep-alive went out */
 	bool poked;           /* the fold thread's in-sync set changed */
 	char watch_key[RDMAPS_MAX_SERVERS][256]; /* base64 keys of ranks we back up */
@@ -210,6 +213,7 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 		uint64_t rev = 0;
 		srv_json_u64(a->buf, "revision", &rev); /* the header's: our writes' */
 		a->epoch_mod[rank] = rev;
+		a->claim_rev[rank] = rev;
 		a->part_epoch[rank] = epoch + 1;
 		a->isr_recorded[rank] = 0;
 		atomic_store(&s->isr_etcd[rank], 0);
@@ -386,6 +390,86 @@ static void record_taken_over(struct srv_auth *a)
 	}
 }
 
+/* Let go of rank p's primary key, if it is still the one our claim made. */
+static int release_rank(struct srv_auth *a, unsigned p)
+{
+	char body[1024];
+	int rc;
+
+	snprintf(body, sizeof(body),
+		 "{\"compare\":[{\"target\":\"CREATE\",\"key\":\"%s\",\"create_revision\":\"%" PRIu64
+		 "\"}],\"success\":[{\"request_delete_range\":{\"key\":\"%s\"}}]}",
+		 a->watch_key[p], a->claim_rev[p], a->watch_key[p]);
+	if ((rc = call(a, "/v3/kv/txn", body)))
+		return rc;
+	return srv_json_true(a->buf, "succeeded") ? 0 : RDMAPS_EBUSY;
+}
+
+static void wake_folds(struct srv *s)
+{
+	uint64_t one = 1;
+
+	for (unsigned f = 0; f < s->cfg.fold_threads; f++)
+		if (write(s->ft[f].wake_fd, &one, sizeof(one)) < 0)
+			log_warn("fold thread %u: wake-up write failed", f);
+}
+
+/*
+ * A rank taken over here goes back to its own server once that one is its
+ * backup, recorded in sync in etcd (re-replication): its workers are sent
+ * away and refused, the fold threads settle what they folded of it onto
+ * that backup, then the primary key is deleted and the rank's own server
+ * claims it from the copy it kept (claim, back). Given up after
+ * HANDBACK_NS unsettled (its server lagging or gone), and tried again
+ * HANDBACK_RETRY_NS later; workers are welcome again meanwhile.
+ */
+#define HANDBACK_NS 10000000000ull
+#define HANDBACK_RETRY_NS 30000000000ull
+static void hand_back(struct srv_auth *a)
+{
+	struct srv *s = a->s;
+	uint64_t now = rdmaps__now_ns();
+
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
+		if (p == s->cfg.server_id || !srv_serves(s, p))
+			continue;
+		if (!atomic_load(&s->handing_back[p])) {
+			if (!(a->isr_recorded[p] >> p & 1u) || now < a->handback_next[p])
+				continue;
+			log_warn("authority: rank %u's server is its backup, in sync: handing the rank "
+				 "back to it", p);
+			atomic_store(&s->part_settled[p], false);
+			atomic_store(&s->handing_back[p], true);
+			a->handback_since[p] = now;
+			wake_folds(s);
+			continue;
+		}
+		if (!atomic_load(&s->part_settled[p])) {
+			if (now - a->handback_since[p] < HANDBACK_NS)
+				continue;
+			log_warn("authority: rank %u not settled on its server in %.0f s: keeping it "
+				 "here, handing it back again later", p, HANDBACK_NS / 1e9);
+			a->handback_next[p] = now + HANDBACK_RETRY_NS;
+			atomic_store(&s->handing_back[p], false);
+			continue;
+		}
+		/* nothing of it folds here any more: the key goes, and with it
+		 * the rank (its own server claims it within RETRY_NS) */
+		atomic_store(&s->took_over[p], false);
+		int rc = release_rank(a, p);
+		if (rc == RDMAPS_EBUSY)
+			log_warn("authority: rank %u's key is no longer our claim", p);
+		else if (rc) {
+			atomic_store(&s->took_over[p], true); /* etcd away: again next time */
+			continue;
+		}
+		atomic_store(&s->handing_back[p], false);
+		atomic_fetch_add(&s->handbacks, 1);
+		a->isr_recorded[p] = 0;
+		log_warn("authority: rank %u handed back to its server", p);
+	}
+}
+
 /* Not holding: a lease, then the rank. How long to wait before the next step. */
 static uint64_t step_claim(struct srv_auth *a)
 {
@@ -509,8 +593,10 @@ static void *auth_main(void *arg)
 			log_warn("authority: the lease on rank %u ended unrenewed: folds stopped",
 				 s->cfg.server_id);
 		}
-		if (!rc && s->cfg.replicas > 1)
+		if (!rc && s->cfg.replicas > 1) {
 			watch_ranks(a);
+			hand_back(a);
+		}
 		/* unanswered: try again soon, the lease may still be saved; a
 		 * backup looks at the ranks it backs up every WATCH_NS */
 		wait = rc ? RETRY_NS : s->cfg.replicas > 1 ? WATCH_NS : a->ttl_ns / 3;

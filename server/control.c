@@ -229,6 +229,7 @@ void srv_stats_collect(struct srv *s, struct rdmaps_server_stats *out)
 	out->epoch = atomic_load(&s->epoch);
 	out->lease_losses = atomic_load(&s->lease_losses);
 	out->failovers = atomic_load(&s->failovers);
+	out->handbacks = atomic_load(&s->handbacks);
 	srv_reg_stats(s, out);
 	for (unsigned i = 0; s->ft && i < s->cfg.fold_threads; i++) {
 		out->folds += atomic_load(&s->ft[i].folds);

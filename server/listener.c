@@ -283,7 +283,7 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 		reject(s, id, RDMAPS_EAUTH, "wrong or missing token");
 		goto destroy;
 	} else if ((hello.flags & RDMAPS_HELLO_RANK) && hello.rank != s->cfg.server_id
-			   ? !srv_serves(s, hello.rank)
+			   ? !srv_welcomes(s, hello.rank)
 			   : atomic_load(&s->deposed)) {
 		/* a worker failing over asks each of the rank's servers in turn */
 		reject(s, id, RDMAPS_ENOENT, "a worker asked for a rank not served here");
@@ -431,6 +431,7 @@ static void evict_some(struct srv *s)
 			 c->rstore ? "its primary's rank was taken over here"
 			 : atomic_load(&s->deposed) && c->store == srv_own_store(s)
 				 ? "this rank was taken over elsewhere"
+			 : c->store != srv_own_store(s) ? "its rank is being handed back to its server"
 				 : "its worker came back on another connection");
 		rdma_disconnect(c->id);
 		conn_teardown(s, c);
@@ -442,8 +443,9 @@ static void evict_some(struct srv *s)
  * its replica's accounts become the records RESUME answers from (workers
  * of p settle by them), workers asking for p are accepted from now on
  * (srv_serves), and p's replica connections are closed: nobody writes the
- * part but this server's folds. And a rank of ours taken over elsewhere:
- * its workers are sent away, to find it there.
+ * part but this server's folds. And a rank of ours taken over elsewhere,
+ * or one taken over here being handed back: its workers are sent away, to
+ * find it where it is (next).
  */
 static void take_overs(struct srv *s)
 {
@@ -475,6 +477,19 @@ static void take_overs(struct srv *s)
 			atomic_store(&s->deposed, false);
 			s->deposed_done = false;
 		}
+	}
+	/* a rank being handed back: its workers go, to find it at its own
+	 * server once that one has claimed it */
+	for (unsigned p = 0; p < RDMAPS_MAX_SERVERS; p++) {
+		bool going = atomic_load(&s->handing_back[p]);
+		if (going && !s->handed_off[p] && s->replica[p]) {
+			pthread_mutex_lock(&s->conns_lock);
+			for (struct srv_conn *c = s->conns; c; c = c->next)
+				if (!c->rstore && c->store == s->replica[p])
+					atomic_store(&c->evict, evict = true);
+			pthread_mutex_unlock(&s->conns_lock);
+		}
+		s->handed_off[p] = going;
 	}
 	if (atomic_load(&s->deposed) && !s->deposed_done) {
 		pthread_mutex_lock(&s->conns_lock);

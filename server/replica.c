@@ -630,6 +630,25 @@ static int release(struct srv_repl *r)
 	return n;
 }
 
+/*
+ * A part being handed back (authority.c) is settled once nothing of it is
+ * left here that its backup, its own server, lacks: no worker of it
+ * attached, no credit of it waiting, every record of it written, completed
+ * and applied there, and that backup in sync.
+ */
+static void handback_check(struct srv_repl *r, struct srv_peer *p)
+{
+	struct srv_fold_thread *ft = r->ft;
+	bool settled = peer_in_sync(p) && p->completed == p->posted && !p->in_group &&
+		       __atomic_load_n(&p->credit->folded_seq, __ATOMIC_ACQUIRE) == p->seq;
+
+	for (uint32_t i = 0; settled && i < ft->nconns; i++)
+		settled = ft->conns[i]->rstore || ft->conns[i]->store != p->store;
+	for (uint32_t k = 0; settled && k < r->count; k++)
+		settled = r->wait[(r->head + k) % REPL_WAIT_MAX].store != p->store;
+	atomic_store(&p->s->part_settled[p->part], settled);
+}
+
 int srv_repl_poll(struct srv_fold_thread *ft)
 {
 	struct srv_repl *r = ft->repl;
@@ -660,6 +679,8 @@ int srv_repl_poll(struct srv_fold_thread *ft)
 						      PEER_TIMEOUT_MS * 1000000ull)
 				peer_fail(p, "no answer to a replica open");
 		}
+		if (p->part != p->s->cfg.server_id && atomic_load(&p->s->handing_back[p->part]))
+			handback_check(r, p);
 	}
 	return work + release(r);
 }
@@ -730,6 +751,11 @@ void srv_repl_serve_part(struct srv *s, unsigned part)
 					atomic_store(&r->peer[j].move_to, st);
 			continue;
 		}
+		unsigned j = 0;
+		while (j < n && r->peer[j].part != part)
+			j++;
+		if (j < n)
+			continue; /* taken over before, and handed back: its peer again */
 		if (n == REPL_PEERS) {
 			log_warn("rank %u's part is not replicated: already backing up %u parts "
 				 "taken over here", part, REPL_PART_PEERS);
@@ -764,8 +790,10 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 		if (srv_serves(s, k))
 			r->taken_over |= 1ull << k;
 	/* with backups there is one fold thread (main.c): this one owns them */
-	for (unsigned j = 0; rp && j < rp->npeers && j < RDMAPS_WIRE_BACKUPS; j++) {
+	for (unsigned j = 0; rp && j < rp->npeers && r->nbackups < RDMAPS_WIRE_BACKUPS; j++) {
 		const struct srv_peer *p = &rp->peer[j];
+		if (p->part != s->cfg.server_id && !srv_serves(s, p->part))
+			continue; /* a part handed back: not ours to replicate */
 		struct rdmaps_wire_backup_info *b = &r->backup[r->nbackups++];
 		b->rank = p->rank;
 		b->part = p->part;
@@ -783,8 +811,8 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 	for (unsigned k = 0; k < RDMAPS_MAX_SERVERS && r->nheld < 64; k++) {
 		const struct srv_store *st = __atomic_load_n(&s->replica[k], __ATOMIC_ACQUIRE);
 		struct rdmaps_wire_held_info *h;
-		if (!st)
-			continue;
+		if (!st || (k == s->cfg.server_id && srv_serves(s, k)))
+			continue; /* (our own part, served from it) */
 		h = &r->held[r->nheld++];
 		h->primary = k;
 		h->tensors = atomic_load(&((struct srv_store *)st)->count);

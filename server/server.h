@@ -505,6 +505,13 @@ struct srv {
 	_Atomic bool took_over[RDMAPS_MAX_SERVERS];
 	_Atomic bool takeover_req[RDMAPS_MAX_SERVERS]; /* claimed: the listener takes it over */
 	_Atomic uint64_t failovers; /* ranks taken over */
+	/* a rank taken over, being handed back to its own server, caught up
+	 * as its backup (authority.c): its workers are sent away and none
+	 * taken; settled once the fold threads have nothing of it left that
+	 * the backup lacks (replica.c) */
+	_Atomic bool handing_back[RDMAPS_MAX_SERVERS], part_settled[RDMAPS_MAX_SERVERS];
+	bool handed_off[RDMAPS_MAX_SERVERS]; /* listener: its workers were sent away */
+	_Atomic uint64_t handbacks; /* ranks handed back */
 	/* the rank is claimed by another server: workers are sent away */
 	_Atomic bool deposed;
 	bool deposed_done; /* listener: its workers were sent away */
@@ -521,6 +528,12 @@ struct srv {
 static inline bool srv_serves(struct srv *s, unsigned p)
 {
 	return p < RDMAPS_MAX_SERVERS && atomic_load_explicit(&s->took_over[p], memory_order_acquire);
+}
+
+/* Does it take workers for rank p's part (served, not being handed back)? */
+static inline bool srv_welcomes(struct srv *s, unsigned p)
+{
+	return srv_serves(s, p) && !atomic_load_explicit(&s->handing_back[p], memory_order_acquire);
 }
 
 /* The store workers of this server's own rank use: its own, or, once the

@@ -236,9 +236,9 @@ static void stop_failover(void)
 {
 	if (system("command -v rxe-link >/dev/null && rxe-link 1 up >/dev/null 2>&1") != 0)
 		fprintf(stderr, "rxe-link 1 up failed\n");
-	th_proxy_stop(&fo_proxy);
 	for (int i = 0; i < 2; i++)
 		th_server_stop(&pair[i]);
+	th_proxy_stop(&fo_proxy); /* after: a stopping server gives its lease back */
 	th_server_stop(&ref);
 	th_etcd_stop(&etcd);
 	unlink(fo_config);
@@ -358,10 +358,10 @@ Test(authority, a_killed_primary_fails_over_and_no_acknowledged_push_is_lost,
 /*
  * Re-replication: rank 0's server killed, rank 1 takes its part over;
  * rank 0's server started again finds its rank held, and becomes the
- * backup of its own part there (caught up while pushes go on). Then rank
- * 1's server is killed: rank 0's takes its own part back from that copy,
- * and rank 1's part from its replica. Every acknowledged push of the
- * three rounds is in the model, exactly once.
+ * backup of its own part there (caught up while pushes go on); in sync,
+ * it is given its rank back. Then rank 1's server is killed: rank 0's
+ * takes rank 1's part over from its replica. Every acknowledged push of
+ * the four rounds is in the model, exactly once.
  */
 static void fo_round(struct fo_worker *wk, int round, void (*mid)(void), const char *what)
 {
@@ -398,6 +398,8 @@ static void restart_rank0(void) { start_rank0(); }
 
 static void kill_rank1(void) { th_server_kill9(&pair[1]); }
 
+static void nothing(void) {}
+
 /* Server s's backups caught up (its own part's and those of parts it took
  * over), waited for up to 20 s. */
 static void wait_backups(struct th_server *s, uint64_t want)
@@ -416,10 +418,11 @@ static void wait_backups(struct th_server *s, uint64_t want)
 	usleep(500000); /* and recorded in sync in etcd (a tenth of a second) */
 }
 
-/* Three rounds of pushes from two workers: rank 0's server lost in the
- * first (lose), back in the second (back: the backup of its own part on
- * rank 1, then), rank 1's server killed in the third; the model is then
- * what every push explains, once each. */
+/* Four rounds of pushes from two workers: rank 0's server lost in the
+ * first (lose); back in the second (back: the backup of its own part on
+ * rank 1, then, and given its rank back); the third on the servers as at
+ * the start; rank 1's server killed in the fourth. The model is then what
+ * every push explains, once each. */
 static void lose_rejoin_and_take_back(void (*lose)(void), void (*back)(void))
 {
 	static struct fo_worker wk[2];
@@ -441,20 +444,46 @@ static void lose_rejoin_and_take_back(void (*lose)(void), void (*back)(void))
 	wait_backups(&pair[1], 1);
 
 	fo_round(wk, 0, lose, "rank 0 was lost"); /* rank 1 takes rank 0's part over */
-	fo_round(wk, 1, back, "rank 0 came back"); /* the backup of both parts */
-	/* rank 1's backups: rank 0 for its own part, and for rank 0's */
-	wait_backups(&pair[1], 2);
+	/* rank 0 back: the backup of both parts, caught up while the pushes
+	 * go on, and once in sync given its rank back by rank 1 */
+	double t_back = now_s();
+	fo_round(wk, 1, back, "rank 0 came back");
 	rdmaps_client *c1 = th_connect(&pair[1]);
-	cr_assert_eq(rdmaps_server_stats(c1, &st), 0);
+	for (int i = 0; i < 300; i++) {
+		cr_assert_eq(rdmaps_server_stats(c1, &st), 0);
+		if (st.handbacks == 1)
+			break;
+		usleep(100000);
+	}
+	cr_assert_eq(st.handbacks, 1, "rank 1 gave rank 0 back");
 	cr_assert_eq(st.failovers, 1, "rank 1 took rank 0 over once");
 	rdmaps_close(c1);
-	fo_round(wk, 2, kill_rank1, "rank 1 was killed"); /* rank 0 serves both parts */
+	/* rank 0's server claims it within a quarter of a second, then
+	 * takes workers again */
+	rdmaps_client *c0 = NULL;
+	for (int i = 0; i < 100 && th_connect_token(&pair[0], TH_TOKEN, &c0); i++)
+		usleep(100000);
+	cr_assert(c0, "rank 0's server takes workers again");
+	rdmaps_close(c0);
+	fprintf(stderr, "rank 0 back, caught up and given its rank back in %.2f s\n",
+		now_s() - t_back);
+	/* and each server the other's backup again */
+	wait_backups(&pair[0], 1);
+	wait_backups(&pair[1], 1);
+	/* pushes go to rank 0's own server (the workers were sent there) */
+	fo_round(wk, 2, nothing, "rank 0 was given its rank back");
+	c0 = th_connect(&pair[0]);
+	cr_assert_eq(rdmaps_server_stats(c0, &st), 0);
+	rdmaps_close(c0);
+	cr_assert_eq(st.failovers, 1, "rank 0 took its own part back from its copy");
+	cr_assert_geq(st.folds, (uint64_t)FPUSHES, "rank 0 folds its workers' pushes again");
+	fo_round(wk, 3, kill_rank1, "rank 1 was killed"); /* rank 0 serves both parts */
 
-	rdmaps_client *c0 = th_connect(&pair[0]);
+	c0 = th_connect(&pair[0]);
 	cr_assert_eq(rdmaps_server_stats(c0, &st), 0);
 	cr_assert_eq(st.failovers, 2, "rank 0 took its own part back and rank 1's over");
 	rdmaps_close(c0);
-	for (int r = 0; r < 3; r++)
+	for (int r = 0; r < 4; r++)
 		for (int w = 0; w < 2; w++)
 			for (int k = 0; k < FPUSHES; k++) {
 				for (int i = 0; i < FLEN; i++)
