@@ -252,6 +252,7 @@ struct rdmaps_client {
 	uint32_t npd;
 	bool rescanned; /* librdmacm may hold other devices: rescan on failures */
 	int timeout_ms;
+	int ack_timeout_ms; /* 0: rdma_cm's (rdmaps__cm_ack_timeout) */
 	int64_t spin_ns; /* a waiter busy-polls this long, then sleeps; < 0: never (ops.c) */
 	uint32_t snap_after; /* torn READs of a chunk before a snapshot (snapshot.c) */
 	int broken; /* first connection failure, until cl_reconnect mends it */

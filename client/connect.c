@@ -354,10 +354,12 @@ static int establish(struct cl_conn *k, const char *token, int timeout)
 	/*
 	 * 6, not the customary 7: rxe counts 7 as "retry forever" (a quirk of
 	 * its completer), so a server whose host vanished without a word would
-	 * hang every worker for good. 6 retries of the ~0.5 s transport timeout
-	 * rdma_cm sets on RoCE end a dead link in seconds on rxe and hardware
-	 * alike; the error then takes the reconnect path.
+	 * hang every worker for good. 7 tries of the transport timeout rdma_cm
+	 * sets on RoCE (about 2 s) end a dead link in about 15 s; the error
+	 * then takes the reconnect path. ack_timeout_ms shortens it, at the
+	 * cost of giving up on a connection that merely stalled that long.
 	 */
+	rdmaps__cm_ack_timeout(k->id, k->c->ack_timeout_ms);
 	p.retry_count = 6;
 	p.rnr_retry_count = 7;
 	if (rdma_connect(k->id, &p))
@@ -535,9 +537,10 @@ static int conn_open(struct cl_conn *k, const struct rdmaps__server_addr *sa, co
  * Reconnect k to its rank: its own server first, then, with replicas R,
  * the R - 1 after it in the list, which may have taken the rank over when
  * its server died (docs/durability.md, "Failover"); the one that served
- * last is tried first. A server that does not serve the rank refuses at
- * once (RDMAPS_ENOENT); the round goes on, with back-off, until one takes
- * it or timeout_ms has passed.
+ * last is tried last: it just failed, and a host cut off costs a
+ * resolve's time (2 s) where a live server that does not serve the rank
+ * refuses at once (RDMAPS_ENOENT). The round goes on, with back-off,
+ * until one takes it or timeout_ms has passed.
  */
 static int conn_reopen(struct cl_conn *k, int timeout_ms)
 {
@@ -553,7 +556,7 @@ static int conn_reopen(struct cl_conn *k, int timeout_ms)
 		return conn_open(k, &k->sa, k->src, k->token, timeout_ms);
 	for (;;) {
 		for (uint32_t n = 0; n < R; n++) {
-			uint32_t j = (k->served_by + n) % R;
+			uint32_t j = (k->served_by + 1 + n) % R;
 			const struct cl_conn *at = &c->conn[(k->idx + j) % c->nconn];
 			uint64_t now = rdmaps__now_ns();
 			int left = now < deadline ? (int)((deadline - now) / 1000000u) : 1;
@@ -601,6 +604,7 @@ static int connect_cfg(const struct rdmaps__config *cfg, const char *src, const 
 		return RDMAPS_ENOMEM;
 	}
 	c->timeout_ms = cfg->timeout_ms;
+	c->ack_timeout_ms = cfg->ack_timeout_ms;
 	c->spin_ns = cfg->spin_us < 0 ? -1 : (int64_t)cfg->spin_us * 1000;
 	c->snap_after = (uint32_t)cfg->snapshot_after;
 	for (uint32_t i = 0; i < CL_MAX_OPS; i++)

@@ -149,6 +149,8 @@ int rdmaps__config_set(struct rdmaps__config *cfg, const char *key, const char *
 		return parse_int(val, -1, 255, &cfg->gid_index) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "timeout_ms"))
 		return parse_int(val, 1, 3600000, &cfg->timeout_ms) ? RDMAPS_EINVAL : 0;
+	if (!strcmp(key, "ack_timeout_ms"))
+		return parse_int(val, 0, 60000, &cfg->ack_timeout_ms) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "spin_us"))
 		return parse_int(val, -1, 1000000, &cfg->spin_us) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "snapshot_after"))
@@ -226,6 +228,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 		{ "RDMAPS_TOKEN", "token" },     { "RDMAPS_TOKEN_FILE", "token_file" },
 		{ "RDMAPS_SRC", "src" },         { "RDMAPS_DEVICE", "device" },
 		{ "RDMAPS_GID_INDEX", "gid_index" }, { "RDMAPS_TIMEOUT_MS", "timeout_ms" },
+		{ "RDMAPS_ACK_TIMEOUT_MS", "ack_timeout_ms" },
 		{ "RDMAPS_ROLE", "role" },       { "RDMAPS_RANK", "rank" },
 		{ "RDMAPS_SIZE", "size" },       { "RDMAPS_SPIN_US", "spin_us" },
 		{ "RDMAPS_SNAPSHOT_AFTER", "snapshot_after" },

@@ -37,6 +37,7 @@ struct rdmaps__config {
 	char device[64];             /* or: device name (+ ":port") to take it from */
 	int gid_index;               /* or: GID index on that device (-1: none) */
 	int timeout_ms;              /* connect, with retries, per server */
+	int ack_timeout_ms;          /* transport ACK timeout of a connection (0: rdma_cm's) */
 	int spin_us;                 /* a waiter busy-polls this long, then sleeps; -1: never */
 	int snapshot_after;          /* torn READs of a chunk in one pull before a snapshot */
 	int rank, size;              /* from the launcher; -1 when unknown */

@@ -114,6 +114,19 @@ int rdmaps__cm_wait(struct rdma_event_channel *ch, enum rdma_cm_event_type want,
 	return rc;
 }
 
+void rdmaps__cm_ack_timeout(struct rdma_cm_id *id, int ms)
+{
+	uint8_t n = 0;
+
+	if (ms <= 0)
+		return;
+	while (n < 31 && 4.096e-3 * (double)(1u << n) < (double)ms)
+		n++;
+	if (rdma_set_option(id, RDMA_OPTION_ID, RDMA_OPTION_ID_ACK_TIMEOUT, &n, sizeof(n)))
+		log_warn("ack_timeout_ms: rdma_cm does not take it (%s): its own is used",
+			 strerror(errno));
+}
+
 int rdmaps__cm_resolve(struct rdma_event_channel *ch, struct rdma_cm_id *id, const char *host,
 		       const char *port, const char *src, int timeout_ms)
 {

@@ -46,6 +46,14 @@ int rdmaps__cm_wait(struct rdma_event_channel *ch, enum rdma_cm_event_type want,
 		    struct rdma_cm_event **ev, int *reject_err);
 
 /*
+ * Before rdma_connect: the connection's transport ACK timeout at least ms
+ * (the verbs exponent: 4.096 us << n); 0 leaves rdma_cm's (on RoCE about
+ * 2 s, so a silent peer is given up after 7 of them, about 15 s). Thread:
+ * the id's owner. Logs and goes on with rdma_cm's if it is refused.
+ */
+void rdmaps__cm_ack_timeout(struct rdma_cm_id *id, int ms);
+
+/*
  * Resolve id (its events on ch) to host:port from local address src (NULL
  * or "": the route's), address then route, each within timeout_ms. Binding
  * src picks the device, and on rxe it is what makes the traffic leave

@@ -297,6 +297,7 @@ int main(int argc, char **argv)
 			cfg->etcd_prefix = cc.etcd_prefix;
 		if (!cfg->lease_s)
 			cfg->lease_s = (unsigned)cc.lease_s;
+		cfg->ack_timeout_ms = cc.ack_timeout_ms;
 		for (uint32_t i = 0; i < cc.nservers; i++) {
 			servers[i] = cc.servers[i];
 			if (!servers[i].port[0])

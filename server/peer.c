@@ -118,6 +118,9 @@ static int peer_connect(struct srv_peer *p)
 	cp.private_data = &h;
 	cp.private_data_len = sizeof(h);
 	cp.retry_count = 6; /* as a worker: 7 is "forever" on rxe */
+	/* a backup cut off holds the credits that wait for it until its
+	 * writes give up: the cluster's ack_timeout_ms, as for workers */
+	rdmaps__cm_ack_timeout(p->id, s->cfg.ack_timeout_ms);
 	cp.rnr_retry_count = 7;
 	if (rdma_connect(p->id, &cp))
 		return rdmaps__from_errno(errno);
