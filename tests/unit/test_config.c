@@ -158,6 +158,25 @@ Test(config, authority_keys)
 	unlink(p);
 }
 
+Test(config, ack_timeout)
+{
+	const char *p = write_ini("servers = a\nack_timeout_ms = 250\n");
+
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.ack_timeout_ms, 250);
+	setenv("RDMAPS_ACK_TIMEOUT_MS", "1000", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.ack_timeout_ms, 1000, "the environment over the file");
+	setenv("RDMAPS_ACK_TIMEOUT_MS", "-1", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL);
+	unsetenv("RDMAPS_ACK_TIMEOUT_MS");
+	unlink(p);
+	p = write_ini("servers = a\n");
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.ack_timeout_ms, 0, "rdma_cm's unless asked");
+	unlink(p);
+}
+
 Test(config, launchers)
 {
 	setenv("SLURM_PROCID", "3", 1);
