@@ -278,11 +278,42 @@ static void *fo_main(void *arg)
 	return NULL;
 }
 
+/*
+ * The model the workers pull equals the reference's (rc, rt) once every
+ * push of the rounds has been folded there once; each worker lost no
+ * push and failed over at least failovers times.
+ */
+static void fo_check(struct fo_worker *wk, rdmaps_client *rc, rdmaps_tensor *rt, int rounds,
+		     uint64_t failovers)
+{
+	static float g[FLEN], a[FLEN], b[FLEN];
+
+	for (int r = 0; r < rounds; r++)
+		for (int w = 0; w < 2; w++)
+			for (int k = 0; k < FPUSHES; k++) {
+				for (int i = 0; i < FLEN; i++)
+					g[i] = fo_grad(w, r * FPUSHES + k, i);
+				cr_assert_eq(rdmaps_push(rc, rt, g, RDMAPS_PUSH_FOLDED), 0);
+			}
+	cr_assert_eq(rdmaps_pull(wk[0].c, wk[0].t, a, 0), 0);
+	cr_assert_eq(rdmaps_pull(rc, rt, b, 0), 0);
+	for (int i = 0; i < FLEN; i++)
+		cr_assert_eq(a[i], b[i], "element %d: %g, every push once gives %g", i, a[i], b[i]);
+	for (int w = 0; w < 2; w++) {
+		struct rdmaps_client_stats cs;
+		cr_assert_eq(rdmaps_flush(wk[w].c, 20000), 0);
+		rdmaps_client_stats(wk[w].c, &cs);
+		cr_assert_eq(cs.lost_pushes, 0);
+		cr_assert_geq(cs.failovers, failovers, "worker %d: %llu failovers", w,
+			      (unsigned long long)cs.failovers);
+	}
+}
+
 Test(authority, a_killed_primary_fails_over_and_no_acknowledged_push_is_lost,
      .init = start_failover, .fini = stop_failover, .timeout = 300)
 {
 	static struct fo_worker wk[2];
-	static float g[FLEN], a[FLEN], b[FLEN];
+	static float g[FLEN];
 	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
 					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
 	rdmaps_client *rc = th_connect(&ref), *probe;
@@ -332,23 +363,7 @@ Test(authority, a_killed_primary_fails_over_and_no_acknowledged_push_is_lost,
 		for (int k = 0; k < FPUSHES; k++)
 			cr_assert_eq(wk[w].rc[k], 0, "worker %d push %d: %s", w, k,
 				     rdmaps_strerror(wk[w].rc[k]));
-	for (int w = 0; w < 2; w++)
-		for (int k = 0; k < FPUSHES; k++) {
-			for (int i = 0; i < FLEN; i++)
-				g[i] = fo_grad(w, k, i);
-			cr_assert_eq(rdmaps_push(rc, rt, g, RDMAPS_PUSH_FOLDED), 0);
-		}
-	cr_assert_eq(rdmaps_pull(wk[0].c, wk[0].t, a, 0), 0);
-	cr_assert_eq(rdmaps_pull(rc, rt, b, 0), 0);
-	for (int i = 0; i < FLEN; i++)
-		cr_assert_eq(a[i], b[i], "element %d: %g, every push once gives %g", i, a[i], b[i]);
-	for (int w = 0; w < 2; w++) {
-		struct rdmaps_client_stats cs;
-		cr_assert_eq(rdmaps_flush(wk[w].c, 20000), 0);
-		rdmaps_client_stats(wk[w].c, &cs);
-		cr_assert_eq(cs.lost_pushes, 0);
-		cr_assert_geq(cs.failovers, 1, "worker %d found rank 0 elsewhere", w);
-	}
+	fo_check(wk, rc, rt, 1, 1);
 	rdmaps_client *c1 = th_connect(&pair[1]);
 	cr_assert_eq(rdmaps_server_stats(c1, &st), 0);
 	cr_assert_eq(st.failovers, 1, "rank 1 took rank 0 over once");
@@ -430,7 +445,6 @@ static void wait_backups(struct th_server *s, uint64_t want)
 static void lose_rejoin_and_take_back(void (*lose)(void), void (*back)(void))
 {
 	static struct fo_worker wk[2];
-	static float g[FLEN], a[FLEN], b[FLEN];
 	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
 					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
 	rdmaps_client *rc = th_connect(&ref);
@@ -487,25 +501,9 @@ static void lose_rejoin_and_take_back(void (*lose)(void), void (*back)(void))
 	cr_assert_eq(rdmaps_server_stats(c0, &st), 0);
 	cr_assert_eq(st.failovers, 2, "rank 0 took its own part back and rank 1's over");
 	rdmaps_close(c0);
-	for (int r = 0; r < 4; r++)
-		for (int w = 0; w < 2; w++)
-			for (int k = 0; k < FPUSHES; k++) {
-				for (int i = 0; i < FLEN; i++)
-					g[i] = fo_grad(w, r * FPUSHES + k, i);
-				cr_assert_eq(rdmaps_push(rc, rt, g, RDMAPS_PUSH_FOLDED), 0);
-			}
-	cr_assert_eq(rdmaps_pull(wk[0].c, wk[0].t, a, 0), 0);
-	cr_assert_eq(rdmaps_pull(rc, rt, b, 0), 0);
-	for (int i = 0; i < FLEN; i++)
-		cr_assert_eq(a[i], b[i], "element %d: %g, every push once gives %g", i, a[i], b[i]);
-	for (int w = 0; w < 2; w++) {
-		struct rdmaps_client_stats cs;
-		cr_assert_eq(rdmaps_flush(wk[w].c, 20000), 0);
-		rdmaps_client_stats(wk[w].c, &cs);
-		cr_assert_eq(cs.lost_pushes, 0);
-		cr_assert_geq(cs.failovers, 2, "worker %d failed over twice", w);
+	fo_check(wk, rc, rt, 4, 2);
+	for (int w = 0; w < 2; w++)
 		rdmaps_close(wk[w].c);
-	}
 	rdmaps_close(rc);
 }
 
