@@ -36,6 +36,9 @@
 #define CALL_MS 1000u   /* one etcd call's deadline (at most a third of a lease of 3 s) */
 #define RETRY_NS 250000000ull /* a claim of a held rank, or etcd down: try again */
 #define WATCH_NS 100000000ull /* a backup asks whether its primaries hold their ranks */
+/* a rank whose own server is in sync is left to it this long (it claims
+ * every RETRY_NS): a rank handed back goes where it was handed */
+#define OWN_FIRST_NS 1000000000ull
 
 struct srv_auth {
 	struct srv *s;
@@ -56,6 +59,7 @@ struct srv_auth {
 	uint64_t isr_recorded[RDMAPS_MAX_SERVERS];
 	uint64_t claim_rev[RDMAPS_MAX_SERVERS]; /* our claim's revision: its primary key's creation */
 	uint64_t handback_since[RDMAPS_MAX_SERVERS], handback_next[RDMAPS_MAX_SERVERS];
+	uint64_t absent_since[RDMAPS_MAX_SERVERS]; /* a watched rank's primary key seen gone */
 	uint64_t last_ka;     /* when the last keep-alive went out */
 	bool poked;           /* the fold thread's in-sync set changed */
 	char watch_key[RDMAPS_MAX_SERVERS][256]; /* base64 keys of ranks we back up */
@@ -353,9 +357,17 @@ static void watch_ranks(struct srv_auth *a)
 			key64(a->watch_epoch[p], sizeof(a->watch_epoch[p]), a->prefix, "epoch", p);
 		}
 		/* its primary key held (a revision): its primary is there */
-		if (range(a, a->watch_key[p], &mod) || mod ||
-		    read_epoch(a, a->watch_epoch[p], &epoch, &isr, &mod) || !epoch)
+		if (range(a, a->watch_key[p], &mod) || mod) {
+			a->absent_since[p] = 0;
 			continue;
+		}
+		uint64_t now = rdmaps__now_ns();
+		if (!a->absent_since[p])
+			a->absent_since[p] = now;
+		if (read_epoch(a, a->watch_epoch[p], &epoch, &isr, &mod) || !epoch)
+			continue;
+		if ((isr >> p & 1u) && now - a->absent_since[p] < OWN_FIRST_NS)
+			continue; /* its own server first */
 		if (!(isr >> s->cfg.server_id & 1u)) {
 			log_info("authority: rank %u has no primary, and its epoch %" PRIu64
 				 " does not count this server in sync", p, epoch);

@@ -350,6 +350,12 @@ static bool on_connect_request(struct srv *s, struct rdma_cm_event *ev)
 			inet_ntop(AF_INET, &((struct sockaddr_in *)sa)->sin_addr, c->peer, sizeof(c->peer));
 	}
 	pthread_mutex_lock(&s->conns_lock);
+	/* a part has one writer: the newest primary of it (a failover's, a
+	 * reconnect's); an older connection for it, dead or fenced, goes,
+	 * applying the whole groups in its ring first */
+	for (struct srv_conn *o = s->conns; c->rstore && o; o = o->next)
+		if (o->rstore == c->rstore)
+			atomic_store(&o->evict, true), atomic_store(&s->evict_req, true);
 	c->next = s->conns;
 	if (s->conns)
 		s->conns->prev = c;

@@ -679,8 +679,13 @@ int srv_repl_poll(struct srv_fold_thread *ft)
 						      PEER_TIMEOUT_MS * 1000000ull)
 				peer_fail(p, "no answer to a replica open");
 		}
-		if (p->part != p->s->cfg.server_id && atomic_load(&p->s->handing_back[p->part]))
-			handback_check(r, p);
+		if (p->part != p->s->cfg.server_id) {
+			/* the part's own server is the one it goes back to */
+			if (p->rank == p->part && atomic_load(&p->s->handing_back[p->part]))
+				handback_check(r, p);
+			else if (peer_up(p) && !srv_serves(p->s, p->part))
+				peer_fail(p, "its part was handed back");
+		}
 	}
 	return work + release(r);
 }
@@ -751,29 +756,36 @@ void srv_repl_serve_part(struct srv *s, unsigned part)
 					atomic_store(&r->peer[j].move_to, st);
 			continue;
 		}
-		unsigned j = 0;
-		while (j < n && r->peer[j].part != part)
-			j++;
-		if (j < n)
-			continue; /* taken over before, and handed back: its peer again */
-		if (n == REPL_PEERS) {
-			log_warn("rank %u's part is not replicated: already backing up %u parts "
-				 "taken over here", part, REPL_PART_PEERS);
-			continue;
+		/* the part's copies are on its own server and the R - 1 after
+		 * it: each but this one is a backup of it here (its old
+		 * primary once it is back, the others at once) */
+		for (unsigned i = 0; i < s->cfg.replicas; i++) {
+			unsigned rank = (part + i) % s->cfg.nservers, j = 0;
+			if (rank == s->cfg.server_id)
+				continue;
+			while (j < n && !(r->peer[j].part == part && r->peer[j].rank == rank))
+				j++;
+			if (j < n)
+				continue; /* taken over before, and handed back: its peer again */
+			if (n == REPL_PEERS) {
+				log_warn("rank %u's part has no backup on rank %u: %u backups of parts "
+					 "taken over here already", part, rank, REPL_PART_PEERS);
+				continue;
+			}
+			struct srv_peer *p = &r->peer[n];
+			p->s = s;
+			p->r = r;
+			p->rank = rank;
+			p->part = part;
+			p->store = st;
+			p->pt = calloc(st->max, sizeof(*p->pt));
+			if (!p->pt) {
+				log_error("rank %u's part has no backup on rank %u: out of memory", part,
+					  rank);
+				continue;
+			}
+			atomic_store_explicit(&r->npeers, ++n, memory_order_release);
 		}
-		/* its old primary, once it is back, catches up and is its
-		 * backup (peer.c connects it when it listens again) */
-		struct srv_peer *p = &r->peer[n];
-		p->s = s;
-		p->r = r;
-		p->rank = p->part = part;
-		p->store = st;
-		p->pt = calloc(st->max, sizeof(*p->pt));
-		if (!p->pt) {
-			log_error("rank %u's part is not replicated: out of memory", part);
-			continue;
-		}
-		atomic_store_explicit(&r->npeers, n + 1, memory_order_release);
 	}
 }
 

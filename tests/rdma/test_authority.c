@@ -178,51 +178,63 @@ Test(authority, a_second_server_for_a_held_rank_serves_nothing_until_it_is_given
 #define FPUSHES 24
 #define PEER_TOKEN "servers-own-secret-42"
 
-static struct th_server pair[2];
-static char fo_servers[128], fo_config[64];
-static const char *fo_host[4];
+/* fo_n servers on hosts 1..fo_n with --replicas fo_r, the reference
+ * server on the next host, the workers on the one after */
+static struct th_server pair[3];
+static int fo_n = 2, fo_r = 2;
+static char fo_servers[192], fo_config[64];
+static const char *fo_host[5];
 static struct th_proxy fo_proxy; /* rank 0's way to etcd, in the partition test */
 
-/* Rank 0's server (again), through the relay when there is one. */
-static void start_rank0(void)
+/* Rank i's server (again); rank 0's through the relay when there is one. */
+static void start_rank(int i)
 {
-	if (fo_proxy.pid > 0)
-		th_server_restart(&pair[0], "--chunk-elems", "1024", "--config", fo_config, "--rank",
-				  "0", "--etcd", fo_proxy.url, NULL);
+	char rank[12];
+
+	snprintf(rank, sizeof(rank), "%d", i);
+	if (i == 0 && fo_proxy.pid > 0)
+		th_server_restart(&pair[i], "--chunk-elems", "1024", "--config", fo_config, "--rank",
+				  rank, "--etcd", fo_proxy.url, NULL);
 	else
-		th_server_restart(&pair[0], "--chunk-elems", "1024", "--config", fo_config, "--rank",
-				  "0", NULL);
+		th_server_restart(&pair[i], "--chunk-elems", "1024", "--config", fo_config, "--rank",
+				  rank, NULL);
 }
 
 static void start_failover(void)
 {
 	FILE *f;
 	int fd;
+	size_t n = 0;
 
 	if (etcd.pid <= 0)
 		th_etcd_start(&etcd);
 	snprintf(prefix, sizeof(prefix), "/rdmaps-failover-%d", (int)getpid());
-	th_hosts(fo_host, 4);
-	for (int i = 0; i < 2; i++) {
+	th_hosts(fo_host, (unsigned)fo_n + 2);
+	for (int i = 0; i < fo_n; i++) {
 		pair[i].addr = fo_host[i];
 		snprintf(pair[i].port, sizeof(pair[i].port), "%u",
 			 22000u + ((unsigned)getpid() * 13u + (unsigned)i) % 20000u);
+		n += (size_t)snprintf(fo_servers + n, sizeof(fo_servers) - n, "%s%s:%s", i ? "," : "",
+				      fo_host[i], pair[i].port);
 	}
-	snprintf(fo_servers, sizeof(fo_servers), "%s:%s,%s:%s", fo_host[0], pair[0].port, fo_host[1],
-		 pair[1].port);
 	snprintf(fo_config, sizeof(fo_config), "/tmp/rdmaps-failover-XXXXXX");
 	fd = mkstemp(fo_config);
 	cr_assert_geq(fd, 0);
 	f = fdopen(fd, "w");
 	fprintf(f,
-		"[cluster]\nservers = %s\ntoken = %s\npeer_token = %s\nreplicas = 2\netcd = %s\n"
+		"[cluster]\nservers = %s\ntoken = %s\npeer_token = %s\nreplicas = %d\netcd = %s\n"
 		"etcd_prefix = %s\nlease_seconds = 1\n",
-		fo_servers, TH_TOKEN, PEER_TOKEN, etcd.url, prefix);
+		fo_servers, TH_TOKEN, PEER_TOKEN, fo_r, etcd.url, prefix);
 	fclose(f);
-	start_rank0();
-	th_server_restart(&pair[1], "--chunk-elems", "1024", "--config", fo_config, "--rank", "1",
-			  NULL);
-	th_server_start_at(&ref, fo_host[2], "--chunk-elems", "1024", NULL);
+	for (int i = 0; i < fo_n; i++)
+		start_rank(i);
+	th_server_start_at(&ref, fo_host[fo_n], "--chunk-elems", "1024", NULL);
+}
+
+static void start_three(void)
+{
+	fo_n = fo_r = 3;
+	start_failover();
 }
 
 static void start_partition(void)
@@ -240,7 +252,7 @@ static void stop_failover(void)
 {
 	if (system("command -v rxe-link >/dev/null && rxe-link 1 up >/dev/null 2>&1") != 0)
 		fprintf(stderr, "rxe-link 1 up failed\n");
-	for (int i = 0; i < 2; i++)
+	for (int i = 0; i < fo_n; i++)
 		th_server_stop(&pair[i]);
 	th_proxy_stop(&fo_proxy); /* after: a stopping server gives its lease back */
 	th_server_stop(&ref);
@@ -324,11 +336,11 @@ Test(authority, a_killed_primary_fails_over_and_no_acknowledged_push_is_lost,
 	cr_assert_eq(rdmaps_declare(rc, &d, &rt), 0);
 	/* a third worker, idle until the kill: its push then is folded by
 	 * whoever serves rank 0 next (the failover time) */
-	cr_assert_eq(th_connect_cluster(fo_servers, fo_host[3], &probe), 0);
+	cr_assert_eq(th_connect_cluster(fo_servers, fo_host[fo_n + 1], &probe), 0);
 	cr_assert_eq(rdmaps_declare(probe, &d, &pt), 0);
 	for (int w = 0; w < 2; w++) {
 		wk[w].w = w;
-		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[3], &wk[w].c), 0);
+		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[fo_n + 1], &wk[w].c), 0);
 		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
 	}
 	cr_assert_gt(rdmaps_tensor_server_elems(wk[0].t, 0), 0, "rank 0 holds part of it");
@@ -413,7 +425,7 @@ static void fo_round(struct fo_worker *wk, int round, void (*mid)(void), const c
 
 static void kill_rank0(void) { th_server_kill9(&pair[0]); }
 
-static void restart_rank0(void) { start_rank0(); }
+static void restart_rank0(void) { start_rank(0); }
 
 static void kill_rank1(void) { th_server_kill9(&pair[1]); }
 
@@ -454,7 +466,7 @@ static void lose_rejoin_and_take_back(void (*lose)(void), void (*back)(void))
 	cr_assert_eq(rdmaps_declare(rc, &d, &rt), 0);
 	for (int w = 0; w < 2; w++) {
 		wk[w].w = w;
-		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[3], &wk[w].c), 0);
+		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[fo_n + 1], &wk[w].c), 0);
 		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
 	}
 	cr_assert_gt(rdmaps_tensor_server_elems(wk[0].t, 0), 0, "rank 0 holds part of it");
@@ -539,4 +551,93 @@ Test(authority, a_primary_cut_off_rejoins_as_its_parts_backup_when_healed,
 	if (system("command -v rxe-link >/dev/null 2>&1") != 0)
 		cr_skip_test("needs tools/rxe-vm --hosts: rxe-link cuts an emulated cable");
 	lose_rejoin_and_take_back(cut_rank0, heal_rank0);
+}
+
+/*
+ * Three copies of every part, under etcd: rank 0 killed, one of ranks 1
+ * and 2 takes its part over and makes the other its backup at once; then
+ * that one is killed too, and the last server serves all three parts
+ * from its copies. Ranks 0 and the other one are started again while
+ * pushes go on: each catches up as its own part's backup and is given its
+ * rank back. Every push of the four rounds is in the model once.
+ */
+static struct rdmaps_server_stats stats_of(int i)
+{
+	struct rdmaps_server_stats st;
+	rdmaps_client *c = th_connect(&pair[i]);
+
+	cr_assert_eq(rdmaps_server_stats(c, &st), 0);
+	rdmaps_close(c);
+	return st;
+}
+
+static int fo_taker, fo_last; /* who took rank 0 over first; who is left */
+
+static void kill_taker(void) { th_server_kill9(&pair[fo_taker]); }
+
+static void restart_both(void)
+{
+	start_rank(0);
+	start_rank(fo_taker);
+}
+
+Test(authority, three_copies_survive_two_kills_and_the_dead_come_back,
+     .init = start_three, .fini = stop_failover, .timeout = 300)
+{
+	static struct fo_worker wk[2];
+	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
+					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
+	rdmaps_client *rc = th_connect(&ref);
+	rdmaps_tensor *rt;
+	struct rdmaps_server_stats st;
+
+	cr_assert_eq(rdmaps_declare(rc, &d, &rt), 0);
+	for (int w = 0; w < 2; w++) {
+		wk[w].w = w;
+		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[fo_n + 1], &wk[w].c), 0);
+		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
+	}
+	for (int i = 0; i < 3; i++) {
+		cr_assert_gt(rdmaps_tensor_server_elems(wk[0].t, (uint32_t)i), 0, "rank %d holds some", i);
+		wait_backups(&pair[i], 2);
+	}
+
+	fo_round(wk, 0, kill_rank0, "rank 0 was killed");
+	for (int i = 0; i < 100 && !fo_taker; i++) {
+		for (int t = 1; t < 3; t++)
+			if (stats_of(t).failovers == 1)
+				fo_taker = t;
+		usleep(100000);
+	}
+	cr_assert(fo_taker, "rank 1 or 2 took rank 0 over");
+	fo_last = 3 - fo_taker;
+	/* its backups: the last one for its own part and for rank 0's */
+	wait_backups(&pair[fo_taker], 2);
+	fo_round(wk, 1, kill_taker, "the server that took rank 0 over was killed");
+	st = stats_of(fo_last);
+	cr_assert_eq(st.failovers, 2, "rank %d took ranks 0 and %d over", fo_last, fo_taker);
+
+	/* both back while pushes go on: each its own part's backup, then
+	 * given its rank back */
+	fo_round(wk, 2, restart_both, "ranks 0 and the other were started again");
+	for (int i = 0; i < 300; i++) {
+		st = stats_of(fo_last);
+		if (st.handbacks == 2)
+			break;
+		usleep(100000);
+	}
+	cr_assert_eq(st.handbacks, 2, "rank %d gave both ranks back", fo_last);
+	for (int i = 0; i < 3; i++) {
+		rdmaps_client *c = NULL;
+		for (int k = 0; k < 100 && th_connect_token(&pair[i], TH_TOKEN, &c); k++)
+			usleep(100000);
+		cr_assert(c, "rank %d takes workers", i);
+		rdmaps_close(c);
+		wait_backups(&pair[i], 2);
+	}
+	fo_round(wk, 3, nothing, "every rank was back on its server");
+	fo_check(wk, rc, rt, 4, 2);
+	for (int w = 0; w < 2; w++)
+		rdmaps_close(wk[w].c);
+	rdmaps_close(rc);
 }
