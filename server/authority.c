@@ -50,6 +50,8 @@ struct srv_auth {
 	uint64_t ttl_ns;      /* as granted */
 	bool holding;         /* our claim stands (until the lease is found gone) */
 	bool fence_noted;     /* lease_until passed: logged and counted once */
+	bool older_copy;      /* the rank's last primary was another server (claim) */
+	bool ckpt_looked[RDMAPS_MAX_SERVERS]; /* a rank's part restored from our checkpoints, or tried */
 	bool unreachable_noted;
 	char held_by[256];    /* the last holder logged, so a wait logs once */
 	/* per rank we hold (ours, and those taken over): its epoch, its
@@ -147,31 +149,37 @@ static int keepalive(struct srv_auth *a)
 }
 
 /*
- * An epoch key's value: "E isr=r1,r2" -- the epoch, and the backups its
- * primary has recorded as holding everything it acknowledged (replica.c):
- * the only servers that may take the rank over.
+ * An epoch key's value: "E isr=r1,r2 by=host:port" -- the epoch, the
+ * backups its primary has recorded as holding everything it acknowledged
+ * (replica.c), the only servers that may take the rank over, and that
+ * primary: after a restart of the whole cluster, the server whose copy of
+ * the part is the newest (claim, watch_ranks).
  */
-static void epoch_value(char *out, size_t len, uint64_t epoch, uint64_t isr)
+static void epoch_value(struct srv_auth *a, char *out, size_t len, uint64_t epoch, uint64_t isr)
 {
 	size_t n = (size_t)snprintf(out, len, "%" PRIu64 " isr=", epoch);
 
 	for (unsigned r = 0; r < 64 && n < len; r++)
 		if (isr >> r & 1u)
 			n += (size_t)snprintf(out + n, len - n, "%s%u", out[n - 1] == '=' ? "" : ",", r);
+	if (n < len)
+		snprintf(out + n, len - n, " by=%s", a->primary_name);
 }
 
-/* An epoch key (base64 key64): its epoch, in-sync set and revision (all 0
- * when absent). */
+/* An epoch key (base64 key64): its epoch, in-sync set, revision (all 0
+ * when absent) and its primary (by, "" if not named). */
 static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, uint64_t *isr,
-		      uint64_t *mod)
+		      uint64_t *mod, char *by, size_t bylen)
 {
 	char val[256] = "";
 	const char *l;
 	int rc;
 
 	*epoch = *isr = 0;
+	by[0] = '\0';
 	if ((rc = range(a, key64, mod)) || !*mod)
 		return rc; /* or never claimed */
+
 	if (!srv_json_b64(a->buf, "value", val, sizeof(val)) || sscanf(val, "%" SCNu64, epoch) != 1) {
 		snprintf(a->why, sizeof(a->why), "epoch key holds '%s'", val);
 		return RDMAPS_EPROTO;
@@ -184,6 +192,8 @@ static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, ui
 		*isr |= 1ull << r;
 		l = *end == ',' ? end : NULL;
 	}
+	if ((l = strstr(val, " by=")))
+		snprintf(by, bylen, "%s", l + 4);
 	return 0;
 }
 
@@ -195,12 +205,12 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 		      uint64_t epoch, uint64_t mod, unsigned rank)
 {
 	struct srv *s = a->s;
-	char body[2048], val[256], eval[64], v64[352], e64[96];
+	char body[2048], val[256], eval[256], v64[352], e64[352];
 	int rc;
 
 	snprintf(val, sizeof(val), "epoch=%" PRIu64 " server=%s instance=%016" PRIx64 "%s", epoch + 1,
 		 a->primary_name, s->instance, rank == s->cfg.server_id ? "" : " took-over");
-	epoch_value(eval, sizeof(eval), epoch + 1, 0);
+	epoch_value(a, eval, sizeof(eval), epoch + 1, 0);
 	srv_b64_encode(val, strlen(val), v64, sizeof(v64));
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
 	snprintf(body, sizeof(body),
@@ -242,10 +252,25 @@ static int claim(struct srv_auth *a, bool *back)
 	struct srv *s = a->s;
 	const unsigned me = s->cfg.server_id;
 	uint64_t epoch, isr, mod;
-	int rc = read_epoch(a, a->epoch_key, &epoch, &isr, &mod);
+	char by[200];
+	int rc = read_epoch(a, a->epoch_key, &epoch, &isr, &mod, by, sizeof(by));
 
 	*back = false;
-	if (rc || (rc = claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, me)))
+	a->older_copy = false;
+	if (rc)
+		return rc;
+	/* another server held the rank last and we were not its backup in
+	 * sync: what we have of it is older than that server's; it serves
+	 * the rank from its copy (watch_ranks there) and we catch up as its
+	 * backup, as after a take-over */
+	if (by[0] && strcmp(by, a->primary_name) &&
+	    !((isr >> me & 1u) && __atomic_load_n(&s->replica[me], __ATOMIC_ACQUIRE))) {
+		snprintf(a->why, sizeof(a->why), "epoch=%" PRIu64 " server=%s, its last primary", epoch,
+			 by);
+		a->older_copy = true;
+		return RDMAPS_EBUSY;
+	}
+	if ((rc = claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, me)))
 		return rc;
 	if (isr >> me & 1u) {
 		if (__atomic_load_n(&s->replica[me], __ATOMIC_ACQUIRE) && !srv_serves(s, me))
@@ -266,12 +291,12 @@ static int claim(struct srv_auth *a, bool *back)
 static int record_isr(struct srv_auth *a, unsigned r, uint64_t isr)
 {
 	struct srv *s = a->s;
-	char body[1024], eval[96], e64[160];
+	char body[1536], eval[256], e64[352];
 	const char *key = r == s->cfg.server_id ? a->epoch_key : a->watch_epoch[r];
 	uint64_t rev = 0;
 	int rc;
 
-	epoch_value(eval, sizeof(eval), a->part_epoch[r], isr);
+	epoch_value(a, eval, sizeof(eval), a->part_epoch[r], isr);
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
 	snprintf(body, sizeof(body),
 		 "{\"compare\":[{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
@@ -349,8 +374,13 @@ static void watch_ranks(struct srv_auth *a)
 
 	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
 		uint64_t epoch, isr, mod;
-		if (p == s->cfg.server_id || srv_serves(s, p) ||
-		    !__atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE))
+		char by[200];
+		if (p == s->cfg.server_id || srv_serves(s, p))
+			continue;
+		/* no copy of p here: unless we held p last, and a checkpoint of
+		 * it is here (a whole cluster restarted; looked at once) */
+		if (!__atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE) &&
+		    (a->ckpt_looked[p] || !srv_checkpoint_has_part(s, p)))
 			continue;
 		if (!a->watch_key[p][0]) {
 			key64(a->watch_key[p], sizeof(a->watch_key[p]), a->prefix, "primary", p);
@@ -364,11 +394,17 @@ static void watch_ranks(struct srv_auth *a)
 		uint64_t now = rdmaps__now_ns();
 		if (!a->absent_since[p])
 			a->absent_since[p] = now;
-		if (read_epoch(a, a->watch_epoch[p], &epoch, &isr, &mod) || !epoch)
+		if (read_epoch(a, a->watch_epoch[p], &epoch, &isr, &mod, by, sizeof(by)) || !epoch)
 			continue;
 		if ((isr >> p & 1u) && now - a->absent_since[p] < OWN_FIRST_NS)
 			continue; /* its own server first */
-		if (!(isr >> s->cfg.server_id & 1u)) {
+		bool last = by[0] && !strcmp(by, a->primary_name);
+		if (!__atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE)) {
+			a->ckpt_looked[p] = true;
+			if (!last || srv_checkpoint_restore_part(s, p))
+				continue;
+		}
+		if (!(isr >> s->cfg.server_id & 1u) && !last) {
 			log_info("authority: rank %u has no primary, and its epoch %" PRIu64
 				 " does not count this server in sync", p, epoch);
 			continue;
@@ -482,6 +518,23 @@ static void hand_back(struct srv_auth *a)
 	}
 }
 
+/* Our lease ended: the ranks taken over here end with it (another backup
+ * may claim them now); the listener sends their workers away. */
+static void drop_taken_over(struct srv_auth *a)
+{
+	struct srv *s = a->s;
+
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
+		if (p == s->cfg.server_id || !srv_serves(s, p))
+			continue;
+		atomic_store(&s->took_over[p], false);
+		atomic_store(&s->handing_back[p], false);
+		a->isr_recorded[p] = 0;
+		log_warn("authority: rank %u, taken over here, is no longer ours (our lease ended)",
+			 p);
+	}
+}
+
 /* Not holding: a lease, then the rank. How long to wait before the next step. */
 static uint64_t step_claim(struct srv_auth *a)
 {
@@ -498,7 +551,8 @@ static uint64_t step_claim(struct srv_auth *a)
 	if (rc == RDMAPS_EBUSY) {
 		/* a backup took the rank over (not our own earlier run, or
 		 * another server started for it): our workers go there */
-		if (strstr(a->why, " took-over") && !atomic_exchange(&s->deposed, true))
+		if ((strstr(a->why, " took-over") || a->older_copy) &&
+		    !atomic_exchange(&s->deposed, true))
 			log_warn("authority: rank %u was taken over [%s]: sending its workers there",
 				 s->cfg.server_id, a->why);
 		if (strcmp(a->held_by, a->why)) {
@@ -567,6 +621,7 @@ static void *auth_main(void *arg)
 			/* our epoch key moved: another server's claim */
 			atomic_store(&s->lease_until, 0);
 			a->holding = false;
+			drop_taken_over(a);
 			log_warn("authority: rank %u's epoch moved past %" PRIu64 " elsewhere: folds "
 				 "stopped", s->cfg.server_id, atomic_load(&s->epoch));
 			atomic_store(&s->epoch, 0);
@@ -582,6 +637,7 @@ static void *auth_main(void *arg)
 			atomic_store(&s->lease_until, 0);
 			a->holding = false;
 			a->lease_id = 0;
+			drop_taken_over(a);
 			if (!a->fence_noted)
 				atomic_fetch_add(&s->lease_losses, 1);
 			log_warn("authority: the lease on rank %u expired (epoch %" PRIu64 "): "

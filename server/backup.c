@@ -95,12 +95,10 @@ void srv_backup_group(struct srv_conn *c)
 	srv_conn_credit(c, c->next_seq, false);
 }
 
-struct srv_store *srv_repl_store(struct srv *s, unsigned p)
+static struct srv_store *repl_store_make(struct srv *s, unsigned p)
 {
 	struct srv_config c = s->cfg;
 
-	if (s->replica[p])
-		return s->replica[p];
 	/* one copy, whatever --two-copies-from: nobody pulls a backup, and a
 	 * chunk's write lands where its header says */
 	c.two_copies_min = 0;
@@ -120,6 +118,20 @@ struct srv_store *srv_repl_store(struct srv *s, unsigned p)
 		log_info("backing up the parts of server rank %u", p);
 	/* REPLICAS reads the table from fold threads */
 	__atomic_store_n(&s->replica[p], st, __ATOMIC_RELEASE);
+	return st;
+}
+
+struct srv_store *srv_repl_store(struct srv *s, unsigned p)
+{
+	struct srv_store *st = __atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE);
+
+	if (st)
+		return st;
+	/* the listener makes it, or the authority (a part restored from a
+	 * checkpoint): one of them */
+	pthread_mutex_lock(&s->conns_lock);
+	st = s->replica[p] ? s->replica[p] : repl_store_make(s, p);
+	pthread_mutex_unlock(&s->conns_lock);
 	return st;
 }
 

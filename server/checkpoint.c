@@ -506,6 +506,37 @@ static void replicas_checkpoint(struct srv *s)
 	}
 }
 
+bool srv_checkpoint_has_part(struct srv *s, unsigned p)
+{
+	char dir[4096];
+	struct stat sb;
+
+	if (!s->cfg.ckpt_dir)
+		return false;
+	snprintf(dir, sizeof(dir), "%s/replica-%u", s->cfg.ckpt_dir, p);
+	return !stat(dir, &sb) && S_ISDIR(sb.st_mode);
+}
+
+int srv_checkpoint_restore_part(struct srv *s, unsigned p)
+{
+	char dir[4096];
+	uint64_t seq = 0, last = 0;
+	struct srv_store *st;
+
+	if (!srv_checkpoint_has_part(s, p) || !(st = srv_repl_store(s, p)))
+		return RDMAPS_ENOENT;
+	if (atomic_load(&st->count))
+		return 0; /* it is a replica already */
+	snprintf(dir, sizeof(dir), "%s/replica-%u", s->cfg.ckpt_dir, p);
+	srv_checkpoint_restore(st, dir, p, &seq, &last);
+	if (!seq)
+		return RDMAPS_ENOENT;
+	st->from_ckpt = true;
+	log_warn("rank %u's part: restored checkpoint %llu of it (%u tensors), this server "
+		 "having served it last", p, (unsigned long long)seq, atomic_load(&st->count));
+	return 0;
+}
+
 void srv_checkpoint_now(struct srv *s, const char *why)
 {
 	char err[512];

@@ -471,7 +471,9 @@ static void take_overs(struct srv *s)
 		pthread_mutex_unlock(&s->conns_lock);
 		if (gone)
 			evict_some(s);
-		srv_repl_accounts_to_records(st);
+		if (!st->from_ckpt) /* (restored: its records came with it) */
+			srv_repl_accounts_to_records(st);
+		st->from_ckpt = false;
 		atomic_store(&s->took_over[p], true);
 		if (s->cfg.replicas > 1)
 			srv_repl_serve_part(s, p);
@@ -484,10 +486,13 @@ static void take_overs(struct srv *s)
 			s->deposed_done = false;
 		}
 	}
-	/* a rank being handed back: its workers go, to find it at its own
-	 * server once that one has claimed it */
+	/* a rank being handed back, or no longer ours (our lease ended): its
+	 * workers go, to find it where it is */
 	for (unsigned p = 0; p < RDMAPS_MAX_SERVERS; p++) {
-		bool going = atomic_load(&s->handing_back[p]);
+		bool serves = srv_serves(s, p);
+		bool going = p != s->cfg.server_id &&
+			     (atomic_load(&s->handing_back[p]) || (s->was_serving[p] && !serves));
+		s->was_serving[p] = serves;
 		if (going && !s->handed_off[p] && s->replica[p]) {
 			pthread_mutex_lock(&s->conns_lock);
 			for (struct srv_conn *c = s->conns; c; c = c->next)

@@ -227,6 +227,9 @@ struct srv_store {
 	uint64_t two_copies_min;
 	uint32_t chunk_elems;
 	bool replica; /* another server's parts, written by it (replica.c) */
+	/* a replica restored from our checkpoint of a part we served last:
+	 * its records of closed connections are the restored ones */
+	bool from_ckpt;
 	/* replica: its primary's per-worker accounts, written by the primary
 	 * (one per connection place, naccounts of them), made records of
 	 * resume at a checkpoint */
@@ -511,7 +514,8 @@ struct srv {
 	 * taken; settled once the fold threads have nothing of it left that
 	 * the backup lacks (replica.c) */
 	_Atomic bool handing_back[RDMAPS_MAX_SERVERS], part_settled[RDMAPS_MAX_SERVERS];
-	bool handed_off[RDMAPS_MAX_SERVERS]; /* listener: its workers were sent away */
+	/* listener: a part's workers were sent away; it served the part */
+	bool handed_off[RDMAPS_MAX_SERVERS], was_serving[RDMAPS_MAX_SERVERS];
 	_Atomic uint64_t handbacks; /* ranks handed back */
 	/* the rank is claimed by another server: workers are sent away */
 	_Atomic bool deposed;
@@ -734,6 +738,12 @@ int srv_checkpoint_restore(struct srv_store *st, const char *dir, unsigned serve
 			   uint64_t *seq, uint64_t *last);
 /* Listener: write one now (fold threads parked meanwhile). */
 void srv_checkpoint_now(struct srv *s, const char *why);
+/* Is there a checkpoint directory of rank p's part here (replica-<p>)? */
+bool srv_checkpoint_has_part(struct srv *s, unsigned p);
+/* Authority thread, no copy of p here and this server p's last primary
+ * (a whole cluster restarted): p's replica store made and restored from
+ * its newest good checkpoint here. 0, or RDMAPS_ENOENT (none usable). */
+int srv_checkpoint_restore_part(struct srv *s, unsigned p);
 
 /* ---- fold.c ---- */
 /* Park every fold thread / let them go: nothing folds in between. */

@@ -185,6 +185,7 @@ static int fo_n = 2, fo_r = 2;
 static char fo_servers[192], fo_config[64];
 static const char *fo_host[5];
 static struct th_proxy fo_proxy; /* rank 0's way to etcd, in the partition test */
+static char fo_ckdir[3][128];     /* each server's checkpoints, when a test wants them */
 
 /* Rank i's server (again); rank 0's through the relay when there is one. */
 static void start_rank(int i)
@@ -195,6 +196,9 @@ static void start_rank(int i)
 	if (i == 0 && fo_proxy.pid > 0)
 		th_server_restart(&pair[i], "--chunk-elems", "1024", "--config", fo_config, "--rank",
 				  rank, "--etcd", fo_proxy.url, NULL);
+	else if (fo_ckdir[i][0])
+		th_server_restart(&pair[i], "--chunk-elems", "1024", "--config", fo_config, "--rank",
+				  rank, "--checkpoint-dir", fo_ckdir[i], NULL);
 	else
 		th_server_restart(&pair[i], "--chunk-elems", "1024", "--config", fo_config, "--rank",
 				  rank, NULL);
@@ -231,6 +235,13 @@ static void start_failover(void)
 	th_server_start_at(&ref, fo_host[fo_n], "--chunk-elems", "1024", NULL);
 }
 
+static void start_with_checkpoints(void)
+{
+	for (int i = 0; i < 2; i++)
+		th_mkdtemp(fo_ckdir[i], sizeof(fo_ckdir[i]), "ckpt");
+	start_failover();
+}
+
 static void start_three(void)
 {
 	fo_n = fo_r = 3;
@@ -258,6 +269,9 @@ static void stop_failover(void)
 	th_server_stop(&ref);
 	th_etcd_stop(&etcd);
 	unlink(fo_config);
+	for (int i = 0; i < 3; i++)
+		if (fo_ckdir[i][0])
+			th_rmdir(fo_ckdir[i]);
 }
 
 static float fo_grad(int w, int k, int i)
@@ -637,6 +651,67 @@ Test(authority, three_copies_survive_two_kills_and_the_dead_come_back,
 	}
 	fo_round(wk, 3, nothing, "every rank was back on its server");
 	fo_check(wk, rc, rt, 4, 2);
+	for (int w = 0; w < 2; w++)
+		rdmaps_close(wk[w].c);
+	rdmaps_close(rc);
+}
+
+/*
+ * The whole cluster restarted while a rank was taken over: rank 0 killed
+ * and taken over by rank 1, which checkpoints both parts (its own, and
+ * rank 0's as replica-0) and is then killed too. Started again, rank 0's
+ * server finds that its rank's last primary was rank 1, whose copy is
+ * newer than its own checkpoint (none), and waits as that part's backup;
+ * rank 1 restores both parts from its checkpoints, serves both, and gives
+ * rank 0 back once its server is in sync. The model is what every push
+ * acknowledged before the checkpoint explains, and pushes go on.
+ */
+static void kill_both_and_restart(void)
+{
+	rdmaps_client *c1 = th_connect(&pair[1]);
+
+	cr_assert_eq(rdmaps_checkpoint(c1, 10000), 0);
+	rdmaps_close(c1);
+	th_server_kill9(&pair[1]);
+	usleep(1500000); /* its lease ends: nothing is held when they start */
+	start_rank(0);
+	start_rank(1);
+}
+
+Test(authority, a_whole_cluster_restart_restores_a_taken_over_part_from_its_last_primary,
+     .init = start_with_checkpoints, .fini = stop_failover, .timeout = 300)
+{
+	static struct fo_worker wk[2];
+	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
+					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
+	rdmaps_client *rc = th_connect(&ref);
+	rdmaps_tensor *rt;
+	struct rdmaps_server_stats st;
+
+	setenv("RDMAPS_TIMEOUT_MS", "60000", 1); /* workers wait through the restart */
+	cr_assert_eq(rdmaps_declare(rc, &d, &rt), 0);
+	for (int w = 0; w < 2; w++) {
+		wk[w].w = w;
+		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[fo_n + 1], &wk[w].c), 0);
+		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
+	}
+	wait_backups(&pair[0], 1);
+	wait_backups(&pair[1], 1);
+	fo_round(wk, 0, kill_rank0, "rank 0 was killed");
+	/* every push of this round acknowledged, then the checkpoint, then
+	 * the whole cluster down and up */
+	fo_round(wk, 1, nothing, "rank 1 took rank 0 over");
+	kill_both_and_restart();
+	fo_round(wk, 2, nothing, "the whole cluster was restarted");
+	for (int i = 0; i < 300; i++) {
+		st = stats_of(1);
+		if (st.handbacks == 1)
+			break;
+		usleep(100000);
+	}
+	cr_assert_eq(st.handbacks, 1, "rank 1 served rank 0's part from its checkpoint, then gave it back");
+	fo_round(wk, 3, nothing, "rank 0 was given its rank back");
+	fo_check(wk, rc, rt, 4, 1);
 	for (int w = 0; w < 2; w++)
 		rdmaps_close(wk[w].c);
 	rdmaps_close(rc);
