@@ -155,7 +155,8 @@ static int keepalive(struct srv_auth *a)
  * primary: after a restart of the whole cluster, the server whose copy of
  * the part is the newest (claim, watch_ranks).
  */
-static void epoch_value(struct srv_auth *a, char *out, size_t len, uint64_t epoch, uint64_t isr)
+static void epoch_value(struct srv_auth *a, char *out, size_t len, uint64_t epoch, uint64_t isr,
+			unsigned rank)
 {
 	size_t n = (size_t)snprintf(out, len, "%" PRIu64 " isr=", epoch);
 
@@ -163,7 +164,16 @@ static void epoch_value(struct srv_auth *a, char *out, size_t len, uint64_t epoc
 		if (isr >> r & 1u)
 			n += (size_t)snprintf(out + n, len - n, "%s%u", out[n - 1] == '=' ? "" : ",", r);
 	if (n < len)
-		snprintf(out + n, len - n, " by=%s", a->primary_name);
+		snprintf(out + n, len - n, " by=%s%s", a->primary_name,
+			 rank == a->s->cfg.server_id ? "" : " took-over");
+}
+
+/* Does an epoch key's by= name this server (taking a rank over or not)? */
+static bool by_us(const struct srv_auth *a, const char *by)
+{
+	size_t n = strlen(a->primary_name);
+
+	return !strncmp(by, a->primary_name, n) && (!by[n] || !strcmp(by + n, " took-over"));
 }
 
 /* An epoch key (base64 key64): its epoch, in-sync set, revision (all 0
@@ -179,7 +189,6 @@ static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, ui
 	by[0] = '\0';
 	if ((rc = range(a, key64, mod)) || !*mod)
 		return rc; /* or never claimed */
-
 	if (!srv_json_b64(a->buf, "value", val, sizeof(val)) || sscanf(val, "%" SCNu64, epoch) != 1) {
 		snprintf(a->why, sizeof(a->why), "epoch key holds '%s'", val);
 		return RDMAPS_EPROTO;
@@ -210,7 +219,7 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 
 	snprintf(val, sizeof(val), "epoch=%" PRIu64 " server=%s instance=%016" PRIx64 "%s", epoch + 1,
 		 a->primary_name, s->instance, rank == s->cfg.server_id ? "" : " took-over");
-	epoch_value(a, eval, sizeof(eval), epoch + 1, 0);
+	epoch_value(a, eval, sizeof(eval), epoch + 1, 0, rank);
 	srv_b64_encode(val, strlen(val), v64, sizeof(v64));
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
 	snprintf(body, sizeof(body),
@@ -259,11 +268,12 @@ static int claim(struct srv_auth *a, bool *back)
 	a->older_copy = false;
 	if (rc)
 		return rc;
-	/* another server held the rank last and we were not its backup in
-	 * sync: what we have of it is older than that server's; it serves
+	/* another server took the rank over last, and we were not its backup
+	 * in sync: what we have of it is older than that server's; it serves
 	 * the rank from its copy (watch_ranks there) and we catch up as its
-	 * backup, as after a take-over */
-	if (by[0] && strcmp(by, a->primary_name) &&
+	 * backup, as after a take-over. (Another server of this rank that
+	 * held it, given back, is not that: the part came with it.) */
+	if (strstr(by, " took-over") && !by_us(a, by) &&
 	    !((isr >> me & 1u) && __atomic_load_n(&s->replica[me], __ATOMIC_ACQUIRE))) {
 		snprintf(a->why, sizeof(a->why), "epoch=%" PRIu64 " server=%s, its last primary", epoch,
 			 by);
@@ -296,7 +306,7 @@ static int record_isr(struct srv_auth *a, unsigned r, uint64_t isr)
 	uint64_t rev = 0;
 	int rc;
 
-	epoch_value(a, eval, sizeof(eval), a->part_epoch[r], isr);
+	epoch_value(a, eval, sizeof(eval), a->part_epoch[r], isr, r);
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
 	snprintf(body, sizeof(body),
 		 "{\"compare\":[{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
@@ -398,7 +408,7 @@ static void watch_ranks(struct srv_auth *a)
 			continue;
 		if ((isr >> p & 1u) && now - a->absent_since[p] < OWN_FIRST_NS)
 			continue; /* its own server first */
-		bool last = by[0] && !strcmp(by, a->primary_name);
+		bool last = by_us(a, by) && strstr(by, " took-over");
 		if (!__atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE)) {
 			a->ckpt_looked[p] = true;
 			if (!last || srv_checkpoint_restore_part(s, p))
