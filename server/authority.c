@@ -385,8 +385,10 @@ static void watch_ranks(struct srv_auth *a)
 	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
 		uint64_t epoch, isr, mod;
 		char by[200];
-		if (p == s->cfg.server_id || srv_serves(s, p))
+		if (p == s->cfg.server_id || srv_serves(s, p)) {
+			a->absent_since[p] = 0; /* (handed back: its own server first) */
 			continue;
+		}
 		/* no copy of p here: unless we held p last, and a checkpoint of
 		 * it is here (a whole cluster restarted; looked at once) */
 		if (!__atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE) &&

@@ -304,6 +304,24 @@ static void *fo_main(void *arg)
 	return NULL;
 }
 
+/* The reference tensor (on ref, returned; its client in *rc) and two
+ * workers' (cluster clients from the workers' host), all declared alike. */
+static rdmaps_tensor *fo_start_workers(struct fo_worker *wk, rdmaps_client **rc)
+{
+	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
+					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
+	rdmaps_tensor *rt;
+
+	*rc = th_connect(&ref);
+	cr_assert_eq(rdmaps_declare(*rc, &d, &rt), 0);
+	for (int w = 0; w < 2; w++) {
+		wk[w].w = w;
+		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[fo_n + 1], &wk[w].c), 0);
+		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
+	}
+	return rt;
+}
+
 /*
  * The model the workers pull equals the reference's (rc, rt) once every
  * push of the rounds has been folded there once; each worker lost no
@@ -478,18 +496,9 @@ static void wait_backups(struct th_server *s, uint64_t want)
 static void lose_rejoin_and_take_back(void (*lose)(void), void (*back)(void))
 {
 	static struct fo_worker wk[2];
-	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
-					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
-	rdmaps_client *rc = th_connect(&ref);
-	rdmaps_tensor *rt;
+	rdmaps_client *rc;
+	rdmaps_tensor *rt = fo_start_workers(wk, &rc);
 	struct rdmaps_server_stats st;
-
-	cr_assert_eq(rdmaps_declare(rc, &d, &rt), 0);
-	for (int w = 0; w < 2; w++) {
-		wk[w].w = w;
-		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[fo_n + 1], &wk[w].c), 0);
-		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
-	}
 	cr_assert_gt(rdmaps_tensor_server_elems(wk[0].t, 0), 0, "rank 0 holds part of it");
 	wait_backups(&pair[0], 1);
 	wait_backups(&pair[1], 1);
@@ -606,18 +615,10 @@ Test(authority, three_copies_survive_two_kills_and_the_dead_come_back,
      .init = start_three, .fini = stop_failover, .timeout = 300)
 {
 	static struct fo_worker wk[2];
-	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
-					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
-	rdmaps_client *rc = th_connect(&ref);
-	rdmaps_tensor *rt;
+	rdmaps_client *rc;
+	rdmaps_tensor *rt = fo_start_workers(wk, &rc);
 	struct rdmaps_server_stats st;
 
-	cr_assert_eq(rdmaps_declare(rc, &d, &rt), 0);
-	for (int w = 0; w < 2; w++) {
-		wk[w].w = w;
-		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[fo_n + 1], &wk[w].c), 0);
-		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
-	}
 	for (int i = 0; i < 3; i++) {
 		cr_assert_gt(rdmaps_tensor_server_elems(wk[0].t, (uint32_t)i), 0, "rank %d holds some", i);
 		wait_backups(&pair[i], 2);
@@ -690,18 +691,10 @@ Test(authority, a_whole_cluster_restart_restores_a_taken_over_part_from_its_last
      .init = start_with_checkpoints, .fini = stop_failover, .timeout = 300)
 {
 	static struct fo_worker wk[2];
-	struct rdmaps_tensor_desc d = { .name = "w", .length = FLEN, .init_value = 0.5f,
-					.optimizer = RDMAPS_OPT_SGD, .lr = 0.25f };
-	rdmaps_client *rc = th_connect(&ref);
-	rdmaps_tensor *rt;
+	rdmaps_client *rc;
+	rdmaps_tensor *rt = fo_start_workers(wk, &rc);
 	struct rdmaps_server_stats st;
 
-	cr_assert_eq(rdmaps_declare(rc, &d, &rt), 0);
-	for (int w = 0; w < 2; w++) {
-		wk[w].w = w;
-		cr_assert_eq(th_connect_cluster(fo_servers, fo_host[fo_n + 1], &wk[w].c), 0);
-		cr_assert_eq(rdmaps_declare(wk[w].c, &d, &wk[w].t), 0);
-	}
 	wait_backups(&pair[0], 1);
 	wait_backups(&pair[1], 1);
 	fo_round(wk, 0, kill_rank0, "rank 0 was killed");
