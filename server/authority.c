@@ -27,7 +27,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "error.h"
 #include "etcd.h"
@@ -465,15 +464,6 @@ static int release_rank(struct srv_auth *a, unsigned p)
 	return srv_json_true(a->buf, "succeeded") ? 0 : RDMAPS_EBUSY;
 }
 
-static void wake_folds(struct srv *s)
-{
-	uint64_t one = 1;
-
-	for (unsigned f = 0; f < s->cfg.fold_threads; f++)
-		if (write(s->ft[f].wake_fd, &one, sizeof(one)) < 0)
-			log_warn("fold thread %u: wake-up write failed", f);
-}
-
 /*
  * A rank taken over here goes back to its own server once that one is its
  * backup, recorded in sync in etcd (re-replication): its workers are sent
@@ -501,7 +491,8 @@ static void hand_back(struct srv_auth *a)
 			atomic_store(&s->part_settled[p], false);
 			atomic_store(&s->handing_back[p], true);
 			a->handback_since[p] = now;
-			wake_folds(s);
+			for (unsigned f = 0; f < s->cfg.fold_threads; f++)
+				srv_fold_wake(&s->ft[f]); /* to settle it now */
 			continue;
 		}
 		if (!atomic_load(&s->part_settled[p])) {

@@ -505,6 +505,14 @@ static int cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
 	return n > 0 ? n : 0;
 }
 
+void srv_fold_wake(struct srv_fold_thread *ft)
+{
+	uint64_t one = 1;
+
+	if (write(ft->wake_fd, &one, sizeof(one)) < 0)
+		log_warn("fold thread %u: wake-up write failed", ft->idx);
+}
+
 int srv_fold_poll_backups(struct srv_fold_thread *ft)
 {
 	uint32_t n = atomic_load_explicit(&ft->ncqs, memory_order_acquire);
@@ -656,16 +664,13 @@ static void mail_handle(struct srv_fold_thread *ft)
 static void mail_post(struct srv_fold_thread *ft, struct srv_conn *reg, struct srv_conn *add,
 		      struct srv_conn *del)
 {
-	uint64_t one = 1;
-
 	pthread_mutex_lock(&ft->mail_lock);
 	ft->mail_reg = reg;
 	ft->mail_add = add;
 	ft->mail_del = del;
 	ft->mail_done = false;
 	atomic_store_explicit(&ft->mail_pending, true, memory_order_release);
-	if (write(ft->wake_fd, &one, sizeof(one)) < 0)
-		log_warn("fold thread %u: wake-up write failed", ft->idx);
+	srv_fold_wake(ft);
 	while (!ft->mail_done)
 		pthread_cond_wait(&ft->mail_cond, &ft->mail_lock);
 	pthread_mutex_unlock(&ft->mail_lock);
@@ -818,13 +823,11 @@ static void fold_park(struct srv_fold_thread *ft)
 
 void srv_fold_pause(struct srv *s)
 {
-	uint64_t one = 1;
 
 	pthread_mutex_lock(&s->pause_lock);
 	atomic_store(&s->pause_req, true);
 	for (unsigned i = 0; i < s->cfg.fold_threads; i++)
-		if (write(s->ft[i].wake_fd, &one, sizeof(one)) < 0)
-			log_warn("fold thread %u: wake-up write failed", i);
+		srv_fold_wake(&s->ft[i]);
 	while (s->paused < s->cfg.fold_threads)
 		pthread_cond_wait(&s->pause_cond, &s->pause_lock);
 	pthread_mutex_unlock(&s->pause_lock);
@@ -944,7 +947,6 @@ int srv_fold_start(struct srv *s)
 
 void srv_fold_join(struct srv *s)
 {
-	uint64_t one = 1;
 
 	if (!s->ft)
 		return;
@@ -953,8 +955,7 @@ void srv_fold_join(struct srv *s)
 		struct srv_fold_thread *ft = &s->ft[i];
 		if (!ft->thread)
 			continue;
-		if (write(ft->wake_fd, &one, sizeof(one)) < 0)
-			log_warn("fold thread %u: wake-up write failed", i);
+		srv_fold_wake(ft);
 		pthread_join(ft->thread, NULL);
 		ft->thread = 0;
 	}

@@ -172,10 +172,8 @@ static void peer_watch(struct srv_peer *p)
 		rdma_ack_cm_event(ev);
 		if (e == RDMA_CM_EVENT_DISCONNECTED || e == RDMA_CM_EVENT_DEVICE_REMOVAL ||
 		    e == RDMA_CM_EVENT_TIMEWAIT_EXIT) {
-			uint64_t one = 1;
 			atomic_store_explicit(&p->lost, true, memory_order_release);
-			if (write(p->r->ft->wake_fd, &one, sizeof(one)) < 0)
-				log_warn("fold thread %u: wake-up write failed", p->r->ft->idx);
+			srv_fold_wake(p->r->ft);
 		}
 	}
 }
@@ -225,9 +223,7 @@ void *srv_peer_connector(void *arg)
 				p->failing = 0;
 				atomic_store(&p->lost, false);
 				atomic_store_explicit(&p->state, PEER_READY, memory_order_release);
-				uint64_t one = 1;
-				if (write(s->ft[f].wake_fd, &one, sizeof(one)) < 0)
-					log_warn("fold thread %u: wake-up write failed", f);
+				srv_fold_wake(&s->ft[f]);
 			}
 		}
 		usleep(50000);

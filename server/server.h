@@ -868,6 +868,8 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 /* Fold thread (replica.c, waiting for room in a backup's ring): apply the
  * records of the primaries this server backs up, and nothing else. */
 int srv_fold_poll_backups(struct srv_fold_thread *ft);
+/* Any thread: ft out of its sleep (its eventfd), to look at what changed. */
+void srv_fold_wake(struct srv_fold_thread *ft);
 /* Backup side, listener: a replica store's records of closed connections
  * (what RESUME answers) made its primary's accounts, as the primary last
  * wrote them (a primary restored from it, or this server taking it over). */
