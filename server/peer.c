@@ -203,8 +203,7 @@ void *srv_peer_connector(void *arg)
 				 * is nobody's copy to keep */
 				if (p->part == s->cfg.server_id && atomic_load(&s->deposed))
 					continue;
-				/* a part taken over here and handed back: not ours */
-				if (p->part != s->cfg.server_id && !srv_serves(s, p->part))
+				if (!peer_part_ours(p))
 					continue;
 				p->last_try = now;
 				if ((rc = peer_connect(p))) {

@@ -36,6 +36,19 @@
 #include "optimizer.h"
 #include "replica.h"
 
+/* p, a backup on server rank of part's store st; 0 or RDMAPS_ENOMEM. */
+static int peer_init(struct srv_repl *r, struct srv_peer *p, unsigned rank, unsigned part,
+		     struct srv_store *st)
+{
+	p->s = r->ft->srv;
+	p->r = r;
+	p->rank = rank;
+	p->part = part;
+	p->store = st;
+	p->pt = calloc(st->max, sizeof(*p->pt));
+	return p->pt ? 0 : RDMAPS_ENOMEM;
+}
+
 int srv_repl_start(struct srv *s)
 {
 	for (unsigned f = 0; f < s->cfg.fold_threads; f++) {
@@ -47,19 +60,12 @@ int srv_repl_start(struct srv *s)
 		r->slot_bytes = RDMAPS_SLOT_HDR +
 				srv_replica_layout(s->cfg.chunk_elems, SRV_REPLICA_STATE_MAX).bytes;
 		r->npeers = s->cfg.replicas - 1;
-		for (unsigned k = 0; k < r->npeers; k++) {
-			struct srv_peer *p = &r->peer[k];
-			p->s = s;
-			p->r = r;
-			p->rank = (s->cfg.server_id + 1 + k) % s->cfg.nservers;
-			p->part = s->cfg.server_id;
-			p->store = &s->store;
-			p->pt = calloc(s->store.max, sizeof(*p->pt));
-			if (!p->pt) {
+		for (unsigned k = 0; k < r->npeers; k++)
+			if (peer_init(r, &r->peer[k], (s->cfg.server_id + 1 + k) % s->cfg.nservers,
+				      s->cfg.server_id, &s->store)) {
 				free(r);
 				return RDMAPS_ENOMEM;
 			}
-		}
 		s->ft[f].repl = r;
 	}
 	if (pthread_create(&s->repl_thread, NULL, srv_peer_connector, s))
@@ -196,7 +202,7 @@ static bool peer_room(struct srv_peer *p)
 			peer_fail(p, "its connection closed"); /* not 5 s of waiting */
 			return false;
 		}
-		uint64_t applied = __atomic_load_n(&p->credit->folded_seq, __ATOMIC_ACQUIRE);
+		uint64_t applied = peer_applied(p);
 		if (p->posted - p->completed < PEER_BOUNCE && p->seq - applied < p->ring_slots)
 			return true;
 		if (peer_poll(p) < 0)
@@ -640,7 +646,7 @@ static void handback_check(struct srv_repl *r, struct srv_peer *p)
 {
 	struct srv_fold_thread *ft = r->ft;
 	bool settled = peer_in_sync(p) && p->completed == p->posted && !p->in_group &&
-		       __atomic_load_n(&p->credit->folded_seq, __ATOMIC_ACQUIRE) == p->seq;
+		       peer_applied(p) == p->seq;
 
 	for (uint32_t i = 0; settled && i < ft->nconns; i++)
 		settled = ft->conns[i]->rstore || ft->conns[i]->store != p->store;
@@ -679,13 +685,11 @@ int srv_repl_poll(struct srv_fold_thread *ft)
 						      PEER_TIMEOUT_MS * 1000000ull)
 				peer_fail(p, "no answer to a replica open");
 		}
-		if (p->part != p->s->cfg.server_id) {
-			/* the part's own server is the one it goes back to */
-			if (p->rank == p->part && atomic_load(&p->s->handing_back[p->part]))
-				handback_check(r, p);
-			else if (peer_up(p) && !srv_serves(p->s, p->part))
-				peer_fail(p, "its part was handed back");
-		}
+		/* a part goes back to its own server: the peer that is it */
+		if (p->rank == p->part && atomic_load(&p->s->handing_back[p->part]))
+			handback_check(r, p);
+		else if (peer_up(p) && !peer_part_ours(p))
+			peer_fail(p, "its part was handed back");
 	}
 	return work + release(r);
 }
@@ -772,14 +776,7 @@ void srv_repl_serve_part(struct srv *s, unsigned part)
 					 "taken over here already", part, rank, REPL_PART_PEERS);
 				continue;
 			}
-			struct srv_peer *p = &r->peer[n];
-			p->s = s;
-			p->r = r;
-			p->rank = rank;
-			p->part = part;
-			p->store = st;
-			p->pt = calloc(st->max, sizeof(*p->pt));
-			if (!p->pt) {
+			if (peer_init(r, &r->peer[n], rank, part, st)) {
 				log_error("rank %u's part has no backup on rank %u: out of memory", part,
 					  rank);
 				continue;
@@ -804,8 +801,8 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 	/* with backups there is one fold thread (main.c): this one owns them */
 	for (unsigned j = 0; rp && j < rp->npeers && r->nbackups < RDMAPS_WIRE_BACKUPS; j++) {
 		const struct srv_peer *p = &rp->peer[j];
-		if (p->part != s->cfg.server_id && !srv_serves(s, p->part))
-			continue; /* a part handed back: not ours to replicate */
+		if (!peer_part_ours(p))
+			continue;
 		struct rdmaps_wire_backup_info *b = &r->backup[r->nbackups++];
 		b->rank = p->rank;
 		b->part = p->part;
@@ -815,9 +812,7 @@ void srv_repl_describe(struct srv *s, struct srv_fold_thread *ft,
 		b->writes = p->posted;
 		b->in_flight = peer_up(p) ? p->posted - p->completed : 0;
 		/* its credit: the next record it will apply */
-		b->behind = peer_up(p) ? p->seq - __atomic_load_n(&p->credit->folded_seq,
-								 __ATOMIC_ACQUIRE)
-				       : 0;
+		b->behind = peer_up(p) ? p->seq - peer_applied(p) : 0;
 		b->opening = peer_up(p) ? p->opening : 0;
 	}
 	for (unsigned k = 0; k < RDMAPS_MAX_SERVERS && r->nheld < 64; k++) {

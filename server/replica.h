@@ -117,6 +117,19 @@ static inline uint8_t *bounce(struct srv_peer *p, uint64_t n)
 	return p->buf + 2 * RDMAPS_MSG_MAX + (size_t)(n % PEER_BOUNCE) * p->r->slot_bytes;
 }
 
+/* The next record p will apply: its credit, which it writes. */
+static inline uint64_t peer_applied(const struct srv_peer *p)
+{
+	return __atomic_load_n(&p->credit->folded_seq, __ATOMIC_ACQUIRE);
+}
+
+/* Is p's part ours to replicate: our own rank's, or one served here (not
+ * one handed back, or lost with our lease)? */
+static inline bool peer_part_ours(const struct srv_peer *p)
+{
+	return p->part == p->s->cfg.server_id || srv_serves(p->s, p->part);
+}
+
 /* ---- peer.c: the connector's side ---- */
 /* Everything of p's connection let go of (the connector's, or at stop). */
 void srv_peer_teardown(struct srv_peer *p);
