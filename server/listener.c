@@ -137,15 +137,13 @@ static int conn_build(struct srv *s, struct rdma_cm_id *id, const struct rdmaps_
 	c->credit_addr = hello->credit_addr;
 	c->credit_rkey = hello->credit_rkey;
 	c->store = &s->store;
-	if (hello->flags & RDMAPS_HELLO_REPLICA)
-		;
-	else if ((hello->flags & RDMAPS_HELLO_RANK) && hello->rank != s->cfg.server_id)
-		c->store = s->replica[hello->rank]; /* taken over: accept() checked */
-	else
-		c->store = srv_own_store(s);
 	if (hello->flags & RDMAPS_HELLO_REPLICA) {
 		c->rstore = s->replica[hello->rank];
 		c->replica_of = hello->rank;
+	} else if ((hello->flags & RDMAPS_HELLO_RANK) && hello->rank != s->cfg.server_id) {
+		c->store = s->replica[hello->rank]; /* taken over: accept() checked */
+	} else {
+		c->store = srv_own_store(s);
 	}
 	c->tensor_mr = calloc(s->store.max, sizeof(*c->tensor_mr));
 	c->member_of = calloc(s->store.max, sizeof(*c->member_of));
@@ -453,6 +451,20 @@ static void evict_some(struct srv *s)
  * or one taken over here being handed back: its workers are sent away, to
  * find it where it is (next).
  */
+/* Mark for eviction the connections on st: the replica connections
+ * writing it (replicas), or else the workers using it. Any marked? */
+static bool mark_evict(struct srv *s, const struct srv_store *st, bool replicas)
+{
+	bool any = false;
+
+	pthread_mutex_lock(&s->conns_lock);
+	for (struct srv_conn *c = s->conns; c; c = c->next)
+		if (replicas ? c->rstore == st : !c->rstore && c->store == st)
+			atomic_store(&c->evict, any = true);
+	pthread_mutex_unlock(&s->conns_lock);
+	return any;
+}
+
 static void take_overs(struct srv *s)
 {
 	bool evict = false;
@@ -463,13 +475,7 @@ static void take_overs(struct srv *s)
 			continue;
 		/* its primary's connection first: leaving, it has its fold
 		 * thread apply every whole group still in its ring (backup.c) */
-		bool gone = false;
-		pthread_mutex_lock(&s->conns_lock);
-		for (struct srv_conn *c = s->conns; c; c = c->next)
-			if (c->rstore == st)
-				atomic_store(&c->evict, gone = true);
-		pthread_mutex_unlock(&s->conns_lock);
-		if (gone)
+		if (mark_evict(s, st, true))
 			evict_some(s);
 		if (!st->from_ckpt) /* (restored: its records came with it) */
 			srv_repl_accounts_to_records(st);
@@ -493,22 +499,12 @@ static void take_overs(struct srv *s)
 		bool going = p != s->cfg.server_id &&
 			     (atomic_load(&s->handing_back[p]) || (s->was_serving[p] && !serves));
 		s->was_serving[p] = serves;
-		if (going && !s->handed_off[p] && s->replica[p]) {
-			pthread_mutex_lock(&s->conns_lock);
-			for (struct srv_conn *c = s->conns; c; c = c->next)
-				if (!c->rstore && c->store == s->replica[p])
-					atomic_store(&c->evict, evict = true);
-			pthread_mutex_unlock(&s->conns_lock);
-		}
+		if (going && !s->handed_off[p] && s->replica[p])
+			evict |= mark_evict(s, s->replica[p], false);
 		s->handed_off[p] = going;
 	}
-	if (atomic_load(&s->deposed) && !s->deposed_done) {
-		pthread_mutex_lock(&s->conns_lock);
-		for (struct srv_conn *c = s->conns; c; c = c->next)
-			if (!c->rstore && c->store == srv_own_store(s))
-				atomic_store(&c->evict, evict = true);
-		pthread_mutex_unlock(&s->conns_lock);
-	}
+	if (atomic_load(&s->deposed) && !s->deposed_done)
+		evict |= mark_evict(s, srv_own_store(s), false);
 	s->deposed_done = atomic_load(&s->deposed);
 	if (evict)
 		evict_some(s);
