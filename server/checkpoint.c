@@ -476,6 +476,12 @@ int srv_checkpoint_restore(struct srv_store *st, const char *dir, unsigned serve
 	return 0;
 }
 
+/* Where rank p's part is checkpointed here: DIR/replica-<p>. */
+static void part_dir(const struct srv *s, unsigned p, char *dir, size_t len)
+{
+	snprintf(dir, len, "%s/replica-%u", s->cfg.ckpt_dir, p);
+}
+
 /* The parts this server backs up, each rank's in a directory of its own,
  * numbered past what is there. */
 static void replicas_checkpoint(struct srv *s)
@@ -486,7 +492,7 @@ static void replicas_checkpoint(struct srv *s)
 		uint64_t seqs[1], top;
 		if (!st || !atomic_load(&st->count) || (p == s->cfg.server_id && srv_serves(s, p)))
 			continue; /* (our own part, come back: written as ours) */
-		snprintf(dir, sizeof(dir), "%s/replica-%u", s->cfg.ckpt_dir, p);
+		part_dir(s, p, dir, sizeof(dir));
 		if (mkdir(dir, 0700) && errno != EEXIST) {
 			log_error("checkpoint of rank %u's backups: cannot make %s: %s", p, dir,
 				  strerror(errno));
@@ -513,7 +519,7 @@ bool srv_checkpoint_has_part(struct srv *s, unsigned p)
 
 	if (!s->cfg.ckpt_dir)
 		return false;
-	snprintf(dir, sizeof(dir), "%s/replica-%u", s->cfg.ckpt_dir, p);
+	part_dir(s, p, dir, sizeof(dir));
 	return !stat(dir, &sb) && S_ISDIR(sb.st_mode);
 }
 
@@ -527,7 +533,7 @@ int srv_checkpoint_restore_part(struct srv *s, unsigned p)
 		return RDMAPS_ENOENT;
 	if (atomic_load(&st->count))
 		return 0; /* it is a replica already */
-	snprintf(dir, sizeof(dir), "%s/replica-%u", s->cfg.ckpt_dir, p);
+	part_dir(s, p, dir, sizeof(dir));
 	srv_checkpoint_restore(st, dir, p, &seq, &last);
 	if (!seq)
 		return RDMAPS_ENOENT;
@@ -541,23 +547,18 @@ void srv_checkpoint_now(struct srv *s, const char *why)
 {
 	char err[512];
 	uint64_t t0 = rdmaps__now_ns();
-	int rc;
+	/* our rank held elsewhere: what we have of our part is no newer than
+	 * what we restored, and must not pass for the newest; the parts we
+	 * back up are written all the same */
+	const bool own = !atomic_load(&s->deposed);
+	int rc = 0;
 
 	if (!s->cfg.ckpt_dir)
 		return;
-	if (atomic_load(&s->deposed)) {
-		/* our rank is held elsewhere: what we have of it is no newer
-		 * than what we restored, and must not pass for the newest */
-		srv_fold_pause(s);
-		replicas_checkpoint(s);
-		srv_fold_resume(s);
-		s->last_ckpt_ns = rdmaps__now_ns();
-		s->ckpt_next_ok = s->last_ckpt_ns + CKPT_REQUEST_GAP_NS;
-		return;
-	}
 	srv_fold_pause(s);
-	rc = srv_checkpoint_write(srv_own_store(s), s->cfg.ckpt_dir, s->cfg.server_id,
-				  s->ckpt_seq + 1, err, sizeof(err));
+	if (own)
+		rc = srv_checkpoint_write(srv_own_store(s), s->cfg.ckpt_dir, s->cfg.server_id,
+					  s->ckpt_seq + 1, err, sizeof(err));
 	/* the replicas too, while parked: a rank taken over here is folded
 	 * by these threads (others' replicas are written by their primaries,
 	 * which no pause stops: each chunk is copied until it checks) */
@@ -575,6 +576,8 @@ void srv_checkpoint_now(struct srv *s, const char *why)
 		log_error("checkpoint (%s) failed: %s", why, err);
 		return;
 	}
+	if (!own)
+		return;
 	s->ckpt_seq++;
 	atomic_fetch_add(&s->checkpoints, 1);
 	log_info("checkpoint %llu (%s) written in %.1f ms", (unsigned long long)s->ckpt_seq, why,
