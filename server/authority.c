@@ -50,7 +50,9 @@ struct srv_auth {
 	bool holding;         /* our claim stands (until the lease is found gone) */
 	bool fence_noted;     /* lease_until passed: logged and counted once */
 	bool older_copy;      /* the rank's last primary was another server (claim) */
-	bool ckpt_looked[RDMAPS_MAX_SERVERS]; /* a rank's part restored from our checkpoints, or tried */
+	/* a rank's part with no copy here: restored from our checkpoints,
+	 * tried, or none there (watch_ranks) */
+	bool ckpt_looked[RDMAPS_MAX_SERVERS];
 	bool unreachable_noted;
 	char held_by[256];    /* the last holder logged, so a wait logs once */
 	/* per rank we hold (ours, and those taken over): its epoch, its
@@ -389,10 +391,14 @@ static void watch_ranks(struct srv_auth *a)
 			continue;
 		}
 		/* no copy of p here: unless we held p last, and a checkpoint of
-		 * it is here (a whole cluster restarted; looked at once) */
-		if (!__atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE) &&
-		    (a->ckpt_looked[p] || !srv_checkpoint_has_part(s, p)))
-			continue;
+		 * it is here (a whole cluster restarted). Looked for once: its
+		 * directory is only made while a copy is here */
+		if (!__atomic_load_n(&s->replica[p], __ATOMIC_ACQUIRE)) {
+			if (!a->ckpt_looked[p] && !srv_checkpoint_has_part(s, p))
+				a->ckpt_looked[p] = true;
+			if (a->ckpt_looked[p])
+				continue;
+		}
 		if (!a->watch_key[p][0]) {
 			key64(a->watch_key[p], sizeof(a->watch_key[p]), a->prefix, "primary", p);
 			key64(a->watch_epoch[p], sizeof(a->watch_epoch[p]), a->prefix, "epoch", p);
