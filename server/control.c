@@ -120,6 +120,8 @@ static void on_declare(struct srv_conn *c, const struct rdmaps_msg_declare *m)
 			reply_status(c, m->hdr.req_id, rc);
 		return;
 	}
+	if (created && c->ft && c->ft->repl)
+		srv_repl_declared(c->ft, c->store, t);
 	reply_tensor(c, m->hdr.req_id, t, created);
 }
 

@@ -105,10 +105,11 @@ static bool peer_up(const struct srv_peer *p);
 
 /* Under an authority (etcd): a backup counts as in sync only once it holds
  * everything and no open is in progress on it (a tensor it does not hold
- * yet makes its copy no state of ours: see hold). */
+ * yet makes its copy no state of ours: see hold), but for tensors opened
+ * at their declaration and not folded since: it lacks nothing of them. */
 static bool peer_in_sync(const struct srv_peer *p)
 {
-	return peer_up(p) && p->synced && !p->opening && !p->hold;
+	return peer_up(p) && p->synced && p->opening == p->eager && !p->hold;
 }
 
 /*
@@ -394,10 +395,19 @@ static void open_next(struct srv_peer *p)
  * (hold). */
 static void open_want(struct srv_peer *p, struct srv_tensor *t)
 {
-	if (p->pt[t->id].state != PT_CLOSED)
+	struct peer_tensor *pt = &p->pt[t->id];
+
+	if (pt->state == PT_CLOSED) {
+		pt->state = PT_QUEUED;
+		p->opening++;
+	} else if (pt->eager) {
+		/* opened at its declaration, and folded before the open was
+		 * answered: the backup lacks a fold now, as in any open */
+		pt->eager = false;
+		p->eager--;
+	} else {
 		return;
-	p->pt[t->id].state = PT_QUEUED;
-	p->opening++;
+	}
 	if (p->s->cfg.etcd && (atomic_load(&p->s->isr_etcd[p->part]) >> p->rank & 1u))
 		p->hold = true;
 	isr_publish(p);
@@ -451,6 +461,8 @@ static void open_done(struct srv_peer *p)
 		return;
 	}
 	p->acct_cap = rep.accounts_cap;
+	if (pt->eager)
+		p->eager--;
 	*pt = (struct peer_tensor){ .id = rep.tensor_id, .state = PT_OPEN };
 	if (p->hold) {
 		/* nothing goes to it now; peer_resync copies it all later */
@@ -488,7 +500,7 @@ static void peer_adopt(struct srv_peer *p)
 	p->completed = p->posted; /* nothing of an earlier connection is in flight */
 	p->asking = NULL;
 	p->answered = false;
-	p->opening = 0;
+	p->opening = p->eager = 0;
 	p->hold = false;
 	p->in_group = false;
 	if (p->synced)
@@ -512,11 +524,28 @@ static void peer_resync(struct srv_peer *p)
 	uint32_t n = atomic_load(&st->count);
 
 	p->hold = false;
-	p->opening = 0;
+	p->opening = p->eager = 0;
 	for (uint32_t i = 0; i < n; i++)
-		p->pt[i].state = PT_CLOSED;
+		p->pt[i] = (struct peer_tensor){ .state = PT_CLOSED };
 	for (uint32_t i = 0; i < n; i++)
 		open_want(p, srv_store_get(st, i));
+}
+
+void srv_repl_declared(struct srv_fold_thread *ft, struct srv_store *st, struct srv_tensor *t)
+{
+	struct srv_repl *r = ft->repl;
+
+	for (unsigned j = 0; r && j < r->npeers; j++) {
+		struct srv_peer *p = &r->peer[j];
+		/* a backup not up is caught up whole when it is; one held is
+		 * copied whole once etcd lets go of it */
+		if (p->store != st || !peer_up(p) || p->hold || p->pt[t->id].state != PT_CLOSED)
+			continue;
+		p->pt[t->id] = (struct peer_tensor){ .state = PT_QUEUED, .eager = true };
+		p->opening++;
+		p->eager++;
+		open_next(p);
+	}
 }
 
 /* Is t one of st's tensors (the part a peer backs up)? */

@@ -31,6 +31,9 @@ enum { PT_CLOSED, PT_QUEUED, PT_ASKED, PT_OPEN };
 struct peer_tensor {
 	uint32_t id;
 	int state;
+	/* opened at its declaration, before any fold of it: the backup
+	 * stays in sync meanwhile (srv_repl_declared) */
+	bool eager;
 };
 
 struct srv_peer {
@@ -75,6 +78,7 @@ struct srv_peer {
 	struct srv_tensor *asking; /* its REPLICA_OPEN is out */
 	uint64_t asked_ns;
 	uint32_t opening;          /* tensors queued or asked */
+	uint32_t eager;            /* of which opened at their declaration */
 	bool synced;               /* every tensor written since it connected */
 	uint64_t sync_from, sync_ns;
 	/* places its table of our workers' accounts has (REPLICA_REPLY) */

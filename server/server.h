@@ -843,6 +843,10 @@ void srv_repl_serve_part(struct srv *s, unsigned p);
 /* Fold thread: chunk `chunk` of t changed; written to the backups at the
  * next srv_repl_flush (early, with the open folds published, when full). */
 void srv_repl_touch(struct srv_fold_thread *ft, struct srv_tensor *t, uint32_t chunk);
+/* Fold thread (a worker's declaration on it): t was just created in st;
+ * it is opened at once on st's backups that are up, which stay in sync
+ * meanwhile, rather than at its first fold. */
+void srv_repl_declared(struct srv_fold_thread *ft, struct srv_store *st, struct srv_tensor *t);
 /* Fold thread: every chunk of t changed (its creator sealed it). */
 void srv_repl_touch_all(struct srv_fold_thread *ft, struct srv_tensor *t);
 /* Fold thread: c's slots below seq are folded (or refused); its credit says
