@@ -38,12 +38,32 @@
 /* a rank whose own server is in sync is left to it this long (it claims
  * every RETRY_NS): a rank handed back goes where it was handed */
 #define OWN_FIRST_NS 1000000000ull
+/*
+ * Beats (replicas > 1): a holder writes <prefix>/beat/<r> for each rank r
+ * it holds every WATCH_NS, in one transaction that succeeds only while its
+ * claims stand (each primary key's revision as its claim wrote it). It
+ * folds until BEAT_FENCE_NS after it sent the last beat that succeeded. A
+ * backup that has seen a rank's primary key and beat key unchanged for
+ * STEAL_NS by its own clock takes the rank over the key (if both are
+ * still unchanged): the holder's last beat was sent before the backup saw
+ * it, so the holder stopped folding STEAL_NS - BEAT_FENCE_NS before (a
+ * third of STEAL_NS: clock rates may differ by that much). A dead primary
+ * is so replaced in STEAL_NS, not after its lease, which etcd counts in
+ * whole seconds and expires at its next look, every 500 ms.
+ */
+#define BEAT_FENCE_NS 300000000ull
+#define STEAL_NS 450000000ull
+/* ranks dropped (our lease or a claim lost): the listener sends their
+ * workers away at its next tick (100 ms); no new claim unfences folds
+ * before, so none of theirs is folded under it */
+#define DROP_SETTLE_NS 300000000ull
 
 struct srv_auth {
 	struct srv *s;
 	struct srv_etcd etcd;
 	char primary_key[256], epoch_key[256]; /* base64, as the JSON wants them */
 	char primary_name[200];
+	char name64[280];     /* primary_name, base64 (beat values) */
 	const char *prefix;   /* the cluster's keys */
 	uint64_t lease_id;    /* 0: none granted */
 	uint64_t ttl_ns;      /* as granted */
@@ -64,6 +84,14 @@ struct srv_auth {
 	uint64_t handback_since[RDMAPS_MAX_SERVERS], handback_next[RDMAPS_MAX_SERVERS];
 	uint64_t absent_since[RDMAPS_MAX_SERVERS]; /* a watched rank's primary key seen gone */
 	uint64_t last_ka;     /* when the last keep-alive went out */
+	/* folds may go on until the earlier of the two (lease_until) */
+	uint64_t ka_until, beat_until;
+	uint64_t dropped_at;  /* ranks taken over were dropped (DROP_SETTLE_NS) */
+	char beat_key[RDMAPS_MAX_SERVERS][128];
+	/* per rank held elsewhere: its primary key's and beat key's revisions
+	 * as last seen, and since when (stale_holder) */
+	uint64_t held_seen[RDMAPS_MAX_SERVERS], beat_seen[RDMAPS_MAX_SERVERS];
+	uint64_t seen_at[RDMAPS_MAX_SERVERS];
 	bool poked;           /* the fold thread's in-sync set changed */
 	char watch_key[RDMAPS_MAX_SERVERS][256]; /* base64 keys of ranks we back up */
 	char watch_epoch[RDMAPS_MAX_SERVERS][256];
@@ -72,6 +100,7 @@ struct srv_auth {
 	pthread_cond_t cond;
 	bool stop;
 	char buf[16384];      /* answers */
+	char body[24576];     /* a beat: a compare and a put per rank held */
 	char why[256];
 };
 
@@ -124,6 +153,18 @@ static int grant(struct srv_auth *a)
 	return 0;
 }
 
+/* Folds may go on until both the lease and (replicas > 1) the last beat
+ * say so; only while our claim stands. */
+static void fence_publish(struct srv_auth *a)
+{
+	uint64_t until = a->ka_until;
+
+	if (a->s->cfg.replicas > 1 && a->beat_until < until)
+		until = a->beat_until;
+	if (a->holding)
+		atomic_store(&a->s->lease_until, until);
+}
+
 /*
  * Refresh the lease; on an answer, the time until which folds may go on.
  * RDMAPS_ENOENT: etcd no longer has it (it expired: someone else may hold
@@ -143,10 +184,89 @@ static int keepalive(struct srv_auth *a)
 	uint64_t ttl_ns = ttl * 1000000000ull;
 	/* a tenth for rate drift and the fold round in progress, and 50 ms */
 	uint64_t margin = ttl_ns / 10 + 50000000ull;
-	if (a->holding)
-		atomic_store(&a->s->lease_until, sent + ttl_ns - margin);
+	a->ka_until = sent + ttl_ns - margin;
+	fence_publish(a);
 	a->fence_noted = false;
 	return 0;
+}
+
+/*
+ * Beat every rank held here (see BEAT_FENCE_NS): one transaction, which
+ * fails if any of our claims no longer stands (RDMAPS_EBUSY: a backup
+ * took that rank over while our beats were late).
+ */
+static int beat(struct srv_auth *a)
+{
+	struct srv *s = a->s;
+	size_t n = 0, cap = sizeof(a->body);
+	uint64_t sent = rdmaps__now_ns();
+	int rc;
+
+	n += (size_t)snprintf(a->body + n, cap - n, "{\"compare\":[");
+	for (unsigned r = 0, k = 0; r < s->cfg.nservers && r < RDMAPS_MAX_SERVERS; r++) {
+		if (r == s->cfg.server_id ? !a->holding : !srv_serves(s, r))
+			continue;
+		n += (size_t)snprintf(a->body + n, cap - n,
+				      "%s{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
+				      "\"}", k++ ? "," : "",
+				      r == s->cfg.server_id ? a->primary_key : a->watch_key[r],
+				      a->claim_rev[r]);
+	}
+	n += (size_t)snprintf(a->body + n, cap - n, "],\"success\":[");
+	for (unsigned r = 0, k = 0; r < s->cfg.nservers && r < RDMAPS_MAX_SERVERS; r++) {
+		if (r == s->cfg.server_id ? !a->holding : !srv_serves(s, r))
+			continue;
+		if (!a->beat_key[r][0])
+			key64(a->beat_key[r], sizeof(a->beat_key[r]), a->prefix, "beat", r);
+		/* the value is the holder's name, for an operator reading etcd */
+		n += (size_t)snprintf(a->body + n, cap - n,
+				      "%s{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\"}}",
+				      k++ ? "," : "", a->beat_key[r], a->name64);
+	}
+	n += (size_t)snprintf(a->body + n, cap - n, "]}");
+	if (n >= cap) {
+		snprintf(a->why, sizeof(a->why), "a beat of %zu bytes", n);
+		return RDMAPS_EINVAL;
+	}
+	if ((rc = call(a, "/v3/kv/txn", a->body)))
+		return rc;
+	if (!srv_json_true(a->buf, "succeeded"))
+		return RDMAPS_EBUSY;
+	a->beat_until = sent + BEAT_FENCE_NS;
+	fence_publish(a);
+	return 0;
+}
+
+/*
+ * Has rank p's holder (its primary key is key64) stopped beating? *held:
+ * its primary key's revision (0: absent, not stale), *beat its beat key's;
+ * stale once both have stood still for STEAL_NS (replicas > 1: with one
+ * copy no holder beats, and only its lease ends a claim).
+ */
+static bool stale_holder(struct srv_auth *a, unsigned p, const char *key64p, uint64_t *held,
+			 uint64_t *beat_mod)
+{
+	uint64_t now;
+
+	*held = *beat_mod = 0;
+	if (range(a, key64p, held)) {
+		*held = UINT64_MAX; /* not known: as held */
+		return false;
+	}
+	if (!*held || a->s->cfg.replicas < 2)
+		return false;
+	if (!a->beat_key[p][0])
+		key64(a->beat_key[p], sizeof(a->beat_key[p]), a->prefix, "beat", p);
+	if (range(a, a->beat_key[p], beat_mod))
+		return false;
+	now = rdmaps__now_ns();
+	if (*held != a->held_seen[p] || *beat_mod != a->beat_seen[p] || !a->seen_at[p]) {
+		a->held_seen[p] = *held;
+		a->beat_seen[p] = *beat_mod;
+		a->seen_at[p] = now;
+		return false;
+	}
+	return now - a->seen_at[p] >= STEAL_NS;
 }
 
 /*
@@ -209,14 +329,27 @@ static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, ui
 
 /*
  * Claim rank r for epoch + 1. 0: ours; RDMAPS_EBUSY: another holds it
- * (a->held_by says who); RDMAPS_EAGAIN: the epoch moved under us.
+ * (a->held_by says who); RDMAPS_EAGAIN: the epoch moved under us. held:
+ * 0, the primary key must be absent; else its revision, with the rank's
+ * beat key at beat_mod: a holder that stopped beating (stale_holder) is
+ * replaced, if neither key moved since.
  */
 static int claim_rank(struct srv_auth *a, const char *primary_key, const char *epoch_key,
-		      uint64_t epoch, uint64_t mod, unsigned rank)
+		      uint64_t epoch, uint64_t mod, unsigned rank, uint64_t held, uint64_t beat_mod)
 {
 	struct srv *s = a->s;
-	char body[2048], val[256], eval[256], v64[352], e64[352];
+	char body[2048], val[256], eval[256], v64[352], e64[352], held_cmp[512];
 	int rc;
+
+	if (!held)
+		snprintf(held_cmp, sizeof(held_cmp),
+			 "{\"target\":\"CREATE\",\"key\":\"%s\",\"create_revision\":\"0\"}",
+			 primary_key);
+	else
+		snprintf(held_cmp, sizeof(held_cmp),
+			 "{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
+			 "\"},{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
+			 "\"}", primary_key, held, a->beat_key[rank], beat_mod);
 
 	snprintf(val, sizeof(val), "epoch=%" PRIu64 " server=%s instance=%016" PRIx64 "%s", epoch + 1,
 		 a->primary_name, s->instance, rank == s->cfg.server_id ? "" : " took-over");
@@ -224,16 +357,20 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 	srv_b64_encode(val, strlen(val), v64, sizeof(v64));
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
 	snprintf(body, sizeof(body),
-		 "{\"compare\":[{\"target\":\"CREATE\",\"key\":\"%s\",\"create_revision\":\"0\"},"
+		 "{\"compare\":[%s,"
 		 "{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64 "\"}],"
 		 "\"success\":[{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\"}},"
 		 "{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\",\"lease\":\"%" PRIu64 "\"}}],"
 		 "\"failure\":[{\"request_range\":{\"key\":\"%s\"}}]}",
-		 primary_key, epoch_key, mod, epoch_key, e64, primary_key, v64, a->lease_id,
+		 held_cmp, epoch_key, mod, epoch_key, e64, primary_key, v64, a->lease_id,
 		 primary_key);
+	uint64_t sent = rdmaps__now_ns();
 	if ((rc = call(a, "/v3/kv/txn", body)))
 		return rc;
 	if (srv_json_true(a->buf, "succeeded")) {
+		/* the claim counts as a beat: backups time ours from it */
+		if (!a->holding)
+			a->beat_until = sent + BEAT_FENCE_NS;
 		uint64_t rev = 0;
 		srv_json_u64(a->buf, "revision", &rev); /* the header's: our writes' */
 		a->epoch_mod[rank] = rev;
@@ -281,8 +418,16 @@ static int claim(struct srv_auth *a, bool *back)
 		a->older_copy = true;
 		return RDMAPS_EBUSY;
 	}
-	if ((rc = claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, me)))
+	/* held by a server that stopped beating (our own previous run, or
+	 * the server that took the rank over): replaced */
+	uint64_t held, beat_mod;
+	bool stale = stale_holder(a, me, a->primary_key, &held, &beat_mod);
+	if ((rc = claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, me, stale ? held : 0,
+			     beat_mod)))
 		return rc;
+	if (stale)
+		log_warn("authority: rank %u's holder stopped beating %.2f s ago: replaced",
+			 me, (rdmaps__now_ns() - a->seen_at[me]) / 1e9);
 	if (isr >> me & 1u) {
 		if (__atomic_load_n(&s->replica[me], __ATOMIC_ACQUIRE) && !srv_serves(s, me))
 			*back = true;
@@ -403,8 +548,11 @@ static void watch_ranks(struct srv_auth *a)
 			key64(a->watch_key[p], sizeof(a->watch_key[p]), a->prefix, "primary", p);
 			key64(a->watch_epoch[p], sizeof(a->watch_epoch[p]), a->prefix, "epoch", p);
 		}
-		/* its primary key held (a revision): its primary is there */
-		if (range(a, a->watch_key[p], &mod) || mod) {
+		/* its primary key held (a revision): its primary is there,
+		 * unless it stopped beating */
+		uint64_t held, beat_mod;
+		bool stale = stale_holder(a, p, a->watch_key[p], &held, &beat_mod);
+		if (held && !stale) {
 			a->absent_since[p] = 0;
 			continue;
 		}
@@ -426,11 +574,16 @@ static void watch_ranks(struct srv_auth *a)
 				 " does not count this server in sync", p, epoch);
 			continue;
 		}
-		if (claim_rank(a, a->watch_key[p], a->watch_epoch[p], epoch, mod, p))
+		int rc = claim_rank(a, a->watch_key[p], a->watch_epoch[p], epoch, mod, p, held, beat_mod);
+		if (rc) {
+			log_info("authority: rank %u not claimed (%s): %s", p, rdmaps_strerror(rc), a->why);
 			continue;
-		log_warn("authority: rank %u's primary is gone: taking its part over from the "
-			 "replica here, epoch %" PRIu64, p, epoch + 1);
+		}
+		log_warn("authority: rank %u's primary is gone (%s): taking its part over from "
+			 "the replica here, epoch %" PRIu64, p,
+			 held ? "it stopped beating" : "its lease ended", epoch + 1);
 		atomic_store(&s->takeover_req[p], true);
+		srv_listener_wake(s);
 	}
 }
 
@@ -455,14 +608,16 @@ static void record_taken_over(struct srv_auth *a)
 	}
 }
 
-/* Let go of rank p's primary key, if it is still the one our claim made. */
+/* Let go of rank p's primary key, if it is still the one our claim made
+ * (its revision: a backup that replaced us overwrote it, keeping its
+ * creation). */
 static int release_rank(struct srv_auth *a, unsigned p)
 {
 	char body[1024];
 	int rc;
 
 	snprintf(body, sizeof(body),
-		 "{\"compare\":[{\"target\":\"CREATE\",\"key\":\"%s\",\"create_revision\":\"%" PRIu64
+		 "{\"compare\":[{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
 		 "\"}],\"success\":[{\"request_delete_range\":{\"key\":\"%s\"}}]}",
 		 a->watch_key[p], a->claim_rev[p], a->watch_key[p]);
 	if ((rc = call(a, "/v3/kv/txn", body)))
@@ -527,8 +682,8 @@ static void hand_back(struct srv_auth *a)
 	}
 }
 
-/* Our lease ended: the ranks taken over here end with it (another backup
- * may claim them now); the listener sends their workers away. */
+/* Our claims ended: the ranks taken over here end with them (another
+ * backup may claim them now); the listener sends their workers away. */
 static void drop_taken_over(struct srv_auth *a)
 {
 	struct srv *s = a->s;
@@ -539,9 +694,26 @@ static void drop_taken_over(struct srv_auth *a)
 		atomic_store(&s->took_over[p], false);
 		atomic_store(&s->handing_back[p], false);
 		a->isr_recorded[p] = 0;
-		log_warn("authority: rank %u, taken over here, is no longer ours (our lease ended)",
-			 p);
+		a->dropped_at = rdmaps__now_ns();
+		log_warn("authority: rank %u, taken over here, is no longer ours", p);
 	}
+}
+
+/*
+ * Our claims are over (why): folds stop at once, the ranks taken over
+ * here are dropped (the listener sends their workers away), and our own
+ * rank is claimed again, in a new epoch.
+ */
+static void lose_claims(struct srv_auth *a, const char *why)
+{
+	struct srv *s = a->s;
+
+	atomic_store(&s->lease_until, 0);
+	a->holding = false;
+	drop_taken_over(a);
+	log_warn("authority: rank %u, epoch %" PRIu64 ": %s; folds stopped, claiming it again",
+		 s->cfg.server_id, atomic_load(&s->epoch), why);
+	atomic_store(&s->epoch, 0);
 }
 
 /* Not holding: a lease, then the rank. How long to wait before the next step. */
@@ -551,7 +723,10 @@ static uint64_t step_claim(struct srv_auth *a)
 	int rc;
 
 	bool back = false;
+	uint64_t since = rdmaps__now_ns() - a->dropped_at;
 
+	if (a->dropped_at && since < DROP_SETTLE_NS)
+		return DROP_SETTLE_NS - since; /* their workers are not gone yet */
 	if (!a->lease_id && (rc = grant(a)))
 		goto unreachable;
 	rc = claim(a, &back);
@@ -587,6 +762,7 @@ static uint64_t step_claim(struct srv_auth *a)
 		log_warn("authority: rank %u comes back here, from the copy kept here while "
 			 "it was held elsewhere", s->cfg.server_id);
 		atomic_store(&s->takeover_req[s->cfg.server_id], true);
+		srv_listener_wake(s);
 	} else {
 		atomic_store(&s->deposed, false);
 	}
@@ -624,37 +800,33 @@ static void *auth_main(void *arg)
 		}
 		uint64_t now = rdmaps__now_ns(), live = atomic_load(&s->isr_live[s->cfg.server_id]);
 		int rc = 0;
+		/* first what lets folds go on: the beat, then the lease */
+		if (s->cfg.replicas > 1 && (rc = beat(a)) == RDMAPS_EBUSY) {
+			lose_claims(a, "a backup replaced this server: its beats were late");
+			lease_revoke(a); /* our other keys go with it: claimed anew */
+			wait = 0;
+			continue;
+		}
 		record_taken_over(a);
 		if (live != a->isr_recorded[s->cfg.server_id] &&
 		    record_isr(a, s->cfg.server_id, live) == RDMAPS_EBUSY) {
-			/* our epoch key moved: another server's claim */
-			atomic_store(&s->lease_until, 0);
-			a->holding = false;
-			drop_taken_over(a);
-			log_warn("authority: rank %u's epoch moved past %" PRIu64 " elsewhere: folds "
-				 "stopped", s->cfg.server_id, atomic_load(&s->epoch));
-			atomic_store(&s->epoch, 0);
+			lose_claims(a, "its epoch moved on elsewhere"); /* another's claim */
 			wait = 0;
 			continue;
 		}
 		if (now - a->last_ka >= a->ttl_ns / 3 || a->unreachable_noted) {
 			a->last_ka = now;
-			rc = keepalive(a);
-		}
-		if (rc == RDMAPS_ENOENT) {
-			/* expired at etcd: not ours any more; claim again (a new epoch) */
-			atomic_store(&s->lease_until, 0);
-			a->holding = false;
-			a->lease_id = 0;
-			drop_taken_over(a);
-			if (!a->fence_noted)
-				atomic_fetch_add(&s->lease_losses, 1);
-			log_warn("authority: the lease on rank %u expired (epoch %" PRIu64 "): "
-				 "folds stopped; claiming it again",
-				 s->cfg.server_id, atomic_load(&s->epoch));
-			atomic_store(&s->epoch, 0);
-			wait = 0;
-			continue;
+			int krc = keepalive(a);
+			rc = rc ? rc : krc;
+			if (krc == RDMAPS_ENOENT) {
+				/* expired at etcd: not ours any more; claim again (a new epoch) */
+				a->lease_id = 0;
+				if (!a->fence_noted)
+					atomic_fetch_add(&s->lease_losses, 1);
+				lose_claims(a, "its lease expired");
+				wait = 0;
+				continue;
+			}
 		}
 		if (rc && !a->unreachable_noted) {
 			log_warn("authority: etcd: %s; folds stop when the lease of rank %u ends",
@@ -664,7 +836,7 @@ static void *auth_main(void *arg)
 			log_warn("authority: etcd answers again");
 			a->unreachable_noted = false;
 		}
-		if (rc && !a->fence_noted && now >= atomic_load(&s->lease_until)) {
+		if (rc && !a->fence_noted && rdmaps__now_ns() >= atomic_load(&s->lease_until)) {
 			a->fence_noted = true;
 			atomic_fetch_add(&s->lease_losses, 1);
 			log_warn("authority: the lease on rank %u ended unrenewed: folds stopped",
@@ -675,8 +847,9 @@ static void *auth_main(void *arg)
 			hand_back(a);
 		}
 		/* unanswered: try again soon, the lease may still be saved; a
-		 * backup looks at the ranks it backs up every WATCH_NS */
-		wait = rc ? RETRY_NS : s->cfg.replicas > 1 ? WATCH_NS : a->ttl_ns / 3;
+		 * backup looks at the ranks it backs up, and beats, every
+		 * WATCH_NS */
+		wait = s->cfg.replicas > 1 ? WATCH_NS : rc ? RETRY_NS : a->ttl_ns / 3;
 	}
 	if (a->holding || a->lease_id) {
 		/* folds are over (the caller joined the fold threads): the rank
@@ -706,6 +879,7 @@ int srv_auth_start(struct srv *s)
 	key64(a->epoch_key, sizeof(a->epoch_key), a->prefix, "epoch", s->cfg.server_id);
 	snprintf(a->primary_name, sizeof(a->primary_name), "%s:%s",
 		 s->cfg.listen_addr ? s->cfg.listen_addr : "0.0.0.0", s->cfg.port);
+	srv_b64_encode(a->primary_name, strlen(a->primary_name), a->name64, sizeof(a->name64));
 	pthread_mutex_init(&a->lock, NULL);
 	pthread_condattr_t ca;
 	pthread_condattr_init(&ca);

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <sys/eventfd.h>
 #include <sys/random.h>
 
 #include "error.h"
@@ -69,7 +70,13 @@ static void reject(struct srv *s, struct rdma_cm_id *id, int err, const char *wh
 
 	if (sa && sa->sa_family == AF_INET)
 		inet_ntop(AF_INET, &((struct sockaddr_in *)sa)->sin_addr, addr, sizeof(addr));
-	log_warn("rejected worker %s: %s", addr, why);
+	/* a worker failing over asks each server of its rank in turn, and
+	 * one waiting on a silent primary asks the others (client look-around):
+	 * those refusals are the protocol at work, not news for an operator */
+	if (err == RDMAPS_ENOENT)
+		log_info("rejected worker %s: %s", addr, why);
+	else
+		log_warn("rejected worker %s: %s", addr, why);
 	atomic_fetch_add(&s->rejected, 1);
 	rdma_reject(id, &rj, sizeof(rj));
 }
@@ -465,6 +472,14 @@ static bool mark_evict(struct srv *s, const struct srv_store *st, bool replicas)
 	return any;
 }
 
+void srv_listener_wake(struct srv *s)
+{
+	uint64_t one = 1;
+
+	if (write(s->wake_fd, &one, sizeof(one)) < 0)
+		log_warn("listener: wake-up write failed");
+}
+
 static void take_overs(struct srv *s)
 {
 	bool evict = false;
@@ -676,6 +691,9 @@ int srv_listen(struct srv *s)
 		return rc;
 	if (s->cfg.replicas > 1 && (rc = srv_repl_start(s)))
 		return rc;
+	/* the authority's take-overs are served at once, not at the next tick */
+	if (s->cfg.etcd && (s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
+		return rdmaps__from_errno(errno);
 	if (s->cfg.etcd && (rc = srv_auth_start(s)))
 		return rc;
 	announce(s);
@@ -724,12 +742,14 @@ static void device_events(struct srv *s, int d)
 
 int srv_run(struct srv *s)
 {
-	struct pollfd pfd[2 + 16];
-	int n = 2;
+	struct pollfd pfd[3 + 16];
+	int n = 3;
+	uint64_t v;
 
 	pfd[0] = (struct pollfd){ .fd = s->cm_channel->fd, .events = POLLIN };
 	pfd[1] = (struct pollfd){ .fd = s->stop_fd, .events = POLLIN };
-	for (int d = 0; d < s->ndev && n < 18; d++) {
+	pfd[2] = (struct pollfd){ .fd = s->cfg.etcd ? s->wake_fd : -1, .events = POLLIN };
+	for (int d = 0; d < s->ndev && n < 19; d++) {
 		/* drained in a loop below: must not block */
 		fcntl(s->devs[d]->async_fd, F_SETFL, fcntl(s->devs[d]->async_fd, F_GETFL) | O_NONBLOCK);
 		pfd[n++] = (struct pollfd){ .fd = s->devs[d]->async_fd, .events = POLLIN };
@@ -740,6 +760,8 @@ int srv_run(struct srv *s)
 		if (poll(pfd, (nfds_t)n, 100) < 0 && errno != EINTR)
 			return rdmaps__from_errno(errno);
 		srv_clock_tick(s);
+		if ((pfd[2].revents & POLLIN) && read(s->wake_fd, &v, sizeof(v)) < 0)
+			log_warn("listener: wake-up read failed");
 		if (s->cfg.etcd)
 			take_overs(s);
 		if (atomic_exchange(&s->evict_req, false))
@@ -754,9 +776,9 @@ int srv_run(struct srv *s)
 			srv_checkpoint_now(s, "periodic");
 		if (pfd[1].revents & POLLIN)
 			break;
-		for (int i = 2; i < n; i++)
+		for (int i = 3; i < n; i++)
 			if (pfd[i].revents & POLLIN)
-				device_events(s, i - 2);
+				device_events(s, i - 3);
 		if (!(pfd[0].revents & POLLIN))
 			continue;
 		if (rdma_get_cm_event(s->cm_channel, &ev))
@@ -787,6 +809,8 @@ void srv_close(struct srv *s)
 		srv_checkpoint_now(s, "shutdown");
 	srv_fold_join(s);
 	srv_auth_stop(s); /* no fold after this: the rank is free at once */
+	if (s->cfg.etcd && s->wake_fd > 0)
+		close(s->wake_fd);
 	srv_repl_stop(s); /* its fold threads' backups, and ours of others */
 	srv_fold_stop(s);
 	srv_reg_fini(s);

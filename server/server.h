@@ -464,6 +464,7 @@ struct srv {
 	_Atomic bool stop;
 	int exit_rc;                 /* why srv_run stopped by itself (listener-owned) */
 	int stop_fd;                 /* eventfd that wakes the listener */
+	int wake_fd;                 /* eventfd: a take-over to serve (cfg.etcd) */
 	uint32_t nconns;             /* listener-owned */
 	struct srv_conn *conns;      /* listener-owned list */
 	uint32_t next_ft;
@@ -555,6 +556,9 @@ static inline struct srv_store *srv_own_store(struct srv *s)
 int srv_auth_start(struct srv *s);
 /* Shutdown, fold threads joined: the lease given back (the rank is free). */
 void srv_auth_stop(struct srv *s);
+/* Authority thread: a take-over was asked for (takeover_req); the
+ * listener serves it now, not at its next tick. */
+void srv_listener_wake(struct srv *s);
 /* Any thread: isr_live changed; record it in etcd soon. */
 void srv_auth_poke(struct srv *s);
 /* Any thread: may this server fold now? False once its lease has ended by
