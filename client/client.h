@@ -221,6 +221,10 @@ struct cl_conn {
 	uint64_t cqes;          /* work completions seen: progress, for the watchdog */
 	uint64_t stall_cqes;    /* cqes when the current stall began */
 	uint64_t stall_since;   /* when no completion came despite requests in flight */
+	/* replicas > 1: work here and no progress (completions, credit) since
+	 * quiet_since: is the rank served elsewhere now (look_around)? */
+	uint64_t quiet_cqes, quiet_seq, quiet_since, last_look;
+	uint32_t look_next;     /* which other server of the rank to ask next */
 	/* how to connect again after a failure (cl_reconnect) */
 	struct rdmaps__server_addr sa;
 	char src[RDMAPS_ADDR_MAX];

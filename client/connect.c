@@ -115,6 +115,7 @@ static void probe(struct cl_conn *k, uint64_t now)
 }
 
 static void cm_events(struct cl_conn *k);
+static void look_around(struct cl_conn *k, uint64_t now);
 
 void cl_check_cm(struct cl_conn *k)
 {
@@ -125,6 +126,7 @@ void cl_check_cm(struct cl_conn *k)
 		return;
 	k->last_cm_check = now;
 	probe(k, now);
+	look_around(k, now);
 	/*
 	 * Watchdog: requests in flight and not one completion for the whole
 	 * timeout. The transport reports a dead peer within seconds (6 retries),
@@ -464,8 +466,87 @@ static void conn_release(struct cl_conn *k)
 	k->stall_since = 0; /* a new connection starts with a clean watchdog */
 }
 
+static int conn_attempt(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
+			const char *token, int timeout, bool ask);
+
 static int conn_try(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
 		    const char *token, int timeout)
+{
+	return conn_attempt(k, sa, src, token, timeout, false);
+}
+
+/*
+ * A primary killed outright may tell its workers only a second or more
+ * later (seen with rxe: the kernel ends a dead process's connections after
+ * tearing down its queue pairs and memory), while a backup takes the rank
+ * over well before (server/authority.c, beats). So a worker whose requests
+ * to a replicated rank have made no progress (no completion, no credit)
+ * for CL_QUIET_NS asks the other servers of the rank's replica set, one
+ * every CL_LOOK_NS, whether they serve it: a connect asking for the rank,
+ * on a scratch connection closed at once. One that accepts has taken the
+ * rank over, so the old primary's claim is over and it folds nothing more:
+ * this connection is failed, and the reconnect (RESUME) goes there. A
+ * refusal costs that server one rejected connect; a long wait that is
+ * merely slow (a BSP round) costs one every CL_LOOK_NS, and every
+ * CL_LOOK_SLOW_NS once it has lasted CL_QUIET_LONG_NS.
+ */
+#define CL_QUIET_NS 250000000ull
+#define CL_LOOK_NS 100000000ull
+#define CL_QUIET_LONG_NS 3000000000ull
+#define CL_LOOK_SLOW_NS 1000000000ull
+static void look_around(struct cl_conn *k, uint64_t now)
+{
+	rdmaps_client *c = k->c;
+	uint32_t R = k->replicas < c->nconn ? k->replicas : c->nconn;
+	uint64_t folded = cl_folded_seq(k);
+
+	if (R < 2 || k->broken || !k->qp)
+		return;
+	if (!(k->sq_outstanding || k->next_seq > folded) || k->cqes != k->quiet_cqes ||
+	    folded != k->quiet_seq || !k->quiet_since) {
+		k->quiet_cqes = k->cqes;
+		k->quiet_seq = folded;
+		k->quiet_since = now;
+		return;
+	}
+	uint64_t quiet = now - k->quiet_since;
+	if (quiet < CL_QUIET_NS ||
+	    now - k->last_look < (quiet < CL_QUIET_LONG_NS ? CL_LOOK_NS : CL_LOOK_SLOW_NS))
+		return;
+	k->last_look = now;
+	uint32_t j = (k->served_by + 1 + k->look_next++ % (R - 1)) % R;
+	const struct cl_conn *at = &c->conn[(k->idx + j) % c->nconn];
+	/* a scratch connection: k's own stays as it is */
+	struct cl_conn *t = malloc(sizeof(*t));
+	if (!t)
+		return;
+	*t = *k;
+	t->ch = NULL;
+	t->id = NULL;
+	t->qp = NULL;
+	t->cq = NULL;
+	t->cc = NULL;
+	t->credit = NULL;
+	t->credit_mr = t->ctl_mr = t->data_mr = NULL;
+	t->ctl = t->data = NULL;
+	t->broken = 0;
+	t->ask_rank = true;
+	int rc = conn_attempt(t, &at->sa, k->src, k->token, 200, true);
+	conn_release(t);
+	free(t);
+	log_debug("rank %u (%s): quiet for %.0f ms; asked %s:%s: %s", k->idx, k->name, quiet / 1e6,
+		  at->sa.host, at->sa.port, rc ? rdmaps_strerror(rc) : "it serves the rank");
+	if (rc)
+		return;
+	log_warn("rank %u (%s): no progress for %.0f ms, and %s:%s serves the rank now: "
+		 "reconnecting there", k->idx, k->name, quiet / 1e6, at->sa.host, at->sa.port);
+	cl_fail(k, RDMAPS_EDISCONNECTED, "its rank was taken over");
+}
+
+/* One connect; an ask (look_around) stops once the server accepted,
+ * before the staging buffers are made. */
+static int conn_attempt(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
+			const char *token, int timeout, bool ask)
 {
 	int rc = RDMAPS_EVERBS;
 
@@ -486,7 +567,7 @@ static int conn_try(struct cl_conn *k, const struct rdmaps__server_addr *sa, con
 		log_debug("server %s: resolving its address and route: %s", k->name, rdmaps_strerror(rc));
 		return rc;
 	}
-	if ((rc = build(k)) || (rc = establish(k, token, timeout)) || (rc = carve(k))) {
+	if ((rc = build(k)) || (rc = establish(k, token, timeout)) || (!ask && (rc = carve(k)))) {
 		log_debug("server %s: connecting: %s", k->name, rdmaps_strerror(rc));
 		return rc;
 	}
@@ -583,7 +664,10 @@ static int conn_reopen(struct cl_conn *k, int timeout_ms)
 		}
 		struct timespec ts = { backoff_ms / 1000, (backoff_ms % 1000) * 1000000L };
 		nanosleep(&ts, NULL);
-		backoff_ms = backoff_ms * 2 > 500 ? 500 : backoff_ms * 2;
+		/* a backup takes the rank over within about STEAL_NS of the
+		 * primary's death (server/authority.c): look often enough that
+		 * the worker is not what the failover waits for */
+		backoff_ms = backoff_ms * 2 > 50 ? 50 : backoff_ms * 2;
 	}
 }
 

@@ -675,10 +675,22 @@ static void backoff(rdmaps_client *c, struct idle *w)
 		return;
 	}
 	waited = rdmaps__now_ns() - w->since;
-	if (c->spin_ns < 0 || waited < (uint64_t)c->spin_ns)
+	if (c->spin_ns < 0 || waited < (uint64_t)c->spin_ns) {
 		rdmaps__cpu_relax();
-	else
-		sleep_on_cqs(c, waited / 8 < CL_SLEEP_MAX_NS ? waited / 8 : CL_SLEEP_MAX_NS);
+		return;
+	}
+	/* asleep, the callers' every-1024-rounds look at the connections
+	 * would come a second apart: the goodbye of a server this wait is on
+	 * (requests or pushes in flight there) is read now; cl_check_cm
+	 * looks at most once a millisecond. An idle connection's news waits
+	 * for that look, as an op that needs no part of a dead server need
+	 * not wait for its reconnect */
+	for (uint32_t i = 0; i < c->nconn; i++) {
+		struct cl_conn *k = &c->conn[i];
+		if (k->sq_outstanding || cl_folded_seq(k) < k->next_seq)
+			cl_check_cm(k);
+	}
+	sleep_on_cqs(c, waited / 8 < CL_SLEEP_MAX_NS ? waited / 8 : CL_SLEEP_MAX_NS);
 }
 
 int rdmaps_test(rdmaps_op *op)
