@@ -429,6 +429,8 @@ static int carve(struct cl_conn *k)
 	return 0;
 }
 
+static void conn_forget(struct cl_conn *k);
+
 /* Free what one attempt built; the PD stays with the client. */
 static void conn_release(struct cl_conn *k)
 {
@@ -453,6 +455,12 @@ static void conn_release(struct cl_conn *k)
 	free(k->data);
 	free(k->ctl);
 	free(k->credit);
+	conn_forget(k);
+}
+
+/* k holds none of its resources (freed, or a copy's: look_around). */
+static void conn_forget(struct cl_conn *k)
+{
 	k->qp = NULL;
 	k->cq = NULL;
 	k->cc = NULL;
@@ -521,14 +529,7 @@ static void look_around(struct cl_conn *k, uint64_t now)
 	if (!t)
 		return;
 	*t = *k;
-	t->ch = NULL;
-	t->id = NULL;
-	t->qp = NULL;
-	t->cq = NULL;
-	t->cc = NULL;
-	t->credit = NULL;
-	t->credit_mr = t->ctl_mr = t->data_mr = NULL;
-	t->ctl = t->data = NULL;
+	conn_forget(t);
 	t->broken = 0;
 	t->ask_rank = true;
 	int rc = conn_attempt(t, &at->sa, k->src, k->token, 200, true);
