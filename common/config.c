@@ -149,6 +149,13 @@ int rdmaps__config_set(struct rdmaps__config *cfg, const char *key, const char *
 		return parse_int(val, -1, 255, &cfg->gid_index) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "timeout_ms"))
 		return parse_int(val, 1, 3600000, &cfg->timeout_ms) ? RDMAPS_EINVAL : 0;
+	if (!strcmp(key, "beat_ms")) {
+		/* 0: no beats; below 20 ms etcd would be written more often
+		 * than a failover needs; above a second, the lease is sooner */
+		if (parse_int(val, 0, 1000, &cfg->beat_ms) || (cfg->beat_ms && cfg->beat_ms < 20))
+			return RDMAPS_EINVAL;
+		return 0;
+	}
 	if (!strcmp(key, "ack_timeout_ms"))
 		return parse_int(val, 0, 60000, &cfg->ack_timeout_ms) ? RDMAPS_EINVAL : 0;
 	if (!strcmp(key, "spin_us"))
@@ -235,7 +242,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 		{ "RDMAPS_REPLICAS", "replicas" }, { "RDMAPS_PEER_TOKEN", "peer_token" },
 		{ "RDMAPS_PEER_TOKEN_FILE", "peer_token_file" },
 		{ "RDMAPS_ETCD", "etcd" }, { "RDMAPS_ETCD_PREFIX", "etcd_prefix" },
-		{ "RDMAPS_LEASE_SECONDS", "lease_seconds" },
+		{ "RDMAPS_LEASE_SECONDS", "lease_seconds" }, { "RDMAPS_BEAT_MS", "beat_ms" },
 	};
 	int rc;
 
@@ -247,6 +254,7 @@ int rdmaps__config_load(struct rdmaps__config *cfg, const char *path, char *err,
 	cfg->snapshot_after = RDMAPS__SNAPSHOT_AFTER;
 	cfg->replicas = 1;
 	cfg->lease_s = 2;
+	cfg->beat_ms = RDMAPS__BEAT_MS;
 	cfg->rank = cfg->size = -1;
 	err[0] = '\0';
 	from_launcher(cfg);

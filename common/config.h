@@ -17,6 +17,9 @@
 #define RDMAPS_MAX_REPLICAS 4 /* copies of a part: its primary and up to three backups */
 #define RDMAPS__SPIN_US 50 /* spin_us's default: a 64 B pull on real hardware never sleeps */
 #define RDMAPS__SNAPSHOT_AFTER 2 /* snapshot_after's default: 3 READs of a chunk at most */
+/* beat_ms's default: a dead primary replaced in about half a second, for
+ * one etcd write per holder every 100 ms (server/authority.c) */
+#define RDMAPS__BEAT_MS 100
 
 struct rdmaps__server_addr {
 	char host[RDMAPS_ADDR_MAX];
@@ -38,6 +41,7 @@ struct rdmaps__config {
 	int gid_index;               /* or: GID index on that device (-1: none) */
 	int timeout_ms;              /* connect, with retries, per server */
 	int ack_timeout_ms;          /* transport ACK timeout of a connection (0: rdma_cm's) */
+	int beat_ms;                 /* replicas > 1: a holder's beat in etcd (0: none) */
 	int spin_us;                 /* a waiter busy-polls this long, then sleeps; -1: never */
 	int snapshot_after;          /* torn READs of a chunk in one pull before a snapshot */
 	int rank, size;              /* from the launcher; -1 when unknown */

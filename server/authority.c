@@ -39,20 +39,22 @@
  * every RETRY_NS): a rank handed back goes where it was handed */
 #define OWN_FIRST_NS 1000000000ull
 /*
- * Beats (replicas > 1): a holder writes <prefix>/beat/<r> for each rank r
- * it holds every WATCH_NS, in one transaction that succeeds only while its
- * claims stand (each primary key's revision as its claim wrote it). It
- * folds until BEAT_FENCE_NS after it sent the last beat that succeeded. A
- * backup that has seen a rank's primary key and beat key unchanged for
- * STEAL_NS by its own clock takes the rank over the key (if both are
- * still unchanged): the holder's last beat was sent before the backup saw
- * it, so the holder stopped folding STEAL_NS - BEAT_FENCE_NS before (a
- * third of STEAL_NS: clock rates may differ by that much). A dead primary
- * is so replaced in STEAL_NS, not after its lease, which etcd counts in
- * whole seconds and expires at its next look, every 500 ms.
+ * Beats (replicas > 1, beat_ms B > 0): every B a holder writes each
+ * primary key it holds again (same value, same lease), in one transaction
+ * that succeeds only while its claims stand (each key's revision as it
+ * last wrote it). It folds until 3 B after it sent the last beat that
+ * succeeded. A backup that has seen a rank's primary key unchanged for
+ * 4.5 B by its own clock (B as the holder's key names it: beat=) takes the
+ * rank over that key (if it is still unchanged): the holder's last beat
+ * was sent before the backup saw it, so the holder stopped folding 1.5 B
+ * before (a third of the wait: clock rates may differ by that much). A
+ * dead primary is so replaced in 4.5 B, not after its lease, which etcd
+ * counts in whole seconds and expires at its next look, every 500 ms. The
+ * beat is the key a backup reads anyway: one etcd write per holder every
+ * B, no more reads.
  */
-#define BEAT_FENCE_NS 300000000ull
-#define STEAL_NS 450000000ull
+#define FENCE_BEATS 3u
+#define STEAL_HALF_BEATS 9u /* 4.5 beats */
 /* ranks dropped (our lease or a claim lost): the listener sends their
  * workers away at its next tick (100 ms); no new claim unfences folds
  * before, so none of theirs is folded under it */
@@ -63,7 +65,6 @@ struct srv_auth {
 	struct srv_etcd etcd;
 	char primary_key[256], epoch_key[256]; /* base64, as the JSON wants them */
 	char primary_name[200];
-	char name64[280];     /* primary_name, base64 (beat values) */
 	const char *prefix;   /* the cluster's keys */
 	uint64_t lease_id;    /* 0: none granted */
 	uint64_t ttl_ns;      /* as granted */
@@ -80,18 +81,19 @@ struct srv_auth {
 	 * that key names */
 	uint64_t part_epoch[RDMAPS_MAX_SERVERS], epoch_mod[RDMAPS_MAX_SERVERS];
 	uint64_t isr_recorded[RDMAPS_MAX_SERVERS];
-	uint64_t claim_rev[RDMAPS_MAX_SERVERS]; /* our claim's revision: its primary key's creation */
+	/* per rank we hold: its primary key's revision as we last wrote it
+	 * (claim or beat), and its value, base64 */
+	uint64_t claim_rev[RDMAPS_MAX_SERVERS];
+	char claim_val[RDMAPS_MAX_SERVERS][448];
 	uint64_t handback_since[RDMAPS_MAX_SERVERS], handback_next[RDMAPS_MAX_SERVERS];
 	uint64_t absent_since[RDMAPS_MAX_SERVERS]; /* a watched rank's primary key seen gone */
 	uint64_t last_ka;     /* when the last keep-alive went out */
 	/* folds may go on until the earlier of the two (lease_until) */
 	uint64_t ka_until, beat_until;
 	uint64_t dropped_at;  /* ranks taken over were dropped (DROP_SETTLE_NS) */
-	char beat_key[RDMAPS_MAX_SERVERS][128];
-	/* per rank held elsewhere: its primary key's and beat key's revisions
-	 * as last seen, and since when (stale_holder) */
-	uint64_t held_seen[RDMAPS_MAX_SERVERS], beat_seen[RDMAPS_MAX_SERVERS];
-	uint64_t seen_at[RDMAPS_MAX_SERVERS];
+	/* per rank held elsewhere: its primary key's revision as last seen,
+	 * and since when (stale_holder) */
+	uint64_t held_seen[RDMAPS_MAX_SERVERS], seen_at[RDMAPS_MAX_SERVERS];
 	bool poked;           /* the fold thread's in-sync set changed */
 	char watch_key[RDMAPS_MAX_SERVERS][256]; /* base64 keys of ranks we back up */
 	char watch_epoch[RDMAPS_MAX_SERVERS][256];
@@ -153,13 +155,19 @@ static int grant(struct srv_auth *a)
 	return 0;
 }
 
-/* Folds may go on until both the lease and (replicas > 1) the last beat
+/* A holder here beats (replicas > 1, beat_ms > 0); its period. */
+static uint64_t beat_ns(const struct srv_auth *a)
+{
+	return a->s->cfg.replicas > 1 ? (uint64_t)a->s->cfg.beat_ms * 1000000ull : 0;
+}
+
+/* Folds may go on until both the lease and the last beat (if we beat)
  * say so; only while our claim stands. */
 static void fence_publish(struct srv_auth *a)
 {
 	uint64_t until = a->ka_until;
 
-	if (a->s->cfg.replicas > 1 && a->beat_until < until)
+	if (beat_ns(a) && a->beat_until < until)
 		until = a->beat_until;
 	if (a->holding)
 		atomic_store(&a->s->lease_until, until);
@@ -190,39 +198,41 @@ static int keepalive(struct srv_auth *a)
 	return 0;
 }
 
+/* A primary key of ours: rank r's (base64). */
+static const char *held_key(const struct srv_auth *a, unsigned r)
+{
+	return r == a->s->cfg.server_id ? a->primary_key : a->watch_key[r];
+}
+
 /*
- * Beat every rank held here (see BEAT_FENCE_NS): one transaction, which
- * fails if any of our claims no longer stands (RDMAPS_EBUSY: a backup
- * took that rank over while our beats were late).
+ * Beat every rank held here (see FENCE_BEATS): one transaction that
+ * writes each of our primary keys again, and fails if any of our claims
+ * no longer stands (RDMAPS_EBUSY: a backup took that rank over while our
+ * beats were late).
  */
 static int beat(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 	size_t n = 0, cap = sizeof(a->body);
-	uint64_t sent = rdmaps__now_ns();
+	uint64_t sent = rdmaps__now_ns(), held = 0, rev = 0;
 	int rc;
 
+	for (unsigned r = 0; r < s->cfg.nservers && r < RDMAPS_MAX_SERVERS; r++)
+		if (r == s->cfg.server_id ? a->holding : srv_serves(s, r))
+			held |= 1ull << r;
 	n += (size_t)snprintf(a->body + n, cap - n, "{\"compare\":[");
-	for (unsigned r = 0, k = 0; r < s->cfg.nservers && r < RDMAPS_MAX_SERVERS; r++) {
-		if (r == s->cfg.server_id ? !a->holding : !srv_serves(s, r))
-			continue;
-		n += (size_t)snprintf(a->body + n, cap - n,
-				      "%s{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
-				      "\"}", k++ ? "," : "",
-				      r == s->cfg.server_id ? a->primary_key : a->watch_key[r],
-				      a->claim_rev[r]);
-	}
+	for (unsigned r = 0, k = 0; r < 64; r++)
+		if (held >> r & 1u)
+			n += (size_t)snprintf(a->body + n, cap - n,
+					      "%s{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
+					      "\"}", k++ ? "," : "", held_key(a, r), a->claim_rev[r]);
 	n += (size_t)snprintf(a->body + n, cap - n, "],\"success\":[");
-	for (unsigned r = 0, k = 0; r < s->cfg.nservers && r < RDMAPS_MAX_SERVERS; r++) {
-		if (r == s->cfg.server_id ? !a->holding : !srv_serves(s, r))
-			continue;
-		if (!a->beat_key[r][0])
-			key64(a->beat_key[r], sizeof(a->beat_key[r]), a->prefix, "beat", r);
-		/* the value is the holder's name, for an operator reading etcd */
-		n += (size_t)snprintf(a->body + n, cap - n,
-				      "%s{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\"}}",
-				      k++ ? "," : "", a->beat_key[r], a->name64);
-	}
+	for (unsigned r = 0, k = 0; r < 64; r++)
+		if (held >> r & 1u)
+			n += (size_t)snprintf(a->body + n, cap - n,
+					      "%s{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\",\"lease\":\"%"
+					      PRIu64 "\"}}", k++ ? "," : "", held_key(a, r), a->claim_val[r],
+					      a->lease_id);
 	n += (size_t)snprintf(a->body + n, cap - n, "]}");
 	if (n >= cap) {
 		snprintf(a->why, sizeof(a->why), "a beat of %zu bytes", n);
@@ -232,41 +242,44 @@ static int beat(struct srv_auth *a)
 		return rc;
 	if (!srv_json_true(a->buf, "succeeded"))
 		return RDMAPS_EBUSY;
-	a->beat_until = sent + BEAT_FENCE_NS;
+	srv_json_u64(a->buf, "revision", &rev); /* the header's: our writes' */
+	for (unsigned r = 0; r < 64; r++)
+		if (held >> r & 1u)
+			a->claim_rev[r] = rev;
+	a->beat_until = sent + FENCE_BEATS * beat_ns(a);
 	fence_publish(a);
 	return 0;
 }
 
 /*
- * Has rank p's holder (its primary key is key64) stopped beating? *held:
- * its primary key's revision (0: absent, not stale), *beat its beat key's;
- * stale once both have stood still for STEAL_NS (replicas > 1: with one
- * copy no holder beats, and only its lease ends a claim).
+ * Has rank p's holder (its primary key is key64p) stopped beating? *held:
+ * the key's revision (0: absent, not stale); stale once it has stood still
+ * for 4.5 of the holder's beats (its key says beat=; a holder that does
+ * not beat, with one copy or beat_ms 0, is replaced only when its lease
+ * ends).
  */
-static bool stale_holder(struct srv_auth *a, unsigned p, const char *key64p, uint64_t *held,
-			 uint64_t *beat_mod)
+static bool stale_holder(struct srv_auth *a, unsigned p, const char *key64p, uint64_t *held)
 {
+	char val[320] = "";
+	const char *b;
+	unsigned long beat_ms;
 	uint64_t now;
 
-	*held = *beat_mod = 0;
+	*held = 0;
 	if (range(a, key64p, held)) {
 		*held = UINT64_MAX; /* not known: as held */
 		return false;
 	}
-	if (!*held || a->s->cfg.replicas < 2)
-		return false;
-	if (!a->beat_key[p][0])
-		key64(a->beat_key[p], sizeof(a->beat_key[p]), a->prefix, "beat", p);
-	if (range(a, a->beat_key[p], beat_mod))
+	if (!*held || a->s->cfg.replicas < 2 || !srv_json_b64(a->buf, "value", val, sizeof(val)) ||
+	    !(b = strstr(val, " beat=")) || !(beat_ms = strtoul(b + 6, NULL, 10)))
 		return false;
 	now = rdmaps__now_ns();
-	if (*held != a->held_seen[p] || *beat_mod != a->beat_seen[p] || !a->seen_at[p]) {
+	if (*held != a->held_seen[p] || !a->seen_at[p]) {
 		a->held_seen[p] = *held;
-		a->beat_seen[p] = *beat_mod;
 		a->seen_at[p] = now;
 		return false;
 	}
-	return now - a->seen_at[p] >= STEAL_NS;
+	return now - a->seen_at[p] >= STEAL_HALF_BEATS * beat_ms * 1000000ull / 2;
 }
 
 /*
@@ -330,15 +343,14 @@ static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, ui
 /*
  * Claim rank r for epoch + 1. 0: ours; RDMAPS_EBUSY: another holds it
  * (a->held_by says who); RDMAPS_EAGAIN: the epoch moved under us. held:
- * 0, the primary key must be absent; else its revision, with the rank's
- * beat key at beat_mod: a holder that stopped beating (stale_holder) is
- * replaced, if neither key moved since.
+ * 0, the primary key must be absent; else its revision: a holder that
+ * stopped beating (stale_holder) is replaced, if the key is still so.
  */
 static int claim_rank(struct srv_auth *a, const char *primary_key, const char *epoch_key,
-		      uint64_t epoch, uint64_t mod, unsigned rank, uint64_t held, uint64_t beat_mod)
+		      uint64_t epoch, uint64_t mod, unsigned rank, uint64_t held)
 {
 	struct srv *s = a->s;
-	char body[2048], val[256], eval[256], v64[352], e64[352], held_cmp[512];
+	char body[2048], val[320], eval[256], v64[448], e64[352], held_cmp[512];
 	int rc;
 
 	if (!held)
@@ -347,12 +359,13 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 			 primary_key);
 	else
 		snprintf(held_cmp, sizeof(held_cmp),
-			 "{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
-			 "\"},{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
-			 "\"}", primary_key, held, a->beat_key[rank], beat_mod);
+			 "{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64 "\"}",
+			 primary_key, held);
 
-	snprintf(val, sizeof(val), "epoch=%" PRIu64 " server=%s instance=%016" PRIx64 "%s", epoch + 1,
-		 a->primary_name, s->instance, rank == s->cfg.server_id ? "" : " took-over");
+	/* beat=: how soon a backup may replace us once our beats stop */
+	snprintf(val, sizeof(val), "epoch=%" PRIu64 " server=%s instance=%016" PRIx64 "%s beat=%u",
+		 epoch + 1, a->primary_name, s->instance, rank == s->cfg.server_id ? "" : " took-over",
+		 (unsigned)(beat_ns(a) / 1000000u));
 	epoch_value(a, eval, sizeof(eval), epoch + 1, 0, rank);
 	srv_b64_encode(val, strlen(val), v64, sizeof(v64));
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
@@ -370,11 +383,12 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 	if (srv_json_true(a->buf, "succeeded")) {
 		/* the claim counts as a beat: backups time ours from it */
 		if (!a->holding)
-			a->beat_until = sent + BEAT_FENCE_NS;
+			a->beat_until = sent + FENCE_BEATS * beat_ns(a);
 		uint64_t rev = 0;
 		srv_json_u64(a->buf, "revision", &rev); /* the header's: our writes' */
 		a->epoch_mod[rank] = rev;
 		a->claim_rev[rank] = rev;
+		snprintf(a->claim_val[rank], sizeof(a->claim_val[rank]), "%s", v64);
 		a->part_epoch[rank] = epoch + 1;
 		a->isr_recorded[rank] = 0;
 		atomic_store(&s->isr_etcd[rank], 0);
@@ -420,10 +434,9 @@ static int claim(struct srv_auth *a, bool *back)
 	}
 	/* held by a server that stopped beating (our own previous run, or
 	 * the server that took the rank over): replaced */
-	uint64_t held, beat_mod;
-	bool stale = stale_holder(a, me, a->primary_key, &held, &beat_mod);
-	if ((rc = claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, me, stale ? held : 0,
-			     beat_mod)))
+	uint64_t held;
+	bool stale = stale_holder(a, me, a->primary_key, &held);
+	if ((rc = claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, me, stale ? held : 0)))
 		return rc;
 	if (stale)
 		log_warn("authority: rank %u's holder stopped beating %.2f s ago: replaced",
@@ -550,8 +563,8 @@ static void watch_ranks(struct srv_auth *a)
 		}
 		/* its primary key held (a revision): its primary is there,
 		 * unless it stopped beating */
-		uint64_t held, beat_mod;
-		bool stale = stale_holder(a, p, a->watch_key[p], &held, &beat_mod);
+		uint64_t held;
+		bool stale = stale_holder(a, p, a->watch_key[p], &held);
 		if (held && !stale) {
 			a->absent_since[p] = 0;
 			continue;
@@ -574,7 +587,7 @@ static void watch_ranks(struct srv_auth *a)
 				 " does not count this server in sync", p, epoch);
 			continue;
 		}
-		int rc = claim_rank(a, a->watch_key[p], a->watch_epoch[p], epoch, mod, p, held, beat_mod);
+		int rc = claim_rank(a, a->watch_key[p], a->watch_epoch[p], epoch, mod, p, held);
 		if (rc) {
 			log_info("authority: rank %u not claimed (%s): %s", p, rdmaps_strerror(rc), a->why);
 			continue;
@@ -801,7 +814,7 @@ static void *auth_main(void *arg)
 		uint64_t now = rdmaps__now_ns(), live = atomic_load(&s->isr_live[s->cfg.server_id]);
 		int rc = 0;
 		/* first what lets folds go on: the beat, then the lease */
-		if (s->cfg.replicas > 1 && (rc = beat(a)) == RDMAPS_EBUSY) {
+		if (beat_ns(a) && (rc = beat(a)) == RDMAPS_EBUSY) {
 			lose_claims(a, "a backup replaced this server: its beats were late");
 			lease_revoke(a); /* our other keys go with it: claimed anew */
 			wait = 0;
@@ -848,8 +861,9 @@ static void *auth_main(void *arg)
 		}
 		/* unanswered: try again soon, the lease may still be saved; a
 		 * backup looks at the ranks it backs up, and beats, every
-		 * WATCH_NS */
-		wait = s->cfg.replicas > 1 ? WATCH_NS : rc ? RETRY_NS : a->ttl_ns / 3;
+		 * WATCH_NS, or every beat */
+		wait = beat_ns(a) ? beat_ns(a)
+		       : s->cfg.replicas > 1 ? WATCH_NS : rc ? RETRY_NS : a->ttl_ns / 3;
 	}
 	if (a->holding || a->lease_id) {
 		/* folds are over (the caller joined the fold threads): the rank
@@ -879,7 +893,6 @@ int srv_auth_start(struct srv *s)
 	key64(a->epoch_key, sizeof(a->epoch_key), a->prefix, "epoch", s->cfg.server_id);
 	snprintf(a->primary_name, sizeof(a->primary_name), "%s:%s",
 		 s->cfg.listen_addr ? s->cfg.listen_addr : "0.0.0.0", s->cfg.port);
-	srv_b64_encode(a->primary_name, strlen(a->primary_name), a->name64, sizeof(a->name64));
 	pthread_mutex_init(&a->lock, NULL);
 	pthread_condattr_t ca;
 	pthread_condattr_init(&ca);

@@ -206,6 +206,7 @@ int main(int argc, char **argv)
 		.two_copies_min = 4096,
 		.evict_ms = 10000,
 		.max_inline = 128,
+		.beat_ms = RDMAPS__BEAT_MS,
 	};
 	while ((opt = getopt_long(argc, argv, "a:p:t:C:r:f:vh", opts, NULL)) != -1) {
 		int bad = 0;
@@ -298,6 +299,7 @@ int main(int argc, char **argv)
 		if (!cfg->lease_s)
 			cfg->lease_s = (unsigned)cc.lease_s;
 		cfg->ack_timeout_ms = cc.ack_timeout_ms;
+		cfg->beat_ms = (unsigned)cc.beat_ms;
 		for (uint32_t i = 0; i < cc.nservers; i++) {
 			servers[i] = cc.servers[i];
 			if (!servers[i].port[0])

@@ -61,6 +61,7 @@ struct srv_config {
 	const char *etcd_prefix; /* the cluster's keys (default "/rdmaps") */
 	unsigned lease_s;        /* the lease's TTL, as asked of etcd */
 	int ack_timeout_ms;      /* of the connections to backups (0: rdma_cm's) */
+	unsigned beat_ms;        /* replicas > 1: a holder's beat (0: none; authority.c) */
 };
 
 /*

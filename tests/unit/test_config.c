@@ -177,6 +177,28 @@ Test(config, ack_timeout)
 	unlink(p);
 }
 
+Test(config, beat_ms)
+{
+	const char *p = write_ini("servers = a\nbeat_ms = 200\n");
+
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.beat_ms, 200);
+	setenv("RDMAPS_BEAT_MS", "0", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.beat_ms, 0, "the environment over the file; 0: no beats");
+	setenv("RDMAPS_BEAT_MS", "10", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL,
+		     "under 20 ms writes etcd more often than a failover needs");
+	setenv("RDMAPS_BEAT_MS", "1001", 1);
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), RDMAPS_EINVAL);
+	unsetenv("RDMAPS_BEAT_MS");
+	unlink(p);
+	p = write_ini("servers = a\n");
+	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
+	cr_assert_eq(cfg.beat_ms, 100, "a beat every 100 ms unless asked");
+	unlink(p);
+}
+
 Test(config, launchers)
 {
 	setenv("SLURM_PROCID", "3", 1);
