@@ -84,7 +84,7 @@ struct srv_auth {
 	/* per rank we hold: its primary key's revision as we last wrote it
 	 * (claim or beat), and its value, base64 */
 	uint64_t claim_rev[RDMAPS_MAX_SERVERS];
-	char claim_val[RDMAPS_MAX_SERVERS][448];
+	char claim_val[RDMAPS_MAX_SERVERS][448], claim_plain[RDMAPS_MAX_SERVERS][320];
 	uint64_t handback_since[RDMAPS_MAX_SERVERS], handback_next[RDMAPS_MAX_SERVERS];
 	uint64_t absent_since[RDMAPS_MAX_SERVERS]; /* a watched rank's primary key seen gone */
 	uint64_t last_ka;     /* when the last keep-alive went out */
@@ -205,10 +205,41 @@ static const char *held_key(const struct srv_auth *a, unsigned r)
 }
 
 /*
+ * A beat refused: is a key of ours written by someone else (RDMAPS_EBUSY:
+ * a backup replaced us), or did an earlier beat of ours go through
+ * unanswered (a call timed out after etcd applied it), so that we compared
+ * with an old revision? Each key still holding our value (our server and
+ * run: nobody else writes it) is still ours, at the revision it has now:
+ * RDMAPS_EAGAIN, beat again.
+ */
+static int beat_refused(struct srv_auth *a, uint64_t held)
+{
+	char val[320];
+	uint64_t mod[64] = { 0 };
+
+	for (unsigned r = 0; r < 64; r++) {
+		if (!(held >> r & 1u))
+			continue;
+		if (range(a, held_key(a, r), &mod[r]))
+			return RDMAPS_EAGAIN; /* not known: the next beat asks again (why: range's) */
+		if (!mod[r] || !srv_json_b64(a->buf, "value", val, sizeof(val)) ||
+		    strcmp(val, a->claim_plain[r]))
+			return RDMAPS_EBUSY;
+	}
+	for (unsigned r = 0; r < 64; r++)
+		if (held >> r & 1u)
+			a->claim_rev[r] = mod[r];
+	log_warn("authority: a beat went through unanswered; beating from revision %" PRIu64,
+		 mod[__builtin_ctzll(held)]);
+	snprintf(a->why, sizeof(a->why), "a beat refused, our keys still ours");
+	return RDMAPS_EAGAIN;
+}
+
+/*
  * Beat every rank held here (see FENCE_BEATS): one transaction that
  * writes each of our primary keys again, and fails if any of our claims
  * no longer stands (RDMAPS_EBUSY: a backup took that rank over while our
- * beats were late).
+ * beats were late; RDMAPS_EAGAIN: see beat_refused).
  */
 static int beat(struct srv_auth *a)
 {
@@ -241,7 +272,7 @@ static int beat(struct srv_auth *a)
 	if ((rc = call(a, "/v3/kv/txn", a->body)))
 		return rc;
 	if (!srv_json_true(a->buf, "succeeded"))
-		return RDMAPS_EBUSY;
+		return beat_refused(a, held);
 	srv_json_u64(a->buf, "revision", &rev); /* the header's: our writes' */
 	for (unsigned r = 0; r < 64; r++)
 		if (held >> r & 1u)
@@ -389,6 +420,7 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 		a->epoch_mod[rank] = rev;
 		a->claim_rev[rank] = rev;
 		snprintf(a->claim_val[rank], sizeof(a->claim_val[rank]), "%s", v64);
+		snprintf(a->claim_plain[rank], sizeof(a->claim_plain[rank]), "%s", val);
 		a->part_epoch[rank] = epoch + 1;
 		a->isr_recorded[rank] = 0;
 		atomic_store(&s->isr_etcd[rank], 0);
@@ -814,7 +846,9 @@ static void *auth_main(void *arg)
 		uint64_t now = rdmaps__now_ns(), live = atomic_load(&s->isr_live[s->cfg.server_id]);
 		int rc = 0;
 		/* first what lets folds go on: the beat, then the lease */
-		if (beat_ns(a) && (rc = beat(a)) == RDMAPS_EBUSY) {
+		if (beat_ns(a) && (rc = beat(a)) == RDMAPS_EAGAIN)
+			rc = beat(a); /* (from the revisions our keys have) */
+		if (rc == RDMAPS_EBUSY) {
 			lose_claims(a, "a backup replaced this server: its beats were late");
 			lease_revoke(a); /* our other keys go with it: claimed anew */
 			wait = 0;
