@@ -101,6 +101,26 @@ void srv_repl_stop(struct srv *s)
 
 /* ---- the fold thread's side -------------------------------------------- */
 
+/*
+ * Records in flight to p and none completed (acknowledged by its NIC) for
+ * PEER_SILENT_MS? A backup cut off says nothing; until it is given up,
+ * the credits of every push wait for it (it is counted in sync). A live
+ * one acknowledges within microseconds, however far behind its fold
+ * thread is (that is its ring's credit, peer_room). A clock read per poll
+ * while records are in flight.
+ */
+static bool peer_silent(struct srv_peer *p)
+{
+	uint64_t now = rdmaps__now_ns();
+
+	if (p->completed >= p->posted || p->completed != p->quiet_completed || !p->quiet_since) {
+		p->quiet_completed = p->completed;
+		p->quiet_since = now;
+		return false;
+	}
+	return now - p->quiet_since > PEER_SILENT_MS * 1000000ull;
+}
+
 static bool peer_up(const struct srv_peer *p);
 
 /* Under an authority (etcd): a backup counts as in sync only once it holds
@@ -498,6 +518,7 @@ static void peer_adopt(struct srv_peer *p)
 
 	memset(p->pt, 0, st->max * sizeof(*p->pt));
 	p->completed = p->posted; /* nothing of an earlier connection is in flight */
+	p->quiet_since = 0;
 	p->asking = NULL;
 	p->answered = false;
 	p->opening = p->eager = 0;
@@ -713,6 +734,8 @@ int srv_repl_poll(struct srv_fold_thread *ft)
 			else if (p->asking && rdmaps__now_ns() - p->asked_ns >
 						      PEER_TIMEOUT_MS * 1000000ull)
 				peer_fail(p, "no answer to a replica open");
+			else if (peer_silent(p))
+				peer_fail(p, "none of its records acknowledged for 1 s");
 		}
 		/* a part goes back to its own server: the peer that is it */
 		if (p->rank == p->part && atomic_load(&p->s->handing_back[p->part]))

@@ -14,6 +14,10 @@
 #define REPL_TOUCH_MAX (SRV_REPL_RING / 2)
 #define REPL_WAIT_MAX 4096u  /* credits waiting for the backups */
 #define PEER_TIMEOUT_MS 5000 /* connect, and a REPLICA_OPEN's answer */
+/* records written and none acknowledged by the backup's NIC for this long:
+ * it is given up (and struck off the in-sync set) without waiting for the
+ * transport's retries (ack_timeout_ms x 7: 15 s with rdma_cm's) */
+#define PEER_SILENT_MS 1000
 #define PEER_RETRY_NS 500000000ull
 #define SETTLE_NS 10000000000ull /* a leaving worker's credits wait this long at most */
 /* backups of parts taken over here (their old primaries), beyond our own */
@@ -74,6 +78,7 @@ struct srv_peer {
 	/* chunks written and completed since start, never reset: a credit
 	 * waits for this backup to have completed what was posted before it */
 	uint64_t posted, completed;
+	uint64_t quiet_completed, quiet_since; /* completed as last seen moving, and when */
 	uint32_t req_id, reply_len;
 	struct srv_tensor *asking; /* its REPLICA_OPEN is out */
 	uint64_t asked_ns;
