@@ -90,6 +90,8 @@ struct srv_auth {
 	uint64_t last_ka;     /* when the last keep-alive went out */
 	/* folds may go on until the earlier of the two (lease_until) */
 	uint64_t ka_until, beat_until;
+	uint64_t beat_sent;   /* when the last beat went out */
+	bool beat_lost;       /* a beat found a claim of ours replaced */
 	uint64_t dropped_at;  /* ranks taken over were dropped (DROP_SETTLE_NS) */
 	/* per rank held elsewhere: its primary key's revision as last seen,
 	 * and since when (stale_holder) */
@@ -248,6 +250,7 @@ static int beat(struct srv_auth *a)
 	uint64_t sent = rdmaps__now_ns(), held = 0, rev = 0;
 	int rc;
 
+	a->beat_sent = sent;
 	for (unsigned r = 0; r < s->cfg.nservers && r < RDMAPS_MAX_SERVERS; r++)
 		if (r == s->cfg.server_id ? a->holding : srv_serves(s, r))
 			held |= 1ull << r;
@@ -280,6 +283,27 @@ static int beat(struct srv_auth *a)
 	a->beat_until = sent + FENCE_BEATS * beat_ns(a);
 	fence_publish(a);
 	return 0;
+}
+
+/*
+ * Between the other etcd calls of a round (each may take a while on a
+ * loaded host), beat if a beat is due, so that beats stay a beat apart
+ * however long the round: a backup must not take a slow round for a dead
+ * holder. False once a beat found a claim of ours replaced (beat_lost:
+ * the round ends there).
+ */
+static bool beat_on_time(struct srv_auth *a)
+{
+	int rc;
+
+	if (a->beat_lost)
+		return false;
+	if (!a->holding || !beat_ns(a) || rdmaps__now_ns() - a->beat_sent < beat_ns(a))
+		return true;
+	if ((rc = beat(a)) == RDMAPS_EAGAIN)
+		rc = beat(a);
+	a->beat_lost = rc == RDMAPS_EBUSY;
+	return !a->beat_lost;
 }
 
 /*
@@ -521,7 +545,8 @@ static void lease_revoke(struct srv_auth *a)
 	char body[64];
 
 	snprintf(body, sizeof(body), "{\"ID\":\"%" PRIu64 "\"}", a->lease_id);
-	if (call(a, "/v3/lease/revoke", body))
+	/* (already ended at etcd: nothing to give back) */
+	if (call(a, "/v3/lease/revoke", body) && !strstr(a->why, "lease not found"))
 		log_warn("authority: cannot give rank %u back (%s); it is free once the lease "
 			 "ends, in %" PRIu64 " s at most",
 			 a->s->cfg.server_id, a->why, (uint64_t)(a->ttl_ns / 1000000000u));
@@ -573,7 +598,7 @@ static void watch_ranks(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 
-	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && beat_on_time(a); p++) {
 		uint64_t epoch, isr, mod;
 		char by[200];
 		if (p == s->cfg.server_id || srv_serves(s, p)) {
@@ -639,7 +664,7 @@ static void record_taken_over(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 
-	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && beat_on_time(a); p++) {
 		uint64_t live = atomic_load(&s->isr_live[p]);
 		if (p == s->cfg.server_id || !srv_serves(s, p) || live == a->isr_recorded[p])
 			continue;
@@ -686,7 +711,7 @@ static void hand_back(struct srv_auth *a)
 	struct srv *s = a->s;
 	uint64_t now = rdmaps__now_ns();
 
-	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS; p++) {
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && beat_on_time(a); p++) {
 		if (p == s->cfg.server_id || !srv_serves(s, p))
 			continue;
 		if (!atomic_load(&s->handing_back[p])) {
@@ -846,15 +871,18 @@ static void *auth_main(void *arg)
 		uint64_t now = rdmaps__now_ns(), live = atomic_load(&s->isr_live[s->cfg.server_id]);
 		int rc = 0;
 		/* first what lets folds go on: the beat, then the lease */
+		a->beat_lost = false;
 		if (beat_ns(a) && (rc = beat(a)) == RDMAPS_EAGAIN)
 			rc = beat(a); /* (from the revisions our keys have) */
-		if (rc == RDMAPS_EBUSY) {
+		a->beat_lost = rc == RDMAPS_EBUSY;
+		if (!a->beat_lost)
+			record_taken_over(a);
+		if (a->beat_lost) {
 			lose_claims(a, "a backup replaced this server: its beats were late");
 			lease_revoke(a); /* our other keys go with it: claimed anew */
 			wait = 0;
 			continue;
 		}
-		record_taken_over(a);
 		if (live != a->isr_recorded[s->cfg.server_id] &&
 		    record_isr(a, s->cfg.server_id, live) == RDMAPS_EBUSY) {
 			lose_claims(a, "its epoch moved on elsewhere"); /* another's claim */
@@ -893,10 +921,17 @@ static void *auth_main(void *arg)
 			watch_ranks(a);
 			hand_back(a);
 		}
+		if (a->beat_lost) { /* (a beat between their calls) */
+			lose_claims(a, "a backup replaced this server: its beats were late");
+			lease_revoke(a);
+			wait = 0;
+			continue;
+		}
 		/* unanswered: try again soon, the lease may still be saved; a
-		 * backup looks at the ranks it backs up, and beats, every
-		 * WATCH_NS, or every beat */
-		wait = beat_ns(a) ? beat_ns(a)
+		 * backup looks at the ranks it backs up every WATCH_NS, or
+		 * every beat, a beat after the last one went out */
+		uint64_t since = rdmaps__now_ns() - a->beat_sent;
+		wait = beat_ns(a) ? (since < beat_ns(a) ? beat_ns(a) - since : 0)
 		       : s->cfg.replicas > 1 ? WATCH_NS : rc ? RETRY_NS : a->ttl_ns / 3;
 	}
 	if (a->holding || a->lease_id) {
