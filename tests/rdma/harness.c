@@ -1,6 +1,7 @@
 #include "harness.h"
 
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
@@ -113,6 +114,41 @@ void th_server_kill9(struct th_server *s)
 	kill(s->pid, SIGKILL);
 	waitpid(s->pid, NULL, 0);
 	s->pid = 0;
+}
+
+/* Is every thread of pid stopped (state T in /proc/pid/task/<tid>/stat)? */
+static bool all_stopped(pid_t pid)
+{
+	char path[64], buf[512];
+	struct dirent *e;
+	bool all = true;
+	DIR *d;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+	if (!(d = opendir(path)))
+		return false;
+	while (all && (e = readdir(d))) {
+		if (e->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/proc/%d/task/%.20s/stat", (int)pid, e->d_name);
+		FILE *f = fopen(path, "r");
+		size_t n = f ? fread(buf, 1, sizeof(buf) - 1, f) : 0;
+		if (f)
+			fclose(f);
+		buf[n] = '\0';
+		const char *st = strrchr(buf, ')'); /* the name may hold anything */
+		all = st && (st[2] == 'T' || st[2] == 't');
+	}
+	closedir(d);
+	return all;
+}
+
+void th_server_freeze(struct th_server *s)
+{
+	cr_assert_eq(kill(s->pid, SIGSTOP), 0);
+	for (int i = 0; i < 2000 && !all_stopped(s->pid); i++)
+		usleep(1000);
+	cr_assert(all_stopped(s->pid), "rdmaps-server did not stop within 2 s of SIGSTOP");
 }
 
 unsigned th_hosts(const char **out, unsigned n)

@@ -37,6 +37,10 @@ int th_server_alive(const struct th_server *s);
 unsigned long long th_server_pinned_kib(const struct th_server *s);
 /* kill -9, as a crash would. */
 void th_server_kill9(struct th_server *s);
+/* SIGSTOP, returning once every thread of it has stopped: kill() returns
+ * before a thread spinning on another vCPU is stopped, which under TCG can
+ * take long enough for it to fold what the test posts next. */
+void th_server_freeze(struct th_server *s);
 /* Start again on the same address and port, with these args. */
 void th_server_restart(struct th_server *s, ...);
 /* Connect a librdmaps client with the test token (asserts success). */

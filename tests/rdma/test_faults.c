@@ -322,7 +322,7 @@ Test(faults, push_folded_across_a_cut_link_counts_once, .fini = link_up, .timeou
 	push_folded_main(&a);
 	cr_assert_eq(a.rc, 0);
 
-	kill(srv.pid, SIGSTOP);
+	th_server_freeze(&srv);
 	cr_assert_eq(pthread_create(&th, NULL, push_folded_main, &a), 0);
 	usleep(500000); /* staged: the server's kernel acknowledged the WRITE */
 	rxe_link(2, "down");
@@ -399,7 +399,7 @@ Test(faults, compressed_push_across_a_cut_link_encodes_each_chunk_once, .fini = 
 	 * stopped process folds nothing, so the push waits for credits when
 	 * the link goes; the server folds those four meanwhile, and the
 	 * worker posts the other eight after its reconnect */
-	kill(srv.pid, SIGSTOP);
+	th_server_freeze(&srv);
 	cr_assert_eq(pthread_create(&th, NULL, push_topk_main, &a), 0);
 	usleep(500000);
 	rxe_link(2, "down");

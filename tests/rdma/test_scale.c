@@ -272,7 +272,7 @@ Test(scale, a_waiting_worker_sleeps, .fini = stop_server, .timeout = 120)
 		g[i] = 1.0f;
 	cr_assert_eq(rdmaps_push(c, t, g, RDMAPS_PUSH_FOLDED), 0);
 
-	cr_assert_eq(kill(srv.pid, SIGSTOP), 0);
+	th_server_freeze(&srv);
 	cr_assert_eq(rdmaps_push(c, t, g, 0), 0, "staged while the server is stopped");
 	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
 	t0 = rdmaps__now_ns();
