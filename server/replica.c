@@ -111,9 +111,12 @@ void srv_repl_stop(struct srv *s)
  */
 static bool peer_silent(struct srv_peer *p)
 {
-	uint64_t now = rdmaps__now_ns();
+	uint64_t now;
 
-	if (p->completed >= p->posted || p->completed != p->quiet_completed || !p->quiet_since) {
+	if (p->completed >= p->posted)
+		return false;
+	now = rdmaps__now_ns();
+	if (p->completed != p->quiet_completed) { /* progress: time from here */
 		p->quiet_completed = p->completed;
 		p->quiet_since = now;
 		return false;
@@ -261,6 +264,12 @@ static void peer_post(struct srv_peer *p, uint8_t *b, size_t len, bool last)
 	if (ibv_post_send(p->qp, &wr, &bad)) {
 		peer_fail(p, "cannot post a record");
 		return;
+	}
+	if (p->completed == p->posted) {
+		/* the first record in flight: peer_silent times from here (a
+		 * clock read only when the backup had nothing outstanding) */
+		p->quiet_completed = p->completed;
+		p->quiet_since = rdmaps__now_ns();
 	}
 	p->seq++;
 	p->posted++;
@@ -518,7 +527,6 @@ static void peer_adopt(struct srv_peer *p)
 
 	memset(p->pt, 0, st->max * sizeof(*p->pt));
 	p->completed = p->posted; /* nothing of an earlier connection is in flight */
-	p->quiet_since = 0;
 	p->asking = NULL;
 	p->answered = false;
 	p->opening = p->eager = 0;

@@ -78,7 +78,9 @@ struct srv_peer {
 	/* chunks written and completed since start, never reset: a credit
 	 * waits for this backup to have completed what was posted before it */
 	uint64_t posted, completed;
-	uint64_t quiet_completed, quiet_since; /* completed as last seen moving, and when */
+	/* completed as last seen moving, and when (or when the first record
+	 * went out to an idle backup): peer_silent */
+	uint64_t quiet_completed, quiet_since;
 	uint32_t req_id, reply_len;
 	struct srv_tensor *asking; /* its REPLICA_OPEN is out */
 	uint64_t asked_ns;
