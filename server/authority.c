@@ -287,10 +287,10 @@ static int beat(struct srv_auth *a)
 
 /*
  * Between the other etcd calls of a round (each may take a while on a
- * loaded host), beat if a beat is due, so that beats stay a beat apart
- * however long the round: a backup must not take a slow round for a dead
- * holder. False once a beat found a claim of ours replaced (beat_lost:
- * the round ends there).
+ * loaded host), beat if the last beat is two beats old, so that a slow
+ * round does not pass for a dead holder (a backup waits 4.5 beats). False
+ * once a beat found a claim of ours replaced (beat_lost: the round ends
+ * there).
  */
 static bool beat_on_time(struct srv_auth *a)
 {
@@ -298,7 +298,9 @@ static bool beat_on_time(struct srv_auth *a)
 
 	if (a->beat_lost)
 		return false;
-	if (!a->holding || !beat_ns(a) || rdmaps__now_ns() - a->beat_sent < beat_ns(a))
+	/* two beats late: only a round slowed down (etcd loaded), and
+	 * beating in it sooner would load etcd more */
+	if (!a->holding || !beat_ns(a) || rdmaps__now_ns() - a->beat_sent < 2 * beat_ns(a))
 		return true;
 	if ((rc = beat(a)) == RDMAPS_EAGAIN)
 		rc = beat(a);
@@ -929,9 +931,9 @@ static void *auth_main(void *arg)
 		}
 		/* unanswered: try again soon, the lease may still be saved; a
 		 * backup looks at the ranks it backs up every WATCH_NS, or
-		 * every beat, a beat after the last one went out */
-		uint64_t since = rdmaps__now_ns() - a->beat_sent;
-		wait = beat_ns(a) ? (since < beat_ns(a) ? beat_ns(a) - since : 0)
+		 * every beat. A beat after the round, not after the last beat:
+		 * a loaded etcd slows the rounds, and so its load */
+		wait = beat_ns(a) ? beat_ns(a)
 		       : s->cfg.replicas > 1 ? WATCH_NS : rc ? RETRY_NS : a->ttl_ns / 3;
 	}
 	if (a->holding || a->lease_id) {
