@@ -17,11 +17,9 @@
 #define RDMAPS_MAX_REPLICAS 4 /* copies of a part: its primary and up to three backups */
 #define RDMAPS__SPIN_US 50 /* spin_us's default: a 64 B pull on real hardware never sleeps */
 #define RDMAPS__SNAPSHOT_AFTER 2 /* snapshot_after's default: 3 READs of a chunk at most */
-/* beat_ms's default: off. 100 ms replaces a dead primary in about half a
- * second, but on an etcd too loaded to answer within a few beats, holders
- * and backups took ranks from each other over and over (seen in CI's VM):
- * beats want a backoff first (server/authority.c) */
-#define RDMAPS__BEAT_MS 0
+/* beat_ms's default: 100 ms replaces a dead primary in about half a
+ * second; on a loaded etcd the period backs off (server/authority.c) */
+#define RDMAPS__BEAT_MS 100
 
 struct rdmaps__server_addr {
 	char host[RDMAPS_ADDR_MAX];

@@ -29,6 +29,7 @@
 #include <string.h>
 
 #include "error.h"
+#include "beat.h"
 #include "etcd.h"
 #include "server.h"
 
@@ -52,9 +53,19 @@
  * counts in whole seconds and expires at its next look, every 500 ms. The
  * beat is the key a backup reads anyway: one etcd write per holder every
  * B, no more reads.
+ *
+ * A loaded etcd (a busy host, a slow disk) answers late, and beats of a
+ * fixed period would then pass for a dead holder and flap the rank from
+ * server to server. So the period backs off: a holder beats every
+ * max(beat_ms, twice its typical etcd call), a power of two times
+ * beat_ms up to 1 s, and names that period in its key; a backup waits 4.5
+ * of them plus its own slowest recent call (beat.h), and counts no time
+ * across a call of its own that failed. Waiting
+ * longer is always safe (the holder stopped folding sooner); a holder that
+ * shortens its period fences at once by the shorter one, as its write may
+ * land unanswered.
  */
-#define FENCE_BEATS 3u
-#define STEAL_HALF_BEATS 9u /* 4.5 beats */
+#define FENCE_BEATS SRV_FENCE_BEATS
 /* ranks dropped (our lease or a claim lost): the listener sends their
  * workers away at its next tick (100 ms); no new claim unfences folds
  * before, so none of theirs is folded under it */
@@ -90,8 +101,13 @@ struct srv_auth {
 	uint64_t last_ka;     /* when the last keep-alive went out */
 	/* folds may go on until the earlier of the two (lease_until) */
 	uint64_t ka_until, beat_until;
+	uint64_t beat_named;  /* the period our keys name (beat=) */
 	uint64_t beat_sent;   /* when the last beat went out */
 	bool beat_lost;       /* a beat found a claim of ours replaced */
+	/* how etcd answers us: the slowest recent call (halved every
+	 * SRV_SLOW_HALF_NS since slow_at), and the typical one (an average
+	 * over about 8 calls) */
+	uint64_t slow_ns, slow_at, lat_ns;
 	uint64_t dropped_at;  /* ranks taken over were dropped (DROP_SETTLE_NS) */
 	/* per rank held elsewhere: its primary key's revision as last seen,
 	 * and since when (stale_holder) */
@@ -119,8 +135,19 @@ static void key64(char *out, size_t outlen, const char *prefix, const char *what
 
 static int call(struct srv_auth *a, const char *path, const char *body)
 {
-	return srv_etcd_post(&a->etcd, path, body, a->buf, sizeof(a->buf), CALL_MS, a->why,
-			     sizeof(a->why));
+	uint64_t t0 = rdmaps__now_ns();
+	int rc = srv_etcd_post(&a->etcd, path, body, a->buf, sizeof(a->buf), CALL_MS, a->why,
+			       sizeof(a->why));
+	uint64_t took = rdmaps__now_ns() - t0;
+
+	/* how loaded etcd is: the beat's period and a backup's patience */
+	uint64_t halves = (t0 + took - a->slow_at) / SRV_SLOW_HALF_NS;
+	a->slow_ns = halves >= 64 ? 0 : a->slow_ns >> halves;
+	a->slow_at += halves * SRV_SLOW_HALF_NS;
+	if (took > a->slow_ns)
+		a->slow_ns = took;
+	a->lat_ns = a->lat_ns - a->lat_ns / 8 + took / 8;
+	return rc;
 }
 
 /* Read one key (base64): 0 with etcd's answer in a->buf; *mod its revision
@@ -157,10 +184,24 @@ static int grant(struct srv_auth *a)
 	return 0;
 }
 
-/* A holder here beats (replicas > 1, beat_ms > 0); its period. */
+/* A holder here beats (replicas > 1, beat_ms > 0); its period now: beat_ms,
+ * doubled until it is twice our typical etcd call (see above). 0:
+ * no beats. */
 static uint64_t beat_ns(const struct srv_auth *a)
 {
-	return a->s->cfg.replicas > 1 ? (uint64_t)a->s->cfg.beat_ms * 1000000ull : 0;
+	if (a->s->cfg.replicas < 2)
+		return 0;
+	return srv_beat_period((uint64_t)a->s->cfg.beat_ms * 1000000ull, a->lat_ns);
+}
+
+/* A claim's value, "epoch=E server=S instance=I[ took-over] beat=B", with
+ * its beat period now B (ms). */
+static void claim_format(char *out, size_t outlen, const struct srv_auth *a, uint64_t epoch,
+			 unsigned rank, uint64_t beat)
+{
+	snprintf(out, outlen, "epoch=%" PRIu64 " server=%s instance=%016" PRIx64 "%s beat=%u",
+		 epoch, a->primary_name, a->s->instance,
+		 rank == a->s->cfg.server_id ? "" : " took-over", (unsigned)(beat / 1000000u));
 }
 
 /* Folds may go on until both the lease and the last beat (if we beat)
@@ -214,6 +255,13 @@ static const char *held_key(const struct srv_auth *a, unsigned r)
  * run: nobody else writes it) is still ours, at the revision it has now:
  * RDMAPS_EAGAIN, beat again.
  */
+static bool same_claim(const char *x, const char *y)
+{
+	const char *bx = strstr(x, " beat="), *by = strstr(y, " beat=");
+
+	return bx && by && bx - x == by - y && !strncmp(x, y, (size_t)(bx - x));
+}
+
 static int beat_refused(struct srv_auth *a, uint64_t held)
 {
 	char val[320];
@@ -224,8 +272,9 @@ static int beat_refused(struct srv_auth *a, uint64_t held)
 			continue;
 		if (range(a, held_key(a, r), &mod[r]))
 			return RDMAPS_EAGAIN; /* not known: the next beat asks again (why: range's) */
+		/* (the period may differ: an earlier beat's) */
 		if (!mod[r] || !srv_json_b64(a->buf, "value", val, sizeof(val)) ||
-		    strcmp(val, a->claim_plain[r]))
+		    !same_claim(val, a->claim_plain[r]))
 			return RDMAPS_EBUSY;
 	}
 	for (unsigned r = 0; r < 64; r++)
@@ -247,13 +296,33 @@ static int beat(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 	size_t n = 0, cap = sizeof(a->body);
-	uint64_t sent = rdmaps__now_ns(), held = 0, rev = 0;
+	uint64_t sent = rdmaps__now_ns(), held = 0, rev = 0, period = beat_ns(a);
 	int rc;
 
 	a->beat_sent = sent;
 	for (unsigned r = 0; r < s->cfg.nservers && r < RDMAPS_MAX_SERVERS; r++)
 		if (r == s->cfg.server_id ? a->holding : srv_serves(s, r))
 			held |= 1ull << r;
+	if (period != a->beat_named) {
+		/* the period backs off or comes back: our keys name it */
+		for (unsigned r = 0; r < 64; r++) {
+			if (!(held >> r & 1u))
+				continue;
+			claim_format(a->claim_plain[r], sizeof(a->claim_plain[r]), a, a->part_epoch[r],
+				     r, period);
+			srv_b64_encode(a->claim_plain[r], strlen(a->claim_plain[r]), a->claim_val[r],
+				       sizeof(a->claim_val[r]));
+		}
+		if (period < a->beat_named) {
+			/* it may land unanswered: backups then wait by it */
+			if (a->beat_until > sent + FENCE_BEATS * period)
+				a->beat_until = sent + FENCE_BEATS * period;
+			fence_publish(a);
+		}
+		log_info("authority: beats every %" PRIu64 " ms (etcd answers in %" PRIu64
+			 " ms on average)", period / 1000000u, a->lat_ns / 1000000u);
+		a->beat_named = period;
+	}
 	n += (size_t)snprintf(a->body + n, cap - n, "{\"compare\":[");
 	for (unsigned r = 0, k = 0; r < 64; r++)
 		if (held >> r & 1u)
@@ -280,14 +349,14 @@ static int beat(struct srv_auth *a)
 	for (unsigned r = 0; r < 64; r++)
 		if (held >> r & 1u)
 			a->claim_rev[r] = rev;
-	a->beat_until = sent + FENCE_BEATS * beat_ns(a);
+	a->beat_until = sent + FENCE_BEATS * period;
 	fence_publish(a);
 	return 0;
 }
 
 /*
  * Between the other etcd calls of a round (each may take a while on a
- * loaded host), beat if the last beat is two beats old, so that a slow
+ * loaded host), beat if the last beat is a period old, so that a slow
  * round does not pass for a dead holder (a backup waits 4.5 beats). False
  * once a beat found a claim of ours replaced (beat_lost: the round ends
  * there).
@@ -298,9 +367,9 @@ static bool beat_on_time(struct srv_auth *a)
 
 	if (a->beat_lost)
 		return false;
-	/* two beats late: only a round slowed down (etcd loaded), and
-	 * beating in it sooner would load etcd more */
-	if (!a->holding || !beat_ns(a) || rdmaps__now_ns() - a->beat_sent < 2 * beat_ns(a))
+	/* a beat late: a round slowed down (the period backs off when
+	 * etcd is loaded: beat_ns) */
+	if (!a->holding || !beat_ns(a) || rdmaps__now_ns() - a->beat_sent < beat_ns(a))
 		return true;
 	if ((rc = beat(a)) == RDMAPS_EAGAIN)
 		rc = beat(a);
@@ -325,6 +394,7 @@ static bool stale_holder(struct srv_auth *a, unsigned p, const char *key64p, uin
 	*held = 0;
 	if (range(a, key64p, held)) {
 		*held = UINT64_MAX; /* not known: as held */
+		a->seen_at[p] = 0;  /* and the holder's beats may not land either */
 		return false;
 	}
 	if (!*held || a->s->cfg.replicas < 2 || !srv_json_b64(a->buf, "value", val, sizeof(val)) ||
@@ -336,7 +406,9 @@ static bool stale_holder(struct srv_auth *a, unsigned p, const char *key64p, uin
 		a->seen_at[p] = now;
 		return false;
 	}
-	return now - a->seen_at[p] >= STEAL_HALF_BEATS * beat_ms * 1000000ull / 2;
+	/* (our own calls slow: etcd is loaded, the holder's beats may be
+	 * late to land) */
+	return now - a->seen_at[p] >= srv_beat_stale_ns(beat_ms * 1000000ull, a->slow_ns);
 }
 
 /*
@@ -419,10 +491,10 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 			 "{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64 "\"}",
 			 primary_key, held);
 
-	/* beat=: how soon a backup may replace us once our beats stop */
-	snprintf(val, sizeof(val), "epoch=%" PRIu64 " server=%s instance=%016" PRIx64 "%s beat=%u",
-		 epoch + 1, a->primary_name, s->instance, rank == s->cfg.server_id ? "" : " took-over",
-		 (unsigned)(beat_ns(a) / 1000000u));
+	/* beat=: how soon a backup may replace us once our beats stop (the
+	 * period our other keys name, if we hold any) */
+	uint64_t period = a->holding && a->beat_named ? a->beat_named : beat_ns(a);
+	claim_format(val, sizeof(val), a, epoch + 1, rank, period);
 	epoch_value(a, eval, sizeof(eval), epoch + 1, 0, rank);
 	srv_b64_encode(val, strlen(val), v64, sizeof(v64));
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
@@ -439,8 +511,10 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 		return rc;
 	if (srv_json_true(a->buf, "succeeded")) {
 		/* the claim counts as a beat: backups time ours from it */
+		if (!a->holding || a->beat_until > sent + FENCE_BEATS * period)
+			a->beat_until = sent + FENCE_BEATS * period;
 		if (!a->holding)
-			a->beat_until = sent + FENCE_BEATS * beat_ns(a);
+			a->beat_named = period;
 		uint64_t rev = 0;
 		srv_json_u64(a->buf, "revision", &rev); /* the header's: our writes' */
 		a->epoch_mod[rank] = rev;
@@ -932,8 +1006,10 @@ static void *auth_main(void *arg)
 		/* unanswered: try again soon, the lease may still be saved; a
 		 * backup looks at the ranks it backs up every WATCH_NS, or
 		 * every beat. A beat after the round, not after the last beat:
-		 * a loaded etcd slows the rounds, and so its load */
-		wait = beat_ns(a) ? beat_ns(a)
+		 * a loaded etcd slows the rounds, and so its load. A beat
+		 * unanswered is tried again a configured beat later: our keys
+		 * may still name that period */
+		wait = beat_ns(a) ? (rc ? (uint64_t)s->cfg.beat_ms * 1000000ull : beat_ns(a))
 		       : s->cfg.replicas > 1 ? WATCH_NS : rc ? RETRY_NS : a->ttl_ns / 3;
 	}
 	if (a->holding || a->lease_id) {

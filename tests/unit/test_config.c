@@ -195,7 +195,7 @@ Test(config, beat_ms)
 	unlink(p);
 	p = write_ini("servers = a\n");
 	cr_assert_eq(rdmaps__config_load(&cfg, p, err, sizeof(err)), 0, "%s", err);
-	cr_assert_eq(cfg.beat_ms, 0, "no beats unless asked");
+	cr_assert_eq(cfg.beat_ms, 100, "beats every 100 ms unless told otherwise");
 	unlink(p);
 }
 
