@@ -19,8 +19,11 @@
  * whether etcd can be reached. Only after etcd has expired the lease can
  * anyone else's claim succeed.
  *
- * One thread, asleep between keep-alives (a third of the TTL apart); it
- * never touches a chunk.
+ * With replicas, a holder also beats, and a backup replaces a holder that
+ * stopped (beat.c).
+ *
+ * One thread, asleep between keep-alives (a third of the TTL apart), or
+ * between beats; it never touches a chunk.
  */
 #include <inttypes.h>
 #include <pthread.h>
@@ -28,10 +31,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "error.h"
+#include "authority.h"
 #include "beat.h"
-#include "etcd.h"
-#include "server.h"
+#include "error.h"
 
 #define CALL_MS 1000u   /* one etcd call's deadline (at most a third of a lease of 3 s) */
 #define RETRY_NS 250000000ull /* a claim of a held rank, or etcd down: try again */
@@ -39,90 +41,11 @@
 /* a rank whose own server is in sync is left to it this long (it claims
  * every RETRY_NS): a rank handed back goes where it was handed */
 #define OWN_FIRST_NS 1000000000ull
-/*
- * Beats (replicas > 1, beat_ms B > 0): every B a holder writes each
- * primary key it holds again (same value, same lease), in one transaction
- * that succeeds only while its claims stand (each key's revision as it
- * last wrote it). It folds until 3 B after it sent the last beat that
- * succeeded. A backup that has seen a rank's primary key unchanged for
- * 4.5 B by its own clock (B as the holder's key names it: beat=) takes the
- * rank over that key (if it is still unchanged): the holder's last beat
- * was sent before the backup saw it, so the holder stopped folding 1.5 B
- * before (a third of the wait: clock rates may differ by that much). A
- * dead primary is so replaced in 4.5 B, not after its lease, which etcd
- * counts in whole seconds and expires at its next look, every 500 ms. The
- * beat is the key a backup reads anyway: one etcd write per holder every
- * B, no more reads.
- *
- * A loaded etcd (a busy host, a slow disk) answers late, and beats of a
- * fixed period would then pass for a dead holder and flap the rank from
- * server to server. So the period backs off: a holder beats every
- * max(beat_ms, twice its typical etcd call), a power of two times
- * beat_ms up to 1 s, and names that period in its key; a backup waits 4.5
- * of them plus its own slowest recent call (beat.h), and counts no time
- * across a call of its own that failed. Waiting
- * longer is always safe (the holder stopped folding sooner); a holder that
- * shortens its period fences at once by the shorter one, as its write may
- * land unanswered.
- */
-#define FENCE_BEATS SRV_FENCE_BEATS
 /* ranks dropped (our lease or a claim lost): the listener sends their
  * workers away at its next tick (100 ms); no new claim unfences folds
  * before, so none of theirs is folded under it */
 #define DROP_SETTLE_NS 300000000ull
 
-struct srv_auth {
-	struct srv *s;
-	struct srv_etcd etcd;
-	char primary_key[256], epoch_key[256]; /* base64, as the JSON wants them */
-	char primary_name[200];
-	const char *prefix;   /* the cluster's keys */
-	uint64_t lease_id;    /* 0: none granted */
-	uint64_t ttl_ns;      /* as granted */
-	bool holding;         /* our claim stands (until the lease is found gone) */
-	bool fence_noted;     /* lease_until passed: logged and counted once */
-	bool older_copy;      /* the rank's last primary was another server (claim) */
-	/* a rank's part with no copy here: restored from our checkpoints,
-	 * tried, or none there (watch_ranks) */
-	bool ckpt_looked[RDMAPS_MAX_SERVERS];
-	bool unreachable_noted;
-	char held_by[256];    /* the last holder logged, so a wait logs once */
-	/* per rank we hold (ours, and those taken over): its epoch, its
-	 * epoch key's revision as we last wrote it, and the in-sync backups
-	 * that key names */
-	uint64_t part_epoch[RDMAPS_MAX_SERVERS], epoch_mod[RDMAPS_MAX_SERVERS];
-	uint64_t isr_recorded[RDMAPS_MAX_SERVERS];
-	/* per rank we hold: its primary key's revision as we last wrote it
-	 * (claim or beat), and its value, base64 */
-	uint64_t claim_rev[RDMAPS_MAX_SERVERS];
-	char claim_val[RDMAPS_MAX_SERVERS][448], claim_plain[RDMAPS_MAX_SERVERS][320];
-	uint64_t handback_since[RDMAPS_MAX_SERVERS], handback_next[RDMAPS_MAX_SERVERS];
-	uint64_t absent_since[RDMAPS_MAX_SERVERS]; /* a watched rank's primary key seen gone */
-	uint64_t last_ka;     /* when the last keep-alive went out */
-	/* folds may go on until the earlier of the two (lease_until) */
-	uint64_t ka_until, beat_until;
-	uint64_t beat_named;  /* the period our keys name (beat=) */
-	uint64_t beat_sent;   /* when the last beat went out */
-	bool beat_lost;       /* a beat found a claim of ours replaced */
-	/* how etcd answers us: the slowest recent call (halved every
-	 * SRV_SLOW_HALF_NS since slow_at), and the typical one (an average
-	 * over about 8 calls) */
-	uint64_t slow_ns, slow_at, lat_ns;
-	uint64_t dropped_at;  /* ranks taken over were dropped (DROP_SETTLE_NS) */
-	/* per rank held elsewhere: its primary key's revision as last seen,
-	 * and since when (stale_holder) */
-	uint64_t held_seen[RDMAPS_MAX_SERVERS], seen_at[RDMAPS_MAX_SERVERS];
-	bool poked;           /* the fold thread's in-sync set changed */
-	char watch_key[RDMAPS_MAX_SERVERS][256]; /* base64 keys of ranks we back up */
-	char watch_epoch[RDMAPS_MAX_SERVERS][256];
-	pthread_t thread;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	bool stop;
-	char buf[16384];      /* answers */
-	char body[24576];     /* a beat: a compare and a put per rank held */
-	char why[256];
-};
 
 /* "<prefix>/<what>/<rank>", base64 */
 static void key64(char *out, size_t outlen, const char *prefix, const char *what, unsigned r)
@@ -133,7 +56,7 @@ static void key64(char *out, size_t outlen, const char *prefix, const char *what
 	srv_b64_encode(key, strlen(key), out, outlen);
 }
 
-static int call(struct srv_auth *a, const char *path, const char *body)
+int srv_auth_call(struct srv_auth *a, const char *path, const char *body)
 {
 	uint64_t t0 = rdmaps__now_ns();
 	int rc = srv_etcd_post(&a->etcd, path, body, a->buf, sizeof(a->buf), CALL_MS, a->why,
@@ -152,13 +75,13 @@ static int call(struct srv_auth *a, const char *path, const char *body)
 
 /* Read one key (base64): 0 with etcd's answer in a->buf; *mod its revision
  * (0: absent). */
-static int range(struct srv_auth *a, const char *key64, uint64_t *mod)
+int srv_auth_range(struct srv_auth *a, const char *key64, uint64_t *mod)
 {
 	char body[320];
 	int rc;
 
 	snprintf(body, sizeof(body), "{\"key\":\"%s\"}", key64);
-	if ((rc = call(a, "/v3/kv/range", body)))
+	if ((rc = srv_auth_call(a, "/v3/kv/range", body)))
 		return rc;
 	if (!srv_json_u64(a->buf, "mod_revision", mod))
 		*mod = 0; /* no kvs */
@@ -173,7 +96,7 @@ static int grant(struct srv_auth *a)
 	int rc;
 
 	snprintf(body, sizeof(body), "{\"TTL\":%u}", a->s->cfg.lease_s);
-	if ((rc = call(a, "/v3/lease/grant", body)))
+	if ((rc = srv_auth_call(a, "/v3/lease/grant", body)))
 		return rc;
 	if (!srv_json_u64(a->buf, "ID", &id) || !srv_json_u64(a->buf, "TTL", &ttl) || !id || !ttl) {
 		snprintf(a->why, sizeof(a->why), "lease grant answered %.120s", a->buf);
@@ -182,38 +105,6 @@ static int grant(struct srv_auth *a)
 	a->lease_id = id;
 	a->ttl_ns = ttl * 1000000000ull;
 	return 0;
-}
-
-/* A holder here beats (replicas > 1, beat_ms > 0); its period now: beat_ms,
- * doubled until it is twice our typical etcd call (see above). 0:
- * no beats. */
-static uint64_t beat_ns(const struct srv_auth *a)
-{
-	if (a->s->cfg.replicas < 2)
-		return 0;
-	return srv_beat_period((uint64_t)a->s->cfg.beat_ms * 1000000ull, a->lat_ns);
-}
-
-/* A claim's value, "epoch=E server=S instance=I[ took-over] beat=B", with
- * its beat period now B (ms). */
-static void claim_format(char *out, size_t outlen, const struct srv_auth *a, uint64_t epoch,
-			 unsigned rank, uint64_t beat)
-{
-	snprintf(out, outlen, "epoch=%" PRIu64 " server=%s instance=%016" PRIx64 "%s beat=%u",
-		 epoch, a->primary_name, a->s->instance,
-		 rank == a->s->cfg.server_id ? "" : " took-over", (unsigned)(beat / 1000000u));
-}
-
-/* Folds may go on until both the lease and the last beat (if we beat)
- * say so; only while our claim stands. */
-static void fence_publish(struct srv_auth *a)
-{
-	uint64_t until = a->ka_until;
-
-	if (beat_ns(a) && a->beat_until < until)
-		until = a->beat_until;
-	if (a->holding)
-		atomic_store(&a->s->lease_until, until);
 }
 
 /*
@@ -228,7 +119,7 @@ static int keepalive(struct srv_auth *a)
 	int rc;
 
 	snprintf(body, sizeof(body), "{\"ID\":\"%" PRIu64 "\"}", a->lease_id);
-	if ((rc = call(a, "/v3/lease/keepalive", body)))
+	if ((rc = srv_auth_call(a, "/v3/lease/keepalive", body)))
 		return rc;
 	if (!srv_json_u64(a->buf, "TTL", &ttl) || !ttl)
 		return RDMAPS_ENOENT;
@@ -236,179 +127,9 @@ static int keepalive(struct srv_auth *a)
 	/* a tenth for rate drift and the fold round in progress, and 50 ms */
 	uint64_t margin = ttl_ns / 10 + 50000000ull;
 	a->ka_until = sent + ttl_ns - margin;
-	fence_publish(a);
+	srv_fence_publish(a);
 	a->fence_noted = false;
 	return 0;
-}
-
-/* A primary key of ours: rank r's (base64). */
-static const char *held_key(const struct srv_auth *a, unsigned r)
-{
-	return r == a->s->cfg.server_id ? a->primary_key : a->watch_key[r];
-}
-
-/*
- * A beat refused: is a key of ours written by someone else (RDMAPS_EBUSY:
- * a backup replaced us), or did an earlier beat of ours go through
- * unanswered (a call timed out after etcd applied it), so that we compared
- * with an old revision? Each key still holding our value (our server and
- * run: nobody else writes it) is still ours, at the revision it has now:
- * RDMAPS_EAGAIN, beat again.
- */
-static bool same_claim(const char *x, const char *y)
-{
-	const char *bx = strstr(x, " beat="), *by = strstr(y, " beat=");
-
-	return bx && by && bx - x == by - y && !strncmp(x, y, (size_t)(bx - x));
-}
-
-static int beat_refused(struct srv_auth *a, uint64_t held)
-{
-	char val[320];
-	uint64_t mod[64] = { 0 };
-
-	for (unsigned r = 0; r < 64; r++) {
-		if (!(held >> r & 1u))
-			continue;
-		if (range(a, held_key(a, r), &mod[r]))
-			return RDMAPS_EAGAIN; /* not known: the next beat asks again (why: range's) */
-		/* (the period may differ: an earlier beat's) */
-		if (!mod[r] || !srv_json_b64(a->buf, "value", val, sizeof(val)) ||
-		    !same_claim(val, a->claim_plain[r]))
-			return RDMAPS_EBUSY;
-	}
-	for (unsigned r = 0; r < 64; r++)
-		if (held >> r & 1u)
-			a->claim_rev[r] = mod[r];
-	log_warn("authority: a beat went through unanswered; beating from revision %" PRIu64,
-		 mod[__builtin_ctzll(held)]);
-	snprintf(a->why, sizeof(a->why), "a beat refused, our keys still ours");
-	return RDMAPS_EAGAIN;
-}
-
-/*
- * Beat every rank held here (see FENCE_BEATS): one transaction that
- * writes each of our primary keys again, and fails if any of our claims
- * no longer stands (RDMAPS_EBUSY: a backup took that rank over while our
- * beats were late; RDMAPS_EAGAIN: see beat_refused).
- */
-static int beat(struct srv_auth *a)
-{
-	struct srv *s = a->s;
-	size_t n = 0, cap = sizeof(a->body);
-	uint64_t sent = rdmaps__now_ns(), held = 0, rev = 0, period = beat_ns(a);
-	int rc;
-
-	a->beat_sent = sent;
-	for (unsigned r = 0; r < s->cfg.nservers && r < RDMAPS_MAX_SERVERS; r++)
-		if (r == s->cfg.server_id ? a->holding : srv_serves(s, r))
-			held |= 1ull << r;
-	if (period != a->beat_named) {
-		/* the period backs off or comes back: our keys name it */
-		for (unsigned r = 0; r < 64; r++) {
-			if (!(held >> r & 1u))
-				continue;
-			claim_format(a->claim_plain[r], sizeof(a->claim_plain[r]), a, a->part_epoch[r],
-				     r, period);
-			srv_b64_encode(a->claim_plain[r], strlen(a->claim_plain[r]), a->claim_val[r],
-				       sizeof(a->claim_val[r]));
-		}
-		if (period < a->beat_named) {
-			/* it may land unanswered: backups then wait by it */
-			if (a->beat_until > sent + FENCE_BEATS * period)
-				a->beat_until = sent + FENCE_BEATS * period;
-			fence_publish(a);
-		}
-		log_info("authority: beats every %" PRIu64 " ms (etcd answers in %" PRIu64
-			 " ms on average)", period / 1000000u, a->lat_ns / 1000000u);
-		a->beat_named = period;
-	}
-	n += (size_t)snprintf(a->body + n, cap - n, "{\"compare\":[");
-	for (unsigned r = 0, k = 0; r < 64; r++)
-		if (held >> r & 1u)
-			n += (size_t)snprintf(a->body + n, cap - n,
-					      "%s{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
-					      "\"}", k++ ? "," : "", held_key(a, r), a->claim_rev[r]);
-	n += (size_t)snprintf(a->body + n, cap - n, "],\"success\":[");
-	for (unsigned r = 0, k = 0; r < 64; r++)
-		if (held >> r & 1u)
-			n += (size_t)snprintf(a->body + n, cap - n,
-					      "%s{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\",\"lease\":\"%"
-					      PRIu64 "\"}}", k++ ? "," : "", held_key(a, r), a->claim_val[r],
-					      a->lease_id);
-	n += (size_t)snprintf(a->body + n, cap - n, "]}");
-	if (n >= cap) {
-		snprintf(a->why, sizeof(a->why), "a beat of %zu bytes", n);
-		return RDMAPS_EINVAL;
-	}
-	if ((rc = call(a, "/v3/kv/txn", a->body)))
-		return rc;
-	if (!srv_json_true(a->buf, "succeeded"))
-		return beat_refused(a, held);
-	srv_json_u64(a->buf, "revision", &rev); /* the header's: our writes' */
-	for (unsigned r = 0; r < 64; r++)
-		if (held >> r & 1u)
-			a->claim_rev[r] = rev;
-	a->beat_until = sent + FENCE_BEATS * period;
-	fence_publish(a);
-	return 0;
-}
-
-/*
- * Between the other etcd calls of a round (each may take a while on a
- * loaded host), beat if the last beat is a period old, so that a slow
- * round does not pass for a dead holder (a backup waits 4.5 beats). False
- * once a beat found a claim of ours replaced (beat_lost: the round ends
- * there).
- */
-static bool beat_on_time(struct srv_auth *a)
-{
-	int rc;
-
-	if (a->beat_lost)
-		return false;
-	/* a beat late: a round slowed down (the period backs off when
-	 * etcd is loaded: beat_ns) */
-	if (!a->holding || !beat_ns(a) || rdmaps__now_ns() - a->beat_sent < beat_ns(a))
-		return true;
-	if ((rc = beat(a)) == RDMAPS_EAGAIN)
-		rc = beat(a);
-	a->beat_lost = rc == RDMAPS_EBUSY;
-	return !a->beat_lost;
-}
-
-/*
- * Has rank p's holder (its primary key is key64p) stopped beating? *held:
- * the key's revision (0: absent, not stale); stale once it has stood still
- * for 4.5 of the holder's beats (its key says beat=; a holder that does
- * not beat, with one copy or beat_ms 0, is replaced only when its lease
- * ends).
- */
-static bool stale_holder(struct srv_auth *a, unsigned p, const char *key64p, uint64_t *held)
-{
-	char val[320] = "";
-	const char *b;
-	unsigned long beat_ms;
-	uint64_t now;
-
-	*held = 0;
-	if (range(a, key64p, held)) {
-		*held = UINT64_MAX; /* not known: as held */
-		a->seen_at[p] = 0;  /* and the holder's beats may not land either */
-		return false;
-	}
-	if (!*held || a->s->cfg.replicas < 2 || !srv_json_b64(a->buf, "value", val, sizeof(val)) ||
-	    !(b = strstr(val, " beat=")) || !(beat_ms = strtoul(b + 6, NULL, 10)))
-		return false;
-	now = rdmaps__now_ns();
-	if (*held != a->held_seen[p] || !a->seen_at[p]) {
-		a->held_seen[p] = *held;
-		a->seen_at[p] = now;
-		return false;
-	}
-	/* (our own calls slow: etcd is loaded, the holder's beats may be
-	 * late to land) */
-	return now - a->seen_at[p] >= srv_beat_stale_ns(beat_ms * 1000000ull, a->slow_ns);
 }
 
 /*
@@ -450,7 +171,7 @@ static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, ui
 
 	*epoch = *isr = 0;
 	by[0] = '\0';
-	if ((rc = range(a, key64, mod)) || !*mod)
+	if ((rc = srv_auth_range(a, key64, mod)) || !*mod)
 		return rc; /* or never claimed */
 	if (!srv_json_b64(a->buf, "value", val, sizeof(val)) || sscanf(val, "%" SCNu64, epoch) != 1) {
 		snprintf(a->why, sizeof(a->why), "epoch key holds '%s'", val);
@@ -473,7 +194,7 @@ static int read_epoch(struct srv_auth *a, const char *key64, uint64_t *epoch, ui
  * Claim rank r for epoch + 1. 0: ours; RDMAPS_EBUSY: another holds it
  * (a->held_by says who); RDMAPS_EAGAIN: the epoch moved under us. held:
  * 0, the primary key must be absent; else its revision: a holder that
- * stopped beating (stale_holder) is replaced, if the key is still so.
+ * stopped beating (srv_stale_holder) is replaced, if the key is still so.
  */
 static int claim_rank(struct srv_auth *a, const char *primary_key, const char *epoch_key,
 		      uint64_t epoch, uint64_t mod, unsigned rank, uint64_t held)
@@ -493,8 +214,8 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 
 	/* beat=: how soon a backup may replace us once our beats stop (the
 	 * period our other keys name, if we hold any) */
-	uint64_t period = a->holding && a->beat_named ? a->beat_named : beat_ns(a);
-	claim_format(val, sizeof(val), a, epoch + 1, rank, period);
+	uint64_t period = a->holding && a->beat_named ? a->beat_named : srv_beat_ns(a);
+	srv_claim_format(val, sizeof(val), a, epoch + 1, rank, period);
 	epoch_value(a, eval, sizeof(eval), epoch + 1, 0, rank);
 	srv_b64_encode(val, strlen(val), v64, sizeof(v64));
 	srv_b64_encode(eval, strlen(eval), e64, sizeof(e64));
@@ -507,12 +228,12 @@ static int claim_rank(struct srv_auth *a, const char *primary_key, const char *e
 		 held_cmp, epoch_key, mod, epoch_key, e64, primary_key, v64, a->lease_id,
 		 primary_key);
 	uint64_t sent = rdmaps__now_ns();
-	if ((rc = call(a, "/v3/kv/txn", body)))
+	if ((rc = srv_auth_call(a, "/v3/kv/txn", body)))
 		return rc;
 	if (srv_json_true(a->buf, "succeeded")) {
 		/* the claim counts as a beat: backups time ours from it */
-		if (!a->holding || a->beat_until > sent + FENCE_BEATS * period)
-			a->beat_until = sent + FENCE_BEATS * period;
+		if (!a->holding || a->beat_until > sent + SRV_FENCE_BEATS * period)
+			a->beat_until = sent + SRV_FENCE_BEATS * period;
 		if (!a->holding)
 			a->beat_named = period;
 		uint64_t rev = 0;
@@ -567,7 +288,7 @@ static int claim(struct srv_auth *a, bool *back)
 	/* held by a server that stopped beating (our own previous run, or
 	 * the server that took the rank over): replaced */
 	uint64_t held;
-	bool stale = stale_holder(a, me, a->primary_key, &held);
+	bool stale = srv_stale_holder(a, me, a->primary_key, &held);
 	if ((rc = claim_rank(a, a->primary_key, a->epoch_key, epoch, mod, me, stale ? held : 0)))
 		return rc;
 	if (stale)
@@ -603,7 +324,7 @@ static int record_isr(struct srv_auth *a, unsigned r, uint64_t isr)
 		 "{\"compare\":[{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
 		 "\"}],\"success\":[{\"request_put\":{\"key\":\"%s\",\"value\":\"%s\"}}]}",
 		 key, a->epoch_mod[r], key, e64);
-	if ((rc = call(a, "/v3/kv/txn", body)))
+	if ((rc = srv_auth_call(a, "/v3/kv/txn", body)))
 		return rc;
 	if (!srv_json_true(a->buf, "succeeded"))
 		return RDMAPS_EBUSY;
@@ -622,7 +343,7 @@ static void lease_revoke(struct srv_auth *a)
 
 	snprintf(body, sizeof(body), "{\"ID\":\"%" PRIu64 "\"}", a->lease_id);
 	/* (already ended at etcd: nothing to give back) */
-	if (call(a, "/v3/lease/revoke", body) && !strstr(a->why, "lease not found"))
+	if (srv_auth_call(a, "/v3/lease/revoke", body) && !strstr(a->why, "lease not found"))
 		log_warn("authority: cannot give rank %u back (%s); it is free once the lease "
 			 "ends, in %" PRIu64 " s at most",
 			 a->s->cfg.server_id, a->why, (uint64_t)(a->ttl_ns / 1000000000u));
@@ -674,7 +395,7 @@ static void watch_ranks(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 
-	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && beat_on_time(a); p++) {
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && srv_beat_on_time(a); p++) {
 		uint64_t epoch, isr, mod;
 		char by[200];
 		if (p == s->cfg.server_id || srv_serves(s, p)) {
@@ -697,7 +418,7 @@ static void watch_ranks(struct srv_auth *a)
 		/* its primary key held (a revision): its primary is there,
 		 * unless it stopped beating */
 		uint64_t held;
-		bool stale = stale_holder(a, p, a->watch_key[p], &held);
+		bool stale = srv_stale_holder(a, p, a->watch_key[p], &held);
 		if (held && !stale) {
 			a->absent_since[p] = 0;
 			continue;
@@ -740,7 +461,7 @@ static void record_taken_over(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 
-	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && beat_on_time(a); p++) {
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && srv_beat_on_time(a); p++) {
 		uint64_t live = atomic_load(&s->isr_live[p]);
 		if (p == s->cfg.server_id || !srv_serves(s, p) || live == a->isr_recorded[p])
 			continue;
@@ -766,7 +487,7 @@ static int release_rank(struct srv_auth *a, unsigned p)
 		 "{\"compare\":[{\"target\":\"MOD\",\"key\":\"%s\",\"mod_revision\":\"%" PRIu64
 		 "\"}],\"success\":[{\"request_delete_range\":{\"key\":\"%s\"}}]}",
 		 a->watch_key[p], a->claim_rev[p], a->watch_key[p]);
-	if ((rc = call(a, "/v3/kv/txn", body)))
+	if ((rc = srv_auth_call(a, "/v3/kv/txn", body)))
 		return rc;
 	return srv_json_true(a->buf, "succeeded") ? 0 : RDMAPS_EBUSY;
 }
@@ -787,7 +508,7 @@ static void hand_back(struct srv_auth *a)
 	struct srv *s = a->s;
 	uint64_t now = rdmaps__now_ns();
 
-	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && beat_on_time(a); p++) {
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && srv_beat_on_time(a); p++) {
 		if (p == s->cfg.server_id || !srv_serves(s, p))
 			continue;
 		if (!atomic_load(&s->handing_back[p])) {
@@ -948,8 +669,8 @@ static void *auth_main(void *arg)
 		int rc = 0;
 		/* first what lets folds go on: the beat, then the lease */
 		a->beat_lost = false;
-		if (beat_ns(a) && (rc = beat(a)) == RDMAPS_EAGAIN)
-			rc = beat(a); /* (from the revisions our keys have) */
+		if (srv_beat_ns(a) && (rc = srv_beat(a)) == RDMAPS_EAGAIN)
+			rc = srv_beat(a); /* (from the revisions our keys have) */
 		a->beat_lost = rc == RDMAPS_EBUSY;
 		if (!a->beat_lost)
 			record_taken_over(a);
@@ -1009,7 +730,7 @@ static void *auth_main(void *arg)
 		 * a loaded etcd slows the rounds, and so its load. A beat
 		 * unanswered is tried again a configured beat later: our keys
 		 * may still name that period */
-		wait = beat_ns(a) ? (rc ? (uint64_t)s->cfg.beat_ms * 1000000ull : beat_ns(a))
+		wait = srv_beat_ns(a) ? (rc ? (uint64_t)s->cfg.beat_ms * 1000000ull : srv_beat_ns(a))
 		       : s->cfg.replicas > 1 ? WATCH_NS : rc ? RETRY_NS : a->ttl_ns / 3;
 	}
 	if (a->holding || a->lease_id) {
