@@ -421,14 +421,41 @@ int cl_server_stats(struct cl_conn *k, struct rdmaps_server_stats *out);
 int cl_refresh_parts(rdmaps_client *c, struct cl_conn *k);
 
 /* connect.c */
-/* Connect again every broken connection and refresh the catalog; 0 if none broken. */
-int cl_reconnect(rdmaps_client *c);
 uint8_t *cl_send_buf(struct cl_conn *k);
 uint8_t *cl_snap_buf(struct cl_conn *k); /* a SNAPSHOT request's own send buffer */
 uint8_t *cl_recv_buf(struct cl_conn *k, uint32_t i);
 uint8_t *cl_slot_hdr(struct cl_conn *k, uint32_t slot);
 int cl_post_recv(struct cl_conn *k, uint32_t i);
 void cl_fail(struct cl_conn *k, int err, const char *why);
+/* connect.c, shared with failover.c: making and letting go of a connection.
+ * What an attempt builds (id, QP, CQ, regions) is k's until cl_conn_release;
+ * the PDs and the user's registrations are the client's. All on the
+ * client's own thread. */
+/* One connect of k to sa, building k's resources; an ask (look_around) stops once the
+ * server accepted, before the staging buffers. 0 or an rdmaps_err; k keeps what it built. */
+int cl_conn_attempt(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
+		    const char *token, int timeout, bool ask);
+/* cl_conn_attempt, not an ask: the whole connection, staging buffers too. */
+int cl_conn_try(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
+		const char *token, int timeout);
+/* Connect k to sa, with back-off while cl_retryable, until timeout_ms; logs a failure. */
+int cl_conn_open(struct cl_conn *k, const struct rdmaps__server_addr *sa, const char *src,
+		 const char *token, int timeout_ms);
+/* Free what k's attempt built (disconnecting first unless broken); the PD stays the client's. */
+void cl_conn_release(struct cl_conn *k);
+/* Clear k's resource pointers, freeing nothing: k holds none (freed, or a copy's). */
+void cl_conn_forget(struct cl_conn *k);
+/* Errors that mean "not up yet" and are worth another try. */
+bool cl_retryable(int rc);
+/* Have librdmacm rescan its device list (it closes removed devices then); sets c->rescanned. */
+void cl_rescan_devices(rdmaps_client *c);
+/* The device under PD slot i was removed: once no connection uses it, drop the user's
+ * registrations there and the PD, and rescan. */
+void cl_pd_drop(rdmaps_client *c, uint32_t i);
+
+/* failover.c: a worker finding its rank's server again. */
+/* Connect again every broken connection and refresh the catalog; 0 if none broken. */
+int cl_reconnect(rdmaps_client *c);
 /* Look for an rdma_cm disconnect without blocking (rate-limited). */
 void cl_check_cm(struct cl_conn *k);
 
