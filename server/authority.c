@@ -385,6 +385,25 @@ void srv_auth_poke(struct srv *s)
 }
 
 /*
+ * Between the other etcd calls of a round, what keeps our claims: a beat
+ * once a period has passed (srv_beat_on_time), and the lease's keep-alive
+ * once a third of it has (a round of a dozen calls on a loaded etcd may
+ * take longer than a lease of 1 s). False once either found our claims
+ * gone (beat_lost, ka_lost): the round ends there.
+ */
+static bool on_time(struct srv_auth *a)
+{
+	if (!srv_beat_on_time(a) || a->ka_lost)
+		return false;
+	uint64_t now = rdmaps__now_ns();
+	if (a->holding && a->lease_id && now - a->last_ka >= a->ttl_ns / 3) {
+		a->last_ka = now;
+		a->ka_lost = keepalive(a) == RDMAPS_ENOENT;
+	}
+	return !a->ka_lost;
+}
+
+/*
  * The ranks this server backs up (it holds their replicas): one whose
  * primary key is gone (its lease ended: dead, or cut off and fenced) and
  * whose epoch key names us in sync is claimed for the next epoch, with
@@ -395,7 +414,7 @@ static void watch_ranks(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 
-	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && srv_beat_on_time(a); p++) {
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && on_time(a); p++) {
 		uint64_t epoch, isr, mod;
 		char by[200];
 		if (p == s->cfg.server_id || srv_serves(s, p)) {
@@ -461,7 +480,7 @@ static void record_taken_over(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 
-	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && srv_beat_on_time(a); p++) {
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && on_time(a); p++) {
 		uint64_t live = atomic_load(&s->isr_live[p]);
 		if (p == s->cfg.server_id || !srv_serves(s, p) || live == a->isr_recorded[p])
 			continue;
@@ -508,7 +527,7 @@ static void hand_back(struct srv_auth *a)
 	struct srv *s = a->s;
 	uint64_t now = rdmaps__now_ns();
 
-	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && srv_beat_on_time(a); p++) {
+	for (unsigned p = 0; p < s->cfg.nservers && p < RDMAPS_MAX_SERVERS && on_time(a); p++) {
 		if (p == s->cfg.server_id || !srv_serves(s, p))
 			continue;
 		if (!atomic_load(&s->handing_back[p])) {
@@ -581,6 +600,15 @@ static void lose_claims(struct srv_auth *a, const char *why)
 	log_warn("authority: rank %u, epoch %" PRIu64 ": %s; folds stopped, claiming it again",
 		 s->cfg.server_id, atomic_load(&s->epoch), why);
 	atomic_store(&s->epoch, 0);
+}
+
+/* Our lease expired at etcd: not ours any more; claim again (a new epoch). */
+static void lease_expired(struct srv_auth *a)
+{
+	a->lease_id = 0;
+	if (!a->fence_noted)
+		atomic_fetch_add(&a->s->lease_losses, 1);
+	lose_claims(a, "its lease expired");
 }
 
 /* Not holding: a lease, then the rank. How long to wait before the next step. */
@@ -668,7 +696,7 @@ static void *auth_main(void *arg)
 		uint64_t now = rdmaps__now_ns(), live = atomic_load(&s->isr_live[s->cfg.server_id]);
 		int rc = 0;
 		/* first what lets folds go on: the beat, then the lease */
-		a->beat_lost = false;
+		a->beat_lost = a->ka_lost = false;
 		if (srv_beat_ns(a) && (rc = srv_beat(a)) == RDMAPS_EAGAIN)
 			rc = srv_beat(a); /* (from the revisions our keys have) */
 		a->beat_lost = rc == RDMAPS_EBUSY;
@@ -686,16 +714,13 @@ static void *auth_main(void *arg)
 			wait = 0;
 			continue;
 		}
+		now = rdmaps__now_ns(); /* (a keep-alive may have gone out since) */
 		if (now - a->last_ka >= a->ttl_ns / 3 || a->unreachable_noted) {
 			a->last_ka = now;
 			int krc = keepalive(a);
 			rc = rc ? rc : krc;
 			if (krc == RDMAPS_ENOENT) {
-				/* expired at etcd: not ours any more; claim again (a new epoch) */
-				a->lease_id = 0;
-				if (!a->fence_noted)
-					atomic_fetch_add(&s->lease_losses, 1);
-				lose_claims(a, "its lease expired");
+				lease_expired(a);
 				wait = 0;
 				continue;
 			}
@@ -724,6 +749,11 @@ static void *auth_main(void *arg)
 			wait = 0;
 			continue;
 		}
+		if (a->ka_lost) { /* (a keep-alive between their calls) */
+			lease_expired(a);
+			wait = 0;
+			continue;
+		}
 		/* unanswered: try again soon, the lease may still be saved; a
 		 * backup looks at the ranks it backs up every WATCH_NS, or
 		 * every beat. A beat after the round, not after the last beat:
@@ -732,6 +762,11 @@ static void *auth_main(void *arg)
 		 * may still name that period */
 		wait = srv_beat_ns(a) ? (rc ? (uint64_t)s->cfg.beat_ms * 1000000ull : srv_beat_ns(a))
 		       : s->cfg.replicas > 1 ? WATCH_NS : rc ? RETRY_NS : a->ttl_ns / 3;
+		/* and the next keep-alive on time, whatever the beat's period */
+		now = rdmaps__now_ns();
+		uint64_t ka_due = a->last_ka + a->ttl_ns / 3;
+		if (wait > (ka_due > now ? ka_due - now : 0))
+			wait = ka_due > now ? ka_due - now : 0;
 	}
 	if (a->holding || a->lease_id) {
 		/* folds are over (the caller joined the fold threads): the rank

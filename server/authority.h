@@ -47,6 +47,7 @@ struct srv_auth {
 	uint64_t beat_named;  /* the period our keys name (beat=) */
 	uint64_t beat_sent;   /* when the last beat went out */
 	bool beat_lost;       /* a beat found a claim of ours replaced */
+	bool ka_lost;         /* a keep-alive mid-round found our lease expired */
 	/* how etcd answers us: the slowest recent call (halved every
 	 * SRV_SLOW_HALF_NS since slow_at), and the typical one (an average
 	 * over about 8 calls) */
