@@ -401,8 +401,6 @@ static void open_send(struct srv_peer *p, struct srv_tensor *t)
 }
 
 /* The next tensor waiting for its open, if none is being asked. */
-
-/* The next tensor waiting for its open, if none is being asked. */
 static void open_next(struct srv_peer *p)
 {
 	struct srv_store *st = p->store;
