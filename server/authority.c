@@ -726,18 +726,28 @@ static void *auth_main(void *arg)
 			}
 		}
 		if (rc && !a->unreachable_noted) {
-			log_warn("authority: etcd: %s; folds stop when the lease of rank %u ends",
-				 a->why, s->cfg.server_id);
+			log_warn("authority: etcd: %s; folds stop when the lease of rank %u ends%s",
+				 a->why, s->cfg.server_id,
+				 srv_beat_ns(a) ? " (and pause 3 beats after the last one answered)" : "");
 			a->unreachable_noted = true;
 		} else if (!rc && a->unreachable_noted) {
 			log_warn("authority: etcd answers again");
 			a->unreachable_noted = false;
+			a->beat_paused = false;
 		}
-		if (rc && !a->fence_noted && rdmaps__now_ns() >= atomic_load(&s->lease_until)) {
+		now = rdmaps__now_ns();
+		if (rc && !a->fence_noted && now >= a->ka_until) {
 			a->fence_noted = true;
 			atomic_fetch_add(&s->lease_losses, 1);
 			log_warn("authority: the lease on rank %u ended unrenewed: folds stopped",
 				 s->cfg.server_id);
+		} else if (rc && !a->fence_noted && !a->beat_paused &&
+			   now >= atomic_load(&s->lease_until)) {
+			/* the beats' fence, not the lease: no lease lost (yet) */
+			a->beat_paused = true;
+			log_warn("authority: no beat of rank %u answered in 3 beats: folds paused "
+				 "until one is (the lease holds %.1f s more)", s->cfg.server_id,
+				 (double)(a->ka_until - now) / 1e9);
 		}
 		if (!rc && s->cfg.replicas > 1) {
 			watch_ranks(a);

@@ -23,7 +23,8 @@ struct srv_auth {
 	uint64_t lease_id;    /* 0: none granted */
 	uint64_t ttl_ns;      /* as granted */
 	bool holding;         /* our claim stands (until the lease is found gone) */
-	bool fence_noted;     /* lease_until passed: logged and counted once */
+	bool fence_noted;     /* the lease passed: logged and counted once */
+	bool beat_paused;     /* the beats' fence passed, not the lease: logged once */
 	bool older_copy;      /* the rank's last primary was another server (claim) */
 	/* a rank's part with no copy here: restored from our checkpoints,
 	 * tried, or none there (watch_ranks) */
