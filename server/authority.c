@@ -697,9 +697,8 @@ static void *auth_main(void *arg)
 		int rc = 0;
 		/* first what lets folds go on: the beat, then the lease */
 		a->beat_lost = a->ka_lost = false;
-		if (srv_beat_ns(a) && (rc = srv_beat(a)) == RDMAPS_EAGAIN)
-			rc = srv_beat(a); /* (from the revisions our keys have) */
-		a->beat_lost = rc == RDMAPS_EBUSY;
+		if (srv_beat_ns(a))
+			rc = srv_beat(a);
 		if (!a->beat_lost)
 			record_taken_over(a);
 		if (a->beat_lost) {
@@ -774,9 +773,9 @@ static void *auth_main(void *arg)
 		       : s->cfg.replicas > 1 ? WATCH_NS : rc ? RETRY_NS : a->ttl_ns / 3;
 		/* and the next keep-alive on time, whatever the beat's period */
 		now = rdmaps__now_ns();
-		uint64_t ka_due = a->last_ka + a->ttl_ns / 3;
-		if (wait > (ka_due > now ? ka_due - now : 0))
-			wait = ka_due > now ? ka_due - now : 0;
+		uint64_t ka_due = a->last_ka + a->ttl_ns / 3, ka_in = ka_due > now ? ka_due - now : 0;
+		if (wait > ka_in)
+			wait = ka_in;
 	}
 	if (a->holding || a->lease_id) {
 		/* folds are over (the caller joined the fold threads): the rank

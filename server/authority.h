@@ -80,6 +80,9 @@ uint64_t srv_beat_ns(const struct srv_auth *a);
 void srv_claim_format(char *out, size_t outlen, const struct srv_auth *a, uint64_t epoch,
 		      unsigned rank, uint64_t beat);
 void srv_fence_publish(struct srv_auth *a);
+/* Beat every rank held here, once more if an earlier beat had gone
+ * through unanswered (beat_refused); sets beat_lost when a backup
+ * replaced us (RDMAPS_EBUSY). 0 or an rdmaps_err. */
 int srv_beat(struct srv_auth *a);
 bool srv_beat_on_time(struct srv_auth *a);
 bool srv_stale_holder(struct srv_auth *a, unsigned p, const char *key64p, uint64_t *held);

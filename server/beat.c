@@ -117,12 +117,12 @@ static int beat_refused(struct srv_auth *a, uint64_t held)
 }
 
 /*
- * Beat every rank held here (see SRV_FENCE_BEATS): one transaction that
- * writes each of our primary keys again, and fails if any of our claims
- * no longer stands (RDMAPS_EBUSY: a backup took that rank over while our
- * beats were late; RDMAPS_EAGAIN: see beat_refused).
+ * One beat of every rank held here (see SRV_FENCE_BEATS): one transaction
+ * that writes each of our primary keys again, and fails if any of our
+ * claims no longer stands (RDMAPS_EBUSY: a backup took that rank over
+ * while our beats were late; RDMAPS_EAGAIN: see beat_refused).
  */
-int srv_beat(struct srv_auth *a)
+static int beat_once(struct srv_auth *a)
 {
 	struct srv *s = a->s;
 	size_t n = 0, cap = sizeof(a->body);
@@ -184,6 +184,16 @@ int srv_beat(struct srv_auth *a)
 	return 0;
 }
 
+int srv_beat(struct srv_auth *a)
+{
+	int rc = beat_once(a);
+
+	if (rc == RDMAPS_EAGAIN)
+		rc = beat_once(a); /* from the revisions our keys have now */
+	a->beat_lost = rc == RDMAPS_EBUSY;
+	return rc;
+}
+
 /*
  * Between the other etcd calls of a round (each may take a while on a
  * loaded host), beat if the last beat is a period old, so that a slow
@@ -193,17 +203,13 @@ int srv_beat(struct srv_auth *a)
  */
 bool srv_beat_on_time(struct srv_auth *a)
 {
-	int rc;
-
 	if (a->beat_lost)
 		return false;
 	/* a beat late: a round slowed down (the period backs off when
 	 * etcd is loaded: srv_beat_ns) */
 	if (!a->holding || !srv_beat_ns(a) || rdmaps__now_ns() - a->beat_sent < srv_beat_ns(a))
 		return true;
-	if ((rc = srv_beat(a)) == RDMAPS_EAGAIN)
-		rc = srv_beat(a);
-	a->beat_lost = rc == RDMAPS_EBUSY;
+	srv_beat(a);
 	return !a->beat_lost;
 }
 
