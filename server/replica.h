@@ -87,7 +87,7 @@ struct srv_peer {
 	uint32_t opening;          /* tensors queued or asked */
 	uint32_t eager;            /* of which opened at their declaration */
 	bool synced;               /* every tensor written since it connected */
-	uint64_t sync_from, sync_ns;
+	uint64_t sync_from, sync_ns, open_ns; /* the catch-up: from, started, first open answered */
 	/* places its table of our workers' accounts has (REPLICA_REPLY) */
 	uint32_t acct_cap;
 	uint64_t last_try; /* connector: last attempt */

@@ -167,6 +167,7 @@ struct srv_tensor {
 	size_t stride;   /* bytes between chunk headers */
 	uint8_t *mem;    /* chunk 0 header; registered READ-only per connection */
 	size_t mem_len;  /* all of it: the copies and the index */
+	size_t map_len;  /* mem mapped for this many bytes (store.c), or 0: malloc'd */
 	/*
 	 * Two copies (docs/design.md, "Two copies"): a fold writes the copy
 	 * readers are not pointed at, then flips index[i]; a READ is torn only

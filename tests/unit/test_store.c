@@ -298,3 +298,49 @@ Test(store, replica_copy_is_the_chunk_its_state_and_fold_count)
 		srv_store_fini(&st);
 	}
 }
+
+/* Every chunk of t holding exactly the bits of value, checksums right. */
+static void assert_bits(struct srv_tensor *t, float value)
+{
+	uint32_t want, got;
+
+	memcpy(&want, &value, sizeof(want));
+	for (uint32_t c = 0; c < t->nchunks; c++) {
+		const struct rdmaps_chunk_hdr *h = (const void *)srv_chunk(t, c);
+		const float *d = (const float *)(h + 1);
+		cr_assert_eq(h->count, rdmaps__chunk_count(t->length, t->chunk_elems, c));
+		cr_assert_eq(h->version & 1u, 0, "chunk %u stable", c);
+		cr_assert(rdmaps__chunk_consistent(h, d, h->count), "chunk %u checksum", c);
+		for (uint32_t i = 0; i < h->count; i++) {
+			memcpy(&got, &d[i], sizeof(got));
+			cr_assert_eq(got, want, "chunk %u [%u]: %08x, not %08x", c, i, got, want);
+		}
+	}
+}
+
+/* Large tensors are mapped fresh (zero pages) and initialised without a
+ * pass over their values when those are +0.0: whatever the value (-0.0
+ * has bits), with a short last chunk and with two copies, every chunk
+ * opens holding it, with its own checksum right. */
+Test(store, large_tensors_open_holding_their_value)
+{
+	const float values[] = { 0.0f, -0.0f, 0.25f };
+	struct srv_config c = cfg;
+
+	c.two_copies_min = 4096;
+	for (unsigned two = 0; two < 2; two++)
+		for (unsigned k = 0; k < 3; k++) {
+			struct rdmaps_msg_declare m = decl(false, values[k]);
+			struct srv_store s;
+			struct srv_tensor *t;
+			bool created;
+
+			m.length = 100000; /* 390 full chunks of 256 and one of 160 */
+			cr_assert_eq(srv_store_init(&s, two ? &c : &cfg), 0);
+			cr_assert_eq(srv_store_declare(&s, &m, NULL, &t, &created), 0);
+			cr_assert_gt(t->map_len, 0, "mapped, not malloc'd");
+			cr_assert_eq(t->copy_off != 0, two == 1);
+			assert_bits(t, values[k]);
+			srv_store_fini(&s);
+		}
+}
