@@ -744,8 +744,16 @@ static void fold_sleep(struct srv_fold_thread *ft)
 
 	uint32_t ncqs = atomic_load_explicit(&ft->ncqs, memory_order_acquire);
 
-	for (uint32_t i = 0; i < ncqs; i++)
-		ibv_req_notify_cq(ft->cqs[i].cq, 0);
+	bool replicas = false;
+
+	/* a replica CQ only for solicited records (SRV_REPL_APPLY_MS): a
+	 * wake-up per record cost the primary's acknowledgement in the VM
+	 * (the backup's thread and its rxe work share CPUs), and costs a
+	 * backup a context switch per push anywhere */
+	for (uint32_t i = 0; i < ncqs; i++) {
+		replicas |= ft->cqs[i].backups;
+		ibv_req_notify_cq(ft->cqs[i].cq, ft->cqs[i].backups);
+	}
 	if (cqs_poll(ft) || (ft->repl && srv_repl_pending(ft)))
 		return;
 	if (atomic_load(&ft->mail_pending) || atomic_load(&s->stop) || atomic_load(&s->pause_req))
@@ -754,7 +762,7 @@ static void fold_sleep(struct srv_fold_thread *ft)
 	pfd[n++] = (struct pollfd){ .fd = ft->wake_fd, .events = POLLIN };
 	for (int d = 0; d < s->ndev && n < 17; d++)
 		pfd[n++] = (struct pollfd){ .fd = ft->channels[d]->fd, .events = POLLIN };
-	poll(pfd, (nfds_t)n, 1000);
+	poll(pfd, (nfds_t)n, replicas ? SRV_REPL_APPLY_MS : 1000);
 	for (int d = 0; d < s->ndev; d++)
 		while (ibv_get_cq_event(ft->channels[d], &cq, &ctx) == 0)
 			ibv_ack_cq_events(cq, 1);

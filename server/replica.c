@@ -256,6 +256,11 @@ static void peer_post(struct srv_peer *p, uint8_t *b, size_t len, bool last)
 				  .imm_data = htonl(rdmaps__imm_make(slot, p->seq)) },
 			   *bad;
 
+	/* the backup applies lazily (SRV_REPL_APPLY_MS) unless woken: when
+	 * we shall need its ring's credit soon, or everything applied */
+	if (p->seq - peer_applied(p) >= p->ring_slots / 2 ||
+	    atomic_load_explicit(&p->s->handing_back[p->part], memory_order_relaxed))
+		wr.send_flags |= IBV_SEND_SOLICITED;
 	h->seq = (uint32_t)p->seq;
 	if (last)
 		h->flags |= RDMAPS_SLOT_LAST;
@@ -383,7 +388,8 @@ static void open_send(struct srv_peer *p, struct srv_tensor *t)
 	struct rdmaps_msg_declare *m = (void *)msg_out(p);
 	struct ibv_sge sge = { (uintptr_t)m, sizeof(*m), p->mr->lkey };
 	struct ibv_send_wr wr = { .wr_id = WR_SEND, .sg_list = &sge, .num_sge = 1,
-				  .opcode = IBV_WR_SEND, .send_flags = IBV_SEND_SIGNALED },
+				  .opcode = IBV_WR_SEND,
+				  .send_flags = IBV_SEND_SIGNALED | IBV_SEND_SOLICITED },
 			   *bad;
 
 	memset(m, 0, sizeof(*m));

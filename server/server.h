@@ -93,6 +93,17 @@ static inline struct srv_replica_layout srv_replica_layout(uint32_t count, uint3
  * SRV_REPL_RING - 2 chunks, replica.c) and their accounts fit in it */
 #define SRV_REPL_RING 64u
 
+/*
+ * A backup applies its primaries' records lazily (docs/durability.md,
+ * "Replicated shards"): what a push's acknowledgement waits for is the
+ * backup's NIC, never its fold thread, so a record does not wake that
+ * thread. A sleeping fold thread with replica connections wakes every
+ * SRV_REPL_APPLY_MS, or at once for a record the primary marks solicited:
+ * one posted with its ring half full (it needs the credit), an open, or
+ * a part being handed back (it waits for everything applied).
+ */
+#define SRV_REPL_APPLY_MS 10
+
 /* Our own mark, in a fold thread's copy of a slot header (group_hdr),
  * never on the wire: the slot was refused, so its whole group will be */
 #define SLOT_REFUSED 0x8000u
