@@ -70,7 +70,7 @@ int srv_conn_post_send(struct srv_conn *c, const void *buf, uint32_t len, enum i
 	return 0;
 }
 
-static void conn_fail(struct srv_conn *c, const char *why, int status)
+void srv_conn_fail(struct srv_conn *c, const char *why, int status)
 {
 	if (c->broken)
 		return;
@@ -394,7 +394,7 @@ static void credit_flush(struct srv_conn *c)
  */
 #define CREDIT_IDLE_NS 100000u /* idle this long: lazy credits go out */
 
-static void credit_maybe(struct srv_conn *c)
+void srv_credit_maybe(struct srv_conn *c)
 {
 	uint64_t quarter = c->slots / 4 ? c->slots / 4 : 1;
 
@@ -412,7 +412,7 @@ void srv_conn_credit(struct srv_conn *c, uint64_t seq, bool urgent)
 	/* group_fold's caller sends it (cq_poll); a credit the backups
 	 * released later goes from here */
 	if (c->ft->repl && c->live && !c->broken)
-		credit_maybe(c);
+		srv_credit_maybe(c);
 }
 
 static void credits_flush_all(struct srv_fold_thread *ft)
@@ -430,7 +430,7 @@ static void credits_flush_all(struct srv_fold_thread *ft)
  * is still checked as ever; a group cut short is never folded, so no
  * partial gradient gets in. Nothing more is posted on it.
  */
-static void conn_wc(struct srv_conn *c, const struct ibv_wc *wc)
+void srv_conn_wc(struct srv_conn *c, const struct ibv_wc *wc)
 {
 	uint32_t idx = SRV_WR_IDX(wc->wr_id);
 
@@ -444,7 +444,7 @@ static void conn_wc(struct srv_conn *c, const struct ibv_wc *wc)
 	if (wc->status != IBV_WC_SUCCESS) {
 		if (wc->wr_id & SRV_WR_SEND)
 			send_done(c, wc->wr_id);
-		conn_fail(c, "work completion error", wc->status);
+		srv_conn_fail(c, "work completion error", wc->status);
 		return;
 	}
 	if (wc->wr_id & SRV_WR_SEND) {
@@ -458,7 +458,7 @@ static void conn_wc(struct srv_conn *c, const struct ibv_wc *wc)
 	/* every receive is given back at once: WRITE-with-immediate consumes
 	 * one too, and rxe NAK-storms when they run out */
 	if (!c->broken && srv_conn_post_recv(c, idx))
-		conn_fail(c, "cannot repost a receive", IBV_WC_GENERAL_ERR);
+		srv_conn_fail(c, "cannot repost a receive", IBV_WC_GENERAL_ERR);
 }
 
 /* The registered connection a completion is for, or NULL for one gone. */
@@ -471,7 +471,7 @@ static struct srv_conn *wc_conn(const struct srv_fold_thread *ft, uint64_t wr_id
 }
 
 /* Poll one shared CQ; returns the number of completions taken. */
-static int cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
+int srv_cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
 {
 	struct ibv_wc wc[FOLD_BATCH];
 	struct srv_conn *touched[FOLD_BATCH];
@@ -488,7 +488,7 @@ static int cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
 				c->early[c->nearly++] = wc[i];
 			continue;
 		}
-		conn_wc(c, &wc[i]);
+		srv_conn_wc(c, &wc[i]);
 		if (!nt || touched[nt - 1] != c)
 			touched[nt++] = c;
 	}
@@ -501,7 +501,7 @@ static int cq_poll(struct srv_fold_thread *ft, struct srv_cq *q)
 	}
 	for (uint32_t i = 0; i < nt; i++)
 		if (!touched[i]->broken)
-			credit_maybe(touched[i]);
+			srv_credit_maybe(touched[i]);
 	return n > 0 ? n : 0;
 }
 
@@ -520,7 +520,7 @@ int srv_fold_poll_backups(struct srv_fold_thread *ft)
 
 	for (uint32_t i = 0; i < n; i++)
 		if (ft->cqs[i].backups)
-			work += cq_poll(ft, &ft->cqs[i]);
+			work += srv_cq_poll(ft, &ft->cqs[i]);
 	return work;
 }
 
@@ -531,164 +531,10 @@ static int cqs_poll(struct srv_fold_thread *ft)
 	int work = 0;
 
 	for (uint32_t i = 0; i < n; i++)
-		work += cq_poll(ft, &ft->cqs[i]);
+		work += srv_cq_poll(ft, &ft->cqs[i]);
 	if (ft->repl)
 		work += srv_repl_poll(ft);
 	return work;
-}
-
-/*
- * A connection leaving (its worker closed, or it failed): fold what it
- * staged before it went (conn_wc, broken). Its completions are in the
- * thread's CQs among everyone's: take them all until the CQs are empty.
- */
-static void conn_drain(struct srv_conn *c)
-{
-	struct srv_fold_thread *ft = c->ft;
-	uint32_t n = atomic_load_explicit(&ft->ncqs, memory_order_acquire);
-
-	c->broken = true;
-	/* a CQ holds at most cap completions: once that many are taken (or
-	 * it is empty), every one that was there is, though others go on
-	 * pushing */
-	for (uint32_t i = 0; i < n; i++) {
-		uint32_t taken = 0;
-		int k;
-		while ((k = cq_poll(ft, &ft->cqs[i])) > 0 && (taken += (uint32_t)k) < ft->cqs[i].cap)
-			;
-	}
-	srv_open_publish(&ft->open);
-	if (ft->repl)
-		srv_repl_flush(ft);
-}
-
-/* Give c a place in the table and its tag; none left leaves wr_tag 0. */
-static void place_take(struct srv_fold_thread *ft, struct srv_conn *c)
-{
-	for (uint32_t k = 0; k < ft->nplaces; k++) {
-		uint32_t p = (ft->place_next + k) % ft->nplaces;
-		if (ft->place_conn[p])
-			continue;
-		ft->place_next = p + 1;
-		ft->place_conn[p] = c;
-		c->place = p;
-		/* a generation of 0 is skipped: a tag is never 0, which stands
-		 * for a connection not registered */
-		if (!++ft->place_gen[p])
-			ft->place_gen[p] = 1;
-		c->wr_tag = SRV_WR_TAG(p, ft->place_gen[p]);
-		return;
-	}
-}
-
-/* What completed before c was live, in order; a worker's later without a
- * lease (fold_fence lets them go once it is back); a primary's records
- * and opens now, as fold_fence applies them (its lease fences them). */
-static void conn_early(struct srv_conn *c)
-{
-	if (!c->nearly || (!c->rstore && !srv_may_fold(c->srv)))
-		return;
-	for (uint32_t i = 0; i < c->nearly; i++)
-		conn_wc(c, &c->early[i]);
-	c->nearly = 0;
-}
-
-/* Make c live: into the polled set, and what came before, handled now. */
-static void conn_live(struct srv_fold_thread *ft, struct srv_conn *c)
-{
-	if (ft->nconns == ft->cap) {
-		uint32_t cap = ft->cap ? ft->cap * 2 : 16;
-		struct srv_conn **n = realloc(ft->conns, cap * sizeof(*n));
-		if (n) {
-			ft->conns = n;
-			ft->cap = cap;
-		}
-	}
-	if (ft->nconns == ft->cap) {
-		conn_fail(c, "out of memory attaching", IBV_WC_GENERAL_ERR);
-		return;
-	}
-	c->index = ft->nconns;
-	ft->conns[ft->nconns++] = c;
-	c->live = true;
-	conn_early(c);
-	srv_open_publish(&ft->open);
-	if (ft->repl)
-		srv_repl_flush(ft);
-	if (!c->broken)
-		credit_maybe(c);
-}
-
-static void mail_handle(struct srv_fold_thread *ft)
-{
-	pthread_mutex_lock(&ft->mail_lock);
-	if (ft->mail_reg) {
-		place_take(ft, ft->mail_reg);
-		ft->mail_reg = NULL;
-	}
-	if (ft->mail_add) {
-		conn_live(ft, ft->mail_add);
-		ft->mail_add = NULL;
-	}
-	if (ft->mail_del) {
-		struct srv_conn *c = ft->mail_del;
-		if (c->live && !c->rstore && !srv_may_fold(ft->srv)) {
-			/* no lease: what it staged stays unfolded, and its
-			 * account (folded_seq) says so: a worker resuming
-			 * elsewhere is told exactly what folded */
-			c->broken = true;
-			log_warn("connection %016llx left while this server held no lease: "
-				 "what it staged since is not folded (its account says so)",
-				 (unsigned long long)c->conn_id);
-		} else if (c->live) {
-			conn_drain(c);
-		}
-		if (c->live) {
-			if (ft->repl)
-				srv_repl_settle(ft, c); /* its account final */
-			ft->conns[c->index] = ft->conns[--ft->nconns];
-			ft->conns[c->index]->index = c->index;
-			c->live = false;
-		}
-		/* from here its late completions match no connection */
-		if (c->wr_tag && ft->place_conn[c->place] == c)
-			ft->place_conn[c->place] = NULL;
-		ft->mail_del = NULL;
-	}
-	ft->mail_done = true;
-	atomic_store_explicit(&ft->mail_pending, false, memory_order_release);
-	pthread_cond_broadcast(&ft->mail_cond);
-	pthread_mutex_unlock(&ft->mail_lock);
-}
-
-static void mail_post(struct srv_fold_thread *ft, struct srv_conn *reg, struct srv_conn *add,
-		      struct srv_conn *del)
-{
-	pthread_mutex_lock(&ft->mail_lock);
-	ft->mail_reg = reg;
-	ft->mail_add = add;
-	ft->mail_del = del;
-	ft->mail_done = false;
-	atomic_store_explicit(&ft->mail_pending, true, memory_order_release);
-	srv_fold_wake(ft);
-	while (!ft->mail_done)
-		pthread_cond_wait(&ft->mail_cond, &ft->mail_lock);
-	pthread_mutex_unlock(&ft->mail_lock);
-}
-
-void srv_fold_register(struct srv_fold_thread *ft, struct srv_conn *c)
-{
-	mail_post(ft, c, NULL, NULL);
-}
-
-void srv_fold_attach(struct srv_fold_thread *ft, struct srv_conn *c)
-{
-	mail_post(ft, NULL, c, NULL);
-}
-
-void srv_fold_detach(struct srv_fold_thread *ft, struct srv_conn *c)
-{
-	mail_post(ft, NULL, NULL, c);
 }
 
 /*
@@ -719,14 +565,14 @@ static void keepalive(struct srv_fold_thread *ft)
 			wr.wr.rdma.remote_addr = c->credit_addr;
 			wr.wr.rdma.rkey = c->credit_rkey;
 			if (ibv_post_send(c->qp, &wr, &bad))
-				conn_fail(c, "cannot post a keepalive", IBV_WC_GENERAL_ERR);
+				srv_conn_fail(c, "cannot post a keepalive", IBV_WC_GENERAL_ERR);
 			else
 				c->sq_outstanding++;
 			c->ka_stalled = 0;
 		} else if (c->cqes != c->ka_cqes) {
 			c->ka_stalled = 0;
 		} else if (++c->ka_stalled >= STALL_TICKS) {
-			conn_fail(c, "requests stalled", IBV_WC_RETRY_EXC_ERR);
+			srv_conn_fail(c, "requests stalled", IBV_WC_RETRY_EXC_ERR);
 		}
 		c->ka_cqes = c->cqes;
 	}
@@ -812,7 +658,7 @@ static void fold_unfence(struct srv_fold_thread *ft)
 	ft->fenced = false;
 	log_info("fold thread %u: lease held, folding", ft->idx);
 	for (uint32_t i = 0; i < ft->nconns; i++)
-		conn_early(ft->conns[i]);
+		srv_conn_early(ft->conns[i]);
 }
 
 /* Parked for a checkpoint: nothing folds until the listener lets go. */
@@ -867,7 +713,7 @@ static void *fold_main(void *arg)
 		int work = 0;
 
 		if (atomic_load_explicit(&ft->mail_pending, memory_order_acquire))
-			mail_handle(ft);
+			srv_fold_mail(ft);
 		if (atomic_load_explicit(&ft->srv->pause_req, memory_order_relaxed))
 			fold_park(ft);
 		/* a clock read per round, only under an authority: a fold
@@ -909,7 +755,7 @@ static void *fold_main(void *arg)
 	}
 	/* answer a hand-over that raced shutdown so the listener never hangs */
 	if (atomic_load(&ft->mail_pending))
-		mail_handle(ft);
+		srv_fold_mail(ft);
 	return NULL;
 }
 

@@ -776,9 +776,25 @@ void srv_fold_stop(struct srv *s);
  * posted on it; attach makes it live (its completions handled, keepalives,
  * credits); detach folds what it staged if it was live and forgets its tag.
  */
+/* ---- handover.c (the mailbox's two sides) ---- */
 void srv_fold_register(struct srv_fold_thread *ft, struct srv_conn *c);
 void srv_fold_attach(struct srv_fold_thread *ft, struct srv_conn *c);
 void srv_fold_detach(struct srv_fold_thread *ft, struct srv_conn *c);
+/* Fold thread ft only: answer the mailbox (register, attach, detach). */
+void srv_fold_mail(struct srv_fold_thread *ft);
+/* Fold thread only: handle c's completions kept from before it was live,
+ * in order, once it may (a worker's need a lease: fold_fence). */
+void srv_conn_early(struct srv_conn *c);
+
+/* ---- fold.c, for handover.c: the fold thread's own ---- */
+/* Take q's completions (a batch) and handle each: the count taken. */
+int srv_cq_poll(struct srv_fold_thread *ft, struct srv_cq *q);
+/* One completion of c: a staged slot, a control message, a send done. */
+void srv_conn_wc(struct srv_conn *c, const struct ibv_wc *wc);
+/* c broken: logged once, nothing more posted, disconnected (the listener frees it). */
+void srv_conn_fail(struct srv_conn *c, const char *why, int status);
+/* c's credit out now if it is due (urgent, or a quarter of its ring). */
+void srv_credit_maybe(struct srv_conn *c);
 
 /* ---- cq.c ---- */
 /*
