@@ -2,7 +2,8 @@
  * fold.c -- fold threads: poll the completion queues of the connections they
  * own, fold staged gradients into the model, answer control messages, write
  * credits back. Busy-poll while there is work (and spin_us after it), then
- * sleep on the completion channel so an idle server burns no CPU.
+ * sleep on the completion channel so an idle server burns no CPU (one
+ * holding replica connections looks every SRV_REPL_APPLY_MS: server.h).
  *
  * Hot path (poll -> validate slot -> optimizer -> credit): no allocation, no
  * lock, and no syscall beyond what the provider's post_send/post_recv do.
@@ -589,7 +590,6 @@ static void fold_sleep(struct srv_fold_thread *ft)
 	uint64_t v;
 
 	uint32_t ncqs = atomic_load_explicit(&ft->ncqs, memory_order_acquire);
-
 	bool replicas = false;
 
 	/* a replica CQ only for solicited records (SRV_REPL_APPLY_MS): a

@@ -770,13 +770,13 @@ int srv_fold_start(struct srv *s);
 /* Stop and join the fold threads (their channels stay until srv_fold_stop). */
 void srv_fold_join(struct srv *s);
 void srv_fold_stop(struct srv *s);
+/* ---- handover.c (the mailbox's two sides) ---- */
 /*
  * Listener -> fold thread hand-over; each blocks until the thread took it.
  * Register gives a built connection its tag (c->wr_tag) before anything is
  * posted on it; attach makes it live (its completions handled, keepalives,
  * credits); detach folds what it staged if it was live and forgets its tag.
  */
-/* ---- handover.c (the mailbox's two sides) ---- */
 void srv_fold_register(struct srv_fold_thread *ft, struct srv_conn *c);
 void srv_fold_attach(struct srv_fold_thread *ft, struct srv_conn *c);
 void srv_fold_detach(struct srv_fold_thread *ft, struct srv_conn *c);

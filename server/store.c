@@ -102,32 +102,24 @@ static void tensor_mem_alloc(struct srv_tensor *t)
 			memset(t->mem, 0, len);
 		return;
 	}
-	if (len >= HUGE_PAGE && huge - len <= len / 8 && thp_usable()) {
-		/* mapped a huge page longer, then trimmed to a 2 MiB boundary:
-		 * THP backs only aligned 2 MiB ranges */
-		p = mmap(NULL, huge + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-			 -1, 0);
-		if (p == MAP_FAILED)
-			return;
-		size_t head = rdmaps__round_up((uintptr_t)p, HUGE_PAGE) - (uintptr_t)p;
-		if (head)
-			munmap(p, head);
-		if (HUGE_PAGE - head)
-			munmap(p + head + huge, HUGE_PAGE - head);
-		p += head;
-		if (madvise(p, huge, MADV_HUGEPAGE))
-			log_info("madvise(MADV_HUGEPAGE): %s; tensor memory in small pages",
-				 strerror(errno));
-		t->mem = p;
-		t->map_len = huge;
+	/* THP backs only aligned 2 MiB ranges: mapped an alignment longer,
+	 * then trimmed to the boundary */
+	const bool thp = len >= HUGE_PAGE && huge - len <= len / 8 && thp_usable();
+	const size_t align = thp ? HUGE_PAGE : 4096, want = thp ? huge : rdmaps__round_up(len, 4096);
+	p = mmap(NULL, want + align - 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1,
+		 0);
+	if (p == MAP_FAILED)
 		return;
-	}
-	len = rdmaps__round_up(len, 4096);
-	p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (p != MAP_FAILED) {
-		t->mem = p;
-		t->map_len = len;
-	}
+	size_t head = rdmaps__round_up((uintptr_t)p, align) - (uintptr_t)p;
+	if (head)
+		munmap(p, head);
+	if (align - 4096 - head)
+		munmap(p + head + want, align - 4096 - head);
+	p += head;
+	if (thp && madvise(p, want, MADV_HUGEPAGE))
+		log_info("madvise(MADV_HUGEPAGE): %s; tensor memory in small pages", strerror(errno));
+	t->mem = p;
+	t->map_len = want;
 }
 
 static void tensor_free(struct srv_tensor *t)
@@ -192,8 +184,8 @@ static struct srv_tensor *find_locked(struct srv_store *s, const char *name)
 
 /*
  * Chunk i holding value in every element: values, checksum, version,
- * 16-bit copy. zero: its values are known to be +0.0 already (fresh
- * pages). sum caches the checksum of the last count it was computed for
+ * 16-bit copy. fill: write the values (not when they are +0.0 already,
+ * in fresh pages: chunks_init). sum caches the checksum of the last count it was computed for
  * (every full chunk holds the same bytes): one hash per tensor, not one
  * pass over it.
  */
@@ -202,16 +194,14 @@ struct chunk_sum {
 	uint64_t sum;
 };
 
-static void chunk_init(struct srv_tensor *t, uint32_t i, float value, bool zero,
+static void chunk_init(struct srv_tensor *t, uint32_t i, float value, bool fill,
 		       struct chunk_sum *sum)
 {
 	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, i);
 	struct rdmaps_chunk_hdr *h = (struct rdmaps_chunk_hdr *)srv_chunk_copy(t, i, 0);
 	float *data = (float *)(h + 1);
-	uint32_t bits;
 
-	memcpy(&bits, &value, sizeof(bits));
-	if (!zero || bits)
+	if (fill)
 		for (uint32_t k = 0; k < count; k++)
 			data[k] = value;
 	if (sum->count != count) {
@@ -235,9 +225,11 @@ static void chunk_init(struct srv_tensor *t, uint32_t i, float value, bool zero,
 static void chunks_init(struct srv_tensor *t, float value, bool zero)
 {
 	struct chunk_sum sum = { .count = UINT32_MAX };
+	uint32_t bits;
 
+	memcpy(&bits, &value, sizeof(bits)); /* -0.0 has bits: zero pages are not it */
 	for (uint32_t i = 0; i < t->nchunks; i++)
-		chunk_init(t, i, value, zero, &sum);
+		chunk_init(t, i, value, !zero || bits, &sum);
 }
 
 /* Two copies for ASP dense tensors big enough to tear (docs/design.md):
