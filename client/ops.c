@@ -4,12 +4,12 @@
  * A pull posts one RDMA READ per run of up to read_span consecutive chunks
  * (reads.c posts them, scattering each header into scratch and the floats
  * straight into the caller's buffer, and checks each chunk, re-reading the
- * torn ones alone), or one per chunk of a 16-bit copy. A tensor kept in two
- * copies first READs the index words of its chunks (CL_INDEX_WORDS at a
- * time), each naming the copy no fold is writing (docs/design.md). A
- * compressed push sends the chunks its tensor's encoder wrote (compress.c).
- * A push writes one staging slot per chunk
- * with WRITE-with-immediate, header and payload gathered from two SGEs,
+ * torn ones alone); a pull of a 16-bit copy reads runs of its chunks the
+ * same way. A tensor kept in two copies first READs the index words of its
+ * chunks (CL_INDEX_WORDS at a time), each naming the copy no fold is
+ * writing (docs/design.md). A compressed push sends the chunks its
+ * tensor's encoder wrote (compress.c). A push writes one staging slot per
+ * chunk with WRITE-with-immediate, header and payload gathered from two SGEs,
  * never copied when the caller registered the gradient. Posting walks all
  * parts before anything is waited on, so the servers work in parallel. Work
  * requests live on the stack; nothing here allocates.
@@ -160,7 +160,8 @@ static int batch_post(struct cl_conn *k, rdmaps_op *op, uint32_t p, struct read_
 		op->next[p] -= b->n;
 		op->unposted += b->n;
 		op->inflight -= b->n;
-	} else if (op->t->part[p].copy_off) {
+	} else if (op->t->part[p].copy_off && !op->half) {
+		/* two float32 copies; a 16-bit copy is one, with no index */
 		for (uint32_t i = 0; i < b->n; i++)
 			cl_ix_posted(k, op, b->s[i]);
 	}
@@ -186,15 +187,18 @@ static int op_post_part(rdmaps_op *op, uint32_t p)
 	/* the batch being gathered holds a send queue entry of its own */
 	while (op->next[p] < pt->nchunks && k->sq_outstanding + (b.n > 0) < CL_SQ_DEPTH) {
 		if (op->kind == OP_PULL && op->half) {
-			/* the 16-bit copy: a READ per chunk, no index */
+			/* the 16-bit copy: one copy, no index; a run of chunks per
+			 * READ, as float32's (reads.c checks each on its own) */
 			if (!k->nrs_free)
 				break;
-			uint32_t s = cl_rs_take(k, op, p, op->next[p],
-						(uint64_t)(pt->first + op->next[p]) * op->t->chunk_elems);
-			if ((rc = cl_post_read(k, op, s))) {
-				k->rs_free[k->nrs_free++] = s;
-				break;
+			if (b.n == k->read_span) {
+				if ((rc = batch_post(k, op, p, &b)))
+					break;
+				if (k->sq_outstanding >= CL_SQ_DEPTH)
+					break;
 			}
+			b.s[b.n++] = cl_rs_take(k, op, p, op->next[p],
+						(uint64_t)(pt->first + op->next[p]) * op->t->chunk_elems);
 		} else if (op->kind == OP_PULL) {
 			uint64_t word = 0;
 			if (!k->nrs_free)

@@ -1,6 +1,6 @@
 /*
  * reads.c -- the READs of a pull: posting them (a run of float32 chunks per
- * READ, or one chunk of a 16-bit copy) and checking what each brought back
+ * READ, or of 16-bit chunks) and checking what each brought back
  * (version, count, checksum, clock), with a re-read of a torn or stale
  * chunk in the same slot. Two-copy windows are copies.c's; the op
  * machinery is ops.c's. Work requests on the stack; nothing allocates.
@@ -26,9 +26,12 @@ struct ibv_sge cl_read_values(const struct cl_conn *k, const rdmaps_op *op,
 				 .lkey = direct ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey };
 }
 
+static int post_half_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n);
+
 /*
  * One READ for the chunks of slots s[0..n) (consecutive chunks of one part,
- * from the same copy; n <= k->read_span, and n == 1 for a small chunk).
+ * from the same copy; n <= k->read_span, and n == 1 for a small chunk; a
+ * pull of a 16-bit copy goes to post_half_reads).
  * Each chunk's header goes to its slot's scratch and its floats straight to
  * the caller (or its bounce). Between two chunks the READ also brings the
  * pad after the first one's floats: it lands in the second's scratch lead.
@@ -52,6 +55,8 @@ int cl_post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t 
 	uint32_t pad = 0; /* bytes between the last chunk's floats and this header */
 	int rc;
 
+	if (op->half)
+		return post_half_reads(k, op, s, n);
 	for (uint32_t i = 0; i < n; i++) {
 		struct read_slot *rs = &k->rs[s[i]];
 		uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
@@ -77,35 +82,43 @@ int cl_post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t 
 }
 
 /*
- * One READ of chunk rs->local of the part's 16-bit copy: its header to the
- * slot's scratch, its values to the slot's bounce (converted when checked),
- * or straight into the caller's registered uint16_t buffer (CL_HALF_RAW).
- * A chunk per READ: the copy is one copy, and a READ that spanned several
- * would be retried whole for one torn chunk.
+ * One READ for chunks s[0..n) of the part's 16-bit copy (consecutive, n <=
+ * k->read_span): each header to its slot's scratch, each chunk's values to
+ * its slot's bounce (converted when checked) or straight into the caller's
+ * registered uint16_t buffer (CL_HALF_RAW); the pad between one chunk's
+ * values and the next header lands in the next scratch's lead, as for
+ * float32 runs. The copy is one copy: each chunk is checked on its own
+ * (version, checksum) and a torn one is read again alone.
  */
-static int post_half_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
+static int post_half_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n)
 {
 	rdmaps_tensor *t = op->t;
-	struct read_slot *rs = &k->rs[s];
-	const struct cl_part *pt = &t->part[rs->part];
-	uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
-	struct ibv_sge sge[2] = {
-		{ .addr = (uintptr_t)rs->scratch, .length = RDMAPS_CHUNK_HDR,
-		  .lkey = k->ctl_mr->lkey },
-		cl_read_values(k, op, rs, count * 2u),
-	};
+	const struct read_slot *rs0 = &k->rs[s[0]];
+	const struct cl_part *pt = &t->part[rs0->part];
+	struct ibv_sge sge[2 * RDMAPS_READ_SPAN];
 	struct ibv_send_wr wr = {
-		.wr_id = WR_ID(WR_READ, k->idx, s),
+		.wr_id = WR_ID(WR_READ, k->idx, s[0]),
 		.sg_list = sge,
-		.num_sge = 2,
+		.num_sge = (int)(2 * n),
 		.opcode = IBV_WR_RDMA_READ,
 		.send_flags = IBV_SEND_SIGNALED,
-		.wr.rdma = { .remote_addr = pt->half_addr + (uint64_t)rs->local * pt->half_stride,
+		.wr.rdma = { .remote_addr = pt->half_addr + (uint64_t)rs0->local * pt->half_stride,
 			     .rkey = pt->rkey },
 	}, *bad;
+	uint32_t pad = 0; /* bytes between the last chunk's values and this header */
 	int rc;
 
-	rs->next = CL_RS_NONE;
+	for (uint32_t i = 0; i < n; i++) {
+		struct read_slot *rs = &k->rs[s[i]];
+		uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
+
+		sge[2 * i] = (struct ibv_sge){ .addr = (uintptr_t)rs->scratch - pad,
+					       .length = pad + RDMAPS_CHUNK_HDR,
+					       .lkey = k->ctl_mr->lkey };
+		sge[2 * i + 1] = cl_read_values(k, op, rs, count * 2u);
+		rs->next = i + 1 < n ? s[i + 1] : CL_RS_NONE;
+		pad = pt->half_stride - (RDMAPS_CHUNK_HDR + count * 2u);
+	}
 	rc = ibv_post_send(k->qp, &wr, &bad);
 	if (rc)
 		return rdmaps__from_errno(rc);
@@ -116,7 +129,7 @@ static int post_half_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 
 int cl_post_read(struct cl_conn *k, rdmaps_op *op, uint32_t s)
 {
-	return op->half ? post_half_read(k, op, s) : cl_post_reads(k, op, &s, 1);
+	return cl_post_reads(k, op, &s, 1);
 }
 
 /*

@@ -360,8 +360,10 @@ Test(wire, half_pulls_are_the_master_rounded, .fini = stop_server, .timeout = 30
 			rdmaps_client_stats(c, &s0);
 			cr_assert_eq(rdmaps_pull(c, th[k], model, 0), 0);
 			rdmaps_client_stats(c, &s1);
-			/* a READ per chunk of the 16-bit copy */
-			cr_assert_eq(s1.reads - s0.reads, 4);
+			/* runs of consecutive chunks share a READ (8 per READ on
+			 * rxe: one here), each still checked on its own */
+			cr_assert_lt(s1.reads - s0.reads, 4, "%lu READs for 4 chunks",
+				     (unsigned long)(s1.reads - s0.reads));
 			cr_assert_eq(rdmaps_pull_half(c, th[k], raw, 0), 0);
 			cr_assert_eq(rdmaps_pull_half(c, th[k], raw_reg, 0), 0, "zero-copy");
 			for (uint64_t i = 0; i < LEN; i++) {
