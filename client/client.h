@@ -303,9 +303,9 @@ int cl_op_alloc(rdmaps_client *c, enum op_kind kind, rdmaps_tensor *t, float *bu
 float cl_clip_scale(const float *g, uint64_t n, float clip);
 void cl_op_post(rdmaps_op *op);
 
-/* reads.c: a pull's READs. One READ for the float32 chunks of slots
- * s[0..n) (consecutive chunks of one part and copy), or for slot s alone
- * (either kind, 16-bit copies too); 0 or an rdmaps_err, nothing posted.
+/* reads.c: a pull's READs. One READ for the chunks of slots s[0..n)
+ * (consecutive chunks of one part and copy, float32 or of the 16-bit
+ * copy), or for slot s alone; 0 or an rdmaps_err, nothing posted.
  * cl_read_done checks what slot s's READ brought, and reads it again or
  * counts it done. */
 int cl_post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n);

@@ -26,21 +26,27 @@ struct ibv_sge cl_read_values(const struct cl_conn *k, const rdmaps_op *op,
 				 .lkey = direct ? op->mr->mr[k->pd_idx]->lkey : k->data_mr->lkey };
 }
 
-static int post_half_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n);
-
 /*
  * One READ for the chunks of slots s[0..n) (consecutive chunks of one part,
- * from the same copy; n <= k->read_span, and n == 1 for a small chunk; a
- * pull of a 16-bit copy goes to post_half_reads).
- * Each chunk's header goes to its slot's scratch and its floats straight to
- * the caller (or its bounce). Between two chunks the READ also brings the
- * pad after the first one's floats: it lands in the second's scratch lead.
+ * from the same copy; n <= k->read_span, and n == 1 for a small float32
+ * chunk), of the float32 chunks or of the part's 16-bit copy (op->half).
+ * Each chunk's header goes to its slot's scratch and its values straight to
+ * the caller (or its bounce; 16-bit values converted there when checked).
+ * Between two chunks the READ also brings the pad after the first one's
+ * values: it lands in the second's scratch lead. A 16-bit copy is one
+ * copy: each chunk is still checked on its own and a torn one read again
+ * alone.
  */
 int cl_post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n)
 {
 	rdmaps_tensor *t = op->t;
 	const struct read_slot *rs0 = &k->rs[s[0]];
 	const struct cl_part *pt = &t->part[rs0->part];
+	const bool half = op->half != CL_HALF_NONE;
+	/* the 16-bit copy's headers are read whole: no skip */
+	const uint32_t skip = half ? 0 : pt->skip, elem = half ? 2u : (uint32_t)sizeof(float);
+	const uint64_t stride = half ? pt->half_stride : t->stride;
+	const uint64_t base = half ? pt->half_addr : pt->raddr + rs0->copy * pt->copy_off;
 	struct ibv_sge sge[2 * RDMAPS_READ_SPAN];
 	struct ibv_send_wr wr = {
 		.wr_id = WR_ID(WR_READ, k->idx, s[0]),
@@ -48,61 +54,7 @@ int cl_post_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t 
 		.num_sge = (int)(2 * n),
 		.opcode = IBV_WR_RDMA_READ,
 		.send_flags = IBV_SEND_SIGNALED,
-		.wr.rdma = { .remote_addr = pt->raddr + rs0->copy * pt->copy_off +
-					    (uint64_t)rs0->local * t->stride + pt->skip,
-			     .rkey = pt->rkey },
-	}, *bad;
-	uint32_t pad = 0; /* bytes between the last chunk's floats and this header */
-	int rc;
-
-	if (op->half)
-		return post_half_reads(k, op, s, n);
-	for (uint32_t i = 0; i < n; i++) {
-		struct read_slot *rs = &k->rs[s[i]];
-		uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
-		uint32_t from = i ? 0 : pt->skip; /* header bytes this chunk's READ leaves out */
-
-		sge[2 * i] = (struct ibv_sge){ .addr = (uintptr_t)rs->scratch + from - pad,
-					       .length = pad + RDMAPS_CHUNK_HDR - from,
-					       .lkey = k->ctl_mr->lkey };
-		sge[2 * i + 1] = cl_read_values(k, op, rs, count * (uint32_t)sizeof(float));
-		rs->next = i + 1 < n ? s[i + 1] : CL_RS_NONE;
-		pad = (uint32_t)(t->stride - rdmaps__chunk_read_len(count));
-	}
-	if (cl_read_whole(sge[1].length / (uint32_t)sizeof(float))) { /* n == 1 */
-		sge[0].length += sge[1].length;
-		wr.num_sge = 1;
-	}
-	rc = ibv_post_send(k->qp, &wr, &bad);
-	if (rc)
-		return rdmaps__from_errno(rc);
-	k->sq_outstanding++;
-	op->c->stats.reads++;
-	return 0;
-}
-
-/*
- * One READ for chunks s[0..n) of the part's 16-bit copy (consecutive, n <=
- * k->read_span): each header to its slot's scratch, each chunk's values to
- * its slot's bounce (converted when checked) or straight into the caller's
- * registered uint16_t buffer (CL_HALF_RAW); the pad between one chunk's
- * values and the next header lands in the next scratch's lead, as for
- * float32 runs. The copy is one copy: each chunk is checked on its own
- * (version, checksum) and a torn one is read again alone.
- */
-static int post_half_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, uint32_t n)
-{
-	rdmaps_tensor *t = op->t;
-	const struct read_slot *rs0 = &k->rs[s[0]];
-	const struct cl_part *pt = &t->part[rs0->part];
-	struct ibv_sge sge[2 * RDMAPS_READ_SPAN];
-	struct ibv_send_wr wr = {
-		.wr_id = WR_ID(WR_READ, k->idx, s[0]),
-		.sg_list = sge,
-		.num_sge = (int)(2 * n),
-		.opcode = IBV_WR_RDMA_READ,
-		.send_flags = IBV_SEND_SIGNALED,
-		.wr.rdma = { .remote_addr = pt->half_addr + (uint64_t)rs0->local * pt->half_stride,
+		.wr.rdma = { .remote_addr = base + (uint64_t)rs0->local * stride + skip,
 			     .rkey = pt->rkey },
 	}, *bad;
 	uint32_t pad = 0; /* bytes between the last chunk's values and this header */
@@ -111,13 +63,20 @@ static int post_half_reads(struct cl_conn *k, rdmaps_op *op, const uint32_t *s, 
 	for (uint32_t i = 0; i < n; i++) {
 		struct read_slot *rs = &k->rs[s[i]];
 		uint32_t count = rdmaps__chunk_count(t->length, t->chunk_elems, pt->first + rs->local);
+		uint32_t from = i ? 0 : skip; /* header bytes this chunk's READ leaves out */
 
-		sge[2 * i] = (struct ibv_sge){ .addr = (uintptr_t)rs->scratch - pad,
-					       .length = pad + RDMAPS_CHUNK_HDR,
+		sge[2 * i] = (struct ibv_sge){ .addr = (uintptr_t)rs->scratch + from - pad,
+					       .length = pad + RDMAPS_CHUNK_HDR - from,
 					       .lkey = k->ctl_mr->lkey };
-		sge[2 * i + 1] = cl_read_values(k, op, rs, count * 2u);
+		sge[2 * i + 1] = cl_read_values(k, op, rs, count * elem);
 		rs->next = i + 1 < n ? s[i + 1] : CL_RS_NONE;
-		pad = pt->half_stride - (RDMAPS_CHUNK_HDR + count * 2u);
+		pad = (uint32_t)(stride - (RDMAPS_CHUNK_HDR + (uint64_t)count * elem));
+	}
+	/* a small float32 chunk whole into its scratch (n == 1); 16-bit
+	 * values always go where half_done looks for them */
+	if (!half && cl_read_whole(sge[1].length / (uint32_t)sizeof(float))) {
+		sge[0].length += sge[1].length;
+		wr.num_sge = 1;
 	}
 	rc = ibv_post_send(k->qp, &wr, &bad);
 	if (rc)
