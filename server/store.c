@@ -184,10 +184,10 @@ static struct srv_tensor *find_locked(struct srv_store *s, const char *name)
 
 /*
  * Chunk i holding value in every element: values, checksum, version,
- * 16-bit copy. fill: write the values (not when they are +0.0 already,
- * in fresh pages: chunks_init). sum caches the checksum of the last count it was computed for
- * (every full chunk holds the same bytes): one hash per tensor, not one
- * pass over it.
+ * 16-bit copy. fill: write the values (not when they are +0.0 already, in
+ * fresh pages: chunks_init). sum caches the checksum of the last count it
+ * was computed for (every full chunk holds the same bytes): one hash per
+ * tensor, not one pass over it.
  */
 struct chunk_sum {
 	uint32_t count;
